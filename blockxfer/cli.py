@@ -1,0 +1,284 @@
+"""The `blockxfer` command: parse, call one library function, print.
+
+Errors raised on purpose (BlockxferError) become one line on stderr and the
+error's exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+
+from blockxfer import __version__
+from blockxfer.errors import BlockxferError, UsageError
+from blockxfer.handles import init_volume, open_volume, split_target
+from blockxfer.image import evaluate
+from blockxfer.progress import Progress
+from blockxfer.units import human, parse_size
+from blockxfer.volume.check import check_volume
+from blockxfer.volume.layout import SnapshotEntry
+
+CHUNK = 8 << 20
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _need_snapshot(target: str) -> tuple[str, str]:
+    path, snap = split_target(target)
+    if snap is None:
+        raise UsageError(f"{target!r}: name the snapshot as PATH@NAME")
+    return path, snap
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_init(a: argparse.Namespace) -> int:
+    size = parse_size(a.size) if a.size else None
+    vsize = parse_size(a.virtual_size) if a.virtual_size else None
+    vol = init_volume(a.path, size=size, block_size=parse_size(a.block_size), force=a.force,
+                      virtual_size=vsize)
+    with vol:
+        print(f"{a.path}: volume {vol.uuid}, {human(vol.nblocks * vol.block_size)} in "
+              f"{vol.nblocks} blocks of {vol.block_size}, virtual disk {human(vol.virtual_size)}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    with open_volume(a.path) as vol:
+        info = vol.info()
+    if a.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:14} {v}")
+    return 0
+
+
+def _read_chunks(stream: object, size: int) -> queue.Queue[bytes | BaseException | None]:
+    """Read stdin on a thread so reading overlaps the volume's writes."""
+    q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=3)
+
+    def run() -> None:
+        try:
+            while chunk := stream.read(size):  # type: ignore[attr-defined]
+                q.put(chunk)
+            q.put(None)
+        except BaseException as e:  # handed to the main thread
+            q.put(e)
+    threading.Thread(target=run, daemon=True).start()
+    return q
+
+
+def cmd_write(a: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        raise UsageError("write takes its data on standard input; redirect a file or a pipe")
+    offset = parse_size(a.offset)
+    prog = Progress("write")
+    with open_volume(a.path, write=True) as vol:
+        q = _read_chunks(sys.stdin.buffer, CHUNK)
+        while (chunk := q.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise chunk
+            vol.write(offset, chunk)
+            offset += len(chunk)
+            prog.add(len(chunk))
+        vol.commit()
+    prog.finish()
+    return 0
+
+
+def cmd_read(a: argparse.Namespace) -> int:
+    path, snap = split_target(a.target)
+    if sys.stdout.isatty():
+        raise UsageError("read writes binary data; redirect standard output to a file or a pipe")
+    out = sys.stdout.buffer
+    with open_volume(path) as vol:
+        offset = parse_size(a.offset)
+        length = vol.virtual_size - offset if a.length is None else parse_size(a.length)
+        prog = Progress("read", length)
+        end = offset + length
+        while offset < end:
+            n = min(CHUNK, end - offset)
+            out.write(vol.read(offset, n, snapshot=snap))
+            offset += n
+            prog.add(n)
+    out.flush()
+    prog.finish()
+    return 0
+
+
+def cmd_snapshot(a: argparse.Namespace) -> int:
+    path, name = _need_snapshot(a.target)
+    with open_volume(path, write=True) as vol:
+        vol.create_snapshot(name, shadow=a.shadow, master=a.master)
+        e = vol.resolve(name)
+    print(f"{path}@{name}: snapshot {e.id} at CP {e.generation}, {e.blocks} blocks")
+    return 0
+
+
+def _snapshot_row(e: SnapshotEntry) -> dict[str, object]:
+    return {"name": e.name, "id": e.id, "created": _when(e.created), "generation": e.generation,
+            "shadow": e.shadow, "master": e.master, "blocks": e.blocks,
+            "incomplete": bool(e.flags & 4), "guid": e.guid.hex()}
+
+
+def cmd_snapshots(a: argparse.Namespace) -> int:
+    with open_volume(a.path) as vol:
+        rows = [_snapshot_row(e) for e in vol.snapshots()]
+        pointers = vol.pointers
+    if a.json:
+        _print_json({"snapshots": rows, "pointers": pointers})
+        return 0
+    print(f"{'NAME':20} {'ID':>5} {'CREATED':20} {'CP':>6} {'BLOCKS':>10}  FLAGS")
+    for r in rows:
+        flags = ",".join(f for f in ("shadow", "master", "incomplete") if r[f]) or "-"
+        print(f"{r['name']:20} {r['id']:>5} {r['created']:20} {r['generation']:>6} "
+              f"{r['blocks']:>10}  {flags}")
+    for name, target in sorted(pointers.items()):
+        print(f"pointer {name} -> {target}")
+    return 0
+
+
+def cmd_destroy(a: argparse.Namespace) -> int:
+    path, name = _need_snapshot(a.target)
+    with open_volume(path, write=True) as vol:
+        vol.destroy_snapshot(name)
+    print(f"{path}@{name}: destroyed")
+    return 0
+
+
+def cmd_pointer(a: argparse.Namespace) -> int:
+    with open_volume(a.path, write=True) as vol:
+        if a.delete:
+            vol.delete_pointer(a.name)
+            print(f"pointer {a.name} deleted")
+            return 0
+        if not a.snapshot:
+            raise UsageError("name the snapshot the pointer should refer to, or give --delete")
+        vol.set_pointer(a.name, a.snapshot)
+    print(f"pointer {a.name} -> {a.snapshot}")
+    return 0
+
+
+def cmd_image(a: argparse.Namespace) -> int:
+    with open_volume(a.path) as vol:
+        t0 = time.perf_counter()
+        img = evaluate(a.expression, vol, vol.block_size)
+        info = img.as_dict()
+        info["seconds"] = round(time.perf_counter() - t0, 6)
+    if a.json:
+        _print_json(info)
+    else:
+        print(f"{info['expression']}: {info['blocks']} blocks, {human(int(info['bytes']))}; "  # type: ignore[call-overload]
+              f"top {info['top']}, base {info['base'] or '(none: full image)'}")
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    with open_volume(a.path) as vol:
+        report = check_volume(vol)
+    if a.json:
+        _print_json(report.as_dict())
+    else:
+        for p in report.problems:
+            print(f"problem: {p}")
+        print(f"{a.path}: {'clean' if report.clean else f'{len(report.problems)} problems'}; "
+              f"{report.roots} roots, {report.blocks_verified} data blocks verified")
+    return 0 if report.clean else 1
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from blockxfer.demo import run_demo
+    return run_demo(a.dir)
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockxfer", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"blockxfer {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = cmd("init", cmd_init, "create a volume on a file or block device")
+    sp.add_argument("path")
+    sp.add_argument("--size", help="create the file with this size (e.g. 1G)")
+    sp.add_argument("--block-size", default="4096", help="block size, 4K to 1M (default 4096)")
+    sp.add_argument("--virtual-size", help="size of the virtual disk (default 90%% of the space)")
+    sp.add_argument("--force", action="store_true", help="overwrite a leftover volume or data")
+
+    sp = cmd("info", cmd_info, "show a volume's geometry and usage")
+    sp.add_argument("path")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("write", cmd_write, "write standard input into the virtual disk, then commit")
+    sp.add_argument("path")
+    sp.add_argument("--offset", default="0")
+
+    sp = cmd("read", cmd_read, "read the virtual disk (or PATH@SNAPSHOT) to standard output")
+    sp.add_argument("target", metavar="PATH[@SNAP]")
+    sp.add_argument("--offset", default="0")
+    sp.add_argument("--length")
+
+    sp = cmd("snapshot", cmd_snapshot, "take a snapshot")
+    sp.add_argument("target", metavar="PATH@NAME")
+    sp.add_argument("--shadow", action="store_true", help="blocks stay reusable (a base only)")
+    sp.add_argument("--master", action="store_true", help="a replication anchor")
+
+    sp = cmd("snapshots", cmd_snapshots, "list snapshots and pointers")
+    sp.add_argument("path")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("destroy", cmd_destroy, "destroy a snapshot")
+    sp.add_argument("target", metavar="PATH@NAME")
+
+    sp = cmd("pointer", cmd_pointer, "set or delete a named pointer to a snapshot")
+    sp.add_argument("path")
+    sp.add_argument("name")
+    sp.add_argument("snapshot", nargs="?")
+    sp.add_argument("--delete", action="store_true")
+
+    sp = cmd("image", cmd_image, "evaluate an image expression such as 'june5 + june4 - june3'")
+    sp.add_argument("path")
+    sp.add_argument("expression")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("check", cmd_check, "verify every structure and block checksum")
+    sp.add_argument("path")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("demo", cmd_demo, "run the main job end to end on a file-backed volume")
+    sp.add_argument("--dir", default="/tmp/blockxfer-demo")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BlockxferError as e:
+        print(f"blockxfer: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        return 141
+    except KeyboardInterrupt:
+        print("blockxfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Opening volumes by path: the wiring between the CLI and the drivers.
+
+This is the one core-side module that imports `blockxfer.drivers`; everything
+below it receives an already-open device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.errors import UsageError, VolumeError
+from blockxfer.volume import Volume, has_signature
+
+
+def split_target(text: str) -> tuple[str, str | None]:
+    """'PATH@SNAP' -> (PATH, SNAP); 'PATH' -> (PATH, None)."""
+    path, sep, snap = text.rpartition("@")
+    if not sep or not path:
+        return text, None
+    if not snap:
+        raise UsageError(f"{text!r}: a snapshot name must follow '@'")
+    return path, snap
+
+
+@contextmanager
+def open_volume(path: str, *, write: bool = False) -> Iterator[Volume]:
+    dev = open_device(path, write=write)
+    try:
+        vol = Volume.open(dev, writable=write)
+    except BaseException:
+        dev.close()
+        raise
+    with vol:
+        yield vol
+
+
+def init_volume(path: str, *, size: int | None, block_size: int, force: bool,
+                virtual_size: int | None = None) -> Volume:
+    """Create a volume on a file (created when missing) or a whole device."""
+    exists = os.path.exists(path)
+    if not exists and size is None:
+        raise UsageError(f"{path} does not exist; give --size to create it as a file")
+    dev = open_device(path, write=True, create_size=size)
+    try:
+        if exists and size is not None and dev.size == 0:
+            os.ftruncate(dev.fd, size)
+            dev.size = size
+        found = has_signature(dev)
+        if found and not force:
+            raise VolumeError(f"{path} already holds {found}; use --force to overwrite it")
+        return Volume.create(dev, block_size=block_size, virtual_size=virtual_size)
+    except BaseException:
+        dev.close()
+        raise

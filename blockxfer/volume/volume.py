@@ -1,0 +1,644 @@
+"""The write-anywhere volume: virtual disk, consistency points, snapshots.
+
+Nothing reachable from the committed root is ever overwritten. Data goes to
+free blocks at once; a consistency point (CP) moves every changed metadata block
+to a free block (phase 1, repeated until allocation stops changing the planes),
+writes them bottom-up with checksums (phase 2), syncs, then writes the
+superblock into the other slot and syncs again. A block freed since the last CP
+stays busy until the next CP commits, so the last committed state is always
+intact on disk.
+
+Free blocks = not (active | pinned | busy-since-last-CP), where `pinned` is the
+union of the regular (non-shadow) snapshot planes. Allocating a block clears its
+bit in every shadow plane.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+from bitarray import bitarray
+
+from blockxfer.checksum import block_checksums
+from blockxfer.device import BlockDevice
+from blockxfer.errors import (AlreadyExists, FormatError, NotFound, UsageError,
+                              VolumeError, VolumeFull)
+
+from . import layout
+from .blockio import BlockIO, aligned, runs_of
+from .layout import Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock
+from .objects import BlobObject, PlaneObject, empty_plane
+from .tree import CowTree
+
+CP_INTERVAL = 10.0                      # seconds between CPs while writes are pending
+MAX_DIRTY_NODES = 16384                 # a CP also starts when this many map nodes are dirty
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}$")
+
+
+@dataclass
+class ChangeTracker:
+    """Mark-on-allocate and mark-on-deallocate planes, double-buffered (the patent's
+    moa/mod): one pair fills while the previous pair is read by a transfer."""
+
+    allocated: bitarray
+    freed: bitarray
+
+    def swap(self) -> tuple[bitarray, bitarray]:
+        done = (self.allocated, self.freed)
+        self.allocated, self.freed = empty_plane(len(done[0])), empty_plane(len(done[1]))
+        return done
+
+
+def _plane_blocks(nblocks: int, block_size: int) -> int:
+    return -(-nblocks // (block_size * 8))
+
+
+def reserved_blocks(nblocks: int, block_size: int) -> int:
+    """VBNs before the first allocatable one: 2 superblock slots, then the local
+    receive-state area (2 copies of a header block plus a plane)."""
+    return 2 + 2 * (1 + _plane_blocks(nblocks, block_size))
+
+
+class Volume:
+    """A volume open on a block device. Methods are serialized by one lock."""
+
+    def __init__(self, dev: BlockDevice, sb: Superblock, *, writable: bool):
+        self.dev, self.sb, self.writable = dev, sb, writable
+        self.block_size, self.nblocks = sb.block_size, sb.nblocks
+        self.virtual_blocks = sb.virtual_blocks
+        self.io = BlockIO(dev, sb.block_size)
+        self._lock = threading.RLock()
+        self._failed: str | None = None
+        self._load_root(sb.root)
+        self._last_cp = time.monotonic()
+        self._tracker: ChangeTracker | None = None
+        self._timer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _load_root(self, root: RootRecord) -> None:
+        bs = self.block_size
+        self.lba = CowTree(root.lba, bs, self.io.read_block, self.virtual_blocks)
+        self.active = PlaneObject(root.plane, self.nblocks, bs, self.io.read_block,
+                                  self.io.read_many)
+        self.catalog_obj = BlobObject(root.catalog, bs, self.io.read_block, self.io.read_many)
+        raw = self.catalog_obj.load()
+        self.catalog = Catalog.unpack(raw) if raw else Catalog()
+        self._catalog_dirty = False
+        for e in self.catalog.snapshots:      # the CP that took it was the last one
+            if e.root is None and e.generation == root.generation:
+                e.root = root
+                self._catalog_dirty = True
+        self._shadow: dict[int, PlaneObject] | None = None
+        self._pinned: bitarray | None = None
+        self._busy: bitarray | None = None
+        self._free = 0
+        self._cursor = self.sb.first_data_vbn
+        self._new: tuple[SnapshotEntry, PlaneObject] | None = None
+        self._snap_trees: dict[int, CowTree] = {}
+
+    # -- creation and opening -------------------------------------------------------------
+    @classmethod
+    def create(cls, dev: BlockDevice, *, block_size: int = 4096,
+               virtual_size: int | None = None) -> Volume:
+        layout.check_block_size(block_size)
+        nblocks = dev.size // block_size
+        first = reserved_blocks(nblocks, block_size)
+        if nblocks < first + 64:
+            raise VolumeError(f"{dev.path} is too small for a volume: {dev.size} bytes, "
+                              f"need at least {(first + 64) * block_size}")
+        usable = nblocks - first
+        vblocks = usable * 9 // 10 if virtual_size is None else virtual_size // block_size
+        if vblocks <= 0 or vblocks > usable:
+            raise VolumeError(f"virtual size must be between one block and {usable * block_size} "
+                              f"bytes on {dev.path}")
+        zero = aligned((first) * block_size)          # wipe both slots and the local area
+        dev.pwrite(memoryview(zero)[:first * block_size], 0)
+        root = RootRecord(0, time.time_ns(), ObjectRef(), ObjectRef(), ObjectRef())
+        sb = Superblock(block_size, nblocks, vblocks, uuidlib.uuid4().bytes, first, 1, root)
+        vol = cls(dev, sb, writable=True)
+        vol._catalog_dirty = True
+        vol.commit()
+        return vol
+
+    @classmethod
+    def open(cls, dev: BlockDevice, *, writable: bool = True) -> Volume:
+        return cls(dev, read_superblock(dev), writable=writable)
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        return self.virtual_blocks * self.block_size
+
+    @property
+    def generation(self) -> int:
+        return self.sb.generation
+
+    @property
+    def uuid(self) -> str:
+        return self.sb.uuid_str
+
+    def _check_usable(self, write: bool = False) -> None:
+        if self._failed:
+            raise VolumeError(f"{self.dev.path}: {self._failed}; reopen the volume "
+                              "(the last committed state is intact)")
+        if write and not self.writable:
+            raise VolumeError(f"{self.dev.path} is open read-only")
+
+    # -- allocation -----------------------------------------------------------------------
+    def _shadow_planes(self) -> dict[int, PlaneObject]:
+        if self._shadow is None:
+            self._shadow = {e.id: self._plane_object(e) for e in self.catalog.snapshots
+                            if e.shadow}
+        return self._shadow
+
+    def _plane_object(self, e: SnapshotEntry) -> PlaneObject:
+        return PlaneObject(e.plane, self.nblocks, self.block_size, self.io.read_block,
+                           self.io.read_many)
+
+    def pinned(self) -> bitarray:
+        """Union of the regular snapshot planes: blocks no allocation may take."""
+        if self._pinned is None:
+            pinned = empty_plane(len(self.active.bits))
+            for e in self.catalog.snapshots:
+                if not e.shadow:
+                    pinned |= self.plane(e.name)
+            self._pinned = pinned
+        return self._pinned
+
+    def _busy_plane(self) -> bitarray:
+        if self._busy is None:
+            busy = self.active.bits | self.pinned()
+            busy[:self.sb.first_data_vbn] = 1
+            busy[self.nblocks:] = 1
+            self._busy = busy
+            self._free = len(busy) - busy.count()
+            self._shadow_planes()
+        return self._busy
+
+    def free_blocks(self) -> int:
+        self._busy_plane()
+        return self._free
+
+    def _reserve(self) -> int:
+        """Blocks kept back so the next CP can always place its metadata."""
+        dirty = sum(1 for n in self.lba.nodes.values() if n.dirty)
+        return 64 + 3 * dirty * self.lba.levels + 2 * self.active.data_blocks
+
+    def _alloc_runs(self, count: int, reserve: int = 0) -> list[tuple[int, int]]:
+        busy = self._busy_plane()
+        if self._free - count < reserve:
+            raise VolumeFull(f"{self.dev.path}: volume full: {count} blocks wanted, "
+                             f"{max(0, self._free - reserve)} free; destroy a snapshot or trim data")
+        runs: list[tuple[int, int]] = []
+        pos, left, wrapped = self._cursor, count, False
+        while left:
+            s = busy.find(0, pos)
+            if s < 0:
+                if wrapped:
+                    raise VolumeError("allocator found no free block although the count said so")
+                pos, wrapped = self.sb.first_data_vbn, True
+                continue
+            e = busy.find(1, s)
+            e = len(busy) if e < 0 else e
+            take = min(e - s, left)
+            self._mark_allocated(s, s + take)
+            runs.append((s, take))
+            left -= take
+            pos = s + take
+        self._cursor = pos
+        return runs
+
+    def _mark_allocated(self, start: int, stop: int) -> None:
+        assert self._busy is not None
+        self._busy[start:stop] = 1
+        self._free -= stop - start
+        self.active.mark_range(start, stop, True)
+        for plane in self._shadow_planes().values():
+            if plane.bits.count(1, start, stop):
+                plane.mark_range(start, stop, False)
+                self._catalog_dirty = True
+        if self._tracker:
+            self._tracker.allocated[start:stop] = 1
+
+    def _free_vbns(self, vbns: np.ndarray) -> None:
+        vbns = np.sort(vbns[vbns != 0])
+        for _, start, count in runs_of(vbns):
+            self.active.mark_range(start, start + count, False)
+            if self._tracker:
+                self._tracker.freed[start:start + count] = 1
+
+    def _alloc_meta(self, count: int) -> list[int]:
+        return [v for s, c in self._alloc_runs(count) for v in range(s, s + c)]
+
+    def _free_one(self, vbn: int) -> None:
+        self._free_vbns(np.array([vbn], dtype=np.uint64))
+
+    # -- consistency points ---------------------------------------------------------------
+    def _needs_cp(self) -> bool:
+        return (self._catalog_dirty or self._new is not None or self.lba.dirty
+                or self.active.is_dirty)
+
+    def commit(self) -> None:
+        """Take a consistency point: everything written so far becomes durable."""
+        with self._lock:
+            self._check_usable()
+            if not self._needs_cp():
+                return
+            try:
+                self._commit()
+            except BaseException as e:
+                self._failed = f"a consistency point failed ({e})"
+                raise
+
+    def _commit(self) -> None:
+        alloc, free = self._alloc_meta, self._free_one
+        while True:                                   # phase 1: allocate to a fixpoint
+            changes = self.lba.allocate(alloc, free)
+            for p in self._shadow_planes().values():
+                if p.is_dirty:
+                    changes += p.allocate(alloc, free)
+            if self._new:
+                self._new[1].replace_bits(self.active.bits.copy())
+                changes += self._new[1].allocate(alloc, free)
+            if self._catalog_dirty:
+                changes += self.catalog_obj.allocate(len(self.catalog.pack()), alloc, free)
+            changes += self.active.allocate(alloc, free)
+            if changes == 0:
+                break
+        out: list[tuple[int, bytes]] = []             # phase 2: write bottom-up
+        lba_ref = self.lba.write(out)
+        by_id = {e.id: e for e in self.catalog.snapshots}
+        for sid, p in self._shadow_planes().items():
+            if p.is_dirty:
+                by_id[sid].plane = p.write(out)
+                by_id[sid].blocks = p.bits.count()
+        if self._new:
+            entry, plane = self._new
+            entry.plane, entry.blocks = plane.write(out), plane.bits.count()
+        plane_ref = self.active.write(out)
+        cat_ref = self.catalog_obj.ref
+        if self._catalog_dirty:
+            cat_ref = self.catalog_obj.write(self.catalog.pack(), out)
+        self.io.write_many(out)
+        self.dev.flush()
+        root = RootRecord(self.generation + 1, time.time_ns(), lba_ref, plane_ref, cat_ref)
+        sb = replace(self.sb, root=root)
+        write_superblock(self.dev, sb)
+        self.sb = sb
+        self._catalog_dirty = False
+        self._busy = None                             # freed blocks become free now
+        self._last_cp = time.monotonic()
+        self.lba.trim_cache(MAX_DIRTY_NODES)
+
+    def _maybe_commit(self) -> None:
+        dirty = sum(1 for n in self.lba.nodes.values() if n.dirty)
+        if dirty >= MAX_DIRTY_NODES or time.monotonic() - self._last_cp >= CP_INTERVAL:
+            self.commit()
+
+    def start_cp_timer(self, interval: float = CP_INTERVAL) -> None:
+        """Commit every `interval` seconds while writes are pending (for servers)."""
+        def run() -> None:
+            while not self._stop.wait(interval):
+                with self._lock:
+                    if self._failed is None and self._needs_cp():
+                        self.commit()
+        self._timer = threading.Thread(target=run, name="cp-timer", daemon=True)
+        self._timer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer:
+            self._timer.join()
+        with self._lock:
+            try:
+                if self.writable and self._failed is None:
+                    self.commit()
+            finally:
+                self.io.close()
+                self.dev.close()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the virtual disk -----------------------------------------------------------------
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise UsageError(f"range {offset}+{length} is outside the virtual disk "
+                             f"({self.virtual_size} bytes)")
+        bs = self.block_size
+        return offset // bs, -(-(offset + length) // bs)
+
+    def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
+        """Bytes of the virtual disk (or of a snapshot); unmapped blocks read as zeros."""
+        with self._lock:
+            self._check_usable()
+            v0, v1 = self._span(offset, length)
+            if v1 == v0:
+                return b""
+            tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
+            buf = aligned((v1 - v0) * self.block_size)
+            self.io.read_ptrs_into(tree.get(v0, v1 - v0), memoryview(buf))
+            skip = offset - v0 * self.block_size
+            return bytes(memoryview(buf)[skip:skip + length])
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write anywhere: the blocks go to free VBNs; the map points at them."""
+        with self._lock:
+            self._check_usable(write=True)
+            data = memoryview(data).cast("B")
+            v0, v1 = self._span(offset, len(data))
+            if v1 == v0:
+                return
+            bs = self.block_size
+            buf = aligned((v1 - v0) * bs)
+            view = memoryview(buf)[:(v1 - v0) * bs]
+            head, tail = offset - v0 * bs, v1 * bs - (offset + len(data))
+            if head:
+                view[:bs] = self.read(v0 * bs, bs)
+            if tail:
+                view[-bs:] = self.read((v1 - 1) * bs, bs)
+            view[head:head + len(data)] = data
+            self._place(v0, view)
+            self._maybe_commit()
+
+    def _place(self, v0: int, view: memoryview) -> None:
+        count = len(view) // self.block_size
+        runs = self._alloc_runs(count, reserve=self._reserve())
+        try:
+            self.io.write_runs(runs, view)
+        except BaseException:
+            for start, n in runs:
+                self.active.mark_range(start, start + n, False)
+            raise
+        vbns = np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in runs])
+        ptrs = np.column_stack([vbns, block_checksums(view, self.block_size)])
+        old = self.lba.set(v0, ptrs)
+        self._free_vbns(old[:, 0])
+
+    def trim(self, offset: int, length: int) -> None:
+        """Unmap whole blocks in the range; partial blocks at the edges get zeros."""
+        with self._lock:
+            self._check_usable(write=True)
+            v0, v1 = self._span(offset, length)
+            bs = self.block_size
+            first, last = -(-offset // bs), (offset + length) // bs
+            if first >= last:
+                self.write(offset, bytes(length))
+                return
+            if offset < first * bs:
+                self.write(offset, bytes(first * bs - offset))
+            if offset + length > last * bs:
+                self.write(last * bs, bytes(offset + length - last * bs))
+            old = self.lba.set(first, np.zeros((last - first, 2), dtype=np.uint64))
+            self._free_vbns(old[:, 0])
+            self._maybe_commit()
+
+    write_zeroes = trim
+
+    def extents(self, offset: int, length: int,
+                snapshot: str | None = None) -> list[tuple[int, int, bool]]:
+        """(offset, length, mapped) runs covering the range, clipped to it."""
+        with self._lock:
+            v0, v1 = self._span(offset, length)
+            if v1 == v0:
+                return []
+            tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
+            mapped = tree.get(v0, v1 - v0)[:, 0] != 0
+            edges = np.nonzero(np.diff(mapped.astype(np.int8)))[0] + 1
+            out, bs, start = [], self.block_size, 0
+            for end in [*edges.tolist(), len(mapped)]:
+                lo = max(offset, (v0 + start) * bs)
+                hi = min(offset + length, (v0 + end) * bs)
+                out.append((lo, hi - lo, bool(mapped[start])))
+                start = end
+            return out
+
+    # -- snapshots and pointers -----------------------------------------------------------
+    def snapshots(self) -> list[SnapshotEntry]:
+        return list(self.catalog.snapshots)
+
+    def snapshot_names(self) -> list[str]:
+        return [e.name for e in self.catalog.snapshots]
+
+    @property
+    def pointers(self) -> dict[str, str]:
+        names = {e.id: e.name for e in self.catalog.snapshots}
+        return {p: names.get(sid, "?") for p, sid in self.catalog.pointers.items()}
+
+    def resolve(self, name: str) -> SnapshotEntry:
+        """A snapshot by name or through a pointer."""
+        sid = self.catalog.pointers.get(name)
+        for e in self.catalog.snapshots:
+            if e.name == name or e.id == sid:
+                return e
+        raise NotFound(f"no snapshot or pointer named {name!r} on {self.dev.path}; "
+                       "see 'blockxfer snapshots'")
+
+    def plane(self, name: str) -> bitarray:
+        """The plane of a snapshot (read-only: do not modify it)."""
+        e = self.resolve(name)
+        if e.shadow:
+            return self._shadow_planes()[e.id].bits
+        if self._new and self._new[0].id == e.id:
+            return self._new[1].bits
+        return self._plane_object(e).bits
+
+    def _snapshot_tree(self, name: str) -> CowTree:
+        e = self.resolve(name)
+        if e.shadow:
+            raise VolumeError(f"snapshot {e.name!r} is a shadow snapshot: its blocks may have "
+                              "been reused, so it can serve only as a base, not be read")
+        if e.flags & layout.INCOMPLETE:
+            raise VolumeError(f"snapshot {e.name!r} is incomplete here: not all of its blocks "
+                              "were received; it can be neither read nor used as a base")
+        if e.root is None:
+            raise VolumeError(f"snapshot {e.name!r} has no root yet")
+        tree = self._snap_trees.get(e.id)
+        if tree is None:
+            tree = CowTree(e.root.lba, self.block_size, self.io.read_block, self.virtual_blocks)
+            self._snap_trees[e.id] = tree
+        return tree
+
+    def _check_new_name(self, name: str) -> None:
+        if not NAME_RE.match(name):
+            raise UsageError(f"bad name {name!r}: use letters, digits and . _ : - "
+                             "(up to 255, not starting with a punctuation mark)")
+        if any(e.name == name for e in self.catalog.snapshots) or name in self.catalog.pointers:
+            raise AlreadyExists(f"a snapshot or pointer named {name!r} already exists on "
+                                f"{self.dev.path}")
+
+    def create_snapshot(self, name: str, *, shadow: bool = False, master: bool = False) -> None:
+        """Freeze the active file system: a CP whose catalog lists the new snapshot and
+        whose active plane (with the CP's own blocks) is copied into its plane."""
+        with self._lock:
+            self._check_usable(write=True)
+            self._check_new_name(name)
+            needed = 2 * self.active.data_blocks + self._reserve()
+            if self.free_blocks() < needed:
+                raise VolumeFull(f"{self.dev.path}: volume full: no room for the plane of "
+                                 f"snapshot {name!r}; destroy a snapshot or trim data")
+            flags = (layout.SHADOW if shadow else 0) | (layout.MASTER if master else 0)
+            entry = SnapshotEntry(self.sb.next_id, name, uuidlib.uuid4().bytes, time.time_ns(),
+                                  self.generation + 1, flags, 0, ObjectRef(), None)
+            plane = PlaneObject(ObjectRef(), self.nblocks, self.block_size,
+                                self.io.read_block, self.io.read_many)
+            plane._bits = empty_plane(len(self.active.bits))
+            self.sb = replace(self.sb, next_id=self.sb.next_id + 1)
+            self.catalog.snapshots.append(entry)
+            self._catalog_dirty = True
+            self._new = (entry, plane)
+            self.commit()
+            self._new = None
+            if shadow:
+                self._shadow_planes()[entry.id] = plane
+            elif self._pinned is not None:
+                self._pinned |= plane.bits
+            entry.root = self.sb.root       # recorded by the next CP (see _load_root)
+            self._catalog_dirty = True
+            self.commit()
+
+    def destroy_snapshot(self, name: str) -> None:
+        with self._lock:
+            self._check_usable(write=True)
+            e = next((s for s in self.catalog.snapshots if s.name == name), None)
+            if e is None:
+                hint = " (it is a pointer: use 'pointer --delete')" \
+                    if name in self.catalog.pointers else ""
+                raise NotFound(f"no snapshot named {name!r} on {self.dev.path}{hint}")
+            users = sorted(p for p, sid in self.catalog.pointers.items() if sid == e.id)
+            if users:
+                raise VolumeError(f"snapshot {name!r} is the target of pointer {users[0]!r}; "
+                                  "move or delete the pointer first")
+            nodes, data = self._plane_object(e).tree.walk()
+            self._busy_plane()
+            self._free_vbns(np.array(nodes + data[:, 0].tolist(), dtype=np.uint64))
+            self.catalog.snapshots.remove(e)
+            if self._shadow is not None:
+                self._shadow.pop(e.id, None)
+            self._snap_trees.pop(e.id, None)
+            self._pinned = None
+            self._catalog_dirty = True
+            self.commit()
+
+    def set_flags(self, name: str, *, master: bool | None = None) -> None:
+        with self._lock:
+            e = self.resolve(name)
+            if master is not None:
+                e.flags = (e.flags | layout.MASTER) if master else (e.flags & ~layout.MASTER)
+            self._catalog_dirty = True
+            self.commit()
+
+    def set_pointer(self, name: str, snapshot: str) -> None:
+        with self._lock:
+            self._check_usable(write=True)
+            target = self.resolve(snapshot)
+            if name not in self.catalog.pointers:
+                self._check_new_name(name)
+            self.catalog.pointers[name] = target.id
+            self._catalog_dirty = True
+            self.commit()
+
+    def delete_pointer(self, name: str) -> None:
+        with self._lock:
+            self._check_usable(write=True)
+            if self.catalog.pointers.pop(name, None) is None:
+                raise NotFound(f"no pointer named {name!r} on {self.dev.path}")
+            self._catalog_dirty = True
+            self.commit()
+
+    # -- change tracking (mark-on-allocate / mark-on-deallocate) ---------------------------
+    def track_changes(self) -> None:
+        """Start recording allocated and freed blocks (see `changes`)."""
+        with self._lock:
+            if self._tracker is None:
+                n = len(self.active.bits)
+                self._tracker = ChangeTracker(empty_plane(n), empty_plane(n))
+
+    def changes(self) -> tuple[bitarray, bitarray]:
+        """(allocated, freed) since the last call or `track_changes`; swaps the buffers."""
+        with self._lock:
+            if self._tracker is None:
+                raise VolumeError("change tracking is not on; call track_changes() first")
+            return self._tracker.swap()
+
+    def allocated_since(self, snapshot: str) -> bitarray:
+        """Blocks of the active file system that the snapshot does not have."""
+        return self.active.bits & ~self.plane(snapshot)
+
+    def freed_since(self, snapshot: str) -> bitarray:
+        """Blocks the snapshot has that the active file system no longer uses."""
+        return self.plane(snapshot) & ~self.active.bits
+
+    # -- reporting ------------------------------------------------------------------------
+    def info(self) -> dict[str, object]:
+        with self._lock:
+            used = self.active.bits.count()
+            return {
+                "path": self.dev.path, "uuid": self.uuid, "block_size": self.block_size,
+                "blocks": self.nblocks, "virtual_size": self.virtual_size,
+                "generation": self.generation, "used_blocks": used,
+                "free_blocks": self.free_blocks() if self.writable else None,
+                "snapshots": len(self.catalog.snapshots), "pointers": self.pointers,
+                "committed": self.sb.root.timestamp / 1e9,
+            }
+
+
+# -- superblocks ----------------------------------------------------------------------------
+def write_superblock(dev: BlockDevice, sb: Superblock) -> None:
+    """Write `sb` into slot generation % 2 and make it durable."""
+    buf = aligned(sb.block_size)
+    raw = sb.pack()
+    buf[:len(raw)] = raw
+    dev.pwrite(memoryview(buf)[:sb.block_size], (sb.generation % 2) * sb.block_size)
+    dev.flush()
+
+
+def read_superblock(dev: BlockDevice) -> Superblock:
+    """The valid superblock with the highest generation."""
+    buf = aligned(layout.MAX_BLOCK)
+    view = memoryview(buf)
+    found: list[Superblock] = []
+    problems: list[str] = []
+    offsets = [0] + [1 << k for k in range(12, 21)]
+    for off in offsets:
+        if off + 4096 > dev.size:
+            break
+        dev.pread(view[:4096], off)
+        try:
+            sb = Superblock.unpack(view[:4096])
+        except FormatError as e:
+            problems.append(str(e))
+            continue
+        if off in (0, sb.block_size):
+            found.append(sb)
+    if not found:
+        if any("checksum" in p for p in problems):
+            raise FormatError(f"{dev.path}: both superblocks are damaged; the volume cannot "
+                              "be opened")
+        raise FormatError(f"{dev.path} is not a blockxfer volume (no superblock); "
+                          "create one with 'blockxfer init'")
+    return max(found, key=lambda s: s.generation)
+
+
+def has_signature(dev: BlockDevice) -> str | None:
+    """What the start of the device holds, if anything: a volume or other data."""
+    buf = aligned(65536)
+    n = min(65536, dev.size - dev.size % 4096)
+    if n <= 0:
+        return None
+    dev.pread(memoryview(buf)[:n], 0)
+    if bytes(buf[:8]) == layout.MAGIC:
+        return "a blockxfer volume"
+    if any(buf[:n]):
+        return "data"
+    return None
+
+
