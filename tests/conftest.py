@@ -1,0 +1,31 @@
+"""Shared fixtures: temporary volumes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.volume import Volume
+
+
+@pytest.fixture
+def volume_path(tmp_path: object) -> str:
+    return os.path.join(str(tmp_path), "vol.img")
+
+
+@pytest.fixture
+def volume(volume_path: str) -> Iterator[Volume]:
+    dev = open_device(volume_path, write=True, create_size=32 << 20)
+    vol = Volume.create(dev, virtual_size=8 << 20)
+    yield vol
+    if vol.dev.fd >= 0:  # type: ignore[attr-defined]
+        vol.close()
+
+
+def reopen(vol: Volume) -> Volume:
+    path = vol.dev.path
+    vol.close()
+    return Volume.open(open_device(path, write=True))
