@@ -1,0 +1,213 @@
+"""The volume: snapshots, shadows, pointers, change planes, and every refusal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import reopen
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.errors import (AlreadyExists, DeviceBusy, FormatError, NotFound, UsageError,
+                              VolumeError, VolumeFull)
+from blockxfer.volume import Volume
+from blockxfer.volume.check import check_volume
+
+BS = 4096
+
+
+def test_write_read_unaligned_and_holes(volume: Volume) -> None:
+    data = os.urandom(3 * BS + 123)
+    volume.write(BS - 7, data)
+    assert volume.read(BS - 7, len(data)) == data
+    assert volume.read(0, BS - 7) == bytes(BS - 7)
+    ext = volume.extents(0, 8 * BS)
+    assert ext == [(0, 5 * BS, True), (5 * BS, 3 * BS, False)]
+    volume = reopen(volume)
+    assert volume.read(BS - 7, len(data)) == data
+    assert check_volume(volume).clean
+    volume.close()
+
+
+def test_snapshots_keep_old_data(volume: Volume) -> None:
+    volume.write(0, b"a" * BS)
+    volume.create_snapshot("one")
+    volume.write(0, b"b" * BS)
+    volume.create_snapshot("two", master=True)
+    volume.trim(0, BS)
+    assert volume.read(0, BS, snapshot="one") == b"a" * BS
+    assert volume.read(0, BS, snapshot="two") == b"b" * BS
+    assert volume.read(0, BS) == bytes(BS)
+    assert [e.name for e in volume.snapshots()] == ["one", "two"]
+    assert volume.resolve("two").master
+    volume = reopen(volume)
+    assert volume.read(0, BS, snapshot="one") == b"a" * BS
+    volume.destroy_snapshot("one")
+    with pytest.raises(NotFound):
+        volume.read(0, BS, snapshot="one")
+    assert check_volume(volume).clean
+    volume.close()
+
+
+def test_snapshot_plane_contains_its_own_cp(volume: Volume) -> None:
+    volume.write(0, os.urandom(10 * BS))
+    volume.create_snapshot("s")
+    plane = volume.plane("s")
+    assert plane.count() == volume.resolve("s").blocks
+    root = volume.resolve("s").root
+    assert root is not None and plane[root.catalog.vbn] and plane[root.plane.vbn]
+
+
+def _small(path: str, size: int = 5 << 20) -> Volume:
+    return Volume.create(open_device(path, write=True, create_size=size), virtual_size=2 << 20)
+
+
+def test_shadow_bits_clear_on_reuse(volume_path: str) -> None:
+    vol = _small(volume_path)
+    vol.write(0, os.urandom(64 * BS))
+    vol.create_snapshot("sh", shadow=True)
+    before = vol.plane("sh").count()
+    vol.trim(0, 64 * BS)
+    vol.commit()
+    for _ in range(30):  # churn until the allocator wraps and reuses freed blocks
+        vol.write(0, os.urandom(64 * BS))
+        vol.commit()
+    assert vol.plane("sh").count() < before
+    with pytest.raises(VolumeError, match="shadow"):
+        vol.read(0, BS, snapshot="sh")
+    assert check_volume(vol).clean
+    vol.close()
+
+
+@pytest.mark.parametrize("shadow", [True, False])
+def test_only_regular_snapshots_pin_blocks(volume_path: str, shadow: bool) -> None:
+    vol = _small(volume_path)
+    vol.write(0, os.urandom(2 << 20))
+    vol.create_snapshot("s", shadow=shadow)
+
+    def churn() -> None:
+        for _ in range(3):
+            vol.write(0, os.urandom(2 << 20))
+            vol.commit()
+    if shadow:
+        churn()
+    else:
+        with pytest.raises(VolumeFull):
+            churn()
+    vol.close()
+
+
+def test_pointers(volume: Volume) -> None:
+    volume.write(0, b"x" * BS)
+    volume.create_snapshot("june5")
+    volume.set_pointer("master", "june5")
+    assert volume.read(0, BS, snapshot="master") == b"x" * BS
+    with pytest.raises(VolumeError, match="pointer 'master'"):
+        volume.destroy_snapshot("june5")
+    with pytest.raises(AlreadyExists):
+        volume.create_snapshot("master")
+    volume.delete_pointer("master")
+    with pytest.raises(NotFound):
+        volume.delete_pointer("master")
+    volume.destroy_snapshot("june5")
+
+
+def test_change_planes_double_buffered(volume: Volume) -> None:
+    volume.write(0, b"1" * BS)
+    volume.create_snapshot("base")
+    volume.track_changes()
+    volume.write(0, b"2" * BS)
+    allocated, freed = volume.changes()
+    assert allocated.count() >= 1 and freed.count() >= 1
+    again, _ = volume.changes()
+    assert again.count() == 0
+    assert volume.allocated_since("base").count() >= 1
+    assert volume.freed_since("base").count() >= 1
+
+
+def test_duplicate_and_unknown_snapshots(volume: Volume) -> None:
+    volume.create_snapshot("a")
+    with pytest.raises(AlreadyExists):
+        volume.create_snapshot("a")
+    with pytest.raises(NotFound):
+        volume.destroy_snapshot("b")
+    with pytest.raises(UsageError):
+        volume.create_snapshot("bad name")
+
+
+def test_volume_full_keeps_committed_state(volume_path: str) -> None:
+    vol = Volume.create(open_device(volume_path, write=True, create_size=4 << 20),
+                        virtual_size=3 << 20)
+    first = os.urandom(2 << 20)
+    vol.write(0, first)
+    vol.create_snapshot("keep")
+    with pytest.raises(VolumeFull, match="volume full"):
+        for _ in range(4):
+            vol.write(0, os.urandom(2 << 20))
+            vol.commit()
+    vol.close()
+    vol = Volume.open(open_device(volume_path, write=True))
+    assert vol.read(0, 2 << 20, snapshot="keep") == first
+    assert check_volume(vol).clean
+    vol.close()
+
+
+def test_not_a_volume(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "junk")
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    with pytest.raises(FormatError, match="not a blockxfer volume"):
+        Volume.open(open_device(path))
+
+
+def test_damaged_superblocks(volume: Volume) -> None:
+    path = volume.dev.path
+    volume.close()
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 8)          # slot 0 damaged: slot 1 still opens
+    Volume.open(open_device(path)).close()
+    with open(path, "r+b") as f:
+        f.seek(BS + 100)
+        f.write(b"\xff" * 8)
+    with pytest.raises(FormatError, match="damaged"):
+        Volume.open(open_device(path))
+
+
+def test_bad_block_size_and_too_small(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "v")
+    with pytest.raises(FormatError, match="power of two"):
+        Volume.create(open_device(path, write=True, create_size=8 << 20), block_size=6000)
+    small = os.path.join(str(tmp_path), "s")
+    with pytest.raises(VolumeError, match="too small"):
+        Volume.create(open_device(small, write=True, create_size=64 << 10))
+
+
+def test_in_use_names_the_pid(volume: Volume) -> None:
+    code = ("import sys\nfrom blockxfer.drivers.blockdev import open_device\n"
+            "try:\n    open_device(sys.argv[1], write=True)\n"
+            "except Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, volume.dev.path], capture_output=True,
+                         text=True, check=True).stdout
+    assert f"in use by process {os.getpid()}" in out
+    with pytest.raises(DeviceBusy):
+        raise DeviceBusy(out)
+
+
+def test_block_checksum_detects_damage(volume: Volume) -> None:
+    volume.write(0, os.urandom(BS))
+    volume.commit()
+    vbn = int(volume.lba.get(0, 1)[0, 0])
+    path = volume.dev.path
+    volume.close()
+    with open(path, "r+b") as f:
+        f.seek(vbn * BS + 10)
+        f.write(b"\x00\x01\x02")
+    vol = Volume.open(open_device(path))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        vol.read(0, BS)
+    report = check_volume(vol)
+    assert not report.clean and any(str(vbn) in p for p in report.problems)
+    vol.close()
