@@ -634,9 +634,12 @@ def has_signature(dev: BlockDevice) -> str | None:
     n = min(65536, dev.size - dev.size % 4096)
     if n <= 0:
         return None
-    dev.pread(memoryview(buf)[:n], 0)
-    if bytes(buf[:8]) == layout.MAGIC:
+    try:
+        read_superblock(dev)
         return "a blockxfer volume"
+    except FormatError:
+        pass
+    dev.pread(memoryview(buf)[:n], 0)
     if any(buf[:n]):
         return "data"
     return None
