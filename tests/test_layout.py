@@ -8,8 +8,14 @@ import os
 import pytest
 
 from blockxfer.errors import FormatError
-from blockxfer.volume.layout import (Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock,
-                                     check_block_size)
+from blockxfer.volume.layout import (
+    Catalog,
+    ObjectRef,
+    RootRecord,
+    SnapshotEntry,
+    Superblock,
+    check_block_size,
+)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "superblock-v1.bin")
 

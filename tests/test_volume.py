@@ -7,13 +7,20 @@ import subprocess
 import sys
 
 import pytest
-from conftest import reopen
 
 from blockxfer.drivers.blockdev import open_device
-from blockxfer.errors import (AlreadyExists, DeviceBusy, FormatError, NotFound, UsageError,
-                              VolumeError, VolumeFull)
+from blockxfer.errors import (
+    AlreadyExists,
+    DeviceBusy,
+    FormatError,
+    NotFound,
+    UsageError,
+    VolumeError,
+    VolumeFull,
+)
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
+from conftest import reopen
 
 BS = 4096
 

@@ -101,7 +101,8 @@ class Superblock:
             raise FormatError("superblock checksum mismatch")
         _, version, bs, n, vb, uid, first, next_id = SUPER.unpack_from(body, 0)
         if version != VERSION:
-            raise FormatError(f"volume format version {version} is not supported (this is {VERSION})")
+            raise FormatError(f"volume format version {version} is not supported "
+                              f"(this is {VERSION})")
         return cls(bs, n, vb, uid, first, next_id, RootRecord.unpack(body[SUPER.size:]))
 
     @property
@@ -115,7 +116,7 @@ class Superblock:
 
 # Snapshot flags
 SHADOW, MASTER, INCOMPLETE = 1, 2, 4
-_SNAP = struct.Struct("<Q16sQQIQH")        # id, guid, created ns, generation, flags, blocks, name len
+_SNAP = struct.Struct("<Q16sQQIQH")   # id, guid, created ns, generation, flags, blocks, name len
 _PTR = struct.Struct("<HQ")                 # name len, snapshot id
 _CATALOG = struct.Struct("<8sII")          # magic, snapshots, pointers
 CATALOG_MAGIC = b"BXCATLOG"

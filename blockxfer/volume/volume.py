@@ -26,8 +26,14 @@ from bitarray import bitarray
 
 from blockxfer.checksum import block_checksums
 from blockxfer.device import BlockDevice
-from blockxfer.errors import (AlreadyExists, FormatError, NotFound, UsageError,
-                              VolumeError, VolumeFull)
+from blockxfer.errors import (
+    AlreadyExists,
+    FormatError,
+    NotFound,
+    UsageError,
+    VolumeError,
+    VolumeFull,
+)
 
 from . import layout
 from .blockio import BlockIO, aligned, runs_of
@@ -193,7 +199,8 @@ class Volume:
         busy = self._busy_plane()
         if self._free - count < reserve:
             raise VolumeFull(f"{self.dev.path}: volume full: {count} blocks wanted, "
-                             f"{max(0, self._free - reserve)} free; destroy a snapshot or trim data")
+                             f"{max(0, self._free - reserve)} free; "
+                             "destroy a snapshot or trim data")
         runs: list[tuple[int, int]] = []
         pos, left, wrapped = self._cursor, count, False
         while left:
