@@ -107,12 +107,17 @@ def cmd_read(a: argparse.Namespace) -> int:
         offset = parse_size(a.offset)
         length = vol.virtual_size - offset if a.length is None else parse_size(a.length)
         prog = Progress("read", length)
-        end = offset + length
-        while offset < end:
-            n = min(CHUNK, end - offset)
-            out.write(vol.read(offset, n, snapshot=snap))
-            offset += n
-            prog.add(n)
+        bs = vol.block_size
+        head = min(length, -offset % bs)           # unaligned edges go the slow way
+        body = (length - head) // bs * bs
+        if head:
+            out.write(vol.read(offset, head, snapshot=snap))
+        for view in vol.iter_read(offset + head, body, snapshot=snap):
+            out.write(view)
+            prog.add(len(view))
+        tail = length - head - body
+        if tail:
+            out.write(vol.read(offset + head + body, tail, snapshot=snap))
     out.flush()
     prog.finish()
     return 0

@@ -40,9 +40,41 @@ class BlockIO:
         self.dev = dev
         self.bs = block_size
         self.pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="blockio")
+        self._pending: list[list[Future[None]]] = [[], []]   # data writes in flight, per buffer
+        self._wbufs: list[mmap.mmap | None] = [None, None]     # the write pair, used in turn
+        self._turn = 0
+        self._rbuf: mmap.mmap | None = None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def write_buffer(self, size: int) -> memoryview:
+        """The next aligned write buffer: one can be in flight while the other fills.
+        Waits for the writes that last used the buffer it hands out."""
+        self._turn ^= 1
+        self._wait(self._turn)
+        buf = self._wbufs[self._turn]
+        if buf is None or len(buf) < size:
+            buf = self._wbufs[self._turn] = aligned(size)
+        return memoryview(buf)[:size]
+
+    def read_buffer(self, size: int) -> memoryview:
+        if self._rbuf is None or len(self._rbuf) < size:
+            self._rbuf = aligned(size)
+        return memoryview(self._rbuf)[:size]
+
+    def _wait(self, turn: int) -> None:
+        pending, self._pending[turn] = self._pending[turn], []
+        for j in pending:
+            j.result()
+
+    def drain(self) -> None:
+        """Wait for every data write in flight; the first failure is raised."""
+        self._wait(0)
+        self._wait(1)
 
     # -- reads ----------------------------------------------------------------------------
     def read_block(self, vbn: int, ck: int) -> bytes:
@@ -62,8 +94,11 @@ class BlockIO:
 
     def read_ptrs_into(self, ptrs: np.ndarray, out: memoryview, verify: bool = True) -> None:
         """Fill `out` (aligned, len = rows * bs) from pointers; holes (vbn 0) become zeros."""
+        self.finish_reads(ptrs, out, self.submit_reads(ptrs, out), verify)
+
+    def submit_reads(self, ptrs: np.ndarray, out: memoryview) -> list[Future[None]]:
+        """Start the reads for `read_ptrs_into`; zero the holes now."""
         bs, vbns = self.bs, ptrs[:, 0]
-        mapped = vbns != 0
         jobs: list[Future[None]] = []
         per = MAX_REQUEST // bs
         for pos, vbn, count in runs_of(vbns):
@@ -74,6 +109,12 @@ class BlockIO:
                 c = min(per, count - k)
                 view = out[(pos + k) * bs:(pos + k + c) * bs]
                 jobs.append(self.pool.submit(self.dev.pread, view, (vbn + k) * bs))
+        return jobs
+
+    def finish_reads(self, ptrs: np.ndarray, out: memoryview, jobs: list[Future[None]],
+                     verify: bool = True) -> None:
+        bs, vbns = self.bs, ptrs[:, 0]
+        mapped = vbns != 0
         for j in jobs:
             j.result()
         if verify and mapped.any():
@@ -85,18 +126,20 @@ class BlockIO:
                                   "the volume is damaged; run 'blockxfer check'")
 
     # -- writes ---------------------------------------------------------------------------
-    def write_runs(self, runs: list[tuple[int, int]], data: memoryview) -> None:
-        """Write `data` (aligned) across VBN runs (start, count) in order."""
+    def write_runs(self, runs: list[tuple[int, int]], data: memoryview,
+                   wait: bool = True) -> None:
+        """Write `data` (aligned) across VBN runs (start, count) in order. With
+        wait=False the writes stay in flight until `drain()`."""
         bs, per, pos = self.bs, MAX_REQUEST // self.bs, 0
-        jobs: list[Future[None]] = []
         for start, count in runs:
             for k in range(0, count, per):
                 c = min(per, count - k)
                 view = data[(pos + k) * bs:(pos + k + c) * bs]
-                jobs.append(self.pool.submit(self.dev.pwrite, view, (start + k) * bs))
+                self._pending[self._turn].append(
+                    self.pool.submit(self.dev.pwrite, view, (start + k) * bs))
             pos += count
-        for j in jobs:
-            j.result()
+        if wait:
+            self.drain()
 
     def write_many(self, pairs: list[tuple[int, bytes]]) -> None:
         """Write (vbn, block) pairs, coalescing neighbours into large requests."""

@@ -19,6 +19,7 @@ import re
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -263,6 +264,7 @@ class Volume:
                 raise
 
     def _commit(self) -> None:
+        self.io.drain()
         alloc, free = self._alloc_meta, self._free_one
         while True:                                   # phase 1: allocate to a fixpoint
             changes = self.lba.allocate(alloc, free)
@@ -351,10 +353,37 @@ class Volume:
             if v1 == v0:
                 return b""
             tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
-            buf = aligned((v1 - v0) * self.block_size)
-            self.io.read_ptrs_into(tree.get(v0, v1 - v0), memoryview(buf))
+            self.io.drain()
+            buf = self.io.read_buffer((v1 - v0) * self.block_size)
+            self.io.read_ptrs_into(tree.get(v0, v1 - v0), buf)
             skip = offset - v0 * self.block_size
-            return bytes(memoryview(buf)[skip:skip + length])
+            return bytes(buf[skip:skip + length])
+
+    def iter_read(self, offset: int, length: int, snapshot: str | None = None,
+                  chunk: int = 32 << 20) -> Iterator[memoryview]:
+        """Stream a block-aligned range: the next chunk's reads are in flight while the
+        caller consumes this one (each view is valid until the next iteration)."""
+        bs = self.block_size
+        if offset % bs or length % bs:
+            raise UsageError(f"streamed reads take whole blocks of {bs} bytes")
+        with self._lock:
+            self._span(offset, length)
+            tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
+            self.io.drain()
+            bufs = [aligned(chunk), aligned(chunk)]
+            starts = list(range(offset, offset + length, chunk))
+            pending = None
+            for i, start in enumerate([*starts, None]):
+                nxt = None
+                if start is not None:
+                    n = min(chunk, offset + length - start)
+                    ptrs = tree.get(start // bs, n // bs)
+                    view = memoryview(bufs[i % 2])[:n]
+                    nxt = (ptrs, view, self.io.submit_reads(ptrs, view))
+                if pending is not None:
+                    self.io.finish_reads(*pending)
+                    yield pending[1]
+                pending = nxt
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write anywhere: the blocks go to free VBNs; the map points at them."""
@@ -365,13 +394,13 @@ class Volume:
             if v1 == v0:
                 return
             bs = self.block_size
-            buf = aligned((v1 - v0) * bs)
-            view = memoryview(buf)[:(v1 - v0) * bs]
             head, tail = offset - v0 * bs, v1 * bs - (offset + len(data))
-            if head:
-                view[:bs] = self.read(v0 * bs, bs)
-            if tail:
-                view[-bs:] = self.read((v1 - 1) * bs, bs)
+            first = self.read(v0 * bs, bs) if head else b""
+            last = self.read((v1 - 1) * bs, bs) if tail else b""
+            view = self.io.write_buffer((v1 - v0) * bs)
+            view[:len(first)] = first
+            if last:
+                view[-bs:] = last
             view[head:head + len(data)] = data
             self._place(v0, view)
             self._maybe_commit()
@@ -379,12 +408,7 @@ class Volume:
     def _place(self, v0: int, view: memoryview) -> None:
         count = len(view) // self.block_size
         runs = self._alloc_runs(count, reserve=self._reserve())
-        try:
-            self.io.write_runs(runs, view)
-        except BaseException:
-            for start, n in runs:
-                self.active.mark_range(start, start + n, False)
-            raise
+        self.io.write_runs(runs, view, wait=False)  # drained before any read or CP
         vbns = np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in runs])
         ptrs = np.column_stack([vbns, block_checksums(view, self.block_size)])
         old = self.lba.set(v0, ptrs)
