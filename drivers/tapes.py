@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from io import FileIO
 
-from blockxfer.errors import DeviceBusy, DeviceError
+from blockxfer.errors import DeviceBusy, DeviceError, WriteProtected
+from blockxfer.tape import TapeStatus
 
 from .st import StTape
 from .vtape import VirtualTape
@@ -71,3 +72,31 @@ def open_tape(path: str, *, write: bool = True) -> Iterator[StTape]:
         yield tape
     finally:
         tape.close()
+
+
+def tape_status(path: str) -> TapeStatus:
+    """Status of the drive or virtual tape, without moving it."""
+    with open_tape(path, write=False) as t:
+        return t.status()
+
+
+def rewind_tape(path: str) -> TapeStatus:
+    with open_tape(path, write=False) as t:
+        t.rewind()
+        return t.status()
+
+
+def eject_tape(path: str) -> None:
+    """Rewind and unload (a virtual tape is rewound; it stays loaded for the next open)."""
+    with open_tape(path, write=False) as t:
+        t.unload()
+
+
+def erase_tape(path: str) -> TapeStatus:
+    """Rewind and erase the whole medium."""
+    with open_tape(path) as t:
+        if t.status().write_protected:
+            raise WriteProtected(f"{path}: the tape is write-protected; nothing was erased")
+        t.rewind()
+        t.erase()
+        return t.status()

@@ -104,7 +104,9 @@ class VirtualTape:
 
     def __init__(self, path: str, *, write: bool = True):
         self.name = path
-        self._fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        # the saved position is drive state: keep it even when opened read-only
+        self._can_save = os.access(path, os.W_OK)
+        self._fd = os.open(path, (os.O_RDWR if self._can_save else os.O_RDONLY) | os.O_CLOEXEC)
         try:
             self.header = VtapeHeader.unpack(os.pread(self._fd, _HEADER.size, 0))
             if write and self.header.flags & FLAG_WRITE_PROTECT:
@@ -233,7 +235,7 @@ class VirtualTape:
         try:
             if self._writing:
                 self._write_filemarks(1)    # st writes a filemark at close after writing
-            if self._writable:
+            if self._can_save:
                 h = replace(self.header, pos=self._pos, file=self._file, block=self._block,
                             block_size=self._block_size)
                 os.pwrite(self._fd, h.pack(), 0)
@@ -282,7 +284,7 @@ class VirtualTape:
                 g |= io.GMT_EOT
             if self._eof in (EOD_1, EOD_2, EOD):
                 g |= io.GMT_EOD
-            if self.header.flags & FLAG_WRITE_PROTECT or not self._writable:
+            if self.header.flags & FLAG_WRITE_PROTECT:
                 g |= io.GMT_WR_PROT
         else:
             g |= io.GMT_DR_OPEN
