@@ -8,6 +8,7 @@ with the holder's pid. OS errors become blockxfer errors here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -79,12 +80,12 @@ class FileDevice:
     def discard(self, offset: int, length: int) -> None:
         if self.is_block_device:
             with device_op("discard", self.path):
-                fcntl.ioctl(self.fd, ioctls.BLKDISCARD, ioctls.U64.pack(offset) + ioctls.U64.pack(length))
+                fcntl.ioctl(self.fd, ioctls.BLKDISCARD,
+                            ioctls.U64.pack(offset) + ioctls.U64.pack(length))
             return
-        try:
+        # discard is advisory: a file system without hole punching keeps the bytes
+        with contextlib.suppress(OSError):
             _punch_hole(self.fd, offset, length)
-        except OSError:
-            pass  # discard is advisory: a file system without hole punching keeps the bytes
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -151,6 +152,10 @@ def open_device(path: str, *, write: bool = False, lock: bool = True,
 
     `create_size` creates (or extends) a regular file to that many bytes first.
     `lock` takes a shared lock for reading and an exclusive one for writing.
+    A block device opened for writing is opened O_EXCL: the kernel then refuses
+    it while mounted, held by md/dm or opened O_EXCL by anyone else, and this
+    raises DeviceBusy naming the holder. Call `drivers.safety.check_writable`
+    first for the full set of refusals.
     """
     if create_size is not None and not os.path.exists(path):
         with device_op("create", path):
@@ -162,6 +167,8 @@ def open_device(path: str, *, write: bool = False, lock: bool = True,
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
     if not os.path.exists(path):
         raise DeviceError(f"{path}: no such file or device")
+    if write and stat.S_ISBLK(os.stat(path).st_mode):
+        flags |= os.O_EXCL
     fd, used_direct = _open_fd(path, flags, direct)
     try:
         if lock:
@@ -174,6 +181,18 @@ def open_device(path: str, *, write: bool = False, lock: bool = True,
 
 
 def _open_fd(path: str, flags: int, direct: bool) -> tuple[int, bool]:
+    try:
+        return _open_fd_once(path, flags, direct)
+    except DeviceBusy as e:
+        if not flags & os.O_EXCL:
+            raise
+        from .safety import describe_users  # only on the error path
+
+        raise DeviceBusy(f"{path} is in use ({describe_users(path)}); "
+                         "refusing to open it for writing") from e
+
+
+def _open_fd_once(path: str, flags: int, direct: bool) -> tuple[int, bool]:
     if direct:
         try:
             return os.open(path, flags | os.O_DIRECT), True

@@ -29,3 +29,15 @@ def reopen(vol: Volume) -> Volume:
     path = vol.dev.path
     vol.close()
     return Volume.open(open_device(path, write=True))
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices)")
+
+
+@pytest.fixture
+def root() -> None:
+    need_root()
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs /dev/loop-control")

@@ -1,0 +1,140 @@
+"""The `devices` and `tape` commands: parse, call one library function, print.
+
+`register(subparsers)` adds them to the main parser (blockxfer/cli.py). Each
+handler returns an exit status; user mistakes raise blockxfer errors, which
+main() prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from blockxfer.errors import UsageError
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '65536' (binary units; an optional trailing B or iB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"not a size: {text!r} (use e.g. 10G, 512M, 65536)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _print(obj: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2))
+    else:
+        for k, v in obj.items():
+            print(f"{k:16} {v}")
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from blockxfer.drivers.discovery import discover
+
+    found = discover()
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"{'DEVICE':16} {'TYPE':9} {'SIZE':>10}  IN USE")
+    for b in found["block"]:
+        use = ", ".join([f"mounted {m}" for m in b["mountpoints"]] + b["users"]) or "-"
+        print(f"{b['path']:16} {b['type']:9} {_human(b['size']):>10}  {use}")
+    for t in found["tape"]:
+        print(f"{t['path']:16} {'tape':9} {'':>10}  {t['vendor']} {t['model']} "
+              f"serial {t['serial'] or '?'} sg {t['sg'] or '-'}")
+    return 0
+
+
+def cmd_tape_create(args: argparse.Namespace) -> int:
+    from blockxfer.drivers.vtape import create_virtual_tape
+
+    h = create_virtual_tape(args.file, args.capacity, early_warning=args.early_warning,
+                            locate=not args.no_locate)
+    print(f"created virtual tape {args.file}: capacity {_human(h.capacity)}, early warning "
+          f"{_human(h.early_warning)} before the end, LOCATE {'no' if args.no_locate else 'yes'}")
+    return 0
+
+
+def cmd_tape_status(args: argparse.Namespace) -> int:
+    from blockxfer.drivers.tapes import tape_status
+
+    _print(tape_status(args.tape).as_dict(), args.json)
+    return 0
+
+
+def cmd_tape_rewind(args: argparse.Namespace) -> int:
+    from blockxfer.drivers.tapes import rewind_tape
+
+    st = rewind_tape(args.tape)
+    _print(st.as_dict(), args.json) if args.json else print(f"{args.tape}: rewound")
+    return 0
+
+
+def cmd_tape_eject(args: argparse.Namespace) -> int:
+    from blockxfer.drivers.tapes import eject_tape
+
+    eject_tape(args.tape)
+    print(json.dumps({"ejected": args.tape}) if args.json else f"{args.tape}: unloaded")
+    return 0
+
+
+def cmd_tape_erase(args: argparse.Namespace) -> int:
+    from blockxfer.drivers.tapes import erase_tape, tape_status
+
+    if args.dry_run:
+        st = tape_status(args.tape)
+        plan = {"tape": args.tape, "erases": "everything from the beginning of tape",
+                "write_protected": st.write_protected}
+        _print(plan, args.json)
+        return 0
+    st = erase_tape(args.tape)
+    _print(st.as_dict(), args.json) if args.json else print(f"{args.tape}: erased")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `devices` and `tape ...` to the main command's subparsers."""
+    p = subparsers.add_parser("devices", help="list block devices and tape drives")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    tape = subparsers.add_parser("tape", help="tape drives and virtual tapes")
+    sub = tape.add_subparsers(dest="tape_command", required=True)
+    c = sub.add_parser("create", help="create a virtual tape file")
+    c.add_argument("file")
+    c.add_argument("--capacity", type=_size_arg, required=True, help="e.g. 10G")
+    c.add_argument("--early-warning", type=_size_arg, default=None, metavar="SIZE",
+                   help="size of the early-warning zone before the end (default 2%%)")
+    c.add_argument("--no-locate", action="store_true",
+                   help="act like a drive without LOCATE/READ POSITION (tgt)")
+    c.set_defaults(func=cmd_tape_create)
+    for name, func, text in [("status", cmd_tape_status, "show the drive status"),
+                             ("rewind", cmd_tape_rewind, "rewind"),
+                             ("eject", cmd_tape_eject, "rewind and unload"),
+                             ("erase", cmd_tape_erase, "erase the whole tape")]:
+        s = sub.add_parser(name, help=text)
+        s.add_argument("tape", metavar="TAPE", help="/dev/nstN or a virtual tape file")
+        s.add_argument("--json", action="store_true")
+        if name == "erase":
+            s.add_argument("--dry-run", action="store_true", help="show the plan only")
+        s.set_defaults(func=func)

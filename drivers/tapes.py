@@ -1,0 +1,102 @@
+"""Open a tape by name: an st device node or a virtual tape file.
+
+`open_tape` is the one place that opens tapes: the no-rewind st node with
+`O_RDWR` (falling back to read-only on a write-protected medium), or a virtual
+tape file. Both come back as `drivers.st.StTape`, so the same adapter code runs
+on a drive and on the virtual tape.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import FileIO
+
+from blockxfer.errors import DeviceBusy, DeviceError, WriteProtected
+from blockxfer.tape import TapeStatus
+
+from .st import StTape
+from .vtape import VirtualTape
+
+
+def _open_st(path: str, write: bool) -> StTape:
+    if re.fullmatch(r"/dev/st\d+[lma]?", path):
+        raise DeviceError(f"{path} rewinds at every close; use the no-rewind node "
+                          f"{path.replace('/dev/st', '/dev/nst')}")
+    mode = "r+b" if write else "rb"
+    try:
+        f = FileIO(path, mode.replace("b", ""))  # StTape owns and closes it
+    except OSError as e:
+        if e.errno == errno.EROFS and write:
+            return _open_st(path, False)
+        if e.errno == errno.EBUSY:
+            raise DeviceBusy(f"{path} is open in another process (st allows one)") from e
+        if e.errno == errno.ENOMEDIUM:
+            raise DeviceError(f"{path}: no tape in the drive") from e
+        raise DeviceError(f"open {path}: {e.strerror}") from e
+    return StTape(f)
+
+
+def _open_virtual(path: str, write: bool) -> StTape:
+    try:
+        vt = VirtualTape(path, write=write)
+    except OSError as e:
+        if e.errno == errno.EROFS and write:
+            return _open_virtual(path, False)
+        raise DeviceError(f"open {path}: {e.strerror}") from e
+    return StTape(vt, ioctl=vt.ioctl)
+
+
+def open_tape_handle(path: str, *, write: bool = True) -> StTape:
+    """Open `path` as a tape; the caller closes it (see `open_tape`)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DeviceError(f"{path}: {e.strerror}") from e
+    if stat.S_ISCHR(mode):
+        return _open_st(path, write)
+    if stat.S_ISREG(mode):
+        return _open_virtual(path, write)
+    raise DeviceError(f"{path} is neither a tape device nor a virtual tape file")
+
+
+@contextmanager
+def open_tape(path: str, *, write: bool = True) -> Iterator[StTape]:
+    """Open a tape (read-only if the medium is write-protected) and close it after."""
+    tape = open_tape_handle(path, write=write)
+    try:
+        yield tape
+    finally:
+        tape.close()
+
+
+def tape_status(path: str) -> TapeStatus:
+    """Status of the drive or virtual tape, without moving it."""
+    with open_tape(path, write=False) as t:
+        return t.status()
+
+
+def rewind_tape(path: str) -> TapeStatus:
+    with open_tape(path, write=False) as t:
+        t.rewind()
+        return t.status()
+
+
+def eject_tape(path: str) -> None:
+    """Rewind and unload (a virtual tape is rewound; it stays loaded for the next open)."""
+    with open_tape(path, write=False) as t:
+        t.unload()
+
+
+def erase_tape(path: str) -> TapeStatus:
+    """Rewind and erase the whole medium."""
+    with open_tape(path) as t:
+        if t.status().write_protected:
+            raise WriteProtected(f"{path}: the tape is write-protected; nothing was erased")
+        t.rewind()
+        t.erase()
+        return t.status()
