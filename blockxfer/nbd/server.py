@@ -22,6 +22,7 @@ from collections.abc import Callable
 from blockxfer.errors import DeviceError, UsageError
 
 from . import protocol as p
+from .control import ControlServer, bind_control
 from .exports import ExportTable, LockedVolume, VolumeLike
 from .negotiate import negotiate
 from .sockio import tune
@@ -88,6 +89,18 @@ class Server:
         sock = bind_listener(spec)
         self.add_listener(sock, self.start_connection)
         return sock
+
+    def serve_control(self, volume_path: str) -> ControlServer:
+        """Answer `blockxfer` commands for `volume_path` on its control socket."""
+        ctl = ControlServer(self.vol, info=self._stats)
+        self.add_listener(bind_control(volume_path), ctl.start_connection)
+        return ctl
+
+    def _stats(self) -> dict[str, object]:
+        with self._conns_lock:
+            clients = len(self._conns)
+        return {"clients": clients, "read_only": self.exports.read_only,
+                "exports": [e.name for e in self.exports.all()]}
 
     def add_listener(self, sock: socket.socket,
                      handler: Callable[[socket.socket], object]) -> None:
