@@ -171,3 +171,20 @@ def test_shutdown_answers_what_was_read_then_commits(volume: FakeVolume) -> None
         answered += 1
     assert volume.commits == commits + 1
     assert volume.read(0, answered * 512) == b"\x11" * answered * 512
+
+
+def test_client_that_never_reads_replies_is_bounded(server: Server) -> None:
+    greedy = connect(server)
+    greedy.sock.setblocking(False)
+    reqs = b"".join(p.pack_request(p.Request(0, p.CMD_READ, i, 0, MiB)) for i in range(40000))
+    sent = 0
+    for _ in range(200):                 # the server stops reading once its queue is full
+        try:
+            sent += greedy.sock.send(reqs[sent:])
+        except BlockingIOError:
+            break
+    assert sent < len(reqs)
+    other = connect(server)
+    assert other.read(1 << 20, 8) == b"snapdata"
+    greedy.close()
+    assert other.read(1 << 20, 8) == b"snapdata"

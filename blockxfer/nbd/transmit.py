@@ -32,7 +32,7 @@ from .sockio import ConnectionClosed, recv_into_exact, send_all
 
 log = logging.getLogger(__name__)
 
-INFLIGHT_BYTES = 128 << 20       # write payloads queued per connection before reading pauses
+INFLIGHT_BYTES = 128 << 20       # queued per connection before reading pauses (see _Job.cost)
 _KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
                 | p.CMD_FLAG_FAST_ZERO)
 _MAX_DESCRIPTORS = 1 << 16
@@ -48,6 +48,12 @@ class RequestError(Exception):
 class _Job:
     req: p.Request
     buf: bytearray | None = None     # pooled buffer holding a write payload
+
+    @property
+    def cost(self) -> int:
+        """What a queued job holds: its payload, and at least a page so a client
+        that never reads its replies cannot queue requests without bound."""
+        return max(self.req.length if self.req.type == p.CMD_WRITE else 0, 4096)
 
 
 class _BufferPool:
@@ -104,10 +110,10 @@ class Transmission:
             if req.type == p.CMD_DISC:
                 return
             job = _Job(req)
+            if req.type == p.CMD_WRITE and req.length > MAX_PAYLOAD:   # cannot skip it: hang up
+                raise p.ProtocolError(f"write payload of {req.length} bytes")
+            self._reserve(job.cost)
             if req.type == p.CMD_WRITE:
-                if req.length > MAX_PAYLOAD:       # cannot skip it safely: hang up
-                    raise p.ProtocolError(f"write payload of {req.length} bytes")
-                self._reserve(req.length)
                 job.buf = self._pool.get(req.length)
                 recv_into_exact(self.sock, memoryview(job.buf)[:req.length])
             self._jobs.put(job)
@@ -127,9 +133,9 @@ class Transmission:
             finally:
                 if job.buf is not None:
                     self._pool.put(job.buf)
-                    with self._cond:
-                        self._inflight -= job.req.length
-                        self._cond.notify()
+                with self._cond:
+                    self._inflight -= job.cost
+                    self._cond.notify()
 
     def _execute(self, job: _Job) -> None:
         req = job.req
