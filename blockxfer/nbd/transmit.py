@@ -59,7 +59,7 @@ class _Job:
 class _BufferPool:
     """Reuses payload buffers by power-of-two size class: no allocation per write."""
 
-    def __init__(self, keep: int = 32) -> None:
+    def __init__(self, keep: int = 64) -> None:
         self._free: dict[int, list[bytearray]] = {}
         self._keep = keep
 
