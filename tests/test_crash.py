@@ -19,7 +19,7 @@ import pytest
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
-from faults import FaultyDevice
+from tests.faults import FaultyDevice
 
 VSIZE = 2 << 20
 BS = 4096

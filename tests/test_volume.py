@@ -20,7 +20,7 @@ from blockxfer.errors import (
 )
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
-from conftest import reopen
+from tests.conftest import reopen
 
 BS = 4096
 

@@ -1,0 +1,132 @@
+"""NBD export vs qemu-nbd, same client, same disk: `python -m bench.bench_nbd`.
+
+Sequential write and read of SIZE bytes with `nbdcopy` (random data, so its
+zero detection skips nothing), then 4 KiB random writes with fio's nbd engine
+(nbdcopy cannot issue random writes; fio is the same client for both servers).
+qemu-nbd serves a raw file next to ours. Our server runs in this process over
+a backend from `backend` (a factory `(path, size) -> context manager of a
+Volume`); the default is the file-backed stand-in until the volume lands.
+Needs: qemu-utils (qemu-nbd), libnbd-bin (nbdcopy), fio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from bench.backends import file_volume
+from blockxfer.nbd.server import Server
+
+MiB = 1 << 20
+Backend = Callable[[str, int], AbstractContextManager[Any]]
+
+
+@contextlib.contextmanager
+def our_server(backend: Backend, path: str, size: int, sock: str) -> Iterator[str]:
+    with backend(path, size) as vol:
+        server = Server(vol)
+        server.listen(f"unix:{sock}")
+        t = threading.Thread(target=server.serve_forever, daemon=True)
+        t.start()
+        try:
+            yield f"nbd+unix:///?socket={sock}"
+        finally:
+            server.stop()
+            t.join(60)
+
+
+@contextlib.contextmanager
+def qemu_nbd(path: str, size: int, sock: str) -> Iterator[str]:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", sock, "-x", "", "-e", "8", "-t",
+                             "--cache=writeback", "--aio=threads", "--discard=unmap", path])
+    try:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def timed(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def fio_randwrite(uri: str, size: int, seconds: int) -> float:
+    """IOPS of 4 KiB random writes, queue depth 32."""
+    out = subprocess.run(["fio", "--name=rw", "--ioengine=nbd", f"--uri={uri}",
+                          "--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}",
+                          f"--runtime={seconds}", "--time_based", "--output-format=json"],
+                         check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"])
+
+
+def measure(uri: str, src: str, size: int, seconds: int) -> dict[str, float]:
+    r = {"seq_write_MiBps": size / MiB / timed(["nbdcopy", src, uri]),
+         "seq_read_MiBps": size / MiB / timed(["nbdcopy", uri, "null:"])}
+    if shutil.which("fio"):
+        r["randwrite_4k_iops"] = fio_randwrite(uri, size, seconds)
+    return r
+
+
+def run(backend: Backend, size: int, workdir: str, seconds: int) -> dict[str, dict[str, float]]:
+    for tool, pkg in (("nbdcopy", "libnbd-bin"), ("qemu-nbd", "qemu-utils")):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench needs {tool} (apt-get install {pkg})")
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        src = os.path.join(d, "src.raw")
+        with open(src, "wb") as f:
+            for _ in range(size // (64 * MiB) or 1):
+                f.write(os.urandom(min(size, 64 * MiB)))
+        results = {}
+        with qemu_nbd(os.path.join(d, "qemu.raw"), size, os.path.join(d, "q.sock")) as uri:
+            results["qemu-nbd"] = measure(uri, src, size, seconds)
+        with our_server(backend, os.path.join(d, "ours.raw"), size,
+                        os.path.join(d, "o.sock")) as uri:
+            results["blockxfer"] = measure(uri, src, size, seconds)
+    return results
+
+
+def report(results: dict[str, dict[str, float]]) -> None:
+    ours, theirs = results["blockxfer"], results["qemu-nbd"]
+    print(f"{'metric':<20}{'blockxfer':>12}{'qemu-nbd':>12}{'ratio':>8}")
+    for k in theirs:
+        print(f"{k:<20}{ours[k]:>12.1f}{theirs[k]:>12.1f}{ours[k] / theirs[k]:>8.2f}")
+
+
+def main(argv: list[str] | None = None, backend: Backend = file_volume) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_nbd", description=__doc__)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"),
+                    help="where the raw files go (same disk for both servers)")
+    ap.add_argument("--seconds", type=int, default=10, help="random-write run time")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    results = run(backend, a.size_mib * MiB, a.dir, a.seconds)
+    if a.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The control socket: other blockxfer commands talk to the server that owns a volume.
+
+While `blockxfer serve` has a volume open, nobody else may open it; commands
+such as `snapshot`, `snapshots` and `info` send a request to the server
+instead. The socket lives at `socket_path(volume_path)`:
+`/run/blockxfer/<sha256 of the volume's realpath, 32 hex>.sock` (the directory
+can be moved with `$BLOCKXFER_RUN_DIR`), mode 0600.
+
+Protocol: JSON lines over a Unix stream socket. A request is
+`{"id": 1, "command": "snapshot", "args": {"name": "daily"}}`; the answer is
+`{"id": 1, "ok": true, "result": ...}` or
+`{"id": 1, "ok": false, "error": {"type": "AlreadyExists", "message": "...",
+"exit_code": 5}}`. Requests on one connection are answered in order. `call()`
+is the client: it raises the named BlockxferError subclass on an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from blockxfer import errors
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
+
+from . import freeze as freeze_mod
+from .exports import LockedVolume
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = "/run/blockxfer"
+MAX_LINE = 1 << 20
+_ids = itertools.count(1)
+
+Handler = Callable[..., Any]
+
+
+class ServerNotRunning(DeviceError):
+    """No server owns this volume (no control socket, or nobody listening on it)."""
+
+
+def run_dir() -> str:
+    return os.environ.get("BLOCKXFER_RUN_DIR", RUN_DIR)
+
+
+def socket_path(volume_path: str) -> str:
+    digest = hashlib.sha256(os.path.realpath(volume_path).encode()).hexdigest()[:32]
+    return os.path.join(run_dir(), digest + ".sock")
+
+
+def bind_control(volume_path: str) -> socket.socket:
+    path = socket_path(volume_path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if server_running(volume_path):
+        raise errors.DeviceBusy(f"{volume_path} is already served (control socket {path})")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)                     # stale: nobody answered on it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+def server_running(volume_path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(socket_path(volume_path))
+        return True
+    except OSError:
+        return False
+
+
+def call(volume_path: str, command: str, *, timeout: float | None = 300.0, **args: Any) -> Any:
+    """Run `command` in the server that owns `volume_path`; return its result."""
+    path = socket_path(volume_path)
+    request = {"id": next(_ids), "command": command, "args": args}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            line = s.makefile("rb").readline(MAX_LINE)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise ServerNotRunning(f"no server owns {volume_path} ({path})") from e
+    except OSError as e:
+        raise DeviceError(f"control socket {path}: {e}") from e
+    if not line:
+        raise DeviceError(f"control socket {path}: server closed the connection")
+    return _result(json.loads(line))
+
+
+def _result(reply: dict[str, Any]) -> Any:
+    if reply.get("ok"):
+        return reply.get("result")
+    err = reply.get("error") or {}
+    cls = getattr(errors, str(err.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, BlockxferError)):
+        cls = BlockxferError
+    exc = cls(err.get("message", "server error"))
+    if "exit_code" in err:
+        exc.exit_code = int(err["exit_code"])
+    raise exc
+
+
+class ControlServer:
+    """Answers control requests against the server's locked volume."""
+
+    def __init__(self, vol: LockedVolume, *, info: Callable[[], dict[str, Any]] | None = None,
+                 freezer: Callable[[str], contextlib.AbstractContextManager[None]]
+                 = freeze_mod.frozen) -> None:
+        self.vol, self._extra_info, self._frozen = vol, info, freezer
+        self.commands: dict[str, Handler] = {
+            "ping": lambda: {"pid": os.getpid()},
+            "info": self._info,
+            "snapshots": lambda: self.vol.call("snapshot_names"),
+            "snapshot": self._snapshot,
+            "commit": lambda: self.vol.call("commit"),
+        }
+
+    def register(self, command: str, handler: Handler) -> None:
+        """Add a command (e.g. `send`) that another layer implements."""
+        self.commands[command] = handler
+
+    def _info(self) -> dict[str, Any]:
+        v = self.vol.volume
+        out = {"block_size": v.block_size, "virtual_size": v.virtual_size,
+               "snapshots": self.vol.call("snapshot_names"), "pid": os.getpid()}
+        if self._extra_info:
+            out.update(self._extra_info())
+        return out
+
+    def _snapshot(self, name: str, shadow: bool = False, master: bool = False,
+                  freeze: str | None = None) -> dict[str, Any]:
+        # Freeze outside the volume lock: the file system flushes through NBD to us.
+        with self._frozen(freeze) if freeze else contextlib.nullcontext():
+            self.vol.call("create_snapshot", name, shadow=shadow, master=master)
+        return {"name": name, "frozen": freeze}
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        rid = request.get("id") if isinstance(request, dict) else None
+        try:
+            if not isinstance(request, dict):
+                raise UsageError("a request is a JSON object")
+            handler = self.commands.get(str(request.get("command")))
+            if handler is None:
+                raise UsageError(f"unknown control command {request.get('command')!r}")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise UsageError("args must be an object")
+            try:
+                result = handler(**args)
+            except TypeError as e:
+                raise UsageError(f"{request.get('command')}: {e}") from e
+            return {"id": rid, "ok": True, "result": result}
+        except BlockxferError as e:
+            return {"id": rid, "ok": False, "error": {
+                "type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}}
+
+    def start_connection(self, conn: socket.socket) -> threading.Thread:
+        t = threading.Thread(target=self._serve, args=(conn,), name="nbd-control", daemon=True)
+        t.start()
+        return t
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as rf:
+            while line := rf.readline(MAX_LINE):
+                try:
+                    request = json.loads(line)
+                except ValueError:
+                    request = None
+                try:
+                    reply = self.handle(request)
+                except Exception as e:   # a bug: answer, log, keep serving
+                    log.exception("control request failed")
+                    reply = {"id": None, "ok": False,
+                             "error": {"type": "BlockxferError", "message": repr(e)}}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    return

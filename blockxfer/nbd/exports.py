@@ -1,0 +1,90 @@
+"""What the server exports, and the one lock that serializes volume calls.
+
+`""` and `"active"` are the live volume (read-write unless the server is
+read-only); `"@NAME"` is snapshot NAME, always read-only. Snapshots are looked
+up when a client asks, so one taken while the server runs is exported at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import protocol as p
+
+ACTIVE_NAMES = ("", "active")
+SNAPSHOT_PREFIX = "@"
+MAX_PAYLOAD = 32 << 20       # largest READ/WRITE we accept (NBD_INFO_BLOCK_SIZE maximum)
+
+
+class VolumeLike(Protocol):
+    block_size: int
+    virtual_size: int
+
+    def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes: ...
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
+    def trim(self, offset: int, length: int) -> None: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def extents(self, offset: int, length: int,
+                snapshot: str | None = None) -> list[tuple[int, int, bool]]: ...
+    def commit(self) -> None: ...
+    def snapshot_names(self) -> list[str]: ...
+    def create_snapshot(self, name: str, *, shadow: bool = False,
+                        master: bool = False) -> None: ...
+    def close(self) -> None: ...
+
+
+class LockedVolume:
+    """A Volume is not thread-safe: every call from any thread goes through here."""
+
+    def __init__(self, volume: VolumeLike) -> None:
+        self.volume = volume
+        self.lock = threading.Lock()
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return getattr(self.volume, method)(*args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    name: str
+    snapshot: str | None       # None: the live volume
+    read_only: bool
+    size: int
+    block_size: int
+
+    @property
+    def description(self) -> str:
+        return f"snapshot {self.snapshot}" if self.snapshot else "live volume"
+
+    def flags(self, structured: bool) -> int:
+        f = p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_CAN_MULTI_CONN
+        f |= p.FLAG_READ_ONLY if self.read_only else p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES
+        if structured:          # we always answer a READ with one chunk, so DF holds
+            f |= p.FLAG_SEND_DF
+        return f
+
+
+class ExportTable:
+    def __init__(self, vol: LockedVolume, *, read_only: bool = False) -> None:
+        self.vol, self.read_only = vol, read_only
+
+    def _export(self, name: str, snapshot: str | None) -> Export:
+        v = self.vol.volume
+        ro = self.read_only or snapshot is not None
+        return Export(name, snapshot, ro, v.virtual_size, v.block_size)
+
+    def resolve(self, name: str) -> Export | None:
+        if name in ACTIVE_NAMES:
+            return self._export(name, None)
+        if name.startswith(SNAPSHOT_PREFIX):
+            snap = name[len(SNAPSHOT_PREFIX):]
+            if snap in self.vol.call("snapshot_names"):
+                return self._export(name, snap)
+        return None
+
+    def all(self) -> list[Export]:
+        snaps = self.vol.call("snapshot_names")
+        return [self._export("", None)] + [self._export(SNAPSHOT_PREFIX + s, s) for s in snaps]

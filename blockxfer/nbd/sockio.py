@@ -1,0 +1,51 @@
+"""Exact-length socket reads and gathered writes, shared by both protocol phases.
+
+A peer closing the connection surfaces as `ConnectionClosed`; other socket
+errors pass through as OSError (the caller ends the connection either way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Sequence
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the connection (possibly in the middle of a message)."""
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionClosed(f"peer closed after {got} of {n} bytes")
+        got += k
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def send_all(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Send header and payload with one sendmsg where the kernel takes it all."""
+    views = [memoryview(b).cast("B") for b in parts if len(b)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+def tune(sock: socket.socket, bufsize: int = 4 << 20) -> None:
+    """Large buffers, and no Nagle delay on TCP: replies leave at once."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, bufsize)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,265 @@
+"""The transmission phase of one connection: requests in, replies out.
+
+Two threads per connection: the caller's thread reads request headers and
+write payloads (`recv_into` into pooled buffers) and queues them; one worker
+executes them against the locked volume and sends each reply with a single
+`sendmsg` (header + payload). Receiving the next request thus overlaps the
+volume work of the previous one, and many requests may be in flight. Replies
+leave in completion order, which the protocol allows.
+
+A broken request header (bad magic, a write payload larger than we accept)
+ends the connection after the queued requests are answered; a request that is
+merely invalid gets its error reply. A partly received write is never applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blockxfer.errors import BlockxferError
+
+from . import protocol as p
+from .errmap import nbd_error
+from .exports import MAX_PAYLOAD, LockedVolume
+from .negotiate import Session
+from .sockio import ConnectionClosed, recv_into_exact, send_all
+
+log = logging.getLogger(__name__)
+
+INFLIGHT_BYTES = 128 << 20       # queued per connection before reading pauses (see _Job.cost)
+_KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
+                | p.CMD_FLAG_FAST_ZERO)
+_MAX_DESCRIPTORS = 1 << 16
+
+
+class RequestError(Exception):
+    def __init__(self, error: int, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Job:
+    req: p.Request
+    buf: bytearray | None = None     # pooled buffer holding a write payload
+
+    @property
+    def cost(self) -> int:
+        """What a queued job holds: its payload, and at least a page so a client
+        that never reads its replies cannot queue requests without bound."""
+        return max(self.req.length if self.req.type == p.CMD_WRITE else 0, 4096)
+
+
+class _BufferPool:
+    """Reuses payload buffers by power-of-two size class: no allocation per write."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._keep = keep
+
+    def get(self, n: int) -> bytearray:
+        size = max(4096, 1 << (n - 1).bit_length())
+        free = self._free.setdefault(size, [])
+        try:
+            return free.pop()
+        except IndexError:
+            return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < self._keep:
+            free.append(buf)
+
+
+class Transmission:
+    def __init__(self, sock: socket.socket, session: Session, vol: LockedVolume) -> None:
+        self.sock, self.session, self.vol = sock, session, vol
+        self.export = session.export
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._pool = _BufferPool()
+        self._inflight = 0
+        self._cond = threading.Condition()
+        self._send_failed = False
+
+    # --- reader side (the connection's own thread) ---
+
+    def run(self) -> None:
+        worker = threading.Thread(target=self._work, name="nbd-worker", daemon=True)
+        worker.start()
+        try:
+            self._read_loop()
+        except (ConnectionClosed, OSError) as e:
+            log.debug("connection ended: %s", e)
+        except p.ProtocolError as e:
+            log.warning("closing connection: %s", e)
+        finally:
+            self._jobs.put(None)
+            worker.join()
+
+    def _read_loop(self) -> None:
+        hdr = memoryview(bytearray(p.REQUEST.size))
+        while not self._send_failed:
+            recv_into_exact(self.sock, hdr)
+            req = p.parse_request(hdr)
+            if req.type == p.CMD_DISC:
+                return
+            job = _Job(req)
+            if req.type == p.CMD_WRITE and req.length > MAX_PAYLOAD:   # cannot skip it: hang up
+                raise p.ProtocolError(f"write payload of {req.length} bytes")
+            self._reserve(job.cost)
+            if req.type == p.CMD_WRITE:
+                job.buf = self._pool.get(req.length)
+                recv_into_exact(self.sock, memoryview(job.buf)[:req.length])
+            self._jobs.put(job)
+
+    def _reserve(self, n: int) -> None:
+        with self._cond:
+            while self._inflight and self._inflight + n > INFLIGHT_BYTES:
+                self._cond.wait()
+            self._inflight += n
+
+    # --- worker side ---
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._execute(job)
+            finally:
+                if job.buf is not None:
+                    self._pool.put(job.buf)
+                with self._cond:
+                    self._inflight -= job.cost
+                    self._cond.notify()
+
+    def _execute(self, job: _Job) -> None:
+        req = job.req
+        try:
+            parts = self._dispatch(req, job.buf)
+        except RequestError as e:
+            parts = [self._error_reply(req, e.error, str(e))]
+        except Exception as e:  # noqa: BLE001 - a volume error must not kill the connection
+            if not isinstance(e, BlockxferError):    # not raised on purpose: a bug
+                log.exception("request %s failed", req)
+            parts = [self._error_reply(req, nbd_error(e), str(e))]
+        self._send(parts)
+
+    def _send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        if self._send_failed:
+            return
+        try:
+            send_all(self.sock, parts)
+        except OSError as e:           # client gone: stop reading, drain quietly
+            log.debug("send failed: %s", e)
+            self._send_failed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _error_reply(self, req: p.Request, error: int, message: str) -> bytes:
+        if self.session.structured and req.type in (p.CMD_READ, p.CMD_BLOCK_STATUS):
+            return p.pack_chunk_error(req.cookie, error, message)
+        return p.pack_simple_reply(req.cookie, error)
+
+    # --- the commands ---
+
+    def _dispatch(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        if req.flags & ~_KNOWN_FLAGS:
+            raise RequestError(p.EINVAL, f"unknown command flags {req.flags:#x}")
+        handler = _COMMANDS.get(req.type)
+        if handler is None:
+            raise RequestError(p.EINVAL, f"unknown command {req.type}")
+        if req.type != p.CMD_FLUSH:
+            self._check_range(req)
+        return handler(self, req, buf)
+
+    def _check_range(self, req: p.Request) -> None:
+        if req.offset + req.length > self.export.size:
+            error = p.ENOSPC if req.type == p.CMD_WRITE else p.EINVAL
+            raise RequestError(error, f"{req.offset}+{req.length} beyond {self.export.size}")
+        if req.type in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES) and self.export.read_only:
+            raise RequestError(p.EPERM, f"export {self.export.name!r} is read-only")
+
+    def _read(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        if req.length > MAX_PAYLOAD:
+            raise RequestError(p.EINVAL, f"read of {req.length} bytes exceeds {MAX_PAYLOAD}")
+        data = self.vol.call("read", req.offset, req.length, self.export.snapshot)
+        if not self.session.structured:
+            return [p.pack_simple_reply(req.cookie), data]
+        if req.length == 0:
+            return [p.pack_chunk(req.cookie, p.REPLY_TYPE_NONE)]
+        return [p.pack_offset_data_header(req.cookie, req.offset, req.length), data]
+
+    def _write(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        assert buf is not None
+        with self.vol.lock:
+            self.vol.volume.write(req.offset, memoryview(buf)[:req.length])
+            if req.flags & p.CMD_FLAG_FUA:
+                self.vol.volume.commit()
+        return [p.pack_simple_reply(req.cookie)]
+
+    def _flush(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        if not self.export.read_only:
+            self.vol.call("commit")
+        return [p.pack_simple_reply(req.cookie)]
+
+    def _trim(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        return self._modify(req, "trim")
+
+    def _write_zeroes(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        if req.flags & p.CMD_FLAG_FAST_ZERO:
+            raise RequestError(p.ENOTSUP, "fast zero is not offered")
+        return self._modify(req, "write_zeroes")
+
+    def _modify(self, req: p.Request, method: str) -> list[bytes | memoryview]:
+        with self.vol.lock:
+            getattr(self.vol.volume, method)(req.offset, req.length)
+            if req.flags & p.CMD_FLAG_FUA:
+                self.vol.volume.commit()
+        return [p.pack_simple_reply(req.cookie)]
+
+    def _block_status(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+        if not self.session.contexts:
+            raise RequestError(p.EINVAL, "no meta context was negotiated")
+        if req.length == 0:
+            raise RequestError(p.EINVAL, "block status of zero bytes")
+        extents = self.vol.call("extents", req.offset, req.length, self.export.snapshot)
+        descriptors = merge_extents(extents, req.offset, req.length)
+        if req.flags & p.CMD_FLAG_REQ_ONE:
+            descriptors = descriptors[:1]
+        ids = sorted(self.session.contexts)
+        return [p.pack_block_status(req.cookie, ctx, descriptors[:_MAX_DESCRIPTORS],
+                                    done=ctx == ids[-1]) for ctx in ids]
+
+
+def merge_extents(extents: list[tuple[int, int, bool]], offset: int,
+                  length: int) -> list[tuple[int, int]]:
+    """Volume extents -> base:allocation descriptors, clipped, adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    end = offset + length
+    for off, n, mapped in extents:
+        lo, hi = max(off, offset), min(off + n, end)
+        if hi <= lo:
+            continue
+        state = 0 if mapped else p.STATE_HOLE | p.STATE_ZERO
+        if out and out[-1][1] == state:
+            out[-1] = (out[-1][0] + hi - lo, state)
+        else:
+            out.append((hi - lo, state))
+    if not out:                      # the volume said nothing: call it data, never lie "zero"
+        out.append((length, 0))
+    return out
+
+
+_COMMANDS = {
+    p.CMD_READ: Transmission._read,
+    p.CMD_WRITE: Transmission._write,
+    p.CMD_FLUSH: Transmission._flush,
+    p.CMD_TRIM: Transmission._trim,
+    p.CMD_WRITE_ZEROES: Transmission._write_zeroes,
+    p.CMD_BLOCK_STATUS: Transmission._block_status,
+}

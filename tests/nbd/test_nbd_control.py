@@ -1,0 +1,200 @@
+"""Control socket, freeze ioctls, the serve command and its clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockxfer.errors import AlreadyExists, DeviceBusy, DeviceError, UsageError
+from blockxfer.nbd import control, freeze
+from blockxfer.nbd import protocol as p
+from blockxfer.nbd.server import Server, parse_listen
+from tests.nbd.fakes import FakeVolume
+from tests.nbd.nbdclient import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def served(tmp_path: Path, volume: FakeVolume) -> Iterator[tuple[str, Server]]:
+    path = str(tmp_path / "vol.img")
+    s = Server(volume)
+    s.serve_control(path)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    yield path, s
+    s.stop()
+    t.join(10)
+
+
+def test_socket_path_is_stable_per_realpath(tmp_path: Path, run_dir: str) -> None:
+    (tmp_path / "a").touch()
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    assert control.socket_path(str(tmp_path / "a")) == control.socket_path(str(tmp_path / "b"))
+    assert control.socket_path(str(tmp_path / "a")).startswith(run_dir + "/")
+
+
+def test_call_round_trip(served: tuple[str, Server]) -> None:
+    path, _ = served
+    assert control.call(path, "ping")["pid"] == os.getpid()
+    assert control.call(path, "snapshots") == ["s1"]
+    assert control.call(path, "snapshot", name="s2") == {"name": "s2", "frozen": None}
+    info = control.call(path, "info")
+    assert info["snapshots"] == ["s1", "s2"] and info["exports"] == ["", "@s1", "@s2"]
+    with pytest.raises(AlreadyExists):
+        control.call(path, "snapshot", name="s2")
+    with pytest.raises(UsageError):
+        control.call(path, "no-such-command")
+    with pytest.raises(UsageError):
+        control.call(path, "snapshot", bogus=1)
+
+
+def test_snapshot_via_control_is_exported_at_once(served: tuple[str, Server],
+                                                   volume: FakeVolume) -> None:
+    path, server = served
+    volume.write(0, b"live")
+    control.call(path, "snapshot", name="new")
+    c = Client.attach(server)
+    c.handshake()
+    c.go("@new")
+    assert c.read(0, 4) == b"live"
+
+
+def test_second_server_on_same_volume_is_refused(served: tuple[str, Server]) -> None:
+    path, _ = served
+    with pytest.raises(DeviceBusy):
+        control.bind_control(path)
+
+
+def test_no_server(tmp_path: Path) -> None:
+    with pytest.raises(control.ServerNotRunning):
+        control.call(str(tmp_path / "nothing"), "info")
+    assert not control.server_running(str(tmp_path / "nothing"))
+
+
+def test_garbage_line_gets_an_error_reply(served: tuple[str, Server]) -> None:
+    import socket
+    path, _ = served
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(control.socket_path(path))
+        s.sendall(b"not json\n[1]\n")
+        f = s.makefile("rb")
+        assert b'"ok": false' in f.readline() and b'"ok": false' in f.readline()
+
+
+def test_snapshot_with_freeze_thaws_around_it(volume: FakeVolume) -> None:
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def fake_frozen(mnt: str) -> Iterator[None]:
+        events.append(f"freeze {mnt}")
+        yield
+        events.append(f"thaw {mnt}")
+
+    server = Server(volume)
+    ctl = control.ControlServer(server.vol, freezer=fake_frozen)
+    orig = volume.create_snapshot
+    volume.create_snapshot = lambda *a, **k: (events.append("snapshot"), orig(*a, **k))[1]
+    reply = ctl.handle({"id": 3, "command": "snapshot", "args": {"name": "f", "freeze": "/mnt"}})
+    assert reply == {"id": 3, "ok": True, "result": {"name": "f", "frozen": "/mnt"}}
+    assert events == ["freeze /mnt", "snapshot", "thaw /mnt"]
+
+
+def test_freeze_ioctl_numbers_are_pinned() -> None:
+    assert freeze.FIFREEZE == 0xC0045877
+    assert freeze.FITHAW == 0xC0045878
+
+
+def test_frozen_thaws_on_failure_and_maps_errors(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def ioctl(fd: int, request: int, arg: int) -> int:
+        calls.append(request)
+        return 0
+
+    with pytest.raises(RuntimeError), freeze.frozen(str(tmp_path), ioctl=ioctl):
+        raise RuntimeError("snapshot failed")
+    assert calls == [freeze.FIFREEZE, freeze.FITHAW]
+
+    def busy(fd: int, request: int, arg: int) -> int:
+        raise OSError(errno.EBUSY, "busy")
+
+    with pytest.raises(DeviceBusy, match="already frozen"):
+        freeze.freeze(str(tmp_path), ioctl=busy)
+
+    def unsupported(fd: int, request: int, arg: int) -> int:
+        raise OSError(errno.EOPNOTSUPP, "nope")
+
+    with pytest.raises(DeviceError, match="cannot be frozen"):
+        freeze.freeze(str(tmp_path), ioctl=unsupported)
+    with pytest.raises(DeviceError):
+        freeze.freeze(str(tmp_path / "missing"), ioctl=ioctl)
+
+
+def test_parse_listen() -> None:
+    import socket
+    assert parse_listen("unix:/x.sock") == (socket.AF_UNIX, "/x.sock")
+    assert parse_listen("tcp:127.0.0.1:10809") == (socket.AF_INET, ("127.0.0.1", 10809))
+    assert parse_listen("tcp:[::1]:10809") == (socket.AF_INET6, ("::1", 10809))
+    for bad in ("unix:", "tcp:host", "tcp::x", "udp:1:2", "nonsense"):
+        with pytest.raises(UsageError):
+            parse_listen(bad)
+
+
+SERVE_SCRIPT = textwrap.dedent("""
+    import argparse, contextlib, sys
+    sys.path.insert(0, {root!r})
+    from blockxfer import cli_serve
+    from tests.nbd.fakes import FakeVolume
+    vol = FakeVolume(1 << 20)
+    @contextlib.contextmanager
+    def open_volume(path):
+        yield vol
+        vol.close()
+        print("closed", vol.commits, vol.read(0, 4), flush=True)
+    parser = argparse.ArgumentParser()
+    cli_serve.register(parser.add_subparsers())
+    args = parser.parse_args(sys.argv[1:])
+    sys.exit(args.cmd_serve(args, open_volume))
+""")
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path: Path, run_dir: str) -> None:
+    sock = str(tmp_path / "nbd.sock")
+    script = SERVE_SCRIPT.format(root=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", script, "serve", str(tmp_path / "v"),
+                             "--listen", f"unix:{sock}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BLOCKXFER_RUN_DIR": run_dir})
+    try:
+        for _ in range(100):
+            if os.path.exists(sock) and control.server_running(str(tmp_path / "v")):
+                break
+            time.sleep(0.05)
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock)
+        c = Client(s)
+        c.handshake()
+        c.go("")
+        assert c.request(p.CMD_WRITE, 0, 4, payload=b"kept") == 0
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "closed" in out and "b'kept'" in out
+    assert int(out.split()[1]) >= 2            # the server's final commit, then close()
+    assert not os.path.exists(sock)
+    assert not os.path.exists(control.socket_path(str(tmp_path / "v")))
