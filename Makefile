@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/blockxfer demo
 
 test: $(STAMP)
+	bash scripts/apt-deps.sh
 	$(BIN)/ruff check blockxfer drivers tests bench
 	$(BIN)/mypy blockxfer drivers
 	$(BIN)/pytest -q -m "not slow and not vm"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from blockxfer import __version__
+from blockxfer import __version__, cli_devices, cli_serve
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.handles import init_volume, open_volume, split_target
 from blockxfer.image import evaluate
@@ -270,7 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("demo", cmd_demo, "run the main job end to end on a file-backed volume")
     sp.add_argument("--dir", default="/tmp/blockxfer-demo")
+
+    cli_devices.register(sub)
+    cli_serve.register(sub)
+    sub.choices["serve"].set_defaults(func=cmd_serve)
     return p
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    return int(a.cmd_serve(a, lambda path: open_volume(path, write=not a.read_only)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
