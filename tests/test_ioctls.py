@@ -3,6 +3,7 @@
 import platform
 
 import pytest
+
 from blockxfer.drivers import ioctls as io
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="values pinned for x86-64")

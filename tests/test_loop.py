@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.loop import attach_loop, detach_loop, loop_info
 from blockxfer.drivers.safety import check_writable, device_users
-
 from blockxfer.errors import DeviceBusy
 
 pytestmark = pytest.mark.root

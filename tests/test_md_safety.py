@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from blockxfer.drivers.loop import loop_info
 from blockxfer.drivers.md import md_geometry, member_of, nbd_info
 from blockxfer.drivers.safety import check_writable, find_signature, users_of_block
-
 from blockxfer.errors import DeviceBusy, DeviceError
 
 DATA = Path(__file__).parent / "data"

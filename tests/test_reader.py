@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.loop import loop_device
 from blockxfer.drivers.md import md_geometry, member_of
 from blockxfer.drivers.reader import coalesce, plan_requests, read_runs
-
 from blockxfer.errors import MediumError
 
 BS = 4096

@@ -6,9 +6,9 @@ import argparse
 import json
 
 import pytest
-from blockxfer.drivers.scsi import ScsiCommandFailed, ScsiTape, Sense
 
 from blockxfer.cli_devices import parse_size, register
+from blockxfer.drivers.scsi import ScsiCommandFailed, ScsiTape, Sense
 from blockxfer.errors import UsageError
 
 ILLEGAL = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x20, 0x00])

@@ -6,9 +6,9 @@ import errno
 import os
 
 import pytest
+
 from blockxfer.drivers import ioctls as io
 from blockxfer.drivers.st import StTape
-
 from blockxfer.errors import EndOfMedium, MediumError, UsageError, WriteProtected
 from blockxfer.tape import EarlyWarning, Tape
 

@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from blockxfer.drivers.tapes import open_tape_handle
 from blockxfer.drivers.vtape import create_virtual_tape
-
 from blockxfer.errors import EndOfMedium, MediumError, WriteProtected
 from blockxfer.tape import EarlyWarning, EndOfData, Tape
 

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-from blockxfer.drivers.vtape import VtapeHeader
 
+from blockxfer.drivers.vtape import VtapeHeader
 from blockxfer.errors import FormatError
 
 GOLDEN = Path(__file__).parent / "data" / "vtape-header.bin"
