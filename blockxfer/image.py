@@ -101,7 +101,7 @@ class _Parser:
         return plane
 
     def expr(self, positive: bool) -> bitarray:
-        plane = self.term(positive).copy()
+        plane = self.term(positive)         # factor() always returns a fresh plane
         while (tok := self._peek()) and tok[1] in "+-":
             self.i += 1
             if tok[1] == "+":

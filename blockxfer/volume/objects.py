@@ -64,6 +64,13 @@ class PlaneObject:
         bpb = self.bits_per_block
         self.dirty.update(range(start // bpb, (stop - 1) // bpb + 1))
 
+    def track(self, bits: bitarray) -> None:
+        """Follow another plane during phase 1 (a snapshot being taken follows the
+        active plane): share its bits and mark every non-empty data block."""
+        self._bits = bits
+        rows = np.frombuffer(memoryview(bits), dtype=np.uint64).reshape(self.data_blocks, -1)
+        self.dirty.update(np.nonzero(rows.any(axis=1))[0].tolist())
+
     def replace_bits(self, bits: bitarray) -> None:
         """Make the plane equal to `bits`, marking every data block that differs."""
         old = self.bits

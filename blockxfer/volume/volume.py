@@ -272,13 +272,15 @@ class Volume:
                 if p.is_dirty:
                     changes += p.allocate(alloc, free)
             if self._new:
-                self._new[1].replace_bits(self.active.bits.copy())
+                self._new[1].track(self.active.bits)
                 changes += self._new[1].allocate(alloc, free)
             if self._catalog_dirty:
                 changes += self.catalog_obj.allocate(len(self.catalog.pack()), alloc, free)
             changes += self.active.allocate(alloc, free)
             if changes == 0:
                 break
+        if self._new:                                 # the snapshot keeps the final copy
+            self._new[1]._bits = self.active.bits.copy()
         out: list[tuple[int, bytes]] = []             # phase 2: write bottom-up
         lba_ref = self.lba.write(out)
         by_id = {e.id: e for e in self.catalog.snapshots}
