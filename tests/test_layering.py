@@ -10,7 +10,7 @@ import blockxfer
 
 def test_core_modules_load_no_driver() -> None:
     core = [m.name for m in pkgutil.walk_packages(blockxfer.__path__, "blockxfer.")
-            if not m.name.startswith(("blockxfer.drivers", "blockxfer.cli", "blockxfer.handles"))]
+            if not m.name.startswith(("blockxfer.drivers", "blockxfer.cli", "blockxfer.handles", "blockxfer.demo"))]
     assert "blockxfer.tape" in core
     code = ("import importlib, sys\n"
             f"for m in {core!r}: importlib.import_module(m)\n"
