@@ -7,7 +7,6 @@ import sys
 
 import blockxfer
 
-
 # the top layer that opens devices and hands them down
 WIRING = ("blockxfer.drivers", "blockxfer.cli", "blockxfer.handles", "blockxfer.demo")
 
