@@ -46,11 +46,15 @@ RUN=$WORK/run
 RESULTS=$WORK/results
 PIDS=()
 cleanup() {
+    set +e
     local p
+    # tgtd ignores SIGTERM; ask it to stop (SIGKILL below if it does not)
+    [ -n "${TGT_CTL:-}" ] && tgtadm -C "$TGT_CTL" --op delete --mode system --force >/dev/null 2>&1
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do
-        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-        kill -9 "$p" 2>/dev/null || true
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null
+        wait "$p" 2>/dev/null  # reap it: no zombie left behind
     done
 }
 trap cleanup EXIT
@@ -215,7 +219,7 @@ start_tgt() {
         --file "$WORK/tape/tape0.vtape" >/dev/null || fail "tgtimg could not create the tape"
     tgtimg --op new --device-type tape --barcode TB0002L8 --size "$TAPE_SMALL_MB" --type data \
         --file "$WORK/tape/small.vtape" >/dev/null || fail "tgtimg could not create the small tape"
-    TGT_CTL=$((20000 + RANDOM % 20000))
+    TGT_CTL=$((2000 + RANDOM % 28000))  # tgtd takes < 32768
     mkdir -p /var/run/tgtd
     tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$port" >"$RUN/tgtd.log" 2>&1 &
     PIDS+=($!)

@@ -18,7 +18,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LANG=C.UTF-8 TERM=${TB_TERM:-linux}
 STATUS_FILE=$RESULTS/status
 
-log() { echo "stage2: $*"; }
+log() { echo "stage2 [$(cut -d" " -f1 /proc/uptime)s]: $*"; }
 die() {
     echo "TESTBED-FATAL: $*"
     echo 125 >"$STATUS_FILE"
