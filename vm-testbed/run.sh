@@ -312,7 +312,7 @@ boot() {
     say "booting $KVER under $ACCEL ($MODE mode; console log: $RUN/console.log)"
     local t0=$SECONDS rc=0
     if [ "$MODE" = shell ]; then
-        say "leave with 'poweroff' in the guest, or Ctrl-A X"
+        say "leave with 'exit' in the guest shell, or Ctrl-A X to kill QEMU"
         "${qemu[@]}" || rc=$?
     else
         timeout -k 10 "$TIMEOUT" "${qemu[@]}" </dev/null || rc=$?
@@ -341,11 +341,14 @@ TB_TAPE_KIND=$TAPE_KIND
 TB_TAPE_SMALL_MB=$TAPE_SMALL_MB
 TB_NBD_PORT=$NBD_PORT
 TB_NBD_EXPORT=testbed
-TB_PYTEST_ARGS='${TESTBED_PYTEST_ARGS:-}'
-TB_PYTEST_MARK='${TESTBED_PYTEST_MARK:-device}'
 TB_TERM=${TERM:-linux}
 TB_BENCH_BPS=$BENCH_BPS
 EOF
+    local v
+    for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
+             TESTBED_BENCH_CHUNK_KB; do
+        if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
+    done
     boot
     if [ ! -f "$RESULTS/status" ]; then
         grep -h 'TESTBED-FATAL' "$RUN/console.log" >&2 || true
@@ -357,6 +360,9 @@ EOF
     [ "$rc" = 125 ] && fail "the guest could not set up (see TESTBED-FATAL above and $RUN/console.log)"
     if [ "$MODE" = test ]; then
         python3 "$HERE/lib/report.py" "$RESULTS" "$ACCEL" "$BOOT_SECS" || true
+    elif [ "$MODE" = bench ]; then
+        echo "==== vm-testbed bench (guest under $ACCEL) ===="
+        grep -E '^(bench|  )' "$RESULTS/bench.log" || true
     fi
     exit "$rc"
 }

@@ -12,8 +12,10 @@ for arg in $(cat /proc/cmdline); do
         tb.results=*) RESULTS=${arg#tb.results=} ;;
     esac
 done
+set -a  # config.env's TB_* settings are exported to the scripts run below
 # shellcheck source=/dev/null
 . "$RESULTS/config.env"
+set +a
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LANG=C.UTF-8 TERM=${TB_TERM:-linux}
 STATUS_FILE=$RESULTS/status
@@ -161,7 +163,7 @@ test)
     ;;
 shell)
     echo
-    echo "=== blockxfer test bed shell: host root (overlay) on kernel $KVER; 'poweroff' or exit to stop ==="
+    echo "=== blockxfer test bed shell: host root (overlay) on kernel $KVER; exit (or Ctrl-D) powers the guest off ==="
     echo "=== devices are in \$BLOCKXFER_TEST_*; run: .venv/bin/pytest -m device -p no:cacheprovider ==="
     setsid -c bash -i </dev/ttyS0 >/dev/ttyS0 2>&1
     rc=0
