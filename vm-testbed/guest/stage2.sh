@@ -153,12 +153,13 @@ cd "$REPO" || die "cannot cd to $REPO"
 export PYTHONDONTWRITEBYTECODE=1
 case "$TB_MODE" in
 test)
-    # shellcheck disable=SC2086
+    # TESTBED_PYTEST_ARGS is split like a shell command line: -k 'tape or nbd' works
+    eval "extra=(${TB_PYTEST_ARGS:-})"
     PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
     TESTBED_REPORT=$RESULTS/report.json \
         "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device}" \
         -p no:cacheprovider -p testbed_report \
-        --junitxml="$RESULTS/junit.xml" ${TB_PYTEST_ARGS:-} 2>&1 | tee "$RESULTS/pytest.log"
+        --junitxml="$RESULTS/junit.xml" "${extra[@]}" 2>&1 | tee "$RESULTS/pytest.log"
     rc=${PIPESTATUS[0]}
     ;;
 shell)
