@@ -159,10 +159,10 @@ probe_accel() {
     if (timeout -k 2 ${TESTBED_KVM_PROBE_TIMEOUT:-10} qemu-system-x86_64 -accel kvm -cpu host -m 256 \
             -nodefaults -display none -no-reboot -serial "file:$log" \
             -kernel "$WORK/kernel/boot/vmlinuz-$KVER" -append "console=ttyS0 panic=-1" \
-            </dev/null >/dev/null 2>&1) 2>/dev/null || grep -q 'Kernel panic' "$log" 2>/dev/null; then
+            </dev/null >"$log.err" 2>&1) 2>/dev/null || grep -q 'Kernel panic' "$log" 2>/dev/null; then
         grep -q 'Linux version' "$log" 2>/dev/null && ACCEL=kvm
     fi
-    [ "$ACCEL" = kvm ] || say "KVM did not boot a kernel within ${TESTBED_KVM_PROBE_TIMEOUT:-10}s: software emulation (tcg)"
+    [ "$ACCEL" = kvm ] || say "KVM failed or did not boot a kernel within ${TESTBED_KVM_PROBE_TIMEOUT:-10}s (see work/kvm-probe.log*): software emulation (tcg)"
     printf '%s\n%s\n' "$key" "$ACCEL" >"$cache"
 }
 
