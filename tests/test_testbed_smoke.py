@@ -21,6 +21,7 @@ pytestmark = pytest.mark.device
 
 MTIOCTOP = 0x40086D01
 MTIOCGET = 0x80306D02
+MTIOCPOS = 0x80086D03
 MTREW, MTWEOF = 6, 5
 GMT_ONLINE = 0x01000000
 GMT_BOT = 0x40000000
@@ -87,6 +88,23 @@ def test_tape_online_and_roundtrip() -> None:
             assert os.read(fd, len(r)) == r
         assert os.read(fd, 65536) == b""  # the filemark
         assert mtget(fd)[5] == 1  # st's file number moved past it
+    finally:
+        os.close(fd)
+
+
+def test_tape_position_query() -> None:
+    """tgt cannot tell its position (docs/testbed.md); other drives must."""
+    tape = env_dev("BLOCKXFER_TEST_TAPE")
+    fd = os.open(tape, os.O_RDONLY)
+    try:
+        mtop(fd, MTREW)
+        if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "tgt":
+            with pytest.raises(OSError) as exc:
+                fcntl.ioctl(fd, MTIOCPOS, bytes(8))
+            assert exc.value.errno == errno.EIO
+        else:
+            (blkno,) = struct.unpack("@l", fcntl.ioctl(fd, MTIOCPOS, bytes(8)))
+            assert blkno == 0
     finally:
         os.close(fd)
 

@@ -350,7 +350,11 @@ EOF
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
     boot
-    if [ ! -f "$RESULTS/status" ]; then
+    # The status normally comes through the results share; the console has it too.
+    if [ ! -f "$RESULTS/status" ] && grep -q '^TESTBED-STATUS=' "$RUN/console.log" 2>/dev/null; then
+        grep -a '^TESTBED-STATUS=' "$RUN/console.log" | tail -1 | cut -d= -f2 | tr -dc '0-9' >"$RESULTS/status"
+    fi
+    if [ ! -s "$RESULTS/status" ]; then
         grep -h 'TESTBED-FATAL' "$RUN/console.log" >&2 || true
         [ "$QEMU_RC" = 124 ] && fail "the guest did not finish within ${TIMEOUT}s (TESTBED_TIMEOUT); see $RUN/console.log"
         fail "the VM did not boot or did not finish (qemu exit $QEMU_RC); see $RUN/console.log"

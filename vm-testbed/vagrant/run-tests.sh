@@ -53,11 +53,13 @@ CONF
     nbd-client 127.0.0.1 10809 /dev/nbd0 -N testbed -b 4096
 fi
 
-export BLOCKXFER_TEST_TAPE=$(tape_for_lun 1)
-export BLOCKXFER_TEST_TAPE_SMALL=$(tape_for_lun 2) BLOCKXFER_TEST_TAPE_SMALL_MB=8
+BLOCKXFER_TEST_TAPE=$(tape_for_lun 1)
+BLOCKXFER_TEST_TAPE_SMALL=$(tape_for_lun 2)
+export BLOCKXFER_TEST_TAPE BLOCKXFER_TEST_TAPE_SMALL BLOCKXFER_TEST_TAPE_SMALL_MB=8
 export BLOCKXFER_TEST_TAPE_KIND=tgt-open-iscsi
 export BLOCKXFER_TEST_MD0=/dev/md0 BLOCKXFER_TEST_MD5=/dev/md1 BLOCKXFER_TEST_NBD=/dev/nbd0
-export BLOCKXFER_TEST_DISKS=$(disk 7) BLOCKXFER_TESTBED=vagrant
+BLOCKXFER_TEST_DISKS=$(disk 7)
+export BLOCKXFER_TEST_DISKS BLOCKXFER_TESTBED=vagrant
 env | grep '^BLOCKXFER_TEST' | sort
 cd "$REPO"
 exec .venv/bin/pytest -m device -p no:cacheprovider "$@"
