@@ -43,7 +43,10 @@ def main() -> None:
     summary = ""
     log = results / "pytest.log"
     if log.exists():
-        rx = re.compile(r"^=+ .*\b(passed|failed|skipped|error|errors|no tests ran)\b.* in [\d.]+s")
+        rx = re.compile(
+            r"^=*\s*(no tests ran|\d+ (passed|failed|skipped|deselected|errors?|xfailed"
+            r"|xpassed|warnings?)).* in [\d.]+s"
+        )
         for line in log.read_text(errors="replace").splitlines():
             if rx.match(line.strip()):
                 summary = line.strip()
