@@ -37,3 +37,11 @@ testbed: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# vm-testbed extras (docs/testbed.md): a shell in the guest, the throttled RAID0 benchmark
+.PHONY: testbed-shell testbed-bench
+testbed-shell: $(STAMP)
+	bash vm-testbed/run.sh --shell
+
+testbed-bench: $(STAMP)
+	bash vm-testbed/run.sh --bench

@@ -1,0 +1,182 @@
+#!/bin/bash
+# Second stage of the test bed guest, run by /init inside `chroot /host`, i.e.
+# with the host's own programs (bash, mdadm, nbd-client, the repo's .venv) on
+# the guest's kernel.  Reads the run's settings from $RESULTS/config.env (made
+# by run.sh), prepares the devices, then runs the test suite, a shell or the
+# benchmark.  Its exit status becomes `make testbed`'s.
+set -u
+KVER=${1:?kernel version}
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        tb.repo=*) REPO=${arg#tb.repo=} ;;
+        tb.results=*) RESULTS=${arg#tb.results=} ;;
+    esac
+done
+set -a  # config.env's TB_* settings are exported to the scripts run below
+# shellcheck source=/dev/null
+. "$RESULTS/config.env"
+set +a
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LANG=C.UTF-8 TERM=${TB_TERM:-linux}
+STATUS_FILE=$RESULTS/status
+
+log() { echo "stage2 [$(cut -d" " -f1 /proc/uptime)s]: $*"; }
+die() {
+    echo "TESTBED-FATAL: $*"
+    echo 125 >"$STATUS_FILE"
+    exit 125
+}
+
+# Writable home and module tree.  With the overlay the whole root is writable;
+# without it only the tmpfs mounts are.
+if touch /root/.tb-probe 2>/dev/null; then
+    rm -f /root/.tb-probe
+    export HOME=/root
+else
+    export HOME=/tmp/home
+    mkdir -p "$HOME"
+fi
+KMODS=$REPO/vm-testbed/work/kernel/lib/modules/$KVER
+if [ ! -e "/lib/modules/$KVER" ]; then
+    if mkdir -p /lib/modules 2>/dev/null && ln -s "$KMODS" "/lib/modules/$KVER" 2>/dev/null; then
+        :
+    else
+        log "no writable /lib/modules: use 'modprobe -d $REPO/vm-testbed/work/kernel'"
+    fi
+fi
+export BLOCKXFER_TEST_MODPROBE_DIR=$REPO/vm-testbed/work/kernel
+tbmodprobe() { modprobe "$@" 2>/dev/null || modprobe -d "$BLOCKXFER_TEST_MODPROBE_DIR" "$@"; }
+for m in loop sg st nbd md_mod raid0 raid456; do tbmodprobe "$m" || log "modprobe $m failed"; done
+
+# --- disks: virtio-blk serials set by run.sh name their roles -----------------
+declare -A BY_SERIAL=()
+for s in /sys/block/vd*/serial; do
+    [ -e "$s" ] || continue
+    dev=$(basename "$(dirname "$s")")
+    BY_SERIAL[$(cat "$s")]=/dev/$dev
+done
+disks_with_prefix() {
+    local p=$1 k out=()
+    for k in $(printf '%s\n' "${!BY_SERIAL[@]}" | sort); do
+        [[ $k == "$p"* ]] && out+=("${BY_SERIAL[$k]}")
+    done
+    echo "${out[@]:-}"
+}
+
+make_md() {  # make_md /dev/mdN LEVEL CHUNK_KiB DEV...
+    local md=$1 level=$2 chunk=$3
+    shift 3
+    [ $# -ge 2 ] || { log "not enough disks for $md"; return 1; }
+    local extra=()
+    [ "$level" = 5 ] && extra+=(--assume-clean)  # fresh disks are all zero: parity holds
+    mdadm --create "$md" --run --quiet --metadata=1.2 --homehost=testbed \
+        --level="$level" --chunk="$chunk" --raid-devices=$# "${extra[@]}" "$@" </dev/null \
+        || { log "mdadm --create $md failed"; return 1; }
+    log "$md: raid$level over $* ($(cat /sys/block/${md#/dev/}/size) sectors)"
+}
+
+# --- tape: scsi-generic devices on virtio-scsi, scsi-id 0 = main, 1 = small ----
+find_tape() {  # find_tape SCSI_ID -> /dev/nstN
+    local t addr
+    for t in /sys/class/scsi_tape/nst[0-9]*; do
+        [ -e "$t" ] || continue
+        case "$(basename "$t")" in *[a-z]) continue ;; esac  # skip nst0l, nst0m, nst0a
+        addr=$(basename "$(readlink -f "$t/device")")      # H:C:T:L
+        IFS=: read -r _ _ tid _ <<<"$addr"
+        [ "$tid" = "$1" ] && { echo "/dev/$(basename "$t")"; return 0; }
+    done
+    return 1
+}
+
+setup_tapes() {
+    local i
+    [ "${TB_TAPES:-0}" -gt 0 ] || return 0
+    for i in $(seq 1 50); do
+        find_tape 0 >/dev/null && break
+        sleep 0.2
+    done
+    TAPE=$(find_tape 0) || { log "no tape appeared (expected /dev/nst0)"; return 1; }
+    export BLOCKXFER_TEST_TAPE=$TAPE
+    log "tape: $TAPE ($(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/vendor" 2>/dev/null | xargs)" \
+        "$(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/model" 2>/dev/null | xargs))"
+    if [ "${TB_TAPES:-0}" -gt 1 ] && TAPE_EW=$(find_tape 1); then
+        export BLOCKXFER_TEST_TAPE_SMALL=$TAPE_EW
+        export BLOCKXFER_TEST_TAPE_SMALL_MB=${TB_TAPE_SMALL_MB:-}
+        log "small tape (early warning at ${TB_TAPE_SMALL_MB:-?} MB): $TAPE_EW"
+    fi
+    export BLOCKXFER_TEST_TAPE_KIND=${TB_TAPE_KIND:-tgt}
+}
+
+setup_nbd() {
+    [ -n "${TB_NBD_PORT:-}" ] || return 0
+    local i
+    for i in $(seq 1 50); do [ -e /dev/nbd0 ] && break; sleep 0.1; done
+    nbd-client 10.0.2.2 "$TB_NBD_PORT" /dev/nbd0 -N "${TB_NBD_EXPORT:-testbed}" -b 4096 \
+        </dev/null >/tmp/nbd-client.log 2>&1 \
+        || { log "nbd-client failed: $(cat /tmp/nbd-client.log)"; return 1; }
+    for i in $(seq 1 50); do
+        [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" -gt 0 ] && break
+        sleep 0.1
+    done
+    export BLOCKXFER_TEST_NBD=/dev/nbd0
+    log "nbd: /dev/nbd0 <- 10.0.2.2:$TB_NBD_PORT ($(cat /sys/block/nbd0/size) sectors)"
+}
+
+write_env() {
+    env | grep '^BLOCKXFER_TEST_' | sort | tee "$RESULTS/devices.env"
+}
+
+case "$TB_MODE" in
+test|shell)
+    R0=$(disks_with_prefix r0-)
+    R5=$(disks_with_prefix r5-)
+    # shellcheck disable=SC2086
+    make_md /dev/md0 0 "${TB_CHUNK_KB:-64}" $R0 && export BLOCKXFER_TEST_MD0=/dev/md0
+    # shellcheck disable=SC2086
+    make_md /dev/md1 5 "${TB_CHUNK_KB:-64}" $R5 && export BLOCKXFER_TEST_MD5=/dev/md1
+    SPARES=$(disks_with_prefix spare-)
+    [ -n "$SPARES" ] && export BLOCKXFER_TEST_DISKS=${SPARES// /,}
+    EXTRA=$(disks_with_prefix extra-)
+    [ -n "$EXTRA" ] && export BLOCKXFER_TEST_EXTRA_DISKS=${EXTRA// /,}
+    setup_tapes
+    setup_nbd
+    export BLOCKXFER_TESTBED=1
+    write_env
+    ;;
+bench)
+    export BENCH_DISKS
+    BENCH_DISKS=$(disks_with_prefix bench-)
+    ;;
+esac
+
+cd "$REPO" || die "cannot cd to $REPO"
+export PYTHONDONTWRITEBYTECODE=1
+case "$TB_MODE" in
+test)
+    # TESTBED_PYTEST_ARGS is split like a shell command line: -k 'tape or nbd' works
+    eval "extra=(${TB_PYTEST_ARGS:-})"
+    PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
+    TESTBED_REPORT=$RESULTS/report.json \
+        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device}" \
+        -p no:cacheprovider -p testbed_report \
+        --junitxml="$RESULTS/junit.xml" "${extra[@]}" 2>&1 | tee "$RESULTS/pytest.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+shell)
+    echo
+    echo "=== blockxfer test bed shell: host root (overlay) on kernel $KVER; exit (or Ctrl-D) powers the guest off ==="
+    echo "=== devices are in \$BLOCKXFER_TEST_*; run: .venv/bin/pytest -m device -p no:cacheprovider ==="
+    setsid -c bash -i </dev/ttyS0 >/dev/ttyS0 2>&1
+    rc=0
+    ;;
+bench)
+    bash "$REPO/vm-testbed/bench-raid.sh" $BENCH_DISKS 2>&1 | tee "$RESULTS/bench.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+*)
+    die "unknown mode $TB_MODE"
+    ;;
+esac
+sync
+echo "$rc" >"$STATUS_FILE"
+exit "$rc"

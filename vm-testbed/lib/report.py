@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Print the test bed's summary on the host: tests per device, skip reasons,
+then pytest's own summary line last (so CI reads it as the closing line).
+
+Usage: report.py RESULTS_DIR [ACCEL] [SECONDS]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ORDER = ["passed", "failed", "error", "skipped", "xfailed", "not run"]
+
+
+def main() -> None:
+    results = Path(sys.argv[1])
+    accel = sys.argv[2] if len(sys.argv) > 2 else "?"
+    secs = sys.argv[3] if len(sys.argv) > 3 else "?"
+    print()
+    print(f"==== vm-testbed summary (guest under {accel}, {secs} s from boot to power-off) ====")
+    env = results / "devices.env"
+    if env.exists():
+        for line in env.read_text().splitlines():
+            print(f"  {line}")
+    rep = results / "report.json"
+    if rep.exists():
+        data = json.loads(rep.read_text())
+        devices = data.get("devices", {})
+        print("  tests per device (a test that used several devices counts on each):")
+        for dev in sorted(devices, key=lambda d: (d == "(no device)", d)):
+            counts = devices[dev]
+            parts = [f"{counts[k]} {k}" for k in ORDER if counts.get(k)]
+            print(f"    {dev:<14} {', '.join(parts)}")
+            for reason, n in sorted(
+                data.get("skip_reasons", {}).get(dev, {}).items(), key=lambda kv: -kv[1]
+            ):
+                print(f"    {'':<14}   skipped {n}: {reason}")
+    else:
+        print("  (no per-device report: the pytest plugin did not run)")
+    summary = ""
+    log = results / "pytest.log"
+    if log.exists():
+        rx = re.compile(
+            r"^=*\s*(no tests ran|\d+ (passed|failed|skipped|deselected|errors?|xfailed"
+            r"|xpassed|warnings?)).* in [\d.]+s"
+        )
+        for line in log.read_text(errors="replace").splitlines():
+            if rx.match(line.strip()):
+                summary = line.strip()
+    print(summary or "(pytest printed no summary line)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+#!/usr/bin/env bash
+# blockxfer vm-testbed: boot a stock Debian kernel in QEMU with real md RAID,
+# a kernel NBD client and a SCSI tape (st), and run the `device` test suite.
+#
+#   vm-testbed/run.sh            run `pytest -m device` in the guest (make testbed)
+#   vm-testbed/run.sh --shell    interactive shell in the guest (make testbed-shell)
+#   vm-testbed/run.sh --bench    throttled RAID0 read benchmark (make testbed-bench)
+#
+# Settings (environment): see docs/testbed.md.  Everything downloaded or built
+# goes to vm-testbed/work/ (git-ignored, reused by later runs).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+WORK=$HERE/work
+MODE=test
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --shell) MODE=shell ;;
+        --bench) MODE=bench ;;
+        --test) MODE=test ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+TIMEOUT=${TESTBED_TIMEOUT:-780}         # seconds the guest may run (test and bench modes)
+MEM=${TESTBED_MEM:-2048}
+SMP=${TESTBED_SMP:-2}
+DISK_MB=${TESTBED_DISK_MB:-256}
+TAPE_MB=${TESTBED_TAPE_MB:-512}
+TAPE_SMALL_MB=${TESTBED_TAPE_SMALL_MB:-8}
+NBD_MB=${TESTBED_NBD_MB:-256}
+BENCH_DISK_MB=${TESTBED_BENCH_DISK_MB:-512}
+BENCH_BPS=${TESTBED_BENCH_BPS:-20971520}   # 20 MiB/s per throttled disk
+# crc32c first: libcrc32c (needed by raid456 and ext4) asks the crypto API for it
+MODULES=(crc32c_generic crc32c_intel virtio_pci virtio_blk virtio_scsi virtio_net scsi_mod sd_mod st sg md_mod raid0
+         raid456 nbd loop overlay 9p 9pnet 9pnet_virtio netfs fscache ext4
+         iscsi_tcp)
+
+say() { echo "testbed: $*" >&2; }
+fail() { echo "testbed: FAILED: $*" >&2; exit 1; }
+
+RUN=$WORK/run
+RESULTS=$WORK/results
+PIDS=()
+cleanup() {
+    set +e
+    local p
+    # tgtd ignores SIGTERM; ask it to stop (SIGKILL below if it does not)
+    [ -n "${TGT_CTL:-}" ] && tgtadm -C "$TGT_CTL" --op delete --mode system --force >/dev/null 2>&1
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null
+        wait "$p" 2>/dev/null  # reap it: no zombie left behind
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- host packages ------------------------------------------------------------
+APT_UPDATED=
+apt_update_once() {
+    [ -n "$APT_UPDATED" ] && return 0
+    say "apt-get update"
+    apt-get update -qq || fail "apt-get update failed"
+    APT_UPDATED=1
+}
+ensure_host_packages() {
+    # command -> Debian package
+    local -A need=(
+        [qemu-system-x86_64]=qemu-system-x86 [qemu-nbd]=qemu-utils [tgtd]=tgt [tgtimg]=tgt
+        [mdadm]=mdadm [nbd-client]=nbd-client [depmod]=kmod [cpio]=cpio [fio]=fio
+        [setsid]=util-linux [timeout]=coreutils
+    )
+    local missing=() c
+    for c in "${!need[@]}"; do
+        command -v "$c" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$c" >/dev/null 2>&1 \
+            || missing+=("${need[$c]}")
+    done
+    # the initramfs needs the static busybox (the dynamic one would need its libc)
+    # and QEMU's libiscsi block driver lives in a separate package
+    local p
+    for p in busybox-static qemu-block-extra; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    [ "$(id -u)" = 0 ] || fail "missing host packages: ${missing[*]} (run as root, or apt-get install them)"
+    apt_update_once
+    say "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        >"$WORK/apt-install.log" 2>&1 || { tail -20 "$WORK/apt-install.log" >&2; fail "apt-get install ${missing[*]}"; }
+}
+
+# --- kernel ---------------------------------------------------------------------
+fetch_kernel() {
+    if [ -f "$WORK/kernel/.kver" ]; then
+        KVER=$(cat "$WORK/kernel/.kver")
+        return 0
+    fi
+    local pkg=${TESTBED_KERNEL_PKG:-}
+    if [ -z "$pkg" ]; then
+        pkg=$(apt-cache search --names-only '^linux-image-6\.1\.[0-9.-]*-amd64-unsigned$' 2>/dev/null \
+              | awk '{print $1}' | sort -V | tail -1)
+        if [ -z "$pkg" ]; then
+            apt_update_once
+            pkg=$(apt-cache search --names-only '^linux-image-6\.1\.[0-9.-]*-amd64-unsigned$' \
+                  | awk '{print $1}' | sort -V | tail -1)
+        fi
+    fi
+    [ -n "$pkg" ] || fail "apt offers no linux-image-6.1.*-amd64-unsigned package"
+    say "downloading $pkg"
+    mkdir -p "$WORK/debs"
+    rm -rf "$WORK/kernel.tmp"
+    (cd "$WORK/debs" && apt-get download -q "$pkg" >/dev/null 2>"$WORK/debs/download.log") \
+        || { cat "$WORK/debs/download.log" >&2; fail "apt-get download $pkg"; }
+    local deb
+    deb=$(ls -t "$WORK/debs/${pkg}"_*.deb | head -1)
+    dpkg-deb -x "$deb" "$WORK/kernel.tmp"
+    KVER=$(ls "$WORK/kernel.tmp/lib/modules" | head -1)
+    depmod -b "$WORK/kernel.tmp" "$KVER"
+    echo "$KVER" >"$WORK/kernel.tmp/.kver"
+    rm -rf "$WORK/kernel"
+    mv "$WORK/kernel.tmp" "$WORK/kernel"
+}
+
+build_initramfs() {
+    INITRD=$WORK/initramfs.gz
+    local key
+    key=$( { echo "$KVER ${MODULES[*]}"; cat "$HERE/guest/init" "$HERE/lib/mkinitramfs.py"; \
+             ls -l "$(readlink -f /bin/busybox)"; } | sha256sum | cut -c1-16)
+    if [ -f "$INITRD" ] && [ "$(cat "$WORK/initramfs.key" 2>/dev/null)" = "$key" ]; then
+        return 0
+    fi
+    python3 "$HERE/lib/mkinitramfs.py" "$WORK/kernel" "$KVER" "$HERE/guest/init" "$INITRD" \
+        "${MODULES[@]}" >&2 || fail "building the initramfs"
+    echo "$key" >"$WORK/initramfs.key"
+}
+
+# --- accelerator: KVM only if a real boot gets going within seconds --------------
+probe_accel() {
+    if [ -n "${TESTBED_ACCEL:-}" ]; then ACCEL=$TESTBED_ACCEL; return 0; fi
+    ACCEL=tcg
+    [ -c /dev/kvm ] && [ -w /dev/kvm ] || { say "no usable /dev/kvm: software emulation (tcg)"; return 0; }
+    local cache=$WORK/accel.cache key
+    key="$(uname -r) $(qemu-system-x86_64 --version | head -1) $KVER"
+    if [ -f "$cache" ] && [ "$(sed -n 1p "$cache")" = "$key" ] \
+            && [ -n "$(find "$cache" -mmin -720 2>/dev/null)" ]; then
+        ACCEL=$(sed -n 2p "$cache")
+        say "accelerator: $ACCEL (probed earlier; rm $cache to re-probe)"
+        return 0
+    fi
+    # Boot the kernel with no root: it panics at once and -no-reboot ends QEMU.
+    local log=$WORK/kvm-probe.log
+    rm -f "$log"
+    if (timeout -k 2 ${TESTBED_KVM_PROBE_TIMEOUT:-10} qemu-system-x86_64 -accel kvm -cpu host -m 256 \
+            -nodefaults -display none -no-reboot -serial "file:$log" \
+            -kernel "$WORK/kernel/boot/vmlinuz-$KVER" -append "console=ttyS0 panic=-1" \
+            </dev/null >"$log.err" 2>&1) 2>/dev/null || grep -q 'Kernel panic' "$log" 2>/dev/null; then
+        grep -q 'Linux version' "$log" 2>/dev/null && ACCEL=kvm
+    fi
+    [ "$ACCEL" = kvm ] || say "KVM failed or did not boot a kernel within ${TESTBED_KVM_PROBE_TIMEOUT:-10}s (see work/kvm-probe.log*): software emulation (tcg)"
+    printf '%s\n%s\n' "$key" "$ACCEL" >"$cache"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# --- disks --------------------------------------------------------------------------
+QEMU_DISKS=()
+add_disk() {  # add_disk SERIAL FILE [extra -blockdev options]
+    local serial=$1 file=$2 extra=${3:-} n=${#QEMU_DISKS[@]}
+    QEMU_DISKS+=(-blockdev "driver=raw,node-name=d$n,file.driver=file,file.filename=$file,file.aio=threads,cache.direct=off$extra"
+                 -device "virtio-blk-pci,drive=d$n,serial=$serial")
+}
+make_disks() {
+    mkdir -p "$WORK/disks"
+    rm -f "$WORK"/disks/*.img
+    local i
+    if [ "$MODE" = bench ]; then
+        for i in 0 1 2 3; do
+            # Fill with data once so reads hit real blocks, not holes.
+            local f=$WORK/disks/bench-$i.raw
+            if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" != $((BENCH_DISK_MB << 20)) ]; then
+                head -c $((BENCH_DISK_MB << 20)) /dev/urandom >"$f"
+            fi
+            # throttle each disk on its own: the RAID0 stripe should add them up
+            QEMU_DISKS+=(-drive "file=$f,format=raw,if=none,id=b$i,cache=writeback,throttling.bps-total=$BENCH_BPS"
+                         -device "virtio-blk-pci,drive=b$i,serial=bench-$i")
+        done
+        return 0
+    fi
+    for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/r0-$i.img"; add_disk "r0-$i" "$WORK/disks/r0-$i.img"; done
+    for i in 0 1 2; do truncate -s ${DISK_MB}M "$WORK/disks/r5-$i.img"; add_disk "r5-$i" "$WORK/disks/r5-$i.img"; done
+    for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/spare-$i.img"; add_disk "spare-$i" "$WORK/disks/spare-$i.img"; done
+    i=0
+    local IFS=,
+    for f in ${TESTBED_EXTRA_DISKS:-}; do
+        [ -e "$f" ] || fail "TESTBED_EXTRA_DISKS: $f does not exist"
+        add_disk "extra-$i" "$(readlink -f "$f")"
+        i=$((i + 1))
+    done
+}
+
+# --- tape: tgt SSC over iSCSI on 127.0.0.1, or mhvtl, or the user's own -----------
+QEMU_TAPE=()
+TAPES=0
+TAPE_KIND=none
+tgtadm_() { tgtadm -C "$TGT_CTL" --lld iscsi "$@"; }
+start_tgt() {
+    local port=$1 iqn=iqn.2025-01.org.blockxfer:testbed
+    mkdir -p "$WORK/tape"
+    rm -f "$WORK"/tape/*.vtape
+    tgtimg --op new --device-type tape --barcode TB0001L8 --size "$TAPE_MB" --type data \
+        --file "$WORK/tape/tape0.vtape" >/dev/null || fail "tgtimg could not create the tape"
+    tgtimg --op new --device-type tape --barcode TB0002L8 --size "$TAPE_SMALL_MB" --type data \
+        --file "$WORK/tape/small.vtape" >/dev/null || fail "tgtimg could not create the small tape"
+    TGT_CTL=$((2000 + RANDOM % 28000))  # tgtd takes < 32768
+    mkdir -p /var/run/tgtd
+    tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$port" >"$RUN/tgtd.log" 2>&1 &
+    PIDS+=($!)
+    local i
+    for i in $(seq 1 50); do
+        tgtadm_ --op show --mode target >/dev/null 2>&1 && break
+        kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$RUN/tgtd.log" >&2; fail "tgtd exited"; }
+        sleep 0.1
+    done
+    tgtadm_ --op new --mode target --tid 1 -T "$iqn" \
+        && tgtadm_ --op new --mode logicalunit --tid 1 --lun 1 -b "$WORK/tape/tape0.vtape" \
+            --bstype ssc --device-type tape \
+        && tgtadm_ --op new --mode logicalunit --tid 1 --lun 2 -b "$WORK/tape/small.vtape" \
+            --bstype ssc --device-type tape \
+        && tgtadm_ --op bind --mode target --tid 1 -I ALL \
+        || { cat "$RUN/tgtd.log" >&2; fail "tgtadm could not set up the tape target"; }
+    local l
+    for l in 1 2; do
+        QEMU_TAPE+=(-blockdev "driver=iscsi,node-name=tape$l,transport=tcp,portal=127.0.0.1:$port,target=$iqn,lun=$l,initiator-name=iqn.2025-01.org.blockxfer:qemu"
+                    -device "scsi-generic,drive=tape$l,bus=scsi0.0,channel=0,scsi-id=$((l - 1)),lun=0")
+    done
+    TAPES=2
+    TAPE_KIND=tgt
+}
+mhvtl_sg() {  # first mhvtl tape drive's /dev/sgN on the host
+    [ -d /sys/module/mhvtl ] || return 1
+    local t host sg
+    for t in /sys/class/scsi_tape/nst[0-9]*; do
+        [ -e "$t/device/scsi_generic" ] || continue
+        host=$(readlink -f "$t/device" | grep -o 'host[0-9]*' | head -1)
+        [ "$(cat "/sys/class/scsi_host/$host/proc_name" 2>/dev/null)" = mhvtl ] || continue
+        sg=$(ls "$t/device/scsi_generic" | head -1)
+        echo "/dev/$sg"
+        return 0
+    done
+    return 1
+}
+setup_tape() {
+    [ "$MODE" = bench ] && return 0
+    local sg=${TESTBED_TAPE_SG:-}
+    if [ -z "$sg" ] && [ -z "${TESTBED_TAPE_ISCSI:-}" ] && [ "${TESTBED_TAPE:-}" != tgt ]; then
+        sg=$(mhvtl_sg) && { say "mhvtl found: passing its tape drive $sg to the guest"; TAPE_KIND=mhvtl; }
+    fi
+    if [ -n "$sg" ]; then
+        [ -c "$sg" ] || fail "TESTBED_TAPE_SG=$sg is not a SCSI generic device"
+        QEMU_TAPE+=(-blockdev "driver=host_device,node-name=tape1,filename=$sg"
+                    -device "scsi-generic,drive=tape1,bus=scsi0.0,channel=0,scsi-id=0,lun=0")
+        TAPES=1
+        [ "$TAPE_KIND" = mhvtl ] || TAPE_KIND=host-sg
+    elif [ -n "${TESTBED_TAPE_ISCSI:-}" ]; then
+        # e.g. portal=192.0.2.5:3260,target=iqn...,lun=1
+        QEMU_TAPE+=(-blockdev "driver=iscsi,node-name=tape1,transport=tcp,$TESTBED_TAPE_ISCSI"
+                    -device "scsi-generic,drive=tape1,bus=scsi0.0,channel=0,scsi-id=0,lun=0")
+        TAPES=1
+        TAPE_KIND=iscsi
+    else
+        start_tgt "$(free_port)"
+    fi
+}
+
+# --- NBD server on the host (guest reaches it at 10.0.2.2 through QEMU's slirp) ---
+NBD_PORT=
+start_nbd() {
+    [ "$MODE" = bench ] && return 0
+    NBD_PORT=$(free_port)
+    truncate -s ${NBD_MB}M "$WORK/disks/nbd0.img"
+    qemu-nbd --format=raw --export-name=testbed --bind=127.0.0.1 --port="$NBD_PORT" \
+        --persistent --shared=4 "$WORK/disks/nbd0.img" >"$RUN/qemu-nbd.log" 2>&1 &
+    PIDS+=($!)
+}
+
+# --- boot -------------------------------------------------------------------------
+boot() {
+    local append="console=ttyS0 panic=-1 quiet loglevel=4 tb.repo=$REPO tb.results=$RESULTS"
+    [ "${TESTBED_OVERLAY:-1}" = 1 ] || append+=" tb.overlay=0"
+    local cpu=max
+    [ "$ACCEL" = kvm ] && cpu=host
+    local serial=(-chardev "stdio,id=con,signal=off,logfile=$RUN/console.log" -serial chardev:con)
+    [ "$MODE" = shell ] && serial=(-chardev "stdio,id=con,mux=on,signal=off,logfile=$RUN/console.log"
+                                   -serial chardev:con -mon chardev=con)
+    local qemu=(qemu-system-x86_64 -accel "$ACCEL" -cpu "$cpu" -M pc -m "$MEM" -smp "$SMP"
+        -nodefaults -display none -no-reboot "${serial[@]}"
+        -kernel "$WORK/kernel/boot/vmlinuz-$KVER" -initrd "$INITRD" -append "$append"
+        -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+        -virtfs "local,path=$RESULTS,mount_tag=results,security_model=none,multidevs=remap"
+        -netdev user,id=net0 -device virtio-net-pci,netdev=net0
+        -device virtio-scsi-pci,id=scsi0
+        "${QEMU_DISKS[@]}" "${QEMU_TAPE[@]}")
+    echo "${qemu[*]}" >"$RUN/qemu.cmdline"
+    say "booting $KVER under $ACCEL ($MODE mode; console log: $RUN/console.log)"
+    local t0=$SECONDS rc=0
+    if [ "$MODE" = shell ]; then
+        say "leave with 'exit' in the guest shell, or Ctrl-A X to kill QEMU"
+        "${qemu[@]}" || rc=$?
+    else
+        timeout -k 10 "$TIMEOUT" "${qemu[@]}" </dev/null || rc=$?
+    fi
+    QEMU_RC=$rc
+    BOOT_SECS=$((SECONDS - t0))
+}
+
+main() {
+    mkdir -p "$WORK"
+    ensure_host_packages
+    export PATH=$PATH:/usr/sbin:/sbin
+    fetch_kernel
+    build_initramfs
+    [ -x "$REPO/.venv/bin/python" ] || fail "no $REPO/.venv: run 'make venv' first (make testbed does)"
+    probe_accel
+    rm -rf "$RUN" "$RESULTS"
+    mkdir -p "$RUN" "$RESULTS"
+    make_disks
+    setup_tape
+    start_nbd
+    cat >"$RESULTS/config.env" <<EOF
+TB_MODE=$MODE
+TB_TAPES=$TAPES
+TB_TAPE_KIND=$TAPE_KIND
+TB_TAPE_SMALL_MB=$TAPE_SMALL_MB
+TB_NBD_PORT=$NBD_PORT
+TB_NBD_EXPORT=testbed
+TB_TERM=${TERM:-linux}
+TB_BENCH_BPS=$BENCH_BPS
+EOF
+    local v
+    for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
+             TESTBED_BENCH_CHUNK_KB; do
+        if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
+    done
+    boot
+    # The status normally comes through the results share; the console has it too.
+    if [ ! -f "$RESULTS/status" ] && grep -q '^TESTBED-STATUS=' "$RUN/console.log" 2>/dev/null; then
+        grep -a '^TESTBED-STATUS=' "$RUN/console.log" | tail -1 | cut -d= -f2 | tr -dc '0-9' >"$RESULTS/status"
+    fi
+    if [ ! -s "$RESULTS/status" ]; then
+        grep -h 'TESTBED-FATAL' "$RUN/console.log" >&2 || true
+        [ "$QEMU_RC" = 124 ] && fail "the guest did not finish within ${TIMEOUT}s (TESTBED_TIMEOUT); see $RUN/console.log"
+        fail "the VM did not boot or did not finish (qemu exit $QEMU_RC); see $RUN/console.log"
+    fi
+    local rc
+    rc=$(cat "$RESULTS/status")
+    [ "$rc" = 125 ] && fail "the guest could not set up (see TESTBED-FATAL above and $RUN/console.log)"
+    if [ "$MODE" = test ]; then
+        python3 "$HERE/lib/report.py" "$RESULTS" "$ACCEL" "$BOOT_SECS" || true
+    elif [ "$MODE" = bench ]; then
+        echo "==== vm-testbed bench (guest under $ACCEL) ===="
+        grep -E '^(bench|  )' "$RESULTS/bench.log" || true
+    fi
+    exit "$rc"
+}
+main
