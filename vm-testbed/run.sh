@@ -358,7 +358,7 @@ TB_BENCH_BPS=$BENCH_BPS
 EOF
     local v
     for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
-             TESTBED_BENCH_CHUNK_KB; do
+             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB; do
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
     boot
