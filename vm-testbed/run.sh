@@ -34,6 +34,8 @@ TAPE_SMALL_MB=${TESTBED_TAPE_SMALL_MB:-8}
 NBD_MB=${TESTBED_NBD_MB:-256}
 BENCH_DISK_MB=${TESTBED_BENCH_DISK_MB:-512}
 BENCH_BPS=${TESTBED_BENCH_BPS:-20971520}   # 20 MiB/s per throttled disk
+TAPE_VIA=${TESTBED_TAPE_VIA:-qemu}          # qemu: libiscsi scsi-generic; open-iscsi: guest initiator
+case "$TAPE_VIA" in qemu|open-iscsi) ;; *) echo "TESTBED_TAPE_VIA: qemu or open-iscsi" >&2; exit 2 ;; esac
 # crc32c first: libcrc32c (needed by raid456 and ext4) asks the crypto API for it
 MODULES=(crc32c_generic crc32c_intel virtio_pci virtio_blk virtio_scsi virtio_net scsi_mod sd_mod st sg md_mod raid0
          raid456 nbd loop overlay 9p 9pnet 9pnet_virtio netfs fscache ext4
@@ -86,6 +88,10 @@ ensure_host_packages() {
     for p in busybox-static qemu-block-extra; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
     done
+    if [ "$TAPE_VIA" = open-iscsi ] && ! command -v iscsiadm >/dev/null 2>&1 \
+            && ! [ -x /sbin/iscsiadm ]; then
+        missing+=(open-iscsi)
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     [ "$(id -u)" = 0 ] || fail "missing host packages: ${missing[*]} (run as root, or apt-get install them)"
@@ -236,13 +242,16 @@ start_tgt() {
             --bstype ssc --device-type tape \
         && tgtadm_ --op bind --mode target --tid 1 -I ALL \
         || { cat "$RUN/tgtd.log" >&2; fail "tgtadm could not set up the tape target"; }
+    TB_ISCSI_PORT=$port TB_ISCSI_IQN=$iqn
+    TAPES=2
+    TAPE_KIND=tgt
+    # open-iscsi in the guest logs in itself (at 10.0.2.2); else QEMU is the initiator
+    [ "$TAPE_VIA" = open-iscsi ] && return 0
     local l
     for l in 1 2; do
         QEMU_TAPE+=(-blockdev "driver=iscsi,node-name=tape$l,transport=tcp,portal=127.0.0.1:$port,target=$iqn,lun=$l,initiator-name=iqn.2025-01.org.blockxfer:qemu"
                     -device "scsi-generic,drive=tape$l,bus=scsi0.0,channel=0,scsi-id=$((l - 1)),lun=0")
     done
-    TAPES=2
-    TAPE_KIND=tgt
 }
 mhvtl_sg() {  # first mhvtl tape drive's /dev/sgN on the host
     [ -d /sys/module/mhvtl ] || return 1
@@ -341,12 +350,15 @@ TB_TAPE_KIND=$TAPE_KIND
 TB_TAPE_SMALL_MB=$TAPE_SMALL_MB
 TB_NBD_PORT=$NBD_PORT
 TB_NBD_EXPORT=testbed
+TB_TAPE_VIA=$TAPE_VIA
+TB_ISCSI_PORT=${TB_ISCSI_PORT:-}
+TB_ISCSI_IQN=${TB_ISCSI_IQN:-}
 TB_TERM=${TERM:-linux}
 TB_BENCH_BPS=$BENCH_BPS
 EOF
     local v
     for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
-             TESTBED_BENCH_CHUNK_KB; do
+             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB; do
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
     boot

@@ -75,36 +75,55 @@ make_md() {  # make_md /dev/mdN LEVEL CHUNK_KiB DEV...
     log "$md: raid$level over $* ($(cat /sys/block/${md#/dev/}/size) sectors)"
 }
 
-# --- tape: scsi-generic devices on virtio-scsi, scsi-id 0 = main, 1 = small ----
-find_tape() {  # find_tape SCSI_ID -> /dev/nstN
+# --- tape: through QEMU's libiscsi scsi-generic on virtio-scsi (scsi-id 0 = main
+# tape, 1 = small one, LUN 0), or logged in with open-iscsi in the guest (target
+# id 0, LUN 1 = main, 2 = small) ------------------------------------------------
+find_tape() {  # find_tape TARGET:LUN -> /dev/nstN
     local t addr
     for t in /sys/class/scsi_tape/nst[0-9]*; do
         [ -e "$t" ] || continue
         case "$(basename "$t")" in *[a-z]) continue ;; esac  # skip nst0l, nst0m, nst0a
         addr=$(basename "$(readlink -f "$t/device")")      # H:C:T:L
-        IFS=: read -r _ _ tid _ <<<"$addr"
-        [ "$tid" = "$1" ] && { echo "/dev/$(basename "$t")"; return 0; }
+        [ "${addr#*:*:}" = "$1" ] && { echo "/dev/$(basename "$t")"; return 0; }
     done
     return 1
+}
+
+login_open_iscsi() {
+    local portal=10.0.2.2:$TB_ISCSI_PORT
+    mkdir -p /etc/iscsi /run/lock/iscsi /var/lib/iscsi
+    echo "InitiatorName=iqn.2025-01.org.blockxfer:guest" >/etc/iscsi/initiatorname.iscsi
+    iscsid || { log "iscsid failed to start"; return 1; }
+    # No discovery: tgt would advertise 127.0.0.1, the host's address, not ours.
+    iscsiadm -m node -o new -T "$TB_ISCSI_IQN" -p "$portal" >/dev/null \
+        && iscsiadm -m node -T "$TB_ISCSI_IQN" -p "$portal" --login >/dev/null \
+        || { log "iscsiadm login to $portal failed"; return 1; }
+    log "open-iscsi: logged in to $TB_ISCSI_IQN at $portal"
 }
 
 setup_tapes() {
     local i
     [ "${TB_TAPES:-0}" -gt 0 ] || return 0
-    for i in $(seq 1 50); do
-        find_tape 0 >/dev/null && break
+    local main=0:0 small=1:0
+    if [ "${TB_TAPE_VIA:-qemu}" = open-iscsi ]; then
+        main=0:1 small=0:2
+        login_open_iscsi || return 1
+    fi
+    for _ in $(seq 1 50); do
+        find_tape "$main" >/dev/null && break
         sleep 0.2
     done
-    TAPE=$(find_tape 0) || { log "no tape appeared (expected /dev/nst0)"; return 1; }
+    TAPE=$(find_tape "$main") || { log "no tape appeared (expected /dev/nst0)"; return 1; }
     export BLOCKXFER_TEST_TAPE=$TAPE
     log "tape: $TAPE ($(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/vendor" 2>/dev/null | xargs)" \
         "$(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/model" 2>/dev/null | xargs))"
-    if [ "${TB_TAPES:-0}" -gt 1 ] && TAPE_EW=$(find_tape 1); then
+    if [ "${TB_TAPES:-0}" -gt 1 ] && TAPE_EW=$(find_tape "$small"); then
         export BLOCKXFER_TEST_TAPE_SMALL=$TAPE_EW
         export BLOCKXFER_TEST_TAPE_SMALL_MB=${TB_TAPE_SMALL_MB:-}
         log "small tape (early warning at ${TB_TAPE_SMALL_MB:-?} MB): $TAPE_EW"
     fi
     export BLOCKXFER_TEST_TAPE_KIND=${TB_TAPE_KIND:-tgt}
+    export BLOCKXFER_TEST_TAPE_PATH=${TB_TAPE_VIA:-qemu}  # qemu (libiscsi passthrough) or open-iscsi
 }
 
 setup_nbd() {
