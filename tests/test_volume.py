@@ -171,6 +171,8 @@ def test_not_a_volume(tmp_path: object) -> None:
 
 def test_damaged_superblocks(volume: Volume) -> None:
     path = volume.dev.path
+    volume.write(0, b"x" * BS)
+    volume.commit()                   # both slots now hold a superblock
     volume.close()
     with open(path, "r+b") as f:
         f.seek(100)

@@ -39,6 +39,7 @@ from blockxfer.errors import (
 from . import layout
 from .blockio import BlockIO, aligned, runs_of
 from .layout import Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock
+from .local import LocalArea
 from .objects import BlobObject, PlaneObject, empty_plane
 from .tree import CowTree
 
@@ -74,8 +75,8 @@ def reserved_blocks(nblocks: int, block_size: int) -> int:
 class Volume:
     """A volume open on a block device. Methods are serialized by one lock."""
 
-    def __init__(self, dev: BlockDevice, sb: Superblock, *, writable: bool):
-        self.dev, self.sb, self.writable = dev, sb, writable
+    def __init__(self, dev: BlockDevice, sb: Superblock, *, writable: bool, slot: int = 0):
+        self.dev, self.sb, self.writable, self.slot = dev, sb, writable, slot
         self.block_size, self.nblocks = sb.block_size, sb.nblocks
         self.virtual_blocks = sb.virtual_blocks
         self.io = BlockIO(dev, sb.block_size)
@@ -96,10 +97,18 @@ class Volume:
         raw = self.catalog_obj.load()
         self.catalog = Catalog.unpack(raw) if raw else Catalog()
         self._catalog_dirty = False
+        self._fill_pending = False
         for e in self.catalog.snapshots:      # the CP that took it was the last one
             if e.root is None and e.generation == root.generation:
-                e.root = root
-                self._catalog_dirty = True
+                e.root = root                 # persisted with the next CP's catalog
+                self._fill_pending = True
+        self.local_area = LocalArea(self.dev, self.block_size, self.nblocks)
+        self.local = self.local_area.read(root.generation)
+        for e in self.catalog.snapshots:
+            if e.guid in self.local.incomplete:
+                e.flags |= layout.INCOMPLETE
+        self.catalog.snapshots = [e for e in self.catalog.snapshots
+                                  if e.guid not in self.local.released]
         self._shadow: dict[int, PlaneObject] | None = None
         self._pinned: bitarray | None = None
         self._busy: bitarray | None = None
@@ -127,14 +136,15 @@ class Volume:
         dev.pwrite(memoryview(zero)[:first * block_size], 0)
         root = RootRecord(0, time.time_ns(), ObjectRef(), ObjectRef(), ObjectRef())
         sb = Superblock(block_size, nblocks, vblocks, uuidlib.uuid4().bytes, first, 1, root)
-        vol = cls(dev, sb, writable=True)
+        vol = cls(dev, sb, writable=True, slot=1)
         vol._catalog_dirty = True
         vol.commit()
         return vol
 
     @classmethod
     def open(cls, dev: BlockDevice, *, writable: bool = True) -> Volume:
-        return cls(dev, read_superblock(dev), writable=writable)
+        sb, slot = read_superblock_slot(dev)
+        return cls(dev, sb, writable=writable, slot=slot)
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -265,6 +275,8 @@ class Volume:
 
     def _commit(self) -> None:
         self.io.drain()
+        if self._fill_pending:
+            self._catalog_dirty, self._fill_pending = True, False
         alloc, free = self._alloc_meta, self._free_one
         while True:                                   # phase 1: allocate to a fixpoint
             changes = self.lba.allocate(alloc, free)
@@ -299,8 +311,11 @@ class Volume:
         self.dev.flush()
         root = RootRecord(self.generation + 1, time.time_ns(), lba_ref, plane_ref, cat_ref)
         sb = replace(self.sb, root=root)
-        write_superblock(self.dev, sb)
-        self.sb = sb
+        if self.local.incomplete or self.local.released:   # carry what only this copy knows
+            self.local.root_generation = root.generation
+            self.local_area.write(self.local)
+        write_superblock(self.dev, sb, 1 - self.slot)
+        self.sb, self.slot = sb, 1 - self.slot
         self._catalog_dirty = False
         self._busy = None                             # freed blocks become free now
         self._last_cp = time.monotonic()
@@ -625,20 +640,26 @@ class Volume:
 
 
 # -- superblocks ----------------------------------------------------------------------------
-def write_superblock(dev: BlockDevice, sb: Superblock) -> None:
-    """Write `sb` into slot generation % 2 and make it durable."""
+def write_superblock(dev: BlockDevice, sb: Superblock, slot: int) -> None:
+    """Write `sb` into `slot` (always the one not holding the current superblock)
+    and make it durable."""
     buf = aligned(sb.block_size)
     raw = sb.pack()
     buf[:len(raw)] = raw
-    dev.pwrite(memoryview(buf)[:sb.block_size], (sb.generation % 2) * sb.block_size)
+    dev.pwrite(memoryview(buf)[:sb.block_size], slot * sb.block_size)
     dev.flush()
 
 
 def read_superblock(dev: BlockDevice) -> Superblock:
     """The valid superblock with the highest generation."""
+    return read_superblock_slot(dev)[0]
+
+
+def read_superblock_slot(dev: BlockDevice) -> tuple[Superblock, int]:
+    """The valid superblock with the highest generation, and its slot."""
     buf = aligned(layout.MAX_BLOCK)
     view = memoryview(buf)
-    found: list[Superblock] = []
+    found: list[tuple[Superblock, int]] = []
     problems: list[str] = []
     offsets = [0] + [1 << k for k in range(12, 21)]
     for off in offsets:
@@ -651,14 +672,14 @@ def read_superblock(dev: BlockDevice) -> Superblock:
             problems.append(str(e))
             continue
         if off in (0, sb.block_size):
-            found.append(sb)
+            found.append((sb, 0 if off == 0 else 1))
     if not found:
         if any("checksum" in p for p in problems):
             raise FormatError(f"{dev.path}: both superblocks are damaged; the volume cannot "
                               "be opened")
         raise FormatError(f"{dev.path} is not a blockxfer volume (no superblock); "
                           "create one with 'blockxfer init'")
-    return max(found, key=lambda s: s.generation)
+    return max(found, key=lambda f: f[0].generation)
 
 
 def has_signature(dev: BlockDevice) -> str | None:

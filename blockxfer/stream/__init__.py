@@ -1,0 +1,1 @@
+"""Image streams: a self-describing, checksummed, resumable encoding of a storage image."""
