@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import BinaryIO
 
 from blockxfer import __version__, cli_devices, cli_serve
 from blockxfer.errors import BlockxferError, UsageError
@@ -203,6 +204,115 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _binary_out(path: str | None) -> BinaryIO:
+    if path and path != "-":
+        return open(path, "wb")  # noqa: SIM115 - closed by the caller
+    if sys.stdout.isatty():
+        raise UsageError("refusing to write a binary stream to a terminal; use -o FILE or a pipe")
+    return sys.stdout.buffer
+
+
+def _binary_in(path: str | None) -> BinaryIO:
+    if path and path != "-":
+        try:
+            return open(path, "rb")  # noqa: SIM115 - closed by the caller
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from e
+    if sys.stdin.isatty():
+        raise UsageError("give the stream with -i FILE or on standard input")
+    return sys.stdin.buffer
+
+
+def cmd_send(a: argparse.Namespace) -> int:
+    from blockxfer.drivers.reader import read_runs
+    from blockxfer.stream.send import send_image
+    with open_volume(a.path) as vol:
+        geometry = _geometry(a, vol.dev.path)
+        bs = vol.block_size
+
+        def reader(runs: object) -> object:
+            return read_runs(vol.dev, runs, bs, geometry=geometry)  # type: ignore[arg-type]
+        out = _binary_out(a.output)
+        prog = Progress("send")
+        try:
+            stats = send_image(vol, a.expression, out, reader=reader,  # type: ignore[arg-type]
+                               compress=a.compress, resume=a.resume, progress=prog.add)
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+    prog.finish()
+    print(f"sent {stats.data_blocks} blocks in {stats.records} records, {human(stats.bytes)}",
+          file=sys.stderr)
+    return 0
+
+
+def _geometry(a: argparse.Namespace, path: str) -> object:
+    """Geometry for striped reads: the md array's own, or --members/--chunk."""
+    if a.order == "ascending":
+        return None
+    from blockxfer.drivers.md import MdGeometry, md_geometry
+    if a.members:
+        chunk = parse_size(a.chunk)
+        return MdGeometry("striped", "raid0", a.members, chunk, 0, (), 0)
+    import os
+    name = os.path.basename(os.path.realpath(path))
+    if not name.startswith("md"):
+        raise UsageError("--order striped needs an md array or --members K --chunk BYTES")
+    return md_geometry(name)
+
+
+def cmd_receive(a: argparse.Namespace) -> int:
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.stream.receive import receive_stream
+    f = _binary_in(a.input)
+    prog = Progress("receive")
+    try:
+        res = receive_stream(f, a.target, open_device, force=a.force,
+                             seekable=f.seekable() and f is not sys.stdin.buffer,
+                             progress=prog.add)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    prog.finish()
+    kind = "incremental" if res.incremental else "full"
+    print(f"{a.target}: received {kind} image up to {res.top!r}, {res.blocks} blocks"
+          + (" (resumed)" if res.resumed else ""))
+    for name in res.released:
+        print(f"{a.target}: released {name!r} (the source no longer has it)")
+    for name in res.incomplete:
+        print(f"{a.target}: {name!r} is incomplete here (not all of its blocks were sent)")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from blockxfer.stream.inspect import inspect_stream
+    f = _binary_in(a.stream)
+    try:
+        info = inspect_stream(f)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    if a.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:16} {v}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from blockxfer.stream.inspect import inspect_stream
+    f = _binary_in(a.stream)
+    try:
+        info = inspect_stream(f)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    print(f"{a.stream or 'stream'}: ok, {info['records']} records, {info['data_blocks']} blocks, "
+          f"digest verified")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from blockxfer.demo import run_demo
     return run_demo(a.dir)
@@ -270,6 +380,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("demo", cmd_demo, "run the main job end to end on a file-backed volume")
     sp.add_argument("--dir", default="/tmp/blockxfer-demo")
+
+    sp = cmd("send", cmd_send, "write the stream of an image to a file or standard output")
+    sp.add_argument("path")
+    sp.add_argument("expression")
+    sp.add_argument("-o", "--output", help="file to write (default: standard output)")
+    sp.add_argument("--order", choices=["ascending", "striped"], default="ascending")
+    sp.add_argument("--members", type=int, help="striped: members of the array")
+    sp.add_argument("--chunk", default="512K", help="striped: chunk size (default 512K)")
+    sp.add_argument("--compress", action="store_true", help="zstd-compress each data record")
+    sp.add_argument("--resume", metavar="TOKEN", help="send only what an interrupted receive lacks")
+
+    sp = cmd("receive", cmd_receive, "apply a stream to a volume (or create one from a full stream)")
+    sp.add_argument("target")
+    sp.add_argument("-i", "--input", help="stream file (default: standard input)")
+    sp.add_argument("--force", action="store_true", help="overwrite what the target holds")
+
+    sp = cmd("inspect", cmd_inspect, "describe a stream: header, snapshots, counts, VBN ranges")
+    sp.add_argument("stream", nargs="?")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("verify", cmd_verify, "check every checksum and the digest of a stream")
+    sp.add_argument("stream", nargs="?")
 
     cli_devices.register(sub)
     cli_serve.register(sub)

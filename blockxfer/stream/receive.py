@@ -1,0 +1,265 @@
+"""Receiving a stream onto a target: blocks at the same VBNs, the root written last.
+
+Atomicity: data lands only in VBNs free in the target's committed state (for an
+incremental: not in its active plane nor in any snapshot it keeps), and the new
+superblock is the last write. A stream cut short or damaged leaves the target at
+its previous state; the VBNs received so far are kept in the local area, and the
+error carries a resume token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from bitarray import bitarray
+
+from blockxfer.device import BlockDevice
+from blockxfer.errors import BlockxferError, StreamError, VolumeError
+from blockxfer.volume import Volume, has_signature
+from blockxfer.volume.layout import Superblock
+from blockxfer.volume.local import LocalArea, LocalState
+from blockxfer.volume.objects import empty_plane
+from blockxfer.volume.volume import read_superblock_slot, reserved_blocks, write_superblock
+
+from . import format as fmt
+from .decode import Data, StreamReader
+from .send import make_token
+
+OpenDevice = Callable[..., BlockDevice]      # (path, write=, create_size=) -> device
+PERSIST_EVERY = 64 << 20                      # bytes between saves of the received plane
+
+
+@dataclass
+class ReceiveResult:
+    top: str
+    incremental: bool
+    blocks: int
+    released: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    resumed: bool = False
+
+
+class _Target:
+    """The target device, its committed state and what a stream may write there."""
+
+    def __init__(self, dev: BlockDevice, h: fmt.Header, vol: Volume | None):
+        self.dev, self.h, self.vol = dev, h, vol
+        self.area = LocalArea(dev, h.block_size, h.nblocks)
+        self.slot = vol.slot if vol else 1
+        self.local = vol.local if vol else self.area.read(0)
+        if vol:
+            self.area.slot = vol.local_area.slot
+        self.nbits = len(vol.active.bits) if vol else len(empty_plane(
+            -(-h.nblocks // (8 * h.block_size)) * 8 * h.block_size))
+        self.busy = self._busy()
+
+    def _busy(self) -> bitarray:
+        busy = empty_plane(self.nbits)
+        busy[:self.h.first_data_vbn] = 1
+        busy[self.h.nblocks:] = 1
+        if self.vol is not None:
+            keep = {s.guid for s in self.h.snapshot_set}
+            busy |= self.vol.active.bits
+            for e in self.vol.snapshots():
+                if e.guid in keep and not e.shadow:
+                    busy |= self.vol.plane(e.name)
+        return busy
+
+
+def _open_target(path: str, h: fmt.Header, open_device: OpenDevice, force: bool,
+                 name: str) -> tuple[BlockDevice, Volume | None]:
+    size = h.nblocks * h.block_size
+    import os
+    dev = open_device(path, write=True, create_size=None if os.path.exists(path) else size)
+    try:
+        if dev.size < size:
+            raise VolumeError(f"{path} is too small for this stream: {dev.size} bytes, "
+                              f"it needs {size}")
+        if h.incremental:
+            return dev, _check_incremental(Volume.open(dev), h, path)
+        return dev, _check_full(dev, h, path, force)
+    except BaseException:
+        dev.close()
+        raise
+
+
+def _check_full(dev: BlockDevice, h: fmt.Header, path: str, force: bool) -> Volume | None:
+    pending = LocalArea(dev, h.block_size, h.nblocks).read(0)
+    if h.flags & fmt.H_RESUMING and pending.pending and pending.stream_id == h.stream_id:
+        return None                          # resuming this very receive
+    found = has_signature(dev)
+    if found and not force:
+        raise VolumeError(f"{path} already holds {found}; use --force to overwrite it")
+    return None
+
+
+def _check_incremental(vol: Volume, h: fmt.Header, path: str) -> Volume:
+    assert h.base is not None
+    if vol.sb.uuid != h.volume_uuid:
+        raise StreamError(f"this stream is for volume {_uuid(h.volume_uuid)}, but {path} is "
+                          f"volume {vol.uuid}")
+    base = next((e for e in vol.snapshots() if e.guid == h.base.guid), None)
+    if base is None or base.flags & 4:
+        state = "is incomplete" if base else "is missing"
+        raise StreamError(f"{path} cannot take this incremental: its base snapshot "
+                          f"{h.base.name!r} {state} there; receive {h.base.name!r} first")
+    newest = max((e.generation for e in vol.snapshots()), default=-1)
+    if vol.generation != newest:
+        raise StreamError(f"{path} was changed after it received its newest snapshot; "
+                          "receive a full stream with --force to start over")
+    if h.root.generation <= vol.generation:
+        raise StreamError(f"this stream's top {h.top.name!r} is not newer than what {path} "
+                          "holds")
+    return vol
+
+
+def _uuid(raw: bytes) -> str:
+    import uuid
+    return str(uuid.UUID(bytes=raw))
+
+
+def receive_stream(f: BinaryIO, path: str, open_device: OpenDevice, *, force: bool = False,
+                   seekable: bool = False, source_hint: str = "SOURCE",
+                   progress: Callable[[int], None] | None = None) -> ReceiveResult:
+    """Apply a stream to the volume (or new volume) at `path`."""
+    reader = StreamReader(f, "stream")
+    h = reader.read_header()
+    if seekable and not h.incremental:    # damage must not reach a target we overwrite
+        _verify_rest(reader)
+        f.seek(0)
+        reader = StreamReader(f, "stream")
+        reader.read_header()
+    dev, vol = _open_target(path, h, open_device, force, path)
+    try:
+        return _receive(reader, h, _Target(dev, h, vol), source_hint, progress)
+    finally:
+        if vol is not None:
+            vol.io.close()
+        dev.close()
+
+
+def _verify_rest(reader: StreamReader) -> None:
+    for _ in reader:
+        pass
+
+
+def _receive(reader: StreamReader, h: fmt.Header, t: _Target, hint: str,
+             progress: Callable[[int], None] | None) -> ReceiveResult:
+    from blockxfer.volume.blockio import BlockIO
+
+    st, resumed = t.local, False
+    if h.flags & fmt.H_RESUMING:
+        if not (st.pending and st.stream_id == h.stream_id and st.received is not None):
+            raise StreamError(f"{t.dev.path} has no interrupted receive of this stream to "
+                              "resume; send it again without --resume")
+        received, resumed = st.received, True
+    else:
+        received = empty_plane(t.nbits)
+        if t.vol is None:
+            _wipe(t.dev, h)
+    st = LocalState(st.seq, t.vol.generation if t.vol else 0, h.stream_id, h.top.guid,
+                    h.base.guid if h.base else bytes(16), h.image_digest, h.image_blocks,
+                    0, st.incomplete, st.released, received)
+    io = BlockIO(t.dev, h.block_size)
+    since = 0
+    try:
+        for rec in reader:
+            if isinstance(rec, Data):
+                _place(io, t, received, rec)
+                since += len(rec.payload)
+                if progress:
+                    progress(len(rec.payload))
+                if since >= PERSIST_EVERY:
+                    _persist(io, t, st, received)
+                    since = 0
+    except (BlockxferError, OSError) as e:
+        _persist(io, t, st, received, quiet=True)
+        io.close()
+        token = make_token(h.stream_id, h.top.guid, h.image_digest, h.image_blocks, received)
+        raise StreamError(f"{e}; the target is unchanged; {received.count()} of "
+                          f"{h.image_blocks} blocks kept: resume with "
+                          f"blockxfer send {hint} \"{h.expression}\" --resume {token}") from e
+    io.drain()
+    t.dev.flush()
+    io.close()
+    if received.count() != h.image_blocks:
+        raise StreamError(f"stream ended with {received.count()} of {h.image_blocks} blocks; "
+                          "send the image again")
+    return _commit(h, t, received, resumed)
+
+
+def _wipe(dev: BlockDevice, h: fmt.Header) -> None:
+    """A new or overwritten target: no old superblock or local state may survive."""
+    from blockxfer.volume.blockio import aligned
+    n = reserved_blocks(h.nblocks, h.block_size) * h.block_size
+    buf = aligned(n)
+    dev.pwrite(memoryview(buf)[:n], 0)
+    dev.flush()
+
+
+def _place(io: object, t: _Target, received: bitarray, rec: Data) -> None:
+    from blockxfer.volume.blockio import BlockIO
+    assert isinstance(io, BlockIO)
+    lo, hi = rec.vbn, rec.vbn + rec.count
+    if received.count(1, lo, hi):
+        raise StreamError(f"stream repeats block {lo + received.find(1, lo, hi) - lo} "
+                          f"(record {rec.seq})")
+    if t.busy.count(1, lo, hi):
+        vbn = t.busy.find(1, lo, hi)
+        raise StreamError(f"stream writes block {vbn}, which the target still uses "
+                          f"(record {rec.seq}); it does not continue what the target holds")
+    view = io.write_buffer(len(rec.payload))
+    view[:] = rec.payload
+    io.write_runs([(lo, rec.count)], view, wait=False)
+    received[lo:hi] = 1
+
+
+def _persist(io: object, t: _Target, st: LocalState, received: bitarray,
+             quiet: bool = False) -> None:
+    from blockxfer.volume.blockio import BlockIO
+    assert isinstance(io, BlockIO)
+    try:
+        io.drain()
+        t.dev.flush()
+        st.received, st.received_blocks = received, received.count()
+        t.area.write(st)
+    except (BlockxferError, OSError):
+        if not quiet:
+            raise
+
+
+def _commit(h: fmt.Header, t: _Target, received: bitarray, resumed: bool) -> ReceiveResult:
+    """Decide what is complete and released, record it, then write the new root."""
+    sb = Superblock(h.block_size, h.nblocks, h.virtual_blocks, h.volume_uuid,
+                    h.first_data_vbn, h.next_id, h.root)
+    have = received.copy()
+    keep = {s.guid for s in h.snapshot_set}
+    before: list[str] = []
+    if t.vol is not None:
+        before = [e.name for e in t.vol.snapshots()]
+        for e in t.vol.snapshots():
+            if e.guid in keep and not e.shadow and not e.flags & 4:
+                have |= t.vol.plane(e.name)
+    cand = Volume(t.dev, sb, writable=False, slot=t.slot)
+    try:
+        released = [e for e in cand.catalog.snapshots if e.guid not in keep]
+        incomplete = [e for e in cand.catalog.snapshots if e.guid in keep and not e.shadow
+                      and (cand.plane(e.name) & ~have).any()]
+    finally:
+        cand.io.close()
+    if any(e.guid == h.top.guid for e in incomplete):
+        raise StreamError(f"stream does not carry all blocks of its top {h.top.name!r}; "
+                          "the target is unchanged")
+    t.area.write(LocalState(t.local.seq, h.root.generation,
+                            incomplete={e.guid for e in incomplete},
+                            released={e.guid for e in released}))
+    write_superblock(t.dev, sb, 1 - t.slot)
+    gone = [n for n in before if n not in {s.name for s in h.snapshot_set}]
+    return ReceiveResult(h.top.name, h.incremental, int(received.count()),
+                         sorted(set(gone) | {e.name for e in released}),
+                         [e.name for e in incomplete], resumed)
+
+
+__all__ = ["ReceiveResult", "receive_stream", "read_superblock_slot"]

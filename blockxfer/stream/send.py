@@ -1,0 +1,195 @@
+"""Sending an image: header, VBN-tagged data records, dealloc records, trailer.
+
+Blocks are read by a `Reader`: a function from VBN runs to (first VBN, bytes)
+chunks in any order (the CLI passes the drivers' parallel reader, which keeps
+several requests in flight and spreads them over the members of a striped
+array); the explicit VBN in every data record makes any order valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import xxhash
+import zstandard
+from bitarray import bitarray
+
+from blockxfer.checksum import checksum
+from blockxfer.errors import StreamError, UsageError, VolumeError
+from blockxfer.image import Image, evaluate
+from blockxfer.volume import Volume
+from blockxfer.volume.blockio import MAX_REQUEST, aligned
+from blockxfer.volume.layout import SnapshotEntry
+
+from . import format as fmt
+
+Reader = Callable[[Iterable[tuple[int, int]]], Iterator[tuple[int, memoryview]]]
+_TOKEN = struct.Struct("<16s16sQQ")       # stream id, top guid, image digest, image blocks
+
+
+def plane_runs(plane: bitarray, limit: int | None = None) -> Iterator[tuple[int, int]]:
+    """Runs (first, count) of set bits, in ascending order."""
+    pos, end = 0, len(plane) if limit is None else limit
+    while pos < end:
+        s = plane.find(1, pos, end)
+        if s < 0:
+            return
+        e = plane.find(0, s, end)
+        e = end if e < 0 else e
+        yield s, e - s
+        pos = e
+
+
+def plain_reader(vol: Volume) -> Reader:
+    """Ascending reads through the volume's own block I/O (no drivers needed)."""
+    bs = vol.block_size
+
+    def read(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
+        per = MAX_REQUEST // bs
+        buf = aligned(MAX_REQUEST)
+        for start, count in runs:
+            for k in range(0, count, per):
+                n = min(per, count - k)
+                view = memoryview(buf)[:n * bs]
+                vol.dev.pread(view, (start + k) * bs)
+                yield start + k, view
+    return read
+
+
+@dataclass
+class SendStats:
+    records: int = 0
+    data_blocks: int = 0
+    bytes: int = 0
+
+
+def _ref(e: SnapshotEntry) -> fmt.SnapshotRef:
+    return fmt.SnapshotRef(e.id, e.guid, e.generation, e.flags, e.name)
+
+
+def check_top_and_base(img: Image) -> tuple[SnapshotEntry, SnapshotEntry | None]:
+    top, base = img.top, img.base
+    if top is None:
+        raise UsageError(f"image {img.expression!r} names no snapshot to send")
+    if top.shadow:
+        raise VolumeError(f"the top of an image must be a regular snapshot; {top.name!r} is a "
+                          "shadow snapshot (it can serve only as a base)")
+    if top.flags & 4:
+        raise VolumeError(f"snapshot {top.name!r} is incomplete here and cannot be sent")
+    if top.root is None:
+        raise VolumeError(f"snapshot {top.name!r} has no root record yet")
+    if base is not None and base.generation >= top.generation:
+        raise UsageError(f"the base {base.name!r} must be older than the top {top.name!r}")
+    if base is not None and base.flags & 4:
+        raise VolumeError(f"snapshot {base.name!r} is incomplete here and cannot be a base")
+    return top, base
+
+
+def build_header(vol: Volume, img: Image, stream_id: bytes) -> fmt.Header:
+    top, base = check_top_and_base(img)
+    assert top.root is not None
+    dealloc = (vol.plane(base.name) & ~vol.plane(top.name)).count() if base else 0
+    return fmt.Header(
+        volume_uuid=vol.sb.uuid, block_size=vol.block_size, nblocks=vol.nblocks,
+        virtual_blocks=vol.virtual_blocks, first_data_vbn=vol.sb.first_data_vbn,
+        next_id=vol.sb.next_id, stream_id=stream_id, expression=img.expression,
+        top=_ref(top), base=_ref(base) if base else None, root=top.root,
+        snapshot_set=[_ref(e) for e in vol.snapshots()], image_blocks=img.blocks,
+        image_digest=checksum(img.plane.tobytes()), dealloc_blocks=dealloc)
+
+
+class _Sink:
+    """Writes records, keeping the running digest and the counts."""
+
+    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None):
+        self.out, self.progress = out, progress
+        self.digest = xxhash.xxh3_128()
+        self.stats = SendStats()
+
+    def put(self, rtype: int, body: bytes | memoryview, flags: int = 0) -> None:
+        pieces = fmt.record(rtype, self.stats.records, body, flags)
+        for p in pieces:
+            if rtype != fmt.TRAILER:
+                self.digest.update(p)
+            self.out.write(p)
+        self.stats.records += 1
+        n = sum(len(p) for p in pieces)
+        self.stats.bytes += n
+        if self.progress:
+            self.progress(n)
+
+
+def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | None = None,
+               compress: bool = False, resume: str | None = None,
+               progress: Callable[[int], None] | None = None) -> SendStats:
+    """Write the stream of an image to `out`."""
+    img = evaluate(expression, vol, vol.block_size)
+    stream_id, plane, flags = os.urandom(16), img.plane, 0
+    header = build_header(vol, img, stream_id)
+    if resume:
+        stream_id, received = parse_token(resume, header, len(plane))
+        header.stream_id, header.flags = stream_id, fmt.H_RESUMING
+        plane = plane & ~received
+    sink = _Sink(out, progress)
+    sink.put(fmt.HEADER, header.pack())
+    zc = zstandard.ZstdCompressor(level=1) if compress else None
+    for vbn, data in (reader or plain_reader(vol))(plane_runs(plane, vol.nblocks)):
+        body = fmt.DATA_HEAD.pack(vbn, len(data) // vol.block_size) + (
+            zc.compress(data) if zc else bytes(data))
+        sink.put(fmt.DATA, body, fmt.F_ZSTD if zc else flags)
+        sink.stats.data_blocks += len(data) // vol.block_size
+    if header.base is not None:
+        _send_dealloc(vol, header, sink)
+    trailer = fmt.Trailer(sink.stats.records, sink.stats.data_blocks,
+                          header.dealloc_blocks, sink.stats.bytes, sink.digest.digest())
+    sink.put(fmt.TRAILER, trailer.pack())
+    out.flush()
+    return sink.stats
+
+
+def _send_dealloc(vol: Volume, header: fmt.Header, sink: _Sink) -> None:
+    assert header.base is not None
+    gone = vol.plane(header.base.name) & ~vol.plane(header.top.name)
+    batch: list[bytes] = []
+    for vbn, count in plane_runs(gone, vol.nblocks):
+        batch.append(fmt.RUN.pack(vbn, count))
+        if len(batch) == 65536:
+            sink.put(fmt.DEALLOC, b"".join(batch))
+            batch = []
+    if batch:
+        sink.put(fmt.DEALLOC, b"".join(batch))
+
+
+# -- resume tokens ------------------------------------------------------------------------
+def make_token(stream_id: bytes, top_guid: bytes, digest: int, blocks: int,
+               received: bitarray) -> str:
+    """A token naming an interrupted receive and the VBNs it already has (as runs)."""
+    runs = b"".join(struct.pack("<QQ", s, c) for s, c in plane_runs(received))
+    raw = _TOKEN.pack(stream_id, top_guid, digest, blocks) + runs
+    return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+
+
+def parse_token(token: str, header: fmt.Header, nbits: int) -> tuple[bytes, bitarray]:
+    try:
+        raw = zlib.decompress(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)),
+                              bufsize=1 << 16)
+        sid, top, digest, blocks = _TOKEN.unpack_from(raw, 0)
+    except (ValueError, zlib.error, struct.error) as e:
+        raise StreamError(f"resume token is malformed ({e})") from e
+    if (top, digest, blocks) != (header.top.guid, header.image_digest, header.image_blocks):
+        raise StreamError("resume token belongs to another image; send the same expression "
+                          "from the same volume")
+    received = bitarray(nbits, endian="little")
+    received.setall(0)
+    for off in range(_TOKEN.size, len(raw) - 15, 16):
+        s, c = struct.unpack_from("<QQ", raw, off)
+        if s + c > nbits:
+            raise StreamError("resume token names blocks outside the volume")
+        received[s:s + c] = 1
+    return sid, received
