@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compress", action="store_true", help="zstd-compress each data record")
     sp.add_argument("--resume", metavar="TOKEN", help="send only what an interrupted receive lacks")
 
-    sp = cmd("receive", cmd_receive, "apply a stream to a volume (or create one from a full stream)")
+    sp = cmd("receive", cmd_receive, "apply a stream to a volume, or make one from a full stream")
     sp.add_argument("target")
     sp.add_argument("-i", "--input", help="stream file (default: standard input)")
     sp.add_argument("--force", action="store_true", help="overwrite what the target holds")

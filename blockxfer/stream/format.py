@@ -14,7 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from blockxfer.checksum import checksum
+import xxhash
+
 from blockxfer.errors import StreamError
 from blockxfer.volume.layout import RootRecord
 
@@ -140,18 +141,15 @@ def _snap(raw: bytes, pos: int) -> tuple[SnapshotRef, int]:
     return SnapshotRef(sid, guid, gen, flags, name), pos + nlen
 
 
-def record(rtype: int, seq: int, body: bytes | memoryview, flags: int = 0) -> list[bytes | memoryview]:
+Piece = bytes | memoryview
+
+
+def record(rtype: int, seq: int, body: Piece, flags: int = 0) -> list[Piece]:
     """The pieces of one record, ready for writev (no copy of the body)."""
     head = RECORD.pack(RECORD_MAGIC, rtype, flags, 0, len(body), seq, 0)
-    ck = checksum(head + bytes(body)) if len(body) < 4096 else _ck2(head, body)
-    return [head, body, CHECK.pack(ck)]
-
-
-def _ck2(head: bytes, body: bytes | memoryview) -> int:
-    import xxhash
     h = xxhash.xxh3_64(head)
     h.update(body)
-    return h.intdigest()
+    return [head, body, CHECK.pack(h.intdigest())]
 
 
 @dataclass(frozen=True)
@@ -159,12 +157,12 @@ class Trailer:
     records: int
     data_blocks: int
     dealloc_blocks: int
-    bytes: int
+    nbytes: int
     digest: bytes
 
     def pack(self) -> bytes:
         return TRAILER_BODY.pack(self.records, self.data_blocks, self.dealloc_blocks,
-                                 self.bytes, self.digest)
+                                 self.nbytes, self.digest)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Trailer:

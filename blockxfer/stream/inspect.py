@@ -30,6 +30,6 @@ def inspect_stream(f: BinaryIO) -> dict[str, object]:
         "base": h.base.name if h.base else None, "resuming": bool(h.flags & 2),
         "snapshots": [s.name for s in h.snapshot_set], "records": t.records,
         "data_blocks": t.data_blocks, "image_blocks": h.image_blocks,
-        "dealloc_blocks": t.dealloc_blocks, "bytes": t.bytes + 0, "vbn_first": first,
+        "dealloc_blocks": t.dealloc_blocks, "bytes": t.nbytes, "vbn_first": first,
         "vbn_last": last, "vbn_runs": runs, "dealloc_runs": dealloc_runs,
     }

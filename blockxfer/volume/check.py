@@ -18,7 +18,7 @@ from blockxfer.checksum import block_checksums
 from blockxfer.errors import FormatError
 
 from .blockio import aligned
-from .layout import Catalog, RootRecord
+from .layout import INCOMPLETE, Catalog, RootRecord
 from .objects import BlobObject, PlaneObject, empty_plane
 from .tree import CowTree
 from .volume import Volume
@@ -120,8 +120,8 @@ def check_volume(vol: Volume) -> CheckReport:
     report = CheckReport()
     rows = [_check_root(vol, "active", vol.sb.root, None, report)]
     for e in vol.snapshots():
-        if e.shadow or e.root is None:
-            continue
+        if e.shadow or e.root is None or e.flags & INCOMPLETE:
+            continue                  # incomplete here: its own blocks were never received
         try:
             own = vol.plane(e.name)
         except FormatError as err:
