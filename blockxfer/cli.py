@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--order", choices=["ascending", "striped"], default="ascending")
     sp.add_argument("--members", type=int, help="striped: members of the array")
     sp.add_argument("--chunk", default="512K", help="striped: chunk size (default 512K)")
-    sp.add_argument("--compress", action="store_true", help="zstd-compress each data record")
+    sp.add_argument("--no-compress", dest="compress", action="store_false",
+                    help="do not zstd-compress data records (default: each one that shrinks)")
     sp.add_argument("--resume", metavar="TOKEN", help="send only what an interrupted receive lacks")
 
     sp = cmd("receive", cmd_receive, "apply a stream to a volume, or make one from a full stream")

@@ -125,8 +125,22 @@ class _Sink:
             self.progress(n)
 
 
+def _compressor(enabled: bool) -> Callable[[memoryview], bytes | None]:
+    """zstd level 1 per record, kept only when smaller. Metadata that travels with
+    the data (LBA leaves, planes) shrinks several times; random or encrypted data
+    passes through zstd at about 5 GB/s, about a fifth of a core per GB/s."""
+    zc = zstandard.ZstdCompressor(level=1)
+
+    def pack(data: memoryview) -> bytes | None:
+        if not enabled:
+            return None
+        packed = zc.compress(data)
+        return packed if len(packed) < len(data) else None
+    return pack
+
+
 def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | None = None,
-               compress: bool = False, resume: str | None = None,
+               compress: bool = True, resume: str | None = None,
                progress: Callable[[int], None] | None = None) -> SendStats:
     """Write the stream of an image to `out`."""
     img = evaluate(expression, vol, vol.block_size)
@@ -138,11 +152,12 @@ def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | 
         plane = plane & ~received
     sink = _Sink(out, progress)
     sink.put(fmt.HEADER, header.pack())
-    zc = zstandard.ZstdCompressor(level=1) if compress else None
+    pack = _compressor(compress)
     for vbn, data in (reader or plain_reader(vol))(plane_runs(plane, vol.nblocks)):
+        packed = pack(data)
         body = fmt.DATA_HEAD.pack(vbn, len(data) // vol.block_size) + (
-            zc.compress(data) if zc else bytes(data))
-        sink.put(fmt.DATA, body, fmt.F_ZSTD if zc else flags)
+            packed if packed is not None else bytes(data))
+        sink.put(fmt.DATA, body, fmt.F_ZSTD if packed is not None else flags)
         sink.stats.data_blocks += len(data) // vol.block_size
     if header.base is not None:
         _send_dealloc(vol, header, sink)

@@ -1,0 +1,135 @@
+"""Stream bench (issue 3), one run, caches dropped before each measurement:
+
+- full send of a volume holding 1 GiB of data to a file vs dd iflag=direct bs=1M
+  of the same bytes (goal >= 0.9 of dd), and vs btrfs send of the same 1 GiB on a
+  loop-backed btrfs (goal: faster);
+- incremental send after a 5% change vs btrfs send -p;
+- computing an incremental image on a 1 TiB volume (goal < 100 ms).
+
+Run as root: `python -m bench.bench_stream` (needs btrfs-progs for the btrfs rows).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.drivers.loop import loop_device
+from blockxfer.drivers.reader import read_runs
+from blockxfer.image import evaluate
+from blockxfer.stream.send import send_image
+from blockxfer.volume import Volume
+
+from .common import SCRATCH, drop_caches, row, run, timed
+
+GIB = 1 << 30
+PIECE = 64 << 10
+CHANGES = int(0.05 * GIB) // PIECE
+
+
+def _send(path: str, expr: str, out: str) -> None:
+    with Volume.open(open_device(path), writable=False) as vol:
+        def reader(runs: Iterable[tuple[int, int]]):  # type: ignore[no-untyped-def]
+            return read_runs(vol.dev, runs, vol.block_size)
+        with open(out, "wb") as f:
+            send_image(vol, expr, f, reader=reader)
+            os.fsync(f.fileno())
+
+
+def _source(path: str, data: str) -> None:
+    with Volume.create(open_device(path, write=True, create_size=GIB + GIB // 2),
+                       virtual_size=GIB + GIB // 4) as vol, open(data, "rb") as f:
+        off = 0
+        while chunk := f.read(8 << 20):
+            vol.write(off, chunk)
+            off += len(chunk)
+        vol.create_snapshot("a")
+        rng = random.Random(5)
+        for _ in range(CHANGES):
+            vol.write(rng.randrange(GIB // PIECE) * PIECE, os.urandom(PIECE))
+        vol.create_snapshot("b")
+
+
+def _btrfs(data: str) -> tuple[float, float] | None:
+    if shutil.which("mkfs.btrfs") is None or os.geteuid() != 0:
+        return None
+    img, mnt = f"{SCRATCH}/btrfs.img", f"{SCRATCH}/mnt"
+    with open(img, "wb") as f:
+        f.truncate(4 * GIB)
+    os.makedirs(mnt, exist_ok=True)
+    with loop_device(img) as dev:
+        run("mkfs.btrfs", "-q", "-f", dev)
+        run("mount", dev, mnt)
+        try:
+            run("btrfs", "subvolume", "create", f"{mnt}/vol")
+            run("cp", data, f"{mnt}/vol/data")
+            run("btrfs", "subvolume", "snapshot", "-r", f"{mnt}/vol", f"{mnt}/a")
+            rng = random.Random(5)
+            with open(f"{mnt}/vol/data", "r+b") as f:
+                for _ in range(CHANGES):
+                    f.seek(rng.randrange(GIB // PIECE) * PIECE)
+                    f.write(os.urandom(PIECE))
+            run("btrfs", "subvolume", "snapshot", "-r", f"{mnt}/vol", f"{mnt}/b")
+            out = f"{SCRATCH}/btrfs.stream"
+            full = timed(lambda: run("btrfs", "send", "-q", "-f", out, f"{mnt}/a"))
+            incr = timed(lambda: run("btrfs", "send", "-q", "-p", f"{mnt}/a", "-f", out,
+                                     f"{mnt}/b"))
+            os.unlink(out)
+            return full, incr
+        finally:
+            subprocess.run(["umount", mnt], check=False)
+            os.unlink(img)
+
+
+def terabyte_image() -> float:
+    path = f"{SCRATCH}/tib.img"
+    with Volume.create(open_device(path, write=True, create_size=1 << 40)) as vol:
+        vol.write(0, os.urandom(64 << 20))
+        vol.create_snapshot("a")
+        vol.write(1 << 39, os.urandom(16 << 20))
+        vol.create_snapshot("b")
+        t = time.perf_counter()
+        evaluate("b - a", vol, vol.block_size)
+        took = time.perf_counter() - t
+    os.unlink(path)
+    return took
+
+
+def main() -> None:
+    os.makedirs(SCRATCH, exist_ok=True)
+    data, vol, out = f"{SCRATCH}/data.bin", f"{SCRATCH}/src.img", f"{SCRATCH}/out.stream"
+    with open(data, "wb") as f:
+        block = os.urandom(64 << 20)
+        for _ in range(16):
+            f.write(block)
+    _source(vol, data)
+    print(f"# blockxfer stream bench, scratch {SCRATCH}")
+    full = timed(lambda: _send(vol, "a", out))
+    full_bytes = os.path.getsize(out)
+    dd = timed(lambda: run("dd", f"if={data}", f"of={out}", "bs=1M", "iflag=direct",
+                           "conv=fsync"))
+    print(row("full send 1 GiB vs dd iflag=direct", full, dd, GIB, 0.9))
+    incr = timed(lambda: _send(vol, "b - a", out))
+    incr_bytes = os.path.getsize(out)
+    drop_caches()
+    bt = _btrfs(data)
+    if bt:
+        print(row("full send 1 GiB vs btrfs send", full, bt[0], GIB, 1.0))
+        print(row("incremental 5% vs btrfs send -p", incr, bt[1], CHANGES * PIECE, 1.0))
+    else:
+        print("btrfs rows skipped: needs root and btrfs-progs")
+    print(f"stream sizes: full {full_bytes} B for {GIB} B of data (+{full_bytes / GIB - 1:.2%}), "
+          f"incremental {incr_bytes} B for {CHANGES * PIECE} B changed "
+          f"(+{incr_bytes / (CHANGES * PIECE) - 1:.2%})")
+    print(f"incremental image on a 1 TiB volume: {terabyte_image() * 1000:.1f} ms (goal < 100)")
+    for p in (data, vol, out):
+        os.unlink(p)
+
+
+if __name__ == "__main__":
+    main()
