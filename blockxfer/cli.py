@@ -313,6 +313,119 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _tape_opener() -> Callable[[str, bool], object]:
+    from blockxfer.drivers.tapes import open_tape_handle
+    return lambda path, write: open_tape_handle(path, write=write)
+
+
+def _next_tape(a: argparse.Namespace) -> Callable[[str, int], str] | None:
+    """How the next tape of a set is found: a command, else the terminal."""
+    import os
+    import subprocess
+    if a.next_tape:
+        def run(set_name: str, seq: int) -> str:
+            env = dict(os.environ, BLOCKXFER_TAPE_SET=set_name, BLOCKXFER_TAPE_SEQ=str(seq))
+            r = subprocess.run(a.next_tape, shell=True, env=env, capture_output=True, text=True)
+            path = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+            if r.returncode != 0 or not path:
+                raise UsageError(f"--next-tape command gave no tape for {set_name} #{seq} "
+                                 f"(exit {r.returncode}): {r.stderr.strip()[:200]}")
+            return path
+        return run
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        def ask(set_name: str, seq: int) -> str:
+            print(f"insert tape {seq} of set {set_name!r}, then type its path "
+                  f"(or press Enter for {a.tape}): ", end="", file=sys.stderr, flush=True)
+            return sys.stdin.readline().strip() or a.tape
+        return ask
+    return None
+
+
+def cmd_dump(a: argparse.Namespace) -> int:
+    from blockxfer.drivers.reader import read_runs
+    from blockxfer.transfer.dump import dump_image
+    prog = Progress("dump")
+    with open_volume(a.path) as vol:
+        res = dump_image(vol, a.expression, a.tape, open_tape=_tape_opener(),  # type: ignore[arg-type]
+                         next_tape=_next_tape(a), label=a.label,
+                         record_size=parse_size(a.record_size),
+                         reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
+                         progress=prog.add)
+    prog.finish()
+    print(f"{a.tape}: image {res.image}, {res.blocks} blocks, {human(res.bytes)}"
+          + (f", across tapes {', '.join(res.tapes)}" if len(res.tapes) > 1 else ""))
+    if a.verify:
+        from blockxfer.transfer.restore import verify_image
+        verify_image(a.tape, res.image, open_tape=_tape_opener(),  # type: ignore[arg-type]
+                     next_tape=_next_tape(a))
+        print(f"{a.tape}: image {res.image} read back, every checksum verified")
+    return 0
+
+
+def _complete_snapshots(path: str) -> set[str]:
+    import os
+    if not os.path.exists(path):
+        return set()
+    try:
+        with open_volume(path) as vol:
+            return {e.name for e in vol.snapshots() if not e.flags & 4 and not e.shadow}
+    except BlockxferError:
+        return set()
+
+
+def cmd_restore(a: argparse.Namespace) -> int:
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.restore import restore_images
+    have = _complete_snapshots(a.target)
+    prog = Progress("restore")
+    steps = restore_images(a.tape, a.target, open_tape=_tape_opener(),  # type: ignore[arg-type]
+                           open_device=open_device, next_tape=_next_tape(a), image=a.image,
+                           snapshot=a.snapshot, force=a.force, target_has=have.__contains__,
+                           progress=prog.add)
+    prog.finish()
+    for st in steps:
+        r = st.result
+        print(f"{a.target}: restored image {st.image} up to {r.top!r}, {r.blocks} blocks")
+        for name in r.incomplete:
+            print(f"{a.target}: {name!r} is incomplete here")
+    return 0
+
+
+def cmd_tape_label(a: argparse.Namespace) -> int:
+    from blockxfer.transfer.tapeset import label_tape
+    tape = _tape_opener()(a.tape, True)
+    try:
+        label = label_tape(tape, a.name, set_name=a.set, force=a.force,  # type: ignore[arg-type]
+                           record_size=parse_size(a.record_size))
+    finally:
+        tape.close()  # type: ignore[attr-defined]
+    print(f"{a.tape}: labelled {label.serial!r}, tape {label.seq} of set {label.set_name!r}")
+    return 0
+
+
+def cmd_tape_list(a: argparse.Namespace) -> int:
+    from blockxfer.transfer.tapeset import list_tape
+    tape = _tape_opener()(a.tape, False)
+    try:
+        contents = list_tape(tape)  # type: ignore[arg-type]
+    finally:
+        tape.close()  # type: ignore[attr-defined]
+    lab = contents.label
+    rows = [i.as_dict() for i in contents.images]
+    if a.json:
+        _print_json({"label": {"serial": lab.serial, "set": lab.set_name, "seq": lab.seq,
+                               "record_size": lab.record_size, "set_id": lab.set_id.hex()},
+                     "images": rows})
+        return 0
+    print(f"{a.tape}: {lab.serial!r}, tape {lab.seq} of set {lab.set_name!r}, "
+          f"records of {lab.record_size} bytes")
+    for r in rows:
+        state = "complete" if r["complete"] else ("continues" if r["continues"] else "INCOMPLETE")
+        print(f"  {r['image']:>3}  file {r['file']:>3}  {r['level']:11} {r['expression']!r:32} "
+              f"{r['blocks']:>10} blocks  {r['written']}  {state}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from blockxfer.demo import run_demo
     return run_demo(a.dir)
@@ -404,7 +517,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("verify", cmd_verify, "check every checksum and the digest of a stream")
     sp.add_argument("stream", nargs="?")
 
+    sp = cmd("dump", cmd_dump, "write an image to tape after its last image")
+    sp.add_argument("path")
+    sp.add_argument("expression")
+    sp.add_argument("--tape", required=True, help="/dev/nstN or a virtual tape file")
+    sp.add_argument("--label", help="name for a blank tape (default: generated)")
+    sp.add_argument("--record-size", default="256K", help="tape record size (default 256K)")
+    sp.add_argument("--next-tape", metavar="COMMAND",
+                    help="run when the next tape is needed; it prints the tape's path")
+    sp.add_argument("--verify", action="store_true", help="read the image back and check it")
+
+    sp = cmd("restore", cmd_restore, "restore an image (and the images it needs) from tape")
+    sp.add_argument("target")
+    sp.add_argument("--tape", required=True)
+    pick = sp.add_mutually_exclusive_group()
+    pick.add_argument("--image", type=int, help="image number (see 'tape list')")
+    pick.add_argument("--snapshot", help="restore up to this snapshot, bases first")
+    sp.add_argument("--next-tape", metavar="COMMAND")
+    sp.add_argument("--force", action="store_true", help="overwrite what the target holds")
+
     cli_devices.register(sub)
+    tape_sub = next(a for a in sub.choices["tape"]._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    sp = tape_sub.add_parser("label", help="label a tape as the first of a new set")
+    sp.add_argument("tape")
+    sp.add_argument("name")
+    sp.add_argument("--set", help="set (pool) name (default: the label)")
+    sp.add_argument("--record-size", default="256K")
+    sp.add_argument("--force", action="store_true", help="relabel a tape holding images")
+    sp.set_defaults(func=cmd_tape_label)
+    sp = tape_sub.add_parser("list", help="the images on a tape")
+    sp.add_argument("tape")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_tape_list)
     cli_serve.register(sub)
     sub.choices["serve"].set_defaults(func=cmd_serve)
     return p

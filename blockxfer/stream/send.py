@@ -107,13 +107,17 @@ def build_header(vol: Volume, img: Image, stream_id: bytes) -> fmt.Header:
 class _Sink:
     """Writes records, keeping the running digest and the counts."""
 
-    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None):
-        self.out, self.progress = out, progress
+    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None,
+                 index: Callable[[int, int, int, int], None] | None = None):
+        self.out, self.progress, self.index = out, progress, index
         self.digest = xxhash.xxh3_128()
         self.stats = SendStats()
 
     def put(self, rtype: int, body: bytes | memoryview, flags: int = 0) -> None:
         pieces = fmt.record(rtype, self.stats.records, body, flags)
+        if self.index is not None and rtype == fmt.DATA:
+            vbn, count = fmt.DATA_HEAD.unpack_from(body, 0)
+            self.index(rtype, self.stats.bytes, vbn, count)
         for p in pieces:
             if rtype != fmt.TRAILER:
                 self.digest.update(p)
@@ -141,8 +145,10 @@ def _compressor(enabled: bool) -> Callable[[memoryview], bytes | None]:
 
 def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | None = None,
                compress: bool = True, resume: str | None = None,
-               progress: Callable[[int], None] | None = None) -> SendStats:
-    """Write the stream of an image to `out`."""
+               progress: Callable[[int], None] | None = None,
+               index: Callable[[int, int, int, int], None] | None = None) -> SendStats:
+    """Write the stream of an image to `out`; `index(type, offset, vbn, count)` hears
+    where each data record starts (the tape writer's location table)."""
     img = evaluate(expression, vol, vol.block_size)
     stream_id, plane, flags = os.urandom(16), img.plane, 0
     header = build_header(vol, img, stream_id)
@@ -150,7 +156,7 @@ def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | 
         stream_id, received = parse_token(resume, header, len(plane))
         header.stream_id, header.flags = stream_id, fmt.H_RESUMING
         plane = plane & ~received
-    sink = _Sink(out, progress)
+    sink = _Sink(out, progress, index)
     sink.put(fmt.HEADER, header.pack())
     pack = _compressor(compress)
     for vbn, data in (reader or plain_reader(vol))(plane_runs(plane, vol.nblocks)):

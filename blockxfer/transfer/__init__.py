@@ -1,0 +1,1 @@
+"""Transfer techniques built on streams: tape dump and restore (more to come)."""

@@ -1,0 +1,224 @@
+"""Dumping an image to tape: the stream packed into fixed records, a location table
+after it, and continuation onto the next tape of the set at early warning.
+
+A writer thread owns the tape: the sender fills records while the previous ones
+are written (double buffering keeps the drive streaming; st has one command in
+flight per drive, so throughput is record size / per-command time).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blockxfer.errors import EndOfMedium, FormatError, VolumeError, WriteProtected
+from blockxfer.image import evaluate
+from blockxfer.stream import format as fmt
+from blockxfer.stream.send import Reader, check_top_and_base, send_image
+from blockxfer.tape import EarlyWarning, Tape
+from blockxfer.volume import Volume
+
+from . import tapefmt as tf
+from .tapeset import NextTape, OpenTape, list_tape, read_label, write_label
+
+QUEUE_RECORDS = 8
+
+
+@dataclass
+class DumpResult:
+    image: int
+    tapes: list[str]
+    blocks: int
+    bytes: int
+
+
+class _Writer:
+    """The tape side: takes payload-sized chunks, writes records, spans tapes."""
+
+    def __init__(self, tape: Tape, label: tf.Label, desc: tf.Descriptor,
+                 open_tape: OpenTape, next_tape: NextTape | None, entries: list[Any]):
+        self.tape, self.label, self.desc = tape, label, desc
+        self.open_tape, self.next_tape, self.entries = open_tape, next_tape, entries
+        self.rs = label.record_size
+        self.key = bytes.fromhex(desc.image_id)
+        self.part, self.index, self.part_start, self.offset = 0, 0, 0, 0
+        self.tapes = [tape.path]
+        self.q: queue.Queue[bytes | None] = queue.Queue(QUEUE_RECORDS)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tape-writer", daemon=True)
+
+    def start(self) -> None:
+        self._record(tf.DESCRIPTOR, self.desc.pack())
+        self.thread.start()
+
+    def _record(self, kind: int, payload: bytes) -> None:
+        rec = tf.pack_record(kind, self.key, self.part, self.index, payload, self.rs)
+        try:
+            self.tape.write_record(rec)
+        except EarlyWarning:
+            self.tape.write_record(rec)      # past early warning one more write succeeds
+            self.index += 1
+            if kind == tf.DATA:
+                self.offset += len(payload)
+            self._span()
+            return
+        self.index += 1
+        if kind == tf.DATA:
+            self.offset += len(payload)
+
+    def _run(self) -> None:
+        try:
+            while (chunk := self.q.get()) is not None:
+                self._record(tf.DATA, chunk)
+        except BaseException as e:  # handed to the producer
+            self.error = e
+            while self.q.get() is not None:
+                pass
+
+    def _finish_part(self, complete: bool, total: int) -> None:
+        self.tape.write_filemarks(1)
+        recs = [r for r in self.entries if self.part_start <= r[2] < self.offset]
+        idx = tf.Index(self.desc.image_id, self.part, self.part_start, self.offset, complete,
+                       total if complete else 0, recs)
+        raw = idx.pack()
+        per = self.rs - tf.REC.size
+        self.index = 0
+        for k in range(0, max(len(raw), 1), per):
+            self.tape.write_record(tf.pack_record(tf.INDEX, self.key, self.part, self.index,
+                                                  raw[k:k + per], self.rs))
+            self.index += 1
+        self.tape.write_filemarks(1)
+
+    def _span(self) -> None:
+        """End this tape's part and continue on the next tape of the set."""
+        self._finish_part(False, 0)
+        where = f"{self.tape.path} (set {self.label.set_name!r}, tape {self.label.seq})"
+        if self.next_tape is None:
+            raise EndOfMedium(f"{where} is full and no next tape was given (--next-tape); "
+                              "the dump is listed as incomplete")
+        self.tape.close()
+        path = self.next_tape(self.label.set_name, self.label.seq + 1)
+        self.tape = self.open_tape(path, True)
+        self.label = _join_set(self.tape, self.label)
+        self.tape.seek_eod()
+        self.tapes.append(path)
+        self.part += 1
+        self.part_start, self.index = self.offset, 0
+        self.desc.part, self.desc.stream_offset = self.part, self.offset
+        self._record(tf.DESCRIPTOR, self.desc.pack())
+
+    def put(self, chunk: bytes) -> None:
+        if self.error:
+            raise self.error
+        self.q.put(chunk)
+
+    def abort(self) -> None:
+        """Stop without an index: the image stays listed as incomplete."""
+        self.q.put(None)
+        self.thread.join()
+
+    def close(self, total: int) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        self._finish_part(True, total)
+
+
+def _join_set(tape: Tape, prev: tf.Label) -> tf.Label:
+    """The next tape of a set: blank (labelled now) or already labelled as that one."""
+    label = read_label(tape)
+    if label is None:
+        return write_label(tape, f"{prev.set_name}-{prev.seq + 1}", prev.set_name, prev.set_id,
+                           prev.seq + 1, prev.record_size)
+    if label.set_id != prev.set_id:
+        raise VolumeError(f"{tape.path} belongs to set {label.set_name!r}, not "
+                          f"{prev.set_name!r}; insert tape {prev.seq + 1} of that set or a blank")
+    if label.seq != prev.seq + 1:
+        raise VolumeError(f"{tape.path} is tape {label.seq} of set {label.set_name!r}; "
+                          f"tape {prev.seq + 1} is needed")
+    return label
+
+
+class _Packer:
+    """A file-like sink for send_image: cuts the stream into record payloads."""
+
+    def __init__(self, writer: _Writer):
+        self.w = writer
+        self.per = writer.rs - tf.REC.size
+        self.buf = bytearray()
+        self.total = 0
+
+    def write(self, piece: bytes | memoryview) -> int:
+        self.buf += piece
+        self.total += len(piece)
+        while len(self.buf) >= self.per:
+            self.w.put(bytes(self.buf[:self.per]))
+            del self.buf[:self.per]
+        return len(piece)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.buf:
+            self.w.put(bytes(self.buf))
+            self.buf.clear()
+
+
+def _prepare(tape: Tape, label_name: str | None, record_size: int) -> tf.Label:
+    if tape.status().write_protected:
+        raise WriteProtected(f"{tape.path} is write-protected; nothing was written")
+    label = read_label(tape)
+    if label is None:
+        name = label_name or f"BX{os.urandom(3).hex().upper()}"
+        label = write_label(tape, name, name, os.urandom(16), 1, record_size)
+    return label
+
+
+def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenTape,
+               next_tape: NextTape | None = None, label: str | None = None,
+               record_size: int = tf.DEFAULT_RECORD, reader: Reader | None = None,
+               progress: Callable[[int], None] | None = None) -> DumpResult:
+    """Append the image to the tape (after its last image), spanning if it must."""
+    img = evaluate(expression, vol, vol.block_size)
+    top, base = check_top_and_base(img)
+    tape = open_tape(tape_path, True)
+    try:
+        lab = _prepare(tape, label, record_size)
+        number = len(list_tape(tape).images) + 1
+        tape.seek_eod()
+        desc = tf.Descriptor(os.urandom(16).hex(), expression, top.name,
+                             base.name if base else None, [e.name for e in vol.snapshots()],
+                             vol.uuid, img.blocks, int(time.time()))
+        entries: list[tuple[int, int, int]] = []
+        writer = _Writer(tape, lab, desc, open_tape, next_tape, entries)
+        writer.start()
+        packer = _Packer(writer)
+
+        def index(rtype: int, offset: int, vbn: int, count: int) -> None:
+            if rtype == fmt.DATA:
+                entries.append((vbn, count, offset))
+        done = False
+        try:
+            stats = send_image(vol, expression, packer, reader=reader,  # type: ignore[arg-type]
+                               progress=progress, index=index)
+            packer.close()
+            done = True
+        finally:
+            tape = writer.tape
+            if done:
+                writer.close(packer.total)   # the index is written only for a whole image
+            else:
+                writer.abort()
+            tape = writer.tape
+        return DumpResult(number, writer.tapes, stats.data_blocks, stats.bytes)
+    except FormatError as e:
+        raise VolumeError(str(e)) from e
+    finally:
+        tape.close()
