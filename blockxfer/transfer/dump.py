@@ -80,11 +80,11 @@ class _Writer:
             while self.q.get() is not None:
                 pass
 
-    def _finish_part(self, complete: bool, total: int) -> None:
+    def _finish_part(self, complete: bool, total: int, abandoned: bool = False) -> None:
         self.tape.write_filemarks(1)
         recs = [r for r in self.entries if self.part_start <= r[2] < self.offset]
         idx = tf.Index(self.desc.image_id, self.part, self.part_start, self.offset, complete,
-                       total if complete else 0, recs)
+                       total if complete else 0, abandoned, recs)
         raw = idx.pack()
         per = self.rs - tf.REC.size
         self.index = 0
@@ -96,7 +96,7 @@ class _Writer:
 
     def _span(self) -> None:
         """End this tape's part and continue on the next tape of the set."""
-        self._finish_part(False, 0)
+        self._finish_part(False, 0, abandoned=self.next_tape is None)
         where = f"{self.tape.path} (set {self.label.set_name!r}, tape {self.label.seq})"
         if self.next_tape is None:
             raise EndOfMedium(f"{where} is full and no next tape was given (--next-tape); "

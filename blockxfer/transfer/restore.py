@@ -123,7 +123,7 @@ def pick_image(contents: TapeContents, image: int | None, snapshot: str | None) 
     if found.descriptor.part != 0:
         raise UsageError(f"image {found.number} continues one from an earlier tape; restore "
                          "from the tape where it starts")
-    if not found.complete and found.index is None:
+    if found.index is None or found.index.abandoned:
         raise UsageError(f"image {found.number} ({found.descriptor.expression!r}) is incomplete: "
                          "its dump never finished")
     return found

@@ -113,6 +113,7 @@ class Index:
     stream_end: int
     complete: bool                 # the image's last part
     total: int = 0                 # stream bytes of the whole image (on the last part)
+    abandoned: bool = False        # the dump stopped here (end of medium, no next tape)
     records: list[tuple[int, int, int]] = field(default_factory=list)
 
     def pack(self) -> bytes:

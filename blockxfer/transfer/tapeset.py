@@ -39,7 +39,8 @@ class ImageOnTape:
                 "bytes": self.index.total if self.index and self.index.complete else None,
                 "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.written)),
                 "complete": self.complete,
-                "continues": bool(self.index and not self.index.complete)}
+                "continues": bool(self.index and not self.index.complete
+                                  and not self.index.abandoned)}
 
 
 @dataclass

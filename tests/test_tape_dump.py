@@ -1,0 +1,145 @@
+"""Tape backup and restore on the virtual tape (the same tests run on /dev/nst0 in
+the test bed when BLOCKXFER_TEST_TAPE is set): levels 0/1/2, spanning two tapes,
+every fault the operator can meet, and a target that stays as it was."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.drivers.tapes import open_tape_handle
+from blockxfer.drivers.vtape import create_virtual_tape
+from blockxfer.errors import BlockxferError, EndOfMedium, StreamError, UsageError, WriteProtected
+from blockxfer.transfer.dump import dump_image
+from blockxfer.transfer.restore import restore_images, verify_image
+from blockxfer.transfer.tapeset import label_tape, list_tape
+from blockxfer.volume import Volume
+from tests.test_stream import make_source, snapshot_contents
+
+MiB = 1 << 20
+LEVELS = ["june3 + june2 + june1", "june5 + june4 - june3", "june7 + june6 - june5"]
+
+
+def opener(path: str, write: bool):  # type: ignore[no-untyped-def]
+    return open_tape_handle(path, write=write)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, bytes]]:
+    path = str(tmp_path_factory.mktemp("tsrc") / "src.img")
+    vol = make_source(path)
+    contents = {e.name: vol.read(0, vol.virtual_size, snapshot=e.name) for e in vol.snapshots()}
+    vol.close()
+    return path, contents
+
+
+def dump(src: str, expr: str, tape: str, **kw: object) -> object:
+    with Volume.open(open_device(src), writable=False) as vol:
+        return dump_image(vol, expr, tape, open_tape=opener, **kw)  # type: ignore[arg-type]
+
+
+def restore(tape: str, target: str, **kw: object) -> object:
+    return restore_images(tape, target, open_tape=opener, open_device=open_device,  # type: ignore[arg-type]
+                          **kw)
+
+
+def test_levels_on_one_tape(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, contents = src
+    tape = str(tmp_path / "t.vtape")
+    create_virtual_tape(tape, 256 * MiB, locate=False)
+    for expr in LEVELS:
+        dump(path, expr, tape)
+    listing = list_tape(opener(tape, False))
+    assert [i.descriptor.expression for i in listing.images] == LEVELS
+    assert all(i.complete for i in listing.images)
+    verify_image(tape, 2, open_tape=opener)
+    target = str(tmp_path / "r.img")
+    restore(tape, target, snapshot="june7")
+    got = snapshot_contents(target)
+    assert set(got) == {f"june{d}" for d in range(1, 8)}
+    assert all(got[n] == contents[n] for n in got)
+
+
+def _set(tmp_path: Path, n: int) -> list[str]:
+    tapes = [str(tmp_path / f"s{i}.vtape") for i in range(1, n + 1)]
+    for t in tapes:
+        create_virtual_tape(t, 5 * MiB, early_warning=1 * MiB)
+    return tapes
+
+
+def test_spanning_two_tapes_and_restore(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, contents = src
+    tapes = _set(tmp_path, 3)
+    res = dump(path, LEVELS[0], tapes[0], label="weekly",
+               next_tape=lambda name, seq: tapes[seq - 1])
+    assert len(res.tapes) >= 2  # type: ignore[attr-defined]
+    second = list_tape(opener(tapes[1], False))
+    assert second.label.set_name == "weekly" and second.label.seq == 2
+    target = str(tmp_path / "r.img")
+    restore(tapes[0], target, next_tape=lambda name, seq: tapes[seq - 1])
+    assert snapshot_contents(target)["june3"] == contents["june3"]
+    with pytest.raises(StreamError, match="tape 2 of set 'weekly' is needed"):
+        restore(tapes[0], str(tmp_path / "r2.img"), next_tape=lambda n, s: tapes[0])
+
+
+def test_full_tape_without_next_is_incomplete(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = src
+    tape = _set(tmp_path, 1)[0]
+    with pytest.raises(EndOfMedium, match="no next tape"):
+        dump(path, LEVELS[0], tape)
+    listing = list_tape(opener(tape, False))
+    assert not listing.images[0].complete
+    with pytest.raises(UsageError, match="incomplete"):
+        restore(tape, str(tmp_path / "r.img"), image=1)
+
+
+def test_write_protected_tape(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = src
+    tape = str(tmp_path / "wp.vtape")
+    create_virtual_tape(tape, 64 * MiB, write_protect=True)
+    with pytest.raises(BlockxferError, match="write-protected") as e:
+        dump(path, LEVELS[0], tape)
+    assert isinstance(e.value, WriteProtected) or "write-protected" in str(e.value)
+
+
+def test_tape_that_is_not_ours_or_from_another_set(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = src
+    foreign = str(tmp_path / "f.vtape")
+    create_virtual_tape(foreign, 64 * MiB)
+    t = opener(foreign, True)
+    t.write_record(b"tar archive".ljust(10240, b"\0"))
+    t.write_filemarks(1)
+    t.close()
+    with pytest.raises(BlockxferError, match="not a blockxfer tape"):
+        dump(path, LEVELS[0], foreign)
+    tapes = _set(tmp_path, 2)
+    other = str(tmp_path / "other.vtape")
+    create_virtual_tape(other, 64 * MiB)
+    t = opener(other, True)
+    label_tape(t, "monthly")
+    t.close()
+    with pytest.raises(BlockxferError, match="belongs to set 'monthly'"):
+        dump(path, LEVELS[0], tapes[0], label="weekly", next_tape=lambda n, s: other)
+
+
+def test_damaged_record_mid_restore_leaves_target(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, contents = src
+    tape = str(tmp_path / "t.vtape")
+    create_virtual_tape(tape, 256 * MiB)
+    dump(path, LEVELS[0], tape)
+    dump(path, LEVELS[1], tape)
+    target = str(tmp_path / "r.img")
+    restore(tape, target, image=1)
+    size = os.path.getsize(tape)
+    with open(tape, "r+b") as f:               # flip a byte inside image 2's data
+        f.seek(size - 2 * MiB)
+        b = f.read(1)
+        f.seek(size - 2 * MiB)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(BlockxferError, match=r"t\.vtape.*file 3, record|checksum"):
+        restore(tape, target, image=2)
+    got = snapshot_contents(target)
+    assert set(got) == {"june1", "june2", "june3"} and got["june3"] == contents["june3"]
