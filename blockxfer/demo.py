@@ -7,8 +7,12 @@ import os
 import shutil
 
 from blockxfer.drivers.blockdev import open_device
+from blockxfer.drivers.tapes import open_tape_handle
 from blockxfer.drivers.vtape import create_virtual_tape
 from blockxfer.image import evaluate
+from blockxfer.transfer.dump import dump_image
+from blockxfer.transfer.restore import restore_images
+from blockxfer.transfer.tapeset import list_tape
 from blockxfer.units import human
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
@@ -38,8 +42,26 @@ def run_demo(directory: str) -> int:
     report = check_volume(vol)
     _say(f"check: {'clean' if report.clean else report.problems}, "
          f"{report.blocks_verified} blocks verified")
-    vol.close()
     tape = os.path.join(directory, "tape0.vtape")
     create_virtual_tape(tape, 1 << 30)
-    _say(f"virtual tape {tape} ready (dump and restore to tape arrive with the tape issue)")
-    return 0 if report.clean else 1
+    opener = lambda p, w: open_tape_handle(p, write=w)  # noqa: E731
+    for expr in ("june3 + june2 + june1", "june5 + june4 - june3"):
+        res = dump_image(vol, expr, tape, open_tape=opener, label="DEMO01")
+        _say(f"dump {expr!r} to {tape}: image {res.image}, {res.blocks} blocks, "
+             f"{human(res.bytes)}")
+    vol.close()
+    for img in list_tape(opener(tape, False)).images:
+        _say(f"tape image {img.number}: {img.descriptor.expression!r} "
+             f"{'complete' if img.complete else 'INCOMPLETE'}")
+    copy = os.path.join(directory, "restored.img")
+    restore_images(tape, copy, open_tape=opener, open_device=open_device, snapshot="june5")
+    src = Volume.open(open_device(path), writable=False)
+    dst = Volume.open(open_device(copy), writable=False)
+    same = all(src.read(0, src.virtual_size, snapshot=n) == dst.read(0, dst.virtual_size,
+                                                                      snapshot=n)
+               for n in DAYS[:5])
+    _say(f"restored {copy} from tape: june1..june5 {'identical' if same else 'DIFFER'}; "
+         f"check {'clean' if check_volume(dst).clean else 'FAILED'}")
+    src.close()
+    dst.close()
+    return 0 if report.clean and same else 1

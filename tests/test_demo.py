@@ -1,0 +1,11 @@
+"""`make demo` runs the main job end to end; it must keep working."""
+
+from pathlib import Path
+
+from blockxfer.demo import run_demo
+
+
+def test_demo(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert run_demo(str(tmp_path / "demo")) == 0
+    out = capsys.readouterr().out
+    assert "identical; check clean" in out
