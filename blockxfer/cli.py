@@ -376,6 +376,20 @@ def _complete_snapshots(path: str) -> set[str]:
 def cmd_restore(a: argparse.Namespace) -> int:
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.restore import restore_images
+    if a.vbns:
+        from blockxfer.transfer.restore import restore_range
+        try:
+            first, _, last = a.vbns.partition("-")
+            lo, hi = int(first), int(last or first)
+        except ValueError as e:
+            raise UsageError(f"--vbns takes FIRST-LAST block numbers, not {a.vbns!r}") from e
+        if a.image is None:
+            raise UsageError("--vbns needs --image N (see 'tape list')")
+        part = restore_range(a.tape, a.target, a.image, lo, hi,  # type: ignore[arg-type]
+                             open_tape=_tape_opener(), open_device=open_device)
+        print(f"{a.target}: wrote {part.blocks} blocks ({lo}-{hi}) from image {a.image}, "
+              f"reading {part.records_read} tape records")
+        return 0
     have = _complete_snapshots(a.target)
     prog = Progress("restore")
     steps = restore_images(a.tape, a.target, open_tape=_tape_opener(),  # type: ignore[arg-type]
@@ -533,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick = sp.add_mutually_exclusive_group()
     pick.add_argument("--image", type=int, help="image number (see 'tape list')")
     pick.add_argument("--snapshot", help="restore up to this snapshot, bases first")
+    sp.add_argument("--vbns", metavar="FIRST-LAST",
+                    help="partial restore: only these blocks, in place, by the location table")
     sp.add_argument("--next-tape", metavar="COMMAND")
     sp.add_argument("--force", action="store_true", help="overwrite what the target holds")
 

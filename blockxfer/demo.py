@@ -50,9 +50,9 @@ def run_demo(directory: str) -> int:
         _say(f"dump {expr!r} to {tape}: image {res.image}, {res.blocks} blocks, "
              f"{human(res.bytes)}")
     vol.close()
-    for img in list_tape(opener(tape, False)).images:
-        _say(f"tape image {img.number}: {img.descriptor.expression!r} "
-             f"{'complete' if img.complete else 'INCOMPLETE'}")
+    for on_tape in list_tape(opener(tape, False)).images:
+        _say(f"tape image {on_tape.number}: {on_tape.descriptor.expression!r} "
+             f"{'complete' if on_tape.complete else 'INCOMPLETE'}")
     copy = os.path.join(directory, "restored.img")
     restore_images(tape, copy, open_tape=opener, open_device=open_device, snapshot="june5")
     src = Volume.open(open_device(path), writable=False)

@@ -143,3 +143,28 @@ def test_damaged_record_mid_restore_leaves_target(src, tmp_path: Path) -> None: 
         restore(tape, target, image=2)
     got = snapshot_contents(target)
     assert set(got) == {"june1", "june2", "june3"} and got["june3"] == contents["june3"]
+
+
+@pytest.mark.parametrize("locate", [True, False])
+def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: bool) -> None:  # type: ignore[no-untyped-def]
+    from blockxfer.transfer.restore import restore_range
+    path, contents = src
+    tape = str(tmp_path / "t.vtape")
+    create_virtual_tape(tape, 256 * MiB, locate=locate)
+    dump(path, LEVELS[0], tape)
+    full = str(tmp_path / "full.img")
+    restore(tape, full, image=1)
+    part = str(tmp_path / "part.img")
+    with open(part, "wb") as f:
+        f.truncate(os.path.getsize(full))
+    listing = list_tape(opener(tape, False))
+    idx = listing.images[0].index
+    assert idx is not None and (idx.position >= 0) == locate
+    vbn, count, _ = idx.records[len(idx.records) // 2]
+    res = restore_range(tape, part, 1, vbn + 1, vbn + 1, open_tape=opener,
+                        open_device=open_device)
+    assert res.blocks == 1 and res.records_read <= 6
+    with open(full, "rb") as a, open(part, "rb") as b:
+        a.seek((vbn + 1) * 4096)
+        b.seek((vbn + 1) * 4096)
+        assert a.read(4096) == b.read(4096)

@@ -49,6 +49,7 @@ class StreamReader:
         self._starts: list[int] = []
         self._counts: list[int] = []
         self._zstd = zstandard.ZstdDecompressor()
+        self.any_seq = False
 
     def _fail(self, what: str) -> StreamError:
         return StreamError(f"{self.name}: {what} (record {self.seq}, byte {self.offset})")
@@ -81,7 +82,7 @@ class StreamReader:
         h.update(body)
         if h.intdigest() != ck:
             raise self._fail("stream is damaged: record checksum mismatch")
-        if seq != self.seq:
+        if seq != self.seq and not self.any_seq:
             raise self._fail(f"records are out of order: expected {self.seq}, found {seq}")
         if rtype != fmt.TRAILER:
             self.digest.update(head)
@@ -90,6 +91,10 @@ class StreamReader:
         self.seq += 1
         self.offset += len(head) + length + fmt.CHECK.size
         return rtype, flags, body
+
+    def _record_any(self) -> tuple[int, int, bytes]:
+        self.any_seq = True
+        return self._record()
 
     def read_header(self) -> fmt.Header:
         rtype, _, body = self._record()
@@ -174,3 +179,21 @@ class StreamReader:
         bad = np.nonzero(s[1:] < s[:-1] + c[:-1])[0]
         if len(bad):
             raise self._fail(f"stream repeats block {int(s[bad[0] + 1])}")
+
+
+def parse_record(raw: bytes | memoryview, block_size: int) -> Data | None:
+    """One record on its own (partial restore): checksum checked, DATA decoded;
+    None for other types. The sequence is not checked: the caller knows where it is."""
+    import io
+    reader = StreamReader(io.BytesIO(bytes(raw)), "tape record")
+    rtype, flags, body = reader._record_any()
+    if rtype != fmt.DATA:
+        return None
+    vbn, count = fmt.DATA_HEAD.unpack_from(body, 0)
+    payload = body[fmt.DATA_HEAD.size:]
+    if flags & fmt.F_ZSTD:
+        payload = zstandard.ZstdDecompressor().decompress(payload,
+                                                          max_output_size=count * block_size)
+    if len(payload) != count * block_size:
+        raise StreamError("data record holds the wrong number of bytes")
+    return Data(vbn, count, payload, -1)

@@ -52,7 +52,13 @@ class _Writer:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="tape-writer", daemon=True)
 
+    def _mark_position(self) -> None:
+        """Where this part's descriptor goes, for LOCATE at partial restore (one READ
+        POSITION per part, never mid-stream)."""
+        self.position = self.tape.position() if self.tape.can_locate else -1
+
     def start(self) -> None:
+        self._mark_position()
         self._record(tf.DESCRIPTOR, self.desc.pack())
         self.thread.start()
 
@@ -84,7 +90,7 @@ class _Writer:
         self.tape.write_filemarks(1)
         recs = [r for r in self.entries if self.part_start <= r[2] < self.offset]
         idx = tf.Index(self.desc.image_id, self.part, self.part_start, self.offset, complete,
-                       total if complete else 0, abandoned, recs)
+                       total if complete else 0, abandoned, self.position, recs)
         raw = idx.pack()
         per = self.rs - tf.REC.size
         self.index = 0
@@ -110,6 +116,7 @@ class _Writer:
         self.part += 1
         self.part_start, self.index = self.offset, 0
         self.desc.part, self.desc.stream_offset = self.part, self.offset
+        self._mark_position()
         self._record(tf.DESCRIPTOR, self.desc.pack())
 
     def put(self, chunk: bytes) -> None:
@@ -195,7 +202,8 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
         tape.seek_eod()
         desc = tf.Descriptor(os.urandom(16).hex(), expression, top.name,
                              base.name if base else None, [e.name for e in vol.snapshots()],
-                             vol.uuid, img.blocks, int(time.time()))
+                             vol.uuid, img.blocks, int(time.time()),
+                             block_size=vol.block_size)
         entries: list[tuple[int, int, int]] = []
         writer = _Writer(tape, lab, desc, open_tape, next_tape, entries)
         writer.start()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from blockxfer.device import BlockDevice
 from blockxfer.errors import BlockxferError, DeviceError, FormatError, StreamError, UsageError
+from blockxfer.stream.decode import parse_record
 from blockxfer.stream.receive import ReceiveResult, receive_stream
 from blockxfer.tape import EndOfData, Tape
 
@@ -193,3 +194,83 @@ def verify_image(tape_path: str, image: int, *, open_tape: OpenTape,
             tape = reader.tape
     finally:
         tape.close()
+
+
+@dataclass
+class PartialResult:
+    blocks: int
+    records_read: int
+
+
+def restore_range(tape_path: str, target: str, image: int, first: int, last: int, *,
+                  open_tape: OpenTape, open_device: OpenDevice) -> PartialResult:
+    """Write blocks first..last (VBNs) of an image to the same VBNs of `target`,
+    reading only the tape records that hold them (LOCATE when the drive has it,
+    filemark and record spacing when it does not)."""
+    tape = open_tape(tape_path, False)
+    try:
+        contents = list_tape(tape)
+        img = pick_image(contents, image, None)
+        idx = img.index
+        assert idx is not None
+        per = contents.label.record_size - tf.REC.size
+        wanted = sorted({r for r in idx.records if r[0] <= last and r[0] + r[1] > first},
+                        key=lambda r: r[2])
+        if not wanted:
+            raise UsageError(f"image {image} holds no block between {first} and {last} on "
+                             "this tape")
+        dev = open_device(target, write=True)
+        try:
+            done = reads = 0
+            for vbn, count, offset in wanted:
+                raw, n = _stream_record_at(tape, img, idx, offset, per, contents)
+                reads += n
+                rec = parse_record(raw, img.descriptor.block_size)
+                if rec is None or (rec.vbn, rec.count) != (vbn, count):
+                    raise FormatError(f"{tape_path}: the location table does not match the "
+                                      f"record at stream offset {offset}")
+                done += _write_range(dev, rec, first, last)
+            dev.flush()
+            return PartialResult(done, reads)
+        finally:
+            dev.close()
+    finally:
+        tape.close()
+
+
+def _stream_record_at(tape: Tape, img: ImageOnTape, idx: tf.Index, offset: int, per: int,
+                      contents: TapeContents) -> tuple[bytes, int]:
+    from blockxfer.stream import format as fmt
+    k, skip = divmod(offset - idx.stream_start, per)
+    if idx.position >= 0 and tape.can_locate:
+        tape.locate(idx.position + 1 + k)
+    else:
+        tape.rewind()
+        tape.space_filemarks(img.file)
+        tape.space_records(1 + k)
+    where = f"{tape.path} file {img.file} record {1 + k}"
+    buf, reads, need = b"", 0, fmt.RECORD.size
+    while len(buf) < skip + need:
+        raw = tape.read_record(contents.label.record_size)
+        reads += 1
+        if raw == b"":
+            raise FormatError(f"{where}: the image ends inside a record")
+        kind, _, _, _, payload = tf.unpack_record(raw, where)
+        buf += payload
+        if len(buf) >= skip + fmt.RECORD.size and need == fmt.RECORD.size:
+            length = fmt.RECORD.unpack_from(buf, skip)[4]
+            need = fmt.RECORD.size + length + fmt.CHECK.size
+    return buf[skip:skip + need], reads
+
+
+def _write_range(dev: BlockDevice, rec: object, first: int, last: int) -> int:
+    from blockxfer.stream.decode import Data
+    from blockxfer.volume.blockio import aligned
+    assert isinstance(rec, Data)
+    bs = len(rec.payload) // rec.count
+    lo, hi = max(first, rec.vbn), min(last + 1, rec.vbn + rec.count)
+    n = (hi - lo) * bs
+    buf = aligned(n)
+    buf[:n] = rec.payload[(lo - rec.vbn) * bs:(hi - rec.vbn) * bs]
+    dev.pwrite(memoryview(buf)[:n], lo * bs)
+    return hi - lo

@@ -90,6 +90,7 @@ class Descriptor:
     written: int                   # s since the epoch
     part: int = 0                  # 0 on the tape where it starts
     stream_offset: int = 0         # stream bytes carried by earlier parts
+    block_size: int = 4096
 
     def pack(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -114,10 +115,15 @@ class Index:
     complete: bool                 # the image's last part
     total: int = 0                 # stream bytes of the whole image (on the last part)
     abandoned: bool = False        # the dump stopped here (end of medium, no next tape)
+    position: int = -1             # logical position of the descriptor (-1: no LOCATE)
     records: list[tuple[int, int, int]] = field(default_factory=list)
 
     def pack(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    def locate(self, vbn: int) -> list[tuple[int, int, int]]:
+        """The stream data records holding `vbn`.. as (vbn, count, offset) rows."""
+        return [r for r in self.records if r[0] <= vbn < r[0] + r[1]]
 
     @classmethod
     def unpack(cls, raw: bytes) -> Index:
