@@ -21,6 +21,7 @@ from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.handles import init_volume, open_volume, split_target
 from blockxfer.image import evaluate
 from blockxfer.progress import Progress
+from blockxfer.tape import Tape
 from blockxfer.units import human, parse_size
 from blockxfer.volume.check import check_volume
 from blockxfer.volume.layout import SnapshotEntry
@@ -313,7 +314,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
-def _tape_opener() -> Callable[[str, bool], object]:
+def _tape_opener() -> Callable[[str, bool], Tape]:
     from blockxfer.drivers.tapes import open_tape_handle
     return lambda path, write: open_tape_handle(path, write=write)
 
