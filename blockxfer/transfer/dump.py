@@ -191,6 +191,7 @@ def _prepare(tape: Tape, label_name: str | None, record_size: int) -> tf.Label:
 def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenTape,
                next_tape: NextTape | None = None, label: str | None = None,
                record_size: int = tf.DEFAULT_RECORD, reader: Reader | None = None,
+               compress: bool = True,
                progress: Callable[[int], None] | None = None) -> DumpResult:
     """Append the image to the tape (after its last image), spanning if it must."""
     img = evaluate(expression, vol, vol.block_size)
@@ -215,7 +216,7 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
         done = False
         try:
             stats = send_image(vol, expression, packer, reader=reader,  # type: ignore[arg-type]
-                               progress=progress, index=index)
+                               compress=compress, progress=progress, index=index)
             packer.close()
             done = True
         finally:
