@@ -77,3 +77,35 @@ def test_not_a_volume(tmp_path: object) -> None:
         f.write(os.urandom(1 << 20))
     r = bx("info", path)
     assert r.returncode == 3 and b"not a blockxfer volume" in r.stderr
+
+
+def test_send_receive_dump_restore_commands(vol: str, tmp_path: object) -> None:
+    d = str(tmp_path)
+    for day in (1, 2):
+        assert bx("write", vol, "--offset", str(day << 20), data=os.urandom(1 << 20)).returncode == 0
+        assert bx("snapshot", f"{vol}@d{day}").returncode == 0
+    s0, s1 = f"{d}/l0.bs", f"{d}/l1.bs"
+    assert bx("send", vol, "d1", "-o", s0).returncode == 0
+    assert bx("send", vol, "d2 - d1", "--order", "striped", "--members", "3", "--chunk", "64K",
+              "-o", s1).returncode == 0
+    assert bx("verify", s1).returncode == 0
+    info = json.loads(bx("inspect", s1, "--json").stdout)
+    assert info["base"] == "d1" and info["top"] == "d2"
+    copy = f"{d}/copy.img"
+    r = bx("receive", copy, "-i", s1)
+    assert r.returncode == 3 and b"base snapshot 'd1'" in r.stderr and not os.path.exists(copy)
+    assert bx("receive", copy, "-i", s0).returncode == 0
+    assert bx("receive", copy, "-i", s1).returncode == 0
+    assert bx("read", f"{copy}@d2").stdout == bx("read", f"{vol}@d2").stdout
+    tape = f"{d}/t.vtape"
+    assert bx("tape", "create", tape, "--capacity", "64M").returncode == 0
+    assert bx("dump", vol, "d1", "--tape", tape, "--label", "T1", "--verify").returncode == 0
+    assert bx("dump", vol, "d2 - d1", "--tape", tape).returncode == 0
+    listing = json.loads(bx("tape", "list", tape, "--json").stdout)
+    assert [i["expression"] for i in listing["images"]] == ["d1", "d2 - d1"]
+    assert listing["label"]["serial"] == "T1"
+    back = f"{d}/back.img"
+    assert bx("restore", back, "--tape", tape, "--snapshot", "d2").returncode == 0
+    assert bx("read", f"{back}@d2").stdout == bx("read", f"{vol}@d2").stdout
+    r = bx("receive", back, "-i", f"{d}/missing.bs")
+    assert r.returncode == 2 and b"cannot read" in r.stderr

@@ -9,6 +9,7 @@ error carries a resume token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -16,7 +17,7 @@ from typing import BinaryIO
 from bitarray import bitarray
 
 from blockxfer.device import BlockDevice
-from blockxfer.errors import BlockxferError, StreamError, VolumeError
+from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
 from blockxfer.volume import Volume, has_signature
 from blockxfer.volume.layout import Superblock
 from blockxfer.volume.local import LocalArea, LocalState
@@ -71,14 +72,23 @@ class _Target:
 def _open_target(path: str, h: fmt.Header, open_device: OpenDevice, force: bool,
                  name: str) -> tuple[BlockDevice, Volume | None]:
     size = h.nblocks * h.block_size
-    import os
+    if h.incremental and not os.path.exists(path):
+        assert h.base is not None
+        raise StreamError(f"{path} does not exist; this incremental stream needs a target "
+                          f"holding base snapshot {h.base.name!r}: receive a full stream first")
     dev = open_device(path, write=True, create_size=None if os.path.exists(path) else size)
     try:
         if dev.size < size:
             raise VolumeError(f"{path} is too small for this stream: {dev.size} bytes, "
                               f"it needs {size}")
         if h.incremental:
-            return dev, _check_incremental(Volume.open(dev), h, path)
+            try:
+                vol = Volume.open(dev)
+            except FormatError as e:
+                assert h.base is not None
+                raise StreamError(f"{e}; this incremental stream needs base snapshot "
+                                  f"{h.base.name!r} there") from e
+            return dev, _check_incremental(vol, h, path)
         return dev, _check_full(dev, h, path, force)
     except BaseException:
         dev.close()
