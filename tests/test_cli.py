@@ -82,7 +82,8 @@ def test_not_a_volume(tmp_path: object) -> None:
 def test_send_receive_dump_restore_commands(vol: str, tmp_path: object) -> None:
     d = str(tmp_path)
     for day in (1, 2):
-        assert bx("write", vol, "--offset", str(day << 20), data=os.urandom(1 << 20)).returncode == 0
+        data = os.urandom(1 << 20)
+        assert bx("write", vol, "--offset", str(day << 20), data=data).returncode == 0
         assert bx("snapshot", f"{vol}@d{day}").returncode == 0
     s0, s1 = f"{d}/l0.bs", f"{d}/l1.bs"
     assert bx("send", vol, "d1", "-o", s0).returncode == 0
