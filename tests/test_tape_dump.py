@@ -168,3 +168,14 @@ def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: b
         a.seek((vbn + 1) * 4096)
         b.seek((vbn + 1) * 4096)
         assert a.read(4096) == b.read(4096)
+
+
+def test_lone_filemark_counts_as_blank(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = src
+    tape = str(tmp_path / "fm.vtape")
+    create_virtual_tape(tape, 64 * MiB)
+    t = opener(tape, True)
+    t.write_filemarks(1)
+    t.close()
+    dump(path, LEVELS[0], tape, label="FM")
+    assert list_tape(opener(tape, False)).label.serial == "FM"

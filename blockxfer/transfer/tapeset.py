@@ -55,6 +55,9 @@ def read_label(tape: Tape) -> tf.Label | None:
     tape.rewind()
     try:
         raw = tape.read_record(tf.LABEL_SIZE)
+        if raw == b"":                  # a lone filemark at BOT (drives without ERASE)
+            tape.read_record(tf.LABEL_SIZE)
+            raise FormatError(f"{tape.path} holds data after an empty first file")
     except EndOfData:
         return None
     except DeviceError as e:
