@@ -12,7 +12,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import BinaryIO
 
@@ -265,15 +266,11 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
 def cmd_receive(a: argparse.Namespace) -> int:
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.stream.receive import receive_stream
-    f = _binary_in(a.input)
     prog = Progress("receive")
-    try:
+    with _stream_input(a.input) as f:
         res = receive_stream(f, a.target, open_device, force=a.force,
                              seekable=f.seekable() and f is not sys.stdin.buffer,
                              progress=prog.add)
-    finally:
-        if f is not sys.stdin.buffer:
-            f.close()
     prog.finish()
     kind = "incremental" if res.incremental else "full"
     print(f"{a.target}: received {kind} image up to {res.top!r}, {res.blocks} blocks"
@@ -285,14 +282,20 @@ def cmd_receive(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(a: argparse.Namespace) -> int:
-    from blockxfer.stream.inspect import inspect_stream
-    f = _binary_in(a.stream)
+@contextmanager
+def _stream_input(path: str | None) -> Iterator[BinaryIO]:
+    f = _binary_in(path)
     try:
-        info = inspect_stream(f)
+        yield f
     finally:
         if f is not sys.stdin.buffer:
             f.close()
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from blockxfer.stream.inspect import inspect_stream
+    with _stream_input(a.stream) as f:
+        info = inspect_stream(f)
     if a.json:
         _print_json(info)
     else:
@@ -303,12 +306,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from blockxfer.stream.inspect import inspect_stream
-    f = _binary_in(a.stream)
-    try:
+    with _stream_input(a.stream) as f:
         info = inspect_stream(f)
-    finally:
-        if f is not sys.stdin.buffer:
-            f.close()
     print(f"{a.stream or 'stream'}: ok, {info['records']} records, {info['data_blocks']} blocks, "
           f"digest verified")
     return 0
