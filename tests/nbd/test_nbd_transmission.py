@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import struct
 
+import pytest
+
 from blockxfer.errors import MediumError, VolumeFull
 from blockxfer.nbd import protocol as p
 from blockxfer.nbd.errmap import nbd_error
@@ -104,10 +106,23 @@ def test_disconnect_mid_write_applies_nothing(server: Server, volume: FakeVolume
     assert volume.read(0, 8192) == bytes(8192)
 
 
-def test_volume_errors_use_the_table(server: Server, volume: FakeVolume) -> None:
+def test_volume_full_commits_once_then_retries(server: Server, volume: FakeVolume) -> None:
     c = connect(server)
-    volume.fail_next = VolumeFull("full")
-    assert c.request(p.CMD_WRITE, 0, 1, payload=b"x") == p.ENOSPC
+    before = volume.commits
+    volume.fail_next = VolumeFull("full until the next CP frees blocks")
+    assert c.request(p.CMD_WRITE, 0, 1, payload=b"y") == 0
+    assert volume.commits == before + 1 and volume.read(0, 1) == b"y"
+
+
+def test_volume_errors_use_the_table(server: Server, volume: FakeVolume,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    c = connect(server)
+
+    def full(*_: object) -> None:
+        raise VolumeFull("full")
+    with monkeypatch.context() as m:
+        m.setattr(volume, "write", full)
+        assert c.request(p.CMD_WRITE, 0, 1, payload=b"x") == p.ENOSPC
     volume.fail_next = MediumError("bad sector")
     c.send(p.CMD_READ, 0, 1)
     assert c.simple()[0] == p.EIO
