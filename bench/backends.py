@@ -1,6 +1,8 @@
-"""Backends the NBD bench can serve before the real volume lands.
+"""Backends the NBD bench can serve: the real volume, and a raw-file stand-in.
 
-`FileVolume` has the Volume surface over a sparse file: pread/pwrite, holes
+`real_volume` creates a `Volume` on a file with room for the virtual disk and
+its metadata, and runs the CP timer as `blockxfer serve` does. `FileVolume`
+has the Volume surface over a sparse file: pread/pwrite, holes
 punched for TRIM, extents from SEEK_DATA/SEEK_HOLE, fdatasync for a commit.
 It has no snapshots. It is what makes the bench compare our protocol handling
 with qemu-nbd serving the same kind of raw file on the same disk.
@@ -14,6 +16,9 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.volume import Volume
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -79,3 +84,17 @@ def file_volume(path: str, size: int) -> Iterator[FileVolume]:
         yield vol
     finally:
         vol.close()
+
+
+@contextmanager
+def real_volume(path: str, size: int) -> Iterator[Volume]:
+    """A volume whose virtual disk is `size` bytes, on a file a quarter larger (the
+    bench rewrites the disk, and copy-on-write needs room beside the old blocks)."""
+    vol = Volume.create(open_device(path, write=True, create_size=size + size // 4 + (64 << 20)),
+                        virtual_size=size)
+    vol.start_cp_timer()
+    with vol:
+        yield vol
+
+
+BACKENDS = {"volume": real_volume, "file": file_volume}

@@ -1,11 +1,14 @@
 """NBD export vs qemu-nbd, same client, same disk: `python -m bench.bench_nbd`.
 
-Sequential write and read of SIZE bytes with `nbdcopy` (random data, so its
-zero detection skips nothing), then 4 KiB random writes with fio's nbd engine
+Sequential write (`nbdcopy --flush`: durable on both) and read of SIZE bytes
+with `nbdcopy` (random data, so its zero detection skips nothing), the page
+cache dropped before each run, alternating between the servers for a few
+rounds (median kept), then 4 KiB random writes with fio's nbd engine
 (nbdcopy cannot issue random writes; fio is the same client for both servers).
 qemu-nbd serves a raw file next to ours. Our server runs in this process over
-a backend from `backend` (a factory `(path, size) -> context manager of a
-Volume`); the default is the file-backed stand-in until the volume lands.
+a backend (a factory `(path, size) -> context manager of a Volume`): the real
+`Volume` on a file by default, or `--backend file`, a raw-file stand-in that
+isolates the protocol handling.
 Needs: qemu-utils (qemu-nbd), libnbd-bin (nbdcopy), fio.
 """
 
@@ -16,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +29,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-from bench.backends import file_volume
+from bench.backends import BACKENDS
+from bench.common import drop_caches
 from blockxfer.nbd.server import Server
 
 MiB = 1 << 20
@@ -64,6 +69,7 @@ def qemu_nbd(path: str, size: int, sock: str) -> Iterator[str]:
 
 
 def timed(argv: list[str]) -> float:
+    drop_caches()            # both servers start from the disk, not the page cache
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -78,29 +84,39 @@ def fio_randwrite(uri: str, size: int, seconds: int) -> float:
     return float(json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"])
 
 
-def measure(uri: str, src: str, size: int, seconds: int) -> dict[str, float]:
-    r = {"seq_write_MiBps": size / MiB / timed(["nbdcopy", src, uri]),
-         "seq_read_MiBps": size / MiB / timed(["nbdcopy", uri, "null:"])}
-    if shutil.which("fio"):
-        r["randwrite_4k_iops"] = fio_randwrite(uri, size, seconds)
-    return r
+def sequential(uri: str, src: str, size: int) -> dict[str, float]:
+    return {"seq_write_MiBps": size / MiB / timed(["nbdcopy", "--flush", src, uri]),
+            "seq_read_MiBps": size / MiB / timed(["nbdcopy", uri, "null:"])}
 
 
-def run(backend: Backend, size: int, workdir: str, seconds: int) -> dict[str, dict[str, float]]:
+def run(backend: Backend, size: int, workdir: str, seconds: int,
+        rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Both servers up at once; the sequential runs alternate between them for
+    `rounds` rounds and the median is kept (a shared virtual disk is noisy)."""
     for tool, pkg in (("nbdcopy", "libnbd-bin"), ("qemu-nbd", "qemu-utils")):
         if not shutil.which(tool):
             raise SystemExit(f"bench needs {tool} (apt-get install {pkg})")
-    with tempfile.TemporaryDirectory(dir=workdir) as d:
+    with tempfile.TemporaryDirectory(dir=workdir) as d, contextlib.ExitStack() as stack:
         src = os.path.join(d, "src.raw")
         with open(src, "wb") as f:
             for _ in range(size // (64 * MiB) or 1):
                 f.write(os.urandom(min(size, 64 * MiB)))
-        results = {}
-        with qemu_nbd(os.path.join(d, "qemu.raw"), size, os.path.join(d, "q.sock")) as uri:
-            results["qemu-nbd"] = measure(uri, src, size, seconds)
-        with our_server(backend, os.path.join(d, "ours.raw"), size,
-                        os.path.join(d, "o.sock")) as uri:
-            results["blockxfer"] = measure(uri, src, size, seconds)
+        uris = {
+            "qemu-nbd": stack.enter_context(qemu_nbd(os.path.join(d, "qemu.raw"), size,
+                                                     os.path.join(d, "q.sock"))),
+            "blockxfer": stack.enter_context(our_server(backend, os.path.join(d, "ours.raw"),
+                                                        size, os.path.join(d, "o.sock"))),
+        }
+        samples: dict[str, dict[str, list[float]]] = {k: {} for k in uris}
+        for _ in range(rounds):
+            for name, uri in uris.items():
+                for metric, value in sequential(uri, src, size).items():
+                    samples[name].setdefault(metric, []).append(value)
+        results = {name: {m: statistics.median(v) for m, v in ms.items()}
+                   for name, ms in samples.items()}
+        if shutil.which("fio"):
+            for name, uri in uris.items():
+                results[name]["randwrite_4k_iops"] = fio_randwrite(uri, size, seconds)
     return results
 
 
@@ -111,15 +127,18 @@ def report(results: dict[str, dict[str, float]]) -> None:
         print(f"{k:<20}{ours[k]:>12.1f}{theirs[k]:>12.1f}{ours[k] / theirs[k]:>8.2f}")
 
 
-def main(argv: list[str] | None = None, backend: Backend = file_volume) -> int:
+def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_nbd", description=__doc__)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"),
                     help="where the raw files go (same disk for both servers)")
     ap.add_argument("--seconds", type=int, default=10, help="random-write run time")
+    ap.add_argument("--rounds", type=int, default=3, help="sequential runs per server (median)")
+    ap.add_argument("--backend", choices=sorted(BACKENDS), default="volume",
+                    help="what our server exports (default: the real volume on a file)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    results = run(backend, a.size_mib * MiB, a.dir, a.seconds)
+    results = run(backend or BACKENDS[a.backend], a.size_mib * MiB, a.dir, a.seconds, a.rounds)
     if a.json:
         json.dump(results, sys.stdout, indent=2)
         print()

@@ -1,8 +1,12 @@
 """`blockxfer serve PATH --listen unix:SOCKET|tcp:HOST:PORT [--read-only]`.
 
-Parses, opens the volume through the function the main CLI hands in, serves it
-until SIGTERM or SIGINT, and returns. The volume's context manager does the
-final commit on the way out; the server commits before that as well.
+Parses, opens the volume through the function the main CLI hands in, starts
+its CP timer (a CP every 10 s while writes are pending), serves it until
+SIGTERM or SIGINT, and returns. The server commits once every connection has
+answered what it read; the volume's context manager commits again on the way
+out. The control socket answers the other commands (`blockxfer.remote`) and
+freezes file systems with `blockxfer.drivers.freeze` (this module is wiring,
+like `cli`, so it may hand a driver down).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from blockxfer import remote
+from blockxfer.drivers.freeze import frozen
 from blockxfer.nbd.server import Server, parse_listen
 
 OpenVolume = Callable[[str], AbstractContextManager[Any]]
@@ -51,7 +57,9 @@ def cmd_serve(args: argparse.Namespace, open_volume: OpenVolume) -> int:
         for spec in args.listen:
             server.listen(spec)
         if not args.no_control:
-            server.serve_control(args.path)
+            remote.register(server.serve_control(args.path, freezer=frozen))
+        if not args.read_only and hasattr(volume, "start_cp_timer"):
+            volume.start_cp_timer()
         previous = {s: signal.signal(s, lambda *_: server.stop())
                     for s in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -9,7 +9,7 @@ for x86-64. Nothing here touches a device.
 
 import struct
 
-from ioctl_opt import IO, IOR, IOW
+from ioctl_opt import IO, IOR, IOW, IOWR
 
 U64 = struct.Struct("@Q")
 INT = struct.Struct("@i")
@@ -20,6 +20,8 @@ BLKSSZGET = IO(0x12, 104)                   # logical sector size (int)
 BLKPBSZGET = IO(0x12, 123)                  # physical sector size (int)
 BLKDISCARD = IO(0x12, 119)                  # uint64[2] {start, length}
 BLKFLSBUF = IO(0x12, 97)
+FIFREEZE = IOWR(ord("X"), 119, INT)         # freeze a mounted file system (int)
+FITHAW = IOWR(ord("X"), 120, INT)           # thaw it (int)
 
 # struct flock for F_GETLK/F_SETLK (x86-64): short type, short whence, off_t start,
 # off_t len, pid_t pid (+ padding)

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="values p
 
 @pytest.mark.parametrize("name, value", [
     ("BLKGETSIZE64", 0x80081272), ("BLKSSZGET", 0x1268), ("BLKPBSZGET", 0x127B),
-    ("BLKDISCARD", 0x1277), ("BLKFLSBUF", 0x1261),
+    ("BLKDISCARD", 0x1277), ("BLKFLSBUF", 0x1261), ("FIFREEZE", 0xC0045877),
+    ("FITHAW", 0xC0045878),
     ("LOOP_SET_FD", 0x4C00), ("LOOP_CLR_FD", 0x4C01), ("LOOP_SET_STATUS64", 0x4C04),
     ("LOOP_GET_STATUS64", 0x4C05), ("LOOP_SET_DIRECT_IO", 0x4C08),
     ("LOOP_SET_BLOCK_SIZE", 0x4C09), ("LOOP_CONFIGURE", 0x4C0A), ("LOOP_CTL_ADD", 0x4C80),

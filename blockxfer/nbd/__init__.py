@@ -2,6 +2,7 @@
 
 `protocol` holds the wire formats, `negotiate` the fixed newstyle handshake,
 `transmit` the transmission phase of one connection, `server` the listener and
-its lifecycle, `control` the JSON-lines socket other blockxfer commands use
-while a server owns the volume, and `freeze` the FIFREEZE/FITHAW ioctls.
+its lifecycle, and `control` the JSON-lines socket other blockxfer commands
+use while a server owns the volume (the FIFREEZE/FITHAW ioctls it may call are
+in `blockxfer.drivers.freeze`, handed in by the serve command).
 """

@@ -12,6 +12,11 @@ Protocol: JSON lines over a Unix stream socket. A request is
 `{"id": 1, "ok": false, "error": {"type": "AlreadyExists", "message": "...",
 "exit_code": 5}}`. Requests on one connection are answered in order. `call()`
 is the client: it raises the named BlockxferError subclass on an error.
+
+`ControlServer` itself answers only `ping`, `commit` and the server's `info`;
+the volume commands (`snapshot`, `snapshots`, `image`, ...) are registered by
+`blockxfer.remote`. Freezing a file system is an ioctl, so the function that
+does it is handed in (`freezer`) by whoever wires the server up.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from typing import Any
 from blockxfer import errors
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
 
-from . import freeze as freeze_mod
 from .exports import LockedVolume
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ MAX_LINE = 1 << 20
 _ids = itertools.count(1)
 
 Handler = Callable[..., Any]
+Freezer = Callable[[str], contextlib.AbstractContextManager[None]]
 
 
 class ServerNotRunning(DeviceError):
@@ -114,35 +119,33 @@ class ControlServer:
     """Answers control requests against the server's locked volume."""
 
     def __init__(self, vol: LockedVolume, *, info: Callable[[], dict[str, Any]] | None = None,
-                 freezer: Callable[[str], contextlib.AbstractContextManager[None]]
-                 = freeze_mod.frozen) -> None:
-        self.vol, self._extra_info, self._frozen = vol, info, freezer
+                 freezer: Freezer | None = None) -> None:
+        self.vol, self._extra_info, self._freezer = vol, info, freezer
         self.commands: dict[str, Handler] = {
             "ping": lambda: {"pid": os.getpid()},
-            "info": self._info,
-            "snapshots": lambda: self.vol.call("snapshot_names"),
-            "snapshot": self._snapshot,
+            "info": self.server_info,
             "commit": lambda: self.vol.call("commit"),
         }
 
     def register(self, command: str, handler: Handler) -> None:
-        """Add a command (e.g. `send`) that another layer implements."""
+        """Add a command (e.g. `snapshot`) that another layer implements."""
         self.commands[command] = handler
 
-    def _info(self) -> dict[str, Any]:
-        v = self.vol.volume
-        out = {"block_size": v.block_size, "virtual_size": v.virtual_size,
-               "snapshots": self.vol.call("snapshot_names"), "pid": os.getpid()}
+    def server_info(self) -> dict[str, Any]:
+        """Who serves the volume and how: pid, clients, exports."""
+        out: dict[str, Any] = {"pid": os.getpid()}
         if self._extra_info:
             out.update(self._extra_info())
         return out
 
-    def _snapshot(self, name: str, shadow: bool = False, master: bool = False,
-                  freeze: str | None = None) -> dict[str, Any]:
-        # Freeze outside the volume lock: the file system flushes through NBD to us.
-        with self._frozen(freeze) if freeze else contextlib.nullcontext():
-            self.vol.call("create_snapshot", name, shadow=shadow, master=master)
-        return {"name": name, "frozen": freeze}
+    def frozen(self, mountpoint: str | None) -> contextlib.AbstractContextManager[None]:
+        """Freeze `mountpoint` for the body (nothing when None). Call it outside the
+        volume lock: the file system flushes through NBD to this very server."""
+        if not mountpoint:
+            return contextlib.nullcontext()
+        if self._freezer is None:
+            raise UsageError("this server was started without file system freezing")
+        return self._freezer(mountpoint)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         rid = request.get("id") if isinstance(request, dict) else None

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from blockxfer.errors import DeviceError, UsageError
 
 from . import protocol as p
-from .control import ControlServer, bind_control
+from .control import ControlServer, Freezer, bind_control
 from .exports import ExportTable, LockedVolume, VolumeLike
 from .negotiate import negotiate
 from .sockio import tune
@@ -90,9 +90,11 @@ class Server:
         self.add_listener(sock, self.start_connection)
         return sock
 
-    def serve_control(self, volume_path: str) -> ControlServer:
-        """Answer `blockxfer` commands for `volume_path` on its control socket."""
-        ctl = ControlServer(self.vol, info=self._stats)
+    def serve_control(self, volume_path: str, *,
+                      freezer: Freezer | None = None) -> ControlServer:
+        """Answer `blockxfer` commands for `volume_path` on its control socket
+        (`blockxfer.remote.register` adds the volume commands)."""
+        ctl = ControlServer(self.vol, info=self._stats, freezer=freezer)
         self.add_listener(bind_control(volume_path), ctl.start_connection)
         return ctl
 

@@ -7,6 +7,12 @@ executes them against the locked volume and sends each reply with a single
 volume work of the previous one, and many requests may be in flight. Replies
 leave in completion order, which the protocol allows.
 
+The worker merges queued READs (or WRITEs) that continue each other into one
+volume call of up to `BATCH_BYTES`: the volume then has several device
+requests in flight instead of one per NBD request, and the lock is taken once
+per batch (profiling nbdcopy against the real volume: per-request calls kept
+the device at queue depth one or two and left workers waiting on the lock).
+
 A broken request header (bad magic, a write payload larger than we accept)
 ends the connection after the queued requests are answered; a request that is
 merely invalid gets its error reply. A partly received write is never applied.
@@ -22,7 +28,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blockxfer.errors import BlockxferError
+from blockxfer.errors import BlockxferError, VolumeFull
 
 from . import protocol as p
 from .errmap import nbd_error
@@ -36,6 +42,9 @@ INFLIGHT_BYTES = 128 << 20       # queued per connection before reading pauses (
 _KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
                 | p.CMD_FLAG_FAST_ZERO)
 _MAX_DESCRIPTORS = 1 << 16
+BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
+_BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
+_NOTHING = object()
 
 
 class RequestError(Exception):
@@ -127,15 +136,89 @@ class Transmission:
     # --- worker side ---
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        held: object = _NOTHING
+        while True:
+            job = self._jobs.get() if held is _NOTHING else held
+            if job is None:
+                return
+            assert isinstance(job, _Job)
+            batch, held = self._gather(job)
             try:
-                self._execute(job)
+                if len(batch) == 1:
+                    self._execute(job)
+                else:
+                    self._execute_batch(batch)
             finally:
-                if job.buf is not None:
-                    self._pool.put(job.buf)
-                with self._cond:
-                    self._inflight -= job.cost
-                    self._cond.notify()
+                self._release(batch)
+
+    def _gather(self, job: _Job) -> tuple[list[_Job], object]:
+        """`job` plus the queued jobs that continue it (same command, next offset);
+        the first job that does not fit is handed back to be run next."""
+        batch = [job]
+        if not self._batchable(job.req):
+            return batch, _NOTHING
+        end, total = job.req.offset + job.req.length, job.req.length
+        while total < BATCH_BYTES:
+            try:
+                nxt = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if (nxt is None or nxt.req.type != job.req.type or nxt.req.offset != end
+                    or total + nxt.req.length > BATCH_BYTES or not self._batchable(nxt.req)):
+                return batch, nxt
+            batch.append(nxt)
+            end += nxt.req.length
+            total += nxt.req.length
+        return batch, _NOTHING
+
+    def _batchable(self, req: p.Request) -> bool:
+        allowed = _BATCH_FLAGS.get(req.type)
+        return (allowed is not None and not req.flags & ~allowed
+                and 0 < req.length <= MAX_PAYLOAD
+                and req.offset + req.length <= self.export.size
+                and not (req.type == p.CMD_WRITE and self.export.read_only))
+
+    def _release(self, batch: list[_Job]) -> None:
+        for job in batch:
+            if job.buf is not None:
+                self._pool.put(job.buf)
+        with self._cond:
+            self._inflight -= sum(job.cost for job in batch)
+            self._cond.notify()
+
+    def _execute_batch(self, batch: list[_Job]) -> None:
+        """One volume call for contiguous requests, then every reply in one send."""
+        first = batch[0].req
+        total = sum(job.req.length for job in batch)
+        parts: list[bytes | memoryview] = []
+        try:
+            if first.type == p.CMD_WRITE:
+                self._write_batch(batch, total)
+                parts = [p.pack_simple_reply(job.req.cookie) for job in batch]
+            else:
+                data = memoryview(self.vol.call("read", first.offset, total,
+                                                self.export.snapshot))
+                for job in batch:
+                    at = job.req.offset - first.offset
+                    parts += self._read_reply(job.req, data[at:at + job.req.length])
+        except Exception as e:  # noqa: BLE001 - as in _execute: every request gets its error
+            if not isinstance(e, BlockxferError):
+                log.exception("requests at %d+%d failed", first.offset, total)
+            parts = [self._error_reply(job.req, nbd_error(e), str(e)) for job in batch]
+        self._send(parts)
+
+    def _write_batch(self, batch: list[_Job], total: int) -> None:
+        buf = self._pool.get(total)
+        try:
+            view, at = memoryview(buf), 0
+            for job in batch:
+                assert job.buf is not None
+                view[at:at + job.req.length] = memoryview(job.buf)[:job.req.length]
+                at += job.req.length
+            fua = any(job.req.flags & p.CMD_FLAG_FUA for job in batch)
+            self._change("write", batch[0].req.offset, view[:total], fua=fua)
+        finally:
+            self._pool.put(buf)
 
     def _execute(self, job: _Job) -> None:
         req = job.req
@@ -188,6 +271,9 @@ class Transmission:
         if req.length > MAX_PAYLOAD:
             raise RequestError(p.EINVAL, f"read of {req.length} bytes exceeds {MAX_PAYLOAD}")
         data = self.vol.call("read", req.offset, req.length, self.export.snapshot)
+        return self._read_reply(req, data)
+
+    def _read_reply(self, req: p.Request, data: bytes | memoryview) -> list[bytes | memoryview]:
         if not self.session.structured:
             return [p.pack_simple_reply(req.cookie), data]
         if req.length == 0:
@@ -196,10 +282,8 @@ class Transmission:
 
     def _write(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
         assert buf is not None
-        with self.vol.lock:
-            self.vol.volume.write(req.offset, memoryview(buf)[:req.length])
-            if req.flags & p.CMD_FLAG_FUA:
-                self.vol.volume.commit()
+        self._change("write", req.offset, memoryview(buf)[:req.length],
+                     fua=bool(req.flags & p.CMD_FLAG_FUA))
         return [p.pack_simple_reply(req.cookie)]
 
     def _flush(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
@@ -216,11 +300,23 @@ class Transmission:
         return self._modify(req, "write_zeroes")
 
     def _modify(self, req: p.Request, method: str) -> list[bytes | memoryview]:
-        with self.vol.lock:
-            getattr(self.vol.volume, method)(req.offset, req.length)
-            if req.flags & p.CMD_FLAG_FUA:
-                self.vol.volume.commit()
+        self._change(method, req.offset, req.length, fua=bool(req.flags & p.CMD_FLAG_FUA))
         return [p.pack_simple_reply(req.cookie)]
+
+    def _change(self, method: str, offset: int, arg: object, *, fua: bool) -> None:
+        """A write, trim or zeroing under the lock; commits for FUA. Blocks freed since
+        the last CP are not reusable until the next one, so a client rewriting a
+        nearly full disk between CPs would see ENOSPC although the space is there:
+        on VolumeFull, commit once (freeing them) and try again."""
+        call = getattr(self.vol.volume, method)
+        with self.vol.lock:
+            try:
+                call(offset, arg)
+            except VolumeFull:
+                self.vol.volume.commit()
+                call(offset, arg)
+            if fua:
+                self.vol.volume.commit()
 
     def _block_status(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
         if not self.session.contexts:

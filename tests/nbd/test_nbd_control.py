@@ -16,10 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from blockxfer import remote
+from blockxfer.drivers import freeze
+from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import AlreadyExists, DeviceBusy, DeviceError, UsageError
-from blockxfer.nbd import control, freeze
+from blockxfer.nbd import control
 from blockxfer.nbd import protocol as p
 from blockxfer.nbd.server import Server, parse_listen
+from blockxfer.volume import Volume
 from tests.nbd.fakes import FakeVolume
 from tests.nbd.nbdclient import Client
 
@@ -48,27 +52,37 @@ def test_socket_path_is_stable_per_realpath(tmp_path: Path, run_dir: str) -> Non
 def test_call_round_trip(served: tuple[str, Server]) -> None:
     path, _ = served
     assert control.call(path, "ping")["pid"] == os.getpid()
-    assert control.call(path, "snapshots") == ["s1"]
-    assert control.call(path, "snapshot", name="s2") == {"name": "s2", "frozen": None}
     info = control.call(path, "info")
-    assert info["snapshots"] == ["s1", "s2"] and info["exports"] == ["", "@s1", "@s2"]
-    with pytest.raises(AlreadyExists):
-        control.call(path, "snapshot", name="s2")
+    assert info["pid"] == os.getpid() and info["exports"] == ["", "@s1"]
+    assert control.call(path, "commit") is None
     with pytest.raises(UsageError):
         control.call(path, "no-such-command")
     with pytest.raises(UsageError):
-        control.call(path, "snapshot", bogus=1)
+        control.call(path, "ping", bogus=1)
 
 
-def test_snapshot_via_control_is_exported_at_once(served: tuple[str, Server],
-                                                   volume: FakeVolume) -> None:
-    path, server = served
-    volume.write(0, b"live")
-    control.call(path, "snapshot", name="new")
-    c = Client.attach(server)
-    c.handshake()
-    c.go("@new")
-    assert c.read(0, 4) == b"live"
+def test_snapshot_via_control_is_exported_at_once(tmp_path: Path) -> None:
+    server = Server(Volume.create(open_device(str(tmp_path / "real.img"), write=True,
+                                              create_size=16 << 20)))
+    path = str(tmp_path / "real.img")
+    remote.register(server.serve_control(path))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        server.vol.call("write", 0, b"live")
+        assert remote.snapshot(path, "new")["name"] == "new"  # type: ignore[index]
+        with pytest.raises(AlreadyExists):
+            remote.snapshot(path, "new")
+        with pytest.raises(UsageError):
+            control.call(path, "snapshot", bogus=1)
+        c = Client.attach(server)
+        c.handshake()
+        c.go("@new")
+        assert c.read(0, 4) == b"live"
+    finally:
+        server.stop()
+        t.join(10)
+        server.vol.volume.close()
 
 
 def test_second_server_on_same_volume_is_refused(served: tuple[str, Server]) -> None:
@@ -93,7 +107,7 @@ def test_garbage_line_gets_an_error_reply(served: tuple[str, Server]) -> None:
         assert b'"ok": false' in f.readline() and b'"ok": false' in f.readline()
 
 
-def test_snapshot_with_freeze_thaws_around_it(volume: FakeVolume) -> None:
+def test_snapshot_with_freeze_thaws_around_it(tmp_path: Path) -> None:
     events: list[str] = []
 
     @contextlib.contextmanager
@@ -102,13 +116,28 @@ def test_snapshot_with_freeze_thaws_around_it(volume: FakeVolume) -> None:
         yield
         events.append(f"thaw {mnt}")
 
-    server = Server(volume)
+    server = Server(Volume.create(open_device(str(tmp_path / "v"), write=True,
+                                              create_size=16 << 20)))
     ctl = control.ControlServer(server.vol, freezer=fake_frozen)
-    orig = volume.create_snapshot
-    volume.create_snapshot = lambda *a, **k: (events.append("snapshot"), orig(*a, **k))[1]
+    remote.register(ctl)
+    vol = server.vol.volume
+    orig = vol.create_snapshot
+    vol.create_snapshot = lambda *a, **k: (events.append("snapshot"), orig(*a, **k))[1]  # type: ignore[method-assign]
     reply = ctl.handle({"id": 3, "command": "snapshot", "args": {"name": "f", "freeze": "/mnt"}})
-    assert reply == {"id": 3, "ok": True, "result": {"name": "f", "frozen": "/mnt"}}
+    assert reply["ok"] and reply["result"]["name"] == "f" and reply["result"]["frozen"] == "/mnt"
     assert events == ["freeze /mnt", "snapshot", "thaw /mnt"]
+    vol.close()
+
+
+def test_freeze_needs_a_freezer(tmp_path: Path) -> None:
+    server = Server(Volume.create(open_device(str(tmp_path / "v"), write=True,
+                                              create_size=16 << 20)))
+    ctl = control.ControlServer(server.vol)
+    remote.register(ctl)
+    reply = ctl.handle({"id": 1, "command": "snapshot", "args": {"name": "f", "freeze": "/m"}})
+    assert not reply["ok"] and reply["error"]["type"] == "UsageError"
+    assert server.vol.call("snapshot_names") == []
+    server.vol.volume.close()
 
 
 def test_freeze_ioctl_numbers_are_pinned() -> None:
@@ -158,6 +187,7 @@ SERVE_SCRIPT = textwrap.dedent("""
     from blockxfer import cli_serve
     from tests.nbd.fakes import FakeVolume
     vol = FakeVolume(1 << 20)
+    vol.start_cp_timer = lambda: print("timer", flush=True)
     @contextlib.contextmanager
     def open_volume(path):
         yield vol
@@ -194,7 +224,8 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path, run_dir: str) -> None:
     finally:
         proc.kill()
     assert proc.returncode == 0, err
+    assert out.startswith("timer\n")              # serve starts the CP timer
     assert "closed" in out and "b'kept'" in out
-    assert int(out.split()[1]) >= 2            # the server's final commit, then close()
+    assert int(out.split()[2]) >= 2            # the server's final commit, then close()
     assert not os.path.exists(sock)
     assert not os.path.exists(control.socket_path(str(tmp_path / "v")))

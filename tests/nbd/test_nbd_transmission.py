@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import struct
 
+import pytest
+
 from blockxfer.errors import MediumError, VolumeFull
 from blockxfer.nbd import protocol as p
 from blockxfer.nbd.errmap import nbd_error
@@ -104,10 +106,23 @@ def test_disconnect_mid_write_applies_nothing(server: Server, volume: FakeVolume
     assert volume.read(0, 8192) == bytes(8192)
 
 
-def test_volume_errors_use_the_table(server: Server, volume: FakeVolume) -> None:
+def test_volume_full_commits_once_then_retries(server: Server, volume: FakeVolume) -> None:
     c = connect(server)
-    volume.fail_next = VolumeFull("full")
-    assert c.request(p.CMD_WRITE, 0, 1, payload=b"x") == p.ENOSPC
+    before = volume.commits
+    volume.fail_next = VolumeFull("full until the next CP frees blocks")
+    assert c.request(p.CMD_WRITE, 0, 1, payload=b"y") == 0
+    assert volume.commits == before + 1 and volume.read(0, 1) == b"y"
+
+
+def test_volume_errors_use_the_table(server: Server, volume: FakeVolume,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    c = connect(server)
+
+    def full(*_: object) -> None:
+        raise VolumeFull("full")
+    with monkeypatch.context() as m:
+        m.setattr(volume, "write", full)
+        assert c.request(p.CMD_WRITE, 0, 1, payload=b"x") == p.ENOSPC
     volume.fail_next = MediumError("bad sector")
     c.send(p.CMD_READ, 0, 1)
     assert c.simple()[0] == p.EIO
@@ -188,3 +203,37 @@ def test_client_that_never_reads_replies_is_bounded(server: Server) -> None:
     assert other.read(1 << 20, 8) == b"snapdata"
     greedy.close()
     assert other.read(1 << 20, 8) == b"snapdata"
+
+
+def test_pipelined_contiguous_requests_are_merged_and_all_answered(
+        server: Server, volume: FakeVolume, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued WRITEs (then READs) that continue each other may reach the volume merged
+    (timing decides); every request is answered once, the data lands intact, and an
+    invalid request in between breaks the run and gets its own error."""
+    calls: list[tuple[str, int, int]] = []
+    write, read = volume.write, volume.read
+    monkeypatch.setattr(volume, "write", lambda off, data: (
+        calls.append(("write", off, len(data))), write(off, data))[1])
+    monkeypatch.setattr(volume, "read", lambda off, n, snap=None: (
+        calls.append(("read", off, n)), read(off, n, snap))[1])
+    c = connect(server)
+    data = bytes(range(256)) * 64                   # 16 KiB
+    ops = [(p.CMD_WRITE, k * 4096, data[k * 4096:(k + 1) * 4096]) for k in range(4)]
+    ops.insert(2, (p.CMD_WRITE, 8 << 20, b"x"))     # past the end: ENOSPC, not merged
+    for cookie, (typ, off, payload) in enumerate(ops):
+        c.send(typ, off, len(payload), payload=payload, cookie=cookie)
+    replies = {cookie: error for error, cookie, _ in (c.simple() for _ in ops)}
+    assert replies == {0: 0, 1: 0, 2: p.ENOSPC, 3: 0, 4: 0}
+    for k in range(4):
+        c.send(p.CMD_READ, k * 4096, 4096, cookie=100 + k)
+    got = {}
+    for _ in range(4):
+        error, cookie, payload = c.simple(4096)
+        assert error == 0
+        got[cookie] = payload
+    assert b"".join(got[100 + k] for k in range(4)) == data
+    writes = [x for x in calls if x[0] == "write"]
+    reads = [x for x in calls if x[0] == "read"]
+    assert volume.read(0, len(data)) == data
+    assert sum(n for _, _, n in writes) == len(data) and len(writes) <= 4
+    assert sum(n for _, _, n in reads) == len(data) and len(reads) <= 4

@@ -4,13 +4,13 @@ Freezing makes the file system flush its dirty data and journal to the device
 (here: through NBD to our own server) and block new writes until thawed, so a
 snapshot taken in between is consistent for the file system too.
 
-These are Linux ioctls and belong under `drivers/` (DESIGN: drivers is the one
-place that knows ioctls); they sit here until that package is free to change.
+The core never imports this module: `blockxfer serve` (the wiring) hands
+`frozen` to the control server, which calls it for `snapshot --freeze`.
+Request numbers live in `ioctls` with the others.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -18,12 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ioctl_opt import IOWR
-
 from blockxfer.errors import DeviceBusy, DeviceError
 
-FIFREEZE = IOWR(ord("X"), 119, ctypes.c_int)     # linux/fs.h: _IOWR('X', 119, int)
-FITHAW = IOWR(ord("X"), 120, ctypes.c_int)       # linux/fs.h: _IOWR('X', 120, int)
+from .ioctls import FIFREEZE, FITHAW
 
 _BY_ERRNO: dict[int, type[DeviceError]] = {errno.EBUSY: DeviceBusy}
 _WHY = {

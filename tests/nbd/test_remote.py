@@ -1,0 +1,130 @@
+"""Commands routed through a real `blockxfer serve` on a real volume.
+
+The server runs as its own process (the volume's lock is a POSIX record lock,
+which never conflicts within one process), so opening the volume directly here
+must fail and name the serving pid, while every `blockxfer.remote` function
+answers through the control socket with the JSON the local command prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockxfer import remote
+from blockxfer.errors import AlreadyExists, DeviceBusy, NotFound, VolumeError
+from blockxfer.handles import init_volume, open_volume
+from blockxfer.nbd import control
+from blockxfer.nbd import protocol as p
+from tests.nbd.nbdclient import Client
+
+BX = [sys.executable, "-m", "blockxfer.cli"]
+
+
+def bx(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BX, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def serving(tmp_path: Path, run_dir: str) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    path, sock = str(tmp_path / "vol.img"), str(tmp_path / "nbd.sock")
+    init_volume(path, size=32 << 20, block_size=4096, force=False).close()
+    proc = subprocess.Popen([*BX, "serve", path, "--listen", f"unix:{sock}"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not control.server_running(path):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield path, sock, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+
+
+def nbd(sock: str, export: str = "") -> Client:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    c = Client(s)
+    c.handshake()
+    c.go(export)
+    return c
+
+
+def test_no_server_means_none(tmp_path: Path) -> None:
+    assert remote.server_for(str(tmp_path / "nothing")) is None
+    assert remote.snapshots(str(tmp_path / "nothing")) is None
+    assert remote.info(str(tmp_path / "nothing")) is None
+
+
+def test_commands_go_through_the_server(serving: tuple[str, str, subprocess.Popen[str]]) -> None:
+    path, sock, proc = serving
+    with pytest.raises(DeviceBusy, match=f"process {proc.pid}"), open_volume(path):
+        pass
+    assert remote.server_for(path) is not None
+
+    c = nbd(sock)
+    assert c.request(p.CMD_WRITE, 0, 8, payload=b"before!!") == 0
+    snap = remote.snapshot(path, "s1", master=True)
+    assert snap is not None and snap["name"] == "s1" and snap["master"] and not snap["shadow"]
+    assert c.request(p.CMD_WRITE, 0, 8, payload=b"after!!!") == 0
+    assert nbd(sock, "@s1").read(0, 8) == b"before!!"
+    with pytest.raises(AlreadyExists):
+        remote.snapshot(path, "s1")
+
+    info = remote.info(path)
+    assert info is not None and info["snapshots"] == 1 and info["block_size"] == 4096
+    assert info["server"]["pid"] == proc.pid and info["server"]["exports"] == ["", "@s1"]
+
+    assert remote.snapshot(path, "s2") is not None
+    assert remote.set_pointer(path, "master", "s1") == {"pointer": "master", "snapshot": "s1"}
+    listing = remote.snapshots(path)
+    assert listing is not None
+    assert [r["name"] for r in listing["snapshots"]] == ["s1", "s2"]
+    assert listing["pointers"] == {"master": "s1"}
+
+    img = remote.image(path, "s2 - master")
+    assert img is not None and img["top"] == "s2" and img["base"] == "s1" and img["blocks"] >= 1
+    with pytest.raises(VolumeError):          # the pointer still refers to s1
+        remote.destroy(path, "s1")
+    assert remote.delete_pointer(path, "master") == {"pointer": "master", "snapshot": None}
+    with pytest.raises(NotFound):
+        remote.delete_pointer(path, "master")
+    assert remote.destroy(path, "s2") == {"destroyed": "s2"}
+    final = remote.snapshots(path)
+    c.close()
+
+    proc.send_signal(signal.SIGTERM)             # a clean stop: final CP, lock released
+    assert proc.wait(30) == 0
+    assert remote.server_for(path) is None
+    local = bx("snapshots", path, "--json")      # the local command prints the same JSON
+    assert local.returncode == 0, local.stderr
+    assert json.loads(local.stdout) == final
+    with open_volume(path) as vol:
+        assert vol.read(0, 8) == b"after!!!" and vol.read(0, 8, snapshot="s1") == b"before!!"
+    img_local = json.loads(bx("image", path, "s1", "--json").stdout)
+    assert set(img_local) == set(img)
+
+
+def test_served_volume_survives_sigterm_without_flush(
+        serving: tuple[str, str, subprocess.Popen[str]]) -> None:
+    path, sock, proc = serving
+    data = os.urandom(3 << 20)
+    c = nbd(sock)
+    for off in range(0, len(data), 256 << 10):
+        assert c.request(p.CMD_WRITE, off, 256 << 10, payload=data[off:off + (256 << 10)]) == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    with open_volume(path) as vol:
+        assert vol.read(0, len(data)) == data
