@@ -11,21 +11,18 @@ import json
 import queue
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from blockxfer import __version__, cli_devices, cli_serve
+from blockxfer import __version__, cli_devices, cli_serve, remote
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.handles import init_volume, open_volume, split_target
-from blockxfer.image import evaluate
 from blockxfer.progress import Progress
 from blockxfer.tape import Tape
 from blockxfer.units import human, parse_size
 from blockxfer.volume.check import check_volume
-from blockxfer.volume.layout import SnapshotEntry
 
 CHUNK = 8 << 20
 
@@ -58,8 +55,10 @@ def cmd_init(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    with open_volume(a.path) as vol:
-        info = vol.info()
+    info = remote.info(a.path)                 # a server owns the volume: ask it
+    if info is None:
+        with open_volume(a.path) as vol:
+            info = vol.info()
     if a.json:
         _print_json(info)
     else:
@@ -128,6 +127,12 @@ def cmd_read(a: argparse.Namespace) -> int:
 
 def cmd_snapshot(a: argparse.Namespace) -> int:
     path, name = _need_snapshot(a.target)
+    r = remote.snapshot(path, name, shadow=a.shadow, master=a.master, freeze=a.freeze)
+    if r is not None:
+        print(f"{path}@{name}: snapshot {r['id']} at CP {r['generation']}, {r['blocks']} blocks")
+        return 0
+    if a.freeze:
+        raise UsageError(f"--freeze needs the server that exports {path} (blockxfer serve)")
     with open_volume(path, write=True) as vol:
         vol.create_snapshot(name, shadow=a.shadow, master=a.master)
         e = vol.resolve(name)
@@ -135,16 +140,12 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
     return 0
 
 
-def _snapshot_row(e: SnapshotEntry) -> dict[str, object]:
-    return {"name": e.name, "id": e.id, "created": _when(e.created), "generation": e.generation,
-            "shadow": e.shadow, "master": e.master, "blocks": e.blocks,
-            "incomplete": bool(e.flags & 4), "guid": e.guid.hex()}
-
-
 def cmd_snapshots(a: argparse.Namespace) -> int:
-    with open_volume(a.path) as vol:
-        rows = [_snapshot_row(e) for e in vol.snapshots()]
-        pointers = vol.pointers
+    listing = remote.snapshots(a.path)
+    if listing is None:
+        with open_volume(a.path) as vol:
+            listing = remote.snapshots_listing(vol)
+    rows, pointers = listing["snapshots"], listing["pointers"]
     if a.json:
         _print_json({"snapshots": rows, "pointers": pointers})
         return 0
@@ -160,6 +161,9 @@ def cmd_snapshots(a: argparse.Namespace) -> int:
 
 def cmd_destroy(a: argparse.Namespace) -> int:
     path, name = _need_snapshot(a.target)
+    if remote.destroy(path, name) is not None:
+        print(f"{path}@{name}: destroyed")
+        return 0
     with open_volume(path, write=True) as vol:
         vol.destroy_snapshot(name)
     print(f"{path}@{name}: destroyed")
@@ -167,24 +171,29 @@ def cmd_destroy(a: argparse.Namespace) -> int:
 
 
 def cmd_pointer(a: argparse.Namespace) -> int:
+    if not a.delete and not a.snapshot:
+        raise UsageError("name the snapshot the pointer should refer to, or give --delete")
+    if a.delete and remote.delete_pointer(a.path, a.name) is not None:
+        print(f"pointer {a.name} deleted")
+        return 0
+    if not a.delete and remote.set_pointer(a.path, a.name, a.snapshot) is not None:
+        print(f"pointer {a.name} -> {a.snapshot}")
+        return 0
     with open_volume(a.path, write=True) as vol:
         if a.delete:
             vol.delete_pointer(a.name)
             print(f"pointer {a.name} deleted")
             return 0
-        if not a.snapshot:
-            raise UsageError("name the snapshot the pointer should refer to, or give --delete")
         vol.set_pointer(a.name, a.snapshot)
     print(f"pointer {a.name} -> {a.snapshot}")
     return 0
 
 
 def cmd_image(a: argparse.Namespace) -> int:
-    with open_volume(a.path) as vol:
-        t0 = time.perf_counter()
-        img = evaluate(a.expression, vol, vol.block_size)
-        info = img.as_dict()
-        info["seconds"] = round(time.perf_counter() - t0, 6)
+    info = remote.image(a.path, a.expression)
+    if info is None:
+        with open_volume(a.path) as vol:
+            info = remote.image_report(vol, a.expression)
     if a.json:
         _print_json(info)
     else:
@@ -482,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", metavar="PATH@NAME")
     sp.add_argument("--shadow", action="store_true", help="blocks stay reusable (a base only)")
     sp.add_argument("--master", action="store_true", help="a replication anchor")
+    sp.add_argument("--freeze", metavar="MOUNTPOINT",
+                    help="freeze this mounted file system around the snapshot (needs serve)")
 
     sp = cmd("snapshots", cmd_snapshots, "list snapshots and pointers")
     sp.add_argument("path")
