@@ -220,3 +220,15 @@ def test_block_checksum_detects_damage(volume: Volume) -> None:
     report = check_volume(vol)
     assert not report.clean and any(str(vbn) in p for p in report.problems)
     vol.close()
+
+
+def test_rewriting_a_full_disk_commits_instead_of_failing(volume_path: str) -> None:
+    vol = _small(volume_path, size=3 << 20)       # room for the disk once, plus a little
+    data = os.urandom(2 << 20)
+    vol.write(0, data)
+    vol.commit()
+    for _ in range(3):                             # each pass frees what the last one used
+        for off in range(0, 2 << 20, 256 << 10):   # in requests, as an NBD client writes
+            vol.write(off, data[off:off + (256 << 10)])
+    assert vol.read(0, 2 << 20) == data
+    vol.close()

@@ -250,6 +250,12 @@ class Volume:
             if self._tracker:
                 self._tracker.freed[start:start + count] = 1
 
+    def _freed_pending(self) -> bool:
+        """Are blocks waiting for the next CP to become free?"""
+        busy = self._busy_plane()
+        return busy.count() > (self.active.bits | self.pinned()).count() + \
+            self.sb.first_data_vbn + (len(busy) - self.nblocks)
+
     def _alloc_meta(self, count: int) -> list[int]:
         return [v for s, c in self._alloc_runs(count) for v in range(s, s + c)]
 
@@ -424,7 +430,13 @@ class Volume:
 
     def _place(self, v0: int, view: memoryview) -> None:
         count = len(view) // self.block_size
-        runs = self._alloc_runs(count, reserve=self._reserve())
+        try:
+            runs = self._alloc_runs(count, reserve=self._reserve())
+        except VolumeFull:
+            if not self._freed_pending():
+                raise
+            self.commit()                  # blocks freed since the last CP become free
+            runs = self._alloc_runs(count, reserve=self._reserve())
         self.io.write_runs(runs, view, wait=False)  # drained before any read or CP
         vbns = np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in runs])
         ptrs = np.column_stack([vbns, block_checksums(view, self.block_size)])
