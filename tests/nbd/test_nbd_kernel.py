@@ -1,6 +1,7 @@
 """The Linux kernel NBD client on our server: ext4 on the live export, a snapshot
-taken with the file system frozen while a writer runs, and that snapshot
-mounted read-only from its own export.
+taken with the file system frozen while a writer runs, that snapshot mounted
+read-only from its own export, then sent and received to a second volume that is
+served read-only and mounted too.
 
 Runs in the test bed (`make testbed`), which has the nbd module, nbd-client and
 root; `/dev/nbd0` there is taken by the qemu-nbd connection, so this uses nbd1
@@ -60,9 +61,9 @@ def payload(name: str, size: int) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(path: str, sock: str) -> Iterator[subprocess.Popen[str]]:
+def serving(path: str, sock: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([sys.executable, "-m", "blockxfer.cli", "serve", path,
-                             "--listen", f"unix:{sock}"], text=True,
+                             "--listen", f"unix:{sock}", *extra], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -163,6 +164,24 @@ def test_ext4_snapshot_with_freeze_mounts_read_only(tmp_path: Path) -> None:
     with open_volume(path) as vol:
         assert "snap" in vol.snapshot_names()
         assert check_volume(vol).clean
+    _send_receive_and_mount(path, tmp_path, before, n0, n1)
+
+
+def _send_receive_and_mount(path: str, tmp: Path, before: dict[str, bytes], n0: int,
+                            n1: int) -> None:
+    """The snapshot travels as a stream to a second volume, which is served
+    read-only; its file system mounts and holds the same files."""
+    stream, copy, sock = tmp / "snap.stream", str(tmp / "copy.img"), str(tmp / "copy.sock")
+    bx = [sys.executable, "-m", "blockxfer.cli"]
+    sh(*bx, "send", path, "snap", "-o", str(stream))
+    sh(*bx, "receive", copy, "-i", str(stream))
+    with serving(copy, sock, "--read-only") as proc:
+        with attached(sock, SNAP, "@snap", read_only=True):
+            sh("e2fsck", "-fn", SNAP)
+            with mounted(SNAP, tmp / "copy", "ro", "noload") as mnt:
+                _compare(mnt, before, n0, n1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
 
 
 def _compare(snap: Path, before: dict[str, bytes], n0: int, n1: int) -> None:
