@@ -203,6 +203,10 @@ make_disks() {
     for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/r0-$i.img"; add_disk "r0-$i" "$WORK/disks/r0-$i.img"; done
     for i in 0 1 2; do truncate -s ${DISK_MB}M "$WORK/disks/r5-$i.img"; add_disk "r5-$i" "$WORK/disks/r5-$i.img"; done
     for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/spare-$i.img"; add_disk "spare-$i" "$WORK/disks/spare-$i.img"; done
+    # /var/tmp in the guest (ext4): loop devices with direct I/O need a backing
+    # file system that really does O_DIRECT, which the tmpfs overlay does not
+    truncate -s 1G "$WORK/disks/scratch.img"
+    add_disk scratch "$WORK/disks/scratch.img"
     i=0
     local IFS=,
     for f in ${TESTBED_EXTRA_DISKS:-}; do
@@ -358,7 +362,7 @@ TB_BENCH_BPS=$BENCH_BPS
 EOF
     local v
     for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
-             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB; do
+             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB TESTBED_CHUNK5_KB; do
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
     boot
