@@ -10,10 +10,20 @@ crosses early warning completes, the next returns ENOSPC with nothing written,
 and after that ENOSPC and success alternate until the physical end, where the
 ENOSPC is followed by EIO. This class turns that into one `EarlyWarning` (record
 not written) and then plain successes until `EndOfMedium`.
+
+File and block numbers are counted here, not taken from st: st's own count is
+only as good as the residuals the drive reports, and emulated drives (tgt
+1.0.85, research §2.6) report none at end of data, so st's MTEOM leaves file
+8388607 behind and a read after the last filemark returns a full-size block of
+nothing. So filemarks are spaced one at a time, end of data is recognised from
+st's EOD/EOT state after every read (not by "read until two zeros"), and
+MTEOM runs with MT_ST_FAST_MTEOM after the files were counted. Whether the
+drive flags end of data when SPACE runs into it is probed once, at end of data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 from collections.abc import Callable
@@ -57,6 +67,11 @@ class StTape:
         self.path = str(f.name)
         self._ew_reported = False
         self._can_locate: bool | None = None
+        self._file: int | None = None       # own count; None: not yet taken from st
+        self._block = -1                    # -1: unknown
+        self._at_eod = False
+        self._block_size: int | None = None
+        self._space_eod_flagged: bool | None = None   # probed at end of data
 
     # -- ioctls -------------------------------------------------------------
     def _op(self, what: str, op: int, count: int = 1) -> None:
@@ -70,20 +85,45 @@ class StTape:
         if op not in (io.MTWEOF, io.MTWEOFI):
             self._ew_reported = False   # st forgets EOM state on any positioning op
 
-    def status(self) -> TapeStatus:
+    def _mtget(self) -> tuple[int, int, int, int]:
+        """(gstat, fileno, blkno, block size) as st reports them."""
         with device_op("status", self.path):
             raw = self._ioctl(self._f.fileno(), io.MTIOCGET, bytes(io.MTGET.size))
         _type, _part, dsreg, gstat, _erreg, fileno, blkno = io.MTGET.unpack(raw)
-        gstat &= 0xFFFFFFFF
+        return gstat & 0xFFFFFFFF, fileno, blkno, dsreg & io.MT_ST_BLKSIZE_MASK
+
+    def _where(self) -> tuple[int, int]:
+        """Own (file, block); the first call starts from st's count."""
+        if self._file is None:
+            _g, self._file, self._block, self._block_size = self._mtget()
+        return self._file, self._block
+
+    def _moved(self, file: int, block: int, *, eod: bool = False) -> None:
+        self._file, self._block, self._at_eod = file, block, eod
+
+    def _next_file(self, n: int = 1) -> None:
+        file, _ = self._where()
+        self._moved(file + n if file >= 0 else -1, 0)
+
+    def _add_blocks(self, n: int) -> None:
+        self._where()
+        self._at_eod = False
+        if self._block >= 0:
+            self._block += n
+
+    def status(self) -> TapeStatus:
+        gstat, _f, _b, block_size = self._mtget()
+        file, block = self._where()
 
         def bit(b: int) -> bool:
             return bool(gstat & b)
 
         return TapeStatus(
-            online=bit(io.GMT_ONLINE), bot=bit(io.GMT_BOT), eof=bit(io.GMT_EOF),
-            eot=bit(io.GMT_EOT) or self._ew_reported, eod=bit(io.GMT_EOD),
-            write_protected=bit(io.GMT_WR_PROT), file=fileno, block=blkno,
-            block_size=dsreg & io.MT_ST_BLKSIZE_MASK,
+            online=bit(io.GMT_ONLINE), bot=(file, block) == (0, 0),
+            eof=block == 0 and file > 0,
+            eot=bit(io.GMT_EOT) or self._ew_reported, eod=bit(io.GMT_EOD) or self._at_eod,
+            write_protected=bit(io.GMT_WR_PROT), file=file, block=block,
+            block_size=block_size,
             position=self.position() if self.can_locate else None)
 
     @property
@@ -111,6 +151,7 @@ class StTape:
     def locate(self, position: int) -> None:
         self._need_locate("locate")
         self._op("locate", io.MTSEEK, position)
+        self._moved(-1, -1)
 
     def _need_locate(self, what: str) -> None:
         if not self.can_locate:
@@ -119,48 +160,137 @@ class StTape:
 
     def write_filemarks(self, count: int = 1) -> None:
         self._op("write filemark", io.MTWEOF, count)
+        self._next_file(count)
 
     def space_filemarks(self, count: int) -> None:
-        if count:
-            self._space("space filemarks", io.MTFSF if count > 0 else io.MTBSF, abs(count))
+        # Forward one filemark at a time: a drive without residuals (tgt) leaves
+        # st unable to say how many it crossed before end of data.
+        for _ in range(count):
+            self._fsf_one()
+        if count < 0:
+            self._bsf(-count)
+
+    def _fsf_one(self) -> None:
+        self._where()
+        try:
+            self._op("space filemarks", io.MTFSF, 1)
+        except MediumError as e:
+            if self._ran_into_eod():
+                self._moved(self._file if self._file is not None else -1, -1, eod=True)
+                raise EndOfData(f"space filemarks {self.path}: ran into end of data") from e
+            self._moved(-1, -1)
+            raise
+        self._next_file()
+
+    def _ran_into_eod(self) -> bool:
+        """After a forward SPACE failed with EIO: was it end of data?"""
+        if self._mtget()[0] & io.GMT_EOD:
+            return True             # the drive said BLANK CHECK/EOD and st flagged it
+        if self._space_eod_flagged is None:
+            self._space_eod_flagged = self._probe_space_eod()
+        # A drive that never flags it (tgt: NO SENSE 00/05) leaves only a bare EIO.
+        return not self._space_eod_flagged
+
+    def _probe_space_eod(self) -> bool:
+        """Go to end of data and space on: does st flag EOD there?"""
+        self._fast_eom()
+        self._op("space to end of data", io.MTEOM)
+        try:
+            self._op("space filemarks", io.MTFSF, 1)
+        except MediumError:
+            return bool(self._mtget()[0] & io.GMT_EOD)
+        return True     # spaced past end of data: treat failures as real errors
+
+    def _bsf(self, count: int) -> None:
+        file, _ = self._where()
+        try:
+            self._op("space filemarks", io.MTBSF, count)
+        except MediumError as e:
+            if self._mtget()[0] & io.GMT_BOT:
+                self._moved(0, 0)
+                raise EndOfData(f"space filemarks {self.path}: ran into beginning of tape") from e
+            self._moved(-1, -1)
+            raise
+        self._moved(file - count if file >= count else -1, -1)   # before the filemark
 
     def space_records(self, count: int) -> None:
-        if count:
-            self._space("space records", io.MTFSR if count > 0 else io.MTBSR, abs(count))
-
-    def _space(self, what: str, op: int, count: int) -> None:
+        if not count:
+            return
+        file, block = self._where()
+        _g, st_file, _b, _bs = self._mtget()
+        forward = count > 0
         try:
-            self._op(what, op, count)
+            self._op("space records", io.MTFSR if forward else io.MTBSR, abs(count))
         except MediumError as e:
-            st = self.status()
-            if st.eod:
-                raise EndOfData(f"{what} {self.path}: ran into end of data") from e
-            if op in (io.MTBSF, io.MTBSR) and st.bot:
-                raise EndOfData(f"{what} {self.path}: ran into beginning of tape") from e
-            if op in (io.MTFSR, io.MTBSR):
-                raise MediumError(f"{what} {self.path}: crossed a filemark "
-                                  f"(now file {st.file} block {st.block})") from e
-            raise
+            gstat, st_after, st_block, _bs = self._mtget()
+            if gstat & io.GMT_EOD:
+                self._moved(file, -1, eod=True)
+                raise EndOfData(f"space records {self.path}: ran into end of data") from e
+            if not forward and gstat & io.GMT_BOT:
+                self._moved(0, 0)
+                raise EndOfData(f"space records {self.path}: ran into beginning of tape") from e
+            crossed = (st_after == st_file + 1 or (st_file < 0 and st_block == 0)) if forward \
+                else st_after == st_file - 1
+            if not crossed:
+                self._moved(-1, -1)
+                raise
+            # st stops after the filemark going forward, before it going back
+            if forward:
+                self._next_file()
+            else:
+                self._moved(file - 1 if file > 0 else -1, -1)
+            raise MediumError(f"space records {self.path}: crossed a filemark "
+                              f"(now file {self._file} block {self._block})") from e
+        if forward:
+            self._add_blocks(count)
+        else:
+            self._moved(file, block + count if block >= -count else -1)
 
     def rewind(self) -> None:
         self._op("rewind", io.MTREW)
+        self._moved(0, 0)
 
     def seek_eod(self) -> None:
+        """Count the files up to end of data, then land on it (MTEOM)."""
+        if self._where()[0] < 0:
+            self.rewind()
+        self._fast_eom()
+        while True:
+            try:
+                self._fsf_one()
+            except EndOfData:
+                break
         self._op("space to end of data", io.MTEOM)
+        self._moved(self._file if self._file is not None else -1, -1, eod=True)
+
+    def _fast_eom(self) -> None:
+        """MT_ST_FAST_MTEOM: MTEOM goes straight to EOD instead of st counting files
+        with MTFSF 0x7fffff (the count is kept here). Needs CAP_SYS_ADMIN; best effort."""
+        with contextlib.suppress(DeviceError):
+            self._op("set drive options", io.MTSETDRVBUFFER,
+                     io.MT_ST_SETBOOLEANS | io.MT_ST_FAST_MTEOM)
 
     def load(self) -> None:
         self._op("load", io.MTLOAD)
+        self._moved(0, 0)
 
     def unload(self) -> None:
         self._op("unload", io.MTOFFL)
+        self._moved(0, 0)
 
     def erase(self) -> None:
         self._op("erase", io.MTERASE, 1)
 
     def set_block_size(self, size: int) -> None:
         self._op("set block size", io.MTSETBLK, size)
+        self._block_size = size
 
     # -- data ---------------------------------------------------------------
+    def _blocks_in(self, nbytes: int) -> int:
+        if self._block_size is None:
+            self._block_size = self._mtget()[3]
+        return nbytes // self._block_size if self._block_size else 1
+
     def write_record(self, data: bytes | bytearray | memoryview) -> None:
         n = self._write("write", data)
         if n is None:
@@ -171,6 +301,7 @@ class StTape:
             n = self._write("write after early warning", data)   # st lets the next one through
             if n is None:
                 raise EndOfMedium(f"write {self.path}: end of medium; the record was not written")
+        self._add_blocks(self._blocks_in(n) if n else 0)
         if n != len(data):
             err = EndOfMedium(f"write {self.path}: end of medium after {n} of "
                               f"{len(data)} bytes; the record is incomplete")
@@ -195,19 +326,36 @@ class StTape:
                 raise
 
     def read_record(self, size: int) -> bytes:
+        """One record, b"" at a filemark; EndOfData at end of data.
+
+        st's EOD/EOT state is checked after every read: a drive that answers a
+        read at end of data with EOM sense but no residual (tgt) makes st hand
+        back `size` bytes that were never read.
+        """
+        self._where()
+        if self._at_eod:
+            raise EndOfData(f"read {self.path}: end of data")
         buf = bytearray(size)
         try:
             n = self._f.readinto(buf) or 0
         except OSError as e:
             if e.errno == errno.ENOMEM:
+                self._add_blocks(1)
                 raise MediumError(f"read {self.path}: the record is larger than {size} bytes "
                                   "(it was skipped)") from e
-            if e.errno == errno.EIO and self.status().eod:
+            if e.errno == errno.EIO and self._mtget()[0] & io.GMT_EOD:
+                self._at_eod = True
                 raise EndOfData(f"read {self.path}: end of data") from e
             with device_op("read", self.path):
                 raise
-        if n == 0 and self.status().eod:
+        gstat = self._mtget()[0]
+        if gstat & io.GMT_EOD or (n and gstat & io.GMT_EOT):
+            self._at_eod = True
             raise EndOfData(f"read {self.path}: end of data")
+        if n == 0:
+            self._next_file()
+            return b""
+        self._add_blocks(self._blocks_in(n))
         return bytes(buf[:n])
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 from blockxfer.drivers import ioctls as io
 from blockxfer.drivers.st import StTape
 from blockxfer.errors import EndOfMedium, MediumError, UsageError, WriteProtected
-from blockxfer.tape import EarlyWarning, Tape
+from blockxfer.tape import EarlyWarning, EndOfData, Tape
 
 
 class ScriptedTape:
@@ -19,10 +19,15 @@ class ScriptedTape:
 
     name = "/dev/nst9"
 
-    def __init__(self, script: str, ioctl_errors: dict[int, int] | None = None, gstat: int = 0):
+    def __init__(self, script: str, ioctl_errors: dict[int, int] | None = None, gstat: int = 0,
+                 files: int | None = None, flags_eod: bool = True):
         self.script, self.written, self.ops = list(script), [], []
         self.ioctl_errors = ioctl_errors or {}
         self.gstat = gstat
+        # files: filemarks before end of data (MTFSF beyond them fails with EIO);
+        # flags_eod: st then shows GMT_EOD (a drive with BLANK CHECK), else a bare EIO (tgt)
+        self.files, self.flags_eod, self.file = files, flags_eod, 0
+        self.bad_fsf = 0                             # this many MTFSF fail with a medium error
 
     def write(self, data: bytes) -> int:
         step = self.script.pop(0)
@@ -48,7 +53,22 @@ class ScriptedTape:
             code = self.ioctl_errors[request]
             raise OSError(code, os.strerror(code))
         if request == io.MTIOCTOP:
-            self.ops.append(io.MTOP.unpack(arg))
+            op, count = io.MTOP.unpack(arg)
+            self.ops.append((op, count))
+            if op == io.MTREW:
+                self.file = 0
+            elif op == io.MTEOM and self.files is not None:
+                self.file = self.files
+            elif op == io.MTFSF and self.bad_fsf:
+                self.bad_fsf -= 1
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            elif op == io.MTFSF and self.files is not None:
+                if self.file + count > self.files:
+                    self.file = self.files
+                    if self.flags_eod:
+                        self.gstat |= io.GMT_EOD
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                self.file += count
             return arg
         if request == io.MTIOCGET:
             return io.MTGET.pack(0x72, 0, 0, self.gstat, 0, 0, 0)
@@ -126,10 +146,43 @@ def test_ops_send_mtioctop() -> None:
     t.space_filemarks(-2)
     t.space_records(3)
     t.write_filemarks(2)
-    t.seek_eod()
     t.set_block_size(0)
     assert f.ops == [(io.MTREW, 1), (io.MTBSF, 2), (io.MTFSR, 3), (io.MTWEOF, 2),
-                     (io.MTEOM, 1), (io.MTSETBLK, 0)]
+                     (io.MTSETBLK, 0)]
+
+
+FAST_EOM = (io.MTSETDRVBUFFER, io.MT_ST_SETBOOLEANS | io.MT_ST_FAST_MTEOM)
+
+
+def test_seek_eod_counts_files_itself() -> None:
+    t, f = tape("", files=2)
+    t.seek_eod()
+    assert f.ops == [FAST_EOM, (io.MTFSF, 1), (io.MTFSF, 1), (io.MTFSF, 1), (io.MTEOM, 1)]
+    st = t.status()
+    assert (st.file, st.block, st.eod) == (2, -1, True)
+
+
+def test_seek_eod_on_a_drive_that_does_not_flag_eod() -> None:
+    """tgt: SPACE into EOD is a bare EIO; a second SPACE at EOD (the probe) says so."""
+    t, f = tape("", files=3, flags_eod=False)
+    t.seek_eod()
+    assert f.ops[-4:] == [FAST_EOM, (io.MTEOM, 1), (io.MTFSF, 1), (io.MTEOM, 1)]
+    assert t.status().file == 3
+    with pytest.raises(EndOfData):                  # probed once: no second probe
+        t.space_filemarks(1)
+    assert f.ops[-1] == (io.MTFSF, 1)
+
+
+def test_space_eio_mid_tape_is_a_medium_error_on_a_flagging_drive() -> None:
+    """A bare EIO is end of data only on a drive that the probe shows never flags it."""
+    t, f = tape("", files=5)
+    t.rewind()
+    f.bad_fsf = 1                                    # one medium error, no EOD flag
+    with pytest.raises(MediumError) as info:
+        t.space_filemarks(1)
+    assert not isinstance(info.value, EndOfData)
+    assert f.ops[-4:] == [(io.MTFSF, 1), FAST_EOM, (io.MTEOM, 1), (io.MTFSF, 1)]   # probe
+    assert t.status().file == -1                     # position lost
 
 
 def test_status_bits() -> None:

@@ -33,7 +33,10 @@ TAPE_MB=${TESTBED_TAPE_MB:-512}
 TAPE_SMALL_MB=${TESTBED_TAPE_SMALL_MB:-8}
 NBD_MB=${TESTBED_NBD_MB:-256}
 BENCH_DISK_MB=${TESTBED_BENCH_DISK_MB:-512}
-BENCH_BPS=${TESTBED_BENCH_BPS:-20971520}   # 20 MiB/s per throttled disk
+BENCH_BPS=${TESTBED_BENCH_BPS:-16777216}   # 16 MiB/s per bench disk
+BENCH_LATENCY_MS=${TESTBED_BENCH_LATENCY_MS:-4}  # and 4 ms per request (slow-nbd only)
+BENCH_VIA=${TESTBED_BENCH_VIA:-slow-nbd}    # slow-nbd: lib/slownbd.py; throttle: QEMU throttling
+case "$BENCH_VIA" in slow-nbd|throttle) ;; *) echo "TESTBED_BENCH_VIA: slow-nbd or throttle" >&2; exit 2 ;; esac
 TAPE_VIA=${TESTBED_TAPE_VIA:-qemu}          # qemu: libiscsi scsi-generic; open-iscsi: guest initiator
 case "$TAPE_VIA" in qemu|open-iscsi) ;; *) echo "TESTBED_TAPE_VIA: qemu or open-iscsi" >&2; exit 2 ;; esac
 # crc32c first: libcrc32c (needed by raid456 and ext4) asks the crypto API for it
@@ -188,14 +191,38 @@ make_disks() {
     rm -f "$WORK"/disks/*.img
     local i
     if [ "$MODE" = bench ]; then
+        local exports=() port
         for i in 0 1 2 3; do
             # Fill with data once so reads hit real blocks, not holes.
             local f=$WORK/disks/bench-$i.raw
             if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" != $((BENCH_DISK_MB << 20)) ]; then
                 head -c $((BENCH_DISK_MB << 20)) /dev/urandom >"$f"
             fi
-            # throttle each disk on its own: the RAID0 stripe should add them up
-            QEMU_DISKS+=(-drive "file=$f,format=raw,if=none,id=b$i,cache=writeback,throttling.bps-total=$BENCH_BPS"
+            exports+=("bench-$i=$f")
+        done
+        if [ "$BENCH_VIA" = throttle ]; then
+            # QEMU throttling caps each disk's bandwidth but gives no request a
+            # service time: a one-chunk-at-a-time reader gets the sum too
+            for i in 0 1 2 3; do
+                QEMU_DISKS+=(-drive "file=$WORK/disks/bench-$i.raw,format=raw,if=none,id=b$i,cache=writeback,throttling.bps-total=$BENCH_BPS"
+                             -device "virtio-blk-pci,drive=b$i,serial=bench-$i")
+            done
+            return 0
+        fi
+        # Each disk is an export of lib/slownbd.py: one request at a time, each
+        # taking latency + length / bandwidth, like one disk arm.
+        port=$(free_port)
+        python3 "$HERE/lib/slownbd.py" "$port" "$BENCH_BPS" "$BENCH_LATENCY_MS" "${exports[@]}" \
+            >"$RUN/slownbd.log" 2>&1 &
+        PIDS+=($!)
+        for i in $(seq 1 50); do
+            python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1).close()" \
+                "$port" 2>/dev/null && break
+            kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$RUN/slownbd.log" >&2; fail "slownbd.py exited"; }
+            sleep 0.1
+        done
+        for i in 0 1 2 3; do
+            QEMU_DISKS+=(-blockdev "driver=nbd,node-name=b$i,server.type=inet,server.host=127.0.0.1,server.port=$port,export=bench-$i"
                          -device "virtio-blk-pci,drive=b$i,serial=bench-$i")
         done
         return 0
@@ -203,6 +230,10 @@ make_disks() {
     for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/r0-$i.img"; add_disk "r0-$i" "$WORK/disks/r0-$i.img"; done
     for i in 0 1 2; do truncate -s ${DISK_MB}M "$WORK/disks/r5-$i.img"; add_disk "r5-$i" "$WORK/disks/r5-$i.img"; done
     for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/spare-$i.img"; add_disk "spare-$i" "$WORK/disks/spare-$i.img"; done
+    # /var/tmp in the guest (ext4): loop devices with direct I/O need a backing
+    # file system that really does O_DIRECT, which the tmpfs overlay does not
+    truncate -s 1G "$WORK/disks/scratch.img"
+    add_disk scratch "$WORK/disks/scratch.img"
     i=0
     local IFS=,
     for f in ${TESTBED_EXTRA_DISKS:-}; do
@@ -355,10 +386,12 @@ TB_ISCSI_PORT=${TB_ISCSI_PORT:-}
 TB_ISCSI_IQN=${TB_ISCSI_IQN:-}
 TB_TERM=${TERM:-linux}
 TB_BENCH_BPS=$BENCH_BPS
+TB_BENCH_VIA=$BENCH_VIA
+TB_BENCH_LATENCY_MS=$BENCH_LATENCY_MS
 EOF
     local v
     for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
-             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB; do
+             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB TESTBED_CHUNK5_KB; do
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
     boot

@@ -63,9 +63,9 @@ disks_with_prefix() {
     echo "${out[@]:-}"
 }
 
-make_md() {  # make_md /dev/mdN LEVEL CHUNK_KiB DEV...
-    local md=$1 level=$2 chunk=$3
-    shift 3
+make_md() {  # make_md VAR /dev/mdN LEVEL CHUNK_KiB DEV...: exports VAR and VAR_CREATED
+    local var=$1 md=$2 level=$3 chunk=$4
+    shift 4
     [ $# -ge 2 ] || { log "not enough disks for $md"; return 1; }
     local extra=()
     [ "$level" = 5 ] && extra+=(--assume-clean)  # fresh disks are all zero: parity holds
@@ -73,6 +73,9 @@ make_md() {  # make_md /dev/mdN LEVEL CHUNK_KiB DEV...
         --level="$level" --chunk="$chunk" --raid-devices=$# "${extra[@]}" "$@" </dev/null \
         || { log "mdadm --create $md failed"; return 1; }
     log "$md: raid$level over $* ($(cat /sys/block/${md#/dev/}/size) sectors)"
+    # what was asked for, so the tests can hold sysfs against it (members in role order)
+    local members="$*"
+    export "$var=$md" "${var}_CREATED=level=raid$level chunk=$((chunk * 1024)) members=${members// /,}"
 }
 
 # --- tape: through QEMU's libiscsi scsi-generic on virtio-scsi (scsi-id 0 = main
@@ -120,6 +123,8 @@ setup_tapes() {
     if [ "${TB_TAPES:-0}" -gt 1 ] && TAPE_EW=$(find_tape "$small"); then
         export BLOCKXFER_TEST_TAPE_SMALL=$TAPE_EW
         export BLOCKXFER_TEST_TAPE_SMALL_MB=${TB_TAPE_SMALL_MB:-}
+        # the conformance suite fills this one (early warning, trailer after it)
+        export BLOCKXFER_TEST_TAPE_FILL=$TAPE_EW
         log "small tape (early warning at ${TB_TAPE_SMALL_MB:-?} MB): $TAPE_EW"
     fi
     export BLOCKXFER_TEST_TAPE_KIND=${TB_TAPE_KIND:-tgt}
@@ -145,14 +150,25 @@ write_env() {
     env | grep '^BLOCKXFER_TEST_' | sort | tee "$RESULTS/devices.env"
 }
 
+mount_scratch() {  # ext4 on the "scratch" disk at /var/tmp: see run.sh make_disks
+    local dev=${BY_SERIAL[scratch]:-}
+    [ -n "$dev" ] || return 0
+    mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$dev" </dev/null \
+        && mount -t ext4 "$dev" /var/tmp && chmod 1777 /var/tmp \
+        || { log "scratch disk $dev: mkfs/mount on /var/tmp failed"; return 1; }
+}
+
 case "$TB_MODE" in
 test|shell)
+    mount_scratch
     R0=$(disks_with_prefix r0-)
     R5=$(disks_with_prefix r5-)
+    # Two chunk sizes, so both of the reader's plans run on real md: whole stripes
+    # (chunk < 256 KiB) on md0 and chunk round-robin over the members on md1.
     # shellcheck disable=SC2086
-    make_md /dev/md0 0 "${TB_CHUNK_KB:-64}" $R0 && export BLOCKXFER_TEST_MD0=/dev/md0
+    make_md BLOCKXFER_TEST_MD0 /dev/md0 0 "${TB_CHUNK_KB:-64}" $R0
     # shellcheck disable=SC2086
-    make_md /dev/md1 5 "${TB_CHUNK_KB:-64}" $R5 && export BLOCKXFER_TEST_MD5=/dev/md1
+    make_md BLOCKXFER_TEST_MD5 /dev/md1 5 "${TB_CHUNK5_KB:-512}" $R5
     SPARES=$(disks_with_prefix spare-)
     [ -n "$SPARES" ] && export BLOCKXFER_TEST_DISKS=${SPARES// /,}
     EXTRA=$(disks_with_prefix extra-)
@@ -176,7 +192,7 @@ test)
     eval "extra=(${TB_PYTEST_ARGS:-})"
     PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
     TESTBED_REPORT=$RESULTS/report.json \
-        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device}" \
+        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device or root}" \
         -p no:cacheprovider -p testbed_report \
         --junitxml="$RESULTS/junit.xml" "${extra[@]}" 2>&1 | tee "$RESULTS/pytest.log"
     rc=${PIPESTATUS[0]}

@@ -32,7 +32,7 @@ def _device_labels() -> dict[str, str]:
             labels[os.path.basename(p)] = label
 
     add("BLOCKXFER_TEST_TAPE", "tape")
-    add("BLOCKXFER_TEST_TAPE_SMALL", "tape")
+    add("BLOCKXFER_TEST_TAPE_SMALL", "tape (small)")
     add("BLOCKXFER_TEST_MD0", "md raid0")
     add("BLOCKXFER_TEST_MD5", "md raid5")
     add("BLOCKXFER_TEST_NBD", "nbd")
