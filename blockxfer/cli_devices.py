@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any
 
 from blockxfer.errors import UsageError
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'10G', '512M', '65536' (binary units; an optional trailing B or iB)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"not a size: {text!r} (use e.g. 10G, 512M, 65536)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+from blockxfer.units import parse_size
 
 
 def _size_arg(text: str) -> int:
