@@ -179,3 +179,15 @@ def test_lone_filemark_counts_as_blank(src, tmp_path: Path) -> None:  # type: ig
     t.close()
     dump(path, LEVELS[0], tape, label="FM")
     assert list_tape(opener(tape, False)).label.serial == "FM"
+
+
+def test_spanning_a_large_image_all_snapshots(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same shape as the st spanning test: every snapshot in one image."""
+    path, contents = src
+    tapes = _set(tmp_path, 6)
+    res = dump(path, "june*", tapes[0], next_tape=lambda name, seq: tapes[seq - 1])
+    assert len(res.tapes) >= 2  # type: ignore[attr-defined]
+    target = str(tmp_path / "r.img")
+    restore(tapes[0], target, next_tape=lambda name, seq: tapes[seq - 1])
+    got = snapshot_contents(target)
+    assert got == {n: contents[n] for n in got} and len(got) == 9
