@@ -399,6 +399,16 @@ def cmd_restore(a: argparse.Namespace) -> int:
         print(f"{a.target}: wrote {part.blocks} blocks ({lo}-{hi}) from image {a.image}, "
               f"reading {part.records_read} tape records")
         return 0
+    if a.only:
+        from blockxfer.transfer.snaprestore import restore_snapshot_only
+        if a.image is None:
+            raise UsageError("--only needs --image N (see 'tape list')")
+        res, records = restore_snapshot_only(a.tape, a.target, a.image, a.only,
+                                             open_tape=_tape_opener(), open_device=open_device,
+                                             force=a.force)
+        print(f"{a.target}: restored snapshot {res.top!r} alone from image {a.image}, "
+              f"{res.blocks} blocks, reading {records} tape records")
+        return 0
     have = _complete_snapshots(a.target)
     prog = Progress("restore")
     steps = restore_images(a.tape, a.target, open_tape=_tape_opener(),  # type: ignore[arg-type]
@@ -558,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick = sp.add_mutually_exclusive_group()
     pick.add_argument("--image", type=int, help="image number (see 'tape list')")
     pick.add_argument("--snapshot", help="restore up to this snapshot, bases first")
+    sp.add_argument("--only", metavar="SNAPSHOT",
+                    help="partial restore: just this snapshot's blocks from --image N")
     sp.add_argument("--vbns", metavar="FIRST-LAST",
                     help="partial restore: only these blocks, in place, by the location table")
     sp.add_argument("--next-tape", metavar="COMMAND")

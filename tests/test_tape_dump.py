@@ -191,3 +191,18 @@ def test_spanning_a_large_image_all_snapshots(src, tmp_path: Path) -> None:  # t
     restore(tapes[0], target, next_tape=lambda name, seq: tapes[seq - 1])
     got = snapshot_contents(target)
     assert got == {n: contents[n] for n in got} and len(got) == 9
+
+
+def test_restore_one_snapshot_from_a_level_0_image(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from blockxfer.transfer.snaprestore import restore_snapshot_only
+    path, contents = src
+    tape = str(tmp_path / "t.vtape")
+    create_virtual_tape(tape, 256 * MiB, locate=False)
+    dump(path, LEVELS[0], tape)
+    target = str(tmp_path / "june1.img")
+    res, records = restore_snapshot_only(tape, target, 1, "june1", open_tape=opener,
+                                         open_device=open_device)
+    got = snapshot_contents(target)
+    assert got["june1"] == contents["june1"] and res.top == "june1"
+    total = list_tape(opener(tape, False)).images[0].index.total  # type: ignore[union-attr]
+    assert records * 256 * 1024 < total            # it did not read the whole image

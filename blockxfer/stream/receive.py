@@ -273,3 +273,18 @@ def _commit(h: fmt.Header, t: _Target, received: bitarray, resumed: bool) -> Rec
 
 
 __all__ = ["ReceiveResult", "receive_stream", "read_superblock_slot"]
+
+
+def open_new_target(path: str, h: fmt.Header, open_device: OpenDevice,
+                    force: bool) -> BlockDevice:
+    """A target for a full image, checked (size, --force) and wiped, ready for blocks."""
+    dev, _ = _open_target(path, h, open_device, force, path)
+    _wipe(dev, h)
+    return dev
+
+
+def commit_blocks(dev: BlockDevice, h: fmt.Header, received: bitarray) -> ReceiveResult:
+    """Commit `h.root` on a target whose blocks in `received` were written and flushed:
+    the same decisions as a receive (incomplete, released), then the superblock."""
+    dev.flush()
+    return _commit(h, _Target(dev, h, None), received, False)

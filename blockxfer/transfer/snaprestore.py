@@ -1,0 +1,142 @@
+"""Partial restore of one snapshot from a tape image that holds more (a level 0
+`june3 + june2 + june1` restored as just june1): the stream header and the
+catalog come first, read through the location table; then the snapshot's plane;
+then only the records that hold its blocks. The target ends as a volume at that
+snapshot's root, committed like any receive.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from dataclasses import replace
+
+import numpy as np
+from bitarray import bitarray
+
+from blockxfer.checksum import checksum
+from blockxfer.errors import FormatError, NotFound, UsageError
+from blockxfer.stream import format as fmt
+from blockxfer.stream.decode import Data, StreamReader, parse_record
+from blockxfer.stream.receive import ReceiveResult, commit_blocks, open_new_target
+from blockxfer.tape import Tape
+from blockxfer.volume.layout import Catalog
+from blockxfer.volume.objects import BlobObject, PlaneObject, empty_plane
+
+from . import tapefmt as tf
+from .restore import OpenDevice, _stream_record_at, pick_image
+from .tapeset import ImageOnTape, OpenTape, TapeContents, list_tape
+
+
+class TapeBlocks:
+    """Blocks of one image read by VBN through its location table (one tape part)."""
+
+    def __init__(self, tape: Tape, contents: TapeContents, img: ImageOnTape):
+        if img.index is None or not img.index.complete or img.descriptor.part != 0:
+            raise UsageError(f"image {img.number} spans tapes or is incomplete; partial "
+                             "restore reads images that lie on one tape")
+        self.tape, self.contents, self.img, self.idx = tape, contents, img, img.index
+        self.per = contents.label.record_size - tf.REC.size
+        self.bs = img.descriptor.block_size
+        rows = sorted(self.idx.records)
+        self.starts = [r[0] for r in rows]
+        self.rows = rows
+        self.cache: dict[int, Data] = {}
+        self.records_read = 0
+
+    def raw_at(self, offset: int) -> bytes:
+        raw, n = _stream_record_at(self.tape, self.img, self.idx, offset, self.per,
+                                   self.contents)
+        self.records_read += n
+        return raw
+
+    def header(self) -> fmt.Header:
+        return StreamReader(io.BytesIO(self.raw_at(0)), "tape image").read_header()
+
+    def record(self, row: tuple[int, int, int]) -> Data:
+        if row[2] not in self.cache:
+            rec = parse_record(self.raw_at(row[2]), self.bs)
+            if rec is None or (rec.vbn, rec.count) != (row[0], row[1]):
+                raise FormatError(f"{self.tape.path}: the location table does not match the "
+                                  f"record at stream offset {row[2]}")
+            self.cache = {row[2]: rec}              # one record: they are read in order
+        return self.cache[row[2]]
+
+    def row_of(self, vbn: int) -> tuple[int, int, int]:
+        i = bisect.bisect_right(self.starts, vbn) - 1
+        if i < 0 or not self.rows[i][0] <= vbn < self.rows[i][0] + self.rows[i][1]:
+            raise FormatError(f"block {vbn} is not in image {self.img.number}")
+        return self.rows[i]
+
+    def read_block(self, vbn: int, ck: int) -> bytes:
+        row = self.row_of(vbn)
+        rec = self.record(row)
+        raw = rec.payload[(vbn - rec.vbn) * self.bs:(vbn - rec.vbn + 1) * self.bs]
+        if checksum(raw) != ck:
+            raise FormatError(f"block {vbn} from tape has the wrong checksum")
+        return raw
+
+    def read_many(self, rows: np.ndarray) -> bytes:
+        return b"".join(self.read_block(int(v), int(c)) for v, c in rows)
+
+
+def restore_snapshot_only(tape_path: str, target: str, image: int, snapshot: str, *,
+                          open_tape: OpenTape, open_device: OpenDevice,
+                          force: bool = False) -> tuple[ReceiveResult, int]:
+    """Restore `snapshot` alone from image `image`; returns the result and the number
+    of tape records read."""
+    tape = open_tape(tape_path, False)
+    try:
+        contents = list_tape(tape)
+        src = TapeBlocks(tape, contents, pick_image(contents, image, None))
+        h = src.header()
+        cat = Catalog.unpack(BlobObject(h.root.catalog, h.block_size, src.read_block,
+                                        src.read_many).load())
+        entry = next((e for e in cat.snapshots if e.name == snapshot), None)
+        if entry is None:
+            raise NotFound(f"image {image} does not hold snapshot {snapshot!r}")
+        root = entry.root or (h.root if entry.generation == h.root.generation else None)
+        if root is None or entry.shadow:
+            raise UsageError(f"snapshot {snapshot!r} cannot be restored on its own")
+        plane = PlaneObject(entry.plane, h.nblocks, h.block_size, src.read_block,
+                            src.read_many).bits
+        dev = open_new_target(target, h, open_device, force)
+        try:
+            written = _copy_blocks(src, dev, plane)
+            ref = fmt.SnapshotRef(entry.id, entry.guid, entry.generation, entry.flags,
+                                  entry.name)
+            sub = replace(h, root=root, top=ref, base=None)
+            return commit_blocks(dev, sub, written), src.records_read
+        finally:
+            dev.close()
+    finally:
+        tape.close()
+
+
+def _copy_blocks(src: TapeBlocks, dev: object, plane: bitarray) -> bitarray:
+    """Write every block of `plane` from the image; the records are read in tape order."""
+    from blockxfer.volume.blockio import aligned
+    written = empty_plane(len(plane))
+    bs = src.bs
+    for row in sorted(src.rows, key=lambda r: r[2]):
+        vbn, count, _ = row
+        if not plane.count(1, vbn, vbn + count):
+            continue
+        rec = src.record(row)
+        pos = vbn
+        while pos < vbn + count:
+            s = plane.find(1, pos, vbn + count)
+            if s < 0:
+                break
+            e = plane.find(0, s, vbn + count)
+            e = vbn + count if e < 0 else e
+            buf = aligned((e - s) * bs)
+            buf[:(e - s) * bs] = rec.payload[(s - vbn) * bs:(e - vbn) * bs]
+            dev.pwrite(memoryview(buf)[:(e - s) * bs], s * bs)  # type: ignore[attr-defined]
+            written[s:e] = 1
+            pos = e
+    missing = (plane & ~written).count()
+    if missing:
+        raise FormatError(f"image {src.img.number} lacks {missing} blocks of the snapshot: it "
+                          "cannot be restored from this image alone")
+    return written
