@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import io
+from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
@@ -27,6 +28,8 @@ from . import tapefmt as tf
 from .restore import OpenDevice, _stream_record_at, pick_image
 from .tapeset import ImageOnTape, OpenTape, TapeContents, list_tape
 
+CACHE_RECORDS = 32                 # stream records (at most ~1 MiB each) kept decoded
+
 
 class TapeBlocks:
     """Blocks of one image read by VBN through its location table (one tape part)."""
@@ -41,7 +44,7 @@ class TapeBlocks:
         rows = sorted(self.idx.records)
         self.starts = [r[0] for r in rows]
         self.rows = rows
-        self.cache: dict[int, Data] = {}
+        self.cache: OrderedDict[int, Data] = OrderedDict()   # stream offset -> record
         self.records_read = 0
 
     def raw_at(self, offset: int) -> bytes:
@@ -54,13 +57,17 @@ class TapeBlocks:
         return StreamReader(io.BytesIO(self.raw_at(0)), "tape image").read_header()
 
     def record(self, row: tuple[int, int, int]) -> Data:
-        if row[2] not in self.cache:
-            rec = parse_record(self.raw_at(row[2]), self.bs)
-            if rec is None or (rec.vbn, rec.count) != (row[0], row[1]):
-                raise FormatError(f"{self.tape.path}: the location table does not match the "
-                                  f"record at stream offset {row[2]}")
-            self.cache = {row[2]: rec}              # one record: they are read in order
-        return self.cache[row[2]]
+        if row[2] in self.cache:
+            self.cache.move_to_end(row[2])
+            return self.cache[row[2]]
+        rec = parse_record(self.raw_at(row[2]), self.bs)
+        if rec is None or (rec.vbn, rec.count) != (row[0], row[1]):
+            raise FormatError(f"{self.tape.path}: the location table does not match the "
+                              f"record at stream offset {row[2]}")
+        self.cache[row[2]] = rec
+        if len(self.cache) > CACHE_RECORDS:
+            self.cache.popitem(last=False)
+        return rec
 
     def row_of(self, vbn: int) -> tuple[int, int, int]:
         i = bisect.bisect_right(self.starts, vbn) - 1
