@@ -247,7 +247,8 @@ def cmd_send(a: argparse.Namespace) -> int:
         prog = Progress("send")
         try:
             stats = send_image(vol, a.expression, out, reader=reader,  # type: ignore[arg-type]
-                               compress=a.compress, resume=a.resume, progress=prog.add)
+                               compress=a.compress, resume=a.resume, implicit=a.implicit,
+                               progress=prog.add)
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-compress", dest="compress", action="store_false",
                     help="do not zstd-compress data records (default: each one that shrinks)")
     sp.add_argument("--resume", metavar="TOKEN", help="send only what an interrupted receive lacks")
+    sp.add_argument("--implicit", action="store_true",
+                    help="send the image bitmap first; data records carry ordinals, not VBNs")
 
     sp = cmd("receive", cmd_receive, "apply a stream to a volume, or make one from a full stream")
     sp.add_argument("target")

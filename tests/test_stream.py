@@ -307,3 +307,25 @@ def _small_stream() -> bytes:
 
 
 _SMALL_STREAM = _small_stream()
+
+
+def test_implicit_tagging_by_bitmap(source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src, streams, contents = source
+    vol = Volume.open(open_device(src), writable=False)
+    streams_implicit = {}
+    for key in ("l0", "l1"):
+        buf = io.BytesIO()
+        send_image(vol, LEVELS[key], buf, implicit=True, compress=False)
+        streams_implicit[key] = buf.getvalue()
+    vol.close()
+    info = inspect_stream(io.BytesIO(streams_implicit["l1"]))
+    assert info["data_blocks"] == info["image_blocks"]
+    t = str(tmp_path / "t.img")
+    receive(t, streams_implicit["l0"])
+    receive(t, streams_implicit["l1"])
+    got = snapshot_contents(t)
+    assert got["june5"] == contents["june5"] and got["june1"] == contents["june1"]
+    bad = bytearray(streams_implicit["l1"])
+    bad[len(bad) // 3] ^= 4
+    with pytest.raises(StreamError):
+        inspect_stream(io.BytesIO(bytes(bad)))

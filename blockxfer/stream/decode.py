@@ -49,6 +49,7 @@ class StreamReader:
         self._starts: list[int] = []
         self._counts: list[int] = []
         self._zstd = zstandard.ZstdDecompressor()
+        self._bitmap: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.any_seq = False
 
     def _fail(self, what: str) -> StreamError:
@@ -114,7 +115,9 @@ class StreamReader:
         while True:
             rtype, flags, body = self._record()
             if rtype == fmt.DATA:
-                yield self._data(h, flags, body)
+                yield from self._data_pieces(h, flags, body)
+            elif rtype == fmt.BITMAP:
+                self._read_bitmap(h, body)
             elif rtype == fmt.DEALLOC:
                 yield self._dealloc(h, body)
             elif rtype == fmt.TRAILER:
@@ -123,11 +126,53 @@ class StreamReader:
             else:
                 raise self._fail(f"unexpected record type {rtype}")
 
-    def _data(self, h: fmt.Header, flags: int, body: bytes) -> Data:
+    def _read_bitmap(self, h: fmt.Header, body: bytes) -> None:
+        """The image plane, sent first when data records carry ordinals."""
+        if self._bitmap is not None or self.data_blocks or not h.flags & fmt.H_IMPLICIT:
+            raise self._fail("unexpected bitmap record")
+        size = -(-h.nblocks // 8)
+        try:
+            raw = self._zstd.decompress(body, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise self._fail(f"bitmap does not decompress ({e})") from e
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        edges = np.diff(np.concatenate(([0], bits[:h.nblocks].astype(np.int8), [0])))
+        starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+        counts = ends - starts
+        if int(counts.sum()) > h.image_blocks or (len(starts) and starts[0] < h.first_data_vbn):
+            raise self._fail("bitmap does not match the header")
+        self._bitmap = (starts, counts, np.concatenate(([0], np.cumsum(counts))))
+
+    def _data_pieces(self, h: fmt.Header, flags: int, body: bytes) -> Iterator[Data]:
+        if not flags & fmt.F_IMPLICIT:
+            yield self._data(h, flags, body)
+            return
+        if self._bitmap is None:
+            raise self._fail("data record by ordinal before any bitmap")
+        starts, counts, ranks = self._bitmap
+        whole = self._data(h, flags & ~fmt.F_IMPLICIT, body, ordinal=True)
+        first, n, bs = whole.vbn, whole.count, h.block_size
+        if first + n > ranks[-1]:
+            raise self._fail("data record names ordinals past the bitmap")
+        i, done = int(np.searchsorted(ranks, first, side="right") - 1), 0
+        while done < n:
+            off = first + done - int(ranks[i])
+            take = min(int(counts[i]) - off, n - done)
+            vbn = int(starts[i]) + off
+            self._note(vbn, take)
+            yield Data(vbn, take, whole.payload[done * bs:(done + take) * bs], whole.seq)
+            done += take
+            i += 1
+
+    def _note(self, vbn: int, count: int) -> None:
+        self._starts.append(vbn)
+        self._counts.append(count)
+
+    def _data(self, h: fmt.Header, flags: int, body: bytes, ordinal: bool = False) -> Data:
         if len(body) < fmt.DATA_HEAD.size:
             raise self._fail("data record is too short")
         vbn, count = fmt.DATA_HEAD.unpack_from(body, 0)
-        if count == 0 or vbn < h.first_data_vbn or vbn + count > h.nblocks:
+        if count == 0 or (not ordinal and vbn < h.first_data_vbn) or vbn + count > h.nblocks:
             raise self._fail(f"data record names blocks {vbn}+{count} outside the volume")
         want = count * h.block_size
         payload = body[fmt.DATA_HEAD.size:]
@@ -138,8 +183,8 @@ class StreamReader:
                 raise self._fail(f"compressed data record does not decompress ({e})") from e
         if len(payload) != want:
             raise self._fail(f"data record holds {len(payload)} bytes for {count} blocks")
-        self._starts.append(vbn)
-        self._counts.append(count)
+        if not ordinal:
+            self._note(vbn, count)
         self.data_blocks += count
         return Data(vbn, count, payload, self.seq - 1)
 

@@ -26,9 +26,11 @@ CHECK = struct.Struct("<Q")
 assert RECORD.size == 24
 RECORD_MAGIC = b"BXR1"
 
-HEADER, DATA, DEALLOC, TRAILER = 1, 2, 3, 4
-NAMES = {HEADER: "header", DATA: "data", DEALLOC: "dealloc", TRAILER: "trailer"}
+HEADER, DATA, DEALLOC, TRAILER, BITMAP = 1, 2, 3, 4, 5
+NAMES = {HEADER: "header", DATA: "data", DEALLOC: "dealloc", TRAILER: "trailer",
+         BITMAP: "bitmap"}
 F_ZSTD = 1                                 # DATA body compressed with zstd
+F_IMPLICIT = 2                             # DATA first field is an ordinal in the BITMAP
 
 MAX_BODY = 64 << 20                        # no record body may claim more
 DATA_HEAD = struct.Struct("<QI4x")         # first VBN, block count
@@ -36,7 +38,7 @@ RUN = struct.Struct("<QI4x")               # dealloc run: first VBN, count
 TRAILER_BODY = struct.Struct("<QQQQ16s")   # records, data blocks, dealloc blocks, bytes, digest
 
 # header flags
-H_INCREMENTAL, H_RESUMING = 1, 2
+H_INCREMENTAL, H_RESUMING, H_IMPLICIT = 1, 2, 4
 
 _HEAD = struct.Struct("<8sHHI16sIQQQQ16sQQQQ")
 # magic, version, flags, reserved, volume uuid, block size, nblocks, virtual blocks,

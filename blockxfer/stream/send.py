@@ -9,6 +9,7 @@ array); the explicit VBN in every data record makes any order valid.
 from __future__ import annotations
 
 import base64
+import bisect
 import os
 import struct
 import zlib
@@ -144,26 +145,35 @@ def _compressor(enabled: bool) -> Callable[[memoryview], bytes | None]:
 
 
 def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | None = None,
-               compress: bool = True, resume: str | None = None,
+               compress: bool = True, resume: str | None = None, implicit: bool = False,
                progress: Callable[[int], None] | None = None,
                index: Callable[[int, int, int, int], None] | None = None) -> SendStats:
     """Write the stream of an image to `out`; `index(type, offset, vbn, count)` hears
     where each data record starts (the tape writer's location table)."""
     img = evaluate(expression, vol, vol.block_size)
-    stream_id, plane, flags = os.urandom(16), img.plane, 0
+    stream_id, plane = os.urandom(16), img.plane
     header = build_header(vol, img, stream_id)
     if resume:
         stream_id, received = parse_token(resume, header, len(plane))
         header.stream_id, header.flags = stream_id, fmt.H_RESUMING
         plane = plane & ~received
+    if implicit:
+        header.flags |= fmt.H_IMPLICIT
     sink = _Sink(out, progress, index)
     sink.put(fmt.HEADER, header.pack())
+    runs = list(plane_runs(plane, vol.nblocks))
+    rank = _ranks(runs) if implicit else None
+    if implicit:
+        raw = plane[:vol.nblocks].tobytes()
+        sink.put(fmt.BITMAP, zstandard.ZstdCompressor(level=3).compress(raw))
     pack = _compressor(compress)
-    for vbn, data in (reader or plain_reader(vol))(plane_runs(plane, vol.nblocks)):
+    for vbn, data in (reader or plain_reader(vol))(runs):
         packed = pack(data)
-        body = fmt.DATA_HEAD.pack(vbn, len(data) // vol.block_size) + (
+        first = rank(vbn) if rank else vbn
+        body = fmt.DATA_HEAD.pack(first, len(data) // vol.block_size) + (
             packed if packed is not None else bytes(data))
-        sink.put(fmt.DATA, body, fmt.F_ZSTD if packed is not None else flags)
+        rflags = (fmt.F_ZSTD if packed is not None else 0) | (fmt.F_IMPLICIT if rank else 0)
+        sink.put(fmt.DATA, body, rflags)
         sink.stats.data_blocks += len(data) // vol.block_size
     if header.base is not None:
         _send_dealloc(vol, header, sink)
@@ -172,6 +182,20 @@ def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | 
     sink.put(fmt.TRAILER, trailer.pack())
     out.flush()
     return sink.stats
+
+
+def _ranks(runs: list[tuple[int, int]]) -> Callable[[int], int]:
+    """VBN -> its ordinal among the image's blocks (for implicit tagging)."""
+    starts = [s for s, _ in runs]
+    before, total = [], 0
+    for _, c in runs:
+        before.append(total)
+        total += c
+
+    def rank(vbn: int) -> int:
+        i = bisect.bisect_right(starts, vbn) - 1
+        return before[i] + vbn - starts[i]
+    return rank
 
 
 def _send_dealloc(vol: Volume, header: fmt.Header, sink: _Sink) -> None:
