@@ -285,28 +285,30 @@ def test_parser_survives_garbage(junk: bytes, where: int) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_parser_with_mutated_valid_stream(data: st.DataObject) -> None:
-    raw = bytearray(_SMALL_STREAM)
+@given(st.data(), st.booleans())
+def test_parser_with_mutated_valid_stream(data: st.DataObject, implicit: bool) -> None:
+    raw = bytearray(_SMALL_IMPLICIT if implicit else _SMALL_STREAM)
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     with contextlib.suppress(StreamError):
         inspect_stream(io.BytesIO(bytes(raw)))
 
 
-def _small_stream() -> bytes:
+def _small_stream(implicit: bool = False) -> bytes:
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         vol = Volume.create(open_device(f"{d}/v.img", write=True, create_size=4 * MiB))
         vol.write(0, os.urandom(64 * 1024))
+        vol.write(1 << 20, os.urandom(8192))
         vol.create_snapshot("s")
         buf = io.BytesIO()
-        send_image(vol, "s", buf)
+        send_image(vol, "s", buf, implicit=implicit)
         vol.close()
         return buf.getvalue()
 
 
 _SMALL_STREAM = _small_stream()
+_SMALL_IMPLICIT = _small_stream(implicit=True)
 
 
 def test_implicit_tagging_by_bitmap(source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
