@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,scsi]' || $(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q atheris || echo "atheris did not install: its fuzz test will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
