@@ -221,8 +221,9 @@ class Volume:
                     raise VolumeError("allocator found no free block although the count said so")
                 pos, wrapped = self.sb.first_data_vbn, True
                 continue
-            e = busy.find(1, s)
-            e = len(busy) if e < 0 else e
+            limit = min(s + left, len(busy))   # only as far as needed: free runs can be TiBs
+            e = busy.find(1, s, limit)
+            e = limit if e < 0 else e
             take = min(e - s, left)
             self._mark_allocated(s, s + take)
             runs.append((s, take))
@@ -549,8 +550,7 @@ class Volume:
             entry = SnapshotEntry(self.sb.next_id, name, uuidlib.uuid4().bytes, time.time_ns(),
                                   self.generation + 1, flags, 0, ObjectRef(), None)
             plane = PlaneObject(ObjectRef(), self.nblocks, self.block_size,
-                                self.io.read_block, self.io.read_many)
-            plane._bits = empty_plane(len(self.active.bits))
+                                self.io.read_block, self.io.read_many)   # phase 1 fills it
             self.sb = replace(self.sb, next_id=self.sb.next_id + 1)
             self.catalog.snapshots.append(entry)
             self._catalog_dirty = True
