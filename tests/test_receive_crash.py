@@ -3,6 +3,7 @@ its previous state or at the new one, never between, and `check` is clean."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -48,6 +49,10 @@ def _writes(base: str, stream: bytes, path: str) -> int:
     return counted[0].writes
 
 
+def _faulty(k: int, mode: str):  # type: ignore[no-untyped-def]
+    return lambda p, **kw: FaultyDevice(open_device(p, **kw), after=k, mode=mode)
+
+
 def test_receive_killed_at_many_points(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base, stream, before, after = setup
     path = str(tmp_path / "t.img")
@@ -57,8 +62,7 @@ def test_receive_killed_at_many_points(setup, tmp_path: Path) -> None:  # type: 
         pid = os.fork()
         if pid == 0:
             try:
-                receive_stream(io.BytesIO(stream), path,
-                               lambda p, **kw: FaultyDevice(open_device(p, **kw), after=k))  # type: ignore[arg-type]
+                receive_stream(io.BytesIO(stream), path, _faulty(k, "kill"))
             finally:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
@@ -73,11 +77,7 @@ def test_receive_with_writes_cut_off(setup, tmp_path: Path) -> None:  # type: ig
     total = _writes(base, stream, path)
     for k in sorted(random.Random(10).sample(range(0, total), min(40, total))):
         shutil.copyfile(base, path)
-        try:
-            receive_stream(io.BytesIO(stream), path,
-                           lambda p, **kw: FaultyDevice(open_device(p, **kw), after=k,  # type: ignore[arg-type]
-                                                        mode="drop"))
-        except BlockxferError:
-            pass
+        with contextlib.suppress(BlockxferError):
+            receive_stream(io.BytesIO(stream), path, _faulty(k, "drop"))
         got = snapshot_contents(path)
         assert got in (before, after), f"writes cut after {k} of {total}"
