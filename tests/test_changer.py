@@ -43,6 +43,14 @@ def test_parse_status_with_barcodes_and_import_export() -> None:
     assert [s.number for s in st.slots if s.full] == [1, 3, 4, 6]
 
 
+def test_parse_status_of_tgt_changer() -> None:
+    """Captured in the test bed: tgt pads volume tags with spaces to 32 bytes."""
+    st = parse_status((DATA / "mtx" / "status-tgt.txt").read_text())
+    assert st.drives == [Drive(0, False, None, None)]
+    assert [(s.number, s.barcode) for s in st.slots] == [
+        (1, "CHG001L8"), (2, "CHG002L8"), (3, "CHG003L8")]
+
+
 def test_parse_status_without_barcodes() -> None:
     st = parse_status((DATA / "mtx" / "status-notags.txt").read_text())
     assert st.drives == [Drive(0, True, None, None)]
