@@ -329,9 +329,20 @@ def _tape_opener() -> Callable[[str, bool], Tape]:
 
 
 def _next_tape(a: argparse.Namespace) -> Callable[[str, int], str] | None:
-    """How the next tape of a set is found: a command, else the terminal."""
+    """How the next tape of a set is found: a changer, a command, else the terminal."""
     import os
     import subprocess
+    if getattr(a, "changer", None):
+        from blockxfer.drivers.changer import Changer, changer_next_tape, tape_label
+        from blockxfer.drivers.tapes import eject_tape
+        if a.next_tape:
+            raise UsageError("give --changer or --next-tape, not both")
+        if getattr(a, "verify", False):
+            # the drive ends on the set's last tape; verify reads from the first
+            raise UsageError("--verify does not work with --changer yet; load the first tape "
+                             "and run 'blockxfer restore' or 'tape list' to check the image")
+        return changer_next_tape(Changer(a.changer), a.changer_drive, a.tape,
+                                 eject=eject_tape, label_of=tape_label)
     if a.next_tape:
         def run(set_name: str, seq: int) -> str:
             env = dict(os.environ, BLOCKXFER_TAPE_SET=set_name, BLOCKXFER_TAPE_SEQ=str(seq))
@@ -466,6 +477,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------
+def _changer_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--changer", metavar="/dev/sgN",
+                    help="media changer (mtx) that loads the next tape of the set into --tape")
+    sp.add_argument("--changer-drive", type=int, default=0, metavar="N",
+                    help="the changer's drive number of --tape (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockxfer", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"blockxfer {__version__}")
@@ -564,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--next-tape", metavar="COMMAND",
                     help="run when the next tape is needed; it prints the tape's path")
     sp.add_argument("--verify", action="store_true", help="read the image back and check it")
+    _changer_args(sp)
 
     sp = cmd("restore", cmd_restore, "restore an image (and the images it needs) from tape")
     sp.add_argument("target")
@@ -577,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="partial restore: only these blocks, in place, by the location table")
     sp.add_argument("--next-tape", metavar="COMMAND")
     sp.add_argument("--force", action="store_true", help="overwrite what the target holds")
+    _changer_args(sp)
 
     cli_devices.register(sub)
     tape_sub = next(a for a in sub.choices["tape"]._actions

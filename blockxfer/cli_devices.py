@@ -52,6 +52,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for t in found["tape"]:
         print(f"{t['path']:16} {'tape':9} {'':>10}  {t['vendor']} {t['model']} "
               f"serial {t['serial'] or '?'} sg {t['sg'] or '-'}")
+    for c in found.get("changer", []):
+        print(f"{c['path']:16} {'changer':9} {'':>10}  {c['vendor']} {c['model']} "
+              f"at {c['address'] or '?'}")
     return 0
 
 
@@ -104,7 +107,7 @@ def cmd_tape_erase(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `devices` and `tape ...` to the main command's subparsers."""
-    p = subparsers.add_parser("devices", help="list block devices and tape drives")
+    p = subparsers.add_parser("devices", help="list block devices, tape drives and media changers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
 

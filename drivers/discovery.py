@@ -3,12 +3,15 @@
 Block devices: type (loop, md, nbd, disk, partition, dm), size, who uses them
 (`drivers.safety`) and where they are mounted. Tape drives: the no-rewind st
 node, the matching sg node, vendor, model and serial from udev properties.
+Media changers: SCSI devices of type 8 and their `/dev/sgN` node, read from
+sysfs (the root is a parameter, so tests use a captured tree).
 Read-only; it never opens a device for I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from blockxfer.errors import DeviceError
@@ -39,6 +42,20 @@ class TapeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangerInfo:
+    path: str               # /dev/sgN, what mtx -f takes
+    address: str            # H:C:T:L
+    vendor: str
+    model: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TYPE_MEDIUM_CHANGER = 8     # SPC peripheral device type 08h (scsi/scsi_proto.h TYPE_MEDIUM_CHANGER)
 
 
 def _context() -> Any:
@@ -101,8 +118,34 @@ def tape_drives(context: Any = None) -> list[TapeInfo]:
     return out
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def changers(*, sysfs: Path = Path("/sys")) -> list[ChangerInfo]:
+    """Media changers: every scsi_generic node whose SCSI device has type 8.
+
+    The changer has no block or tape node of its own (the `ch` driver's
+    /dev/schN is rarely loaded); mtx drives it through its sg node.
+    """
+    out = []
+    root = sysfs / "class" / "scsi_generic"
+    names = sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)) if root.is_dir() else []
+    for sg in names:
+        dev = sg / "device"
+        if _read(dev / "type") != str(TYPE_MEDIUM_CHANGER):
+            continue
+        out.append(ChangerInfo(f"/dev/{sg.name}", dev.resolve().name if dev.exists() else "",
+                               _read(dev / "vendor"), _read(dev / "model")))
+    return out
+
+
 def discover() -> dict[str, list[dict[str, Any]]]:
     """Everything, as plain dicts (for `blockxfer devices --json`)."""
     ctx = _context()
     return {"block": [b.as_dict() for b in block_devices(ctx)],
-            "tape": [t.as_dict() for t in tape_drives(ctx)]}
+            "tape": [t.as_dict() for t in tape_drives(ctx)],
+            "changer": [c.as_dict() for c in changers()]}

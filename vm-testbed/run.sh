@@ -31,6 +31,8 @@ SMP=${TESTBED_SMP:-2}
 DISK_MB=${TESTBED_DISK_MB:-256}
 TAPE_MB=${TESTBED_TAPE_MB:-512}
 TAPE_SMALL_MB=${TESTBED_TAPE_SMALL_MB:-8}
+CHANGER=${TESTBED_CHANGER:-1}              # 1: a tgt media changer with 3 tapes (tgt only)
+CHANGER_TAPE_MB=${TESTBED_CHANGER_TAPE_MB:-4}  # its first tape: a dump spans from it
 NBD_MB=${TESTBED_NBD_MB:-256}
 BENCH_DISK_MB=${TESTBED_BENCH_DISK_MB:-512}
 BENCH_BPS=${TESTBED_BENCH_BPS:-16777216}   # 16 MiB/s per bench disk
@@ -78,7 +80,7 @@ ensure_host_packages() {
     local -A need=(
         [qemu-system-x86_64]=qemu-system-x86 [qemu-nbd]=qemu-utils [tgtd]=tgt [tgtimg]=tgt
         [mdadm]=mdadm [nbd-client]=nbd-client [depmod]=kmod [cpio]=cpio [fio]=fio
-        [setsid]=util-linux [timeout]=coreutils
+        [setsid]=util-linux [timeout]=coreutils [mtx]=mtx
     )
     local missing=() c
     for c in "${!need[@]}"; do
@@ -271,17 +273,55 @@ start_tgt() {
             --bstype ssc --device-type tape \
         && tgtadm_ --op new --mode logicalunit --tid 1 --lun 2 -b "$WORK/tape/small.vtape" \
             --bstype ssc --device-type tape \
-        && tgtadm_ --op bind --mode target --tid 1 -I ALL \
         || { cat "$RUN/tgtd.log" >&2; fail "tgtadm could not set up the tape target"; }
+    local luns="1 2"
+    if [ "$CHANGER" = 1 ]; then
+        start_tgt_changer || { cat "$RUN/tgtd.log" >&2; fail "tgtadm could not set up the changer"; }
+        luns="1 2 3 4"
+    fi
+    tgtadm_ --op bind --mode target --tid 1 -I ALL \
+        || { cat "$RUN/tgtd.log" >&2; fail "tgtadm could not bind the tape target"; }
     TB_ISCSI_PORT=$port TB_ISCSI_IQN=$iqn
     TAPES=2
     TAPE_KIND=tgt
     # open-iscsi in the guest logs in itself (at 10.0.2.2); else QEMU is the initiator
     [ "$TAPE_VIA" = open-iscsi ] && return 0
     local l
-    for l in 1 2; do
+    for l in $luns; do
         QEMU_TAPE+=(-blockdev "driver=iscsi,node-name=tape$l,transport=tcp,portal=127.0.0.1:$port,target=$iqn,lun=$l,initiator-name=iqn.2025-01.org.blockxfer:qemu"
                     -device "scsi-generic,drive=tape$l,bus=scsi0.0,channel=0,scsi-id=$((l - 1)),lun=0")
+    done
+}
+# A tgt SMC changer (LUN 4) with one drive (LUN 3, no medium until the changer
+# loads one) and three slots: CHG001L8 small enough that a dump spans onto
+# CHG002L8, and a spare. tgt loads a slot's tape from media_home/BARCODE.
+start_tgt_changer() {
+    local lib=$WORK/tape/lib b size n=1000
+    mkdir -p "$lib"
+    rm -f "$lib"/* "$WORK/tape/smc"
+    for b in CHG001L8:$CHANGER_TAPE_MB CHG002L8:64 CHG003L8:64; do
+        size=${b#*:} b=${b%:*}
+        tgtimg --op new --device-type tape --barcode "$b" --size "$size" --type data \
+            --file "$lib/$b" >/dev/null || return 1
+    done
+    dd if=/dev/zero of="$WORK/tape/smc" bs=1k count=1 status=none
+    tgtadm_ --op new --mode logicalunit --tid 1 --lun 3 --bstype ssc --device-type tape \
+        && tgtadm_ --op new --mode logicalunit --tid 1 --lun 4 -b "$WORK/tape/smc" \
+            --device-type changer \
+        && tgtadm_ --op update --mode logicalunit --tid 1 --lun 4 \
+            --params "element_type=1,start_address=1,quantity=1" \
+        && tgtadm_ --op update --mode logicalunit --tid 1 --lun 4 \
+            --params "element_type=2,start_address=1000,quantity=3" \
+        && tgtadm_ --op update --mode logicalunit --tid 1 --lun 4 \
+            --params "element_type=4,start_address=2,quantity=1" \
+        && tgtadm_ --op update --mode logicalunit --tid 1 --lun 4 \
+            --params "element_type=4,address=2,tid=1,lun=3" \
+        && tgtadm_ --op update --mode logicalunit --tid 1 --lun 4 --params "media_home=$lib" \
+        || return 1
+    for b in CHG001L8 CHG002L8 CHG003L8; do
+        tgtadm_ --op update --mode logicalunit --tid 1 --lun 4 \
+            --params "element_type=2,address=$n,barcode=$b,sides=1" || return 1
+        n=$((n + 1))
     done
 }
 mhvtl_sg() {  # first mhvtl tape drive's /dev/sgN on the host
@@ -379,6 +419,7 @@ TB_MODE=$MODE
 TB_TAPES=$TAPES
 TB_TAPE_KIND=$TAPE_KIND
 TB_TAPE_SMALL_MB=$TAPE_SMALL_MB
+TB_CHANGER=$([ "$TAPE_KIND" = tgt ] && [ "$TAPE_VIA" = qemu ] && echo "$CHANGER" || echo 0)
 TB_NBD_PORT=$NBD_PORT
 TB_NBD_EXPORT=testbed
 TB_TAPE_VIA=$TAPE_VIA

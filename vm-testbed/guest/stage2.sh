@@ -127,8 +127,24 @@ setup_tapes() {
         export BLOCKXFER_TEST_TAPE_FILL=$TAPE_EW
         log "small tape (early warning at ${TB_TAPE_SMALL_MB:-?} MB): $TAPE_EW"
     fi
+    [ "${TB_CHANGER:-0}" = 1 ] && setup_changer
     export BLOCKXFER_TEST_TAPE_KIND=${TB_TAPE_KIND:-tgt}
     export BLOCKXFER_TEST_TAPE_PATH=${TB_TAPE_VIA:-qemu}  # qemu (libiscsi passthrough) or open-iscsi
+}
+
+# tgt's changer (scsi-id 3, SCSI type 8: mtx drives it through its sg node) and
+# its drive (scsi-id 2, empty until the changer loads a tape)
+setup_changer() {
+    local g addr drive
+    for g in /sys/class/scsi_generic/sg[0-9]*; do
+        addr=$(basename "$(readlink -f "$g/device")")
+        [ "${addr#*:*:}" = 3:0 ] && [ "$(cat "$g/device/type")" = 8 ] || continue
+        drive=$(find_tape 2:0) || { log "changer found but not its drive"; return 0; }
+        export BLOCKXFER_TEST_CHANGER=/dev/$(basename "$g") BLOCKXFER_TEST_CHANGER_TAPE=$drive
+        log "changer: $BLOCKXFER_TEST_CHANGER (tgt SMC), its drive $drive"
+        return 0
+    done
+    log "no changer appeared at scsi-id 3"
 }
 
 setup_nbd() {

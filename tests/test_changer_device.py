@@ -1,0 +1,70 @@
+"""Spanning through a real media changer with mtx (the test bed's tgt SMC changer):
+a dump fills the first slot's tape, the changer loads the next slot's, and a
+restore asks for them in order the same way. Scratch tapes: they are overwritten."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from blockxfer.drivers.changer import Changer, changer_next_tape, tape_label
+from blockxfer.drivers.discovery import changers
+from blockxfer.drivers.tapes import eject_tape
+from blockxfer.transfer.tapeset import label_tape, list_tape
+from tests.test_stream import snapshot_contents
+from tests.test_tape_dump import LEVELS, dump, opener, restore, src  # noqa: F401
+
+pytestmark = [pytest.mark.device,
+              pytest.mark.skipif(not (os.environ.get("BLOCKXFER_TEST_CHANGER")
+                                      and os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE")),
+                                 reason="no changer: set BLOCKXFER_TEST_CHANGER=/dev/sgN and "
+                                 "BLOCKXFER_TEST_CHANGER_TAPE=/dev/nstN (its drive 0; scratch "
+                                 "tapes in slots 1 and 2)")]
+CHANGER = os.environ.get("BLOCKXFER_TEST_CHANGER", "")
+DRIVE = os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE", "")
+
+
+def _load(changer: Changer, slot: int) -> None:
+    """Put slot `slot`'s tape in drive 0 (whatever was there back in its slot)."""
+    d = changer.status().drive(0)
+    if d.full and d.source == slot:
+        return
+    if d.full:
+        eject_tape(DRIVE)
+        changer.unload(d.source or slot, 0)
+    changer.load(slot, 0)
+
+
+def test_discovery_finds_the_changer() -> None:
+    assert CHANGER in [c.path for c in changers()]
+    st = Changer(CHANGER).status()
+    assert len(st.drives) >= 1 and len(st.slots) >= 2
+
+
+def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    path, contents = src
+    changer = Changer(CHANGER)
+    for slot in (2, 1):                  # scratch: slot 2 blank-ish, slot 1 a fresh set
+        _load(changer, slot)
+        t = opener(DRIVE, True)
+        try:
+            if slot == 2:
+                t.rewind()
+                t.write_filemarks(1)     # no label at BOT: taken as blank
+            else:
+                label_tape(t, "CHG-SPAN", force=True)
+        finally:
+            t.close()
+    nt = changer_next_tape(changer, 0, DRIVE, eject=eject_tape, label_of=tape_label)
+    res = dump(path, LEVELS[0], DRIVE, next_tape=nt)
+    assert len(res.tapes) == 2 and nt.slot == 2  # type: ignore[attr-defined]
+    second = list_tape(opener(DRIVE, False))
+    assert (second.label.set_name, second.label.seq) == ("CHG-SPAN", 2)
+    _load(changer, 1)
+    target = str(tmp_path / "r.img")
+    restore(DRIVE, target,
+            next_tape=changer_next_tape(changer, 0, DRIVE, eject=eject_tape, label_of=tape_label))
+    assert snapshot_contents(target)["june3"] == contents["june3"]
+    assert changer.status().drive(0).source == 2
