@@ -232,3 +232,24 @@ def test_rewriting_a_full_disk_commits_instead_of_failing(volume_path: str) -> N
             vol.write(off, data[off:off + (256 << 10)])
     assert vol.read(0, 2 << 20) == data
     vol.close()
+
+
+def test_iter_read_matches_read_across_holes_and_reopen(volume: Volume) -> None:
+    """The streamed read prefetches map leaves in batches: holes, a snapshot and a
+    cold cache (after reopening) must all read back as `read` does."""
+    volume.write(0, os.urandom(300 * BS))
+    volume.write(1000 * BS, os.urandom(700 * BS))
+    volume.create_snapshot("s")
+    volume.write(100 * BS, os.urandom(50 * BS))
+    volume = reopen(volume)
+    size = volume.virtual_size
+    for snap in (None, "s"):
+        got = b"".join(bytes(v) for v in volume.iter_read(0, size, snapshot=snap,
+                                                          chunk=64 * BS))
+        assert got == volume.read(0, size, snapshot=snap)
+    volume = reopen(volume)
+    volume.lba.prefetch(0, 2048, volume.io.read_many)
+    prefetched = volume.lba.get(0, 2048)
+    volume.lba.nodes.clear()
+    assert (prefetched == volume.lba.get(0, 2048)).all()
+    volume.close()

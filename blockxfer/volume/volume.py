@@ -45,6 +45,7 @@ from .tree import CowTree
 
 CP_INTERVAL = 10.0                      # seconds between CPs while writes are pending
 MAX_DIRTY_NODES = 16384                 # a CP also starts when this many map nodes are dirty
+PREFETCH = 8                            # iter_read loads map leaves this many chunks ahead
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}$")
 
 
@@ -400,6 +401,9 @@ class Volume:
                 nxt = None
                 if start is not None:
                     n = min(chunk, offset + length - start)
+                    if (start - offset) % (PREFETCH * chunk) == 0:
+                        tree.prefetch(start // bs, min(PREFETCH * chunk, offset + length - start)
+                                      // bs, self.io.read_many)
                     ptrs = tree.get(start // bs, n // bs)
                     view = memoryview(bufs[i % 2])[:n]
                     nxt = (ptrs, view, self.io.submit_reads(ptrs, view))
