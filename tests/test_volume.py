@@ -253,3 +253,40 @@ def test_iter_read_matches_read_across_holes_and_reopen(volume: Volume) -> None:
     volume.lba.nodes.clear()
     assert (prefetched == volume.lba.get(0, 2048)).all()
     volume.close()
+
+
+def test_commit_waits_for_reads_outside_the_lock(volume: Volume) -> None:
+    """`read` does its device I/O outside the volume lock. Blocks it points at may
+    be freed meanwhile (an overwrite), but must not become reusable, so a CP waits
+    for the read; the read returns the data that was current when it started."""
+    import threading
+
+    old = os.urandom(16 * BS)
+    volume.write(0, old)
+    volume.commit()
+    started, release = threading.Event(), threading.Event()
+    real = volume.io.read_ptrs_into
+
+    def paused(*args: object, **kwargs: object) -> None:
+        started.set()
+        assert release.wait(10)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    volume.io.read_ptrs_into = paused  # type: ignore[method-assign]
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(volume.read(0, 16 * BS)))
+    reader.start()
+    assert started.wait(10)
+    volume.io.read_ptrs_into = real  # type: ignore[method-assign]
+    volume.write(0, os.urandom(16 * BS))          # not blocked by the read; frees old blocks
+    committer = threading.Thread(target=volume.commit)
+    committer.start()
+    committer.join(0.3)
+    assert committer.is_alive()                   # the CP waits for the reader
+    release.set()
+    reader.join(10)
+    committer.join(10)
+    assert not committer.is_alive()
+    assert got == [old]
+    volume.write(0, os.urandom(64 * BS))          # may reuse the freed blocks now
+    assert check_volume(volume).clean

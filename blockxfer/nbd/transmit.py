@@ -196,8 +196,7 @@ class Transmission:
                 self._write_batch(batch, total)
                 parts = [p.pack_simple_reply(job.req.cookie) for job in batch]
             else:
-                data = memoryview(self.vol.call("read", first.offset, total,
-                                                self.export.snapshot))
+                data = memoryview(self.vol.read(first.offset, total, self.export.snapshot))
                 for job in batch:
                     at = job.req.offset - first.offset
                     parts += self._read_reply(job.req, data[at:at + job.req.length])
@@ -270,7 +269,7 @@ class Transmission:
     def _read(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
         if req.length > MAX_PAYLOAD:
             raise RequestError(p.EINVAL, f"read of {req.length} bytes exceeds {MAX_PAYLOAD}")
-        data = self.vol.call("read", req.offset, req.length, self.export.snapshot)
+        data = self.vol.read(req.offset, req.length, self.export.snapshot)
         return self._read_reply(req, data)
 
     def _read_reply(self, req: p.Request, data: bytes | memoryview) -> list[bytes | memoryview]:

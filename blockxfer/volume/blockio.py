@@ -9,6 +9,7 @@ checksum its pointer carries.
 from __future__ import annotations
 
 import mmap
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +20,8 @@ from blockxfer.errors import FormatError
 
 MAX_REQUEST = 1 << 20
 IN_FLIGHT = 4
+READ_POOL = 8                  # read buffers kept per size for concurrent readers
+MAX_POOLED = 32 << 20          # larger ones are unmapped after use
 
 
 def aligned(size: int) -> mmap.mmap:
@@ -43,7 +46,8 @@ class BlockIO:
         self._pending: list[list[Future[None]]] = [[], []]   # data writes in flight, per buffer
         self._wbufs: list[mmap.mmap | None] = [None, None]     # the write pair, used in turn
         self._turn = 0
-        self._rbuf: mmap.mmap | None = None
+        self._rpool: dict[int, list[mmap.mmap]] = {}   # read buffers by size, for readers
+        self._rpool_lock = threading.Lock()
 
     def close(self) -> None:
         try:
@@ -61,10 +65,22 @@ class BlockIO:
             buf = self._wbufs[self._turn] = aligned(size)
         return memoryview(buf)[:size]
 
-    def read_buffer(self, size: int) -> memoryview:
-        if self._rbuf is None or len(self._rbuf) < size:
-            self._rbuf = aligned(size)
-        return memoryview(self._rbuf)[:size]
+    def take_read_buffer(self, size: int) -> mmap.mmap:
+        """An aligned buffer of at least `size` bytes for one reader (thread-safe),
+        from a pool by power-of-two size; hand it back with `give_read_buffer`."""
+        size = max(mmap.PAGESIZE, 1 << (size - 1).bit_length())
+        with self._rpool_lock:
+            free = self._rpool.get(size)
+            if free:
+                return free.pop()
+        return aligned(size)
+
+    def give_read_buffer(self, buf: mmap.mmap) -> None:
+        if len(buf) <= MAX_POOLED:
+            with self._rpool_lock:
+                free = self._rpool.setdefault(len(buf), [])
+                if len(free) < READ_POOL:
+                    free.append(buf)
 
     def _wait(self, turn: int) -> None:
         pending, self._pending[turn] = self._pending[turn], []

@@ -74,7 +74,11 @@ def reserved_blocks(nblocks: int, block_size: int) -> int:
 
 
 class Volume:
-    """A volume open on a block device. Methods are serialized by one lock."""
+    """A volume open on a block device. Methods are serialized by one lock, except
+    that `read` holds it only to look up the pointers: its device reads run outside
+    it, so several threads can read at once (see `_readers`)."""
+
+    concurrent_reads = True
 
     def __init__(self, dev: BlockDevice, sb: Superblock, *, writable: bool, slot: int = 0):
         self.dev, self.sb, self.writable, self.slot = dev, sb, writable, slot
@@ -82,6 +86,11 @@ class Volume:
         self.virtual_blocks = sb.virtual_blocks
         self.io = BlockIO(dev, sb.block_size)
         self._lock = threading.RLock()
+        # Reads in flight outside the lock hold pointers to blocks that must not be
+        # reused under them. A freed block becomes free only when a CP commits, and a
+        # CP (holding the lock, so no read can start) waits for this count to reach 0.
+        self._readers = 0
+        self._readers_cv = threading.Condition(threading.Lock())
         self._failed: str | None = None
         self._load_root(sb.root)
         self._last_cp = time.monotonic()
@@ -324,6 +333,7 @@ class Volume:
         write_superblock(self.dev, sb, 1 - self.slot)
         self.sb, self.slot = sb, 1 - self.slot
         self._catalog_dirty = False
+        self._wait_readers()          # they may hold pointers to blocks freed since the last CP
         self._busy = None                             # freed blocks become free now
         self._last_cp = time.monotonic()
         self.lba.trim_cache(MAX_DIRTY_NODES)
@@ -352,6 +362,7 @@ class Volume:
                 if self.writable and self._failed is None:
                     self.commit()
             finally:
+                self._wait_readers()
                 self.io.close()
                 self.dev.close()
 
@@ -370,18 +381,36 @@ class Volume:
         return offset // bs, -(-(offset + length) // bs)
 
     def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
-        """Bytes of the virtual disk (or of a snapshot); unmapped blocks read as zeros."""
+        """Bytes of the virtual disk (or of a snapshot); unmapped blocks read as zeros.
+        Thread-safe; the device reads run outside the volume lock."""
         with self._lock:
             self._check_usable()
             v0, v1 = self._span(offset, length)
             if v1 == v0:
                 return b""
             tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
-            self.io.drain()
-            buf = self.io.read_buffer((v1 - v0) * self.block_size)
-            self.io.read_ptrs_into(tree.get(v0, v1 - v0), buf)
-            skip = offset - v0 * self.block_size
-            return bytes(buf[skip:skip + length])
+            self.io.drain()                  # data writes still in flight land first
+            ptrs = tree.get(v0, v1 - v0)     # a copy: later writes do not change it
+            with self._readers_cv:
+                self._readers += 1
+        try:
+            buf = self.io.take_read_buffer(len(ptrs) * self.block_size)
+            try:
+                view = memoryview(buf)[:len(ptrs) * self.block_size]
+                self.io.read_ptrs_into(ptrs, view)
+                skip = offset - v0 * self.block_size
+                return bytes(view[skip:skip + length])
+            finally:
+                self.io.give_read_buffer(buf)
+        finally:
+            with self._readers_cv:
+                self._readers -= 1
+                self._readers_cv.notify_all()
+
+    def _wait_readers(self) -> None:
+        """Wait for the reads running outside the lock (the caller holds it)."""
+        with self._readers_cv:
+            self._readers_cv.wait_for(lambda: self._readers == 0)
 
     def iter_read(self, offset: int, length: int, snapshot: str | None = None,
                   chunk: int = 32 << 20) -> Iterator[memoryview]:
