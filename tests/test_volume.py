@@ -12,6 +12,7 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import (
     AlreadyExists,
     DeviceBusy,
+    DeviceError,
     FormatError,
     NotFound,
     UsageError,
@@ -290,3 +291,49 @@ def test_commit_waits_for_reads_outside_the_lock(volume: Volume) -> None:
     assert got == [old]
     volume.write(0, os.urandom(64 * BS))          # may reuse the freed blocks now
     assert check_volume(volume).clean
+
+
+def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
+    """4 KiB writes at scattered offsets land on consecutive VBNs, so the staging
+    buffer sends them as one request; reads and CPs see them all."""
+    volume.commit()
+    calls: list[int] = []
+    real = volume.dev.pwrite
+
+    def counting(data: bytes | memoryview | bytearray, offset: int) -> None:
+        calls.append(len(data))
+        real(data, offset)
+
+    volume.dev.pwrite = counting  # type: ignore[method-assign]
+    blocks = {b: os.urandom(BS) for b in (7, 900, 3, 1500, 42, 1024, 8)}
+    for b, raw in blocks.items():
+        volume.write(b * BS, raw)
+    assert calls == []                            # still staged
+    for b, raw in blocks.items():
+        assert volume.read(b * BS, BS) == raw     # a read sends the staged data first
+    assert calls == [len(blocks) * BS]
+    volume.write(5 * BS + 100, b"x" * 10)         # read-modify-write of a staged block
+    volume.commit()
+    volume.dev.pwrite = real  # type: ignore[method-assign]
+    volume = reopen(volume)
+    for b, raw in blocks.items():
+        assert volume.read(b * BS, BS) == raw
+    assert volume.read(5 * BS + 100, 10) == b"x" * 10
+    assert check_volume(volume).clean
+    volume.close()
+
+
+def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
+    volume.commit()
+    real = volume.dev.pwrite
+
+    def failing(data: bytes | memoryview | bytearray, offset: int) -> None:
+        raise DeviceError("write: Input/output error")
+
+    volume.write(0, os.urandom(BS))
+    volume.dev.pwrite = failing  # type: ignore[method-assign]
+    with pytest.raises(DeviceError):
+        volume.commit()
+    volume.dev.pwrite = real  # type: ignore[method-assign]
+    with pytest.raises(VolumeError, match="reopen"):
+        volume.write(0, b"x")

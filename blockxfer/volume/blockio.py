@@ -4,12 +4,19 @@ Reads and writes go through page-aligned buffers in pieces of at most
 `MAX_REQUEST` bytes, `IN_FLIGHT` at a time (research: 1 MiB requests with 2-4 in
 flight reach the device's limit). Every block read is checked against the
 checksum its pointer carries.
+
+Small data writes (up to `SMALL_WRITE`) are staged: copied into a staging buffer
+that collects writes to consecutive VBNs (the allocator hands them out in order)
+and goes to the device as one request when it is full, when the next write does
+not continue it, or at `drain()`. A 4 KiB write thus costs a copy, not a request
+and a wait for the device.
 """
 
 from __future__ import annotations
 
 import mmap
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -20,6 +27,9 @@ from blockxfer.errors import FormatError
 
 MAX_REQUEST = 1 << 20
 IN_FLIGHT = 4
+SMALL_WRITE = 64 << 10         # writes up to this size are staged
+STAGE_BYTES = 1 << 20          # one staging buffer (= one device request)
+STAGE_BUFFERS = 8              # staging buffers in flight before a writer waits
 READ_POOL = 8                  # read buffers kept per size for concurrent readers
 MAX_POOLED = 32 << 20          # larger ones are unmapped after use
 
@@ -48,6 +58,12 @@ class BlockIO:
         self._turn = 0
         self._rpool: dict[int, list[mmap.mmap]] = {}   # read buffers by size, for readers
         self._rpool_lock = threading.Lock()
+        self._stage: mmap.mmap | None = None     # collecting small writes
+        self._stage_vbn = 0                      # where it goes
+        self._stage_len = 0                      # bytes collected
+        self._staged: deque[tuple[Future[None], mmap.mmap]] = deque()   # submitted, in order
+        self._stage_free: list[mmap.mmap] = []
+        self._stage_error: BaseException | None = None
 
     def close(self) -> None:
         try:
@@ -88,9 +104,18 @@ class BlockIO:
             j.result()
 
     def drain(self) -> None:
-        """Wait for every data write in flight; the first failure is raised."""
-        self._wait(0)
-        self._wait(1)
+        """Send the staged writes, then wait for every data write in flight; the
+        first failure is raised."""
+        self._submit_stage()
+        try:
+            while self._staged:
+                self._retire_staged()
+            if self._stage_error is not None:
+                e, self._stage_error = self._stage_error, None
+                raise e
+        finally:
+            self._wait(0)
+            self._wait(1)
 
     # -- reads ----------------------------------------------------------------------------
     def read_block(self, vbn: int, ck: int) -> bytes:
@@ -156,6 +181,45 @@ class BlockIO:
             pos += count
         if wait:
             self.drain()
+
+    def stage_runs(self, runs: list[tuple[int, int]], data: bytes | bytearray | memoryview) -> None:
+        """Write `data` (no alignment needed, at most STAGE_BYTES) across VBN runs
+        (start, count) through the staging buffer; see the module docstring."""
+        bs, pos = self.bs, 0
+        for start, count in runs:
+            n = count * bs
+            if (self._stage is None or start != self._stage_vbn + self._stage_len // bs
+                    or self._stage_len + n > STAGE_BYTES):
+                self._submit_stage()
+                self._stage, self._stage_vbn = self._stage_buffer(), start
+            self._stage[self._stage_len:self._stage_len + n] = data[pos:pos + n]
+            self._stage_len += n
+            pos += n
+
+    def _stage_buffer(self) -> mmap.mmap:
+        while self._staged and (len(self._staged) >= STAGE_BUFFERS or self._staged[0][0].done()):
+            self._retire_staged()
+        return self._stage_free.pop() if self._stage_free else aligned(STAGE_BYTES)
+
+    def _retire_staged(self) -> None:
+        """Wait for the oldest staged request. A failure is kept for `drain` (the
+        CP then fails): raising here would fail a later, unrelated write after its
+        blocks were allocated."""
+        job, buf = self._staged.popleft()
+        self._stage_free.append(buf)
+        e = job.exception()
+        if e is not None and self._stage_error is None:
+            self._stage_error = e
+
+    def _submit_stage(self) -> None:
+        if self._stage is None:
+            return
+        buf, n, self._stage, self._stage_len = self._stage, self._stage_len, None, 0
+        if n:
+            job = self.pool.submit(self.dev.pwrite, memoryview(buf)[:n], self._stage_vbn * self.bs)
+            self._staged.append((job, buf))
+        else:
+            self._stage_free.append(buf)
 
     def write_many(self, pairs: list[tuple[int, bytes]]) -> None:
         """Write (vbn, block) pairs, coalescing neighbours into large requests."""

@@ -52,6 +52,7 @@ class CowTree:
         self._read = read_block
         self._root_ref = ref
         self.nodes: dict[tuple[int, int], Node] = {}
+        self.dirty_nodes = 0          # kept as nodes turn dirty and clean: writers ask often
 
     # -- lookups -------------------------------------------------------------------------
     def _load(self, level: int, index: int, ptr: tuple[int, int]) -> Node:
@@ -91,6 +92,7 @@ class CowTree:
             self.nodes[(level, index)] = n
         if not n.dirty:
             n.dirty = True
+            self.dirty_nodes += 1
             if level < self.levels:
                 self._node_for_write(level + 1, index // self.fanout)
         return n
@@ -204,6 +206,7 @@ class CowTree:
                     parent = self._node_for_write(level + 1, n.index // self.fanout)
                     parent.ptrs[n.index % self.fanout] = ptr
                 n.dirty = n.fresh = False
+                self.dirty_nodes -= 1
         return self._root_ref
 
     @property
@@ -212,7 +215,7 @@ class CowTree:
 
     @property
     def dirty(self) -> bool:
-        return any(n.dirty for n in self.nodes.values())
+        return self.dirty_nodes > 0
 
     def trim_cache(self, keep: int) -> None:
         """Drop clean leaves beyond `keep` nodes (they reload from disk on demand)."""

@@ -37,7 +37,7 @@ from blockxfer.errors import (
 )
 
 from . import layout
-from .blockio import BlockIO, aligned, runs_of
+from .blockio import SMALL_WRITE, BlockIO, aligned, runs_of
 from .layout import Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea
 from .objects import BlobObject, PlaneObject, empty_plane
@@ -213,8 +213,7 @@ class Volume:
 
     def _reserve(self) -> int:
         """Blocks kept back so the next CP can always place its metadata."""
-        dirty = sum(1 for n in self.lba.nodes.values() if n.dirty)
-        return 64 + 3 * dirty * self.lba.levels + 2 * self.active.data_blocks
+        return 64 + 3 * self.lba.dirty_nodes * self.lba.levels + 2 * self.active.data_blocks
 
     def _alloc_runs(self, count: int, reserve: int = 0) -> list[tuple[int, int]]:
         busy = self._busy_plane()
@@ -254,11 +253,19 @@ class Volume:
             self._tracker.allocated[start:stop] = 1
 
     def _free_vbns(self, vbns: np.ndarray) -> None:
+        if len(vbns) <= 16:               # a small write: numpy's per-call cost dominates
+            for v in vbns.tolist():
+                if v:
+                    self._free_run(v, 1)
+            return
         vbns = np.sort(vbns[vbns != 0])
         for _, start, count in runs_of(vbns):
-            self.active.mark_range(start, start + count, False)
-            if self._tracker:
-                self._tracker.freed[start:start + count] = 1
+            self._free_run(start, count)
+
+    def _free_run(self, start: int, count: int) -> None:
+        self.active.mark_range(start, start + count, False)
+        if self._tracker:
+            self._tracker.freed[start:start + count] = 1
 
     def _freed_pending(self) -> bool:
         """Are blocks waiting for the next CP to become free?"""
@@ -339,8 +346,8 @@ class Volume:
         self.lba.trim_cache(MAX_DIRTY_NODES)
 
     def _maybe_commit(self) -> None:
-        dirty = sum(1 for n in self.lba.nodes.values() if n.dirty)
-        if dirty >= MAX_DIRTY_NODES or time.monotonic() - self._last_cp >= CP_INTERVAL:
+        if (self.lba.dirty_nodes >= MAX_DIRTY_NODES
+                or time.monotonic() - self._last_cp >= CP_INTERVAL):
             self.commit()
 
     def start_cp_timer(self, interval: float = CP_INTERVAL) -> None:
@@ -453,7 +460,9 @@ class Volume:
             head, tail = offset - v0 * bs, v1 * bs - (offset + len(data))
             first = self.read(v0 * bs, bs) if head else b""
             last = self.read((v1 - 1) * bs, bs) if tail else b""
-            view = self.io.write_buffer((v1 - v0) * bs)
+            n = (v1 - v0) * bs
+            # a small write is staged (copied on) by the I/O layer: any buffer will do
+            view = memoryview(bytearray(n)) if n <= SMALL_WRITE else self.io.write_buffer(n)
             view[:len(first)] = first
             if last:
                 view[-bs:] = last
@@ -470,9 +479,16 @@ class Volume:
                 raise
             self.commit()                  # blocks freed since the last CP become free
             runs = self._alloc_runs(count, reserve=self._reserve())
-        self.io.write_runs(runs, view, wait=False)  # drained before any read or CP
-        vbns = np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in runs])
-        ptrs = np.column_stack([vbns, block_checksums(view, self.block_size)])
+        if len(view) <= SMALL_WRITE:
+            self.io.stage_runs(runs, view)          # drained before any read or CP
+        else:
+            self.io.write_runs(runs, view, wait=False)
+        ptrs = np.empty((count, 2), dtype=np.uint64)
+        at = 0
+        for s, n in runs:
+            ptrs[at:at + n, 0] = np.arange(s, s + n, dtype=np.uint64)
+            at += n
+        ptrs[:, 1] = block_checksums(view, self.block_size)
         old = self.lba.set(v0, ptrs)
         self._free_vbns(old[:, 0])
 
