@@ -30,7 +30,7 @@ IN_FLIGHT = 4
 SMALL_WRITE = 64 << 10         # writes up to this size are staged
 STAGE_BYTES = 1 << 20          # one staging buffer (= one device request)
 STAGE_BUFFERS = 8              # staging buffers in flight before a writer waits
-READ_POOL = 8                  # read buffers kept per size for concurrent readers
+READ_POOL = 4                  # read buffers kept per size for concurrent readers
 MAX_POOLED = 32 << 20          # larger ones are unmapped after use
 
 

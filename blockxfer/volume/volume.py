@@ -19,7 +19,8 @@ import re
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -390,25 +391,50 @@ class Volume:
     def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
         """Bytes of the virtual disk (or of a snapshot); unmapped blocks read as zeros.
         Thread-safe; the device reads run outside the volume lock."""
-        with self._lock:
-            self._check_usable()
-            v0, v1 = self._span(offset, length)
-            if v1 == v0:
+        with self._reading(offset, length, snapshot) as (ptrs, skip):
+            if not len(ptrs):
                 return b""
-            tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
-            self.io.drain()                  # data writes still in flight land first
-            ptrs = tree.get(v0, v1 - v0)     # a copy: later writes do not change it
-            with self._readers_cv:
-                self._readers += 1
-        try:
             buf = self.io.take_read_buffer(len(ptrs) * self.block_size)
             try:
                 view = memoryview(buf)[:len(ptrs) * self.block_size]
                 self.io.read_ptrs_into(ptrs, view)
-                skip = offset - v0 * self.block_size
                 return bytes(view[skip:skip + length])
             finally:
                 self.io.give_read_buffer(buf)
+
+    def read_leased(self, offset: int, length: int,
+                    snapshot: str | None = None) -> tuple[memoryview, Callable[[], None]]:
+        """`read` without the final copy: a view of a pooled buffer, and the function
+        that hands the buffer back (call it once the view is no longer used). The NBD
+        server sends the view as it is: the copy held the GIL ~3 ms per 16 MiB, and
+        a fresh buffer per read measured slower still (page faults and unmapping)."""
+        with self._reading(offset, length, snapshot) as (ptrs, skip):
+            buf = self.io.take_read_buffer(len(ptrs) * self.block_size)
+            try:
+                view = memoryview(buf)[:len(ptrs) * self.block_size]
+                self.io.read_ptrs_into(ptrs, view)
+            except BaseException:
+                self.io.give_read_buffer(buf)
+                raise
+            return view[skip:skip + length], lambda: self.io.give_read_buffer(buf)
+
+    @contextmanager
+    def _reading(self, offset: int, length: int,
+                 snapshot: str | None) -> Iterator[tuple[np.ndarray, int]]:
+        """The pointers of a range and the offset of `offset` in their first block,
+        looked up under the lock; the caller reads them outside it, counted as a
+        reader in flight (a CP waits for readers before it frees blocks)."""
+        with self._lock:
+            self._check_usable()
+            v0, v1 = self._span(offset, length)
+            tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
+            if v1 > v0:
+                self.io.drain()              # data writes still in flight land first
+            ptrs = tree.get(v0, v1 - v0)     # a copy: later writes do not change it
+            with self._readers_cv:
+                self._readers += 1
+        try:
+            yield ptrs, offset - v0 * self.block_size
         finally:
             with self._readers_cv:
                 self._readers -= 1
