@@ -44,6 +44,7 @@ _KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG
 _MAX_DESCRIPTORS = 1 << 16
 RECV_BYTES = 256 << 10           # receive buffer: many small requests per recv
 REPLY_BYTES = 64 << 10          # replies gathered into one sendmsg while more jobs wait
+SEND_QUEUE = 2                   # reply groups with read data waiting for the sender
 BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
 _BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
 _NOTHING = object()
@@ -125,6 +126,12 @@ class _Receiver:
             self.end += k
 
 
+@dataclass(slots=True)
+class _Out:
+    parts: list[bytes | bytearray | memoryview]     # replies, in order
+    leases: list[Callable[[], None]]                # read buffers to hand back after
+
+
 class Transmission:
     def __init__(self, sock: socket.socket, session: Session, vol: LockedVolume) -> None:
         self.sock, self.session, self.vol = sock, session, vol
@@ -137,12 +144,18 @@ class Transmission:
         self._out: list[bytes | bytearray | memoryview] = []   # replies not sent yet
         self._out_bytes = 0
         self._leases: list[Callable[[], None]] = []             # read buffers in _out
+        # replies carrying read data go out from a sender thread, so the worker's
+        # next read overlaps the send; the queue bound caps what waits (and memory)
+        self._outq: queue.Queue[_Out | None] = queue.Queue(SEND_QUEUE)
+        self._send_lock = threading.Lock()
 
     # --- reader side (the connection's own thread) ---
 
     def run(self) -> None:
         worker = threading.Thread(target=self._work, name="nbd-worker", daemon=True)
+        sender = threading.Thread(target=self._sender, name="nbd-sender", daemon=True)
         worker.start()
+        sender.start()
         try:
             self._read_loop()
         except (ConnectionClosed, OSError) as e:
@@ -152,6 +165,8 @@ class Transmission:
         finally:
             self._jobs.put(None)
             worker.join()
+            self._outq.put(None)
+            sender.join()
 
     def _read_loop(self) -> None:
         rx = _Receiver(self.sock)
@@ -288,20 +303,30 @@ class Transmission:
             self._flush_replies()
 
     def _flush_replies(self) -> None:
-        parts, self._out, self._out_bytes = self._out, [], 0
-        leases, self._leases = self._leases, []
-        try:
-            self._send_now(parts)
-        finally:
-            del parts                    # the views go before their buffers are reused
-            for release in leases:
-                release()
+        """Send the gathered replies: at once when they are small, through the sender
+        thread when they carry read data."""
+        out = _Out(self._out, self._leases)
+        self._out, self._out_bytes, self._leases = [], 0, []
+        if out.leases:
+            self._outq.put(out)
+        else:
+            self._send_now(out.parts)
+
+    def _sender(self) -> None:
+        while (out := self._outq.get()) is not None:
+            try:
+                self._send_now(out.parts)
+            finally:
+                out.parts.clear()        # the views go before their buffers are reused
+                for release in out.leases:
+                    release()
 
     def _send_now(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if self._send_failed or not parts:
             return
         try:
-            send_all(self.sock, parts)
+            with self._send_lock:
+                send_all(self.sock, parts)
         except OSError as e:           # client gone: stop reading, drain quietly
             log.debug("send failed: %s", e)
             self._send_failed = True
