@@ -135,10 +135,13 @@ class BlockIO:
 
     def read_ptrs_into(self, ptrs: np.ndarray, out: memoryview, verify: bool = True) -> None:
         """Fill `out` (aligned, len = rows * bs) from pointers; holes (vbn 0) become zeros."""
-        self.finish_reads(ptrs, out, self.submit_reads(ptrs, out), verify)
+        self.finish_reads(self.submit_reads(ptrs, out, verify))
 
-    def submit_reads(self, ptrs: np.ndarray, out: memoryview) -> list[Future[None]]:
-        """Start the reads for `read_ptrs_into`; zero the holes now."""
+    def submit_reads(self, ptrs: np.ndarray, out: memoryview,
+                     verify: bool = True) -> list[Future[None]]:
+        """Start the reads for `read_ptrs_into`; zero the holes now. Each request is
+        checked against its pointers' checksums in the thread that read it, so the
+        hashing spreads over the pool instead of one long GIL hold per chunk."""
         bs, vbns = self.bs, ptrs[:, 0]
         jobs: list[Future[None]] = []
         per = MAX_REQUEST // bs
@@ -149,22 +152,24 @@ class BlockIO:
             for k in range(0, count, per):
                 c = min(per, count - k)
                 view = out[(pos + k) * bs:(pos + k + c) * bs]
-                jobs.append(self.pool.submit(self.dev.pread, view, (vbn + k) * bs))
+                cks = ptrs[pos + k:pos + k + c, 1] if verify else None
+                jobs.append(self.pool.submit(self._read_request, view, vbn + k, cks))
         return jobs
 
-    def finish_reads(self, ptrs: np.ndarray, out: memoryview, jobs: list[Future[None]],
-                     verify: bool = True) -> None:
-        bs, vbns = self.bs, ptrs[:, 0]
-        mapped = vbns != 0
+    def _read_request(self, view: memoryview, vbn: int, cks: np.ndarray | None) -> None:
+        self.dev.pread(view, vbn * self.bs)
+        if cks is None:
+            return
+        bad = np.nonzero(block_checksums(view, self.bs) != cks)[0]
+        if len(bad):
+            raise FormatError(f"checksum mismatch in block {vbn + int(bad[0])} ({len(bad)} bad "
+                              "blocks in one request): the volume is damaged; "
+                              "run 'blockxfer check'")
+
+    def finish_reads(self, jobs: list[Future[None]]) -> None:
+        """Wait for `submit_reads`; the first failure (device or checksum) is raised."""
         for j in jobs:
             j.result()
-        if verify and mapped.any():
-            got = block_checksums(out[:len(ptrs) * bs], bs)
-            bad = np.nonzero(mapped & (got != ptrs[:, 1]))[0]
-            if len(bad):
-                vbn = int(vbns[bad[0]])
-                raise FormatError(f"checksum mismatch in block {vbn} ({len(bad)} bad blocks): "
-                                  "the volume is damaged; run 'blockxfer check'")
 
     # -- writes ---------------------------------------------------------------------------
     def write_runs(self, runs: list[tuple[int, int]], data: memoryview,

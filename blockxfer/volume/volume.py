@@ -468,10 +468,10 @@ class Volume:
                                       // bs, self.io.read_many)
                     ptrs = tree.get(start // bs, n // bs)
                     view = memoryview(bufs[i % 2])[:n]
-                    nxt = (ptrs, view, self.io.submit_reads(ptrs, view))
+                    nxt = (view, self.io.submit_reads(ptrs, view))
                 if pending is not None:
-                    self.io.finish_reads(*pending)
-                    yield pending[1]
+                    self.io.finish_reads(pending[1])
+                    yield pending[0]
                 pending = nxt
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
