@@ -44,6 +44,7 @@ _KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG
 _MAX_DESCRIPTORS = 1 << 16
 RECV_BYTES = 256 << 10           # receive buffer: many small requests per recv
 REPLY_BYTES = 64 << 10          # replies gathered into one sendmsg while more jobs wait
+REPLY_PARTS = 64                 # ... or this many pieces (a client waits for its replies)
 SEND_QUEUE = 2                   # reply groups with read data waiting for the sender
 BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
 _BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
@@ -209,6 +210,8 @@ class Transmission:
                         self._execute_batch(batch)
                 finally:
                     self._release(batch)
+                if sum(j.req.length for j in batch) >= REPLY_BYTES:
+                    self._flush_replies()    # large requests: no syscalls worth saving
         finally:
             self._flush_replies()
 
@@ -296,10 +299,12 @@ class Transmission:
 
     def _send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """Queue replies; they leave together when the worker runs out of queued
-        jobs or REPLY_BYTES gather (one sendmsg for many small replies)."""
+        jobs, or REPLY_BYTES or REPLY_PARTS gather, or after a large request (one
+        sendmsg for many small replies). Holding them longer stalls a client that
+        keeps its queue full: sequential nbdcopy writes fell from ~0.8 to ~0.6."""
         self._out.extend(parts)
         self._out_bytes += sum(len(b) for b in parts)
-        if self._out_bytes >= REPLY_BYTES:
+        if self._out_bytes >= REPLY_BYTES or len(self._out) >= REPLY_PARTS:
             self._flush_replies()
 
     def _flush_replies(self) -> None:
