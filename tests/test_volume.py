@@ -12,6 +12,7 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import (
     AlreadyExists,
     DeviceBusy,
+    DeviceError,
     FormatError,
     NotFound,
     UsageError,
@@ -232,3 +233,107 @@ def test_rewriting_a_full_disk_commits_instead_of_failing(volume_path: str) -> N
             vol.write(off, data[off:off + (256 << 10)])
     assert vol.read(0, 2 << 20) == data
     vol.close()
+
+
+def test_iter_read_matches_read_across_holes_and_reopen(volume: Volume) -> None:
+    """The streamed read prefetches map leaves in batches: holes, a snapshot and a
+    cold cache (after reopening) must all read back as `read` does."""
+    volume.write(0, os.urandom(300 * BS))
+    volume.write(1000 * BS, os.urandom(700 * BS))
+    volume.create_snapshot("s")
+    volume.write(100 * BS, os.urandom(50 * BS))
+    volume = reopen(volume)
+    size = volume.virtual_size
+    for snap in (None, "s"):
+        got = b"".join(bytes(v) for v in volume.iter_read(0, size, snapshot=snap,
+                                                          chunk=64 * BS))
+        assert got == volume.read(0, size, snapshot=snap)
+    volume = reopen(volume)
+    volume.lba.prefetch(0, 2048, volume.io.read_many)
+    prefetched = volume.lba.get(0, 2048)
+    volume.lba.nodes.clear()
+    assert (prefetched == volume.lba.get(0, 2048)).all()
+    volume.close()
+
+
+def test_commit_waits_for_reads_outside_the_lock(volume: Volume) -> None:
+    """`read` does its device I/O outside the volume lock. Blocks it points at may
+    be freed meanwhile (an overwrite), but must not become reusable, so a CP waits
+    for the read; the read returns the data that was current when it started."""
+    import threading
+
+    old = os.urandom(16 * BS)
+    volume.write(0, old)
+    volume.commit()
+    started, release = threading.Event(), threading.Event()
+    real = volume.io.read_ptrs_into
+
+    def paused(*args: object, **kwargs: object) -> None:
+        started.set()
+        assert release.wait(10)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    volume.io.read_ptrs_into = paused  # type: ignore[method-assign]
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(volume.read(0, 16 * BS)))
+    reader.start()
+    assert started.wait(10)
+    volume.io.read_ptrs_into = real  # type: ignore[method-assign]
+    volume.write(0, os.urandom(16 * BS))          # not blocked by the read; frees old blocks
+    committer = threading.Thread(target=volume.commit)
+    committer.start()
+    committer.join(0.3)
+    assert committer.is_alive()                   # the CP waits for the reader
+    release.set()
+    reader.join(10)
+    committer.join(10)
+    assert not committer.is_alive()
+    assert got == [old]
+    volume.write(0, os.urandom(64 * BS))          # may reuse the freed blocks now
+    assert check_volume(volume).clean
+
+
+def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
+    """4 KiB writes at scattered offsets land on consecutive VBNs, so the staging
+    buffer sends them as one request; reads and CPs see them all."""
+    volume.commit()
+    calls: list[int] = []
+    real = volume.dev.pwrite
+
+    def counting(data: bytes | memoryview | bytearray, offset: int) -> None:
+        calls.append(len(data))
+        real(data, offset)
+
+    volume.dev.pwrite = counting  # type: ignore[method-assign]
+    blocks = {b: os.urandom(BS) for b in (7, 900, 3, 1500, 42, 1024, 8)}
+    for b, raw in blocks.items():
+        volume.write(b * BS, raw)
+    assert calls == []                            # still staged
+    for b, raw in blocks.items():
+        assert volume.read(b * BS, BS) == raw     # a read sends the staged data first
+    assert calls == [len(blocks) * BS]
+    volume.write(5 * BS + 100, b"x" * 10)         # read-modify-write of a staged block
+    volume.commit()
+    volume.dev.pwrite = real  # type: ignore[method-assign]
+    volume = reopen(volume)
+    for b, raw in blocks.items():
+        assert volume.read(b * BS, BS) == raw
+    assert volume.read(5 * BS + 100, 10) == b"x" * 10
+    assert check_volume(volume).clean
+    volume.close()
+
+
+def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
+    volume.commit()
+    real = volume.dev.pwrite
+
+    def failing(data: bytes | memoryview | bytearray, offset: int) -> None:
+        raise DeviceError("write: Input/output error")
+
+    volume.write(0, os.urandom(BS))
+    volume.dev.pwrite = failing  # type: ignore[method-assign]
+    with pytest.raises(DeviceError):
+        volume.commit()
+    volume.dev.pwrite = real  # type: ignore[method-assign]
+    with pytest.raises(VolumeError, match="reopen"):
+        volume.write(0, b"x")

@@ -65,6 +65,11 @@ class VolumeModel(RuleBasedStateMachine):
         for name, content in self.snaps.items():
             assert self.vol.read(0, VSIZE, snapshot=name) == content
 
+    @invariant()
+    def dirty_count_kept(self) -> None:
+        tree = self.vol.lba
+        assert tree.dirty_nodes == sum(1 for n in tree.nodes.values() if n.dirty)
+
     def teardown(self) -> None:
         self.vol.commit()
         assert check_volume(self.vol).clean

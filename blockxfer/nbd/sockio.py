@@ -10,6 +10,8 @@ import contextlib
 import socket
 from collections.abc import Sequence
 
+IOV_MAX = 1024          # sendmsg takes at most this many pieces (Linux UIO_MAXIOV)
+
 
 class ConnectionClosed(EOFError):
     """The peer closed the connection (possibly in the middle of a message)."""
@@ -31,15 +33,17 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def send_all(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-    """Send header and payload with one sendmsg where the kernel takes it all."""
+    """Send headers and payloads with one sendmsg (per IOV_MAX pieces) where the
+    kernel takes it all."""
     views = [memoryview(b).cast("B") for b in parts if len(b)]
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + IOV_MAX])
+        while i < len(views) and sent >= len(views[i]):
+            sent -= len(views[i])
+            i += 1
+        if sent:
+            views[i] = views[i][sent:]
 
 
 def tune(sock: socket.socket, bufsize: int = 4 << 20) -> None:

@@ -25,7 +25,7 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from blockxfer.errors import BlockxferError, VolumeFull
@@ -42,6 +42,10 @@ INFLIGHT_BYTES = 128 << 20       # queued per connection before reading pauses (
 _KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
                 | p.CMD_FLAG_FAST_ZERO)
 _MAX_DESCRIPTORS = 1 << 16
+RECV_BYTES = 256 << 10           # receive buffer: many small requests per recv
+REPLY_BYTES = 64 << 10          # replies gathered into one sendmsg while more jobs wait
+REPLY_PARTS = 64                 # ... or this many pieces (a client waits for its replies)
+SEND_QUEUE = 2                   # reply groups with read data waiting for the sender
 BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
 _BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
 _NOTHING = object()
@@ -86,6 +90,49 @@ class _BufferPool:
             free.append(buf)
 
 
+class _Receiver:
+    """Reads the request stream in large pieces: with many small requests queued
+    by the client, one recv brings several headers and payloads (per request, two
+    exact recvs cost two syscalls and two GIL hand-offs)."""
+
+    def __init__(self, sock: socket.socket, size: int = RECV_BYTES) -> None:
+        self.sock = sock
+        self.buf = memoryview(bytearray(size))
+        self.start = self.end = 0
+
+    def take(self, n: int) -> memoryview:
+        """The next `n` (<= buffer size) bytes; valid until the next call."""
+        if self.end - self.start < n:
+            self._fill(n)
+        view = self.buf[self.start:self.start + n]
+        self.start += n
+        return view
+
+    def take_into(self, out: memoryview) -> None:
+        """The next len(out) bytes into `out`; large payloads mostly bypass the buffer."""
+        have = min(len(out), self.end - self.start)
+        out[:have] = self.buf[self.start:self.start + have]
+        self.start += have
+        if have < len(out):
+            recv_into_exact(self.sock, out[have:])
+
+    def _fill(self, n: int) -> None:
+        left = self.end - self.start
+        self.buf[:left] = self.buf[self.start:self.end]
+        self.start, self.end = 0, left
+        while self.end < n:
+            k = self.sock.recv_into(self.buf[self.end:])
+            if k == 0:
+                raise ConnectionClosed(f"peer closed after {self.end} of {n} bytes")
+            self.end += k
+
+
+@dataclass(slots=True)
+class _Out:
+    parts: list[bytes | bytearray | memoryview]     # replies, in order
+    leases: list[Callable[[], None]]                # read buffers to hand back after
+
+
 class Transmission:
     def __init__(self, sock: socket.socket, session: Session, vol: LockedVolume) -> None:
         self.sock, self.session, self.vol = sock, session, vol
@@ -95,12 +142,21 @@ class Transmission:
         self._inflight = 0
         self._cond = threading.Condition()
         self._send_failed = False
+        self._out: list[bytes | bytearray | memoryview] = []   # replies not sent yet
+        self._out_bytes = 0
+        self._leases: list[Callable[[], None]] = []             # read buffers in _out
+        # replies carrying read data go out from a sender thread, so the worker's
+        # next read overlaps the send; the queue bound caps what waits (and memory)
+        self._outq: queue.Queue[_Out | None] = queue.Queue(SEND_QUEUE)
+        self._send_lock = threading.Lock()
 
     # --- reader side (the connection's own thread) ---
 
     def run(self) -> None:
         worker = threading.Thread(target=self._work, name="nbd-worker", daemon=True)
+        sender = threading.Thread(target=self._sender, name="nbd-sender", daemon=True)
         worker.start()
+        sender.start()
         try:
             self._read_loop()
         except (ConnectionClosed, OSError) as e:
@@ -110,12 +166,13 @@ class Transmission:
         finally:
             self._jobs.put(None)
             worker.join()
+            self._outq.put(None)
+            sender.join()
 
     def _read_loop(self) -> None:
-        hdr = memoryview(bytearray(p.REQUEST.size))
+        rx = _Receiver(self.sock)
         while not self._send_failed:
-            recv_into_exact(self.sock, hdr)
-            req = p.parse_request(hdr)
+            req = p.parse_request(rx.take(p.REQUEST.size))
             if req.type == p.CMD_DISC:
                 return
             job = _Job(req)
@@ -124,7 +181,7 @@ class Transmission:
             self._reserve(job.cost)
             if req.type == p.CMD_WRITE:
                 job.buf = self._pool.get(req.length)
-                recv_into_exact(self.sock, memoryview(job.buf)[:req.length])
+                rx.take_into(memoryview(job.buf)[:req.length])
             self._jobs.put(job)
 
     def _reserve(self, n: int) -> None:
@@ -137,19 +194,26 @@ class Transmission:
 
     def _work(self) -> None:
         held: object = _NOTHING
-        while True:
-            job = self._jobs.get() if held is _NOTHING else held
-            if job is None:
-                return
-            assert isinstance(job, _Job)
-            batch, held = self._gather(job)
-            try:
-                if len(batch) == 1:
-                    self._execute(job)
-                else:
-                    self._execute_batch(batch)
-            finally:
-                self._release(batch)
+        try:
+            while True:
+                if held is _NOTHING and self._jobs.empty():
+                    self._flush_replies()        # nothing else to do: answer now
+                job = self._jobs.get() if held is _NOTHING else held
+                if job is None:
+                    return
+                assert isinstance(job, _Job)
+                batch, held = self._gather(job)
+                try:
+                    if len(batch) == 1:
+                        self._execute(job)
+                    else:
+                        self._execute_batch(batch)
+                finally:
+                    self._release(batch)
+                if sum(j.req.length for j in batch) >= REPLY_BYTES:
+                    self._flush_replies()    # large requests: no syscalls worth saving
+        finally:
+            self._flush_replies()
 
     def _gather(self, job: _Job) -> tuple[list[_Job], object]:
         """`job` plus the queued jobs that continue it (same command, next offset);
@@ -196,8 +260,9 @@ class Transmission:
                 self._write_batch(batch, total)
                 parts = [p.pack_simple_reply(job.req.cookie) for job in batch]
             else:
-                data = memoryview(self.vol.call("read", first.offset, total,
-                                                self.export.snapshot))
+                raw, release = self.vol.read(first.offset, total, self.export.snapshot)
+                self._leases.append(release)
+                data = memoryview(raw)
                 for job in batch:
                     at = job.req.offset - first.offset
                     parts += self._read_reply(job.req, data[at:at + job.req.length])
@@ -233,10 +298,40 @@ class Transmission:
         self._send(parts)
 
     def _send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        if self._send_failed:
+        """Queue replies; they leave together when the worker runs out of queued
+        jobs, or REPLY_BYTES or REPLY_PARTS gather, or after a large request (one
+        sendmsg for many small replies). Holding them longer stalls a client that
+        keeps its queue full: sequential nbdcopy writes fell from ~0.8 to ~0.6."""
+        self._out.extend(parts)
+        self._out_bytes += sum(len(b) for b in parts)
+        if self._out_bytes >= REPLY_BYTES or len(self._out) >= REPLY_PARTS:
+            self._flush_replies()
+
+    def _flush_replies(self) -> None:
+        """Send the gathered replies: at once when they are small, through the sender
+        thread when they carry read data."""
+        out = _Out(self._out, self._leases)
+        self._out, self._out_bytes, self._leases = [], 0, []
+        if out.leases:
+            self._outq.put(out)
+        else:
+            self._send_now(out.parts)
+
+    def _sender(self) -> None:
+        while (out := self._outq.get()) is not None:
+            try:
+                self._send_now(out.parts)
+            finally:
+                out.parts.clear()        # the views go before their buffers are reused
+                for release in out.leases:
+                    release()
+
+    def _send_now(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        if self._send_failed or not parts:
             return
         try:
-            send_all(self.sock, parts)
+            with self._send_lock:
+                send_all(self.sock, parts)
         except OSError as e:           # client gone: stop reading, drain quietly
             log.debug("send failed: %s", e)
             self._send_failed = True
@@ -270,7 +365,8 @@ class Transmission:
     def _read(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
         if req.length > MAX_PAYLOAD:
             raise RequestError(p.EINVAL, f"read of {req.length} bytes exceeds {MAX_PAYLOAD}")
-        data = self.vol.call("read", req.offset, req.length, self.export.snapshot)
+        data, release = self.vol.read(req.offset, req.length, self.export.snapshot)
+        self._leases.append(release)
         return self._read_reply(req, data)
 
     def _read_reply(self, req: p.Request, data: bytes | memoryview) -> list[bytes | memoryview]:

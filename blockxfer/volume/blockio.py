@@ -4,11 +4,19 @@ Reads and writes go through page-aligned buffers in pieces of at most
 `MAX_REQUEST` bytes, `IN_FLIGHT` at a time (research: 1 MiB requests with 2-4 in
 flight reach the device's limit). Every block read is checked against the
 checksum its pointer carries.
+
+Small data writes (up to `SMALL_WRITE`) are staged: copied into a staging buffer
+that collects writes to consecutive VBNs (the allocator hands them out in order)
+and goes to the device as one request when it is full, when the next write does
+not continue it, or at `drain()`. A 4 KiB write thus costs a copy, not a request
+and a wait for the device.
 """
 
 from __future__ import annotations
 
 import mmap
+import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +27,11 @@ from blockxfer.errors import FormatError
 
 MAX_REQUEST = 1 << 20
 IN_FLIGHT = 4
+SMALL_WRITE = 64 << 10         # writes up to this size are staged
+STAGE_BYTES = 1 << 20          # one staging buffer (= one device request)
+STAGE_BUFFERS = 8              # staging buffers in flight before a writer waits
+READ_POOL = 4                  # read buffers kept per size for concurrent readers
+MAX_POOLED = 32 << 20          # larger ones are unmapped after use
 
 
 def aligned(size: int) -> mmap.mmap:
@@ -43,7 +56,14 @@ class BlockIO:
         self._pending: list[list[Future[None]]] = [[], []]   # data writes in flight, per buffer
         self._wbufs: list[mmap.mmap | None] = [None, None]     # the write pair, used in turn
         self._turn = 0
-        self._rbuf: mmap.mmap | None = None
+        self._rpool: dict[int, list[mmap.mmap]] = {}   # read buffers by size, for readers
+        self._rpool_lock = threading.Lock()
+        self._stage: mmap.mmap | None = None     # collecting small writes
+        self._stage_vbn = 0                      # where it goes
+        self._stage_len = 0                      # bytes collected
+        self._staged: deque[tuple[Future[None], mmap.mmap]] = deque()   # submitted, in order
+        self._stage_free: list[mmap.mmap] = []
+        self._stage_error: BaseException | None = None
 
     def close(self) -> None:
         try:
@@ -61,10 +81,22 @@ class BlockIO:
             buf = self._wbufs[self._turn] = aligned(size)
         return memoryview(buf)[:size]
 
-    def read_buffer(self, size: int) -> memoryview:
-        if self._rbuf is None or len(self._rbuf) < size:
-            self._rbuf = aligned(size)
-        return memoryview(self._rbuf)[:size]
+    def take_read_buffer(self, size: int) -> mmap.mmap:
+        """An aligned buffer of at least `size` bytes for one reader (thread-safe),
+        from a pool by power-of-two size; hand it back with `give_read_buffer`."""
+        size = max(mmap.PAGESIZE, 1 << (size - 1).bit_length())
+        with self._rpool_lock:
+            free = self._rpool.get(size)
+            if free:
+                return free.pop()
+        return aligned(size)
+
+    def give_read_buffer(self, buf: mmap.mmap) -> None:
+        if len(buf) <= MAX_POOLED:
+            with self._rpool_lock:
+                free = self._rpool.setdefault(len(buf), [])
+                if len(free) < READ_POOL:
+                    free.append(buf)
 
     def _wait(self, turn: int) -> None:
         pending, self._pending[turn] = self._pending[turn], []
@@ -72,9 +104,18 @@ class BlockIO:
             j.result()
 
     def drain(self) -> None:
-        """Wait for every data write in flight; the first failure is raised."""
-        self._wait(0)
-        self._wait(1)
+        """Send the staged writes, then wait for every data write in flight; the
+        first failure is raised."""
+        self._submit_stage()
+        try:
+            while self._staged:
+                self._retire_staged()
+            if self._stage_error is not None:
+                e, self._stage_error = self._stage_error, None
+                raise e
+        finally:
+            self._wait(0)
+            self._wait(1)
 
     # -- reads ----------------------------------------------------------------------------
     def read_block(self, vbn: int, ck: int) -> bytes:
@@ -94,10 +135,13 @@ class BlockIO:
 
     def read_ptrs_into(self, ptrs: np.ndarray, out: memoryview, verify: bool = True) -> None:
         """Fill `out` (aligned, len = rows * bs) from pointers; holes (vbn 0) become zeros."""
-        self.finish_reads(ptrs, out, self.submit_reads(ptrs, out), verify)
+        self.finish_reads(self.submit_reads(ptrs, out, verify))
 
-    def submit_reads(self, ptrs: np.ndarray, out: memoryview) -> list[Future[None]]:
-        """Start the reads for `read_ptrs_into`; zero the holes now."""
+    def submit_reads(self, ptrs: np.ndarray, out: memoryview,
+                     verify: bool = True) -> list[Future[None]]:
+        """Start the reads for `read_ptrs_into`; zero the holes now. Each request is
+        checked against its pointers' checksums in the thread that read it, so the
+        hashing spreads over the pool instead of one long GIL hold per chunk."""
         bs, vbns = self.bs, ptrs[:, 0]
         jobs: list[Future[None]] = []
         per = MAX_REQUEST // bs
@@ -108,22 +152,24 @@ class BlockIO:
             for k in range(0, count, per):
                 c = min(per, count - k)
                 view = out[(pos + k) * bs:(pos + k + c) * bs]
-                jobs.append(self.pool.submit(self.dev.pread, view, (vbn + k) * bs))
+                cks = ptrs[pos + k:pos + k + c, 1] if verify else None
+                jobs.append(self.pool.submit(self._read_request, view, vbn + k, cks))
         return jobs
 
-    def finish_reads(self, ptrs: np.ndarray, out: memoryview, jobs: list[Future[None]],
-                     verify: bool = True) -> None:
-        bs, vbns = self.bs, ptrs[:, 0]
-        mapped = vbns != 0
+    def _read_request(self, view: memoryview, vbn: int, cks: np.ndarray | None) -> None:
+        self.dev.pread(view, vbn * self.bs)
+        if cks is None:
+            return
+        bad = np.nonzero(block_checksums(view, self.bs) != cks)[0]
+        if len(bad):
+            raise FormatError(f"checksum mismatch in block {vbn + int(bad[0])} ({len(bad)} bad "
+                              "blocks in one request): the volume is damaged; "
+                              "run 'blockxfer check'")
+
+    def finish_reads(self, jobs: list[Future[None]]) -> None:
+        """Wait for `submit_reads`; the first failure (device or checksum) is raised."""
         for j in jobs:
             j.result()
-        if verify and mapped.any():
-            got = block_checksums(out[:len(ptrs) * bs], bs)
-            bad = np.nonzero(mapped & (got != ptrs[:, 1]))[0]
-            if len(bad):
-                vbn = int(vbns[bad[0]])
-                raise FormatError(f"checksum mismatch in block {vbn} ({len(bad)} bad blocks): "
-                                  "the volume is damaged; run 'blockxfer check'")
 
     # -- writes ---------------------------------------------------------------------------
     def write_runs(self, runs: list[tuple[int, int]], data: memoryview,
@@ -140,6 +186,45 @@ class BlockIO:
             pos += count
         if wait:
             self.drain()
+
+    def stage_runs(self, runs: list[tuple[int, int]], data: bytes | bytearray | memoryview) -> None:
+        """Write `data` (no alignment needed, at most STAGE_BYTES) across VBN runs
+        (start, count) through the staging buffer; see the module docstring."""
+        bs, pos = self.bs, 0
+        for start, count in runs:
+            n = count * bs
+            if (self._stage is None or start != self._stage_vbn + self._stage_len // bs
+                    or self._stage_len + n > STAGE_BYTES):
+                self._submit_stage()
+                self._stage, self._stage_vbn = self._stage_buffer(), start
+            self._stage[self._stage_len:self._stage_len + n] = data[pos:pos + n]
+            self._stage_len += n
+            pos += n
+
+    def _stage_buffer(self) -> mmap.mmap:
+        while self._staged and (len(self._staged) >= STAGE_BUFFERS or self._staged[0][0].done()):
+            self._retire_staged()
+        return self._stage_free.pop() if self._stage_free else aligned(STAGE_BYTES)
+
+    def _retire_staged(self) -> None:
+        """Wait for the oldest staged request. A failure is kept for `drain` (the
+        CP then fails): raising here would fail a later, unrelated write after its
+        blocks were allocated."""
+        job, buf = self._staged.popleft()
+        self._stage_free.append(buf)
+        e = job.exception()
+        if e is not None and self._stage_error is None:
+            self._stage_error = e
+
+    def _submit_stage(self) -> None:
+        if self._stage is None:
+            return
+        buf, n, self._stage, self._stage_len = self._stage, self._stage_len, None, 0
+        if n:
+            job = self.pool.submit(self.dev.pwrite, memoryview(buf)[:n], self._stage_vbn * self.bs)
+            self._staged.append((job, buf))
+        else:
+            self._stage_free.append(buf)
 
     def write_many(self, pairs: list[tuple[int, bytes]]) -> None:
         """Write (vbn, block) pairs, coalescing neighbours into large requests."""

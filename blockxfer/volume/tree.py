@@ -20,6 +20,7 @@ from blockxfer.errors import FormatError
 from .layout import POINTER, ObjectRef
 
 ReadBlock = Callable[[int, int], bytes]          # (vbn, checksum) -> verified block
+ReadMany = Callable[[np.ndarray], bytes]         # rows (vbn, checksum) -> verified blocks
 Writes = list[tuple[int, bytes]]                  # (vbn, block) pairs for phase 2
 
 
@@ -51,6 +52,7 @@ class CowTree:
         self._read = read_block
         self._root_ref = ref
         self.nodes: dict[tuple[int, int], Node] = {}
+        self.dirty_nodes = 0          # kept as nodes turn dirty and clean: writers ask often
 
     # -- lookups -------------------------------------------------------------------------
     def _load(self, level: int, index: int, ptr: tuple[int, int]) -> Node:
@@ -90,9 +92,39 @@ class CowTree:
             self.nodes[(level, index)] = n
         if not n.dirty:
             n.dirty = True
+            self.dirty_nodes += 1
             if level < self.levels:
                 self._node_for_write(level + 1, index // self.fanout)
         return n
+
+    def prefetch(self, start: int, count: int, read_many: ReadMany) -> None:
+        """Load the nodes covering data blocks [start, start+count) with one batched
+        read per level. `get` would load leaves one 4 KiB read at a time: 1024 reads
+        per GiB of data, each queued behind the data reads of a streamed read (at
+        ~0.2-0.5 ms apiece they cost a third of a 1 GiB sequential read)."""
+        if count <= 0 or self.node(self.levels, 0) is None:
+            return
+        f, last = self.fanout, start + count - 1
+        for level in range(self.levels - 1, 0, -1):
+            span = f ** level
+            want: list[tuple[int, int, int]] = []
+            for i in range(start // span, last // span + 1):
+                if (level, i) in self.nodes:
+                    continue
+                parent = self.nodes.get((level + 1, i // f))
+                if parent is None:
+                    continue                  # a hole above, or not loaded: `node` decides
+                vbn, ck = parent.ptrs[i % f]
+                if vbn:
+                    want.append((i, int(vbn), int(ck)))
+            if not want:
+                continue
+            rows = np.array([(v, c) for _, v, c in want], dtype=np.uint64)
+            raw = memoryview(read_many(rows))
+            bs = self.block_size
+            for k, (i, vbn, _) in enumerate(want):
+                ptrs = np.frombuffer(raw[k * bs:(k + 1) * bs], dtype=np.uint64)
+                self.nodes[(level, i)] = Node(level, i, ptrs.reshape(f, 2).copy(), vbn=vbn)
 
     def get(self, start: int, count: int) -> np.ndarray:
         """Pointers of data blocks [start, start+count) as a (count, 2) uint64 array."""
@@ -174,6 +206,7 @@ class CowTree:
                     parent = self._node_for_write(level + 1, n.index // self.fanout)
                     parent.ptrs[n.index % self.fanout] = ptr
                 n.dirty = n.fresh = False
+                self.dirty_nodes -= 1
         return self._root_ref
 
     @property
@@ -182,7 +215,7 @@ class CowTree:
 
     @property
     def dirty(self) -> bool:
-        return any(n.dirty for n in self.nodes.values())
+        return self.dirty_nodes > 0
 
     def trim_cache(self, keep: int) -> None:
         """Drop clean leaves beyond `keep` nodes (they reload from disk on demand)."""

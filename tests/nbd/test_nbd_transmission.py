@@ -237,3 +237,22 @@ def test_pipelined_contiguous_requests_are_merged_and_all_answered(
     assert volume.read(0, len(data)) == data
     assert sum(n for _, _, n in writes) == len(data) and len(writes) <= 4
     assert sum(n for _, _, n in reads) == len(data) and len(reads) <= 4
+
+
+def test_thousands_of_small_requests_in_one_stream(server: Server, volume: FakeVolume) -> None:
+    """Requests arrive many per recv and replies leave many per sendmsg (more
+    than IOV_MAX of them at once is possible): each is answered exactly once."""
+    model = bytearray(volume.read(0, 8 << 20))
+    c = connect(server)
+    rng = random.Random(11)
+    n = 3000
+    writes = [(i, rng.randrange(0, (8 << 20) - 512), rng.randbytes(rng.randrange(1, 512)))
+              for i in range(n)]
+    c.sock.sendall(b"".join(p.pack_request(p.Request(0, p.CMD_WRITE, i, off, len(d))) + d
+                            for i, off, d in writes))
+    replies = [c.simple() for _ in range(n)]
+    assert sorted(cookie for _, cookie, _ in replies) == list(range(n))
+    assert all(error == 0 for error, _, _ in replies)
+    for _, off, d in writes:                        # applied in order within a connection
+        model[off:off + len(d)] = d
+    assert volume.read(0, 8 << 20) == bytes(model)
