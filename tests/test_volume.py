@@ -337,3 +337,16 @@ def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
     volume.dev.pwrite = real  # type: ignore[method-assign]
     with pytest.raises(VolumeError, match="reopen"):
         volume.write(0, b"x")
+
+
+def test_map_cache_stays_bounded_while_reading(volume: Volume, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from blockxfer.volume import volume as vmod
+    monkeypatch.setattr(vmod, "MAX_DIRTY_NODES", 8)
+    volume.write(0, os.urandom(8 << 20))            # 2048 blocks: 8 map leaves of 256
+    volume.commit()
+    volume.lba.nodes.clear()
+    for off in range(0, 8 << 20, 1 << 20):
+        volume.read(off, 4096)
+    for _ in volume.iter_read(0, 8 << 20, chunk=1 << 20):
+        pass
+    assert len(volume.lba.nodes) <= 8 + volume.lba.levels

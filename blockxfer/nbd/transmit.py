@@ -70,24 +70,29 @@ class _Job:
 
 
 class _BufferPool:
-    """Reuses payload buffers by power-of-two size class: no allocation per write."""
+    """Reuses payload buffers by power-of-two size class: no allocation per write.
+    What it keeps is capped in count per class and in bytes overall (the volume's
+    memory budget is a few hundred MiB, and a READ may be 32 MiB)."""
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, keep: int = 64, budget: int = 96 << 20) -> None:
         self._free: dict[int, list[bytearray]] = {}
-        self._keep = keep
+        self._keep, self._budget, self._held = keep, budget, 0
 
     def get(self, n: int) -> bytearray:
         size = max(4096, 1 << (n - 1).bit_length())
         free = self._free.setdefault(size, [])
         try:
-            return free.pop()
+            buf = free.pop()
         except IndexError:
             return bytearray(size)
+        self._held -= len(buf)
+        return buf
 
     def put(self, buf: bytearray) -> None:
         free = self._free.setdefault(len(buf), [])
-        if len(free) < self._keep:
+        if len(free) < self._keep and self._held + len(buf) <= self._budget:
             free.append(buf)
+            self._held += len(buf)
 
 
 class _Receiver:

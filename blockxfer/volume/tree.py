@@ -218,12 +218,14 @@ class CowTree:
         return self.dirty_nodes > 0
 
     def trim_cache(self, keep: int) -> None:
-        """Drop clean leaves beyond `keep` nodes (they reload from disk on demand)."""
+        """Past `keep` nodes, drop clean leaves (oldest first) down to 3/4 of it, so
+        a long read does not rescan the cache at every call; they reload on demand."""
         if len(self.nodes) <= keep:
             return
+        target = keep * 3 // 4
         for key in [k for k, n in self.nodes.items() if k[0] == 1 and not n.dirty]:
             del self.nodes[key]
-            if len(self.nodes) <= keep:
+            if len(self.nodes) <= target:
                 break
 
     # -- walking ------------------------------------------------------------------------------

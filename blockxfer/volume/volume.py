@@ -432,6 +432,7 @@ class Volume:
             if v1 > v0:
                 self.io.drain()              # data writes still in flight land first
             ptrs = tree.get(v0, v1 - v0)     # a copy: later writes do not change it
+            tree.trim_cache(MAX_DIRTY_NODES)
             with self._readers_cv:
                 self._readers += 1
         try:
@@ -465,6 +466,7 @@ class Volume:
                 if start is not None:
                     n = min(chunk, offset + length - start)
                     if (start - offset) % (PREFETCH * chunk) == 0:
+                        tree.trim_cache(MAX_DIRTY_NODES)   # bounded, however much is read
                         tree.prefetch(start // bs, min(PREFETCH * chunk, offset + length - start)
                                       // bs, self.io.read_many)
                     ptrs = tree.get(start // bs, n // bs)
