@@ -31,7 +31,8 @@ _GLOB = re.compile(r"[*?\[]")
 class PlaneSource(Protocol):
     def snapshots(self) -> list[SnapshotEntry]: ...
     def resolve(self, name: str) -> SnapshotEntry: ...
-    def plane(self, name: str) -> bitarray: ...
+    def plane(self, name: str) -> bitarray:
+        """A plane the caller owns (it may change it)."""
 
 
 @dataclass
@@ -107,7 +108,9 @@ class _Parser:
             if tok[1] == "+":
                 plane |= self.term(positive)
             else:
-                plane &= ~self.subtrahend()
+                base = self.subtrahend()
+                base.invert()                   # in place: no second 32 MiB plane
+                plane &= base
         return plane
 
     def subtrahend(self) -> bitarray:
@@ -142,7 +145,7 @@ class _Parser:
         self.i += 1
         entries = self._expand(tok)
         self.tops.extend(entries)
-        plane = self.src.plane(entries[0].name).copy()
+        plane = self.src.plane(entries[0].name)      # ours: planes are handed out owned
         for e in entries[1:]:
             plane |= self.src.plane(e.name)
         return plane

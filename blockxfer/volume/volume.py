@@ -581,12 +581,13 @@ class Volume:
                        "see 'blockxfer snapshots'")
 
     def plane(self, name: str) -> bitarray:
-        """The plane of a snapshot (read-only: do not modify it)."""
+        """The plane of a snapshot, the caller's to keep or change (a regular
+        snapshot's is loaded fresh; a shadow's, which the volume keeps, is copied)."""
         e = self.resolve(name)
         if e.shadow:
-            return self._shadow_planes()[e.id].bits
+            return self._shadow_planes()[e.id].bits.copy()
         if self._new and self._new[0].id == e.id:
-            return self._new[1].bits
+            return self._new[1].bits.copy()
         return self._plane_object(e).bits
 
     def _snapshot_tree(self, name: str) -> CowTree:
