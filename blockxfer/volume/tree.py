@@ -9,7 +9,7 @@ changed since the last CP is *dirty*; at the CP it moves to a *fresh* VBN
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,17 +126,22 @@ class CowTree:
                 ptrs = np.frombuffer(raw[k * bs:(k + 1) * bs], dtype=np.uint64)
                 self.nodes[(level, i)] = Node(level, i, ptrs.reshape(f, 2).copy(), vbn=vbn)
 
+    def _spans(self, start: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+        """(leaf, offset in leaf, blocks, offset in the range) covering a range."""
+        pos, end = start, start + count
+        while pos < end:
+            leaf, off = divmod(pos, self.fanout)
+            take = min(self.fanout - off, end - pos)
+            yield leaf, off, take, pos - start
+            pos += take
+
     def get(self, start: int, count: int) -> np.ndarray:
         """Pointers of data blocks [start, start+count) as a (count, 2) uint64 array."""
         out = np.zeros((count, 2), dtype=np.uint64)
-        f, pos, end = self.fanout, start, start + count
-        while pos < end:
-            leaf, off = divmod(pos, f)
-            take = min(f - off, end - pos)
+        for leaf, off, take, at in self._spans(start, count):
             n = self.node(1, leaf)
             if n is not None:
-                out[pos - start:pos - start + take] = n.ptrs[off:off + take]
-            pos += take
+                out[at:at + take] = n.ptrs[off:off + take]
         return out
 
     def set(self, start: int, ptrs: np.ndarray) -> np.ndarray:
@@ -145,14 +150,10 @@ class CowTree:
         if start < 0 or start + count > self.length:
             raise IndexError(f"blocks {start}..{start + count} outside object of {self.length}")
         old = np.empty((count, 2), dtype=np.uint64)
-        f, pos, end = self.fanout, start, start + count
-        while pos < end:
-            leaf, off = divmod(pos, f)
-            take = min(f - off, end - pos)
+        for leaf, off, take, at in self._spans(start, count):
             n = self._node_for_write(1, leaf)
-            old[pos - start:pos - start + take] = n.ptrs[off:off + take]
-            n.ptrs[off:off + take] = ptrs[pos - start:pos - start + take]
-            pos += take
+            old[at:at + take] = n.ptrs[off:off + take]
+            n.ptrs[off:off + take] = ptrs[at:at + take]
         return old
 
     # -- consistency point -----------------------------------------------------------------
