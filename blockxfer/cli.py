@@ -237,6 +237,18 @@ def _binary_in(path: str | None) -> BinaryIO:
 def cmd_send(a: argparse.Namespace) -> int:
     from blockxfer.drivers.reader import read_runs
     from blockxfer.stream.send import send_image
+    if remote.server_for(a.path) is not None:      # the serving process streams it
+        out = _binary_out(a.output)
+        try:
+            r = remote.send(a.path, a.expression, out.fileno(), compress=a.compress,
+                            implicit=a.implicit, resume=a.resume)
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+        if r is not None:
+            print(f"sent {r['data_blocks']} blocks in {r['records']} records, "
+                  f"{human(r['bytes'])} (through the server)", file=sys.stderr)
+            return 0
     with open_volume(a.path) as vol:
         geometry = _geometry(a, vol.dev.path)
         bs = vol.block_size

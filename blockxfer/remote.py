@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from blockxfer.errors import UsageError
+from blockxfer.errors import DeviceError, UsageError
 from blockxfer.image import evaluate
 from blockxfer.nbd import control
 from blockxfer.nbd.control import ControlServer, ServerNotRunning
@@ -87,6 +87,15 @@ def info(path: str) -> Result | None:
     return try_call(path, "info")  # type: ignore[no-any-return]
 
 
+def send(path: str, expression: str, fd: int, *, compress: bool = True,
+         implicit: bool = False, resume: str | None = None) -> Result | None:
+    """Have the serving process write the image's stream into `fd` (passed over the
+    control socket); None when nobody serves `path`."""
+    return try_call(path, "send", fd=fd, timeout=None,  # type: ignore[no-any-return]
+                    expression=expression, compress=compress, implicit=implicit,
+                    resume=resume)
+
+
 def snapshots(path: str) -> Result | None:
     return try_call(path, "snapshots")  # type: ignore[no-any-return]
 
@@ -130,7 +139,7 @@ class _Handlers:
         self.vol: Any = ctl.vol.volume          # a Volume: more than the NBD surface
 
     def install(self) -> None:
-        for name in ("info", "snapshots", "snapshot", "destroy", "pointer", "image"):
+        for name in ("info", "snapshots", "snapshot", "destroy", "pointer", "image", "send"):
             self.ctl.register(name, getattr(self, name))
 
     def info(self) -> Result:
@@ -163,6 +172,23 @@ class _Handlers:
             raise UsageError("name the snapshot the pointer should refer to, or give --delete")
         self.lv.call("set_pointer", name, snapshot)
         return {"pointer": name, "snapshot": snapshot}
+
+    def send(self, expression: str, fd: int, compress: bool = True, implicit: bool = False,
+             resume: str | None = None) -> Result:
+        """Plan under the lock, then stream outside it with the image's snapshots held
+        against destroy (their blocks stay put): NBD clients are not stalled."""
+        from blockxfer.stream.send import plain_reader, plan_send, stream_plan
+        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+            with self.lv.lock:
+                plan = plan_send(self.vol, expression, resume=resume, implicit=bool(implicit))
+            try:
+                with self.vol.holding(plan.tops):
+                    stats = stream_plan(plan, out, plain_reader(self.vol),
+                                        compress=bool(compress))
+            except OSError as e:
+                raise DeviceError(f"send: the receiving end failed: {e.strerror}") from e
+        return {"records": stats.records, "data_blocks": stats.data_blocks,
+                "bytes": stats.bytes}
 
     def image(self, expression: str) -> Result:
         with self.lv.lock:

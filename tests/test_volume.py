@@ -350,3 +350,12 @@ def test_map_cache_stays_bounded_while_reading(volume: Volume, monkeypatch) -> N
     for _ in volume.iter_read(0, 8 << 20, chunk=1 << 20):
         pass
     assert len(volume.lba.nodes) <= 8 + volume.lba.levels
+
+
+def test_snapshot_held_by_a_send_cannot_be_destroyed(volume: Volume) -> None:
+    volume.write(0, b"s" * BS)
+    volume.create_snapshot("sent")
+    with volume.holding([volume.resolve("sent")]), \
+            pytest.raises(VolumeError, match="being sent"):
+        volume.destroy_snapshot("sent")
+    volume.destroy_snapshot("sent")

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from blockxfer import errors
@@ -83,15 +83,21 @@ def server_running(volume_path: str) -> bool:
         return False
 
 
-def call(volume_path: str, command: str, *, timeout: float | None = 300.0, **args: Any) -> Any:
-    """Run `command` in the server that owns `volume_path`; return its result."""
+def call(volume_path: str, command: str, *, timeout: float | None = 300.0,
+         fd: int | None = None, **args: Any) -> Any:
+    """Run `command` in the server that owns `volume_path`; return its result.
+    `fd` is passed along (SCM_RIGHTS): `send` writes its stream into it."""
     path = socket_path(volume_path)
     request = {"id": next(_ids), "command": command, "args": args}
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            s.sendall(json.dumps(request).encode() + b"\n")
+            raw = json.dumps(request).encode() + b"\n"
+            if fd is None:
+                s.sendall(raw)
+            else:
+                socket.send_fds(s, [raw], [fd])
             line = s.makefile("rb").readline(MAX_LINE)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise ServerNotRunning(f"no server owns {volume_path} ({path})") from e
@@ -147,7 +153,7 @@ class ControlServer:
             raise UsageError("this server was started without file system freezing")
         return self._freezer(mountpoint)
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, request: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         rid = request.get("id") if isinstance(request, dict) else None
         try:
             if not isinstance(request, dict):
@@ -158,6 +164,10 @@ class ControlServer:
             args = request.get("args") or {}
             if not isinstance(args, dict):
                 raise UsageError("args must be an object")
+            if request.get("command") in FD_COMMANDS:
+                if not fds:
+                    raise UsageError(f"{request.get('command')} needs a file descriptor")
+                args = {**args, "fd": fds.pop(0)}
             try:
                 result = handler(**args)
             except TypeError as e:
@@ -173,19 +183,46 @@ class ControlServer:
         return t
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as rf:
-            while line := rf.readline(MAX_LINE):
+        with conn:
+            for line, fds in _lines_with_fds(conn):
                 try:
                     request = json.loads(line)
                 except ValueError:
                     request = None
                 try:
-                    reply = self.handle(request)
+                    reply = self.handle(request, fds)
                 except Exception as e:   # a bug: answer, log, keep serving
                     log.exception("control request failed")
                     reply = {"id": None, "ok": False,
                              "error": {"type": "BlockxferError", "message": repr(e)}}
+                for fd in fds:                    # any the command did not take
+                    os.close(fd)
                 try:
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except OSError:
                     return
+
+
+FD_COMMANDS = {"send"}
+
+
+def _lines_with_fds(conn: socket.socket) -> Iterator[tuple[bytes, list[int]]]:
+    """Request lines, each with the descriptors that came with it (SCM_RIGHTS)."""
+    buf, fds = b"", []
+    while True:
+        try:
+            data, got, _, _ = socket.recv_fds(conn, 65536, 4)
+        except OSError:
+            return
+        fds.extend(got)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return
+        buf += data
+        if len(buf) > MAX_LINE and b"\n" not in buf:
+            return
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line, fds
+            fds = []

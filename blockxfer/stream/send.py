@@ -78,9 +78,10 @@ def check_top_and_base(img: Image) -> tuple[SnapshotEntry, SnapshotEntry | None]
     top, base = img.top, img.base
     if top is None:
         raise UsageError(f"image {img.expression!r} names no snapshot to send")
-    if top.shadow:
-        raise VolumeError(f"the top of an image must be a regular snapshot; {top.name!r} is a "
-                          "shadow snapshot (it can serve only as a base)")
+    for e in img.tops:
+        if e.shadow:
+            raise VolumeError(f"only a base may be a shadow snapshot; {e.name!r} is one (its "
+                              "blocks may have been reused)")
     if top.flags & 4:
         raise VolumeError(f"snapshot {top.name!r} is incomplete here and cannot be sent")
     if top.root is None:
@@ -144,39 +145,71 @@ def _compressor(enabled: bool) -> Callable[[memoryview], bytes | None]:
     return pack
 
 
+@dataclass
+class SendPlan:
+    """Everything a send decides from the volume's state; streaming it needs only
+    the device (so a server can stream outside its volume lock)."""
+
+    header: fmt.Header
+    runs: list[tuple[int, int]]
+    plane: bitarray
+    dealloc: list[tuple[int, int]]
+    tops: list[SnapshotEntry]
+    block_size: int
+    nblocks: int
+
+
+def plan_send(vol: Volume, expression: str, *, resume: str | None = None,
+              implicit: bool = False) -> SendPlan:
+    img = evaluate(expression, vol, vol.block_size)
+    header = build_header(vol, img, os.urandom(16))
+    plane = img.plane
+    if resume:
+        header.stream_id, received = parse_token(resume, header, len(plane))
+        header.flags = fmt.H_RESUMING
+        plane = plane & ~received
+    if implicit:
+        header.flags |= fmt.H_IMPLICIT
+    dealloc: list[tuple[int, int]] = []
+    if header.base is not None:
+        gone = vol.plane(header.base.name) & ~vol.plane(header.top.name)
+        dealloc = list(plane_runs(gone, vol.nblocks))
+    return SendPlan(header, list(plane_runs(plane, vol.nblocks)), plane, dealloc, img.tops,
+                    vol.block_size, vol.nblocks)
+
+
 def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | None = None,
                compress: bool = True, resume: str | None = None, implicit: bool = False,
                progress: Callable[[int], None] | None = None,
                index: Callable[[int, int, int, int], None] | None = None) -> SendStats:
     """Write the stream of an image to `out`; `index(type, offset, vbn, count)` hears
     where each data record starts (the tape writer's location table)."""
-    img = evaluate(expression, vol, vol.block_size)
-    stream_id, plane = os.urandom(16), img.plane
-    header = build_header(vol, img, stream_id)
-    if resume:
-        stream_id, received = parse_token(resume, header, len(plane))
-        header.stream_id, header.flags = stream_id, fmt.H_RESUMING
-        plane = plane & ~received
-    if implicit:
-        header.flags |= fmt.H_IMPLICIT
+    plan = plan_send(vol, expression, resume=resume, implicit=implicit)
+    return stream_plan(plan, out, reader or plain_reader(vol), compress=compress,
+                       progress=progress, index=index)
+
+
+def stream_plan(plan: SendPlan, out: BinaryIO, reader: Reader, *, compress: bool = True,
+                progress: Callable[[int], None] | None = None,
+                index: Callable[[int, int, int, int], None] | None = None) -> SendStats:
+    header, bs = plan.header, plan.block_size
     sink = _Sink(out, progress, index)
     sink.put(fmt.HEADER, header.pack())
-    runs = list(plane_runs(plane, vol.nblocks))
-    rank = _ranks(runs) if implicit else None
-    if implicit:
-        raw = plane[:vol.nblocks].tobytes()
+    rank = _ranks(plan.runs) if header.flags & fmt.H_IMPLICIT else None
+    if rank:
+        raw = plan.plane[:plan.nblocks].tobytes()
         sink.put(fmt.BITMAP, zstandard.ZstdCompressor(level=3).compress(raw))
     pack = _compressor(compress)
-    for vbn, data in (reader or plain_reader(vol))(runs):
+    for vbn, data in reader(plan.runs):
         packed = pack(data)
         first = rank(vbn) if rank else vbn
-        body = fmt.DATA_HEAD.pack(first, len(data) // vol.block_size) + (
+        body = fmt.DATA_HEAD.pack(first, len(data) // bs) + (
             packed if packed is not None else bytes(data))
         rflags = (fmt.F_ZSTD if packed is not None else 0) | (fmt.F_IMPLICIT if rank else 0)
         sink.put(fmt.DATA, body, rflags)
-        sink.stats.data_blocks += len(data) // vol.block_size
-    if header.base is not None:
-        _send_dealloc(vol, header, sink)
+        sink.stats.data_blocks += len(data) // bs
+    for k in range(0, len(plan.dealloc), 65536):
+        sink.put(fmt.DEALLOC, b"".join(fmt.RUN.pack(v, c) for v, c in plan.dealloc[k:k + 65536]))
     trailer = fmt.Trailer(sink.stats.records, sink.stats.data_blocks,
                           header.dealloc_blocks, sink.stats.bytes, sink.digest.digest())
     sink.put(fmt.TRAILER, trailer.pack())
@@ -196,19 +229,6 @@ def _ranks(runs: list[tuple[int, int]]) -> Callable[[int], int]:
         i = bisect.bisect_right(starts, vbn) - 1
         return before[i] + vbn - starts[i]
     return rank
-
-
-def _send_dealloc(vol: Volume, header: fmt.Header, sink: _Sink) -> None:
-    assert header.base is not None
-    gone = vol.plane(header.base.name) & ~vol.plane(header.top.name)
-    batch: list[bytes] = []
-    for vbn, count in plane_runs(gone, vol.nblocks):
-        batch.append(fmt.RUN.pack(vbn, count))
-        if len(batch) == 65536:
-            sink.put(fmt.DEALLOC, b"".join(batch))
-            batch = []
-    if batch:
-        sink.put(fmt.DEALLOC, b"".join(batch))
 
 
 # -- resume tokens ------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Volume:
         # Reads in flight outside the lock hold pointers to blocks that must not be
         # reused under them. A freed block becomes free only when a CP commits, and a
         # CP (holding the lock, so no read can start) waits for this count to reach 0.
+        self._held: dict[int, int] = {}      # snapshot id -> sends in flight using it
         self._readers = 0
         self._readers_cv = threading.Condition(threading.Lock())
         self._failed: str | None = None
@@ -651,6 +652,9 @@ class Volume:
                 hint = " (it is a pointer: use 'pointer --delete')" \
                     if name in self.catalog.pointers else ""
                 raise NotFound(f"no snapshot named {name!r} on {self.dev.path}{hint}")
+            if self._held.get(e.id):
+                raise VolumeError(f"snapshot {name!r} is being sent; destroy it when the send "
+                                  "has finished")
             users = sorted(p for p, sid in self.catalog.pointers.items() if sid == e.id)
             if users:
                 raise VolumeError(f"snapshot {name!r} is the target of pointer {users[0]!r}; "
@@ -665,6 +669,20 @@ class Volume:
             self._pinned = None
             self._catalog_dirty = True
             self.commit()
+
+    @contextmanager
+    def holding(self, entries: list[SnapshotEntry]) -> Iterator[None]:
+        """Keep these snapshots (and so their blocks) from being destroyed meanwhile:
+        a send streams their blocks without holding the volume lock."""
+        with self._lock:
+            for e in entries:
+                self._held[e.id] = self._held.get(e.id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for e in entries:
+                    self._held[e.id] -= 1
 
     def set_flags(self, name: str, *, master: bool | None = None) -> None:
         with self._lock:

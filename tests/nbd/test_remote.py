@@ -128,3 +128,25 @@ def test_served_volume_survives_sigterm_without_flush(
     assert proc.wait(30) == 0
     with open_volume(path) as vol:
         assert vol.read(0, len(data)) == data
+
+
+def test_send_goes_through_the_server(serving, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, sock, _ = serving
+    c = nbd(sock)
+    data = os.urandom(1 << 20)
+    assert c.request(p.CMD_WRITE, 0, len(data), payload=data) == 0
+    c.sock.close()
+    assert remote.snapshot(path, "s1") is not None
+    stream = tmp_path / "s1.stream"
+    r = bx("send", path, "s1", "-o", str(stream))      # the volume is locked by the server
+    assert r.returncode == 0, r.stderr
+    assert "through the server" in r.stderr
+    assert bx("verify", str(stream)).returncode == 0
+    copy = tmp_path / "copy.img"
+    assert bx("receive", str(copy), "-i", str(stream)).returncode == 0
+    got = subprocess.run([*BX, "read", f"{copy}@s1", "--length", str(1 << 20)],
+                         capture_output=True, check=True).stdout
+    assert got == data
+    piped = subprocess.run(f"{' '.join(BX)} send {path} s1 | {' '.join(BX)} verify",
+                           shell=True, capture_output=True, text=True)
+    assert piped.returncode == 0 and "digest verified" in piped.stdout, piped.stderr
