@@ -376,12 +376,18 @@ def _next_tape(a: argparse.Namespace) -> Callable[[str, int], str] | None:
 
 def cmd_dump(a: argparse.Namespace) -> int:
     from blockxfer.drivers.reader import read_runs
+    from blockxfer.drivers.tapes import max_record
     from blockxfer.transfer.dump import dump_image
+    record_size = parse_size(a.record_size)
+    limit = max_record(a.tape)                   # READ BLOCK LIMITS: st refuses larger
+    if limit and record_size > limit:
+        print(f"{a.tape}: the drive takes records of at most {limit} bytes; using that",
+              file=sys.stderr)
+        record_size = limit
     prog = Progress("dump")
     with open_volume(a.path) as vol:
         res = dump_image(vol, a.expression, a.tape, open_tape=_tape_opener(),  # type: ignore[arg-type]
-                         next_tape=_next_tape(a), label=a.label,
-                         record_size=parse_size(a.record_size),
+                         next_tape=_next_tape(a), label=a.label, record_size=record_size,
                          reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
                          progress=prog.add)
     prog.finish()

@@ -69,9 +69,11 @@ def cmd_tape_create(args: argparse.Namespace) -> int:
 
 
 def cmd_tape_status(args: argparse.Namespace) -> int:
-    from blockxfer.drivers.tapes import tape_status
+    from blockxfer.drivers.tapes import drive_info, tape_status
 
-    _print(tape_status(args.tape).as_dict(), args.json)
+    status = tape_status(args.tape).as_dict()
+    status["drive"] = drive_info(args.tape)      # INQUIRY, block limits, TapeAlert, barcode
+    _print(status, args.json)
     return 0
 
 

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import FileIO
+from pathlib import Path
 
 from blockxfer.errors import DeviceBusy, DeviceError, WriteProtected
 from blockxfer.tape import TapeStatus
@@ -100,3 +101,33 @@ def erase_tape(path: str) -> TapeStatus:
         t.rewind()
         t.erase()
         return t.status()
+
+
+def drive_info(path: str, *, sysfs: Path = Path("/sys")) -> dict[str, object] | None:
+    """What the drive says about itself over SCSI (on its /dev/sgN): INQUIRY, READ BLOCK
+    LIMITS, TapeAlert flags and the MAM barcode. Each part is None when the drive lacks
+    it; the whole is None for a virtual tape or a drive without an sg node."""
+    from .scsi import open_scsi, sg_for_tape
+    if not path.startswith("/dev/"):
+        return None
+    sg = sg_for_tape(path, sysfs=sysfs)
+    if sg is None:
+        return None
+    with open_scsi(sg) as s:
+        inq = s.inquiry()
+        limits = s.block_limits()
+        return {"sg": sg, "vendor": inq.vendor, "product": inq.product,
+                "revision": inq.revision, "serial": inq.serial,
+                "max_block": limits.max_block if limits else None,
+                "min_block": limits.min_block if limits else None,
+                "tape_alerts": s.tape_alerts(), "barcode": s.barcode()}
+
+
+def max_record(path: str) -> int | None:
+    """The largest record the drive takes (READ BLOCK LIMITS), when it says."""
+    try:
+        info = drive_info(path)
+    except DeviceError:
+        return None
+    limit = info.get("max_block") if info else None
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
