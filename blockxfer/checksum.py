@@ -18,8 +18,3 @@ def block_checksums(buf: bytes | bytearray | memoryview, block_size: int) -> np.
     n = len(mv) // block_size
     return np.fromiter((checksum(mv[i * block_size:(i + 1) * block_size]) for i in range(n)),
                        dtype=np.uint64, count=n)
-
-
-def stream_digest() -> xxhash.xxh3_128:
-    """A running digest over a whole stream."""
-    return xxhash.xxh3_128()

@@ -13,7 +13,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import BinaryIO
 
 from blockxfer import __version__, cli_devices, cli_serve, remote
@@ -29,10 +28,6 @@ CHUNK = 8 << 20
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def _when(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _need_snapshot(target: str) -> tuple[str, str]:

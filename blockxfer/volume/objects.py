@@ -71,14 +71,6 @@ class PlaneObject:
         rows = np.frombuffer(memoryview(bits), dtype=np.uint64).reshape(self.data_blocks, -1)
         self.dirty.update(np.nonzero(rows.any(axis=1))[0].tolist())
 
-    def replace_bits(self, bits: bitarray) -> None:
-        """Make the plane equal to `bits`, marking every data block that differs."""
-        old = self.bits
-        diff = np.frombuffer(memoryview(old ^ bits), dtype=np.uint64)
-        changed = diff.reshape(self.data_blocks, -1).any(axis=1)
-        self.dirty.update(np.nonzero(changed)[0].tolist())
-        self._bits = bits
-
     def _zero(self, i: int) -> bool:
         bpb = self.bits_per_block
         return self.bits.count(1, i * bpb, (i + 1) * bpb) == 0

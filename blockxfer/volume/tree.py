@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from blockxfer.checksum import checksum
-from blockxfer.errors import FormatError
 
 from .layout import POINTER, ObjectRef
 
@@ -256,9 +255,3 @@ class CowTree:
         for i in np.nonzero(ptrs[:, 0])[0]:
             self._walk(level - 1, index * self.fanout + int(i), int(ptrs[i, 0]),
                        int(ptrs[i, 1]), nodes, leaves)
-
-
-def verify_block(raw: bytes | memoryview, vbn: int, expected: int, what: str) -> None:
-    if checksum(raw) != expected:
-        raise FormatError(f"checksum mismatch in {what} block {vbn}: the volume is damaged; "
-                          f"run 'blockxfer check'")

@@ -87,10 +87,10 @@ class Volume:
         self.virtual_blocks = sb.virtual_blocks
         self.io = BlockIO(dev, sb.block_size)
         self._lock = threading.RLock()
+        self._held: dict[int, int] = {}      # snapshot id -> sends in flight using it
         # Reads in flight outside the lock hold pointers to blocks that must not be
         # reused under them. A freed block becomes free only when a CP commits, and a
         # CP (holding the lock, so no read can start) waits for this count to reach 0.
-        self._held: dict[int, int] = {}      # snapshot id -> sends in flight using it
         self._readers = 0
         self._readers_cv = threading.Condition(threading.Lock())
         self._failed: str | None = None
@@ -393,16 +393,11 @@ class Volume:
     def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
         """Bytes of the virtual disk (or of a snapshot); unmapped blocks read as zeros.
         Thread-safe; the device reads run outside the volume lock."""
-        with self._reading(offset, length, snapshot) as (ptrs, skip):
-            if not len(ptrs):
-                return b""
-            buf = self.io.take_read_buffer(len(ptrs) * self.block_size)
-            try:
-                view = memoryview(buf)[:len(ptrs) * self.block_size]
-                self.io.read_ptrs_into(ptrs, view)
-                return bytes(view[skip:skip + length])
-            finally:
-                self.io.give_read_buffer(buf)
+        view, release = self.read_leased(offset, length, snapshot)
+        try:
+            return bytes(view)
+        finally:
+            release()
 
     def read_leased(self, offset: int, length: int,
                     snapshot: str | None = None) -> tuple[memoryview, Callable[[], None]]:
@@ -683,14 +678,6 @@ class Volume:
             with self._lock:
                 for e in entries:
                     self._held[e.id] -= 1
-
-    def set_flags(self, name: str, *, master: bool | None = None) -> None:
-        with self._lock:
-            e = self.resolve(name)
-            if master is not None:
-                e.flags = (e.flags | layout.MASTER) if master else (e.flags & ~layout.MASTER)
-            self._catalog_dirty = True
-            self.commit()
 
     def set_pointer(self, name: str, snapshot: str) -> None:
         with self._lock:
