@@ -27,8 +27,8 @@ import pytest
 
 from blockxfer import remote
 from blockxfer.handles import init_volume, open_volume
-from blockxfer.nbd import control
 from blockxfer.volume.check import check_volume
+from tests.nbd.serveproc import serve_process
 
 LIVE, SNAP = "/dev/nbd1", "/dev/nbd2"
 TOOLS = ("nbd-client", "mkfs.ext4", "e2fsck", "mount", "umount")
@@ -60,25 +60,8 @@ def payload(name: str, size: int) -> bytes:
     return random.Random(name).randbytes(size)
 
 
-@contextlib.contextmanager
-def serving(path: str, sock: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "blockxfer.cli", "serve", path,
-                             "--listen", f"unix:{sock}", *extra], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not control.server_running(path):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "blockxfer serve did not start"
-            time.sleep(0.1)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+serving = serve_process
+
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import pytest
 from blockxfer import remote
 from blockxfer.errors import AlreadyExists, DeviceBusy, NotFound, VolumeError
 from blockxfer.handles import init_volume, open_volume
-from blockxfer.nbd import control
 from blockxfer.nbd import protocol as p
 from tests.nbd.nbdclient import Client
+from tests.nbd.serveproc import serve_process
 
 BX = [sys.executable, "-m", "blockxfer.cli"]
 
@@ -38,19 +37,8 @@ def bx(*args: str) -> subprocess.CompletedProcess[str]:
 def serving(tmp_path: Path, run_dir: str) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
     path, sock = str(tmp_path / "vol.img"), str(tmp_path / "nbd.sock")
     init_volume(path, size=32 << 20, block_size=4096, force=False).close()
-    proc = subprocess.Popen([*BX, "serve", path, "--listen", f"unix:{sock}"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not control.server_running(path):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+    with serve_process(path, sock, timeout=30) as proc:
         yield path, sock, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=30)
 
 
 def nbd(sock: str, export: str = "") -> Client:

@@ -1,0 +1,35 @@
+"""A real `blockxfer serve` process for tests: started, waited for until its control
+socket answers, and stopped with SIGTERM (killed if it hangs)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from blockxfer.nbd import control
+
+
+@contextlib.contextmanager
+def serve_process(path: str, sock: str, *extra: str,
+                  timeout: float = 60) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "blockxfer.cli", "serve", path,
+                             "--listen", f"unix:{sock}", *extra], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not control.server_running(path):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "blockxfer serve did not start"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
