@@ -325,3 +325,25 @@ def test_implicit_tagging_by_bitmap(source, tmp_path: Path) -> None:  # type: ig
     bad[len(bad) // 3] ^= 4
     with pytest.raises(StreamError):
         inspect_stream(io.BytesIO(bytes(bad)))
+
+
+def test_local_change_to_a_replica_frees_released_snapshots(tmp_path: Path) -> None:
+    """A released snapshot is hidden from the replica's catalog; when a local change
+    rewrites that catalog, its plane object must be freed, not leaked."""
+    src = str(tmp_path / "s.img")
+    vol = make_source(src)
+    buf = io.BytesIO()
+    send_image(vol, "june3 + june2 + june1", buf)
+    t = str(tmp_path / "t.img")
+    receive(t, buf.getvalue())
+    vol.destroy_snapshot("june1")
+    buf = io.BytesIO()
+    send_image(vol, "june9 + june8 + june7 + june6 + june5 + june4 - june3", buf)
+    vol.close()
+    assert receive(t, buf.getvalue()).released == ["june1"]  # type: ignore[attr-defined]
+    rep = Volume.open(open_device(t, write=True))
+    rep.create_snapshot("local")                      # rewrites the catalog
+    report = check_volume(rep)
+    rep.close()
+    assert report.clean, report.problems
+    assert check_volume(Volume.open(open_device(t), writable=False)).clean

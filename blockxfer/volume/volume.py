@@ -119,6 +119,9 @@ class Volume:
         for e in self.catalog.snapshots:
             if e.guid in self.local.incomplete:
                 e.flags |= layout.INCOMPLETE
+        # released here (the source dropped them): hidden now, freed when this copy
+        # first rewrites its catalog, since their plane objects are then unreachable
+        self._released = [e for e in self.catalog.snapshots if e.guid in self.local.released]
         self.catalog.snapshots = [e for e in self.catalog.snapshots
                                   if e.guid not in self.local.released]
         self._shadow: dict[int, PlaneObject] | None = None
@@ -276,6 +279,13 @@ class Volume:
         return busy.count() > (self.active.bits | self.pinned()).count() + \
             self.sb.first_data_vbn + (len(busy) - self.nblocks)
 
+    def _free_plane_object(self, e: SnapshotEntry) -> None:
+        """Free the blocks holding a snapshot's plane (its data blocks are freed by
+        the planes no longer pinning them)."""
+        nodes, data = self._plane_object(e).tree.walk()
+        self._busy_plane()
+        self._free_vbns(np.array(nodes + data[:, 0].tolist(), dtype=np.uint64))
+
     def _alloc_meta(self, count: int) -> list[int]:
         return [v for s, c in self._alloc_runs(count) for v in range(s, s + c)]
 
@@ -303,6 +313,10 @@ class Volume:
         self.io.drain()
         if self._fill_pending:
             self._catalog_dirty, self._fill_pending = True, False
+        if self._catalog_dirty and self._released:
+            for e in self._released:
+                self._free_plane_object(e)
+            self._released = []
         alloc, free = self._alloc_meta, self._free_one
         while True:                                   # phase 1: allocate to a fixpoint
             changes = self.lba.allocate(alloc, free)
@@ -654,9 +668,7 @@ class Volume:
             if users:
                 raise VolumeError(f"snapshot {name!r} is the target of pointer {users[0]!r}; "
                                   "move or delete the pointer first")
-            nodes, data = self._plane_object(e).tree.walk()
-            self._busy_plane()
-            self._free_vbns(np.array(nodes + data[:, 0].tolist(), dtype=np.uint64))
+            self._free_plane_object(e)
             self.catalog.snapshots.remove(e)
             if self._shadow is not None:
                 self._shadow.pop(e.id, None)
