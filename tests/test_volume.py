@@ -359,3 +359,27 @@ def test_snapshot_held_by_a_send_cannot_be_destroyed(volume: Volume) -> None:
             pytest.raises(VolumeError, match="being sent"):
         volume.destroy_snapshot("sent")
     volume.destroy_snapshot("sent")
+
+
+def test_streamed_read_does_not_hold_the_lock(volume: Volume) -> None:
+    """Between chunks of iter_read other threads read and write (a CP waits for the
+    chunk in flight, which keeps its blocks from reuse); an early close releases it."""
+    import threading
+    data = os.urandom(4 << 20)
+    volume.write(0, data)
+    volume.commit()
+    it = volume.iter_read(0, 4 << 20, chunk=1 << 20)
+    first = bytes(next(it))
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: (volume.write(6 << 20, b"w" * BS),
+                                         got.append(volume.read(6 << 20, BS))))
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "a write and a read waited on the streamed read"
+    assert got == [b"w" * BS] and first == data[:1 << 20]
+    assert b"".join(bytes(v) for v in it) == data[1 << 20:]
+    it2 = volume.iter_read(0, 4 << 20, chunk=1 << 20)
+    next(it2)
+    it2.close()                                        # stopped early: nothing stays counted
+    volume.commit()
+    assert volume.read(6 << 20, BS) == b"w" * BS

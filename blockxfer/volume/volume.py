@@ -22,6 +22,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from bitarray import bitarray
@@ -30,6 +31,7 @@ from blockxfer.checksum import block_checksums
 from blockxfer.device import BlockDevice
 from blockxfer.errors import (
     AlreadyExists,
+    BlockxferError,
     FormatError,
     NotFound,
     UsageError,
@@ -443,14 +445,11 @@ class Volume:
                 self.io.drain()              # data writes still in flight land first
             ptrs = tree.get(v0, v1 - v0)     # a copy: later writes do not change it
             tree.trim_cache(MAX_DIRTY_NODES)
-            with self._readers_cv:
-                self._readers += 1
+            self._count_reader(+1)
         try:
             yield ptrs, offset - v0 * self.block_size
         finally:
-            with self._readers_cv:
-                self._readers -= 1
-                self._readers_cv.notify_all()
+            self._count_reader(-1)
 
     def _wait_readers(self) -> None:
         """Wait for the reads running outside the lock (the caller holds it)."""
@@ -460,32 +459,64 @@ class Volume:
     def iter_read(self, offset: int, length: int, snapshot: str | None = None,
                   chunk: int = 32 << 20) -> Iterator[memoryview]:
         """Stream a block-aligned range: the next chunk's reads are in flight while the
-        caller consumes this one (each view is valid until the next iteration)."""
+        caller consumes this one (each view is valid until the next iteration).
+
+        The lock is held only to look up each chunk's pointers; the chunk in flight is
+        counted as a reader, so no CP reuses its blocks. A chunk is finished (and no
+        longer counted) before the next lookup waits for the lock: a CP holds the lock
+        while it waits for readers, so waiting for the lock while counted would
+        deadlock. Close the iterator if you stop early: a CP waits for it."""
         bs = self.block_size
         if offset % bs or length % bs:
             raise UsageError(f"streamed reads take whole blocks of {bs} bytes")
         with self._lock:
             self._span(offset, length)
             tree = self.lba if snapshot is None else self._snapshot_tree(snapshot)
-            self.io.drain()
-            bufs = [aligned(chunk), aligned(chunk)]
-            starts = list(range(offset, offset + length, chunk))
-            pending = None
-            for i, start in enumerate([*starts, None]):
-                nxt = None
-                if start is not None:
-                    n = min(chunk, offset + length - start)
+        bufs = [aligned(chunk), aligned(chunk)]
+        pending: tuple[memoryview, list[Any]] | None = None
+        try:
+            for i, start in enumerate(range(offset, offset + length, chunk)):
+                n = min(chunk, offset + length - start)
+                done = self._finish_chunk(pending)
+                with self._lock:
+                    self.io.drain()                    # data writes in flight land first
                     if (start - offset) % (PREFETCH * chunk) == 0:
                         tree.trim_cache(MAX_DIRTY_NODES)   # bounded, however much is read
-                        tree.prefetch(start // bs, min(PREFETCH * chunk, offset + length - start)
-                                      // bs, self.io.read_many)
+                        tree.prefetch(start // bs, min(PREFETCH * chunk,
+                                                       offset + length - start) // bs,
+                                      self.io.read_many)
                     ptrs = tree.get(start // bs, n // bs)
-                    view = memoryview(bufs[i % 2])[:n]
-                    nxt = (view, self.io.submit_reads(ptrs, view))
-                if pending is not None:
-                    self.io.finish_reads(pending[1])
-                    yield pending[0]
-                pending = nxt
+                    self._count_reader(+1)
+                view = memoryview(bufs[i % 2])[:n]
+                pending = (view, self.io.submit_reads(ptrs, view))
+                if done is not None:
+                    yield done
+            done = self._finish_chunk(pending)
+            pending = None
+            if done is not None:
+                yield done
+        finally:
+            if pending is not None:                    # stopped early: let it land
+                self._finish_chunk(pending, check=False)
+
+    def _finish_chunk(self, pending: tuple[memoryview, list[Any]] | None,
+                      check: bool = True) -> memoryview | None:
+        if pending is None:
+            return None
+        try:
+            self.io.finish_reads(pending[1])
+        except BlockxferError:
+            if check:
+                raise
+        finally:
+            self._count_reader(-1)
+        return pending[0]
+
+    def _count_reader(self, delta: int) -> None:
+        with self._readers_cv:
+            self._readers += delta
+            if delta < 0:
+                self._readers_cv.notify_all()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write anywhere: the blocks go to free VBNs; the map points at them."""
