@@ -52,12 +52,14 @@ class _Target:
         self.local = vol.local if vol else self.area.read(0)
         if vol:
             self.area.slot = vol.local_area.slot
-        self.nbits = len(vol.active.bits) if vol else len(empty_plane(
-            -(-h.nblocks // (8 * h.block_size)) * 8 * h.block_size))
-        self.busy = self._busy()
+        bits_per_block = 8 * h.block_size
+        self.nbits = -(-h.nblocks // bits_per_block) * bits_per_block
+        self.busy, self.valid = self._planes()
 
-    def _busy(self) -> bitarray:
-        busy = empty_plane(self.nbits)
+    def _planes(self) -> tuple[bitarray, bitarray]:
+        """Blocks the target still uses (no stream block may land there), and blocks
+        it holds valid (the complete snapshots it keeps), each plane loaded once."""
+        busy, valid = empty_plane(self.nbits), empty_plane(self.nbits)
         busy[:self.h.first_data_vbn] = 1
         busy[self.h.nblocks:] = 1
         if self.vol is not None:
@@ -65,8 +67,11 @@ class _Target:
             busy |= self.vol.active.bits
             for e in self.vol.snapshots():
                 if e.guid in keep and not e.shadow:
-                    busy |= self.vol.plane(e.name)
-        return busy
+                    plane = self.vol.plane(e.name)
+                    busy |= plane
+                    if not e.flags & 4:
+                        valid |= plane
+        return busy, valid
 
 
 def _open_target(path: str, h: fmt.Header, open_device: OpenDevice, force: bool,
@@ -244,14 +249,9 @@ def _commit(h: fmt.Header, t: _Target, received: bitarray, resumed: bool) -> Rec
     """Decide what is complete and released, record it, then write the new root."""
     sb = Superblock(h.block_size, h.nblocks, h.virtual_blocks, h.volume_uuid,
                     h.first_data_vbn, h.next_id, h.root)
-    have = received.copy()
+    have = received | t.valid
     keep = {s.guid for s in h.snapshot_set}
-    before: list[str] = []
-    if t.vol is not None:
-        before = [e.name for e in t.vol.snapshots()]
-        for e in t.vol.snapshots():
-            if e.guid in keep and not e.shadow and not e.flags & 4:
-                have |= t.vol.plane(e.name)
+    before = [e.name for e in t.vol.snapshots()] if t.vol is not None else []
     cand = Volume(t.dev, sb, writable=False, slot=t.slot)
     try:
         released = [e for e in cand.catalog.snapshots if e.guid not in keep]
