@@ -76,6 +76,10 @@ class ScsiCommandFailed(DeviceError):
     """A command ended in CHECK CONDITION other than "not supported"."""
 
 
+UNIT_ATTENTION = 0x6
+UNIT_ATTENTION_RETRIES = 4
+
+
 class ScsiTape:
     """Drive information through raw CDBs; every query may answer None."""
 
@@ -83,10 +87,18 @@ class ScsiTape:
         self._execute, self.path = execute, path
 
     def _run(self, cdb: bytes, alloc: int) -> bytes | None:
-        data, sense_raw = self._execute(cdb, alloc)
-        if sense_raw is None:
-            return data
-        sense = Sense.parse(sense_raw)
+        for _ in range(UNIT_ATTENTION_RETRIES):
+            data, sense_raw = self._execute(cdb, alloc)
+            if sense_raw is None:
+                return data
+            sense = Sense.parse(sense_raw)
+            if sense.key != UNIT_ATTENTION:
+                break
+            # SPC: reported once per event (power on, reset 29/00, medium change 28/00);
+            # the command was not run, so it is simply sent again
+        return self._answer(cdb, data, sense)
+
+    def _answer(self, cdb: bytes, data: bytes, sense: Sense) -> bytes | None:
         if sense.key == ILLEGAL_REQUEST:
             return None                      # the drive lacks it
         if sense.key == 0 and not (sense.filemark or sense.eom):

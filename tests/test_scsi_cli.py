@@ -88,3 +88,18 @@ def test_tape_commands(tmp_path, capsys) -> None:
     assert run("tape", "erase", path, "--dry-run") == 0
     assert run("tape", "erase", path) == 0
     assert run("tape", "eject", path) == 0
+
+
+def test_unit_attention_after_reset_is_retried() -> None:
+    """The test bed's drive answered the first READ BLOCK LIMITS after boot with UNIT
+    ATTENTION 29/00 (power on or reset); the command must simply be sent again."""
+    ua = bytes([0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x29, 0x00])
+    calls: list[int] = []
+
+    def execute(cdb: bytes, alloc: int) -> tuple[bytes, bytes | None]:
+        calls.append(cdb[0])
+        if len(calls) == 1:
+            return bytes(alloc), ua
+        return bytes([0x09, 0x10, 0x00, 0x00, 0x00, 0x04]), None
+    limits = ScsiTape(execute).block_limits()
+    assert limits is not None and limits.max_block == 1 << 20 and calls == [0x05, 0x05]
