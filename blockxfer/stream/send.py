@@ -246,7 +246,9 @@ def parse_token(token: str, header: fmt.Header, nbits: int) -> tuple[bytes, bita
                               bufsize=1 << 16)
         sid, top, digest, blocks = _TOKEN.unpack_from(raw, 0)
     except (ValueError, zlib.error, struct.error) as e:
-        raise StreamError(f"resume token is malformed ({e})") from e
+        shown = token if len(token) <= 24 else token[:20] + "..."
+        raise UsageError(f"not a resume token: {shown!r}; pass the token printed by the "
+                         "interrupted receive") from e
     if (top, digest, blocks) != (header.top.guid, header.image_digest, header.image_blocks):
         raise StreamError("resume token belongs to another image; send the same expression "
                           "from the same volume")
