@@ -44,6 +44,7 @@ from .blockio import SMALL_WRITE, BlockIO, aligned, runs_of
 from .layout import Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea
 from .objects import BlobObject, PlaneObject, empty_plane
+from .receiving import InterruptedReceive, refuse_interrupted
 from .tree import CowTree
 
 CP_INTERVAL = 10.0                      # seconds between CPs while writes are pending
@@ -812,6 +813,7 @@ def read_superblock_slot(dev: BlockDevice) -> tuple[Superblock, int]:
         if off in (0, sb.block_size):
             found.append((sb, 0 if off == 0 else 1))
     if not found:
+        refuse_interrupted(dev)              # a full receive was overwriting it
         if any("checksum" in p for p in problems):
             raise FormatError(f"{dev.path}: both superblocks are damaged; the volume cannot "
                               "be opened")
@@ -829,6 +831,8 @@ def has_signature(dev: BlockDevice) -> str | None:
     try:
         read_superblock(dev)
         return "a blockxfer volume"
+    except InterruptedReceive:
+        return "an interrupted receive"
     except FormatError:
         pass
     dev.pread(memoryview(buf)[:n], 0)
