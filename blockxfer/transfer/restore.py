@@ -150,6 +150,22 @@ def restore_chain(contents: TapeContents, target_has: Callable[[str], bool],
     return chain
 
 
+RETRY = ("run the same restore again, with the set's tapes at hand (--next-tape COMMAND "
+         "or --changer)")
+
+
+def _refuse_spanning(contents: TapeContents, chain: list[ImageOnTape]) -> None:
+    """Plan first: an image that continues on the next tape cannot be restored
+    without a way to ask for it, so say so before the target is touched."""
+    for img in chain:
+        if img.index is not None and not img.index.complete:
+            label = contents.label
+            raise UsageError(f"image {img.number} ({img.descriptor.expression!r}) continues "
+                             f"on tape {label.seq + 1} of set {label.set_name!r}; give "
+                             "--next-tape COMMAND (or --changer) so restore can ask for it; "
+                             "nothing was written")
+
+
 def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
                    open_device: OpenDevice, next_tape: NextTape | None = None,
                    image: int | None = None, snapshot: str | None = None, force: bool = False,
@@ -162,12 +178,14 @@ def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
         contents = list_tape(tape)
         chosen = pick_image(contents, image, snapshot)
         chain = restore_chain(contents, target_has, chosen) if snapshot else [chosen]
+        if next_tape is None:
+            _refuse_spanning(contents, chain)
         steps = []
         for img in chain:
             reader = TapeImageReader(tape, contents, img, open_tape, next_tape)
             try:
                 res = receive_stream(reader, target, open_device,  # type: ignore[arg-type]
-                                     force=force, source_hint="(the tape)", progress=progress)
+                                     force=force, retry=RETRY, progress=progress)
             except BlockxferError:
                 tape = reader.tape
                 raise
