@@ -186,7 +186,7 @@ def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: b
     assert idx is not None and (idx.position >= 0) == locate
     vbn, count, _ = idx.records[len(idx.records) // 2]
     res = restore_range(tape, part, 1, vbn + 1, vbn + 1, open_tape=opener,
-                        open_device=open_device)
+                        open_device=open_device, force=True)      # a plain file: --force
     assert res.blocks == 1 and res.records_read <= 6
     with open(full, "rb") as a, open(part, "rb") as b:
         a.seek((vbn + 1) * 4096)
