@@ -127,3 +127,14 @@ def begin_overwrite(dev: BlockDevice, marker: ReceivingMarker, reserved: int,
     if reserved > MARK_SIZE:
         _write_at(dev, b"", MARK_SIZE, reserved - MARK_SIZE)
     dev.flush()
+
+
+def refuse_on_replica(path: str, replica: bool, what: str, where: str) -> None:
+    """A replica whose committed root is the one it received takes incrementals
+    only while nothing here changes it: any local CP moves its generation past its
+    newest snapshot and may take VBNs the source owns. So a catalog change that the
+    source can make instead is refused, with the way to do it."""
+    if replica:
+        raise VolumeError(f"{path} is a replica (its state was received): {what} here would "
+                          f"stop every later incremental from applying; {where} (to stop "
+                          "replicating into it, take a snapshot here first)")
