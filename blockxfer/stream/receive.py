@@ -337,13 +337,13 @@ def _check_top_covered(t: _Target, h: fmt.Header, have: bitarray) -> None:
 
     def read_block(vbn: int, ck: int) -> bytes:
         if not have[vbn]:
-            raise partial(f"block {vbn}, part of the snapshot table")
+            raise partial(f"metadata block {vbn}")
         return io.read_block(vbn, ck)
 
     def read_many(rows: np.ndarray) -> bytes:
         absent = [int(v) for v in rows[:, 0] if not have[int(v)]]
         if absent:
-            raise partial(f"{len(absent)} blocks (from {absent[0]}) holding the snapshot table")
+            raise partial(f"{len(absent)} metadata blocks (from {absent[0]})")
         return io.read_many(rows)
 
     io = BlockIO(t.dev, h.block_size)
