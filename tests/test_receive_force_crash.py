@@ -128,6 +128,7 @@ def test_force_receive_killed_or_cut_at_many_points(setup, tmp_path: Path) -> No
         seen[_outcome(path, stream, before, after, f"writes cut after {k} of {total}")] += 1
         points += 1
     assert points >= 100
+    print(f"{points} points over {total} writes: {dict(seen)}")
     assert seen["interrupted"] and seen["old"], seen
 
 
