@@ -420,7 +420,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
         if a.image is None:
             raise UsageError("--vbns needs --image N (see 'tape list')")
         part = restore_range(a.tape, a.target, a.image, lo, hi,  # type: ignore[arg-type]
-                             open_tape=_tape_opener(), open_device=open_device)
+                             open_tape=_tape_opener(), open_device=open_device, force=a.force)
         print(f"{a.target}: wrote {part.blocks} blocks ({lo}-{hi}) from image {a.image}, "
               f"reading {part.records_read} tape records")
         return 0

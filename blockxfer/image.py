@@ -171,3 +171,33 @@ def evaluate(text: str, src: PlaneSource, block_size: int) -> Image:
     p = _Parser(text, src, block_size)
     plane = p.parse()
     return Image(text, plane, block_size, p.tops, p.bases)
+
+
+def missing_blocks(img: Image, src: PlaneSource) -> bitarray:
+    """Blocks the top snapshot's plane needs that neither the image nor its base holds.
+
+    A receiver rebuilds the top from the image's blocks plus the base it already has
+    (complete), so an image is restorable exactly when this plane is empty."""
+    top, base = img.top, img.base
+    if top is None:
+        return bitarray()
+    need = src.plane(top.name)
+    need &= ~img.plane
+    if base is not None:
+        need &= ~src.plane(base.name)
+    return need
+
+
+def require_restorable(img: Image, src: PlaneSource) -> None:
+    """Refuse an image that could never be restored (e.g. `june1 & june3`), saying why."""
+    top, base = img.top, img.base
+    if top is None:
+        return
+    lacking = missing_blocks(img, src).count()
+    if lacking:
+        fix = f"{top.name} - {base.name}" if base is not None else top.name
+        raise ExpressionError(
+            f"image {img.expression!r} cannot be restored: it lacks {lacking} blocks of its "
+            f"top snapshot {top.name!r}" + (f" that base {base.name!r} does not hold"
+                                            if base is not None else "")
+            + f"; every image must hold its top's blocks (for example {fix!r})")

@@ -81,8 +81,32 @@ def test_spanning_two_tapes_and_restore(src, tmp_path: Path) -> None:  # type: i
     target = str(tmp_path / "r.img")
     restore(tapes[0], target, next_tape=lambda name, seq: tapes[seq - 1])
     assert snapshot_contents(target)["june3"] == contents["june3"]
-    with pytest.raises(StreamError, match="tape 2 of set 'weekly' is needed"):
-        restore(tapes[0], str(tmp_path / "r2.img"), next_tape=lambda n, s: tapes[0])
+    r2 = str(tmp_path / "r2.img")
+    with pytest.raises(StreamError, match="tape 2 of set 'weekly' is needed") as e:
+        restore(tapes[0], r2, next_tape=lambda n, s: tapes[0])
+    assert not os.path.exists(r2) and "was removed" in str(e.value)
+    assert "send" not in str(e.value) and "run the same restore again" in str(e.value)
+
+
+def test_spanned_image_without_next_tape_is_refused_first(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Plan first: nothing is written when the image continues on a tape restore has
+    no way to ask for; the suggestion is a restore command, not a send."""
+    path, contents = src
+    tapes = _set(tmp_path, 3)
+    dump(path, LEVELS[0], tapes[0], label="weekly", next_tape=lambda name, seq: tapes[seq - 1])
+    target = str(tmp_path / "r.img")
+    with pytest.raises(UsageError, match="continues on tape 2 of set 'weekly'; give "
+                                         "--next-tape") as e:
+        restore(tapes[0], target)
+    assert "nothing was written" in str(e.value)
+    assert not os.path.exists(target)
+    existing = str(tmp_path / "existing.img")
+    restore(tapes[0], existing, next_tape=lambda name, seq: tapes[seq - 1])
+    before = Path(existing).read_bytes()
+    with pytest.raises(UsageError, match="continues on tape 2"):
+        restore(tapes[0], existing, force=True)
+    assert Path(existing).read_bytes() == before
+    assert snapshot_contents(existing)["june3"] == contents["june3"]
 
 
 def test_full_tape_without_next_is_incomplete(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -162,7 +186,7 @@ def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: b
     assert idx is not None and (idx.position >= 0) == locate
     vbn, count, _ = idx.records[len(idx.records) // 2]
     res = restore_range(tape, part, 1, vbn + 1, vbn + 1, open_tape=opener,
-                        open_device=open_device)
+                        open_device=open_device, force=True)      # a plain file: --force
     assert res.blocks == 1 and res.records_read <= 6
     with open(full, "rb") as a, open(part, "rb") as b:
         a.seek((vbn + 1) * 4096)

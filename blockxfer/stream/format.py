@@ -129,9 +129,22 @@ class Header:
             snaps.append(s)
         if pos != len(raw):
             raise StreamError("stream header has trailing bytes")
+        _check_named(top, "top")
+        if flags & H_INCREMENTAL:
+            _check_named(base, "base")
+        for s in snaps:
+            _check_named(s, "listed")
         return cls(uuid, bs, n, vb, first, next_id, sid, expr, top,
                    base if flags & H_INCREMENTAL else None, root, snaps, blocks, digest,
                    dealloc, flags & ~H_INCREMENTAL)
+
+
+def _check_named(s: SnapshotRef, role: str) -> None:
+    """A damaged header must not reach messages as snapshot '' (a sender always
+    names its snapshots and gives each a GUID)."""
+    if not s.name or s.guid == bytes(16):
+        raise StreamError(f"stream header is damaged: its {role} snapshot has no "
+                          f"{'name' if not s.name else 'GUID'}")
 
 
 def _snap(raw: bytes, pos: int) -> tuple[SnapshotRef, int]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import numpy as np
 from bitarray import bitarray
 
 from blockxfer.device import BlockDevice
@@ -22,6 +23,12 @@ from blockxfer.volume import Volume, has_signature
 from blockxfer.volume.layout import Superblock
 from blockxfer.volume.local import LocalArea, LocalState
 from blockxfer.volume.objects import empty_plane
+from blockxfer.volume.receiving import (
+    InterruptedReceive,
+    ReceivingMarker,
+    begin_overwrite,
+    read_receiving_marker,
+)
 from blockxfer.volume.volume import read_superblock_slot, reserved_blocks, write_superblock
 
 from . import format as fmt
@@ -55,10 +62,12 @@ class _Target:
         bits_per_block = 8 * h.block_size
         self.nbits = -(-h.nblocks // bits_per_block) * bits_per_block
         self.busy, self.valid = self._planes()
+        self.touched = False                  # a full receive has begun to overwrite it
 
     def _planes(self) -> tuple[bitarray, bitarray]:
         """Blocks the target still uses (no stream block may land there), and blocks
-        it holds valid (the complete snapshots it keeps), each plane loaded once."""
+        it holds valid (the complete snapshots it keeps), each plane loaded once. The
+        blocks an incomplete snapshot lacks hold nothing here: a stream may fill them."""
         busy, valid = empty_plane(self.nbits), empty_plane(self.nbits)
         busy[:self.h.first_data_vbn] = 1
         busy[self.h.nblocks:] = 1
@@ -66,11 +75,9 @@ class _Target:
             keep = {s.guid for s in self.h.snapshot_set}
             busy |= self.vol.active.bits
             for e in self.vol.snapshots():
-                if e.guid in keep and not e.shadow:
-                    plane = self.vol.plane(e.name)
-                    busy |= plane
-                    if not e.flags & 4:
-                        valid |= plane
+                if e.guid in keep and not e.shadow and not e.flags & 4:
+                    valid |= self.vol.plane(e.name)
+            busy |= valid
         return busy, valid
 
 
@@ -104,6 +111,9 @@ def _check_full(dev: BlockDevice, h: fmt.Header, path: str, force: bool) -> Volu
     pending = LocalArea(dev, h.block_size, h.nblocks).read(0)
     if h.flags & fmt.H_RESUMING and pending.pending and pending.stream_id == h.stream_id:
         return None                          # resuming this very receive
+    marker = read_receiving_marker(dev)
+    if marker is not None and marker.stream_id == h.stream_id:
+        return None                          # the same stream again, after an interruption
     found = has_signature(dev)
     if found and not force:
         raise VolumeError(f"{path} already holds {found}; use --force to overwrite it")
@@ -137,8 +147,10 @@ def _uuid(raw: bytes) -> str:
 
 def receive_stream(f: BinaryIO, path: str, open_device: OpenDevice, *, force: bool = False,
                    seekable: bool = False, source_hint: str = "SOURCE",
+                   retry: str | None = None,
                    progress: Callable[[int], None] | None = None) -> ReceiveResult:
-    """Apply a stream to the volume (or new volume) at `path`."""
+    """Apply a stream to the volume (or new volume) at `path`. `retry`, when given,
+    replaces the resume hint of a failure (a source that cannot `send --resume`)."""
     reader = StreamReader(f, "stream")
     h = reader.read_header()
     if seekable and not h.incremental:    # damage must not reach a target we overwrite
@@ -146,13 +158,48 @@ def receive_stream(f: BinaryIO, path: str, open_device: OpenDevice, *, force: bo
         f.seek(0)
         reader = StreamReader(f, "stream")
         reader.read_header()
+    created = not os.path.exists(path)
     dev, vol = _open_target(path, h, open_device, force, path)
+    t: _Target | None = None
     try:
-        return _receive(reader, h, _Target(dev, h, vol), source_hint, progress)
+        t = _Target(dev, h, vol)
+        return _receive(reader, h, t, progress)
+    except _Cut as cut:
+        how = retry or (f"resume with blockxfer send {source_hint} \"{h.expression}\" "
+                        f"--resume {cut.token}")
+        state = _state_after(path, h, t, created, removable=retry is not None)
+        raise StreamError(f"{cut.cause}; {state}, {cut.kept} of {h.image_blocks} blocks "
+                          f"received; {how}") from cut.cause
+    except BlockxferError as e:
+        if t is None or not t.touched:
+            raise
+        state = _state_after(path, h, t, created, removable=True)
+        raise type(e)(f"{e}; {state}") from e
     finally:
         if vol is not None:
             vol.io.close()
         dev.close()
+
+
+class _Cut(Exception):
+    """The stream failed after blocks were placed: what a resume needs to know."""
+
+    def __init__(self, cause: BaseException, token: str, kept: int):
+        super().__init__(str(cause))
+        self.cause, self.token, self.kept = cause, token, kept
+
+
+def _state_after(path: str, h: fmt.Header, t: _Target | None, created: bool,
+                 removable: bool) -> str:
+    """What a failed receive left at `path`, for the error's one line. A file this
+    receive created is removed when nothing could resume into it."""
+    if t is None or t.vol is not None:
+        return "the target is unchanged"
+    if created and removable and os.path.isfile(path):
+        os.remove(path)
+        return f"the target is unchanged ({path} did not exist and was removed)"
+    return (f"{path} holds an interrupted receive of stream {h.stream_id.hex()} "
+            "(its old contents were overwritten; 'blockxfer info' shows it)")
 
 
 def _verify_rest(reader: StreamReader) -> None:
@@ -160,7 +207,7 @@ def _verify_rest(reader: StreamReader) -> None:
         pass
 
 
-def _receive(reader: StreamReader, h: fmt.Header, t: _Target, hint: str,
+def _receive(reader: StreamReader, h: fmt.Header, t: _Target,
              progress: Callable[[int], None] | None) -> ReceiveResult:
     from blockxfer.volume.blockio import BlockIO
 
@@ -172,8 +219,9 @@ def _receive(reader: StreamReader, h: fmt.Header, t: _Target, hint: str,
         received, resumed = st.received, True
     else:
         received = empty_plane(t.nbits)
-        if t.vol is None:
-            _wipe(t.dev, h)
+    t.touched = True
+    if t.vol is None and not resumed:
+        _begin_overwrite(t.dev, h)
     st = LocalState(st.seq, t.vol.generation if t.vol else 0, h.stream_id, h.top.guid,
                     h.base.guid if h.base else bytes(16), h.image_digest, h.image_blocks,
                     0, st.incomplete, st.released, received)
@@ -193,9 +241,7 @@ def _receive(reader: StreamReader, h: fmt.Header, t: _Target, hint: str,
         _persist(io, t, st, received, quiet=True)
         io.close()
         token = make_token(h.stream_id, h.top.guid, h.image_digest, h.image_blocks, received)
-        raise StreamError(f"{e}; the target is unchanged; {received.count()} of "
-                          f"{h.image_blocks} blocks kept: resume with "
-                          f"blockxfer send {hint} \"{h.expression}\" --resume {token}") from e
+        raise _Cut(e, token, received.count()) from e
     io.drain()
     t.dev.flush()
     io.close()
@@ -205,13 +251,17 @@ def _receive(reader: StreamReader, h: fmt.Header, t: _Target, hint: str,
     return _commit(h, t, received, resumed)
 
 
-def _wipe(dev: BlockDevice, h: fmt.Header) -> None:
-    """A new or overwritten target: no old superblock or local state may survive."""
-    from blockxfer.volume.blockio import aligned
-    n = reserved_blocks(h.nblocks, h.block_size) * h.block_size
-    buf = aligned(n)
-    dev.pwrite(memoryview(buf)[:n], 0)
-    dev.flush()
+def _begin_overwrite(dev: BlockDevice, h: fmt.Header) -> None:
+    """A new or overwritten target: the receiving marker replaces the old superblocks
+    (in an order a kill cannot break) and no old local state survives."""
+    try:
+        current: tuple[Superblock, int] | None = read_superblock_slot(dev)
+    except (FormatError, InterruptedReceive):
+        current = None
+    marker = ReceivingMarker(h.block_size, h.nblocks, h.stream_id, h.volume_uuid,
+                             h.top.guid, h.image_blocks, h.top.name)
+    begin_overwrite(dev, marker, reserved_blocks(h.nblocks, h.block_size) * h.block_size,
+                    current)
 
 
 def _place(io: object, t: _Target, received: bitarray, rec: Data) -> None:
@@ -250,6 +300,7 @@ def _commit(h: fmt.Header, t: _Target, received: bitarray, resumed: bool) -> Rec
     sb = Superblock(h.block_size, h.nblocks, h.virtual_blocks, h.volume_uuid,
                     h.first_data_vbn, h.next_id, h.root)
     have = received | t.valid
+    _check_top_covered(t, h, have)
     keep = {s.guid for s in h.snapshot_set}
     before = [e.name for e in t.vol.snapshots()] if t.vol is not None else []
     cand = Volume(t.dev, sb, writable=False, slot=t.slot)
@@ -260,8 +311,7 @@ def _commit(h: fmt.Header, t: _Target, received: bitarray, resumed: bool) -> Rec
     finally:
         cand.io.close()
     if any(e.guid == h.top.guid for e in incomplete):
-        raise StreamError(f"stream does not carry all blocks of its top {h.top.name!r}; "
-                          "the target is unchanged")
+        raise StreamError(f"stream does not carry all blocks of its top {h.top.name!r}")
     t.area.write(LocalState(t.local.seq, h.root.generation,
                             incomplete={e.guid for e in incomplete},
                             released={e.guid for e in released}))
@@ -272,6 +322,45 @@ def _commit(h: fmt.Header, t: _Target, received: bitarray, resumed: bool) -> Rec
                          [e.name for e in incomplete], resumed)
 
 
+def _check_top_covered(t: _Target, h: fmt.Header, have: bitarray) -> None:
+    """Refuse a partial image (one that lacks blocks of its top, e.g. an old stream of
+    `june1 & june3`) before anything reads a block it never wrote: such a block is
+    missing, not damaged, and no checksum error may say otherwise."""
+    from blockxfer.volume.blockio import BlockIO
+    from blockxfer.volume.layout import Catalog
+    from blockxfer.volume.objects import BlobObject, PlaneObject
+
+    def partial(what: str) -> StreamError:
+        return StreamError(f"image {h.expression!r} is partial, not restorable: it lacks "
+                           f"{what} of its top {h.top.name!r} (missing, not damaged); "
+                           "send an image that holds its top's blocks")
+
+    def read_block(vbn: int, ck: int) -> bytes:
+        if not have[vbn]:
+            raise partial(f"metadata block {vbn}")
+        return io.read_block(vbn, ck)
+
+    def read_many(rows: np.ndarray) -> bytes:
+        absent = [int(v) for v in rows[:, 0] if not have[int(v)]]
+        if absent:
+            raise partial(f"{len(absent)} metadata blocks (from {absent[0]})")
+        return io.read_many(rows)
+
+    io = BlockIO(t.dev, h.block_size)
+    try:
+        cat = Catalog.unpack(BlobObject(h.root.catalog, h.block_size, read_block,
+                                        read_many).load())
+        top = next((e for e in cat.snapshots if e.guid == h.top.guid), None)
+        if top is None:
+            raise StreamError(f"the stream's catalog does not list its top {h.top.name!r}")
+        plane = PlaneObject(top.plane, h.nblocks, h.block_size, read_block, read_many).bits
+        lacking = (plane & ~have).count()
+        if lacking:
+            raise partial(f"{lacking} blocks")
+    finally:
+        io.close()
+
+
 __all__ = ["ReceiveResult", "receive_stream", "read_superblock_slot"]
 
 
@@ -279,7 +368,11 @@ def open_new_target(path: str, h: fmt.Header, open_device: OpenDevice,
                     force: bool) -> BlockDevice:
     """A target for a full image, checked (size, --force) and wiped, ready for blocks."""
     dev, _ = _open_target(path, h, open_device, force, path)
-    _wipe(dev, h)
+    try:
+        _begin_overwrite(dev, h)
+    except BaseException:
+        dev.close()
+        raise
     return dev
 
 

@@ -23,7 +23,7 @@ from bitarray import bitarray
 
 from blockxfer.checksum import checksum
 from blockxfer.errors import StreamError, UsageError, VolumeError
-from blockxfer.image import Image, evaluate
+from blockxfer.image import Image, evaluate, require_restorable
 from blockxfer.volume import Volume
 from blockxfer.volume.blockio import MAX_REQUEST, aligned
 from blockxfer.volume.layout import SnapshotEntry
@@ -95,6 +95,7 @@ def check_top_and_base(img: Image) -> tuple[SnapshotEntry, SnapshotEntry | None]
 
 def build_header(vol: Volume, img: Image, stream_id: bytes) -> fmt.Header:
     top, base = check_top_and_base(img)
+    require_restorable(img, vol)
     assert top.root is not None
     dealloc = (vol.plane(base.name) & ~vol.plane(top.name)).count() if base else 0
     return fmt.Header(
@@ -246,7 +247,9 @@ def parse_token(token: str, header: fmt.Header, nbits: int) -> tuple[bytes, bita
                               bufsize=1 << 16)
         sid, top, digest, blocks = _TOKEN.unpack_from(raw, 0)
     except (ValueError, zlib.error, struct.error) as e:
-        raise StreamError(f"resume token is malformed ({e})") from e
+        shown = token if len(token) <= 24 else token[:20] + "..."
+        raise UsageError(f"not a resume token: {shown!r}; pass the token printed by the "
+                         "interrupted receive") from e
     if (top, digest, blocks) != (header.top.guid, header.image_digest, header.image_blocks):
         raise StreamError("resume token belongs to another image; send the same expression "
                           "from the same volume")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockxfer.errors import EndOfMedium, FormatError, VolumeError, WriteProtected
-from blockxfer.image import evaluate
+from blockxfer.image import evaluate, require_restorable
 from blockxfer.stream import format as fmt
 from blockxfer.stream.send import Reader, check_top_and_base, send_image
 from blockxfer.tape import EarlyWarning, Tape
@@ -196,6 +196,7 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
     """Append the image to the tape (after its last image), spanning if it must."""
     img = evaluate(expression, vol, vol.block_size)
     top, base = check_top_and_base(img)
+    require_restorable(img, vol)             # never a tape image nobody can restore
     tape = open_tape(tape_path, True)
     try:
         lab = _prepare(tape, label, record_size)

@@ -12,7 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blockxfer.device import BlockDevice
-from blockxfer.errors import BlockxferError, DeviceError, FormatError, StreamError, UsageError
+from blockxfer.errors import (
+    BlockxferError,
+    DeviceError,
+    FormatError,
+    NotFound,
+    StreamError,
+    UsageError,
+    VolumeError,
+)
 from blockxfer.stream.decode import parse_record
 from blockxfer.stream.receive import ReceiveResult, receive_stream
 from blockxfer.tape import EndOfData, Tape
@@ -150,6 +158,22 @@ def restore_chain(contents: TapeContents, target_has: Callable[[str], bool],
     return chain
 
 
+RETRY = ("run the same restore again, with the set's tapes at hand (--next-tape COMMAND "
+         "or --changer)")
+
+
+def _refuse_spanning(contents: TapeContents, chain: list[ImageOnTape]) -> None:
+    """Plan first: an image that continues on the next tape cannot be restored
+    without a way to ask for it, so say so before the target is touched."""
+    for img in chain:
+        if img.index is not None and not img.index.complete:
+            label = contents.label
+            raise UsageError(f"image {img.number} ({img.descriptor.expression!r}) continues "
+                             f"on tape {label.seq + 1} of set {label.set_name!r}; give "
+                             "--next-tape COMMAND (or --changer) so restore can ask for it; "
+                             "nothing was written")
+
+
 def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
                    open_device: OpenDevice, next_tape: NextTape | None = None,
                    image: int | None = None, snapshot: str | None = None, force: bool = False,
@@ -162,12 +186,14 @@ def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
         contents = list_tape(tape)
         chosen = pick_image(contents, image, snapshot)
         chain = restore_chain(contents, target_has, chosen) if snapshot else [chosen]
+        if next_tape is None:
+            _refuse_spanning(contents, chain)
         steps = []
         for img in chain:
             reader = TapeImageReader(tape, contents, img, open_tape, next_tape)
             try:
                 res = receive_stream(reader, target, open_device,  # type: ignore[arg-type]
-                                     force=force, source_hint="(the tape)", progress=progress)
+                                     force=force, retry=RETRY, progress=progress)
             except BlockxferError:
                 tape = reader.tape
                 raise
@@ -202,17 +228,44 @@ class PartialResult:
     records_read: int
 
 
+def check_range_target(target: str, img: ImageOnTape, open_device: OpenDevice) -> None:
+    """Raw blocks at their VBNs repair only the volume the image came from: refuse
+    any other target (another volume, a plain file) before writing anything."""
+    import os
+
+    from blockxfer.volume import read_superblock
+    desc = img.descriptor
+    why = ("--vbns writes raw blocks at their VBNs, which only repairs the volume the "
+           f"image came from ({desc.volume}); give --force to write them there anyway")
+    if not os.path.exists(target):
+        raise NotFound(f"{target} does not exist; {why}")
+    dev = open_device(target)
+    try:
+        sb = read_superblock(dev)
+    except (FormatError, VolumeError) as e:
+        raise VolumeError(f"{target} is not a blockxfer volume ({e}); {why}") from e
+    finally:
+        dev.close()
+    if sb.uuid_str != desc.volume or sb.block_size != desc.block_size:
+        raise VolumeError(f"{target} is volume {sb.uuid_str} ({sb.block_size}-byte blocks), "
+                          f"not volume {desc.volume} ({desc.block_size}-byte blocks); {why}")
+
+
 def restore_range(tape_path: str, target: str, image: int, first: int, last: int, *,
-                  open_tape: OpenTape, open_device: OpenDevice) -> PartialResult:
+                  open_tape: OpenTape, open_device: OpenDevice,
+                  force: bool = False) -> PartialResult:
     """Write blocks first..last (VBNs) of an image to the same VBNs of `target`,
     reading only the tape records that hold them (LOCATE when the drive has it,
-    filemark and record spacing when it does not)."""
+    filemark and record spacing when it does not). Without `force` the target must
+    be the volume the image came from."""
     tape = open_tape(tape_path, False)
     try:
         contents = list_tape(tape)
         img = pick_image(contents, image, None)
         idx = img.index
         assert idx is not None
+        if not force:
+            check_range_target(target, img, open_device)
         per = contents.label.record_size - tf.REC.size
         wanted = sorted({r for r in idx.records if r[0] <= last and r[0] + r[1] > first},
                         key=lambda r: r[2])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -16,12 +17,12 @@ import numpy as np
 from bitarray import bitarray
 
 from blockxfer.checksum import checksum
-from blockxfer.errors import FormatError, NotFound, UsageError
+from blockxfer.errors import BlockxferError, FormatError, NotFound, UsageError
 from blockxfer.stream import format as fmt
 from blockxfer.stream.decode import Data, StreamReader, parse_record
 from blockxfer.stream.receive import ReceiveResult, commit_blocks, open_new_target
 from blockxfer.tape import Tape
-from blockxfer.volume.layout import Catalog
+from blockxfer.volume.layout import Catalog, RootRecord, SnapshotEntry
 from blockxfer.volume.objects import BlobObject, PlaneObject, empty_plane
 
 from . import tapefmt as tf
@@ -29,6 +30,14 @@ from .restore import OpenDevice, _stream_record_at, pick_image
 from .tapeset import ImageOnTape, OpenTape, TapeContents, list_tape
 
 CACHE_RECORDS = 32                 # stream records (at most ~1 MiB each) kept decoded
+
+
+class _Absent(FormatError):
+    """A block the image does not carry (missing, not damaged)."""
+
+    def __init__(self, vbn: int, image: int):
+        super().__init__(f"block {vbn} is not in image {image}")
+        self.vbn = vbn
 
 
 class TapeBlocks:
@@ -72,7 +81,7 @@ class TapeBlocks:
     def row_of(self, vbn: int) -> tuple[int, int, int]:
         i = bisect.bisect_right(self.starts, vbn) - 1
         if i < 0 or not self.rows[i][0] <= vbn < self.rows[i][0] + self.rows[i][1]:
-            raise FormatError(f"block {vbn} is not in image {self.img.number}")
+            raise _Absent(vbn, self.img.number)
         return self.rows[i]
 
     def read_block(self, vbn: int, ck: int) -> bytes:
@@ -97,6 +106,36 @@ def restore_snapshot_only(tape_path: str, target: str, image: int, snapshot: str
         contents = list_tape(tape)
         src = TapeBlocks(tape, contents, pick_image(contents, image, None))
         h = src.header()
+        entry, root, plane = _plan(src, h, image, snapshot)
+        # the target becomes a new volume at that snapshot: checked as for a full image
+        # (--force to overwrite), whatever the image's own kind
+        created = not os.path.exists(target)
+        dev = open_new_target(target, replace(h, base=None), open_device, force)
+        try:
+            written = _copy_blocks(src, dev, plane)
+            ref = fmt.SnapshotRef(entry.id, entry.guid, entry.generation, entry.flags,
+                                  entry.name)
+            sub = replace(h, root=root, top=ref, base=None)
+            return commit_blocks(dev, sub, written), src.records_read
+        except BlockxferError:
+            if created:                  # nothing to resume from a tape: leave no file
+                dev.close()
+                os.remove(target)
+            raise
+        finally:
+            dev.close()
+    finally:
+        tape.close()
+
+
+def _plan(src: TapeBlocks, h: fmt.Header, image: int,
+          snapshot: str) -> tuple[SnapshotEntry, RootRecord, bitarray]:
+    """Everything decided before the target is opened: the snapshot, its root, and
+    its plane, which the image must hold whole (an incremental image lacks what its
+    base holds: that needs the bases first, which --snapshot does)."""
+    cure = (f"restore it with --snapshot {snapshot} (bases first) instead"
+            if h.base is not None else "this image cannot restore it")
+    try:
         cat = Catalog.unpack(BlobObject(h.root.catalog, h.block_size, src.read_block,
                                         src.read_many).load())
         entry = next((e for e in cat.snapshots if e.name == snapshot), None)
@@ -107,17 +146,17 @@ def restore_snapshot_only(tape_path: str, target: str, image: int, snapshot: str
             raise UsageError(f"snapshot {snapshot!r} cannot be restored on its own")
         plane = PlaneObject(entry.plane, h.nblocks, h.block_size, src.read_block,
                             src.read_many).bits
-        dev = open_new_target(target, h, open_device, force)
-        try:
-            written = _copy_blocks(src, dev, plane)
-            ref = fmt.SnapshotRef(entry.id, entry.guid, entry.generation, entry.flags,
-                                  entry.name)
-            sub = replace(h, root=root, top=ref, base=None)
-            return commit_blocks(dev, sub, written), src.records_read
-        finally:
-            dev.close()
-    finally:
-        tape.close()
+    except _Absent as e:
+        raise UsageError(f"image {image} lacks block {e.vbn} that snapshot {snapshot!r} "
+                         f"needs; {cure}; nothing was written") from e
+    held = empty_plane(len(plane))
+    for vbn, count, _ in src.rows:
+        held[vbn:vbn + count] = 1
+    lacking = (plane & ~held).count()
+    if lacking:
+        raise UsageError(f"image {image} lacks {lacking} blocks of snapshot {snapshot!r}; "
+                         f"{cure}; nothing was written")
+    return entry, root, plane
 
 
 def _copy_blocks(src: TapeBlocks, dev: object, plane: bitarray) -> bitarray:

@@ -80,6 +80,7 @@ class LocalArea:
         self.dev, self.bs, self.nblocks = dev, block_size, nblocks
         self.plane_blocks = -(-nblocks // (8 * block_size))
         self.slot = -1
+        self.received_root = False        # the committed root came from a receive
 
     def _vbn(self, slot: int) -> int:
         return 2 + slot * (1 + self.plane_blocks)
@@ -98,6 +99,7 @@ class LocalArea:
         if best is None:
             return LocalState(root_generation=root_generation)
         st, self.slot = best
+        self.received_root = st.root_generation == root_generation
         if st.root_generation != root_generation:   # state of an older root: keep only facts
             st = LocalState(st.seq, root_generation, incomplete=st.incomplete,
                             released=st.released)

@@ -44,6 +44,7 @@ from .blockio import SMALL_WRITE, BlockIO, aligned, runs_of
 from .layout import Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea
 from .objects import BlobObject, PlaneObject, empty_plane
+from .receiving import InterruptedReceive, refuse_interrupted, refuse_on_replica
 from .tree import CowTree
 
 CP_INTERVAL = 10.0                      # seconds between CPs while writes are pending
@@ -655,6 +656,12 @@ class Volume:
             raise AlreadyExists(f"a snapshot or pointer named {name!r} already exists on "
                                 f"{self.dev.path}")
 
+    def _is_replica(self) -> bool:
+        """Is the committed root the one a receive wrote (the top's CP), so that this
+        volume still takes incrementals? Any local CP moves past it."""
+        newest = max((e.generation for e in self.catalog.snapshots), default=-1)
+        return self.local_area.received_root and self.generation == newest
+
     def create_snapshot(self, name: str, *, shadow: bool = False, master: bool = False) -> None:
         """Freeze the active file system: a CP whose catalog lists the new snapshot and
         whose active plane (with the CP's own blocks) is copied into its plane."""
@@ -699,6 +706,9 @@ class Volume:
             if users:
                 raise VolumeError(f"snapshot {name!r} is the target of pointer {users[0]!r}; "
                                   "move or delete the pointer first")
+            refuse_on_replica(self.dev.path, self._is_replica(),
+                              f"destroying {name!r}", "destroy it on the source: the next "
+                              "incremental releases it here")
             self._free_plane_object(e)
             self.catalog.snapshots.remove(e)
             if self._shadow is not None:
@@ -728,6 +738,9 @@ class Volume:
             target = self.resolve(snapshot)
             if name not in self.catalog.pointers:
                 self._check_new_name(name)
+            refuse_on_replica(self.dev.path, self._is_replica(),
+                              f"setting pointer {name!r}", "set it on the source: the next "
+                              "incremental brings it here")
             self.catalog.pointers[name] = target.id
             self._catalog_dirty = True
             self.commit()
@@ -735,8 +748,12 @@ class Volume:
     def delete_pointer(self, name: str) -> None:
         with self._lock:
             self._check_usable(write=True)
-            if self.catalog.pointers.pop(name, None) is None:
+            if name not in self.catalog.pointers:
                 raise NotFound(f"no pointer named {name!r} on {self.dev.path}")
+            refuse_on_replica(self.dev.path, self._is_replica(),
+                              f"deleting pointer {name!r}", "delete it on the source: the "
+                              "next incremental removes it here")
+            del self.catalog.pointers[name]
             self._catalog_dirty = True
             self.commit()
 
@@ -812,6 +829,7 @@ def read_superblock_slot(dev: BlockDevice) -> tuple[Superblock, int]:
         if off in (0, sb.block_size):
             found.append((sb, 0 if off == 0 else 1))
     if not found:
+        refuse_interrupted(dev)              # a full receive was overwriting it
         if any("checksum" in p for p in problems):
             raise FormatError(f"{dev.path}: both superblocks are damaged; the volume cannot "
                               "be opened")
@@ -829,6 +847,8 @@ def has_signature(dev: BlockDevice) -> str | None:
     try:
         read_superblock(dev)
         return "a blockxfer volume"
+    except InterruptedReceive:
+        return "an interrupted receive"
     except FormatError:
         pass
     dev.pread(memoryview(buf)[:n], 0)

@@ -1,0 +1,80 @@
+"""One clear line for a bad resume token and for a header damaged past its checksum
+(a sender that wrote nonsense): never zlib internals, never a snapshot named ''."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.errors import StreamError, UsageError
+from blockxfer.stream import format as fmt
+from blockxfer.stream.decode import StreamReader
+from blockxfer.stream.receive import receive_stream
+from blockxfer.stream.send import send_image
+from blockxfer.volume import Volume
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
+    path = str(tmp_path_factory.mktemp("msg") / "src.img")
+    vol = Volume.create(open_device(path, write=True, create_size=8 * MiB))
+    vol.write(0, b"x" * 65536)
+    vol.create_snapshot("a")
+    vol.write(65536, b"y" * 65536)
+    vol.create_snapshot("b")
+    buf = io.BytesIO()
+    send_image(vol, "b - a", buf)
+    vol.close()
+    return path, buf.getvalue()
+
+
+def _with_header(stream: bytes, h: fmt.Header) -> bytes:
+    """The stream with its HEADER record re-packed (checksum valid, digest not)."""
+    r = StreamReader(io.BytesIO(stream))
+    r.read_header()
+    return b"".join(bytes(p) for p in fmt.record(fmt.HEADER, 0, h.pack())) + stream[r.offset:]
+
+
+def _header(stream: bytes) -> fmt.Header:
+    return StreamReader(io.BytesIO(stream)).read_header()
+
+
+@pytest.mark.parametrize("damage", ["top name", "base name", "base guid", "listed name"])
+def test_damaged_header_names_no_empty_snapshot(small, tmp_path: Path, damage: str) -> None:  # type: ignore[no-untyped-def]
+    _, stream = small
+    h = _header(stream)
+    assert h.base is not None
+    if damage == "top name":
+        h.top = replace(h.top, name="")
+    elif damage == "base name":
+        h.base = replace(h.base, name="")
+    elif damage == "base guid":
+        h.base = replace(h.base, guid=bytes(16))
+    else:
+        h.snapshot_set = [replace(h.snapshot_set[0], name="")]
+    with pytest.raises(StreamError) as e:
+        receive_stream(io.BytesIO(_with_header(stream, h)), str(tmp_path / "t.img"), open_device)
+    assert "''" not in str(e.value) and "header is damaged" in str(e.value)
+
+
+def test_garbage_resume_token_is_one_line(small, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = small
+    from blockxfer.stream.send import plan_send
+    with Volume.open(open_device(path), writable=False) as vol:
+        for token in ["garbage", "eNoT4ar5", "!!!", "A" * 200]:
+            with pytest.raises(UsageError, match="not a resume token") as e:
+                plan_send(vol, "b - a", resume=token)
+            assert "zlib" not in str(e.value) and "Error -" not in str(e.value)
+    p = subprocess.run([sys.executable, "-m", "blockxfer.cli", "send", path, "b - a",
+                        "--resume", "garbage", "-o", str(tmp_path / "s.bin")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "not a resume token" in p.stderr
