@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from bitarray import bitarray
 
@@ -26,6 +25,7 @@ from blockxfer.volume.volume import read_superblock_slot, reserved_blocks, write
 
 from . import format as fmt
 from .decode import Data, StreamReader
+from .io import ByteSource, SeekableSource
 from .send import make_token
 
 OpenDevice = Callable[..., BlockDevice]      # (path, write=, create_size=) -> device
@@ -135,13 +135,14 @@ def _uuid(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
-def receive_stream(f: BinaryIO, path: str, open_device: OpenDevice, *, force: bool = False,
+def receive_stream(f: ByteSource, path: str, open_device: OpenDevice, *, force: bool = False,
                    seekable: bool = False, source_hint: str = "SOURCE",
                    progress: Callable[[int], None] | None = None) -> ReceiveResult:
-    """Apply a stream to the volume (or new volume) at `path`."""
+    """Apply a stream to the volume (or new volume) at `path`. With `seekable` (`f` is
+    then a SeekableSource) a full stream is verified whole before anything is written."""
     reader = StreamReader(f, "stream")
     h = reader.read_header()
-    if seekable and not h.incremental:    # damage must not reach a target we overwrite
+    if seekable and isinstance(f, SeekableSource) and not h.incremental:
         _verify_rest(reader)
         f.seek(0)
         reader = StreamReader(f, "stream")
