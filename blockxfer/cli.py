@@ -242,6 +242,7 @@ def cmd_send(a: argparse.Namespace) -> int:
     prog.finish()
     far = sink.result
     print(f"sent {r['data_blocks']} blocks in {r['records']} records, {human(r['bytes'])}"
+          + (" (through the server)" if r.get("served") else "")
           + (f"; {sink.name} received up to {far['top']!r}" if far and "top" in far else ""),
           file=sys.stderr)
     return 0

@@ -69,4 +69,4 @@ def _served(path: str, expression: str, out: ByteSink, compress: bool, implicit:
         raise outcome["error"]
     if outcome.get("result") is None:
         raise DeviceError(f"the server of {path} stopped before it sent the stream")
-    return dict(outcome["result"])
+    return {**outcome["result"], "served": True}
