@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from blockxfer import __version__, cli_devices, cli_serve, remote
+from blockxfer import __version__, cli_devices, cli_endpoint, cli_serve, remote
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.handles import init_volume, open_volume, split_target
 from blockxfer.progress import Progress
@@ -230,37 +230,20 @@ def _binary_in(path: str | None) -> BinaryIO:
 
 
 def cmd_send(a: argparse.Namespace) -> int:
-    from blockxfer.drivers.reader import read_runs
-    from blockxfer.stream.send import send_image
-    if remote.server_for(a.path) is not None:      # the serving process streams it
-        out = _binary_out(a.output)
-        try:
-            r = remote.send(a.path, a.expression, out.fileno(), compress=a.compress,
-                            implicit=a.implicit, resume=a.resume)
-        finally:
-            if out is not sys.stdout.buffer:
-                out.close()
-        if r is not None:
-            print(f"sent {r['data_blocks']} blocks in {r['records']} records, "
-                  f"{human(r['bytes'])} (through the server)", file=sys.stderr)
-            return 0
-    with open_volume(a.path) as vol:
-        geometry = _geometry(a, vol.dev.path)
-        bs = vol.block_size
-
-        def reader(runs: object) -> object:
-            return read_runs(vol.dev, runs, bs, geometry=geometry)  # type: ignore[arg-type]
-        out = _binary_out(a.output)
-        prog = Progress("send")
-        try:
-            stats = send_image(vol, a.expression, out, reader=reader,  # type: ignore[arg-type]
-                               compress=a.compress, resume=a.resume, implicit=a.implicit,
-                               progress=prog.add)
-        finally:
-            if out is not sys.stdout.buffer:
-                out.close()
+    from blockxfer.service.session import send_to
+    from blockxfer.transport import open_sink
+    if a.output and a.destination and a.output != a.destination:
+        raise UsageError("give the destination once: as DESTINATION or with -o")
+    geometry = _geometry(a, a.path)
+    prog = Progress("send")
+    with open_sink(a.output or a.destination, force=a.force) as sink:
+        r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
+                    resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
-    print(f"sent {stats.data_blocks} blocks in {stats.records} records, {human(stats.bytes)}",
+    far = sink.result
+    print(f"sent {r['data_blocks']} blocks in {r['records']} records, {human(r['bytes'])}"
+          + (" (through the server)" if r.get("served") else "")
+          + (f"; {sink.name} received up to {far['top']!r}" if far and "top" in far else ""),
           file=sys.stderr)
     return 0
 
@@ -283,11 +266,17 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
 def cmd_receive(a: argparse.Namespace) -> int:
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.stream.receive import receive_stream
+    from blockxfer.transport import SourceRequest, is_volume_url, open_source
+    if a.input and a.source and a.input != a.source:
+        raise UsageError("give the source once: as SOURCE or with -i")
+    url = a.input or a.source
+    if a.image and not (url and is_volume_url(url)):
+        raise UsageError("--image pulls from a volume: give an ssh:// or tls:// SOURCE")
     prog = Progress("receive")
-    with _stream_input(a.input) as f:
-        res = receive_stream(f, a.target, open_device, force=a.force,
-                             seekable=f.seekable() and f is not sys.stdin.buffer,
-                             progress=prog.add)
+    with open_source(url, SourceRequest(a.image, a.resume)) as src:
+        res = receive_stream(src, a.target, open_device, force=a.force,
+                             seekable=src.seekable(), progress=prog.add)
+        src.finish()
     prog.finish()
     kind = "incremental" if res.incremental else "full"
     print(f"{a.target}: received {kind} image up to {res.top!r}, {res.blocks} blocks"
@@ -561,10 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("demo", cmd_demo, "run the main job end to end on a file-backed volume")
     sp.add_argument("--dir", default="/tmp/blockxfer-demo")
 
-    sp = cmd("send", cmd_send, "write the stream of an image to a file or standard output")
+    sp = cmd("send", cmd_send, "write the stream of an image to a file, a host or stdout")
     sp.add_argument("path")
     sp.add_argument("expression")
-    sp.add_argument("-o", "--output", help="file to write (default: standard output)")
+    sp.add_argument("destination", nargs="?", metavar="DESTINATION",
+                    help="a path, -, ssh://[user@]host/PATH or tls://host:port/PATH "
+                    "(a volume there receives it; default: standard output)")
+    sp.add_argument("-o", "--output", metavar="DESTINATION", help="the same as DESTINATION")
+    sp.add_argument("--force", action="store_true",
+                    help="let a far-side receive overwrite what its target holds")
     sp.add_argument("--order", choices=["ascending", "striped"], default="ascending")
     sp.add_argument("--members", type=int, help="striped: members of the array")
     sp.add_argument("--chunk", default="512K", help="striped: chunk size (default 512K)")
@@ -576,7 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("receive", cmd_receive, "apply a stream to a volume, or make one from a full stream")
     sp.add_argument("target")
-    sp.add_argument("-i", "--input", help="stream file (default: standard input)")
+    sp.add_argument("source", nargs="?", metavar="SOURCE",
+                    help="a stream file, -, or a volume as ssh://[user@]host/PATH or "
+                    "tls://host:port/PATH with --image (default: standard input)")
+    sp.add_argument("-i", "--input", metavar="SOURCE", help="the same as SOURCE")
+    sp.add_argument("--image", metavar="EXPR",
+                    help="the image to pull from a volume SOURCE, e.g. 'june5 - june4'")
+    sp.add_argument("--resume", metavar="TOKEN",
+                    help="pull only what an interrupted receive lacks (volume SOURCE)")
     sp.add_argument("--force", action="store_true", help="overwrite what the target holds")
 
     sp = cmd("inspect", cmd_inspect, "describe a stream: header, snapshots, counts, VBN ranges")
@@ -627,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_tape_list)
     cli_serve.register(sub)
     sub.choices["serve"].set_defaults(func=cmd_serve)
+    cli_endpoint.register(sub)
     return p
 
 

@@ -70,3 +70,21 @@ class AlreadyExists(VolumeError):
 
 class StreamError(FormatError):
     """An image stream is damaged, truncated or meant for another target."""
+
+
+def error_to_dict(e: BlockxferError) -> dict[str, object]:
+    """An error as it travels between processes (control socket, stream endpoints)."""
+    return {"type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
+
+
+def error_from_dict(err: dict[str, object], default: str = "the far side failed",
+                    prefix: str = "") -> BlockxferError:
+    """The error `error_to_dict` described, as the same class when it is one of ours."""
+    cls = globals().get(str(err.get("type")))
+    if not (isinstance(cls, type) and issubclass(cls, BlockxferError)):
+        cls = BlockxferError
+    exc = cls(prefix + str(err.get("message") or default))
+    code = err.get("exit_code")
+    if isinstance(code, int):
+        exc.exit_code = code
+    return exc

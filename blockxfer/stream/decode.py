@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import numpy as np
 import xxhash
@@ -18,6 +17,7 @@ import zstandard
 from blockxfer.errors import StreamError
 
 from . import format as fmt
+from .io import ByteSource
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Dealloc:
 class StreamReader:
     """Iterate a stream's records; `header` after the first, `trailer` at the end."""
 
-    def __init__(self, f: BinaryIO, name: str = "stream"):
+    def __init__(self, f: ByteSource, name: str = "stream"):
         self.f, self.name = f, name
         self.digest = xxhash.xxh3_128()
         self.seq = 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import BinaryIO
 
 from .decode import Data, Dealloc, StreamReader
+from .io import ByteSource
 
 
-def inspect_stream(f: BinaryIO) -> dict[str, object]:
+def inspect_stream(f: ByteSource) -> dict[str, object]:
     reader = StreamReader(f, "stream")
     h = reader.read_header()
     runs, first, last, dealloc_runs = 0, None, None, 0

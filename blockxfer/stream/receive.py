@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 import numpy as np
 from bitarray import bitarray
@@ -33,6 +32,7 @@ from blockxfer.volume.volume import read_superblock_slot, reserved_blocks, write
 
 from . import format as fmt
 from .decode import Data, StreamReader
+from .io import ByteSource, SeekableSource
 from .send import make_token
 
 OpenDevice = Callable[..., BlockDevice]      # (path, write=, create_size=) -> device
@@ -145,15 +145,17 @@ def _uuid(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
-def receive_stream(f: BinaryIO, path: str, open_device: OpenDevice, *, force: bool = False,
+def receive_stream(f: ByteSource, path: str, open_device: OpenDevice, *, force: bool = False,
                    seekable: bool = False, source_hint: str = "SOURCE",
                    retry: str | None = None,
                    progress: Callable[[int], None] | None = None) -> ReceiveResult:
-    """Apply a stream to the volume (or new volume) at `path`. `retry`, when given,
-    replaces the resume hint of a failure (a source that cannot `send --resume`)."""
+    """Apply a stream to the volume (or new volume) at `path`. With `seekable` (`f` is
+    then a SeekableSource) a full stream is verified whole before anything is written.
+    `retry`, when given, replaces the resume hint of a failure (a source that cannot
+    `send --resume`)."""
     reader = StreamReader(f, "stream")
     h = reader.read_header()
-    if seekable and not h.incremental:    # damage must not reach a target we overwrite
+    if seekable and isinstance(f, SeekableSource) and not h.incremental:
         _verify_rest(reader)
         f.seek(0)
         reader = StreamReader(f, "stream")

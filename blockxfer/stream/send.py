@@ -15,7 +15,6 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import xxhash
 import zstandard
@@ -29,6 +28,7 @@ from blockxfer.volume.blockio import MAX_REQUEST, aligned
 from blockxfer.volume.layout import SnapshotEntry
 
 from . import format as fmt
+from .io import ByteSink
 
 Reader = Callable[[Iterable[tuple[int, int]]], Iterator[tuple[int, memoryview]]]
 _TOKEN = struct.Struct("<16s16sQQ")       # stream id, top guid, image digest, image blocks
@@ -110,7 +110,7 @@ def build_header(vol: Volume, img: Image, stream_id: bytes) -> fmt.Header:
 class _Sink:
     """Writes records, keeping the running digest and the counts."""
 
-    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None,
+    def __init__(self, out: ByteSink, progress: Callable[[int], None] | None,
                  index: Callable[[int, int, int, int], None] | None = None):
         self.out, self.progress, self.index = out, progress, index
         self.digest = xxhash.xxh3_128()
@@ -179,7 +179,7 @@ def plan_send(vol: Volume, expression: str, *, resume: str | None = None,
                     vol.block_size, vol.nblocks)
 
 
-def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | None = None,
+def send_image(vol: Volume, expression: str, out: ByteSink, *, reader: Reader | None = None,
                compress: bool = True, resume: str | None = None, implicit: bool = False,
                progress: Callable[[int], None] | None = None,
                index: Callable[[int, int, int, int], None] | None = None) -> SendStats:
@@ -190,7 +190,7 @@ def send_image(vol: Volume, expression: str, out: BinaryIO, *, reader: Reader | 
                        progress=progress, index=index)
 
 
-def stream_plan(plan: SendPlan, out: BinaryIO, reader: Reader, *, compress: bool = True,
+def stream_plan(plan: SendPlan, out: ByteSink, reader: Reader, *, compress: bool = True,
                 progress: Callable[[int], None] | None = None,
                 index: Callable[[int, int, int, int], None] | None = None) -> SendStats:
     header, bs = plan.header, plan.block_size

@@ -192,7 +192,7 @@ def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
         for img in chain:
             reader = TapeImageReader(tape, contents, img, open_tape, next_tape)
             try:
-                res = receive_stream(reader, target, open_device,  # type: ignore[arg-type]
+                res = receive_stream(reader, target, open_device,
                                      force=force, retry=RETRY, progress=progress)
             except BlockxferError:
                 tape = reader.tape

@@ -1,0 +1,119 @@
+"""Server side of a stream endpoint: answer one `wire` request against a local volume.
+
+`blockxfer stdio-serve` runs one request on its standard input and output (the
+far end of `ssh://`, fit for a forced command in `authorized_keys`);
+`blockxfer tls-serve` runs one per accepted TLS connection. Both hand the request
+to `serve_request` with a `Policy`: which volume may be named (a forced command
+pins one) and which operations are allowed. A refused request is answered with
+the reason and logged; it never touches a volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
+from blockxfer.transport import wire
+from blockxfer.transport.base import Result
+
+log = logging.getLogger("blockxfer.endpoint")
+
+OPERATIONS = ("send", "receive")
+
+
+class PermissionDenied(DeviceError):
+    """The peer asked for something its key or certificate does not allow."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What one peer may do: the volumes it may name (None: any) and the operations."""
+
+    volumes: frozenset[str] | None = None
+    allow: frozenset[str] = field(default_factory=lambda: frozenset(OPERATIONS))
+    denied: str | None = None            # set: refuse every request with this reason
+
+    def check(self, op: object, volume: object, peer: str) -> tuple[str, str]:
+        if self.denied:
+            raise PermissionDenied(f"{peer}: {self.denied}")
+        if op not in OPERATIONS:
+            raise UsageError(f"unknown operation {op!r}; this endpoint does send and receive")
+        if not isinstance(volume, str) or not volume:
+            raise UsageError("the request names no volume")
+        if op not in self.allow:
+            raise PermissionDenied(f"{peer} may not {op} here (allowed: "
+                                   f"{', '.join(sorted(self.allow)) or 'nothing'})")
+        if self.volumes is not None and os.path.realpath(volume) not in {
+                os.path.realpath(v) for v in self.volumes}:
+            raise PermissionDenied(f"{peer} may not use {volume}: this key or certificate "
+                                   "is for another volume")
+        return str(op), volume
+
+
+def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
+                  peer: str) -> BlockxferError | None:
+    """Answer one request; the error it ended with, if any (also sent to the peer and
+    logged)."""
+    try:
+        req = wire.read_request(r)
+        op, volume = policy.check(req.get("op"), req.get("volume"), peer)
+        log.info("%s: %s %s", peer, op, volume)
+        result = _receive(r, w, volume, req) if op == "receive" else _send(w, volume, req)
+    except BlockxferError as e:
+        log.warning("%s: refused or failed: %s", peer, e)
+        with contextlib.suppress(OSError):   # the peer is gone: the log has it
+            wire.write_status(w, error=e)
+        return e
+    wire.write_status(w, result)
+    log.info("%s: done %s", peer, result)
+    return None
+
+
+def _receive(r: wire.Reader, w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.stream.receive import receive_stream
+    wire.write_status(w, {"ready": True})
+    frames = wire.FrameReader(r, "the sender")
+    res = receive_stream(frames, volume, open_device, force=bool(req.get("force")),
+                         source_hint="(the sender)")
+    frames.drain()
+    return {"top": res.top, "incremental": res.incremental, "blocks": res.blocks,
+            "released": res.released, "incomplete": res.incomplete, "resumed": res.resumed}
+
+
+class _ReadyOnFirstByte:
+    """Says "ready" just before the first stream byte, so a send refused while it
+    plans (bad expression or token) is answered with the reason instead."""
+
+    def __init__(self, w: wire.Writer) -> None:
+        self._w = w
+        self.frames: wire.FrameWriter | None = None
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        if self.frames is None:
+            wire.write_status(self._w, {"ready": True})
+            self.frames = wire.FrameWriter(self._w)
+        return self.frames.write(data)
+
+    def flush(self) -> None:
+        """Frames go out as they fill."""
+
+
+def _send(w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:
+    from blockxfer.service.session import send_to
+    expression, resume = req.get("expression"), req.get("resume")
+    if not isinstance(expression, str) or not expression:
+        raise UsageError("the request names no image expression")
+    if resume is not None and not isinstance(resume, str):
+        raise UsageError("the resume token must be a string")
+    out = _ReadyOnFirstByte(w)
+    try:
+        return send_to(volume, expression, out, compress=bool(req.get("compress", True)),
+                       resume=resume)
+    finally:
+        if out.frames is not None:
+            out.frames.end()                 # then the status says whether it was whole
