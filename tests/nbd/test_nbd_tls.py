@@ -10,8 +10,10 @@ nbdcopy: `nbds://` URIs with `tls-certificates=DIR`) and qemu-img
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,15 @@ from blockxfer.nbd.tls import Mode, TlsPolicy, server_context
 from tests.nbd.fakes import FakeVolume
 from tests.nbd.nbdclient import Client
 from tests.nbd.pki import Pki, make_pki
-from tests.nbd.test_nbd_interop import SIZE, MiB, need, pattern_file, run
+from tests.nbd.test_nbd_interop import (
+    LIBNBD_SCRIPT,
+    SIZE,
+    SYSTEM_PYTHON,
+    MiB,
+    need,
+    pattern_file,
+    run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +78,6 @@ def served(request: pytest.FixtureRequest, pki: Pki) -> Iterator[TlsServed]:
 
 
 def refused(argv: list[str]) -> str:
-    import subprocess
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0, f"{argv[0]} was let in: {r.stdout}"
     return r.stderr
@@ -202,19 +211,17 @@ def test_plain_text_negotiation_is_forgotten_at_the_upgrade(pki: Pki) -> None:
 
 def test_many_requests_in_flight_over_tls(served: TlsServed) -> None:
     """Batched reads and writes, replies gathered and sent by two threads, while the
-    reader keeps decrypting requests: every byte must come back in order."""
+    reader keeps decrypting requests: every byte must come back in order. (The
+    client sends everything before it reads: an ssl.SSLSocket must not be read and
+    written by two threads at once, the reason the server uses TlsStream.)"""
     c = served.connect()
     c.handshake()
     c = _upgrade(c, served.pki)
     c.go("")
     blocks = {i: bytes([i % 251]) * (256 << 10) for i in range(64)}
-    writer = threading.Thread(target=lambda: [
+    for i, b in blocks.items():
         c.send(p.CMD_WRITE, i * (256 << 10), len(b), cookie=i, payload=b)
-        for i, b in blocks.items()])
-    writer.start()
-    got = {c.simple()[1] for _ in blocks}
-    writer.join()
-    assert got == set(blocks)
+    assert {c.simple()[1] for _ in blocks} == set(blocks)
     for i in blocks:
         c.send(p.CMD_READ, i * (256 << 10), 256 << 10, cookie=1000 + i)
     seen = {}
@@ -224,4 +231,30 @@ def test_many_requests_in_flight_over_tls(served: TlsServed) -> None:
         seen[cookie - 1000] = data
     assert seen == blocks
     c.send(p.CMD_DISC)
+    assert c.closed()
+
+
+def test_python_libnbd_many_in_flight_over_tls(served: TlsServed) -> None:
+    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode:
+        pytest.skip("Python libnbd binding missing (apt-get install python3-libnbd)")
+    script = LIBNBD_SCRIPT.replace("h = nbd.NBD()\n",     # tls-certificates= is a local file
+                                   "h = nbd.NBD()\nh.set_uri_allow_local_file(True)\n")
+    assert script != LIBNBD_SCRIPT
+    assert run(SYSTEM_PYTHON, "-c", script, served.uri()).startswith("ok")
+
+
+def test_stop_answers_and_commits_a_tls_client(served: TlsServed) -> None:
+    """SIGTERM's path with a TLS client attached: what it wrote is answered and
+    committed, and the server does not hang on the encrypted connection."""
+    c = served.connect()
+    c.handshake()
+    c = _upgrade(c, served.pki)
+    c.go("")
+    c.send(p.CMD_WRITE, 2 * MiB, 4, payload=b"kept")
+    assert c.simple() == (0, 1, b"")
+    commits = served.volume.commits
+    served.stop()
+    assert not served.thread.is_alive()
+    assert served.volume.commits > commits and served.volume.read(2 * MiB, 4) == b"kept"
     assert c.closed()
