@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from blockxfer.handles import init_volume
+from blockxfer.nbd.server import is_loopback
 from tests.nbd.pki import Pki, make_pki
 from tests.nbd.serveproc import serve_process
 from tests.nbd.test_nbd_interop import need, run
@@ -128,3 +129,12 @@ def test_serve_tls_require_from_the_command_line(volume: Path, pki: Pki,
         r = subprocess.run([nbdinfo, f"nbd://localhost:{port}/"], capture_output=True,
                            text=True, timeout=30)
         assert r.returncode != 0
+
+
+def test_is_loopback() -> None:
+    for spec in ("unix:/x.sock", "tcp:127.0.0.1:1", "tcp:127.1.2.3:1", "tcp:[::1]:1",
+                 "tcp:localhost:1"):
+        assert is_loopback(spec), spec
+    for spec in ("tcp:0.0.0.0:1", "tcp:[::]:1", "tcp:10.1.2.3:1", "tcp:192.168.0.1:1",
+                 "tcp:no-such-host.invalid:1"):
+        assert not is_loopback(spec), spec
