@@ -1,4 +1,4 @@
-"""`blockxfer serve PATH --listen unix:SOCKET|tcp:HOST:PORT [--read-only]`.
+"""`blockxfer serve PATH --listen unix:SOCKET|tcp:HOST:PORT [--read-only] [--tls ...]`.
 
 Parses, opens the volume through the function the main CLI hands in, starts
 its CP timer (a CP every 10 s while writes are pending), serves it until
@@ -7,6 +7,11 @@ answered what it read; the volume's context manager commits again on the way
 out. The control socket answers the other commands (`blockxfer.remote`) and
 freezes file systems with `blockxfer.drivers.freeze` (this module is wiring,
 like `cli`, so it may hand a driver down).
+
+Everything the command line says is checked before the volume is opened: a
+bad `--listen`, unreadable TLS files, or a listener reachable from the network
+without `--tls require` (which needs `--insecure`, and then warns) refuse in
+one line with exit 2 and touch nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from typing import Any
 
 from blockxfer import remote
 from blockxfer.drivers.freeze import frozen
-from blockxfer.nbd.server import Server, parse_listen
+from blockxfer.errors import UsageError
+from blockxfer.nbd.server import Server, is_loopback, parse_listen
+from blockxfer.nbd.tls import MODES, Mode, TlsPolicy, server_context
+
+log = logging.getLogger(__name__)
 
 OpenVolume = Callable[[str], AbstractContextManager[Any]]
 
@@ -32,28 +41,71 @@ def register(subparsers: Any) -> None:
         description="Export the live volume (export '' or 'active') and each snapshot "
                     "('@NAME', read-only) over NBD until SIGTERM.")
     p.add_argument("path", metavar="PATH", help="the volume's device or file")
-    p.add_argument("--listen", action="append", required=True, type=_listen_spec,
+    p.add_argument("--listen", action="append", required=True,
                    metavar="unix:SOCKET|tcp:HOST:PORT",
-                   help="where to accept NBD clients (may be given more than once)")
+                   help="where to accept NBD clients (may be given more than once); a TCP "
+                        "address other than loopback needs --tls require or --insecure")
     p.add_argument("--read-only", action="store_true", help="export the live volume read-only")
+    t = p.add_argument_group(
+        "TLS", "NBD_OPT_STARTTLS with X.509 certificates (clients: nbds:// URIs, qemu "
+               "tls-creds-x509). TLS-PSK is not offered: Python 3.11's ssl has no PSK API.")
+    t.add_argument("--tls", choices=MODES,
+                   help="off: plain only; on: clients may upgrade; require: clients must "
+                        "upgrade before any option (default: require with --tls-cert, else off)")
+    t.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")
+    t.add_argument("--tls-key", metavar="PEM",
+                   help="the certificate's private key (default: in --tls-cert)")
+    t.add_argument("--tls-ca", metavar="PEM",
+                   help="accept only clients with a certificate this CA signed")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback TCP listener without --tls require: anyone who "
+                        "can connect reads (and writes) the volume")
     p.add_argument("--no-control", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(cmd_serve=cmd_serve)
 
 
-def _listen_spec(text: str) -> str:
-    try:
-        parse_listen(text)
-    except Exception as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return text
+def tls_policy(args: argparse.Namespace) -> TlsPolicy:
+    """--tls and its files -> the policy; a mistake is a UsageError."""
+    mode: Mode = args.tls or ("require" if args.tls_cert else "off")
+    if mode == "off":
+        given = [f"--{n.replace('_', '-')}" for n in ("tls_cert", "tls_key", "tls_ca")
+                 if getattr(args, n)]
+        if given:
+            raise UsageError(f"{', '.join(given)} given with --tls off: "
+                             "use --tls on or --tls require, or drop them")
+        return TlsPolicy()
+    if not args.tls_cert:
+        raise UsageError(f"--tls {mode} needs --tls-cert (and --tls-key unless the "
+                         "certificate file holds the key)")
+    return TlsPolicy(mode, server_context(args.tls_cert, args.tls_key, args.tls_ca))
+
+
+def check_exposure(listen: list[str], tls: TlsPolicy, insecure: bool) -> list[str]:
+    """The listeners a network can reach without mandatory TLS. Refused unless
+    `insecure`; with it, they are returned for a warning."""
+    exposed = [spec for spec in listen if not tls.required and not is_loopback(spec)]
+    if exposed and not insecure:
+        raise UsageError(f"--listen {exposed[0]} is reachable from the network and TLS is "
+                         f"not required: add --tls require --tls-cert CERT --tls-key KEY, "
+                         "listen on 127.0.0.1 or a unix socket, or accept the risk with "
+                         "--insecure")
+    return exposed
 
 
 def cmd_serve(args: argparse.Namespace, open_volume: OpenVolume) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="blockxfer serve: %(message)s")
+    for spec in args.listen:
+        parse_listen(spec)
+    tls = tls_policy(args)
+    for spec in check_exposure(args.listen, tls, args.insecure):
+        log.warning("warning: %s accepts %s: anyone who can reach it can read%s the volume "
+                    "(--insecure)", spec,
+                    "plain-text clients" if tls.offered else "clients without TLS",
+                    "" if args.read_only else " and write")
     with open_volume(args.path) as volume:
-        server = Server(volume, read_only=args.read_only)
+        server = Server(volume, read_only=args.read_only, tls=tls)
         for spec in args.listen:
             server.listen(spec)
         if not args.no_control:
@@ -63,8 +115,8 @@ def cmd_serve(args: argparse.Namespace, open_volume: OpenVolume) -> int:
         previous = {s: signal.signal(s, lambda *_: server.stop())
                     for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            logging.getLogger(__name__).info("serving %s on %s", args.path,
-                                             ", ".join(args.listen))
+            log.info("serving %s on %s (TLS %s)", args.path, ", ".join(args.listen),
+                     tls.mode)
             server.serve_forever()
         finally:
             for s, h in previous.items():

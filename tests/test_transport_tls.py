@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import issue, make_ca, need_openssl, tls_folder
+from tests.pki import new_ca, tls_folder
 from tests.sshd import free_port
 from tests.transport_util import BLOCKXFER, bx, ok, same_image, two_snapshots
 
@@ -39,18 +39,16 @@ def tls_serve(folder: Path, *args: str) -> Iterator[int]:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
-    need_openssl()
-    ca = make_ca(tmp_path / "ca")
+    ca = new_ca(tmp_path / "ca", "blockxfer-test-ca")
     tls_folder(tmp_path / "server", ca)
     tls_folder(tmp_path / "client", ca, client_cn="backup1")
     tls_folder(tmp_path / "other", ca, client_cn="intruder")
-    rogue = make_ca(tmp_path / "rogue-ca", "rogue CA")
+    rogue = new_ca(tmp_path / "rogue-ca", "rogue-ca")
     tls_folder(tmp_path / "rogue", rogue, client_cn="backup1")
-    shutil.copy(tmp_path / "ca" / "ca-cert.pem", tmp_path / "rogue" / "ca-cert.pem")
+    shutil.copy(ca[0], tmp_path / "rogue" / "ca-cert.pem")  # trusts our server, unknown to it
     nocert = tmp_path / "nocert"
     nocert.mkdir()
-    shutil.copy(tmp_path / "ca" / "ca-cert.pem", nocert / "ca-cert.pem")
-    issue(ca, nocert / "junk-cert.pem", nocert / "junk-key.pem", "junk")
+    shutil.copy(ca[0], nocert / "ca-cert.pem")
     return tmp_path
 
 

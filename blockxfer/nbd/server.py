@@ -11,6 +11,7 @@ and a final commit (CP) makes everything acknowledged durable.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import selectors
@@ -26,6 +27,7 @@ from .control import ControlServer, Freezer, bind_control
 from .exports import ExportTable, LockedVolume, VolumeLike
 from .negotiate import negotiate
 from .sockio import tune
+from .tls import TlsPolicy
 from .transmit import Transmission
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,25 @@ def parse_listen(spec: str) -> tuple[socket.AddressFamily, str | tuple[str, int]
                 return socket.AF_INET6, (host[1:-1], int(port))
             return socket.AF_INET, (host, int(port))
     raise UsageError(f"--listen {spec!r}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def is_loopback(spec: str) -> bool:
+    """True when only this host can reach the listener: a unix socket, or a TCP
+    address every resolution of which is loopback (0.0.0.0 and :: are not)."""
+    family, address = parse_listen(spec)
+    if family == socket.AF_UNIX:
+        return True
+    assert isinstance(address, tuple)
+    host = address[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False                   # cannot tell: the careful answer
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def bind_listener(spec: str, backlog: int = 64) -> socket.socket:
@@ -73,8 +94,10 @@ def _remove_stale_socket(path: str) -> None:
 
 
 class Server:
-    def __init__(self, volume: VolumeLike, *, read_only: bool = False) -> None:
+    def __init__(self, volume: VolumeLike, *, read_only: bool = False,
+                 tls: TlsPolicy | None = None) -> None:
         self.vol = LockedVolume(volume)
+        self.tls = tls or TlsPolicy()
         self.exports = ExportTable(self.vol, read_only=read_only)
         self._listeners: list[tuple[socket.socket, Callable[[socket.socket], object]]] = []
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -146,13 +169,14 @@ class Server:
         return t
 
     def _serve_connection(self, sock: socket.socket) -> None:
+        session = None
         try:
             tune(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
-            session = negotiate(sock, self.exports)
+            session = negotiate(sock, self.exports, self.tls)
             if session is not None and not self._stopping.is_set():
                 sock.settimeout(None)
-                Transmission(sock, session, self.vol).run()
+                Transmission(session.stream, session, self.vol).run()
         except (EOFError, OSError) as e:
             log.debug("connection ended during handshake: %s", e)
         except p.ProtocolError as e:
@@ -162,6 +186,8 @@ class Server:
         finally:
             with self._conns_lock:
                 self._conns.pop(sock, None)
+            if session is not None:
+                session.stream.close()       # TLS: close_notify; a socket: closed
             sock.close()
 
     # --- stopping ---

@@ -1,5 +1,7 @@
-"""Exact-length socket reads and gathered writes, shared by both protocol phases.
+"""Exact-length reads and gathered writes, shared by both protocol phases.
 
+They work on a `Stream`: a plain connected socket, or a `tls.TlsStream` after
+NBD_OPT_STARTTLS (which offers the same calls), so no protocol code asks which.
 A peer closing the connection surfaces as `ConnectionClosed`; other socket
 errors pass through as OSError (the caller ends the connection either way).
 """
@@ -8,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 IOV_MAX = 1024          # sendmsg takes at most this many pieces (Linux UIO_MAXIOV)
 
@@ -17,7 +20,17 @@ class ConnectionClosed(EOFError):
     """The peer closed the connection (possibly in the middle of a message)."""
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+class Stream(Protocol):
+    """What the protocol needs of a connection (a socket has it all)."""
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
+    def sendmsg(self, buffers: Iterable[memoryview], /) -> int: ...
+    def shutdown(self, how: int, /) -> None: ...
+    def settimeout(self, timeout: float | None, /) -> None: ...
+    def close(self) -> None: ...
+
+
+def recv_into_exact(sock: Stream, view: memoryview) -> None:
     got, n = 0, len(view)
     while got < n:
         k = sock.recv_into(view[got:], n - got)
@@ -26,13 +39,13 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: Stream, n: int) -> bytes:
     buf = bytearray(n)
     recv_into_exact(sock, memoryview(buf))
     return bytes(buf)
 
 
-def send_all(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+def send_all(sock: Stream, parts: Sequence[bytes | bytearray | memoryview]) -> None:
     """Send headers and payloads with one sendmsg (per IOV_MAX pieces) where the
     kernel takes it all."""
     views = [memoryview(b).cast("B") for b in parts if len(b)]

@@ -34,7 +34,7 @@ from . import protocol as p
 from .errmap import nbd_error
 from .exports import MAX_PAYLOAD, LockedVolume
 from .negotiate import Session
-from .sockio import ConnectionClosed, recv_into_exact, send_all
+from .sockio import ConnectionClosed, Stream, recv_into_exact, send_all
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class _Receiver:
     by the client, one recv brings several headers and payloads (per request, two
     exact recvs cost two syscalls and two GIL hand-offs)."""
 
-    def __init__(self, sock: socket.socket, size: int = RECV_BYTES) -> None:
+    def __init__(self, sock: Stream, size: int = RECV_BYTES) -> None:
         self.sock = sock
         self.buf = memoryview(bytearray(size))
         self.start = self.end = 0
@@ -139,7 +139,7 @@ class _Out:
 
 
 class Transmission:
-    def __init__(self, sock: socket.socket, session: Session, vol: LockedVolume) -> None:
+    def __init__(self, sock: Stream, session: Session, vol: LockedVolume) -> None:
         self.sock, self.session, self.vol = sock, session, vol
         self.export = session.export
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()

@@ -1,5 +1,6 @@
 """A real `blockxfer serve` process for tests: started, waited for until its control
-socket answers, and stopped with SIGTERM (killed if it hangs)."""
+socket answers, and stopped with SIGTERM (killed if it hangs). What it printed is
+kept in `proc.output` (stdout, stderr) once it has stopped."""
 
 from __future__ import annotations
 
@@ -30,6 +31,6 @@ def serve_process(path: str, sock: str, *extra: str,
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.communicate(timeout=timeout)
+                proc.output = proc.communicate(timeout=timeout)  # type: ignore[attr-defined]
             except subprocess.TimeoutExpired:
                 proc.kill()

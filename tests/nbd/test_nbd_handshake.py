@@ -45,7 +45,7 @@ def test_unknown_export_and_option(server: Server) -> None:
     assert c.option(p.OPT_GO, p.pack_info_request("@nope", []))[-1][0] == p.REP_ERR_UNKNOWN
     assert c.option(p.OPT_GO, p.pack_info_request("other", []))[-1][0] == p.REP_ERR_UNKNOWN
     assert c.option(99)[-1][0] == p.REP_ERR_UNSUP
-    assert c.option(p.OPT_STARTTLS)[-1][0] == p.REP_ERR_UNSUP
+    assert c.option(p.OPT_STARTTLS)[-1][0] == p.REP_ERR_POLICY   # TLS is off (--tls)
     c.go("")                                   # still usable afterwards
 
 
