@@ -8,7 +8,8 @@ bind mount, a second loop device over the same file and a relative path all
 meet on the same lock (`drivers.identity`). flock belongs to the open file, so
 a process that dies, even by SIGKILL, releases it: no lock is ever stale, and
 the files are left in place (unlinking one while another process opens it
-would let two owners hold two different files).
+would let two owners hold two different files). A user who cannot create the
+run directory (not root) locks a volume file itself instead.
 
 Within one process a second claim of the same volume shares the first (as the
 POSIX record locks before it did): the process is one owner. The exclusive
@@ -106,7 +107,7 @@ def claim(path: str, *, exclusive: bool, identity: Identity | None = None) -> Cl
 
 
 def _take(path: str, ident: Identity, exclusive: bool) -> _Held:
-    fd = _open_lock_file(ident)
+    fd = _open_lock_file(ident, path)
     try:
         if not _flock(fd, exclusive):
             holders = lock_holders(fd)
@@ -133,13 +134,20 @@ def _upgrade(path: str, held: _Held) -> None:
     raise error
 
 
-def _open_lock_file(ident: Identity) -> int:
+def _open_lock_file(ident: Identity, volume: str) -> int:
     path = lock_path(ident)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise DeviceError(f"volume lock {path}: {e.strerror}") from e
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or ident.kind != "file":
+            raise DeviceError(f"volume lock {path}: {e.strerror}") from e
+    # Not root (no /run/blockxfer): lock the file itself. Every name of a file meets
+    # on its inode; only loop devices need the run directory, and they need root.
+    try:
+        return os.open(volume, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise DeviceError(f"volume lock {volume}: {e.strerror}") from e
 
 
 def _flock(fd: int, exclusive: bool) -> bool:

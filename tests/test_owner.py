@@ -357,3 +357,28 @@ def test_file_devices_are_made_only_by_open_device() -> None:
                     and isinstance(node.value, ast.Constant) and node.value.value is False:
                 makers.append(f"{src.relative_to(ROOT)}: lock=False")
     assert makers == ["drivers/blockdev.py"]
+
+
+def test_without_a_run_directory_the_file_itself_is_locked(
+        vol: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who cannot make the run directory (not root: EACCES) still gets one owner
+    per file: two such processes, one holding the volume, the other refused naming it."""
+    deny = ("import os\n"
+            "def deny(*a, **k): raise PermissionError(13, 'Permission denied')\n"
+            "os.makedirs = deny\n")
+    monkeypatch.setenv("BLOCKXFER_RUN_DIR", str(tmp_path / "none" / "run"))
+    holder = subprocess.Popen([sys.executable, "-c", deny + HOLD, vol, "w"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n", \
+            holder.communicate()[1]
+
+        def denied(*a: object, **k: object) -> None:
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(owner.os, "makedirs", denied)
+        with pytest.raises(DeviceBusy, match=f"process {holder.pid}"):
+            open_device(vol)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "none").exists()
