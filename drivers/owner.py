@@ -112,7 +112,7 @@ def _take(path: str, ident: Identity, exclusive: bool) -> _Held:
         if not _flock(fd, exclusive):
             holders = lock_holders(fd)
             if holders or not _flock(fd, exclusive):    # none: it let go meanwhile
-                raise _busy(path, fd, holders)
+                raise _busy(path, fd, holders, exclusive)
         if exclusive:
             _record(fd, path)
     except BaseException:
@@ -128,7 +128,7 @@ def _upgrade(path: str, held: _Held) -> None:
         held.exclusive = True
         _record(held.fd, path)
         return
-    error = _busy(path, held.fd, lock_holders(held.fd))
+    error = _busy(path, held.fd, lock_holders(held.fd), True)
     if not _flock(held.fd, False):
         raise DeviceBusy(f"{path}: lost this process's read lock to another writer") from error
     raise error
@@ -169,13 +169,15 @@ def _record(fd: int, path: str) -> None:
         os.pwrite(fd, data + b"\n", 0)
 
 
-def _busy(path: str, fd: int, holders: list[Holder]) -> DeviceBusy:
+def _busy(path: str, fd: int, holders: list[Holder], exclusive: bool) -> DeviceBusy:
     who = ", ".join(map(str, holders)) or "another process"
     rec = _recorded(fd)
     seen = rec.get("path") if rec.get("pid") in {h.pid for h in holders} else None
     alias = (f"is the same volume as {seen}, in use by"
              if isinstance(seen, str) and seen != os.path.realpath(path) else "is in use by")
-    return DeviceBusy(f"{path} {alias} {who}; stop it or wait for it to finish")
+    # a reader is refused only by a writer: say how to read a served volume meanwhile
+    hint = "" if exclusive else " (read a served volume through its NBD export)"
+    return DeviceBusy(f"{path} {alias} {who}; stop it or wait for it to finish{hint}")
 
 
 def _recorded(fd: int) -> dict[str, object]:
