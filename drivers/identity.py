@@ -16,7 +16,9 @@ node and its /dev/disk/by-* links. `identify` maps each such name to one
 `drivers.owner` keys the volume's lock by `Identity.key`. This module only
 looks; the stat and loop lookups are parameters so unit tests run on fakes.
 Partitions are not folded into their disk: /dev/sda and /dev/sda1 are two
-identities (the in-use checks in `drivers.safety` cover the overlap).
+identities. Writers of both still cannot overlap: `open_device` opens a block
+device O_EXCL to write, and the kernel refuses an exclusive claim of a disk
+while one of its partitions is claimed, and the other way round.
 """
 
 from __future__ import annotations

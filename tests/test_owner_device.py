@@ -265,3 +265,17 @@ def head(path: str) -> bytes:
     """Where a volume's superblock would go (the mounted file system keeps the rest)."""
     with open(path, "rb") as f:
         return f.read(64 << 10)
+
+
+@pytest.mark.device
+def test_md_member_is_refused_on_every_write_path(stream: str) -> None:
+    """An active md array's member (vm-testbed: BLOCKXFER_TEST_MD0_CREATED names them)."""
+    created = os.environ.get("BLOCKXFER_TEST_MD0_CREATED")
+    if not created:
+        pytest.skip("BLOCKXFER_TEST_MD0_CREATED is not set (runs in vm-testbed: make testbed)")
+    member = dict(kv.split("=", 1) for kv in created.split())["members"].split(",")[0]
+    for args in (["init", member, "--force"], ["receive", member, "-i", stream, "--force"],
+                 ["write", member], ["snapshot", f"{member}@s"]):
+        r = bx(*args, data=b"")
+        err = r.stderr.decode()
+        assert r.returncode == 4 and "md-member" in err and err.count("\n") == 1, (args, err)
