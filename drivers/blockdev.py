@@ -151,25 +151,27 @@ def open_device(path: str, *, write: bool = False, lock: bool = True,
     if not os.path.exists(path):
         raise DeviceError(f"{path}: no such file or device")
     held = owner.claim(path, exclusive=write) if lock else None
+    fd = -1
     try:
         if write:
             safety.refuse_in_use(path)
-        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
-        if write and stat.S_ISBLK(os.stat(path).st_mode):
-            flags |= os.O_EXCL
-        fd, used_direct = _open_fd(path, flags, direct)
-    except BaseException:
-        if held:
-            held.release()
-        raise
-    try:
+        fd, used_direct = _open_fd(path, _flags(path, write), direct)
         logical, physical = _sector_sizes(fd)
         return FileDevice(path, fd, _device_size(fd), used_direct, logical, physical, held)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         if held:
             held.release()
         raise
+
+
+def _flags(path: str, write: bool) -> int:
+    if not write:
+        return os.O_RDONLY | os.O_CLOEXEC
+    with device_op("open", path):
+        block = stat.S_ISBLK(os.stat(path).st_mode)
+    return os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if block else 0)
 
 
 def _create(path: str, size: int) -> None:
