@@ -3,8 +3,8 @@
 `blockxfer serve /dev/loopN` owns the volume; the same volume reached by any
 other name (the backing file, a symlink, a second loop device over the file, a
 bind mount of the file, a relative path, a /dev/disk/by-* link) must be refused
-(write, receive, init --force, read: exit 4 with one line naming the server's pid
-and command line) or routed to the server (snapshot, info). A SIGKILLed owner
+(write, receive, init --force, read, check, dump: exit 4 with one line naming the
+server's pid and command line) or routed to the server (snapshot, info, send). A SIGKILLed owner
 leaves no stale lock. Writing to a mounted device is refused on every write path.
 The original corruption is reproduced end to end and shown fixed.
 """
@@ -162,6 +162,10 @@ def test_every_alias_is_refused_or_routed(
     assert json.loads(r.stdout)["server"]["pid"] == proc.pid
     listing = remote.snapshots(loop)
     assert listing is not None and [s["name"] for s in listing["snapshots"]] == ["routed"]
+    out = os.path.join(os.path.dirname(path), "routed.bxs")
+    r = bx("send", name, "routed", "-o", out, cwd=cwd)
+    assert r.returncode == 0 and b"through the server" in r.stderr, r.stderr
+    refused_naming(bx("dump", name, "routed", "--tape", out + ".tape", cwd=cwd), proc.pid)
 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
