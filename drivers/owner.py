@@ -39,6 +39,7 @@ from .identity import Identity, identify
 RUN_DIR = "/run/blockxfer"
 PROC = Path("/proc")
 _CMDLINE_MAX = 160
+RECORD_SIZE = 4096      # a record is padded to this (PATH_MAX): each overwrites the last
 
 
 def run_dir() -> str:
@@ -162,11 +163,11 @@ def _flock(fd: int, exclusive: bool) -> bool:
 
 def _record(fd: int, path: str) -> None:
     """Say who the exclusive owner is: its pid and the path it opened (for the
-    control socket, which is named after that path)."""
+    control socket, which is named after that path). Written over the old record
+    at a fixed size, without truncating: ftruncate costs a journal commit."""
     data = json.dumps({"pid": os.getpid(), "path": os.path.realpath(path)}).encode()
     with contextlib.suppress(OSError):     # only a hint: the lock itself is what counts
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data + b"\n", 0)
+        os.pwrite(fd, data.ljust(RECORD_SIZE - 1) + b"\n", 0)
 
 
 def _busy(path: str, fd: int, holders: list[Holder], exclusive: bool) -> DeviceBusy:
@@ -182,7 +183,7 @@ def _busy(path: str, fd: int, holders: list[Holder], exclusive: bool) -> DeviceB
 
 def _recorded(fd: int) -> dict[str, object]:
     try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        data = json.loads(os.pread(fd, 2 * RECORD_SIZE, 0).strip() or b"{}")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
