@@ -3,7 +3,7 @@
 `blockxfer serve /dev/loopN` owns the volume; the same volume reached by any
 other name (the backing file, a symlink, a second loop device over the file, a
 bind mount of the file, a relative path, a /dev/disk/by-* link) must be refused
-(write, receive, init --force, read, check, dump: exit 4 with one line naming the
+(write, receive, init --force, restore, read, check, dump: exit 4 with one line naming the
 server's pid and command line) or routed to the server (snapshot, info, send). A SIGKILLed owner
 leaves no stale lock. Writing to a mounted device is refused on every write path.
 The original corruption is reproduced end to end and shown fixed.
@@ -91,6 +91,18 @@ def stream(root: None, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def tape(root: None, tmp_path: Path) -> str:
+    """A virtual tape holding one full image of an unrelated volume (for restore)."""
+    other, t = str(tmp_path / "taped.img"), str(tmp_path / "t.vtape")
+    init_volume(other, size=64 * MiB, block_size=4096, force=False).close()
+    assert bx("snapshot", f"{other}@a").returncode == 0
+    assert bx("tape", "create", t, "--capacity", "256M").returncode == 0
+    r = bx("dump", other, "a", "--tape", t)
+    assert r.returncode == 0, r.stderr
+    return t
+
+
+@pytest.fixture
 def bind_mount(volume: tuple[str, str, str], tmp_path: Path) -> Iterator[str]:
     target = tmp_path / "bind" / "elsewhere.img"
     target.parent.mkdir()
@@ -145,13 +157,15 @@ def alias(request: pytest.FixtureRequest, served: tuple[str, str, str, subproces
 
 def test_every_alias_is_refused_or_routed(
         served: tuple[str, str, str, subprocess.Popen[str]], alias: tuple[str, str | None],
-        stream: str) -> None:
+        stream: str, tape: str) -> None:
     path, loop, _, proc = served
     name, cwd = alias
     refused_naming(bx("write", name, cwd=cwd, data=os.urandom(MiB)), proc.pid)
     refused_naming(bx("receive", name, "-i", stream, cwd=cwd), proc.pid)
     refused_naming(bx("receive", name, "-i", stream, "--force", cwd=cwd), proc.pid)
     refused_naming(bx("init", name, "--force", cwd=cwd), proc.pid)
+    refused_naming(bx("restore", name, "--tape", tape, "--image", "1", "--force", cwd=cwd),
+                   proc.pid)
     refused_naming(bx("read", name, "--length", "4096", cwd=cwd), proc.pid)
     refused_naming(bx("check", name, cwd=cwd), proc.pid)
 
