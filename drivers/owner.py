@@ -93,9 +93,9 @@ class Claim:
                 os.close(held.fd)           # releases the flock
 
 
-def claim(path: str, *, exclusive: bool, identity: Identity | None = None) -> Claim:
+def claim(path: str, *, exclusive: bool) -> Claim:
     """Claim the volume `path` names, or raise DeviceBusy naming who holds it."""
-    ident = identity or identify(path)
+    ident = identify(path)
     with _mutex:
         held = _held.get(ident.key)
         if held is None:
