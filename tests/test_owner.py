@@ -46,7 +46,9 @@ LOOP0 = _stat(stat.S_IFBLK, os.makedev(0, 5), 17, os.makedev(7, 0))
 LOOP1 = _stat(stat.S_IFBLK, os.makedev(0, 5), 18, os.makedev(7, 1))
 SDA = _stat(stat.S_IFBLK, os.makedev(0, 5), 19, os.makedev(8, 0))
 NODES = {"/v/vol.img": FILE, "/dev/loop0": LOOP0, "/dev/loop1": LOOP1, "/dev/sda": SDA,
-         "/dev/disk/by-id/x": SDA}
+         "/dev/disk/by-id/x": SDA,
+         "/dev/loop2": _stat(stat.S_IFBLK, os.makedev(0, 5), 20, os.makedev(7, 2)),
+         "/dev/loop3": _stat(stat.S_IFBLK, os.makedev(0, 5), 21, os.makedev(7, 3))}
 # loop0 and loop1 both over /v/vol.img; loop2 over sda; loop3 over loop0
 LOOPS = {os.makedev(7, 0): LoopBacking(os.makedev(254, 0), 1234),
          os.makedev(7, 1): LoopBacking(os.makedev(254, 0), 1234),
@@ -73,13 +75,8 @@ def test_block_devices_by_number() -> None:
 
 
 def test_stacked_loops_are_followed() -> None:
-    NODES["/dev/loop2"] = _stat(stat.S_IFBLK, 0, 20, os.makedev(7, 2))
-    NODES["/dev/loop3"] = _stat(stat.S_IFBLK, 0, 21, os.makedev(7, 3))
-    try:
-        assert ident("/dev/loop2") == ident("/dev/sda")
-        assert ident("/dev/loop3") == ident("/v/vol.img")      # loop over loop over file
-    finally:
-        del NODES["/dev/loop2"], NODES["/dev/loop3"]
+    assert ident("/dev/loop2") == ident("/dev/sda")
+    assert ident("/dev/loop3") == ident("/v/vol.img")          # loop over loop over file
 
 
 def test_keys_differ_and_name_a_file() -> None:
