@@ -6,10 +6,12 @@ read, exclusive to write. The lock file is `<run dir>/owner-<identity key>.lock`
 machine must agree on it), so a loop device and its backing file, a symlink, a
 bind mount, a second loop device over the same file and a relative path all
 meet on the same lock (`drivers.identity`). flock belongs to the open file, so
-a process that dies, even by SIGKILL, releases it: no lock is ever stale, and
-the files are left in place (unlinking one while another process opens it
-would let two owners hold two different files). A user who cannot create the
-run directory (not root) locks a volume file itself instead.
+a process that dies, even by SIGKILL, releases it: no lock is ever stale. The
+last holder removes the file when it lets go (holding it exclusively, so
+nobody else holds it), and whoever gets a lock checks that its file is still
+the one at that name, else opens the new one: an unlinked file cannot let two
+owners in. A SIGKILLed owner's file stays until the next owner lets go. A user
+who cannot create the run directory (not root) locks a volume file itself.
 
 Within one process a second claim of the same volume shares the first (as the
 POSIX record locks before it did): the process is one owner. The exclusive
@@ -39,7 +41,8 @@ from .identity import Identity, identify
 RUN_DIR = "/run/blockxfer"
 PROC = Path("/proc")
 _CMDLINE_MAX = 160
-RECORD_SIZE = 4096      # a record is padded to this (PATH_MAX): each overwrites the last
+RECORD_MAX = 16384      # a record is a pid and a path (PATH_MAX 4096)
+_RETRIES = 16
 
 
 def run_dir() -> str:
@@ -66,6 +69,7 @@ class Holder:
 class _Held:
     fd: int
     exclusive: bool
+    lock_file: str | None       # None: the volume file itself (never removed)
     count: int = 0
 
 
@@ -90,7 +94,7 @@ class Claim:
             held.count -= 1
             if held.count == 0:
                 del _held[self.identity.key]
-                os.close(held.fd)           # releases the flock
+                _let_go(held)
 
 
 def claim(path: str, *, exclusive: bool) -> Claim:
@@ -108,18 +112,40 @@ def claim(path: str, *, exclusive: bool) -> Claim:
 
 
 def _take(path: str, ident: Identity, exclusive: bool) -> _Held:
-    fd = _open_lock_file(ident, path)
+    for _ in range(_RETRIES):
+        fd, lock_file = _open_lock_file(ident, path)
+        try:
+            if not _flock(fd, exclusive):
+                holders = lock_holders(fd)
+                if holders or not _flock(fd, exclusive):    # none: it let go meanwhile
+                    raise _busy(path, fd, holders, exclusive)
+            if lock_file is None or _still_named(fd, lock_file):
+                if exclusive:
+                    _record(fd, path)
+                return _Held(fd, exclusive, lock_file)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)            # its last holder removed it meanwhile: take the new one
+    raise DeviceBusy(f"{path}: its lock file {lock_path(ident)} keeps being replaced")
+
+
+def _still_named(fd: int, lock_file: str) -> bool:
     try:
-        if not _flock(fd, exclusive):
-            holders = lock_holders(fd)
-            if holders or not _flock(fd, exclusive):    # none: it let go meanwhile
-                raise _busy(path, fd, holders, exclusive)
-        if exclusive:
-            _record(fd, path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Held(fd, exclusive)
+        st = os.stat(lock_file)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _let_go(held: _Held) -> None:
+    """Close the lock; the last holder (it gets the lock exclusively) removes the file
+    first. Another process that opened it meanwhile finds it unnamed and retries."""
+    with contextlib.suppress(DeviceError, OSError):
+        if held.lock_file is not None and _flock(held.fd, True):
+            os.unlink(held.lock_file)
+    os.close(held.fd)
 
 
 def _upgrade(path: str, held: _Held) -> None:
@@ -135,18 +161,19 @@ def _upgrade(path: str, held: _Held) -> None:
     raise error
 
 
-def _open_lock_file(ident: Identity, volume: str) -> int:
+def _open_lock_file(ident: Identity, volume: str) -> tuple[int, str | None]:
+    """(fd, lock file) in the run directory, or (fd of the volume file, None)."""
     path = lock_path(ident)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), path
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or ident.kind != "file":
             raise DeviceError(f"volume lock {path}: {e.strerror}") from e
     # Not root (no /run/blockxfer): lock the file itself. Every name of a file meets
     # on its inode; only loop devices need the run directory, and they need root.
     try:
-        return os.open(volume, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(volume, os.O_RDONLY | os.O_CLOEXEC), None
     except OSError as e:
         raise DeviceError(f"volume lock {volume}: {e.strerror}") from e
 
@@ -163,11 +190,12 @@ def _flock(fd: int, exclusive: bool) -> bool:
 
 def _record(fd: int, path: str) -> None:
     """Say who the exclusive owner is: its pid and the path it opened (for the
-    control socket, which is named after that path). Written over the old record
-    at a fixed size, without truncating: ftruncate costs a journal commit."""
+    control socket, which is named after that path). Written over any old record,
+    padded to its length, without truncating: ftruncate costs a journal commit."""
     data = json.dumps({"pid": os.getpid(), "path": os.path.realpath(path)}).encode()
     with contextlib.suppress(OSError):     # only a hint: the lock itself is what counts
-        os.pwrite(fd, data.ljust(RECORD_SIZE - 1) + b"\n", 0)
+        old = os.fstat(fd).st_size
+        os.pwrite(fd, data.ljust(max(old - 1, len(data))) + b"\n", 0)
 
 
 def _busy(path: str, fd: int, holders: list[Holder], exclusive: bool) -> DeviceBusy:
@@ -183,7 +211,7 @@ def _busy(path: str, fd: int, holders: list[Holder], exclusive: bool) -> DeviceB
 
 def _recorded(fd: int) -> dict[str, object]:
     try:
-        data = json.loads(os.pread(fd, 2 * RECORD_SIZE, 0).strip() or b"{}")
+        data = json.loads(os.pread(fd, RECORD_MAX, 0).strip() or b"{}")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

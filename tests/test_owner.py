@@ -238,9 +238,41 @@ def test_sigkilled_owner_leaves_no_stale_lock(vol: str) -> None:
         with hold(vol, "w") as proc:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        assert os.listdir(owner.run_dir())          # its file stays, but not its lock
         with open_device(vol, write=True):
             pass
-    assert any(n.startswith("owner-file-") for n in os.listdir(owner.run_dir()))
+        assert os.listdir(owner.run_dir()) == []    # the next owner removed it
+
+
+def test_the_last_holder_removes_the_lock_file(vol: str, tmp_path: Path) -> None:
+    link = tmp_path / "l.img"
+    link.symlink_to(vol)
+    with open_device(vol), open_device(str(link)):
+        with hold(vol, "r"):
+            pass
+        assert len(os.listdir(owner.run_dir())) == 1
+    assert os.listdir(owner.run_dir()) == []
+
+
+def test_a_lock_file_removed_meanwhile_is_not_trusted(vol: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file we opened was removed by its last holder before we locked it: a lock on
+    it would exclude nobody, so the claim takes the file now at that name."""
+    real = owner._open_lock_file
+    opened: list[str | None] = []
+
+    def removed_first(ident: Identity, volume: str) -> tuple[int, str | None]:
+        fd, path = real(ident, volume)
+        if not opened and path:
+            os.unlink(path)
+        opened.append(path)
+        return fd, path
+    monkeypatch.setattr(owner, "_open_lock_file", removed_first)
+    with open_device(vol, write=True):
+        assert len(opened) == 2
+        r = subprocess.run([sys.executable, "-m", "blockxfer.cli", "info", vol], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 4 and f"process {os.getpid()}" in r.stderr, r.stderr
 
 
 def test_owner_path_is_what_the_writer_opened(vol: str, tmp_path: Path) -> None:
