@@ -411,3 +411,34 @@ def test_without_a_run_directory_the_file_itself_is_locked(
         holder.kill()
         holder.wait()
     assert not (tmp_path / "none").exists()
+
+
+RACE = ("import os, sys, time\n"
+        "from blockxfer.drivers.owner import claim\n"
+        "from blockxfer.errors import DeviceBusy\n"
+        "vol, log, n = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "fd = os.open(log, os.O_WRONLY | os.O_APPEND)\n"
+        "got = 0\n"
+        "while got < n:\n"
+        "    try:\n"
+        "        c = claim(vol, exclusive=True)\n"
+        "    except DeviceBusy:\n"
+        "        continue\n"
+        "    os.write(fd, b'+%d\\n' % os.getpid()); time.sleep(0.0005)\n"
+        "    os.write(fd, b'-%d\\n' % os.getpid())\n"
+        "    c.release(); got += 1\n")
+
+
+def test_racing_claims_never_overlap(vol: str, tmp_path: Path) -> None:
+    """Six processes each take the volume 40 times, the lock file removed and made anew
+    between owners: the log of who held it never shows two at once."""
+    log = tmp_path / "log"
+    log.write_bytes(b"")
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, vol, str(log), "40"], cwd=ROOT)
+             for _ in range(6)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    lines = log.read_text().split()
+    assert len(lines) == 6 * 40 * 2
+    for start, end in zip(lines[::2], lines[1::2], strict=True):
+        assert start[0] == "+" and end == "-" + start[1:], (start, end)
+    assert os.listdir(owner.run_dir()) == []
