@@ -7,7 +7,10 @@ This module is both ends of that:
 - the client side, one function per command (`info`, `snapshots`, `snapshot`,
   `destroy`, `set_pointer`, `delete_pointer`, `image`): each returns the same
   JSON-able result the local command prints with `--json`, or None when no
-  server owns the path (then the caller opens the volume itself);
+  server owns the path (then the caller opens the volume itself). The server
+  is found whatever name the caller gives (an alias of the served path: its
+  loop device, backing file, a symlink), through the locator the wiring hands
+  in (`use_locator`);
 - the server side, `register(ctl)`, which adds the same commands to a
   `ControlServer`, each run under the server's volume lock.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,9 +70,34 @@ class ControlClient:
         return control.call(self.path, command, **args)
 
 
+Locator = Callable[[str], "str | None"]
+
+
+def _no_alias(path: str) -> str | None:
+    return None
+
+
+_owner_path: Locator = _no_alias
+
+
+def use_locator(locate: Locator) -> None:
+    """How a path finds the path its volume's owner opened it by. The control socket
+    is named after the server's own path, and only the drivers know that a loop
+    device and its backing file (or a symlink, a bind mount, ...) are one volume, so
+    the wiring that imports them (`blockxfer.handles`) hands this in."""
+    global _owner_path
+    _owner_path = locate
+
+
 def server_for(path: str) -> ControlClient | None:
-    """The server that owns `path`, or None when nobody serves it."""
-    return ControlClient(path) if control.server_running(path) else None
+    """The server that owns `path`'s volume, whatever name either side used; None
+    when nobody serves it."""
+    if control.server_running(path):
+        return ControlClient(path)
+    seen = _owner_path(path)
+    if seen is not None and control.server_running(seen):
+        return ControlClient(seen)
+    return None
 
 
 def try_call(path: str, command: str, **args: Any) -> Any:

@@ -1,9 +1,11 @@
 """Files and block devices behind `blockxfer.device.BlockDevice`.
 
 Bulk I/O uses O_DIRECT into page-aligned buffers when the file system allows it
-(tmpfs does not: then buffered I/O plus fdatasync). Opening for writing takes a
-POSIX record lock on the whole device so a second blockxfer process is refused
-with the holder's pid. OS errors become blockxfer errors here and nowhere else.
+(tmpfs does not: then buffered I/O plus fdatasync). `open_device` is the one
+door to a volume: it claims the volume by identity (`drivers.owner`, so a
+second blockxfer process is refused with the holder's pid and command line
+whatever name it used) and, to write, refuses a device in use
+(`drivers.safety`). OS errors become blockxfer errors here and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 
 from blockxfer.errors import DeviceBusy, DeviceError, MediumError, VolumeFull
 
-from . import ioctls
+from . import ioctls, owner, safety
 
 _BY_ERRNO: dict[int, type[DeviceError]] = {
     errno.EBUSY: DeviceBusy,
@@ -47,8 +49,10 @@ def aligned_buffer(size: int) -> mmap.mmap:
 class FileDevice:
     """A regular file or a block device opened for block I/O."""
 
-    def __init__(self, path: str, fd: int, size: int, direct: bool, sector: int, physical: int):
+    def __init__(self, path: str, fd: int, size: int, direct: bool, sector: int, physical: int,
+                 claim: owner.Claim | None = None):
         self.path = path
+        self.claim = claim          # this process's hold on the volume, released by close
         self.fd = fd
         self.size = size
         self.direct = direct
@@ -91,6 +95,9 @@ class FileDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def __enter__(self) -> FileDevice:
         return self
@@ -126,58 +133,54 @@ def _sector_sizes(fd: int) -> tuple[int, int]:
     return logical, physical
 
 
-def lock_owner(fd: int) -> int | None:
-    """The pid holding a conflicting write lock on the whole file, or None."""
-    probe = ioctls.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    got = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
-    ltype, _, _, _, pid = ioctls.FLOCK.unpack(got)
-    return None if ltype == fcntl.F_UNLCK else pid
-
-
-def _lock(fd: int, path: str, exclusive: bool) -> None:
-    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLK, ioctls.FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise DeviceError(f"lock {path}: {e.strerror}") from e
-        pid = lock_owner(fd)
-        who = f"process {pid}" if pid else "another process"
-        raise DeviceBusy(f"{path} is in use by {who}; stop it or wait for it to finish") from e
-
-
 def open_device(path: str, *, write: bool = False, lock: bool = True,
                 direct: bool = True, create_size: int | None = None) -> FileDevice:
-    """Open a file or block device for block I/O.
+    """Open a file or block device for block I/O: the one place blockxfer opens a
+    volume, so every command gets the same refusals.
 
-    `create_size` creates (or extends) a regular file to that many bytes first.
-    `lock` takes a shared lock for reading and an exclusive one for writing.
-    A block device opened for writing is opened O_EXCL: the kernel then refuses
-    it while mounted, held by md/dm or opened O_EXCL by anyone else, and this
-    raises DeviceBusy naming the holder. Call `drivers.safety.check_writable`
-    first for the full set of refusals.
+    `create_size` creates a missing regular file of that many bytes first.
+    `lock` claims the volume (`drivers.owner`): shared for reading, exclusive for
+    writing, keyed by what the path names (a loop device and its backing file are
+    one volume), held until `close`. Opening for writing also refuses a device in
+    use (`drivers.safety.refuse_in_use`: mounted, held by md/dm, swap, backing a
+    loop device, open O_EXCL), and opens a block device O_EXCL so the kernel keeps
+    refusing others while we write.
     """
     if create_size is not None and not os.path.exists(path):
-        with device_op("create", path):
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                os.ftruncate(fd, create_size)
-            finally:
-                os.close(fd)
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
+        _create(path, create_size)
     if not os.path.exists(path):
         raise DeviceError(f"{path}: no such file or device")
-    if write and stat.S_ISBLK(os.stat(path).st_mode):
-        flags |= os.O_EXCL
-    fd, used_direct = _open_fd(path, flags, direct)
+    held = owner.claim(path, exclusive=write) if lock else None
+    fd = -1
     try:
-        if lock:
-            _lock(fd, path, exclusive=write)
+        if write:
+            safety.refuse_in_use(path)
+        fd, used_direct = _open_fd(path, _flags(path, write), direct)
         logical, physical = _sector_sizes(fd)
-        return FileDevice(path, fd, _device_size(fd), used_direct, logical, physical)
+        return FileDevice(path, fd, _device_size(fd), used_direct, logical, physical, held)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+        if held:
+            held.release()
         raise
+
+
+def _flags(path: str, write: bool) -> int:
+    if not write:
+        return os.O_RDONLY | os.O_CLOEXEC
+    with device_op("open", path):
+        block = stat.S_ISBLK(os.stat(path).st_mode)
+    return os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if block else 0)
+
+
+def _create(path: str, size: int) -> None:
+    with device_op("create", path):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
 
 def _open_fd(path: str, flags: int, direct: bool) -> tuple[int, bool]:
@@ -186,9 +189,7 @@ def _open_fd(path: str, flags: int, direct: bool) -> tuple[int, bool]:
     except DeviceBusy as e:
         if not flags & os.O_EXCL:
             raise
-        from .safety import describe_users  # only on the error path
-
-        raise DeviceBusy(f"{path} is in use ({describe_users(path)}); "
+        raise DeviceBusy(f"{path} is in use ({safety.describe_users(path)}); "
                          "refusing to open it for writing") from e
 
 

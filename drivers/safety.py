@@ -97,13 +97,23 @@ def _swaps(devnos: set[str], path: str, proc: Path) -> list[DeviceUser]:
 
 
 def _loop_backing(path: str, sysfs: Path) -> list[DeviceUser]:
+    """Loop devices over the file `path`, matched by name or by inode (a bind mount or
+    a hard link of the backing file is the same file under another name)."""
     real = os.path.realpath(path)
     block = sysfs / "block"
     users = []
     for d in sorted(block.glob("loop*")) if block.is_dir() else []:
-        if _read(d / "loop" / "backing_file") == real:
+        backing = _read(d / "loop" / "backing_file")
+        if backing and (backing == real or _same_file(backing, path)):
             users.append(DeviceUser("loop-backing", f"of /dev/{d.name}"))
     return users
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def openers(path: str, *, proc: Path = PROC) -> list[str]:
@@ -204,13 +214,19 @@ def find_signature(path: str) -> str | None:
     return None
 
 
-def check_writable(path: str, force: bool = False, *, sysfs: Path = SYS,
-                   proc: Path = PROC) -> WriteCheck:
-    """Refuse a device in use (always) or with a leftover signature (unless forced)."""
+def refuse_in_use(path: str, *, sysfs: Path = SYS, proc: Path = PROC) -> None:
+    """Raise DeviceBusy when anything uses `path` (`device_users`). `open_device`
+    calls this on every open for writing; --force never overrides it."""
     users = device_users(path, sysfs=sysfs, proc=proc)
     if users:
         raise DeviceBusy(f"{path} is in use: {'; '.join(map(str, users))}; "
                          "blockxfer will not write to it (--force does not change that)")
+
+
+def check_writable(path: str, force: bool = False, *, sysfs: Path = SYS,
+                   proc: Path = PROC) -> WriteCheck:
+    """Refuse a device in use (always) or with a leftover signature (unless forced)."""
+    refuse_in_use(path, sysfs=sysfs, proc=proc)
     sig = find_signature(path)
     if sig and not force:
         raise DeviceError(f"{path} holds {sig}; use --force to overwrite it")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from blockxfer.drivers.loop import loop_info
 from blockxfer.drivers.md import md_geometry, member_of, nbd_info
-from blockxfer.drivers.safety import check_writable, find_signature, users_of_block
+from blockxfer.drivers.safety import (
+    check_writable,
+    find_signature,
+    refuse_in_use,
+    users_of_block,
+)
 from blockxfer.errors import DeviceBusy, DeviceError
 
 DATA = Path(__file__).parent / "data"
@@ -90,3 +96,15 @@ def test_loop_backing_file_is_in_use(tmp_path: Path) -> None:
     (sysfs / "block" / "loop5" / "loop" / "backing_file").write_text(str(f) + "\n")
     with pytest.raises(DeviceBusy, match="loop-backing of /dev/loop5.*does not change"):
         check_writable(str(f), force=True, sysfs=sysfs, proc=PROC)
+
+
+def test_hard_linked_backing_file_is_in_use(tmp_path: Path) -> None:
+    """A loop device over x.img makes its hard link (another name) in use too."""
+    f = tmp_path / "x.img"
+    f.write_bytes(bytes(4096))
+    os.link(f, tmp_path / "y.img")
+    sysfs = tmp_path / "sys"
+    (sysfs / "block" / "loop5" / "loop").mkdir(parents=True)
+    (sysfs / "block" / "loop5" / "loop" / "backing_file").write_text(str(f) + "\n")
+    with pytest.raises(DeviceBusy, match="loop-backing of /dev/loop5"):
+        refuse_in_use(str(tmp_path / "y.img"), sysfs=sysfs)
