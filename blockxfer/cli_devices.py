@@ -93,15 +93,42 @@ def cmd_tape_eject(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holds(path: str) -> str | None:
+    """What erasing would lose: None for a blank tape or a blockxfer label without
+    images, else a description (images, or data that is not a blockxfer tape)."""
+    from blockxfer.drivers.tapes import open_tape
+    from blockxfer.errors import FormatError
+    from blockxfer.transfer.tapeset import list_tape, read_label
+
+    with open_tape(path, write=False) as t:
+        try:
+            label = read_label(t)
+            if label is None:
+                return None
+            images = list_tape(t).images
+        except FormatError:
+            return "data that is not a readable blockxfer tape"
+    if not images:
+        return None
+    return (f"{len(images)} image{'s' if len(images) > 1 else ''} (label {label.serial!r}, "
+            f"set {label.set_name!r})")
+
+
 def cmd_tape_erase(args: argparse.Namespace) -> int:
     from blockxfer.drivers.tapes import erase_tape, tape_status
+    from blockxfer.errors import VolumeError
 
+    holds = _holds(args.tape)
     if args.dry_run:
         st = tape_status(args.tape)
         plan = {"tape": args.tape, "erases": "everything from the beginning of tape",
-                "write_protected": st.write_protected}
+                "holds": holds or "nothing (blank or no images)",
+                "needs_force": holds is not None, "write_protected": st.write_protected}
         _print(plan, args.json)
         return 0
+    if holds is not None and not args.force:
+        raise VolumeError(f"{args.tape} holds {holds}; nothing was erased; use --force to "
+                          "erase it")
     st = erase_tape(args.tape)
     _print(st.as_dict(), args.json) if args.json else print(f"{args.tape}: erased")
     return 0
@@ -132,4 +159,6 @@ def register(subparsers: Any) -> None:
         s.add_argument("--json", action="store_true")
         if name == "erase":
             s.add_argument("--dry-run", action="store_true", help="show the plan only")
+            s.add_argument("--force", action="store_true",
+                           help="erase a tape that holds images or other data")
         s.set_defaults(func=func)

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blockxfer.device import BlockDevice
-from blockxfer.errors import BlockxferError, DeviceError, FormatError, StreamError, UsageError
+from blockxfer.errors import (
+    BlockxferError,
+    DeviceError,
+    FormatError,
+    NotFound,
+    StreamError,
+    UsageError,
+)
 from blockxfer.stream.decode import parse_record
 from blockxfer.stream.receive import ReceiveResult, receive_stream
 from blockxfer.tape import EndOfData, Tape
@@ -111,7 +118,7 @@ def pick_image(contents: TapeContents, image: int | None, snapshot: str | None) 
     if image is not None:
         found = next((i for i in images if i.number == image), None)
         if found is None:
-            raise UsageError(f"tape holds images 1..{len(images)}; there is no image {image}")
+            raise NotFound(f"tape holds images 1..{len(images)}; there is no image {image}")
     elif snapshot is not None:
         found = next((i for i in reversed(images) if i.descriptor.top == snapshot
                       and i.complete), None)

@@ -772,7 +772,7 @@ class Volume:
                 "path": self.dev.path, "uuid": self.uuid, "block_size": self.block_size,
                 "blocks": self.nblocks, "virtual_size": self.virtual_size,
                 "generation": self.generation, "used_blocks": used,
-                "free_blocks": self.free_blocks() if self.writable else None,
+                "free_blocks": self.free_blocks(),
                 "snapshots": len(self.catalog.snapshots), "pointers": self.pointers,
                 "committed": self.sb.root.timestamp / 1e9,
             }
