@@ -58,10 +58,31 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tape_geometry(capacity: int, early_warning: int | None, record_size: int) -> int:
+    """The early-warning zone to create (2% by default), refusing a geometry that
+    a dump in records of `record_size` cannot span (docs/tape-format.md)."""
+    from blockxfer.transfer.dump import min_capacity, min_early_warning
+
+    least = min_early_warning(record_size)
+    if early_warning is None:
+        early_warning = max(capacity // 50, least)
+    elif early_warning < least:
+        raise UsageError(f"an early-warning zone of {_human(early_warning)} cannot hold the end "
+                         f"of a tape part in records of {_human(record_size)}: give at least "
+                         f"--early-warning {least // 1024}K (or a smaller --record-size)")
+    need = min_capacity(record_size, early_warning)
+    if capacity < need:
+        raise UsageError(f"a tape of {_human(capacity)} with an early-warning zone of "
+                         f"{_human(early_warning)} cannot hold a part in records of "
+                         f"{_human(record_size)}: give at least --capacity {-(-need // 1024)}K")
+    return early_warning
+
+
 def cmd_tape_create(args: argparse.Namespace) -> int:
     from blockxfer.drivers.vtape import create_virtual_tape
 
-    h = create_virtual_tape(args.file, args.capacity, early_warning=args.early_warning,
+    ew = _tape_geometry(args.capacity, args.early_warning, args.record_size)
+    h = create_virtual_tape(args.file, args.capacity, early_warning=ew,
                             locate=not args.no_locate)
     print(f"created virtual tape {args.file}: capacity {_human(h.capacity)}, early warning "
           f"{_human(h.early_warning)} before the end, LOCATE {'no' if args.no_locate else 'yes'}")
@@ -146,7 +167,11 @@ def register(subparsers: Any) -> None:
     c.add_argument("file")
     c.add_argument("--capacity", type=_size_arg, required=True, help="e.g. 10G")
     c.add_argument("--early-warning", type=_size_arg, default=None, metavar="SIZE",
-                   help="size of the early-warning zone before the end (default 2%%)")
+                   help="size of the early-warning zone before the end (default 2%%, and at "
+                        "least what a part's end needs: 2 records + 64K)")
+    c.add_argument("--record-size", type=_size_arg, default="256K", metavar="SIZE",
+                   help="record size of the dumps it will hold, for the geometry check "
+                        "(default 256K, as dump)")
     c.add_argument("--no-locate", action="store_true",
                    help="act like a drive without LOCATE/READ POSITION (tgt)")
     c.set_defaults(func=cmd_tape_create)
