@@ -13,6 +13,7 @@ import pytest
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.tapes import open_tape
+from blockxfer.transfer import tapefmt as tf
 from blockxfer.transfer.tapeset import list_tape
 from blockxfer.volume import Volume
 from tests.clihelp import BX, bx, one_line
@@ -121,3 +122,26 @@ def test_tape_create_refuses_what_cannot_span(tmp_path: object, args: list[str],
     t = os.path.join(str(tmp_path), "t.vtape")
     r = bx("tape", "create", t, *args)
     assert r.returncode == 2 and words in one_line(r) and not os.path.exists(t)
+
+
+def test_a_cut_index_leaves_the_tape_listable(volume: str, tmp_path: object) -> None:
+    """A dump that stopped inside its index (end of medium): that image is listed as
+    incomplete, the others stay listed and restorable, and the tape takes more."""
+    t = os.path.join(str(tmp_path), "t.vtape")
+    assert bx("tape", "create", t, "--capacity", "256M").returncode == 0
+    assert bx("dump", volume, "full", "--tape", t).returncode == 0
+    key = os.urandom(16)
+    desc = tf.Descriptor(key.hex(), "full", "full", None, ["full"], "?", 1, 0)
+    idx = tf.Index(key.hex(), 0, 0, 0, True, 0, records=[(1, 1, 0)] * 50000).pack()
+    with open_tape(t) as tape:
+        tape.seek_eod()
+        tape.write_record(tf.pack_record(tf.DESCRIPTOR, key, 0, 0, desc.pack(), 256 * K))
+        tape.write_filemarks(1)
+        tape.write_record(tf.pack_record(tf.INDEX, key, 0, 0, idx[:256 * K - 40], 256 * K))
+    listing = json.loads(bx("tape", "list", t, "--json").stdout)
+    assert [i["complete"] for i in listing["images"]] == [True, False]
+    assert bx("dump", volume, "full", "--tape", t).returncode == 0
+    back = os.path.join(str(tmp_path), "back.img")
+    assert bx("restore", back, "--tape", t, "--image", "3").returncode == 0
+    r = bx("restore", os.path.join(str(tmp_path), "b2.img"), "--tape", t, "--image", "2")
+    assert r.returncode == 2 and "incomplete" in one_line(r)

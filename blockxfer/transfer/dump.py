@@ -168,7 +168,12 @@ class _Writer:
         self.thread.join()
         if self.error:
             raise self.error
-        self._finish_part(True, total)
+        try:
+            self._finish_part(True, total)
+        except EndOfMedium as e:
+            raise EndOfMedium(f"{e}: the image's index did not fit before the end of "
+                              f"{self.tape.path}, so the image is listed as incomplete; dump "
+                              "it again on a tape with a larger early-warning zone") from e
 
 
 def _join_set(tape: Tape, prev: tf.Label) -> tf.Label:
