@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import BinaryIO
+from contextlib import contextmanager, redirect_stdout
+from typing import Any, BinaryIO, TextIO
 
 from blockxfer import __version__, cli_devices, cli_endpoint, cli_serve, remote
-from blockxfer.errors import BlockxferError, UsageError
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.handles import init_volume, open_volume, split_target
 from blockxfer.progress import Progress
 from blockxfer.tape import Tape
+from blockxfer.transport.local import stdout_errors
 from blockxfer.units import human, parse_size
 from blockxfer.volume.check import check_volume
+from blockxfer.volume.layout import MAX_BLOCK, MIN_BLOCK
 
 CHUNK = 8 << 20
 
@@ -41,8 +44,17 @@ def _need_snapshot(target: str) -> tuple[str, str]:
 def cmd_init(a: argparse.Namespace) -> int:
     size = parse_size(a.size) if a.size else None
     vsize = parse_size(a.virtual_size) if a.virtual_size else None
-    vol = init_volume(a.path, size=size, block_size=parse_size(a.block_size), force=a.force,
-                      virtual_size=vsize)
+    block_size = parse_size(a.block_size)
+    if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise UsageError(f"--block-size {a.block_size}: use a power of two from 4K to 1M")
+    created = not os.path.exists(a.path)
+    try:
+        vol = init_volume(a.path, size=size, block_size=block_size, force=a.force,
+                          virtual_size=vsize)
+    except BaseException:
+        if created and os.path.isfile(a.path):     # a refused init leaves nothing behind
+            os.unlink(a.path)
+        raise
     with vol:
         print(f"{a.path}: volume {vol.uuid}, {human(vol.nblocks * vol.block_size)} in "
               f"{vol.nblocks} blocks of {vol.block_size}, virtual disk {human(vol.virtual_size)}")
@@ -62,36 +74,74 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
-def _read_chunks(stream: object, size: int) -> queue.Queue[bytes | BaseException | None]:
-    """Read stdin on a thread so reading overlaps the volume's writes."""
-    q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=3)
+class _InputChunks:
+    """Standard input in chunks of `size`, read on a thread so reading overlaps the
+    volume's writes. The thread reads the raw descriptor (os.read), never the
+    buffered sys.stdin: a thread blocked inside the buffered reader when the
+    command fails made the interpreter abort at exit ("Fatal Python error")."""
 
-    def run() -> None:
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd, self._size = fd, size
+        self._q: queue.Queue[bytes | OSError | None] = queue.Queue(maxsize=3)
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="stdin", daemon=True).start()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (chunk := self._q.get()) is not None:
+            if isinstance(chunk, OSError):
+                raise DeviceError(f"read standard input: {chunk.strerror}") from chunk
+            yield chunk
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
         try:
-            while chunk := stream.read(size):  # type: ignore[attr-defined]
-                q.put(chunk)
-            q.put(None)
-        except BaseException as e:  # handed to the main thread
-            q.put(e)
-    threading.Thread(target=run, daemon=True).start()
-    return q
+            while chunk := self._fill():
+                self._put(chunk)
+            self._put(None)
+        except OSError as e:             # handed to the main thread
+            self._put(e)
+
+    def _fill(self) -> bytes:
+        parts, n = [], 0
+        while n < self._size and (part := os.read(self._fd, self._size - n)):
+            parts.append(part)
+            n += len(part)
+        return b"".join(parts)
+
+    def _put(self, item: bytes | OSError | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
 
 def cmd_write(a: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         raise UsageError("write takes its data on standard input; redirect a file or a pipe")
-    offset = parse_size(a.offset)
+    offset = done = parse_size(a.offset)
     prog = Progress("write")
+    failed: BlockxferError | None = None
     with open_volume(a.path, write=True) as vol:
-        q = _read_chunks(sys.stdin.buffer, CHUNK)
-        while (chunk := q.get()) is not None:
-            if isinstance(chunk, BaseException):
-                raise chunk
-            vol.write(offset, chunk)
-            offset += len(chunk)
-            prog.add(len(chunk))
+        chunks = _InputChunks(sys.stdin.fileno(), CHUNK)
+        try:
+            for chunk in chunks:
+                vol.write(done, chunk)
+                done += len(chunk)
+                prog.add(len(chunk))
+        except BlockxferError as e:
+            failed = e                   # what came before it is committed on the way out
+        finally:
+            chunks.stop()
         vol.commit()
     prog.finish()
+    if failed is not None:
+        raise type(failed)(f"{failed}; {human(done - offset)} ({done - offset} bytes) from "
+                           f"offset {offset} were written and committed, the rest was "
+                           "not") from failed
     return 0
 
 
@@ -100,7 +150,7 @@ def cmd_read(a: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         raise UsageError("read writes binary data; redirect standard output to a file or a pipe")
     out = sys.stdout.buffer
-    with open_volume(path) as vol:
+    with open_volume(path) as vol, stdout_errors():
         offset = parse_size(a.offset)
         length = vol.virtual_size - offset if a.length is None else parse_size(a.length)
         prog = Progress("read", length)
@@ -115,7 +165,7 @@ def cmd_read(a: argparse.Namespace) -> int:
         tail = length - head - body
         if tail:
             out.write(vol.read(offset + head + body, tail, snapshot=snap))
-    out.flush()
+        out.flush()
     prog.finish()
     return 0
 
@@ -210,20 +260,12 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
-def _binary_out(path: str | None) -> BinaryIO:
-    if path and path != "-":
-        return open(path, "wb")  # noqa: SIM115 - closed by the caller
-    if sys.stdout.isatty():
-        raise UsageError("refusing to write a binary stream to a terminal; use -o FILE or a pipe")
-    return sys.stdout.buffer
-
-
 def _binary_in(path: str | None) -> BinaryIO:
     if path and path != "-":
         try:
             return open(path, "rb")  # noqa: SIM115 - closed by the caller
-        except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror}") from e
+        except OSError as e:            # a path that cannot be opened: 4 (docs/exit-codes.md)
+            raise DeviceError(f"cannot read {path}: {e.strerror}") from e
     if sys.stdin.isatty():
         raise UsageError("give the stream with -i FILE or on standard input")
     return sys.stdin.buffer
@@ -256,7 +298,6 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
     if a.members:
         chunk = parse_size(a.chunk)
         return MdGeometry("striped", "raid0", a.members, chunk, 0, (), 0)
-    import os
     name = os.path.basename(os.path.realpath(path))
     if not name.startswith("md"):
         raise UsageError("--order striped needs an md array or --members K --chunk BYTES")
@@ -326,7 +367,6 @@ def _tape_opener() -> Callable[[str, bool], Tape]:
 
 def _next_tape(a: argparse.Namespace) -> Callable[[str, int], str] | None:
     """How the next tape of a set is found: a changer, a command, else the terminal."""
-    import os
     import subprocess
     if getattr(a, "changer", None):
         from blockxfer.drivers.changer import Changer, changer_next_tape, tape_label
@@ -386,7 +426,6 @@ def cmd_dump(a: argparse.Namespace) -> int:
 
 
 def _complete_snapshots(path: str) -> set[str]:
-    import os
     if not os.path.exists(path):
         return set()
     try:
@@ -636,14 +675,45 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return int(a.cmd_serve(a, lambda path: open_volume(path, write=not a.read_only)))
 
 
+class _GuardedStdout:
+    """sys.stdout whose write errors (a full disk, /dev/full) are one line naming
+    standard output; the binary commands guard sys.stdout.buffer themselves."""
+
+    def __init__(self, text: TextIO) -> None:
+        self._text = text
+
+    def write(self, s: str) -> int:
+        with stdout_errors():
+            return self._text.write(s)
+
+    def flush(self) -> None:
+        with stdout_errors():
+            self._text.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._text, name)
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null so the interpreter's last flush of what
+    is still buffered does not report the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with redirect_stdout(_GuardedStdout(sys.stdout)):  # type: ignore[type-var]
+            code = int(args.func(args))
+            sys.stdout.flush()
+        return code
     except BlockxferError as e:
         print(f"blockxfer: {e}", file=sys.stderr)
         return e.exit_code
-    except BrokenPipeError:
+    except BrokenPipeError:        # the reader went away (| head): quiet, as cat is
+        _drop_stdout()
         return 141
     except KeyboardInterrupt:
         print("blockxfer: interrupted", file=sys.stderr)

@@ -3,12 +3,13 @@ virtual tape. It grows with each transfer technique that lands."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.tapes import open_tape_handle
 from blockxfer.drivers.vtape import create_virtual_tape
+from blockxfer.errors import UsageError
 from blockxfer.image import evaluate
 from blockxfer.transfer.dump import dump_image
 from blockxfer.transfer.restore import restore_images
@@ -24,9 +25,32 @@ def _say(text: str) -> None:
     print(f"demo: {text}", flush=True)
 
 
+MARK = ".blockxfer-demo"                 # a folder the demo made and may clear again
+OWN = (MARK, "volume.img", "tape0.vtape", "restored.img")
+
+
+def _prepare(directory: str) -> None:
+    """Use a new or empty folder, or clear one an earlier demo made (its own files
+    only); never delete what an operator keeps there."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"--dir {directory} is not a folder")
+    if os.path.isdir(directory) and os.listdir(directory):
+        if not os.path.exists(os.path.join(directory, MARK)):
+            raise UsageError(f"--dir {directory} holds files that the demo did not make; "
+                             "give a new or empty folder")
+        stray = sorted(set(os.listdir(directory)) - set(OWN))
+        if stray:
+            raise UsageError(f"--dir {directory} holds {stray[0]!r}, which the demo did not "
+                             "make; move it away or give a new folder")
+        for name in OWN:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+    os.makedirs(directory, exist_ok=True)
+    open(os.path.join(directory, MARK), "wb").close()
+
+
 def run_demo(directory: str) -> int:
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory)
+    _prepare(directory)
     path = os.path.join(directory, "volume.img")
     vol = Volume.create(open_device(path, write=True, create_size=256 << 20))
     _say(f"volume {path}: {human(vol.virtual_size)} virtual disk, block {vol.block_size}")

@@ -21,7 +21,8 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from blockxfer.errors import DeviceError, FormatError
+from blockxfer.errors import FormatError, UsageError
+from blockxfer.outfile import output_file
 
 from . import ioctls as io
 
@@ -82,16 +83,11 @@ def create_virtual_tape(path: str, capacity: int, *, early_warning: int | None =
     if early_warning is None:
         early_warning = min(max(capacity // 50, 64 * 1024), capacity // 2)
     if capacity <= 0 or not 0 <= early_warning < capacity:
-        raise DeviceError(f"{path}: capacity must be positive and the early-warning zone smaller")
+        raise UsageError(f"{path}: capacity must be positive and the early-warning zone smaller")
     flags = (0 if locate else FLAG_NO_LOCATE) | (FLAG_WRITE_PROTECT if write_protect else 0)
     header = VtapeHeader(capacity, early_warning, flags)
-    try:
-        with open(path, "xb") as f:
-            f.write(header.pack().ljust(HEADER_SIZE, b"\0"))
-    except FileExistsError as e:
-        raise DeviceError(f"{path} already exists; remove it first to create a new tape") from e
-    except OSError as e:
-        raise DeviceError(f"create {path}: {e.strerror}") from e
+    with output_file(path, replace=False) as f:     # whole or not at all, never over one
+        f.write(header.pack().ljust(HEADER_SIZE, b"\0"))
     return header
 
 

@@ -320,9 +320,11 @@ WRITE_OPENS = {
     ("drivers/owner.py", "_open_lock_file"): "the lock file in the run directory",
     ("drivers/loop.py", "_open"): "a loop's backing file, loop-control, loop nodes (ioctls)",
     ("drivers/scsi.py", "open_scsi"): "SCSI generic nodes (tape, changer)",
-    ("drivers/vtape.py", "create_virtual_tape"): "a virtual tape file",
     ("drivers/vtape.py", "__init__"): "a virtual tape file",
-    ("blockxfer/cli.py", "_binary_out"): "the stream output file (-o FILE)",
+    ("blockxfer/outfile.py", "_in_place"): "an existing character device or FIFO given as "
+                                           "an output (/dev/null); block devices are refused",
+    ("blockxfer/cli.py", "_drop_stdout"): "/dev/null over a closed standard output",
+    ("blockxfer/demo.py", "_prepare"): "the marker file of the demo's own folder",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

@@ -78,8 +78,8 @@ def run(*argv: str) -> int:
 
 def test_tape_commands(tmp_path, capsys) -> None:
     path = str(tmp_path / "t.vtape")
-    assert run("tape", "create", path, "--capacity", "1M", "--no-locate",
-               "--early-warning", "64K") == 0
+    assert run("tape", "create", path, "--capacity", "2M", "--no-locate",
+               "--early-warning", "640K") == 0       # the least a 256K-record dump spans in
     assert run("tape", "status", path, "--json") == 0
     out = capsys.readouterr().out
     st = json.loads(out[out.index("{"):])

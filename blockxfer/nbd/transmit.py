@@ -272,6 +272,10 @@ class Transmission:
                     at = job.req.offset - first.offset
                     parts += self._read_reply(job.req, data[at:at + job.req.length])
         except Exception as e:  # noqa: BLE001 - as in _execute: every request gets its error
+            if first.type != p.CMD_WRITE and len(batch) > 1:
+                for job in batch:    # a damaged block fails only the reads that cover it
+                    self._execute(job)
+                return
             if not isinstance(e, BlockxferError):
                 log.exception("requests at %d+%d failed", first.offset, total)
             parts = [self._error_reply(job.req, nbd_error(e), str(e)) for job in batch]

@@ -27,6 +27,20 @@ from . import tapefmt as tf
 from .tapeset import NextTape, OpenTape, list_tape, read_label, write_label
 
 QUEUE_RECORDS = 8
+SLACK = 64 << 10               # the medium's own overhead per record and filemark, generously
+
+
+def min_early_warning(record_size: int) -> int:
+    """The smallest early-warning zone spanning works in: when early warning is
+    reported the record that crossed into the zone is on tape, and the part's end
+    (a filemark, its index in one record, a filemark) must still fit."""
+    return 2 * record_size + SLACK
+
+
+def min_capacity(record_size: int, early_warning: int) -> int:
+    """The smallest tape a part fits on: the label, a descriptor and one data record
+    before the early-warning zone."""
+    return early_warning + tf.LABEL_SIZE + 2 * record_size + SLACK
 
 
 @dataclass
@@ -47,6 +61,7 @@ class _Writer:
         self.rs = label.record_size
         self.key = bytes.fromhex(desc.image_id)
         self.part, self.index, self.part_start, self.offset = 0, 0, 0, 0
+        self.rows_done = 0             # location rows already in an index on tape
         self.tapes = [tape.path]
         self.q: queue.Queue[bytes | None] = queue.Queue(QUEUE_RECORDS)
         self.error: BaseException | None = None
@@ -67,11 +82,11 @@ class _Writer:
         try:
             self.tape.write_record(rec)
         except EarlyWarning:
-            self.tape.write_record(rec)      # past early warning one more write succeeds
-            self.index += 1
-            if kind == tf.DATA:
-                self.offset += len(payload)
+            # the refused record goes to the next tape: what is left of the zone is
+            # kept for the part's end (min_early_warning), however small the zone
             self._span()
+            if kind != tf.DESCRIPTOR:        # _span wrote the next part's descriptor
+                self._record(kind, payload)
             return
         self.index += 1
         if kind == tf.DATA:
@@ -87,18 +102,37 @@ class _Writer:
                 pass
 
     def _finish_part(self, complete: bool, total: int, abandoned: bool = False) -> None:
+        """Filemark, the index, filemark. A part ended at early warning gets an index
+        of one record (what the zone is sure to hold); location rows that do not fit
+        are carried into the next part's index (they keep their stream offsets)."""
         self.tape.write_filemarks(1)
-        recs = [r for r in self.entries if self.part_start <= r[2] < self.offset]
+        upto = self.rows_done
+        while upto < len(self.entries) and self.entries[upto][2] < self.offset:
+            upto += 1
         idx = tf.Index(self.desc.image_id, self.part, self.part_start, self.offset, complete,
-                       total if complete else 0, abandoned, self.position, recs)
-        raw = idx.pack()
+                       total if complete else 0, abandoned, self.position,
+                       self.entries[self.rows_done:upto])
         per = self.rs - tf.REC.size
+        raw = idx.pack()
+        while not complete and len(raw) > per:           # carry the rows that do not fit
+            keep = max(0, len(idx.records) * per // len(raw) - 1)
+            idx.records = idx.records[:keep]
+            raw = idx.pack()
+        self.rows_done += len(idx.records)
         self.index = 0
         for k in range(0, max(len(raw), 1), per):
-            self.tape.write_record(tf.pack_record(tf.INDEX, self.key, self.part, self.index,
-                                                  raw[k:k + per], self.rs))
+            self._write_past_ew(tf.pack_record(tf.INDEX, self.key, self.part, self.index,
+                                               raw[k:k + per], self.rs))
             self.index += 1
         self.tape.write_filemarks(1)
+
+    def _write_past_ew(self, rec: bytes) -> None:
+        """Write a record of the part's end: early warning reported on it (the image
+        ended just before the zone) lets the next write through, as st does."""
+        try:
+            self.tape.write_record(rec)
+        except EarlyWarning:
+            self.tape.write_record(rec)
 
     def _span(self) -> None:
         """End this tape's part and continue on the next tape of the set."""
@@ -134,7 +168,12 @@ class _Writer:
         self.thread.join()
         if self.error:
             raise self.error
-        self._finish_part(True, total)
+        try:
+            self._finish_part(True, total)
+        except EndOfMedium as e:
+            raise EndOfMedium(f"{e}: the image's index did not fit before the end of "
+                              f"{self.tape.path}, so the image is listed as incomplete; dump "
+                              "it again on a tape with a larger early-warning zone") from e
 
 
 def _join_set(tape: Tape, prev: tf.Label) -> tf.Label:

@@ -119,7 +119,7 @@ def pick_image(contents: TapeContents, image: int | None, snapshot: str | None) 
     if image is not None:
         found = next((i for i in images if i.number == image), None)
         if found is None:
-            raise UsageError(f"tape holds images 1..{len(images)}; there is no image {image}")
+            raise NotFound(f"tape holds images 1..{len(images)}; there is no image {image}")
     elif snapshot is not None:
         found = next((i for i in reversed(images) if i.descriptor.top == snapshot
                       and i.complete), None)

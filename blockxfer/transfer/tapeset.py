@@ -136,7 +136,10 @@ def list_tape(tape: Tape) -> TapeContents:
     return out
 
 
-def _read_index(tape: Tape, first: bytes, rs: int, where: str) -> tf.Index:
+def _read_index(tape: Tape, first: bytes, rs: int, where: str) -> tf.Index | None:
+    """The part's index; None when it was cut short (the dump stopped while writing
+    it, e.g. at the end of medium): the image is then listed as incomplete, and the
+    tape stays listable and appendable."""
     parts, raw = [], first
     while raw:
         kind, _, _, _, payload = tf.unpack_record(raw, where)
@@ -147,4 +150,7 @@ def _read_index(tape: Tape, first: bytes, rs: int, where: str) -> tf.Index:
             raw = tape.read_record(rs)
         except EndOfData:
             break
-    return tf.Index.unpack(b"".join(parts))
+    try:
+        return tf.Index.unpack(b"".join(parts))
+    except FormatError:
+        return None

@@ -1,29 +1,28 @@
 """Local transports: standard input and output (`-`) and plain files (`file:` or a path).
 
-A file sink writes to a temporary name in the target's folder and renames it over
-the target only when the stream is finished (after fsync of the file and then
-of the folder), so a refused or interrupted command leaves an existing file
-exactly as it was and no new file behind.
+A file sink writes through `blockxfer.outfile.output_file`: a temporary name in
+the target's folder, renamed over the target only when the stream is finished
+(after fsync of the file and then of the folder), so a refused or interrupted
+command leaves an existing file exactly as it was and no new file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import tempfile
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from blockxfer.errors import DeviceError, UsageError
+from blockxfer.outfile import output_file
 
 from .base import Result, Sink, Source
 
 
-def _os_error(what: str, path: str, e: OSError) -> DeviceError:
-    return DeviceError(f"{what} {path}: {e.strerror}")
-
-
 class StdoutSink(Sink):
+    """Standard output: a failing one (ENOSPC, EIO) is one line; a closed pipe
+    (EPIPE) is left to end the command quietly, as other Unix tools do."""
+
     name = "standard output"
 
     def __init__(self, out: BinaryIO | None = None) -> None:
@@ -36,10 +35,12 @@ class StdoutSink(Sink):
         self._out = out
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
-        return self._out.write(data)
+        with stdout_errors():
+            return self._out.write(data)
 
     def _finish(self) -> Result | None:
-        self._out.flush()
+        with stdout_errors():
+            self._out.flush()
         return None
 
     def _abort(self) -> None:
@@ -47,51 +48,38 @@ class StdoutSink(Sink):
             self._out.flush()
 
 
+@contextlib.contextmanager
+def stdout_errors() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise DeviceError(f"write standard output: {e.strerror}") from e
+
+
 class FileSink(Sink):
-    """A stream into a file, replacing it atomically when finished."""
+    """A stream into a file, written whole or not at all (`blockxfer.outfile`)."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.name = self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                             suffix=".part", dir=folder)
-        except OSError as e:
-            raise _os_error("cannot write into the folder of", path, e) from e
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._stack = contextlib.ExitStack()
+        self._f = self._stack.enter_context(output_file(path))
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         try:
             return self._f.write(data)
         except OSError as e:
-            raise _os_error("cannot write", self.path, e) from e
+            raise DeviceError(f"cannot write {self.path}: {e.strerror}") from e
 
     def _finish(self) -> Result | None:
-        try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self._tmp, self.path)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        except OSError as e:
-            self._abort()
-            raise _os_error("cannot write", self.path, e) from e
+        self._stack.close()                  # fsync, rename over the target, fsync its folder
         return None
 
     def _abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with contextlib.suppress(RuntimeError):  # output_file removes its temporary file
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 class FileSource(Source):

@@ -133,15 +133,18 @@ class BlockIO:
         self.read_ptrs_into(rows, memoryview(buf))
         return bytes(memoryview(buf)[:len(rows) * self.bs])
 
-    def read_ptrs_into(self, ptrs: np.ndarray, out: memoryview, verify: bool = True) -> None:
+    def read_ptrs_into(self, ptrs: np.ndarray, out: memoryview, verify: bool = True,
+                       vblock: int | None = None) -> None:
         """Fill `out` (aligned, len = rows * bs) from pointers; holes (vbn 0) become zeros."""
-        self.finish_reads(self.submit_reads(ptrs, out, verify))
+        self.finish_reads(self.submit_reads(ptrs, out, verify, vblock))
 
-    def submit_reads(self, ptrs: np.ndarray, out: memoryview,
-                     verify: bool = True) -> list[Future[None]]:
+    def submit_reads(self, ptrs: np.ndarray, out: memoryview, verify: bool = True,
+                     vblock: int | None = None) -> list[Future[None]]:
         """Start the reads for `read_ptrs_into`; zero the holes now. Each request is
         checked against its pointers' checksums in the thread that read it, so the
-        hashing spreads over the pool instead of one long GIL hold per chunk."""
+        hashing spreads over the pool instead of one long GIL hold per chunk.
+        `vblock` is the virtual block of the first pointer: a checksum error then
+        names the virtual offset an operator asked for, not only the VBN."""
         bs, vbns = self.bs, ptrs[:, 0]
         jobs: list[Future[None]] = []
         per = MAX_REQUEST // bs
@@ -153,17 +156,21 @@ class BlockIO:
                 c = min(per, count - k)
                 view = out[(pos + k) * bs:(pos + k + c) * bs]
                 cks = ptrs[pos + k:pos + k + c, 1] if verify else None
-                jobs.append(self.pool.submit(self._read_request, view, vbn + k, cks))
+                at = None if vblock is None else vblock + pos + k
+                jobs.append(self.pool.submit(self._read_request, view, vbn + k, cks, at))
         return jobs
 
-    def _read_request(self, view: memoryview, vbn: int, cks: np.ndarray | None) -> None:
+    def _read_request(self, view: memoryview, vbn: int, cks: np.ndarray | None,
+                      vblock: int | None = None) -> None:
         self.dev.pread(view, vbn * self.bs)
         if cks is None:
             return
         bad = np.nonzero(block_checksums(view, self.bs) != cks)[0]
         if len(bad):
-            raise FormatError(f"checksum mismatch in block {vbn + int(bad[0])} ({len(bad)} bad "
-                              "blocks in one request): the volume is damaged; "
+            first = int(bad[0])
+            where = "" if vblock is None else f"at virtual offset {(vblock + first) * self.bs} "
+            raise FormatError(f"checksum mismatch {where}in block VBN {vbn + first} "
+                              f"({len(bad)} bad blocks in one request): the volume is damaged; "
                               "run 'blockxfer check'")
 
     def finish_reads(self, jobs: list[Future[None]]) -> None:

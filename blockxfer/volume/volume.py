@@ -426,7 +426,7 @@ class Volume:
             buf = self.io.take_read_buffer(len(ptrs) * self.block_size)
             try:
                 view = memoryview(buf)[:len(ptrs) * self.block_size]
-                self.io.read_ptrs_into(ptrs, view)
+                self.io.read_ptrs_into(ptrs, view, vblock=offset // self.block_size)
             except BaseException:
                 self.io.give_read_buffer(buf)
                 raise
@@ -478,7 +478,8 @@ class Volume:
         try:
             for i, start in enumerate(range(offset, offset + length, chunk)):
                 n = min(chunk, offset + length - start)
-                done = self._finish_chunk(pending)
+                prev, pending = pending, None      # finished once, even when it fails
+                done = self._finish_chunk(prev)
                 with self._lock:
                     self.io.drain()                    # data writes in flight land first
                     if (start - offset) % (PREFETCH * chunk) == 0:
@@ -489,11 +490,11 @@ class Volume:
                     ptrs = tree.get(start // bs, n // bs)
                     self._count_reader(+1)
                 view = memoryview(bufs[i % 2])[:n]
-                pending = (view, self.io.submit_reads(ptrs, view))
+                pending = (view, self.io.submit_reads(ptrs, view, vblock=start // bs))
                 if done is not None:
                     yield done
-            done = self._finish_chunk(pending)
-            pending = None
+            prev, pending = pending, None
+            done = self._finish_chunk(prev)
             if done is not None:
                 yield done
         finally:
@@ -788,7 +789,7 @@ class Volume:
                 "path": self.dev.path, "uuid": self.uuid, "block_size": self.block_size,
                 "blocks": self.nblocks, "virtual_size": self.virtual_size,
                 "generation": self.generation, "used_blocks": used,
-                "free_blocks": self.free_blocks() if self.writable else None,
+                "free_blocks": self.free_blocks(),
                 "snapshots": len(self.catalog.snapshots), "pointers": self.pointers,
                 "committed": self.sb.root.timestamp / 1e9,
             }
