@@ -75,7 +75,7 @@ class _Target:
             keep = {s.guid for s in self.h.snapshot_set}
             busy |= self.vol.active.bits
             for e in self.vol.snapshots():
-                if e.guid in keep and not e.shadow and not e.flags & 4:
+                if e.guid in keep and not e.shadow and not e.incomplete:
                     valid |= self.vol.plane(e.name)
             busy |= valid
         return busy, valid
@@ -126,7 +126,7 @@ def _check_incremental(vol: Volume, h: fmt.Header, path: str) -> Volume:
         raise StreamError(f"this stream is for volume {_uuid(h.volume_uuid)}, but {path} is "
                           f"volume {vol.uuid}")
     base = next((e for e in vol.snapshots() if e.guid == h.base.guid), None)
-    if base is None or base.flags & 4:
+    if base is None or base.incomplete:
         state = "is incomplete" if base else "is missing"
         raise StreamError(f"{path} cannot take this incremental: its base snapshot "
                           f"{h.base.name!r} {state} there; receive {h.base.name!r} first")

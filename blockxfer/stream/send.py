@@ -82,13 +82,13 @@ def check_top_and_base(img: Image) -> tuple[SnapshotEntry, SnapshotEntry | None]
         if e.shadow:
             raise VolumeError(f"only a base may be a shadow snapshot; {e.name!r} is one (its "
                               "blocks may have been reused)")
-    if top.flags & 4:
+    if top.incomplete:
         raise VolumeError(f"snapshot {top.name!r} is incomplete here and cannot be sent")
     if top.root is None:
         raise VolumeError(f"snapshot {top.name!r} has no root record yet")
     if base is not None and base.generation >= top.generation:
         raise UsageError(f"the base {base.name!r} must be older than the top {top.name!r}")
-    if base is not None and base.flags & 4:
+    if base is not None and base.incomplete:
         raise VolumeError(f"snapshot {base.name!r} is incomplete here and cannot be a base")
     return top, base
 

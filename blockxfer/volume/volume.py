@@ -638,7 +638,7 @@ class Volume:
         if e.shadow:
             raise VolumeError(f"snapshot {e.name!r} is a shadow snapshot: its blocks may have "
                               "been reused, so it can serve only as a base, not be read")
-        if e.flags & layout.INCOMPLETE:
+        if e.incomplete:
             raise VolumeError(f"snapshot {e.name!r} is incomplete here: not all of its blocks "
                               "were received; it can be neither read nor used as a base")
         if e.root is None:
