@@ -32,7 +32,6 @@ from blockxfer.device import BlockDevice
 from blockxfer.errors import (
     AlreadyExists,
     BlockxferError,
-    FormatError,
     NotFound,
     UsageError,
     VolumeError,
@@ -42,9 +41,11 @@ from blockxfer.errors import (
 from . import layout
 from .blockio import SMALL_WRITE, BlockIO, aligned, runs_of
 from .layout import Catalog, ObjectRef, RootRecord, SnapshotEntry, Superblock
-from .local import LocalArea
+from .local import LocalArea, LocalState
 from .objects import BlobObject, PlaneObject, empty_plane
-from .receiving import InterruptedReceive, refuse_interrupted, refuse_on_replica
+from .receiver import IncomingImage, Receiver
+from .receiving import refuse_on_replica
+from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 from .tree import CowTree
 
 CP_INTERVAL = 10.0                      # seconds between CPs while writes are pending
@@ -65,16 +66,6 @@ class ChangeTracker:
         done = (self.allocated, self.freed)
         self.allocated, self.freed = empty_plane(len(done[0])), empty_plane(len(done[1]))
         return done
-
-
-def _plane_blocks(nblocks: int, block_size: int) -> int:
-    return -(-nblocks // (block_size * 8))
-
-
-def reserved_blocks(nblocks: int, block_size: int) -> int:
-    """VBNs before the first allocatable one: 2 superblock slots, then the local
-    receive-state area (2 copies of a header block plus a plane)."""
-    return 2 + 2 * (1 + _plane_blocks(nblocks, block_size))
 
 
 class Volume:
@@ -134,6 +125,7 @@ class Volume:
         self._cursor = self.sb.first_data_vbn
         self._new: tuple[SnapshotEntry, PlaneObject] | None = None
         self._snap_trees: dict[int, CowTree] = {}
+        self._claimed: bitarray | None = None     # blocks a receive is placing
 
     # -- creation and opening -------------------------------------------------------------
     @classmethod
@@ -208,6 +200,8 @@ class Volume:
     def _busy_plane(self) -> bitarray:
         if self._busy is None:
             busy = self.active.bits | self.pinned()
+            if self._claimed is not None:
+                busy |= self._claimed
             busy[:self.sb.first_data_vbn] = 1
             busy[self.nblocks:] = 1
             self._busy = busy
@@ -719,6 +713,50 @@ class Volume:
             self._catalog_dirty = True
             self.commit()
 
+    def rollback(self, name: str) -> None:
+        """Discard the active state back to a snapshot: the virtual disk reads as the
+        snapshot again, blocks written since become free at the CP this commits.
+        Every snapshot stays (later ones too)."""
+        with self._lock:
+            self._check_usable(write=True)
+            self._snapshot_tree(name)        # refuses a shadow, incomplete or rootless one
+            e = self.resolve(name)
+            assert e.root is not None
+            self.io.drain()
+            self._busy_plane()               # the committed state stays busy until the CP
+            new = self._reachable_with(CowTree(e.root.lba, self.block_size,
+                                               self.io.read_block, self.virtual_blocks))
+            old = self.active.bits
+            changed = old ^ new
+            bpb = self.active.bits_per_block
+            self.active.dirty.update({i // bpb for i in changed.search(1)})
+            if self._tracker:
+                self._tracker.allocated |= new & ~old
+                self._tracker.freed |= old & ~new
+            old[:] = new
+            self.lba = CowTree(e.root.lba, self.block_size, self.io.read_block,
+                               self.virtual_blocks)
+            self._catalog_dirty = True
+            self.commit()
+
+    def _reachable_with(self, lba: CowTree) -> bitarray:
+        """The active plane a root with this LBA map would have: its map, the current
+        active plane object and catalog, and every snapshot's plane object."""
+        nodes, data = lba.walk()
+        meta = nodes + self.catalog_obj.blocks()
+        a_nodes, a_data = self.active.tree.walk()
+        meta += a_nodes + a_data[:, 0].tolist()
+        for s in self.catalog.snapshots + self._released:
+            s_nodes, s_data = self._plane_object(s).tree.walk()
+            meta += s_nodes + s_data[:, 0].tolist()
+        used = np.zeros(len(self.active.bits), dtype=np.uint8)
+        used[np.asarray(meta, dtype=np.int64)] = 1
+        used[data[:, 0].astype(np.int64)] = 1
+        used[0] = 0                          # VBN 0 in a pointer means "unmapped"
+        bits = bitarray(endian="little")
+        bits.pack(used.tobytes())
+        return bits
+
     @contextmanager
     def holding(self, entries: list[SnapshotEntry]) -> Iterator[None]:
         """Keep these snapshots (and so their blocks) from being destroyed meanwhile:
@@ -781,6 +819,59 @@ class Volume:
         """Blocks the snapshot has that the active file system no longer uses."""
         return self.plane(snapshot) & ~self.active.bits
 
+    # -- the receive side -------------------------------------------------------------------
+    def receiver(self, image: IncomingImage) -> Receiver:
+        """A receiver placing `image` (an incremental on this volume's snapshots)."""
+        self._check_usable(write=True)
+        return Receiver(self.dev, image, self)
+
+    def claim(self, start: int, stop: int) -> None:
+        """Keep blocks a receive is placing from any local allocation until the next
+        CP (its commit replaces the whole state; an abandoned receive frees them)."""
+        with self._lock:
+            if self._claimed is None:
+                self._claimed = empty_plane(len(self.active.bits))
+            self._claimed[start:stop] = 1
+            busy = self._busy_plane()
+            self._free -= stop - start - busy.count(1, start, stop)
+            busy[start:stop] = 1
+
+    def release_claims(self) -> None:
+        """An abandoned receive: its blocks become free again at the next CP."""
+        with self._lock:
+            self._claimed = None
+
+    def adopt_foreign_root(self, sb: Superblock, state: LocalState) -> None:
+        """Commit a received root on this open volume and continue from it."""
+        with self._lock:
+            self._check_usable(write=True)
+            if self._needs_cp():
+                raise VolumeError(f"{self.dev.path} has changes not yet committed; a receive "
+                                  "cannot replace them")
+            self.io.drain()
+            old = self.active.bits
+            try:
+                self.commit_foreign_root(self.dev, sb, self.slot, self.local_area, state)
+            except BaseException as e:
+                self._failed = f"committing a received root failed ({e})"
+                raise
+            self.sb, self.slot = sb, 1 - self.slot
+            self._wait_readers()          # they may hold pointers into the old state
+            self._load_root(sb.root)
+            if self._tracker:
+                new = self.active.bits
+                self._tracker.allocated |= new & ~old
+                self._tracker.freed |= old & ~new
+            self._last_cp = time.monotonic()
+
+    @staticmethod
+    def commit_foreign_root(dev: BlockDevice, sb: Superblock, slot: int, area: LocalArea,
+                            state: LocalState) -> None:
+        """What only this copy knows first, then the superblock naming the foreign
+        root into the slot not in force: the last write of a receive."""
+        area.write(state)
+        write_superblock(dev, sb, 1 - slot)
+
     # -- reporting ------------------------------------------------------------------------
     def info(self) -> dict[str, object]:
         with self._lock:
@@ -793,68 +884,3 @@ class Volume:
                 "snapshots": len(self.catalog.snapshots), "pointers": self.pointers,
                 "committed": self.sb.root.timestamp / 1e9,
             }
-
-
-# -- superblocks ----------------------------------------------------------------------------
-def write_superblock(dev: BlockDevice, sb: Superblock, slot: int) -> None:
-    """Write `sb` into `slot` (always the one not holding the current superblock)
-    and make it durable."""
-    buf = aligned(sb.block_size)
-    raw = sb.pack()
-    buf[:len(raw)] = raw
-    dev.pwrite(memoryview(buf)[:sb.block_size], slot * sb.block_size)
-    dev.flush()
-
-
-def read_superblock(dev: BlockDevice) -> Superblock:
-    """The valid superblock with the highest generation."""
-    return read_superblock_slot(dev)[0]
-
-
-def read_superblock_slot(dev: BlockDevice) -> tuple[Superblock, int]:
-    """The valid superblock with the highest generation, and its slot."""
-    buf = aligned(layout.MAX_BLOCK)
-    view = memoryview(buf)
-    found: list[tuple[Superblock, int]] = []
-    problems: list[str] = []
-    offsets = [0] + [1 << k for k in range(12, 21)]
-    for off in offsets:
-        if off + 4096 > dev.size:
-            break
-        dev.pread(view[:4096], off)
-        try:
-            sb = Superblock.unpack(view[:4096])
-        except FormatError as e:
-            problems.append(str(e))
-            continue
-        if off in (0, sb.block_size):
-            found.append((sb, 0 if off == 0 else 1))
-    if not found:
-        refuse_interrupted(dev)              # a full receive was overwriting it
-        if any("checksum" in p for p in problems):
-            raise FormatError(f"{dev.path}: both superblocks are damaged; the volume cannot "
-                              "be opened")
-        raise FormatError(f"{dev.path} is not a blockxfer volume (no superblock); "
-                          "create one with 'blockxfer init'")
-    return max(found, key=lambda f: f[0].generation)
-
-
-def has_signature(dev: BlockDevice) -> str | None:
-    """What the start of the device holds, if anything: a volume or other data."""
-    buf = aligned(65536)
-    n = min(65536, dev.size - dev.size % 4096)
-    if n <= 0:
-        return None
-    try:
-        read_superblock(dev)
-        return "a blockxfer volume"
-    except InterruptedReceive:
-        return "an interrupted receive"
-    except FormatError:
-        pass
-    dev.pread(memoryview(buf)[:n], 0)
-    if any(buf[:n]):
-        return "data"
-    return None
-
-
