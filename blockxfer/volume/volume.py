@@ -257,6 +257,7 @@ class Volume:
             self._tracker.allocated[start:stop] = 1
 
     def _free_vbns(self, vbns: np.ndarray) -> None:
+        self._busy_plane()    # from the committed state first: freed blocks stay busy till the CP
         if len(vbns) <= 16:               # a small write: numpy's per-call cost dominates
             for v in vbns.tolist():
                 if v:
