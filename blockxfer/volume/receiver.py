@@ -12,24 +12,22 @@ for an incremental, also into a volume a server holds open) or from a device
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from bitarray import bitarray
 
 from blockxfer.device import BlockDevice
-from blockxfer.errors import BlockxferError, FormatError, StreamError
+from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
 
+from .allocator import Allocator
 from .blockio import BlockIO
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea, LocalState
 from .objects import BlobObject, PlaneObject, empty_plane
 from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
-from .superblock import read_superblock_slot, reserved_blocks
-
-if TYPE_CHECKING:
-    from .volume import Volume
+from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ def interrupted_here(dev: BlockDevice, image: IncomingImage, resuming: bool) -> 
 class Receiver:
     """Places one incoming image on a target and commits its root."""
 
-    def __init__(self, dev: BlockDevice, image: IncomingImage, vol: Volume | None):
+    def __init__(self, dev: BlockDevice, image: IncomingImage, vol: ReceiveSide | None):
         self.dev, self.image, self.vol = dev, image, vol
         if vol is not None:
             self.area, self.slot, self.local = vol.local_area, vol.slot, vol.local
@@ -248,8 +246,7 @@ class Receiver:
         if self.vol is not None:
             self.vol.adopt_foreign_root(sb, state)
         else:
-            from .volume import Volume
-            Volume.commit_foreign_root(self.dev, sb, self.slot, self.area, state)
+            ReceiveSide.commit_foreign_root(self.dev, sb, self.slot, self.area, state)
         self.committed = True
         return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete])
 
@@ -305,3 +302,44 @@ class Receiver:
             return plane
         finally:
             io.close()
+
+
+class ReceiveSide(Allocator):
+    """What an open volume offers its receiver: the receiver itself, and committing
+    the foreign root it assembled (then continuing from it)."""
+
+    def receiver(self, image: IncomingImage) -> Receiver:
+        """A receiver placing `image` (an incremental on this volume's snapshots)."""
+        self._check_usable(write=True)
+        return Receiver(self.dev, image, self)
+
+    def adopt_foreign_root(self, sb: Superblock, state: LocalState) -> None:
+        """Commit a received root on this open volume and continue from it."""
+        with self._lock:
+            self._check_usable(write=True)
+            if self._needs_cp():
+                raise VolumeError(f"{self.dev.path} has changes not yet committed; a receive "
+                                  "cannot replace them")
+            self.io.drain()
+            old = self.active.bits
+            try:
+                self.commit_foreign_root(self.dev, sb, self.slot, self.local_area, state)
+            except BaseException as e:
+                self._failed = f"committing a received root failed ({e})"
+                raise
+            self.sb, self.slot = sb, 1 - self.slot
+            self._wait_readers()          # they may hold pointers into the old state
+            self._load_root(sb.root)
+            if self._tracker:
+                new = self.active.bits
+                self._tracker.allocated |= new & ~old
+                self._tracker.freed |= old & ~new
+            self._last_cp = time.monotonic()
+
+    @staticmethod
+    def commit_foreign_root(dev: BlockDevice, sb: Superblock, slot: int, area: LocalArea,
+                            state: LocalState) -> None:
+        """What only this copy knows first, then the superblock naming the foreign
+        root into the slot not in force: the last write of a receive."""
+        area.write(state)
+        write_superblock(dev, sb, 1 - slot)
