@@ -114,6 +114,7 @@ def test_receive_into_an_open_volume(pair) -> None:  # type: ignore[no-untyped-d
     data = stream(src, "b - a")
     t = Volume.open(open_device(dst, write=True))
     try:
+        t.track_changes()
         r = t.receiver(incoming(StreamReader(io.BytesIO(data), "s").read_header()))
         r.begin(resume=False)
         reader = StreamReader(io.BytesIO(data), "s")
@@ -125,6 +126,8 @@ def test_receive_into_an_open_volume(pair) -> None:  # type: ignore[no-untyped-d
                 r.apply_deallocations(rec.runs)
         r.commit()
         r.close()
+        allocated, _ = t.changes()                      # mark-on-allocate saw the receive
+        assert (r.received & ~allocated).count() == 0
         assert t.snapshot_names() == ["a", "b"]
         assert t.read(0, t.virtual_size, snapshot="b") == src.read(0, src.virtual_size,
                                                                    snapshot="b")
