@@ -430,7 +430,7 @@ def _complete_snapshots(path: str) -> set[str]:
         return set()
     try:
         with open_volume(path) as vol:
-            return {e.name for e in vol.snapshots() if not e.flags & 4 and not e.shadow}
+            return {e.name for e in vol.snapshots() if not e.incomplete and not e.shadow}
     except BlockxferError:
         return set()
 

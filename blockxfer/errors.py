@@ -24,6 +24,10 @@ class FormatError(BlockxferError):
     exit_code = 3
 
 
+class DamagedBlock(FormatError):
+    """A volume block whose bytes do not match the checksum its pointer keeps."""
+
+
 class ExpressionError(UsageError):
     """An image expression does not parse or names something that is not there."""
 

@@ -32,7 +32,7 @@ from blockxfer.image import evaluate
 from blockxfer.nbd import control
 from blockxfer.nbd.control import ControlServer, ServerNotRunning
 from blockxfer.nbd.exports import LockedVolume
-from blockxfer.volume.layout import INCOMPLETE, SnapshotEntry
+from blockxfer.volume.layout import SnapshotEntry
 
 Result = dict[str, Any]
 
@@ -43,7 +43,7 @@ def snapshot_row(e: SnapshotEntry) -> Result:
     created = datetime.fromtimestamp(e.created / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"name": e.name, "id": e.id, "created": created, "generation": e.generation,
             "shadow": e.shadow, "master": e.master, "blocks": e.blocks,
-            "incomplete": bool(e.flags & INCOMPLETE), "guid": e.guid.hex()}
+            "incomplete": e.incomplete, "guid": e.guid.hex()}
 
 
 def snapshots_listing(vol: Any) -> Result:

@@ -34,6 +34,11 @@ ILLEGAL_REQUEST = 0x5
 _LIMITS = struct.Struct(">B3sH")     # granularity, max (24 bit), min
 
 
+# byte 2 of fixed-format sense data (SPC-4 4.5.3)
+SENSE_FILEMARK, SENSE_EOM, SENSE_ILI, SENSE_KEY_MASK = 0x80, 0x40, 0x20, 0x0F
+TAPEALERT_SET = 0x01              # first byte of a TapeAlert log parameter: the flag is set
+
+
 @dataclass(frozen=True, slots=True)
 class Sense:
     key: int
@@ -51,8 +56,8 @@ class Sense:
             return cls(raw[1] & 0xF, raw[2], raw[3])
         if code in (0x70, 0x71) and len(raw) >= 14:
             b2 = raw[2]
-            return cls(b2 & 0xF, raw[12], raw[13], bool(b2 & 0x80), bool(b2 & 0x40),
-                       bool(b2 & 0x20))
+            return cls(b2 & SENSE_KEY_MASK, raw[12], raw[13], bool(b2 & SENSE_FILEMARK),
+                       bool(b2 & SENSE_EOM), bool(b2 & SENSE_ILI))
         return cls(0, 0, 0)
 
 
@@ -138,7 +143,7 @@ class ScsiTape:
         flags, off = [], 4
         while off + 4 <= min(end, len(d)):
             code, length = int.from_bytes(d[off:off + 2], "big"), d[off + 3]
-            if length and off + 4 < len(d) and d[off + 4] & 1:
+            if length and off + 4 < len(d) and d[off + 4] & TAPEALERT_SET:
                 flags.append(code)
             off += 4 + length
         return flags

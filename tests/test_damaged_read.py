@@ -3,6 +3,7 @@ the NBD server answers EIO to the reads that cover it and goes on serving."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -11,7 +12,9 @@ import subprocess
 import pytest
 
 from blockxfer.drivers.blockdev import open_device
+from blockxfer.errors import FormatError
 from blockxfer.nbd import protocol as p
+from blockxfer.stream.inspect import inspect_stream
 from blockxfer.volume import Volume
 from tests.clihelp import bx, one_line
 from tests.nbd.nbdclient import Client
@@ -90,3 +93,36 @@ def test_nbd_answers_eio_and_keeps_serving(damaged: tuple[str, int], tmp_path: o
                                capture_output=True, text=True, timeout=60)
             assert r.returncode != 0 and "Input/output error" in r.stderr
             assert len(_connect(sock).read(0, 4096)) == 4096
+
+
+@pytest.mark.parametrize("how", ["file", "stdout"])
+def test_send_of_a_damaged_block_fails_naming_the_vbn(damaged: tuple[str, int], tmp_path: object,
+                                                      how: str) -> None:
+    """The blocks a send streams are checked against their maps' checksums: a damaged
+    one stops the send (exit 3, one line naming the VBN) and no trailer is written."""
+    path, vbn = damaged
+    out = os.path.join(str(tmp_path), "out.bs")
+    r = bx("send", path, "s1", "-o", out) if how == "file" else bx("send", path, "s1")
+    assert r.returncode == 3, r.stderr
+    err = one_line(r)
+    assert f"VBN {vbn}" in err and "damaged" in err
+    written = r.stdout
+    if how == "file" and os.path.exists(out):
+        with open(out, "rb") as f:
+            written = f.read()
+    if written:                                       # what went out is not a whole stream
+        with pytest.raises(FormatError):
+            inspect_stream(io.BytesIO(written))
+
+
+def test_dump_of_a_damaged_block_fails_naming_the_vbn(damaged: tuple[str, int],
+                                                      tmp_path: object) -> None:
+    path, vbn = damaged
+    tape = os.path.join(str(tmp_path), "t.vtape")
+    assert bx("tape", "create", tape, "--capacity", "64M").returncode == 0
+    r = bx("dump", path, "s1", "--tape", tape)
+    assert r.returncode == 3, r.stderr
+    err = one_line(r)
+    assert f"VBN {vbn}" in err
+    listing = bx("tape", "list", tape, "--json")
+    assert b'"complete": true' not in listing.stdout

@@ -67,7 +67,7 @@ def snapshot_contents(path: str) -> dict[str, bytes]:
     try:
         out = {}
         for e in vol.snapshots():
-            if not e.flags & 4:
+            if not e.incomplete:
                 out[e.name] = vol.read(0, vol.virtual_size, snapshot=e.name)
         assert check_volume(vol).clean
         return out

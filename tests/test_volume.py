@@ -383,3 +383,22 @@ def test_streamed_read_does_not_hold_the_lock(volume: Volume) -> None:
     it2.close()                                        # stopped early: nothing stays counted
     volume.commit()
     assert volume.read(6 << 20, BS) == b"w" * BS
+
+
+def test_blocks_trimmed_after_a_cp_are_not_reused_before_the_next(volume: Volume) -> None:
+    """A trim right after a CP frees blocks the committed root still points at: no
+    write may take them until the next CP commits (a crash in between would find
+    the committed state overwritten)."""
+    data = os.urandom(4 * BS)
+    volume.write(0, data)
+    volume.commit()
+    committed = set(volume.lba.get(0, 4)[:, 0].tolist())
+    volume._cursor = volume.sb.first_data_vbn        # the allocator scans from the start
+    volume.trim(0, 4 * BS)
+    volume.write(1 << 20, os.urandom(4 * BS))
+    assert not committed & set(volume.lba.get(256, 4)[:, 0].tolist())
+    crashed = Volume.open(open_device(volume.dev.path), writable=False)   # what a crash leaves
+    try:
+        assert crashed.read(0, 4 * BS) == data
+    finally:
+        crashed.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from . import format as fmt
 from .decode import Data, Dealloc, StreamReader
 from .io import ByteSource
 
@@ -27,7 +28,7 @@ def inspect_stream(f: ByteSource) -> dict[str, object]:
         "volume": str(uuid.UUID(bytes=h.volume_uuid)), "block_size": h.block_size,
         "blocks": h.nblocks, "kind": "incremental" if h.base else "full",
         "expression": h.expression, "top": h.top.name,
-        "base": h.base.name if h.base else None, "resuming": bool(h.flags & 2),
+        "base": h.base.name if h.base else None, "resuming": bool(h.flags & fmt.H_RESUMING),
         "snapshots": [s.name for s in h.snapshot_set], "records": t.records,
         "data_blocks": t.data_blocks, "image_blocks": h.image_blocks,
         "dealloc_blocks": t.dealloc_blocks, "bytes": t.nbytes, "vbn_first": first,

@@ -16,12 +16,13 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 import zstandard
 from bitarray import bitarray
 
-from blockxfer.checksum import checksum
-from blockxfer.errors import StreamError, UsageError, VolumeError
+from blockxfer.checksum import block_checksums, checksum
+from blockxfer.errors import DamagedBlock, StreamError, UsageError, VolumeError
 from blockxfer.image import Image, evaluate, require_restorable
 from blockxfer.volume import Volume
 from blockxfer.volume.blockio import MAX_REQUEST, aligned
@@ -82,13 +83,13 @@ def check_top_and_base(img: Image) -> tuple[SnapshotEntry, SnapshotEntry | None]
         if e.shadow:
             raise VolumeError(f"only a base may be a shadow snapshot; {e.name!r} is one (its "
                               "blocks may have been reused)")
-    if top.flags & 4:
+    if top.incomplete:
         raise VolumeError(f"snapshot {top.name!r} is incomplete here and cannot be sent")
     if top.root is None:
         raise VolumeError(f"snapshot {top.name!r} has no root record yet")
     if base is not None and base.generation >= top.generation:
         raise UsageError(f"the base {base.name!r} must be older than the top {top.name!r}")
-    if base is not None and base.flags & 4:
+    if base is not None and base.incomplete:
         raise VolumeError(f"snapshot {base.name!r} is incomplete here and cannot be a base")
     return top, base
 
@@ -146,6 +147,37 @@ def _compressor(enabled: bool) -> Callable[[memoryview], bytes | None]:
     return pack
 
 
+class BlockCheck:
+    """The checksums the snapshots' maps keep for an image's data blocks, looked up
+    per chunk in bulk: a send streams raw VBN runs, so without this a damaged block
+    would travel (and a dump would finish) as if it were sound."""
+
+    def __init__(self, vbns: np.ndarray, checksums: np.ndarray, block_size: int):
+        self.vbns, self.checksums, self.bs = vbns, checksums, block_size
+
+    @classmethod
+    def of(cls, vol: Volume, tops: list[SnapshotEntry]) -> BlockCheck:
+        vbns, cks = vol.data_checksums([e.name for e in tops])
+        return cls(vbns, cks, vol.block_size)
+
+    def verify(self, first: int, data: memoryview) -> None:
+        """Refuse a chunk holding a data block whose bytes do not match its map's
+        checksum (metadata blocks, not in the maps' leaves, are checked by the
+        receiver when it reads them)."""
+        if not len(self.vbns):
+            return
+        want = np.arange(first, first + len(data) // self.bs, dtype=np.uint64)
+        at = np.minimum(np.searchsorted(self.vbns, want), len(self.vbns) - 1)
+        known = self.vbns[at] == want
+        if not known.any():
+            return
+        bad = np.nonzero(known & (self.checksums[at] != block_checksums(data, self.bs)))[0]
+        if len(bad):
+            raise DamagedBlock(f"checksum mismatch in block VBN {first + int(bad[0])} "
+                              f"({len(bad)} bad blocks in one read): the volume is damaged, "
+                              "nothing more was sent; run 'blockxfer check'")
+
+
 @dataclass
 class SendPlan:
     """Everything a send decides from the volume's state; streaming it needs only
@@ -158,6 +190,7 @@ class SendPlan:
     tops: list[SnapshotEntry]
     block_size: int
     nblocks: int
+    check: BlockCheck | None = None
 
 
 def plan_send(vol: Volume, expression: str, *, resume: str | None = None,
@@ -176,7 +209,7 @@ def plan_send(vol: Volume, expression: str, *, resume: str | None = None,
         gone = vol.plane(header.base.name) & ~vol.plane(header.top.name)
         dealloc = list(plane_runs(gone, vol.nblocks))
     return SendPlan(header, list(plane_runs(plane, vol.nblocks)), plane, dealloc, img.tops,
-                    vol.block_size, vol.nblocks)
+                    vol.block_size, vol.nblocks, BlockCheck.of(vol, img.tops))
 
 
 def send_image(vol: Volume, expression: str, out: ByteSink, *, reader: Reader | None = None,
@@ -202,6 +235,8 @@ def stream_plan(plan: SendPlan, out: ByteSink, reader: Reader, *, compress: bool
         sink.put(fmt.BITMAP, zstandard.ZstdCompressor(level=3).compress(raw))
     pack = _compressor(compress)
     for vbn, data in reader(plan.runs):
+        if plan.check is not None:
+            plan.check.verify(vbn, data)
         packed = pack(data)
         first = rank(vbn) if rank else vbn
         body = fmt.DATA_HEAD.pack(first, len(data) // bs) + (

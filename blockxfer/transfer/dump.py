@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from blockxfer.errors import EndOfMedium, FormatError, VolumeError, WriteProtected
+from blockxfer.errors import DamagedBlock, EndOfMedium, FormatError, VolumeError, WriteProtected
 from blockxfer.image import evaluate, require_restorable
 from blockxfer.stream import format as fmt
 from blockxfer.stream.send import Reader, check_top_and_base, send_image
@@ -267,6 +267,8 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
                 writer.abort()
             tape = writer.tape
         return DumpResult(number, writer.tapes, stats.data_blocks, stats.bytes)
+    except DamagedBlock:
+        raise                                # the volume's damage: exit 3, like a read
     except FormatError as e:
         raise VolumeError(str(e)) from e
     finally:

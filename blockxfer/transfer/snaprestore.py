@@ -20,10 +20,11 @@ from blockxfer.checksum import checksum
 from blockxfer.errors import BlockxferError, FormatError, NotFound, UsageError
 from blockxfer.stream import format as fmt
 from blockxfer.stream.decode import Data, StreamReader, parse_record
-from blockxfer.stream.receive import ReceiveResult, commit_blocks, open_new_target
+from blockxfer.stream.receive import ReceiveResult, new_target_receiver
 from blockxfer.tape import Tape
 from blockxfer.volume.layout import Catalog, RootRecord, SnapshotEntry
 from blockxfer.volume.objects import BlobObject, PlaneObject, empty_plane
+from blockxfer.volume.receiver import Receiver
 
 from . import tapefmt as tf
 from .restore import OpenDevice, _stream_record_at, pick_image
@@ -110,20 +111,23 @@ def restore_snapshot_only(tape_path: str, target: str, image: int, snapshot: str
         # the target becomes a new volume at that snapshot: checked as for a full image
         # (--force to overwrite), whatever the image's own kind
         created = not os.path.exists(target)
-        dev = open_new_target(target, replace(h, base=None), open_device, force)
+        ref = fmt.SnapshotRef(entry.id, entry.guid, entry.generation, entry.flags, entry.name)
+        sub = replace(h, root=root, top=ref, base=None, image_blocks=plane.count())
+        r = new_target_receiver(target, sub, open_device, force)
         try:
-            written = _copy_blocks(src, dev, plane)
-            ref = fmt.SnapshotRef(entry.id, entry.guid, entry.generation, entry.flags,
-                                  entry.name)
-            sub = replace(h, root=root, top=ref, base=None)
-            return commit_blocks(dev, sub, written), src.records_read
+            _copy_blocks(src, r, plane)
+            out = r.commit()
+            return ReceiveResult(ref.name, False, int(r.received.count()), sorted(out.released),
+                                 out.incomplete), src.records_read
         except BlockxferError:
             if created:                  # nothing to resume from a tape: leave no file
-                dev.close()
+                r.close()
+                r.dev.close()
                 os.remove(target)
             raise
         finally:
-            dev.close()
+            r.close()
+            r.dev.close()
     finally:
         tape.close()
 
@@ -159,10 +163,8 @@ def _plan(src: TapeBlocks, h: fmt.Header, image: int,
     return entry, root, plane
 
 
-def _copy_blocks(src: TapeBlocks, dev: object, plane: bitarray) -> bitarray:
-    """Write every block of `plane` from the image; the records are read in tape order."""
-    from blockxfer.volume.blockio import aligned
-    written = empty_plane(len(plane))
+def _copy_blocks(src: TapeBlocks, r: Receiver, plane: bitarray) -> None:
+    """Place every block of `plane` from the image; the records are read in tape order."""
     bs = src.bs
     for row in sorted(src.rows, key=lambda r: r[2]):
         vbn, count, _ = row
@@ -176,13 +178,10 @@ def _copy_blocks(src: TapeBlocks, dev: object, plane: bitarray) -> bitarray:
                 break
             e = plane.find(0, s, vbn + count)
             e = vbn + count if e < 0 else e
-            buf = aligned((e - s) * bs)
-            buf[:(e - s) * bs] = rec.payload[(s - vbn) * bs:(e - vbn) * bs]
-            dev.pwrite(memoryview(buf)[:(e - s) * bs], s * bs)  # type: ignore[attr-defined]
-            written[s:e] = 1
+            r.place(s, e - s, rec.payload[(s - vbn) * bs:(e - vbn) * bs],
+                    f"stream offset {row[2]}")
             pos = e
-    missing = (plane & ~written).count()
+    missing = (plane & ~r.received).count()
     if missing:
         raise FormatError(f"image {src.img.number} lacks {missing} blocks of the snapshot: it "
                           "cannot be restored from this image alone")
-    return written

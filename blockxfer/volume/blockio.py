@@ -23,7 +23,7 @@ import numpy as np
 
 from blockxfer.checksum import block_checksums, checksum
 from blockxfer.device import BlockDevice
-from blockxfer.errors import FormatError
+from blockxfer.errors import DamagedBlock
 
 MAX_REQUEST = 1 << 20
 IN_FLIGHT = 4
@@ -123,7 +123,7 @@ class BlockIO:
         self.dev.pread(memoryview(buf)[:self.bs], vbn * self.bs)
         raw = bytes(buf[:self.bs])
         if checksum(raw) != ck:
-            raise FormatError(f"checksum mismatch in block {vbn}: the volume is damaged; "
+            raise DamagedBlock(f"checksum mismatch in block {vbn}: the volume is damaged; "
                               "run 'blockxfer check'")
         return raw
 
@@ -169,7 +169,7 @@ class BlockIO:
         if len(bad):
             first = int(bad[0])
             where = "" if vblock is None else f"at virtual offset {(vblock + first) * self.bs} "
-            raise FormatError(f"checksum mismatch {where}in block VBN {vbn + first} "
+            raise DamagedBlock(f"checksum mismatch {where}in block VBN {vbn + first} "
                               f"({len(bad)} bad blocks in one request): the volume is damaged; "
                               "run 'blockxfer check'")
 

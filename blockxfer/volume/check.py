@@ -18,7 +18,7 @@ from blockxfer.checksum import block_checksums
 from blockxfer.errors import FormatError
 
 from .blockio import aligned
-from .layout import INCOMPLETE, Catalog, RootRecord
+from .layout import Catalog, RootRecord
 from .objects import BlobObject, PlaneObject, empty_plane
 from .tree import CowTree
 from .volume import Volume
@@ -120,7 +120,7 @@ def check_volume(vol: Volume) -> CheckReport:
     report = CheckReport()
     rows = [_check_root(vol, "active", vol.sb.root, None, report)]
     for e in vol.snapshots():
-        if e.shadow or e.root is None or e.flags & INCOMPLETE:
+        if e.shadow or e.root is None or e.incomplete:
             continue                  # incomplete here: its own blocks were never received
         try:
             own = vol.plane(e.name)

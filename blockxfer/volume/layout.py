@@ -144,6 +144,11 @@ class SnapshotEntry:
     def master(self) -> bool:
         return bool(self.flags & MASTER)
 
+    @property
+    def incomplete(self) -> bool:
+        """Not all of its blocks were received here: neither readable nor a base."""
+        return bool(self.flags & INCOMPLETE)
+
     def pack(self) -> bytes:
         name = self.name.encode()
         root = self.root.pack() if self.root else bytes(RootRecord.SIZE)

@@ -1,0 +1,345 @@
+"""The receive side of the volume: an incoming image's blocks placed at their VBNs,
+its root committed as this volume's own.
+
+A receiver is the only way a stream (or a tape restore, or later a mirror) changes
+a target: `stream/` decodes and checks records and hands them here. Atomicity:
+blocks land only in VBNs free in the target's committed state, the VBNs received so
+far are kept in the local area (for resume), and the superblock naming the foreign
+root is the last write. A receiver comes from an open volume (`Volume.receiver`,
+for an incremental, also into a volume a server holds open) or from a device
+(`Receiver.for_device`, for a full image written over whatever it held).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from bitarray import bitarray
+
+from blockxfer.device import BlockDevice
+from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
+
+from .allocator import Allocator
+from .blockio import BlockIO
+from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
+from .local import LocalArea, LocalState
+from .objects import BlobObject, PlaneObject, empty_plane
+from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
+from .superblock import read_superblock_slot, reserved_blocks, write_superblock
+
+
+@dataclass(frozen=True)
+class IncomingImage:
+    """What the volume needs to know of an image it receives (its stream header)."""
+
+    block_size: int
+    nblocks: int
+    virtual_blocks: int
+    volume_uuid: bytes
+    first_data_vbn: int
+    next_id: int
+    root: RootRecord
+    stream_id: bytes
+    expression: str
+    top_guid: bytes
+    top_name: str
+    base_guid: bytes | None
+    image_digest: int
+    image_blocks: int
+    keep: frozenset[bytes]          # guids of the source's snapshots when it was sent
+
+    def superblock(self) -> Superblock:
+        return Superblock(self.block_size, self.nblocks, self.virtual_blocks, self.volume_uuid,
+                          self.first_data_vbn, self.next_id, self.root)
+
+
+@dataclass
+class ReceiveOutcome:
+    """What a commit decided: snapshots released here, and those left incomplete."""
+
+    released: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+
+def interrupted_here(dev: BlockDevice, image: IncomingImage, resuming: bool) -> bool:
+    """Does `dev` hold an interrupted full receive of this very stream (so that it
+    may be written again without --force)?"""
+    st = LocalArea(dev, image.block_size, image.nblocks).read(0)
+    if resuming and st.pending and st.stream_id == image.stream_id:
+        return True
+    marker = read_receiving_marker(dev)
+    return marker is not None and marker.stream_id == image.stream_id
+
+
+class Receiver:
+    """Places one incoming image on a target and commits its root."""
+
+    def __init__(self, dev: BlockDevice, image: IncomingImage, vol: ReceiveSide | None):
+        self.dev, self.image, self.vol = dev, image, vol
+        if vol is not None:
+            self.area, self.slot, self.local = vol.local_area, vol.slot, vol.local
+        else:
+            self.area = LocalArea(dev, image.block_size, image.nblocks)
+            self.slot, self.local = 1, self.area.read(0)
+        bits_per_block = 8 * image.block_size
+        self.nbits = -(-image.nblocks // bits_per_block) * bits_per_block
+        self.busy, self.valid = self._planes()
+        self.received = empty_plane(self.nbits)
+        self.freed = empty_plane(self.nbits)
+        self.state = LocalState()
+        self.touched = False             # blocks (or the marker) may have been written
+        self.resumed = False
+        self.committed = False
+        self._io: BlockIO | None = None
+
+    @classmethod
+    def for_device(cls, dev: BlockDevice, image: IncomingImage) -> Receiver:
+        """A receiver writing a full image over `dev`, whatever it holds (the caller
+        has checked that it may)."""
+        return cls(dev, image, None)
+
+    # -- the target as the stream sees it --------------------------------------------------
+    def _planes(self) -> tuple[bitarray, bitarray]:
+        """Blocks the target still uses (no incoming block may land there), and blocks
+        it holds valid (the complete snapshots the image keeps), each plane loaded
+        once. The blocks an incomplete snapshot lacks hold nothing: a stream may fill
+        them."""
+        busy, valid = empty_plane(self.nbits), empty_plane(self.nbits)
+        busy[:self.image.first_data_vbn] = 1
+        busy[self.image.nblocks:] = 1
+        if self.vol is not None:
+            busy |= self.vol.active.bits
+            for e in self.vol.snapshots():
+                if e.guid in self.image.keep and not e.shadow and not e.incomplete:
+                    valid |= self.vol.plane(e.name)
+            busy |= valid
+        return busy, valid
+
+    def snapshots(self) -> list[SnapshotEntry]:
+        """The target's snapshots (their names, guids, flags) before the commit."""
+        return self.vol.snapshots() if self.vol is not None else []
+
+    def resumable(self) -> bitarray | None:
+        """The VBNs an interrupted receive of this stream already placed, if any."""
+        st = self.local
+        if st.pending and st.stream_id == self.image.stream_id and st.received is not None:
+            return st.received
+        return None
+
+    # -- placing blocks ---------------------------------------------------------------------
+    def begin(self, *, resume: bool) -> None:
+        """Start placing blocks: continue an interrupted receive of this stream, or
+        (a full image) mark the target as being overwritten."""
+        im = self.image
+        if resume:
+            received = self.resumable()
+            if received is None:
+                raise StreamError(f"{self.dev.path} has no interrupted receive of this stream "
+                                  "to resume; send it again without --resume")
+            self.received, self.resumed = received, True
+        self.touched = True
+        if self.vol is None and not resume:
+            self._begin_overwrite()
+        self.state = LocalState(self.local.seq, self.vol.generation if self.vol else 0,
+                                im.stream_id, im.top_guid, im.base_guid or bytes(16),
+                                im.image_digest, im.image_blocks, 0, self.local.incomplete,
+                                self.local.released, self.received)
+        self._io = BlockIO(self.dev, im.block_size)
+
+    def _begin_overwrite(self) -> None:
+        """The receiving marker replaces the old superblocks (in an order a kill cannot
+        break) and no old local state survives."""
+        im = self.image
+        try:
+            current: tuple[Superblock, int] | None = read_superblock_slot(self.dev)
+        except (FormatError, InterruptedReceive):
+            current = None
+        marker = ReceivingMarker(im.block_size, im.nblocks, im.stream_id, im.volume_uuid,
+                                 im.top_guid, im.image_blocks, im.top_name)
+        begin_overwrite(self.dev, marker,
+                        reserved_blocks(im.nblocks, im.block_size) * im.block_size, current)
+
+    def place(self, vbn: int, count: int, payload: bytes | memoryview, where: str) -> None:
+        """Write `count` blocks at `vbn`, which must be free in the committed state and
+        not received already (`where` names the record for the error)."""
+        assert self._io is not None, "begin() comes first"
+        lo, hi = vbn, vbn + count
+        if hi > self.image.nblocks:
+            raise StreamError(f"stream writes block {hi - 1}, beyond the volume ({where})")
+        if self.received.count(1, lo, hi):
+            raise StreamError(f"stream repeats block {self.received.find(1, lo, hi)} ({where})")
+        if self.busy.count(1, lo, hi):
+            raise StreamError(f"stream writes block {self.busy.find(1, lo, hi)}, which the "
+                              f"target still uses ({where}); it does not continue what the "
+                              "target holds")
+        if self.vol is not None:
+            self.vol.claim(lo, hi)      # no local allocation may take them meanwhile
+        view = self._io.write_buffer(len(payload))
+        view[:] = payload
+        self._io.write_runs([(lo, count)], view, wait=False)
+        self.received[lo:hi] = 1
+
+    def apply_deallocations(self, runs: list[tuple[int, int]]) -> None:
+        """Blocks the base held that the top no longer uses. Checked at the commit (the
+        top's root must not use them); after it they are free here unless a
+        snapshot the image keeps still holds them."""
+        for vbn, count in runs:
+            if vbn + count > self.image.nblocks:
+                raise StreamError(f"stream deallocates block {vbn + count - 1}, beyond the "
+                                  "volume")
+            self.freed[vbn:vbn + count] = 1
+
+    def save_progress(self, *, quiet: bool = False) -> None:
+        """Make the blocks placed so far durable and record them (for resume)."""
+        try:
+            assert self._io is not None
+            self._io.drain()
+            self.dev.flush()
+            self.state.received = self.received
+            self.state.received_blocks = self.received.count()
+            self.area.write(self.state)
+        except (BlockxferError, OSError):
+            if not quiet:
+                raise
+
+    def finish(self) -> None:
+        """All blocks placed: make them durable."""
+        if self._io is not None:
+            self._io.drain()
+            self.dev.flush()
+
+    def close(self) -> None:
+        """Stop placing blocks (after a commit, or abandoning the receive)."""
+        if self._io is not None:
+            self._io.close()
+            self._io = None
+        if self.vol is not None and not self.committed:
+            self.vol.release_claims()
+
+    # -- committing ---------------------------------------------------------------------------
+    def commit(self) -> ReceiveOutcome:
+        """Decide what is complete and released, record it, then write the new root:
+        the last write, so a kill before it leaves the target as it was."""
+        self.finish()
+        if self._io is not None:
+            self._io.close()
+            self._io = None
+        im = self.image
+        if self.received.count() != im.image_blocks:
+            raise StreamError(f"stream ended with {self.received.count()} of "
+                              f"{im.image_blocks} blocks; send the image again")
+        have = self.received | self.valid
+        top_plane = self._foreign_top_plane(have)
+        used = (self.freed & top_plane).find(1)
+        if used >= 0:
+            raise StreamError(f"stream deallocates block {used}, which its top "
+                              f"{im.top_name!r} still uses; the stream contradicts itself")
+        released, incomplete = self._decide(have)
+        if any(e.guid == im.top_guid for e in incomplete):
+            raise StreamError(f"stream does not carry all blocks of its top {im.top_name!r}")
+        state = LocalState(self.state.seq, im.root.generation,
+                           incomplete={e.guid for e in incomplete},
+                           released={e.guid for e in released})
+        sb = im.superblock()
+        if self.vol is not None:
+            self.vol.adopt_foreign_root(sb, state)
+        else:
+            ReceiveSide.commit_foreign_root(self.dev, sb, self.slot, self.area, state)
+        self.committed = True
+        return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete])
+
+    def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
+        """The foreign catalog's snapshots released here (not kept by the source) and
+        those this target does not hold whole (incomplete)."""
+        from .volume import Volume
+        cand = Volume(self.dev, self.image.superblock(), writable=False, slot=self.slot)
+        try:
+            keep = self.image.keep
+            released = [e for e in cand.catalog.snapshots if e.guid not in keep]
+            incomplete = [e for e in cand.catalog.snapshots if e.guid in keep and not e.shadow
+                          and (cand.plane(e.name) & ~have).any()]
+        finally:
+            cand.io.close()
+        return released, incomplete
+
+    def _foreign_top_plane(self, have: bitarray) -> bitarray:
+        """The top's plane from the foreign root, refusing a partial image (one that
+        lacks blocks of its top, e.g. an old stream of `june1 & june3`) before
+        anything reads a block it never wrote: such a block is missing, not damaged,
+        and no checksum error may say otherwise."""
+        im = self.image
+
+        def partial(what: str) -> StreamError:
+            return StreamError(f"image {im.expression!r} is partial, not restorable: it lacks "
+                               f"{what} of its top {im.top_name!r} (missing, not damaged); "
+                               "send an image that holds its top's blocks")
+
+        def read_block(vbn: int, ck: int) -> bytes:
+            if not have[vbn]:
+                raise partial(f"metadata block {vbn}")
+            return io.read_block(vbn, ck)
+
+        def read_many(rows: np.ndarray) -> bytes:
+            absent = [int(v) for v in rows[:, 0] if not have[int(v)]]
+            if absent:
+                raise partial(f"{len(absent)} metadata blocks (from {absent[0]})")
+            return io.read_many(rows)
+
+        io = BlockIO(self.dev, im.block_size)
+        try:
+            cat = Catalog.unpack(BlobObject(im.root.catalog, im.block_size, read_block,
+                                            read_many).load())
+            top = next((e for e in cat.snapshots if e.guid == im.top_guid), None)
+            if top is None:
+                raise StreamError(f"the stream's catalog does not list its top {im.top_name!r}")
+            plane = PlaneObject(top.plane, im.nblocks, im.block_size, read_block,
+                                read_many).bits
+            lacking = (plane & ~have).count()
+            if lacking:
+                raise partial(f"{lacking} blocks")
+            return plane
+        finally:
+            io.close()
+
+
+class ReceiveSide(Allocator):
+    """What an open volume offers its receiver: the receiver itself, and committing
+    the foreign root it assembled (then continuing from it)."""
+
+    def receiver(self, image: IncomingImage) -> Receiver:
+        """A receiver placing `image` (an incremental on this volume's snapshots)."""
+        self._check_usable(write=True)
+        return Receiver(self.dev, image, self)
+
+    def adopt_foreign_root(self, sb: Superblock, state: LocalState) -> None:
+        """Commit a received root on this open volume and continue from it."""
+        with self._lock:
+            self._check_usable(write=True)
+            if self._needs_cp():
+                raise VolumeError(f"{self.dev.path} has changes not yet committed; a receive "
+                                  "cannot replace them")
+            self.io.drain()
+            old = self.active.bits
+            try:
+                self.commit_foreign_root(self.dev, sb, self.slot, self.local_area, state)
+            except BaseException as e:
+                self._failed = f"committing a received root failed ({e})"
+                raise
+            self.sb, self.slot = sb, 1 - self.slot
+            self._wait_readers()          # they may hold pointers into the old state
+            self._load_root(sb.root)
+            if self._tracker:
+                new = self.active.bits
+                self._tracker.allocated |= new & ~old
+                self._tracker.freed |= old & ~new
+            self._last_cp = time.monotonic()
+
+    @staticmethod
+    def commit_foreign_root(dev: BlockDevice, sb: Superblock, slot: int, area: LocalArea,
+                            state: LocalState) -> None:
+        """What only this copy knows first, then the superblock naming the foreign
+        root into the slot not in force: the last write of a receive."""
+        area.write(state)
+        write_superblock(dev, sb, 1 - slot)

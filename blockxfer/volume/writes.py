@@ -1,0 +1,81 @@
+"""Writing the virtual disk: write anywhere (data to free blocks, the map points at
+them), and trim (unmap whole blocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from blockxfer.checksum import block_checksums
+from blockxfer.errors import VolumeFull
+
+from .allocator import Allocator
+from .blockio import SMALL_WRITE
+from .reads import Reads
+
+
+class Writes(Allocator, Reads):
+    """Writes and trims of the active file system."""
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write anywhere: the blocks go to free VBNs; the map points at them."""
+        with self._lock:
+            self._check_usable(write=True)
+            data = memoryview(data).cast("B")
+            v0, v1 = self._span(offset, len(data))
+            if v1 == v0:
+                return
+            bs = self.block_size
+            head, tail = offset - v0 * bs, v1 * bs - (offset + len(data))
+            first = self.read(v0 * bs, bs) if head else b""
+            last = self.read((v1 - 1) * bs, bs) if tail else b""
+            n = (v1 - v0) * bs
+            # a small write is staged (copied on) by the I/O layer: any buffer will do
+            view = memoryview(bytearray(n)) if n <= SMALL_WRITE else self.io.write_buffer(n)
+            view[:len(first)] = first
+            if last:
+                view[-bs:] = last
+            view[head:head + len(data)] = data
+            self._place(v0, view)
+            self._maybe_commit()
+
+    def _place(self, v0: int, view: memoryview) -> None:
+        count = len(view) // self.block_size
+        try:
+            runs = self._alloc_runs(count, reserve=self._reserve())
+        except VolumeFull:
+            if not self._freed_pending():
+                raise
+            self.commit()                  # blocks freed since the last CP become free
+            runs = self._alloc_runs(count, reserve=self._reserve())
+        if len(view) <= SMALL_WRITE:
+            self.io.stage_runs(runs, view)          # drained before any read or CP
+        else:
+            self.io.write_runs(runs, view, wait=False)
+        ptrs = np.empty((count, 2), dtype=np.uint64)
+        at = 0
+        for s, n in runs:
+            ptrs[at:at + n, 0] = np.arange(s, s + n, dtype=np.uint64)
+            at += n
+        ptrs[:, 1] = block_checksums(view, self.block_size)
+        old = self.lba.set(v0, ptrs)
+        self._free_vbns(old[:, 0])
+
+    def trim(self, offset: int, length: int) -> None:
+        """Unmap whole blocks in the range; partial blocks at the edges get zeros."""
+        with self._lock:
+            self._check_usable(write=True)
+            v0, v1 = self._span(offset, length)
+            bs = self.block_size
+            first, last = -(-offset // bs), (offset + length) // bs
+            if first >= last:
+                self.write(offset, bytes(length))
+                return
+            if offset < first * bs:
+                self.write(offset, bytes(first * bs - offset))
+            if offset + length > last * bs:
+                self.write(last * bs, bytes(offset + length - last * bs))
+            old = self.lba.set(first, np.zeros((last - first, 2), dtype=np.uint64))
+            self._free_vbns(old[:, 0])
+            self._maybe_commit()
+
+    write_zeroes = trim
