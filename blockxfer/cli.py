@@ -232,6 +232,9 @@ def _binary_in(path: str | None) -> BinaryIO:
 def cmd_send(a: argparse.Namespace) -> int:
     from blockxfer.drivers.reader import read_runs
     from blockxfer.stream.send import send_image
+    if (a.output or "").startswith("s3://"):
+        from blockxfer import cli_store
+        return cli_store.send_to_store(a)
     if remote.server_for(a.path) is not None:      # the serving process streams it
         out = _binary_out(a.output)
         try:
@@ -283,6 +286,9 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
 def cmd_receive(a: argparse.Namespace) -> int:
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.stream.receive import receive_stream
+    if (a.input or "").startswith("s3://"):
+        from blockxfer import cli_store
+        return cli_store.receive_from_store(a)
     prog = Progress("receive")
     with _stream_input(a.input) as f:
         res = receive_stream(f, a.target, open_device, force=a.force,
@@ -627,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_tape_list)
     cli_serve.register(sub)
     sub.choices["serve"].set_defaults(func=cmd_serve)
+    from blockxfer import cli_store
+    cli_store.register(sub)
     return p
 
 
