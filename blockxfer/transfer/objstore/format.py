@@ -183,7 +183,7 @@ class Manifest:
     def packs(self) -> list[bytes]:
         return sorted({e.pack for e in self.entries})
 
-    def pack(self) -> bytes:
+    def pack(self, *, compress: bool = True) -> bytes:
         packs = self.packs()
         index = {p: i for i, p in enumerate(packs)}
         entries = sorted(self.entries, key=lambda e: (e.chunk, e.pack, e.offset))
@@ -194,7 +194,7 @@ class Manifest:
         for e in entries:
             parts.append(ENTRY.pack(e.chunk, index[e.pack], e.length, e.offset, e.check))
             parts.append(e.mask.tobytes())
-        return seal(MANIFEST_MAGIC, b"".join(parts), compress=True)
+        return seal(MANIFEST_MAGIC, b"".join(parts), compress=compress)
 
     @classmethod
     def unpack(cls, raw: bytes, what: str = "manifest") -> Manifest:

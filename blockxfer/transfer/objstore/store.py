@@ -46,6 +46,8 @@ def parse_url(url: str, *, volume: bool) -> Location:
     if not parts:
         raise UsageError(f"{url!r} names no bucket")
     bucket, rest = parts[0], parts[1:]
+    if any(p in (".", "..") for p in parts):
+        raise UsageError(f"{url!r}: '.' and '..' are not allowed in a store address")
     if not volume:
         return Location(bucket, "/".join(rest))
     if not rest:
