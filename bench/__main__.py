@@ -9,7 +9,8 @@ import importlib
 import sys
 import traceback
 
-BENCHES = ["bench_volume", "bench_stream", "bench_tape", "bench_reader", "bench_nbd"]
+BENCHES = ["bench_volume", "bench_stream", "bench_tape", "bench_reader", "bench_nbd",
+           "bench_objstore"]
 
 
 def main() -> int:

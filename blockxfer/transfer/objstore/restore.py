@@ -31,7 +31,7 @@ from .store import SnapshotRecord, Store
 
 RANGE_BYTES = 8 << 20                      # one ranged GET reads at most this much
 GAP = 256 << 10                            # read over a gap this small rather than split
-WORKERS = 4
+WORKERS = 8
 
 
 @dataclass

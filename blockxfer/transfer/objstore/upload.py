@@ -29,8 +29,8 @@ from blockxfer.stream.decode import Data, Dealloc, StreamReader
 from . import format as fmt
 from .store import Catalog, SnapshotRecord, Store
 
-PACK_BYTES = 16 << 20
-WORKERS = 4
+PACK_BYTES = 8 << 20
+WORKERS = 8
 GRACE = 6 * 3600.0            # gc keeps unreferenced packs this long (an upload may need them)
 
 
