@@ -176,3 +176,22 @@ def test_killed_uploader_resumes_at_fifty_points(server: Server, source) -> None
     seed = int(os.environ.get("BX_SEED", str(random.randrange(1 << 30))))
     print(f"seed {seed}")
     _kill_and_resume(server, source[0], 52, seed)
+
+
+def test_demo_leg(tmp_path: Path) -> None:
+    """The function `make demo` calls: its own SeaweedFS, started and stopped by pid."""
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.objstore.demo import run_objstore_leg
+    from blockxfer.volume import Volume
+    path = str(tmp_path / "v.img")
+    vol = Volume.create(open_device(path, write=True, create_size=48 << 20))
+    for i in range(3):
+        vol.write(i * (2 << 20), os.urandom(2 << 20))
+        vol.create_snapshot(f"d{i}")
+    vol.close()
+    lines: list[str] = []
+    assert run_objstore_leg(path, ["d0", "d1", "d2"], str(tmp_path), lines.append)
+    assert any("identical" in line for line in lines)
+    pid = int((tmp_path / "seaweedfs" / "weed.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
