@@ -79,7 +79,9 @@ def receive_from_store(a: argparse.Namespace) -> int:
     res = restore_snapshot(store, volume, snap, a.target, open_device, force=a.force,
                            progress=prog.add)
     prog.finish()
-    print(f"{a.target}: received {volume}@{res.top} from {store.url}, {res.blocks} blocks")
+    kind = "only what changed since the snapshot it held" if res.incremental else "full"
+    print(f"{a.target}: received {volume}@{res.top} from {store.url} ({kind}), "
+          f"{res.blocks} blocks")
     for name in res.released:
         print(f"{a.target}: released {name!r} (the source no longer had it)")
     for name in res.incomplete:

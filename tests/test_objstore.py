@@ -282,3 +282,37 @@ def test_manifest_is_a_merge_not_a_replay(chain) -> None:  # type: ignore[no-unt
         assert not (m & e.mask).any()
         m |= e.mask
     assert len({e.pack for e in man.entries}) > 1
+
+
+def test_a_replica_pulls_only_what_changed(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A target holding s3 receives s7 as an increment: far fewer bytes read than a
+    full restore, same contents, and then s10 on top."""
+    _, streams, want = chain
+    ms, store = _store()
+    _put_chain(store, streams)
+    target = str(tmp_path / "replica.img")
+    restore(store, "s3", target)
+    ms.got_bytes = 0
+    full = str(tmp_path / "full.img")
+    restore(store, "s7", full)
+    full_bytes, ms.got_bytes = ms.got_bytes, 0
+    res = restore(store, "s7", target)
+    assert res.incremental  # type: ignore[attr-defined]
+    assert ms.got_bytes < full_bytes / 2
+    assert contents(target, "s7") == want["s7"] and contents(target, "s3") == want["s3"]
+    assert restore(store, "s10", target).incremental  # type: ignore[attr-defined]
+    assert contents(target, "s10") == want["s10"]
+
+
+def test_a_damaged_increment_leaves_the_replica_as_it_was(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, streams, want = chain
+    ms, store = _store()
+    _put_chain(store, streams, 5)
+    target = str(tmp_path / "replica.img")
+    restore(store, "s2", target)
+    new = store.manifest("vol", store.need_catalog("vol").find(name="s5"))  # type: ignore[arg-type]
+    e = new.entries[-1]                       # a blob of the newest upload
+    _flip(ms, store.pack_key(e.pack), e.offset + e.length - 20)
+    with pytest.raises(StreamError, match="damaged"):
+        restore(store, "s5", target)
+    assert contents(target, "s2") == want["s2"]

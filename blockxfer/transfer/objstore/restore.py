@@ -21,7 +21,7 @@ import xxhash
 from bitarray import bitarray
 
 from blockxfer.checksum import checksum
-from blockxfer.errors import BlockxferError, FormatError, NotFound
+from blockxfer.errors import BlockxferError, FormatError, NotFound, StreamError
 from blockxfer.stream import format as sfmt
 from blockxfer.stream.decode import StreamReader
 from blockxfer.stream.receive import OpenDevice, ReceiveResult, receive_stream
@@ -107,15 +107,36 @@ def blob_blocks(f: Fetch, raw: bytes, b: Blob, block_size: int, store: Store,
         pos = e
 
 
-def stream_pieces(store: Store, man: fmt.Manifest) -> Iterator[bytes | memoryview]:
-    """The bytes of a full image stream of the manifest's snapshot."""
+def unchanged(man: fmt.Manifest, base: fmt.Manifest) -> list[fmt.Entry]:
+    """The entries of `man` less the blocks it shares with `base` by reference (the same
+    blob): what an incremental restore onto a target holding `base` must still write.
+    Blocks equal in content but stored twice (a second full upload) are sent again,
+    and `receive` refuses them as busy: never a wrong block, at worst a refusal."""
+    have: dict[tuple[bytes, int], bitarray] = {}
+    for e in base.entries:
+        have[(e.pack, e.offset)] = have.get((e.pack, e.offset), fmt.new_mask(len(e.mask))) | e.mask
+    out = []
+    for e in man.entries:
+        same = have.get((e.pack, e.offset))
+        mask = e.mask if same is None else e.mask & ~same
+        if mask.any():
+            out.append(fmt.Entry(e.chunk, e.pack, e.offset, e.length, e.check, mask))
+    return out
+
+
+def stream_pieces(store: Store, man: fmt.Manifest, base: fmt.Manifest | None = None,
+                  ) -> Iterator[bytes | memoryview]:
+    """The bytes of an image stream of the manifest's snapshot: full, or incremental
+    from `base` (a snapshot the target holds complete)."""
     h = sfmt.Header.unpack(man.stream_header)
+    entries = man.entries if base is None else unchanged(man, base)
     plane = bitarray(h.nblocks, endian="little")
     plane.setall(0)
-    for e in man.entries:
+    for e in entries:
         lo = e.chunk * man.chunk_blocks
         plane[lo:lo + man.chunk_blocks] |= e.mask
-    h.base, h.flags, h.dealloc_blocks, h.stream_id = None, 0, 0, os.urandom(16)
+    h.base = None if base is None else sfmt.Header.unpack(base.stream_header).top
+    h.flags, h.dealloc_blocks, h.stream_id = 0, 0, os.urandom(16)
     h.image_blocks, h.image_digest = plane.count(), checksum(plane.tobytes())
     digest, seq, nbytes, blocks = xxhash.xxh3_128(), 0, 0, 0
 
@@ -128,7 +149,7 @@ def stream_pieces(store: Store, man: fmt.Manifest) -> Iterator[bytes | memoryvie
             nbytes += len(p)
         return pieces
     yield from record(sfmt.HEADER, h.pack())
-    for f, raw in fetched(store, plan_fetches(man.entries)):
+    for f, raw in fetched(store, plan_fetches(entries)):
         for b in f.blobs:
             for vbn, count, data in blob_blocks(f, raw, b, man.block_size, store):
                 blocks += count
@@ -158,15 +179,49 @@ class PieceStream(io.RawIOBase):
         return n
 
 
-def open_snapshot(store: Store, volume: str, name: str,
+def open_snapshot(store: Store, volume: str, name: str, *, base: str | None = None,
                   ) -> tuple[SnapshotRecord, fmt.Manifest, io.BufferedReader]:
+    """A readable stream of snapshot `name`: full, or from `base` when given."""
     cat = store.need_catalog(volume)
     rec = cat.find(name=name)
     if rec is None:
         have = ", ".join(s.name for s in cat.snaps()) or "none"
         raise NotFound(f"{store.url}/{volume} holds no snapshot {name!r} (it holds: {have})")
     man = store.manifest(volume, rec)
-    return rec, man, io.BufferedReader(PieceStream(stream_pieces(store, man)), 1 << 20)
+    bman = None
+    if base is not None:
+        brec = cat.find(name=base)
+        assert brec is not None
+        bman = store.manifest(volume, brec)
+    return rec, man, io.BufferedReader(PieceStream(stream_pieces(store, man, bman)), 1 << 20)
+
+
+def pull_base(store: Store, volume: str, name: str, target: str,
+              open_device: OpenDevice) -> str | None:
+    """The newest snapshot the target holds complete that the store holds too, is older
+    than `name` and still in `name`'s snapshot set: the base of an incremental pull."""
+    from blockxfer.volume import Volume
+    if not os.path.exists(target):
+        return None
+    cat = store.need_catalog(volume)
+    rec = cat.find(name=name)
+    if rec is None:
+        return None
+    try:
+        dev = open_device(target)
+        vol = Volume.open(dev, writable=False)
+    except BlockxferError:
+        return None
+    try:
+        if vol.sb.uuid != cat.uuid:
+            return None
+        held = {e.guid for e in vol.snapshots() if not e.flags & 4 and not e.shadow}
+    finally:
+        vol.close()
+    top = sfmt.Header.unpack(store.manifest(volume, rec).stream_header)
+    kept = {s.guid for s in top.snapshot_set}
+    cands = [s for s in cat.snaps() if s.guid in held and s.guid in kept and s.cp < rec.cp]
+    return cands[-1].name if cands else None
 
 
 def verify_snapshot(store: Store, volume: str, name: str) -> int:
@@ -181,17 +236,25 @@ def verify_snapshot(store: Store, volume: str, name: str) -> int:
 def restore_snapshot(store: Store, volume: str, name: str, target: str,
                      open_device: OpenDevice, *, force: bool = False,
                      progress: Callable[[int], None] | None = None) -> ReceiveResult:
-    """Receive snapshot `name` of `volume` onto `target`. A target that exists is only
-    written after a first pass has checked every chunk; one that did not exist is
-    removed again if the restore fails."""
+    """Receive snapshot `name` of `volume` onto `target`. A target holding an older
+    stored snapshot of the volume gets only what changed (an incremental stream:
+    blocks into free VBNs, root last). Otherwise a full restore: a target that exists
+    is only written after a first pass has checked every chunk (and needs --force
+    when it holds data); one that did not exist is removed again if it fails."""
+    base = None if force else pull_base(store, volume, name, target, open_device)
     existed = os.path.exists(target)
-    if existed:
+    if existed and base is None:
         verify_snapshot(store, volume, name)
-    _, _, f = open_snapshot(store, volume, name)
+    _, _, f = open_snapshot(store, volume, name, base=base)
     try:
         return receive_stream(f, target, open_device, force=force, seekable=False,
                               source_hint=f"{store.url}/{volume}", progress=progress)
-    except BlockxferError:
+    except BlockxferError as e:
         if not existed and os.path.isfile(target):
             os.unlink(target)
+        if isinstance(e, StreamError) and "; the target is unchanged" in str(e):
+            # receive's own advice (send --resume) does not apply to a store
+            why = str(e).split("; the target is unchanged")[0]
+            raise StreamError(f"{why}; {target} is unchanged; see 'blockxfer store verify "
+                              f"{store.url}'") from e
         raise
