@@ -191,7 +191,7 @@ def test_demo_leg(tmp_path: Path) -> None:
         vol.create_snapshot(f"d{i}")
     vol.close()
     lines: list[str] = []
-    assert run_objstore_leg(path, ["d0", "d1", "d2"], str(tmp_path), lines.append)
+    assert run_objstore_leg(path, ["d0", "d1", "d2"], str(tmp_path), lines.append, open_device)
     assert any("identical" in line for line in lines)
     pid = int((tmp_path / "seaweedfs" / "weed.pid").read_text())
     with pytest.raises(ProcessLookupError):

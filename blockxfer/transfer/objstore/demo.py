@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-from blockxfer.drivers.blockdev import open_device
+from blockxfer.stream.receive import OpenDevice
 from blockxfer.stream.send import send_image
 from blockxfer.units import human
 from blockxfer.volume import Volume
@@ -26,7 +26,7 @@ def _sender(vol: Volume, expr: str) -> Callable[[BinaryIO], object]:
 
 
 def run_objstore_leg(path: str, snapshots: list[str], directory: str,
-                     say: Callable[[str], None]) -> bool:
+                     say: Callable[[str], None], open_device: OpenDevice) -> bool:
     """Upload `snapshots` of the volume at `path` (oldest first: the first full, each
     next one as an increment), restore the middle one alone, verify, prune, gc.
     True when the restored snapshot is identical and the store verifies clean."""
