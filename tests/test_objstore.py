@@ -316,3 +316,17 @@ def test_a_damaged_increment_leaves_the_replica_as_it_was(chain, tmp_path: Path)
     with pytest.raises(StreamError, match="damaged"):
         restore(store, "s5", target)
     assert contents(target, "s2") == want["s2"]
+
+
+def test_verify_reads_each_blob_once_and_names_who_needs_a_lost_pack(chain) -> None:  # type: ignore[no-untyped-def]
+    _, streams, _ = chain
+    ms, store = _store()
+    _put_chain(store, streams, 4)
+    ms.got_bytes = 0
+    rep = verify_store(store)
+    assert not rep.problems and rep.snapshots == 4
+    assert ms.got_bytes <= _pack_bytes(ms) * 1.05 + 200_000   # not once per snapshot
+    first = store.manifest("vol", store.need_catalog("vol").find(name="s1"))  # type: ignore[arg-type]
+    del ms.objects[store.pack_key(first.entries[0].pack)]
+    rep = verify_store(store)
+    assert rep.problems and all("vol@s1" in p for p in rep.problems)
