@@ -330,3 +330,15 @@ def test_verify_reads_each_blob_once_and_names_who_needs_a_lost_pack(chain) -> N
     del ms.objects[store.pack_key(first.entries[0].pack)]
     rep = verify_store(store)
     assert rep.problems and all("vol@s1" in p for p in rep.problems)
+
+
+def test_a_send_that_fails_is_the_error_reported(chain) -> None:  # type: ignore[no-untyped-def]
+    """`send VOL 'nosuch' -o s3://…`: the expression's error, not a cut stream."""
+    from blockxfer.errors import NotFound
+    from blockxfer.stream.send import send_image
+    from blockxfer.transfer.objstore.upload import upload_image
+    vol, _, _ = chain
+    ms, store = _store()
+    with pytest.raises(NotFound, match="nosuch"):
+        upload_image(store, "vol", lambda out: send_image(vol, "nosuch", out))
+    assert not [k for k in ms.objects if "/volumes/" in k]
