@@ -97,9 +97,14 @@ class Packer:
         return len(raw)
 
     def _raise_failed(self) -> None:
+        """Fail fast on a PUT that failed; forget those that are done."""
+        pending = []
         for f in self._futures:
-            if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+            if not f.done():
+                pending.append(f)
+            elif (e := f.exception()) is not None:
+                raise e
+        self._futures = pending
 
     def finish(self) -> None:
         self._seal()
