@@ -342,3 +342,16 @@ def test_a_send_that_fails_is_the_error_reported(chain) -> None:  # type: ignore
     with pytest.raises(NotFound, match="nosuch"):
         upload_image(store, "vol", lambda out: send_image(vol, "nosuch", out))
     assert not [k for k in ms.objects if "/volumes/" in k]
+
+
+def test_unreachable_endpoint_one_line_exit_4() -> None:
+    import subprocess
+    import sys
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+           "AWS_MAX_ATTEMPTS": "1", "AWS_CONFIG_FILE": os.devnull,
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    r = subprocess.run([sys.executable, "-m", "blockxfer.cli", "store", "ls", "s3://x/y",
+                        "--s3-endpoint", "http://127.0.0.1:1"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 4
+    assert r.stderr.count("\n") == 1 and "cannot reach the S3 endpoint" in r.stderr

@@ -26,9 +26,12 @@ _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 def client_for(endpoint: str | None = None, access_key: str | None = None,
                secret_key: str | None = None, region: str | None = None) -> Any:
+    import os
+
     import boto3
     from botocore.config import Config
-    cfg = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=16,
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))   # boto3's own variable
+    cfg = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=16,
                  s3={"addressing_style": "path"}, connect_timeout=10, read_timeout=120,
                  request_checksum_calculation="when_supported",
                  # a ranged GET may come back with the whole object's checksum (rclone):
@@ -49,7 +52,12 @@ class S3Objects:
 
     @contextmanager
     def _errors(self, what: str, key: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
         where = f"s3://{self.bucket}/{key}"
         try:
             yield
@@ -66,6 +74,9 @@ class S3Objects:
             if code == "NoSuchBucket":
                 raise NotFound(f"s3://{self.bucket}: no such bucket") from e
             raise DeviceError(f"{what} {where}: {code} {e}") from e
+        except EndpointConnectionError as e:
+            raise DeviceError(f"cannot reach the S3 endpoint {self.c.meta.endpoint_url}; check "
+                              "--s3-endpoint or AWS_ENDPOINT_URL") from e
         except NoCredentialsError as e:
             raise DeviceError("no S3 credentials: set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from e
