@@ -355,3 +355,20 @@ def test_unreachable_endpoint_one_line_exit_4() -> None:
                        text=True, timeout=120)
     assert r.returncode == 4
     assert r.stderr.count("\n") == 1 and "cannot reach the S3 endpoint" in r.stderr
+
+
+def test_a_lock_of_a_killed_writer_on_this_host_is_taken_back_at_once(chain) -> None:  # type: ignore[no-untyped-def]
+    """A writer killed inside its catalog commit must not hold others off for minutes."""
+    import socket
+    import subprocess
+    import time
+    _, streams, _ = chain
+    ms, store = _store(conditional=False)
+    _put_chain(store, streams, 1)
+    p = subprocess.Popen(["true"])
+    p.wait()
+    lock = "bk/volumes/vol/locks/00000000000000000002-dead.lock"
+    ms.put(lock, f"{socket.gethostname()} {p.pid}\n".encode())
+    t = time.monotonic()
+    _put_chain(store, streams, 2)
+    assert time.monotonic() - t < 20 and lock not in ms.objects

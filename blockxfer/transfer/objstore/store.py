@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from blockxfer.errors import FormatError, NotFound, UsageError
+from blockxfer.errors import BlockxferError, FormatError, NotFound, UsageError
 
 from . import format as fmt
-from .objects import Conflict, Missing, ObjectStore
+from .objects import Conflict, Missing, ObjectInfo, ObjectStore
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LOCK_STALE = 120.0                          # seconds: a lock older than this is abandoned
@@ -258,19 +258,20 @@ class _ObjectLock:
     """Mutual exclusion from write-once objects and a strongly consistent LIST: put
     my lock, list; go ahead only when no other live lock is listed, else take mine
     back and retry later. If my LIST missed another writer's lock, that writer's
-    PUT came after my PUT, so its LIST sees mine and it backs off."""
+    PUT came after my PUT, so its LIST sees mine and it backs off. A lock is dead
+    when older than LOCK_STALE, or at once when its writer (same host) is gone."""
 
-    def __init__(self, o: ObjectStore, prefix: str, tries: int = 200):
-        self.o, self.prefix, self.tries = o, prefix, tries
+    def __init__(self, o: ObjectStore, prefix: str, wait: float = LOCK_STALE + 30):
+        self.o, self.prefix, self.wait = o, prefix, wait
         self.key = ""
 
     def __enter__(self) -> _ObjectLock:
-        for _ in range(self.tries):
+        end = time.monotonic() + self.wait
+        while time.monotonic() < end:
             self.key = f"{self.prefix}/{time.time_ns():020d}-{os.urandom(6).hex()}.lock"
             self.o.put(self.key, f"{socket.gethostname()} {os.getpid()}\n".encode())
-            now = time.time()
             others = [i for i in self.o.list(self.prefix + "/") if i.key != self.key]
-            live = [i for i in others if now - i.mtime < LOCK_STALE]
+            live = [i for i in others if not self._dead(i)]
             for i in others:
                 if i not in live:
                     self.o.delete(i.key)      # abandoned by a killed writer
@@ -279,6 +280,23 @@ class _ObjectLock:
             self.o.delete(self.key)
             time.sleep(0.05 + 0.2 * os.urandom(1)[0] / 255)
         raise Conflict(f"{self.prefix}: another writer holds the catalog lock; try again")
+
+    def _dead(self, info: ObjectInfo) -> bool:
+        if time.time() - info.mtime >= LOCK_STALE:
+            return True
+        try:
+            host, pid = self.o.get(info.key).decode().split()
+        except (BlockxferError, ValueError, UnicodeDecodeError):
+            return False                      # gone meanwhile, or not ours to judge
+        if host != socket.gethostname() or int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            pass
+        return False
 
     def __exit__(self, *exc: object) -> None:
         self.o.delete(self.key)
