@@ -372,3 +372,17 @@ def test_a_lock_of_a_killed_writer_on_this_host_is_taken_back_at_once(chain) -> 
     t = time.monotonic()
     _put_chain(store, streams, 2)
     assert time.monotonic() - t < 20 and lock not in ms.objects
+
+
+def test_a_pack_a_killed_upload_left_damaged_is_written_again(chain) -> None:  # type: ignore[no-untyped-def]
+    """Same name and size, other bytes (a server kept a partial file): not skipped."""
+    _, streams, _ = chain
+    ms, store = _store()
+    _put_chain(store, streams, 1)
+    key = next(k for k in ms.objects if k.endswith(".pack"))
+    good = ms.objects[key][0]
+    ms.objects.clear()
+    ms.put(key, bytes(len(good)))
+    _put_chain(store, streams, 1)
+    assert ms.objects[key][0] == good
+    assert not verify_store(store).problems

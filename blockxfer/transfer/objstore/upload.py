@@ -27,6 +27,7 @@ from blockxfer.stream import format as sfmt
 from blockxfer.stream.decode import Data, Dealloc, StreamReader
 
 from . import format as fmt
+from .objects import ObjectInfo
 from .store import Catalog, SnapshotRecord, Store
 
 PACK_BYTES = 8 << 20
@@ -86,7 +87,7 @@ class Packer:
     def _put(self, pid: bytes, raw: bytes) -> int:
         key = self.store.pack_key(pid)
         info = self.store.o.head(key)
-        if info is not None and info.size == len(raw) and time.time() - info.mtime < GRACE / 2:
+        if info is not None and _same(info, raw) and time.time() - info.mtime < GRACE / 2:
             with self._lock:
                 self.skipped += 1             # written by an earlier, interrupted run
             return 0
@@ -116,6 +117,19 @@ class Packer:
 
     def abort(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _same(info: ObjectInfo, raw: bytes) -> bool:
+    """Is the object present whole? Its size, and its ETag where that is the MD5 of a
+    single PUT (S3, SeaweedFS, rclone with --etag-hash): a pack cut short by a killed
+    upload, or a partial file a server left, is written again."""
+    if info.size != len(raw):
+        return False
+    etag = info.etag.strip('"')
+    if len(etag) != 32 or not all(c in "0123456789abcdef" for c in etag.lower()):
+        return True                            # not an MD5 (multipart, other servers)
+    import hashlib
+    return hashlib.md5(raw).hexdigest() == etag.lower()
 
 
 class Chunker:
