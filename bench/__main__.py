@@ -10,7 +10,7 @@ import sys
 import traceback
 
 BENCHES = ["bench_volume", "bench_stream", "bench_tape", "bench_reader", "bench_nbd",
-           "bench_transport"]
+           "bench_transport", "bench_objstore"]
 
 
 def main() -> int:

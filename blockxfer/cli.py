@@ -276,6 +276,10 @@ def cmd_send(a: argparse.Namespace) -> int:
     from blockxfer.transport import open_sink
     if a.output and a.destination and a.output != a.destination:
         raise UsageError("give the destination once: as DESTINATION or with -o")
+    a.output = a.output or a.destination
+    if (a.output or "").startswith("s3://"):
+        from blockxfer import cli_store
+        return cli_store.send_to_store(a)
     geometry = _geometry(a, a.path)
     prog = Progress("send")
     with open_sink(a.output or a.destination, force=a.force) as sink:
@@ -310,7 +314,10 @@ def cmd_receive(a: argparse.Namespace) -> int:
     from blockxfer.transport import SourceRequest, is_volume_url, open_source
     if a.input and a.source and a.input != a.source:
         raise UsageError("give the source once: as SOURCE or with -i")
-    url = a.input or a.source
+    url = a.input = a.input or a.source
+    if (url or "").startswith("s3://"):
+        from blockxfer import cli_store
+        return cli_store.receive_from_store(a)
     if a.image and not (url and is_volume_url(url)):
         raise UsageError("--image pulls from a volume: give an ssh:// or tls:// SOURCE")
     prog = Progress("receive")
@@ -668,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.register(sub)
     sub.choices["serve"].set_defaults(func=cmd_serve)
     cli_endpoint.register(sub)
+    from blockxfer import cli_store
+    cli_store.register(sub)
     return p
 
 

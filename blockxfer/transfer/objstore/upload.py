@@ -1,0 +1,316 @@
+"""Upload: consume an image stream, store its blocks as chunks in packs, then commit.
+
+The stream is decoded record by record (every check of `StreamReader`); each DATA
+record's blocks go into the fixed chunk of C blocks that holds their VBN; a chunk
+becomes a blob (a mask and the blocks it carries) and blobs fill write-once packs
+of PACK_BYTES, several uploaded at once. Packs are named by the hash of their
+bytes, so an upload that is run again after a crash finds the packs it already
+wrote and skips them. Only after the trailer checks out is the manifest written
+(the base's manifest merged with this stream: new blocks over old, deallocated
+blocks removed), and then the catalog, last.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import xxhash
+from bitarray import bitarray
+
+from blockxfer.errors import StreamError, VolumeError
+from blockxfer.stream import format as sfmt
+from blockxfer.stream.decode import Data, Dealloc, StreamReader
+
+from . import format as fmt
+from .objects import ObjectInfo
+from .store import Catalog, SnapshotRecord, Store
+
+PACK_BYTES = 8 << 20
+WORKERS = 8
+GRACE = 6 * 3600.0            # gc keeps unreferenced packs this long (an upload may need them)
+
+
+@dataclass
+class UploadResult:
+    volume: str
+    snapshot: str
+    incremental: bool
+    blocks: int                            # blocks this stream carried
+    manifest_blocks: int                   # blocks a restore of the snapshot writes
+    new_bytes: int = 0                     # pack bytes written now
+    packs_written: int = 0
+    packs_skipped: int = 0
+    already: bool = False
+
+
+class Packer:
+    """Blobs into packs, packs to the store with WORKERS PUTs in flight; memory is
+    bounded by (WORKERS + 2) packs."""
+
+    def __init__(self, store: Store, pack_bytes: int = PACK_BYTES, workers: int = WORKERS):
+        self.store, self.pack_bytes = store, pack_bytes
+        self.entries: list[fmt.Entry] = []
+        self._buf = bytearray(fmt.pack_header())
+        self._pending: list[tuple[int, int, int, int, bitarray]] = []
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bx-pack")
+        self._slots = threading.BoundedSemaphore(workers + 1)
+        self._futures: list[Future[int]] = []
+        self.written = self.skipped = self.new_bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, chunk: int, mask: bitarray, data: bytes | memoryview) -> None:
+        blob = fmt.make_blob(chunk, mask, data)
+        self._pending.append((chunk, len(self._buf), len(blob), fmt.blob_check(blob),
+                              mask.copy()))
+        self._buf += blob
+        if len(self._buf) >= self.pack_bytes:
+            self._seal()
+
+    def _seal(self) -> None:
+        if not self._pending:
+            return
+        raw, self._buf = bytes(self._buf), bytearray(fmt.pack_header())
+        pid = xxhash.xxh3_128_digest(raw)
+        self.entries += [fmt.Entry(c, pid, off, n, ck, m) for c, off, n, ck, m in self._pending]
+        self._pending = []
+        self._raise_failed()
+        self._slots.acquire()
+        fut = self._pool.submit(self._put, pid, raw)
+        fut.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(fut)
+
+    def _put(self, pid: bytes, raw: bytes) -> int:
+        key = self.store.pack_key(pid)
+        info = self.store.o.head(key)
+        if info is not None and _same(info, raw) and time.time() - info.mtime < GRACE / 2:
+            with self._lock:
+                self.skipped += 1             # written by an earlier, interrupted run
+            return 0
+        self.store.o.put(key, raw)
+        with self._lock:
+            self.written += 1
+            self.new_bytes += len(raw)
+        return len(raw)
+
+    def _raise_failed(self) -> None:
+        """Fail fast on a PUT that failed; forget those that are done."""
+        pending = []
+        for f in self._futures:
+            if not f.done():
+                pending.append(f)
+            elif (e := f.exception()) is not None:
+                raise e
+        self._futures = pending
+
+    def finish(self) -> None:
+        self._seal()
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _same(info: ObjectInfo, raw: bytes) -> bool:
+    """Is the object present whole? Its size, and its ETag where that is the MD5 of a
+    single PUT (S3, SeaweedFS, rclone with --etag-hash): a pack cut short by a killed
+    upload, or a partial file a server left, is written again."""
+    if info.size != len(raw):
+        return False
+    etag = info.etag.strip('"')
+    if len(etag) != 32 or not all(c in "0123456789abcdef" for c in etag.lower()):
+        return True                            # not an MD5 (multipart, other servers)
+    import hashlib
+    return hashlib.md5(raw).hexdigest() == etag.lower()
+
+
+class Chunker:
+    """Gathers the blocks of one chunk at a time; a chunk seen again later (records
+    in another order) simply becomes a second blob."""
+
+    def __init__(self, block_size: int, chunk_blocks: int, emit: Callable[..., None]):
+        self.bs, self.c, self.emit = block_size, chunk_blocks, emit
+        self.current = -1
+        self.mask = fmt.new_mask(chunk_blocks)
+        self.buf = bytearray(block_size * chunk_blocks)
+
+    def add(self, vbn: int, count: int, payload: bytes | memoryview) -> None:
+        view, done = memoryview(payload), 0
+        while done < count:
+            k, a = divmod(vbn + done, self.c)
+            n = min(self.c - a, count - done)
+            if k != self.current:
+                self.flush()
+                self.current = k
+            self.mask[a:a + n] = 1
+            self.buf[a * self.bs:(a + n) * self.bs] = view[done * self.bs:(done + n) * self.bs]
+            done += n
+
+    def flush(self) -> None:
+        if self.current < 0 or not self.mask.any():
+            return
+        if self.mask.all():
+            data: bytes | memoryview = memoryview(self.buf)
+        else:
+            data = b"".join(self.buf[s * self.bs:e * self.bs] for s, e in _runs(self.mask))
+        self.emit(self.current, self.mask, data)
+        self.mask.setall(0)
+
+
+def _runs(mask: bitarray) -> list[tuple[int, int]]:
+    """Runs of set bits as (start, end)."""
+    out, pos = [], 0
+    while (s := mask.find(1, pos)) >= 0:
+        e = mask.find(0, s)
+        e = len(mask) if e < 0 else e
+        out.append((s, e))
+        pos = e
+    return out
+
+
+def merge(base: list[fmt.Entry], new: list[fmt.Entry], dealloc: list[tuple[int, int]],
+          c: int) -> list[fmt.Entry]:
+    """The manifest of top = base's blocks, minus those freed (dealloc) or rewritten
+    (new), plus new. No data moves: this is all a reintegration needs."""
+    gone: dict[int, bitarray] = {}
+
+    def drop(k: int) -> bitarray:
+        return gone.setdefault(k, fmt.new_mask(c))
+    for vbn, count in dealloc:
+        done = 0
+        while done < count:
+            k, a = divmod(vbn + done, c)
+            n = min(c - a, count - done)
+            drop(k)[a:a + n] = 1
+            done += n
+    for e in new:
+        drop(e.chunk)[:] |= e.mask
+    out = []
+    for e in base:
+        g = gone.get(e.chunk)
+        mask = e.mask if g is None else e.mask & ~g
+        if mask.any():
+            out.append(fmt.Entry(e.chunk, e.pack, e.offset, e.length, e.check, mask))
+    return out + new
+
+
+def upload_stream(store: Store, volume: str, f: BinaryIO, *,
+                  progress: Callable[[int], None] | None = None,
+                  pack_bytes: int = PACK_BYTES) -> UploadResult:
+    """Store the image stream read from `f` as a snapshot of `volume`."""
+    reader = StreamReader(f, "stream")
+    h = reader.read_header()
+    cat = store.catalog(volume)
+    base_rec = _check_header(store, volume, cat, h)
+    c = cat.chunk_blocks if cat else fmt.chunk_blocks_for(h.block_size)
+    res = UploadResult(volume, h.top.name, h.incremental, 0, 0)
+    done = cat.find(guid=h.top.guid) if cat else None
+    if done is not None:
+        res.already, res.manifest_blocks = True, done.blocks
+        return res
+    store.conditional(create=True)
+    packer = Packer(store, pack_bytes)
+    chunker = Chunker(h.block_size, c, packer.add)
+    dealloc: list[tuple[int, int]] = []
+    try:
+        for rec in reader:
+            if isinstance(rec, Data):
+                chunker.add(rec.vbn, rec.count, rec.payload)
+                res.blocks += rec.count
+                if progress:
+                    progress(len(rec.payload))
+            elif isinstance(rec, Dealloc):
+                dealloc += rec.runs
+        chunker.flush()
+        packer.finish()
+    except BaseException:
+        packer.abort()
+        raise
+    base = store.manifest(volume, base_rec).entries if base_rec else []
+    man = fmt.Manifest(h.volume_uuid, h.top.guid, h.base.guid if h.base else bytes(16),
+                       h.block_size, h.nblocks, c, h.pack(),
+                       merge(base, packer.entries, dealloc, c), int(time.time()))
+    key, check = store.put_manifest(volume, man)
+    record = SnapshotRecord(h.top.name, h.top.guid, h.top.id, h.top.generation, key, check,
+                         man.blocks, packer.new_bytes, h.base.guid if h.base else None,
+                         int(time.time()))
+    store.commit(volume, _adder(volume, h, c, record))
+    res.manifest_blocks, res.new_bytes = man.blocks, packer.new_bytes
+    res.packs_written, res.packs_skipped = packer.written, packer.skipped
+    return res
+
+
+def _check_header(store: Store, volume: str, cat: Catalog | None,
+                  h: sfmt.Header) -> SnapshotRecord | None:
+    """Refuse, before any data moves, a stream that does not fit this volume's chain."""
+    where = f"{store.url}/{volume}"
+    if cat is not None:
+        if cat.uuid != h.volume_uuid:
+            raise VolumeError(f"{where} holds another volume ({cat.uuid.hex()}); store this one "
+                              "under another name")
+        if (cat.block_size, cat.nblocks) != (h.block_size, h.nblocks):
+            raise VolumeError(f"{where} holds this volume with another geometry; store it under "
+                              "another name")
+        same = cat.find(name=h.top.name)
+        if same is not None and same.guid != h.top.guid:
+            raise VolumeError(f"{where} already holds another snapshot named {h.top.name!r}; "
+                              f"remove it first (blockxfer store rm {where}@{h.top.name})")
+    if h.base is None:
+        return None
+    base = cat.find(guid=h.base.guid) if cat else None
+    if base is None:
+        raise StreamError(f"{where} does not hold the base snapshot {h.base.name!r} of this "
+                          "incremental; upload a full image or an increment from a snapshot "
+                          "the store holds (see 'blockxfer store ls')")
+    return base
+
+
+def _adder(volume: str, h: sfmt.Header, c: int,
+           rec: SnapshotRecord) -> Callable[[Catalog | None], Catalog]:
+    def add(cat: Catalog | None) -> Catalog:
+        if cat is None:
+            cat = Catalog(volume, h.volume_uuid, h.block_size, h.nblocks, c, 0, [])
+        elif cat.uuid != h.volume_uuid or cat.chunk_blocks != c:
+            raise VolumeError(f"{volume}: another volume was stored under this name meanwhile")
+        cat.snapshots = [s for s in cat.snaps() if s.guid != rec.guid] + [rec]
+        return cat
+    return add
+
+
+def upload_image(store: Store, volume: str, produce: Callable[[BinaryIO], object], *,
+                 progress: Callable[[int], None] | None = None) -> UploadResult:
+    """Run `produce(out)` (a send into `out`) on a thread and upload what it writes."""
+    import os
+    rfd, wfd = os.pipe()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with os.fdopen(wfd, "wb", buffering=1 << 20) as out:
+                produce(out)
+        except BaseException as e:         # handed to the uploading thread
+            errors.append(e)
+    t = threading.Thread(target=run, name="bx-send", daemon=True)
+    t.start()
+    inp = os.fdopen(rfd, "rb", buffering=1 << 20)
+    try:
+        result = upload_stream(store, volume, inp, progress=progress)
+    except BaseException:
+        inp.close()                        # the sender stops on a broken pipe
+        t.join()
+        if errors and not isinstance(errors[0], BrokenPipeError):
+            raise errors[0] from None      # the sender's failure explains the cut stream
+        raise
+    inp.close()
+    t.join()
+    if errors and not (result.already and isinstance(errors[0], BrokenPipeError)):
+        raise errors[0]                    # (already stored: we stopped reading on purpose)
+    return result
