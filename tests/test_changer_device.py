@@ -1,6 +1,8 @@
-"""Spanning through a real media changer with mtx (the test bed's tgt SMC changer):
-a dump fills the first slot's tape, the changer loads the next slot's, and a
-restore asks for them in order the same way. Scratch tapes: they are overwritten."""
+"""Spanning through a real media changer with mtx (the test bed's mhvtl library and
+tgt SMC changer): a dump fills the first slot's tape, the changer loads the next
+slot's, and a restore asks for them in order the same way. Scratch tapes: they are
+overwritten. BLOCKXFER_TEST_CHANGER_DRIVE is the changer's number of the drive
+(default 0)."""
 
 from __future__ import annotations
 
@@ -24,17 +26,18 @@ pytestmark = [pytest.mark.device,
                                  "tapes in slots 1 and 2)")]
 CHANGER = os.environ.get("BLOCKXFER_TEST_CHANGER", "")
 DRIVE = os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE", "")
+INDEX = int(os.environ.get("BLOCKXFER_TEST_CHANGER_DRIVE") or 0)
 
 
 def _load(changer: Changer, slot: int) -> None:
-    """Put slot `slot`'s tape in drive 0 (whatever was there back in its slot)."""
-    d = changer.status().drive(0)
+    """Put slot `slot`'s tape in the test's drive (whatever was there back in its slot)."""
+    d = changer.status().drive(INDEX)
     if d.full and d.source == slot:
         return
     if d.full:
         eject_tape(DRIVE)
-        changer.unload(d.source or slot, 0)
-    changer.load(slot, 0)
+        changer.unload(d.source or slot, INDEX)
+    changer.load(slot, INDEX)
 
 
 def test_discovery_finds_the_changer() -> None:
@@ -57,7 +60,7 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
                 label_tape(t, "CHG-SPAN", force=True)
         finally:
             t.close()
-    nt = changer_next_tape(changer, 0, DRIVE, eject=eject_tape, label_of=tape_label)
+    nt = changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape, label_of=tape_label)
     res = dump(path, LEVELS[0], DRIVE, next_tape=nt)
     assert len(res.tapes) == 2 and nt.slot == 2  # type: ignore[attr-defined]
     second = list_tape(opener(DRIVE, False))
@@ -65,6 +68,7 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
     _load(changer, 1)
     target = str(tmp_path / "r.img")
     restore(DRIVE, target,
-            next_tape=changer_next_tape(changer, 0, DRIVE, eject=eject_tape, label_of=tape_label))
+            next_tape=changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape,
+                                        label_of=tape_label))
     assert snapshot_contents(target)["june3"] == contents["june3"]
-    assert changer.status().drive(0).source == 2
+    assert changer.status().drive(INDEX).source == 2
