@@ -1,4 +1,4 @@
-"""Tape backup and restore on a real st drive (the test bed's tgt tapes):
+"""Tape backup and restore on a real st drive (the test bed's mhvtl and tgt tapes):
 levels 0/1/2 on /dev/nst0, and an image spanning the small tape
 (BLOCKXFER_TEST_TAPE_SMALL) onto the big one. Scratch tapes: they are relabelled."""
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from blockxfer.errors import EndOfMedium
 from blockxfer.transfer.tapeset import label_tape, list_tape
 from tests.test_stream import snapshot_contents
 from tests.test_tape_dump import LEVELS, dump, opener, restore, src  # noqa: F401
@@ -53,6 +54,38 @@ def test_spanning_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped
     t.close()
     res = dump(path, "june*", SMALL, next_tape=lambda name, seq: TAPE)   # ~18 MB: spans
     assert len(res.tapes) == 2  # type: ignore[attr-defined]
+    target = str(tmp_path / "r.img")
+    restore(SMALL, target, next_tape=lambda name, seq: TAPE)
+    got = snapshot_contents(target)
+    assert got["june9"] == contents["june9"] and got["june1"] == contents["june1"]
+
+
+@pytest.mark.skipif(not (TAPE and SMALL and os.environ.get("BLOCKXFER_TEST_TAPE_HARD_EOM")),
+                    reason="needs BLOCKXFER_TEST_TAPE and BLOCKXFER_TEST_TAPE_SMALL on a drive "
+                    "with a physical end of medium (BLOCKXFER_TEST_TAPE_HARD_EOM=1: mhvtl)")
+def test_dump_past_the_physical_end(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Records as large as the early-warning zone (mhvtl: 2 MiB) make the end of the
+    small tape's part (the record after early warning, a filemark, the index) run past
+    the physical end, where st still reports writes as done. The dump must fail with
+    EndOfMedium, or span and finish; either way nothing it claims is missing."""
+    path, contents = src
+    assert TAPE and SMALL
+    _fresh(SMALL, "ST-HARD-EOM")
+    t = opener(TAPE, True)
+    t.rewind()
+    t.write_filemarks(1)        # blank enough: no label at BOT
+    t.close()
+    try:
+        dump(path, "june*", SMALL, record_size=2 << 20, next_tape=lambda name, seq: TAPE)
+        finished = True
+    except EndOfMedium as e:
+        assert "not written" in str(e)
+        finished = False
+    first = list_tape(opener(SMALL, False))
+    assert len(first.images) == 1
+    if not finished:
+        assert first.images[0].index is None       # no index claimed that is not there
+        return
     target = str(tmp_path / "r.img")
     restore(SMALL, target, next_tape=lambda name, seq: TAPE)
     got = snapshot_contents(target)
