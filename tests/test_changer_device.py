@@ -7,6 +7,8 @@ overwritten. BLOCKXFER_TEST_CHANGER_DRIVE is the changer's number of the drive
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,47 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
                                         label_of=tape_label))
     assert snapshot_contents(target)["june3"] == contents["june3"]
     assert changer.status().drive(INDEX).source == 2
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockxfer.cli", *argv], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_dump_and_restore_choose_tapes_by_barcode(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """`--changer-tapes`: the dump continues on the named barcode (the last full slot,
+    not the next one) and prints the set's barcodes; `tape list` shows the barcode
+    when the cartridge memory has it; the restore finds the tape in a pool ('*')."""
+    path, contents = src
+    changer = Changer(CHANGER)
+    _load(changer, 1)
+    full = [s for s in changer.status().slots if s.full and s.barcode and not s.import_export]
+    last = max(full, key=lambda s: s.number)
+    _load(changer, last.number)
+    t = opener(DRIVE, True)
+    try:
+        t.rewind()
+        t.write_filemarks(1)          # blank enough: no label at BOT
+    finally:
+        t.close()
+    _load(changer, 1)
+    t = opener(DRIVE, True)
+    try:
+        label_tape(t, "BARCODES", force=True)
+    finally:
+        t.close()
+    base = ["--tape", DRIVE, "--changer", CHANGER, "--changer-drive", str(INDEX)]
+    r = _cli("dump", path, "june*", *base, "--changer-tapes", str(last.barcode))
+    assert r.returncode == 0, r.stderr
+    assert "tapes of the set by barcode: 1 " in r.stdout and f"2 {last.barcode}" in r.stdout
+    assert changer.status().drive(INDEX).source == last.number
+    listed = _cli("tape", "list", DRIVE)
+    assert listed.returncode == 0, listed.stderr
+    if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "mhvtl":     # MAM: tgt has none
+        assert f"barcode {last.barcode}" in listed.stdout
+    _load(changer, 1)
+    target = str(tmp_path / "r.img")
+    r = _cli("restore", target, *base, "--changer-tapes", "*")
+    assert r.returncode == 0, r.stderr
+    assert changer.status().drive(INDEX).source == last.number
+    assert snapshot_contents(target)["june9"] == contents["june9"]
