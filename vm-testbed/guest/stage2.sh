@@ -238,6 +238,12 @@ bench)
     export BENCH_DISKS
     BENCH_DISKS=$(disks_with_prefix bench-)
     ;;
+bench-tape)
+    mount_scratch
+    setup_mhvtl
+    export_tape_env mhvtl
+    [ -n "${BLOCKXFER_TEST_TAPE:-}" ] || die "the tape bench needs mhvtl (TESTBED_MHVTL=1)"
+    ;;
 esac
 
 cd "$REPO" || die "cannot cd to $REPO"
@@ -285,6 +291,13 @@ shell)
     ;;
 bench)
     bash "$REPO/vm-testbed/bench-raid.sh" $BENCH_DISKS 2>&1 | tee "$RESULTS/bench.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+bench-tape)
+    # dump of an image to mhvtl's drive 0 vs dd of the same bytes and record size,
+    # and a one-block partial restore by LOCATE vs reading the whole image
+    TAPE=$BLOCKXFER_TEST_TAPE BENCH_TAPE_MB=${TB_BENCH_TAPE_MB:-128} \
+        "$REPO/.venv/bin/python" -m bench.bench_tape 2>&1 | tee "$RESULTS/bench.log"
     rc=${PIPESTATUS[0]}
     ;;
 *)
