@@ -77,7 +77,7 @@ def _inject(flags: int) -> None:
                     f"{flags:x}"], check=True, capture_output=True, timeout=30)
 
 
-@pytest.mark.device
+@pytest.mark.device("tape")
 @need_mhvtl
 def test_tape_alert_after_dump_and_compression(tmp_path: object) -> None:
     """`dump --compression on|off` switches the drive ('tape status' shows it), and a

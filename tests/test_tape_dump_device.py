@@ -60,6 +60,7 @@ def test_spanning_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped
     assert got["june9"] == contents["june9"] and got["june1"] == contents["june1"]
 
 
+@pytest.mark.device("tape")                 # counted for the tape of the pass, even skipped
 @pytest.mark.skipif(not (TAPE and SMALL and os.environ.get("BLOCKXFER_TEST_TAPE_HARD_EOM")),
                     reason="needs BLOCKXFER_TEST_TAPE and BLOCKXFER_TEST_TAPE_SMALL on a drive "
                     "with a physical end of medium (BLOCKXFER_TEST_TAPE_HARD_EOM=1: mhvtl)")

@@ -109,7 +109,8 @@ class _Recorder:
         global _current
         used: set[str] = set()
         for m in item.iter_markers("device"):
-            used.update(str(a) for a in m.args)
+            # "tape" names the tape of this pass: "tape mhvtl", "tape tgt"
+            used.update(f"tape {_tape_kind()}" if a == "tape" else str(a) for a in m.args)
         _current = used
         self.tests[item.nodeid] = {"devices": used, "outcome": None, "reason": ""}
         try:
