@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.device,
               pytest.mark.skipif(not (os.environ.get("BLOCKXFER_TEST_CHANGER")
                                       and os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE")),
                                  reason="no changer: set BLOCKXFER_TEST_CHANGER=/dev/sgN and "
-                                 "BLOCKXFER_TEST_CHANGER_TAPE=/dev/nstN (its drive 0; scratch "
-                                 "tapes in slots 1 and 2)")]
+                                 "BLOCKXFER_TEST_CHANGER_TAPE=/dev/nstN (its drive "
+                                 "BLOCKXFER_TEST_CHANGER_DRIVE, default 0; scratch tapes in "
+                                 "slots 1, 2 and the last full slot)")]
 CHANGER = os.environ.get("BLOCKXFER_TEST_CHANGER", "")
 DRIVE = os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE", "")
 INDEX = int(os.environ.get("BLOCKXFER_TEST_CHANGER_DRIVE") or 0)
