@@ -65,17 +65,16 @@ def test_spanning_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped
                     reason="needs BLOCKXFER_TEST_TAPE and BLOCKXFER_TEST_TAPE_SMALL on a drive "
                     "with a physical end of medium (BLOCKXFER_TEST_TAPE_HARD_EOM=1: mhvtl)")
 def test_dump_spanning_near_the_physical_end(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    """A spanning dump on the cartridge with a physical end 2 MB after early warning,
-    with 1 MiB records (the largest mhvtl reads back here: larger reads fail with
-    EBUSY), so the part's end (the record after early warning, a filemark, the
-    index) nearly fills the zone. The dump must fail with EndOfMedium, or span and
-    finish; either way nothing it claims is missing: the first tape lists the
-    part's index and the set restores. (mhvtl refuses a write only when it starts
-    at or past the end, so this geometry stays inside; test_end_of_medium[st] is
-    the one that runs into the physical end.)"""
+    """A spanning dump on the cartridge with a physical end 2 MB after early warning.
+    The dump must fail with EndOfMedium, or span and finish; either way nothing it
+    claims is missing: the first tape lists the part's index and the set restores.
+    With 256 KiB records the part's end stays inside the zone (larger records, which
+    would run past the end, cannot be read back on mhvtl here: read() fails with
+    EBUSY from 1 MiB on); test_end_of_medium[st] is the one that runs into the
+    physical end."""
     path, contents = src
     assert TAPE and SMALL
-    _fresh(SMALL, "ST-HARD-EOM", record_size=1 << 20)    # the set's record size
+    _fresh(SMALL, "ST-HARD-EOM")
     t = opener(TAPE, True)
     t.rewind()
     t.write_filemarks(1)        # blank enough: no label at BOT
