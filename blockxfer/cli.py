@@ -385,7 +385,8 @@ def _next_tape(a: argparse.Namespace) -> Callable[[str, int], str] | None:
             raise UsageError("--verify does not work with --changer yet; load the first tape "
                              "and run 'blockxfer restore' or 'tape list' to check the image")
         return changer_next_tape(Changer(a.changer), a.changer_drive, a.tape,
-                                 eject=eject_tape, label_of=tape_label)
+                                 eject=eject_tape, label_of=tape_label,
+                                 **cli_devices.changer_tapes_args(a, cmd_restore))
     if a.next_tape:
         def run(set_name: str, seq: int) -> str:
             env = dict(os.environ, BLOCKXFER_TAPE_SET=set_name, BLOCKXFER_TAPE_SEQ=str(seq))
@@ -415,21 +416,24 @@ def cmd_dump(a: argparse.Namespace) -> int:
         print(f"{a.tape}: the drive takes records of at most {limit} bytes; using that",
               file=sys.stderr)
         record_size = limit
+    cli_devices.set_compression(a.tape, a.compression)
     prog = Progress("dump")
+    next_tape = _next_tape(a)
     with open_volume(a.path) as vol:
         res = dump_image(vol, a.expression, a.tape, open_tape=_tape_opener(),  # type: ignore[arg-type]
-                         next_tape=_next_tape(a), label=a.label, record_size=record_size,
+                         next_tape=next_tape, label=a.label, record_size=record_size,
                          reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
                          progress=prog.add)
     prog.finish()
     print(f"{a.tape}: image {res.image}, {res.blocks} blocks, {human(res.bytes)}"
           + (f", across tapes {', '.join(res.tapes)}" if len(res.tapes) > 1 else ""))
+    cli_devices.print_set_barcodes(a.tape, next_tape)
     if a.verify:
         from blockxfer.transfer.restore import verify_image
         verify_image(a.tape, res.image, open_tape=_tape_opener(),  # type: ignore[arg-type]
                      next_tape=_next_tape(a))
         print(f"{a.tape}: image {res.image} read back, every checksum verified")
-    return 0
+    return cli_devices.report_tape_alerts(a.tape, "dump")
 
 
 def _complete_snapshots(path: str) -> set[str]:
@@ -481,7 +485,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
         print(f"{a.target}: restored image {st.image} up to {r.top!r}, {r.blocks} blocks")
         for name in r.incomplete:
             print(f"{a.target}: {name!r} is incomplete here")
-    return 0
+    return cli_devices.report_tape_alerts(a.tape, "restore")
 
 
 def cmd_tape_label(a: argparse.Namespace) -> int:
@@ -505,13 +509,15 @@ def cmd_tape_list(a: argparse.Namespace) -> int:
         tape.close()  # type: ignore[attr-defined]
     lab = contents.label
     rows = [i.as_dict() for i in contents.images]
+    barcode = cli_devices.barcode_of(a.tape)
     if a.json:
         _print_json({"label": {"serial": lab.serial, "set": lab.set_name, "seq": lab.seq,
-                               "record_size": lab.record_size, "set_id": lab.set_id.hex()},
+                               "record_size": lab.record_size, "set_id": lab.set_id.hex(),
+                               "barcode": barcode},
                      "images": rows})
         return 0
     print(f"{a.tape}: {lab.serial!r}, tape {lab.seq} of set {lab.set_name!r}, "
-          f"records of {lab.record_size} bytes")
+          f"records of {lab.record_size} bytes" + (f", barcode {barcode}" if barcode else ""))
     for r in rows:
         state = "complete" if r["complete"] else ("continues" if r["continues"] else "INCOMPLETE")
         print(f"  {r['image']:>3}  file {r['file']:>3}  {r['level']:11} {r['expression']!r:32} "
@@ -530,6 +536,7 @@ def _changer_args(sp: argparse.ArgumentParser) -> None:
                     help="media changer (mtx) that loads the next tape of the set into --tape")
     sp.add_argument("--changer-drive", type=int, default=0, metavar="N",
                     help="the changer's drive number of --tape (default 0)")
+    cli_devices.add_changer_tapes_arg(sp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -642,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--next-tape", metavar="COMMAND",
                     help="run when the next tape is needed; it prints the tape's path")
     sp.add_argument("--verify", action="store_true", help="read the image back and check it")
+    cli_devices.add_compression_arg(sp)
     _changer_args(sp)
 
     sp = cmd("restore", cmd_restore, "restore an image (and the images it needs) from tape")

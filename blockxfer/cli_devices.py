@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
-from blockxfer.errors import UsageError
+from blockxfer.errors import DeviceError, UsageError
 from blockxfer.units import parse_size
 
 
@@ -93,9 +94,37 @@ def cmd_tape_status(args: argparse.Namespace) -> int:
     from blockxfer.drivers.tapes import drive_info, tape_status
 
     status = tape_status(args.tape).as_dict()
-    status["drive"] = drive_info(args.tape)      # INQUIRY, block limits, TapeAlert, barcode
-    _print(status, args.json)
+    drive = drive_info(args.tape)   # INQUIRY, block limits, TapeAlert, compression, MAM
+    if args.json:
+        status["drive"] = drive
+        _print(status, True)
+        return 0
+    _print(status, False)
+    for k, v in _drive_lines(drive):
+        print(f"{k:16} {v}")
     return 0
+
+
+def _drive_lines(drive: dict[str, Any] | None) -> list[tuple[str, object]]:
+    """`tape status` lines for what the drive says over SCSI (none for a virtual tape)."""
+    if drive is None:
+        return [("drive", "no SCSI information (virtual tape, or no sg node)")]
+
+    def known(v: object, unit: str = "") -> object:
+        return "not reported" if v is None else f"{v}{unit}"
+
+    alerts = drive.get("tape_alert_text")
+    return [("drive", f"{drive['vendor']} {drive['product']} {drive['revision']} "
+                      f"serial {drive['serial'] or '?'} ({drive['sg']})"),
+            ("block limits", f"{drive['min_block']}..{drive['max_block']} bytes"
+             if drive.get("max_block") else "not reported"),
+            ("compression", known(drive.get("compression"))),
+            ("tape alerts", "not reported" if alerts is None else "; ".join(alerts) or "none"),
+            ("barcode", known(drive.get("barcode"))),
+            ("medium serial", known(drive.get("medium_serial"))),
+            ("remaining", known(drive.get("remaining_mib"), " MiB")),
+            ("capacity", known(drive.get("capacity_mib"), " MiB")),
+            ("load count", known(drive.get("load_count")))]
 
 
 def cmd_tape_rewind(args: argparse.Namespace) -> int:
@@ -153,6 +182,80 @@ def cmd_tape_erase(args: argparse.Namespace) -> int:
     st = erase_tape(args.tape)
     _print(st.as_dict(), args.json) if args.json else print(f"{args.tape}: erased")
     return 0
+
+
+def report_tape_alerts(tape: str, what: str) -> int:
+    """After a dump or restore: one stderr line per TapeAlert flag that matters.
+    Critical flags (media, write/read failure, write protect, clean now, hardware)
+    give exit status 4 although `what` finished; warnings leave the status 0."""
+    from blockxfer.drivers.tapes import tape_alerts
+
+    try:
+        alerts = tape_alerts(tape)
+    except DeviceError as e:
+        print(f"blockxfer: warning: {tape}: could not read the TapeAlert flags after the "
+              f"{what} ({e})", file=sys.stderr)
+        return 0
+    rc = 0
+    for flag, severity, text in alerts:
+        if severity == "C":
+            print(f"blockxfer: {tape}: the {what} finished, but the drive raised TapeAlert "
+                  f"{flag}, {text}", file=sys.stderr)
+            rc = DeviceError.exit_code
+        elif severity == "W":
+            print(f"blockxfer: warning: {tape}: TapeAlert {flag}, {text}", file=sys.stderr)
+    return rc
+
+
+def set_compression(tape: str, mode: str | None) -> None:
+    """`dump --compression on|off`: switch the drive before writing (None: leave it)."""
+    if mode is None:
+        return
+    from blockxfer.drivers.tapes import set_compression as set_drive
+
+    set_drive(tape, mode == "on")
+
+
+def add_changer_tapes_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--changer-tapes", metavar="BARCODES", default=None,
+                    help="with --changer: the tapes to use for the set's next tapes, by "
+                         "barcode or pool pattern, comma-separated and tried in order "
+                         "(e.g. BXC002L5,BXC003L5 or 'BXP*'; default: the next full slot)")
+
+
+def changer_tapes_args(args: argparse.Namespace, restore_cmd: Any) -> dict[str, Any]:
+    """The barcode choice of `--changer-tapes` for `changer_next_tape`."""
+    from blockxfer.drivers.changer import parse_tapes
+
+    return {"tapes": parse_tapes(getattr(args, "changer_tapes", None)),
+            "restore": getattr(args, "func", None) is restore_cmd}
+
+
+def barcode_of(tape: str) -> str | None:
+    """The loaded cartridge's barcode from its memory (MAM), for `tape list`; None when
+    the drive has none to tell (virtual tape, tgt) or cannot be asked."""
+    from blockxfer.drivers.tapes import drive_info
+
+    try:
+        info = drive_info(tape)
+    except DeviceError:
+        return None
+    code = info.get("barcode") if info else None
+    return code if isinstance(code, str) else None
+
+
+def print_set_barcodes(tape: str, next_tape: object) -> None:
+    """After a dump through a changer: the barcode of each tape of the set it used."""
+    used = getattr(next_tape, "used", None)
+    if used:
+        print(f"{tape}: tapes of the set by barcode: "
+              + ", ".join(f"{seq} {code}" for seq, code in sorted(used.items())))
+
+
+def add_compression_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--compression", choices=["on", "off"], default=None,
+                    help="switch the drive's own compression first (default: leave it); "
+                         "'tape status' shows it")
 
 
 def register(subparsers: Any) -> None:

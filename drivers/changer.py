@@ -11,13 +11,14 @@ set's label checks stay in `blockxfer.transfer`.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from blockxfer.errors import DeviceBusy, DeviceError, EndOfMedium, VolumeError
+from blockxfer.errors import DeviceBusy, DeviceError, EndOfMedium, FormatError, VolumeError
 
 MtxRunner = Callable[[list[str]], "tuple[int, str, str]"]
 
@@ -141,25 +142,39 @@ def tape_label(path: str) -> tuple[str, int] | None:
     return None if label is None else (label.set_name, label.seq)
 
 
+def parse_tapes(text: str | None) -> list[str] | None:
+    """`--changer-tapes`: barcodes and pools (shell patterns like BXP*), comma-separated."""
+    if not text:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()] or None
+
+
 class ChangerNextTape:
     """next_tape(set_name, seq) through a changer: put the drive's tape back in its
     slot, load the next candidate, return the drive's path.
 
     The candidate is the slot holding the barcode `barcodes[(set_name, seq)]` when
-    that mapping has it, else the next full slot after the one just unloaded
-    (cleaning cartridges skipped). With `label_of`, a tape labelled for another
-    set or sequence is refused here, naming its slot; the dump's and restore's own
-    label checks (set id, blank -> labelled) then run as for any other tape.
+    that mapping has it; else, with `tapes` (barcodes and pool patterns such as
+    "BXP*", in the order to use them), each full slot whose barcode matches, tried
+    in that order; else the next full slot after the one just unloaded (cleaning
+    cartridges skipped). With `label_of`, a tape labelled for another set or
+    sequence is refused here, naming its slot; from `tapes` such a tape (and, for a
+    restore, a blank one) is put back and the next one tried. The dump's and
+    restore's own label checks (set id, blank -> labelled) then run as for any
+    other tape. `used` records the barcode of each tape of the set it saw.
     """
 
     def __init__(self, changer: Changer, drive_index: int, drive_path: str, *,
                  barcodes: Mapping[tuple[str, int], str] | None = None,
                  eject: Callable[[str], None] | None = None,
-                 label_of: LabelReader | None = None):
+                 label_of: LabelReader | None = None,
+                 tapes: Sequence[str] | None = None, restore: bool = False):
         self.changer, self.drive_index, self.drive_path = changer, drive_index, drive_path
         self.barcodes = dict(barcodes or {})
         self.eject, self.label_of = eject, label_of
+        self.tapes, self.restore = list(tapes or []), restore
         self.slot: int | None = None      # the slot of the tape last loaded
+        self.used: dict[int, str] = {}    # sequence number -> barcode, as seen
 
     def _where(self, slot: Slot) -> str:
         tag = f" ({slot.barcode})" if slot.barcode else ""
@@ -198,7 +213,13 @@ class ChangerNextTape:
                           f"for tape {seq} of set {set_name!r}")
 
     def __call__(self, set_name: str, seq: int) -> str:
-        after = self._put_back(self.changer.status())
+        status = self.changer.status()
+        before = status.drive(self.drive_index)
+        if before.full and before.barcode and seq - 1 not in self.used:
+            self.used[seq - 1] = before.barcode
+        after = self._put_back(status)
+        if self.tapes and (set_name, seq) not in self.barcodes:
+            return self._from_tapes(set_name, seq)
         slot = self._candidate(self.changer.status(), after, set_name, seq)
         self.changer.load(slot.number, self.drive_index)
         self.slot = slot.number
@@ -208,13 +229,55 @@ class ChangerNextTape:
                 raise VolumeError(f"{self._where(slot)} holds tape {label[1]} of set "
                                   f"{label[0]!r}, not tape {seq} of set {set_name!r}; it is "
                                   f"left in drive {self.drive_index}")
+        if slot.barcode:
+            self.used[seq] = slot.barcode
         return self.drive_path
+
+    def _pool(self, status: ChangerStatus) -> list[Slot]:
+        """Full slots matching `tapes`, in its order (slot order within a pattern)."""
+        full = [s for s in status.slots if s.full and not s.import_export and s.barcode]
+        out: list[Slot] = []
+        for pattern in self.tapes:
+            out += [s for s in full if fnmatch.fnmatchcase(s.barcode or "", pattern)
+                    and s not in out]
+        return out
+
+    def _from_tapes(self, set_name: str, seq: int) -> str:
+        """Try the matching tapes in order; keep the first that fits (see the class doc)."""
+        tried: list[str] = []
+        for slot in self._pool(self.changer.status()):
+            if slot.barcode in self.used.values():
+                continue                          # already a tape of this set
+            self.changer.load(slot.number, self.drive_index)
+            self.slot = slot.number
+            try:
+                label = self.label_of(self.drive_path) if self.label_of is not None else None
+            except (FormatError, DeviceError) as e:   # not a blockxfer tape: try the next
+                tried.append(f"{slot.barcode} (unreadable: {e})")
+            else:
+                # without label_of the dump's and restore's own label checks decide
+                if (self.label_of is None or label == (set_name, seq)
+                        or (label is None and not self.restore)):
+                    self.used[seq] = slot.barcode or ""
+                    return self.drive_path
+                what = "blank" if label is None else f"tape {label[1]} of set {label[0]!r}"
+                tried.append(f"{slot.barcode} ({what})")
+            if self.eject is not None:
+                self.eject(self.drive_path)
+            self.changer.unload(slot.number, self.drive_index)
+        wanted = ("holds" if self.restore else "is blank or holds")
+        raise EndOfMedium(f"changer {self.changer.device}: none of the tapes "
+                          f"{','.join(self.tapes)} {wanted} tape {seq} of set {set_name!r}"
+                          + (f" (tried {', '.join(tried)})" if tried else
+                             " (no full slot matches)"))
 
 
 def changer_next_tape(changer: Changer, drive_index: int, drive_path: str, *,
                       barcodes: Mapping[tuple[str, int], str] | None = None,
                       eject: Callable[[str], None] | None = None,
-                      label_of: LabelReader | None = None) -> ChangerNextTape:
+                      label_of: LabelReader | None = None,
+                      tapes: Sequence[str] | None = None,
+                      restore: bool = False) -> ChangerNextTape:
     """The `next_tape` provider of a changer (see `ChangerNextTape`)."""
     return ChangerNextTape(changer, drive_index, drive_path, barcodes=barcodes, eject=eject,
-                           label_of=label_of)
+                           label_of=label_of, tapes=tapes, restore=restore)

@@ -11,6 +11,15 @@ and after that ENOSPC and success alternate until the physical end, where the
 ENOSPC is followed by EIO. This class turns that into one `EarlyWarning` (record
 not written) and then plain successes until `EndOfMedium`.
 
+Past the physical end st may not say so at all: measured on mhvtl (LTO-5,
+variable blocks), every write the drive answers with VOLUME OVERFLOW + EOM (sense
+4d/00/02) still returns the full count to user space, alternating with ENOSPC
+exactly as in the early-warning zone, with the same MTIOCGET bits (GMT_EOT, then
+GMT_EOD) and mt_erreg 0; only READ POSITION shows that the tape did not move.
+So once early warning was reported, every write on a drive that can READ
+POSITION is checked: a record that did not move the position was not written,
+and that is `EndOfMedium`.
+
 File and block numbers are counted here, not taken from st: st's own count is
 only as good as the residuals the drive reports, and emulated drives (tgt
 1.0.85, research §2.6) report none at end of data, so st's MTEOM leaves file
@@ -281,6 +290,15 @@ class StTape:
     def erase(self) -> None:
         self._op("erase", io.MTERASE, 1)
 
+    def set_compression(self, on: bool) -> None:
+        """Drive compression through st's MTCOMPRESSION (mode page 0x0F DCE)."""
+        try:
+            self._op("set compression", io.MTCOMPRESSION, 1 if on else 0)
+        except DeviceError as e:
+            # st answers EIO when page 0x0F says the drive cannot compress (DCC=0)
+            raise DeviceError(f"{self.path}: the drive cannot switch compression "
+                              f"{'on' if on else 'off'} ({e})") from e
+
     def set_block_size(self, size: int) -> None:
         self._op("set block size", io.MTSETBLK, size)
         self._block_size = size
@@ -292,6 +310,9 @@ class StTape:
         return nbytes // self._block_size if self._block_size else 1
 
     def write_record(self, data: bytes | bytearray | memoryview) -> None:
+        if self._ew_reported and self.can_locate:
+            self._write_checked(data)
+            return
         n = self._write("write", data)
         if n is None:
             if not self._ew_reported:
@@ -302,6 +323,30 @@ class StTape:
             if n is None:
                 raise EndOfMedium(f"write {self.path}: end of medium; the record was not written")
         self._add_blocks(self._blocks_in(n) if n else 0)
+        if n != len(data):
+            err = EndOfMedium(f"write {self.path}: end of medium after {n} of "
+                              f"{len(data)} bytes; the record is incomplete")
+            err.written = n  # type: ignore[attr-defined]
+            raise err
+
+    def _write_checked(self, data: bytes | bytearray | memoryview) -> None:
+        """A write past early warning, checked with READ POSITION (see the module doc)."""
+        with device_op("read position", self.path):
+            before = self._read_position()
+        n = self._write("write after early warning", data)
+        if n is None:                  # st's alternation: the next write goes to the drive
+            n = self._write("write after early warning", data)
+            if n is None:
+                raise EndOfMedium(f"write {self.path}: end of medium; the record was not written")
+        with device_op("read position", self.path):
+            moved = self._read_position() - before
+        blocks = self._blocks_in(n) if n else 0
+        if moved < blocks:
+            self._add_blocks(max(moved, 0))
+            raise EndOfMedium(f"write {self.path}: physical end of medium (the drive took "
+                              f"{max(moved, 0)} of {blocks} blocks; READ POSITION stayed at "
+                              f"{before + max(moved, 0)}); the record was not written")
+        self._add_blocks(blocks)
         if n != len(data):
             err = EndOfMedium(f"write {self.path}: end of medium after {n} of "
                               f"{len(data)} bytes; the record is incomplete")

@@ -105,9 +105,11 @@ def erase_tape(path: str) -> TapeStatus:
 
 def drive_info(path: str, *, sysfs: Path = Path("/sys")) -> dict[str, object] | None:
     """What the drive says about itself over SCSI (on its /dev/sgN): INQUIRY, READ BLOCK
-    LIMITS, TapeAlert flags and the MAM barcode. Each part is None when the drive lacks
-    it; the whole is None for a virtual tape or a drive without an sg node."""
-    from .scsi import open_scsi, sg_for_tape
+    LIMITS, TapeAlert flags (numbers and what they mean), compression (mode page 0x0F)
+    and the cartridge memory (MAM: remaining and native capacity, load count, medium
+    serial, barcode). Each part is None when the drive lacks it; the whole is None for
+    a virtual tape or a drive without an sg node."""
+    from .scsi import open_scsi, sg_for_tape, tapealert_text
     if not path.startswith("/dev/"):
         return None
     sg = sg_for_tape(path, sysfs=sysfs)
@@ -116,18 +118,53 @@ def drive_info(path: str, *, sysfs: Path = Path("/sys")) -> dict[str, object] | 
     with open_scsi(sg) as s:
         inq = s.inquiry()
         limits = s.block_limits()
+        alerts = s.tape_alerts()
+        comp = s.compression()
+        mam = s.mam()
         return {"sg": sg, "vendor": inq.vendor, "product": inq.product,
                 "revision": inq.revision, "serial": inq.serial,
                 "max_block": limits.max_block if limits else None,
                 "min_block": limits.min_block if limits else None,
-                "tape_alerts": s.tape_alerts(), "barcode": s.barcode()}
+                "tape_alerts": alerts,
+                "tape_alert_text": None if alerts is None
+                else [f"{n}: {tapealert_text(n)[1]}" for n in alerts],
+                "compression": None if comp is None
+                else ("on" if comp[1] else "off") if comp[0] else "not supported",
+                "barcode": mam.barcode if mam else s.barcode(),
+                "medium_serial": mam.medium_serial if mam else None,
+                "remaining_mib": mam.remaining_mib if mam else None,
+                "capacity_mib": mam.max_mib if mam else None,
+                "load_count": mam.load_count if mam else None}
 
 
-def max_record(path: str) -> int | None:
-    """The largest record the drive takes (READ BLOCK LIMITS), when it says."""
+def set_compression(path: str, on: bool) -> None:
+    """Switch the drive's compression (MTCOMPRESSION); it stays until changed or reset."""
+    with open_tape(path, write=False) as t:
+        t.set_compression(on)
+
+
+def tape_alerts(path: str, *, sysfs: Path = Path("/sys")) -> list[tuple[int, str, str]]:
+    """The drive's TapeAlert flags now set: (flag, severity C/W/I, what it means).
+    Empty for a virtual tape or a drive without the log page. Reading may clear them."""
+    from .scsi import open_scsi, sg_for_tape, tapealert_text
+    sg = sg_for_tape(path, sysfs=sysfs) if path.startswith("/dev/") else None
+    if sg is None:
+        return []
+    with open_scsi(sg) as s:
+        flags = s.tape_alerts() or []
+    return [(n, *tapealert_text(n)) for n in flags]
+
+
+def max_record(path: str, *, sysfs: Path = Path("/sys")) -> int | None:
+    """The largest record the drive takes (READ BLOCK LIMITS), when it says. Only that
+    command: reading the TapeAlert page here could clear flags the dump reports."""
+    from .scsi import open_scsi, sg_for_tape
+    sg = sg_for_tape(path, sysfs=sysfs) if path.startswith("/dev/") else None
+    if sg is None:
+        return None
     try:
-        info = drive_info(path)
+        with open_scsi(sg) as s:
+            limits = s.block_limits()
     except DeviceError:
         return None
-    limit = info.get("max_block") if info else None
-    return int(limit) if isinstance(limit, int) and limit > 0 else None
+    return limits.max_block if limits and limits.max_block > 0 else None

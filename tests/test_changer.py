@@ -23,7 +23,7 @@ from blockxfer.drivers.changer import (
 )
 from blockxfer.drivers.discovery import changers
 from blockxfer.drivers.vtape import create_virtual_tape
-from blockxfer.errors import DeviceError, EndOfMedium, VolumeError
+from blockxfer.errors import DeviceError, EndOfMedium, FormatError, VolumeError
 from blockxfer.transfer.tapeset import label_tape, list_tape
 from tests.fake_mtx import FakeMtx, make_library
 from tests.test_stream import snapshot_contents
@@ -165,6 +165,55 @@ def test_refused_tape_names_its_slot() -> None:
     assert blank("weekly", 2) == "/dev/nst0"
 
 
+def test_pool_of_barcodes_skips_tapes_of_other_sets() -> None:
+    """--changer-tapes 'B*': the pool's tapes in slot order; a tape of another set is
+    put back and the next tried; the barcodes used are recorded for the set."""
+    lib = Library(Drive(0, True, 1, "A1"), _slots(None, "B2", "X3", "B4"))
+    labels = {"B2": ("monthly", 1), "B4": None}
+
+    def label_of(path: str) -> tuple[str, int] | None:
+        return labels[lib.status().drive(0).barcode or ""]
+    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+                           tapes=["B*"])
+    assert nt("weekly", 2) == "/dev/nst0"
+    assert lib.moves == ["unload 1", "load 2", "unload 2", "load 4"]
+    assert nt.used == {1: "A1", 2: "B4"}
+
+
+def test_pool_tape_that_is_not_a_blockxfer_tape_is_skipped() -> None:
+    lib = Library(Drive(0, True, 1, "A1"), _slots(None, "B2", "B3"))
+
+    def label_of(path: str) -> tuple[str, int] | None:
+        if lib.status().drive(0).barcode == "B2":
+            raise FormatError("/dev/nst0 holds data that is not a blockxfer tape")
+        return ("weekly", 2)
+    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+                           tapes=["B*"], restore=True)
+    nt("weekly", 2)
+    assert lib.moves[-1] == "load 3" and nt.used[2] == "B3"
+
+
+def test_barcode_list_for_a_restore_wants_the_labelled_tape() -> None:
+    """A restore from a list of barcodes: a blank tape is not tape 2 of the set."""
+    lib = Library(Drive(0, True, 1, "A1"), _slots(None, "B2", "B3"))
+    labels = {"B2": None, "B3": ("weekly", 2)}
+
+    def label_of(path: str) -> tuple[str, int] | None:
+        return labels[lib.status().drive(0).barcode or ""]
+    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+                           tapes=["B2", "B3"], restore=True)
+    nt("weekly", 2)
+    assert lib.moves[-1] == "load 3" and nt.used[2] == "B3"
+    labels["B3"] = None
+    lib2 = Library(Drive(0, True, 1, "A1"), _slots(None, "B2", "B3"))
+    lib = lib2
+    nt2 = changer_next_tape(lib2, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+                            tapes=["B2", "B3"], restore=True)
+    with pytest.raises(EndOfMedium, match=r"none of the tapes B2,B3 holds tape 2 of set "
+                       r"'weekly' \(tried B2 \(blank\), B3 \(blank\)\)"):
+        nt2("weekly", 2)
+
+
 # -- discovery -----------------------------------------------------------------------------------
 def test_changers_from_captured_sysfs() -> None:
     found = changers(sysfs=DATA / "sys")
@@ -247,3 +296,31 @@ def test_cli_dump_and_restore_with_changer(src, tmp_path: Path,  # type: ignore[
     assert snapshot_contents(target)["june3"] == contents["june3"]
     assert cli.main(["restore", target, "--tape", drive, "--changer", "/dev/sg5",
                      "--next-tape", "echo x"]) == 2
+
+
+def test_cli_changer_tapes_by_barcode(src, tmp_path: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--changer-tapes`: the dump continues on the named barcode (not the next slot)
+    and says which barcodes the set holds; the restore finds that tape by barcode."""
+    path, contents = src
+    state, drive, _ = _library(tmp_path, 3)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    mtx = bindir / "mtx"
+    repo = Path(__file__).resolve().parent.parent
+    mtx.write_text(f"#!/bin/sh\ncd {repo} && exec {sys.executable} -m tests.fake_mtx \"$@\"\n")
+    mtx.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_MTX_STATE", str(state))
+    assert cli.main(["dump", path, LEVELS[0], "--tape", drive, "--label", "weekly",
+                     "--changer", "/dev/sg5", "--changer-tapes", "BX0003L8"]) == 0
+    assert "tapes of the set by barcode: 1 BX0001L8, 2 BX0003L8" in capsys.readouterr().out
+    changer = Changer("/dev/sg5")
+    changer.unload(3, 0)
+    changer.load(1, 0)
+    target = str(tmp_path / "r.img")
+    assert cli.main(["restore", target, "--tape", drive, "--changer", "/dev/sg5",
+                     "--changer-tapes", "BX0002L8,BX0003L8"]) == 0
+    assert snapshot_contents(target)["june3"] == contents["june3"]
+    assert changer.status().drive(0).source == 3

@@ -1,10 +1,14 @@
-"""Spanning through a real media changer with mtx (the test bed's tgt SMC changer):
-a dump fills the first slot's tape, the changer loads the next slot's, and a
-restore asks for them in order the same way. Scratch tapes: they are overwritten."""
+"""Spanning through a real media changer with mtx (the test bed's mhvtl library and
+tgt SMC changer): a dump fills the first slot's tape, the changer loads the next
+slot's, and a restore asks for them in order the same way. Scratch tapes: they are
+overwritten. BLOCKXFER_TEST_CHANGER_DRIVE is the changer's number of the drive
+(default 0)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,21 +24,23 @@ pytestmark = [pytest.mark.device,
               pytest.mark.skipif(not (os.environ.get("BLOCKXFER_TEST_CHANGER")
                                       and os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE")),
                                  reason="no changer: set BLOCKXFER_TEST_CHANGER=/dev/sgN and "
-                                 "BLOCKXFER_TEST_CHANGER_TAPE=/dev/nstN (its drive 0; scratch "
-                                 "tapes in slots 1 and 2)")]
+                                 "BLOCKXFER_TEST_CHANGER_TAPE=/dev/nstN (its drive "
+                                 "BLOCKXFER_TEST_CHANGER_DRIVE, default 0; scratch tapes in "
+                                 "slots 1, 2 and the last full slot)")]
 CHANGER = os.environ.get("BLOCKXFER_TEST_CHANGER", "")
 DRIVE = os.environ.get("BLOCKXFER_TEST_CHANGER_TAPE", "")
+INDEX = int(os.environ.get("BLOCKXFER_TEST_CHANGER_DRIVE") or 0)
 
 
 def _load(changer: Changer, slot: int) -> None:
-    """Put slot `slot`'s tape in drive 0 (whatever was there back in its slot)."""
-    d = changer.status().drive(0)
+    """Put slot `slot`'s tape in the test's drive (whatever was there back in its slot)."""
+    d = changer.status().drive(INDEX)
     if d.full and d.source == slot:
         return
     if d.full:
         eject_tape(DRIVE)
-        changer.unload(d.source or slot, 0)
-    changer.load(slot, 0)
+        changer.unload(d.source or slot, INDEX)
+    changer.load(slot, INDEX)
 
 
 def test_discovery_finds_the_changer() -> None:
@@ -57,7 +63,7 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
                 label_tape(t, "CHG-SPAN", force=True)
         finally:
             t.close()
-    nt = changer_next_tape(changer, 0, DRIVE, eject=eject_tape, label_of=tape_label)
+    nt = changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape, label_of=tape_label)
     res = dump(path, LEVELS[0], DRIVE, next_tape=nt)
     assert len(res.tapes) == 2 and nt.slot == 2  # type: ignore[attr-defined]
     second = list_tape(opener(DRIVE, False))
@@ -65,6 +71,51 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
     _load(changer, 1)
     target = str(tmp_path / "r.img")
     restore(DRIVE, target,
-            next_tape=changer_next_tape(changer, 0, DRIVE, eject=eject_tape, label_of=tape_label))
+            next_tape=changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape,
+                                        label_of=tape_label))
     assert snapshot_contents(target)["june3"] == contents["june3"]
-    assert changer.status().drive(0).source == 2
+    assert changer.status().drive(INDEX).source == 2
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockxfer.cli", *argv], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_dump_and_restore_choose_tapes_by_barcode(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """`--changer-tapes`: the dump continues on the named barcode (the last full slot,
+    not the next one) and prints the set's barcodes; `tape list` shows the barcode
+    when the cartridge memory has it; the restore finds the tape in a pool ('*')."""
+    path, contents = src
+    changer = Changer(CHANGER)
+    _load(changer, 1)
+    full = [s for s in changer.status().slots if s.full and s.barcode and not s.import_export]
+    last = max(full, key=lambda s: s.number)
+    _load(changer, last.number)
+    t = opener(DRIVE, True)
+    try:
+        t.rewind()
+        t.write_filemarks(1)          # blank enough: no label at BOT
+    finally:
+        t.close()
+    _load(changer, 1)
+    t = opener(DRIVE, True)
+    try:
+        label_tape(t, "BARCODES", force=True)
+    finally:
+        t.close()
+    base = ["--tape", DRIVE, "--changer", CHANGER, "--changer-drive", str(INDEX)]
+    r = _cli("dump", path, "june*", *base, "--changer-tapes", str(last.barcode))
+    assert r.returncode == 0, r.stderr
+    assert "tapes of the set by barcode: 1 " in r.stdout and f"2 {last.barcode}" in r.stdout
+    assert changer.status().drive(INDEX).source == last.number
+    listed = _cli("tape", "list", DRIVE)
+    assert listed.returncode == 0, listed.stderr
+    if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "mhvtl":     # MAM: tgt has none
+        assert f"barcode {last.barcode}" in listed.stdout
+    _load(changer, 1)
+    target = str(tmp_path / "r.img")
+    r = _cli("restore", target, *base, "--changer-tapes", "*")
+    assert r.returncode == 0, r.stderr
+    assert changer.status().drive(INDEX).source == last.number
+    assert snapshot_contents(target)["june9"] == contents["june9"]

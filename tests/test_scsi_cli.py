@@ -103,3 +103,83 @@ def test_unit_attention_after_reset_is_retried() -> None:
         return bytes([0x09, 0x10, 0x00, 0x00, 0x00, 0x04]), None
     limits = ScsiTape(execute).block_limits()
     assert limits is not None and limits.max_block == 1 << 20 and calls == [0x05, 0x05]
+
+
+def _attr(ident: int, fmt: int, value: bytes) -> bytes:
+    return ident.to_bytes(2, "big") + bytes([fmt]) + len(value).to_bytes(2, "big") + value
+
+
+def test_mam_attributes() -> None:
+    attrs = (_attr(0x0000, 0, (120).to_bytes(8, "big"))
+             + _attr(0x0001, 0, (1500).to_bytes(8, "big"))
+             + _attr(0x0003, 0, (7).to_bytes(8, "big")) + _attr(0x0401, 1, b"SER0042  ")
+             + _attr(0x0806, 1, b"BXM001L5" + b" " * 24))
+    s = ScsiTape(fake({0x8C: (len(attrs).to_bytes(4, "big") + attrs, None)}))
+    m = s.mam()
+    assert m is not None
+    assert (m.remaining_mib, m.max_mib, m.load_count, m.medium_serial, m.barcode) == (
+        120, 1500, 7, "SER0042", "BXM001L5")
+
+
+def test_mam_without_a_tape_is_none() -> None:
+    not_ready = bytes([0x70, 0, 0x02, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3A, 0x00])
+    s = ScsiTape(fake({0x8C: (b"", not_ready), 0x4D: (b"", not_ready)}))
+    assert s.mam() is None and s.tape_alerts() is None
+
+
+def test_compression_page() -> None:
+    page = bytes([0x0F, 14, 0xC0, 0]) + bytes(12)      # DCE and DCC
+    s = ScsiTape(fake({0x1A: (bytes([len(page) + 3, 0, 0, 0]) + page, None)}))
+    assert s.compression() == (True, True)
+    off = bytes([0x0F, 14, 0x40, 0]) + bytes(12)
+    assert ScsiTape(fake({0x1A: (bytes([19, 0, 0, 0]) + off, None)})).compression() == (True, False)
+    assert ScsiTape(fake({})).compression() is None      # no page 0x0F: not reported
+
+
+def test_tapealert_text() -> None:
+    from blockxfer.drivers.scsi import tapealert_text
+    assert tapealert_text(20) == ("C", "clean now: the drive needs cleaning")
+    assert tapealert_text(64)[0] == "W" and "64" in tapealert_text(64)[1]
+
+
+def test_tape_alerts_after_a_dump_or_restore(monkeypatch, capsys) -> None:
+    """Critical flags: one line each and exit status 4; warnings: a line, status 0;
+    information flags: nothing."""
+    from blockxfer import cli_devices
+    from blockxfer.drivers import tapes
+
+    flags: list[tuple[int, str, str]] = []
+    monkeypatch.setattr(tapes, "tape_alerts", lambda path: flags)
+    assert cli_devices.report_tape_alerts("/dev/nst0", "dump") == 0
+    flags[:] = [(1, "W", "read warning: x"), (11, "I", "cleaning media: y")]
+    assert cli_devices.report_tape_alerts("/dev/nst0", "dump") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: /dev/nst0: TapeAlert 1, read warning" in err
+    flags[:] = [(20, "C", "clean now: the drive needs cleaning")]
+    assert cli_devices.report_tape_alerts("/dev/nst0", "restore") == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the restore finished" in err and "TapeAlert 20" in err
+
+
+def test_compression_on_a_drive_that_cannot(tmp_path) -> None:
+    """The virtual tape answers MTCOMPRESSION like a drive without it (DCC=0): one
+    clear error from `dump --compression on`, before anything is written."""
+    import subprocess
+    import sys
+
+    from tests.test_stream import make_source
+    src = str(tmp_path / "src.img")
+    make_source(src).close()
+    tape = str(tmp_path / "t.vtape")
+    assert run("tape", "create", tape, "--capacity", "64M") == 0
+    r = subprocess.run([sys.executable, "-m", "blockxfer.cli", "dump", src, "june1", "--tape",
+                        tape, "--compression", "on"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stderr
+    assert "cannot switch compression on" in r.stderr and r.stderr.count("\n") == 1
+    from blockxfer.drivers.tapes import open_tape_handle
+    from blockxfer.transfer.tapeset import read_label
+    t = open_tape_handle(tape, write=False)
+    try:
+        assert read_label(t) is None                   # nothing was written
+    finally:
+        t.close()

@@ -1,6 +1,7 @@
-"""SCSI extras on a real drive (the test bed's tgt tape): INQUIRY and READ BLOCK
-LIMITS answer; TapeAlert and MAM, which tgt lacks, degrade to None; `tape status`
-shows them and `dump` bounds its record size by the drive's limit."""
+"""SCSI extras on a real drive (the test bed's mhvtl and tgt tapes): INQUIRY and
+READ BLOCK LIMITS answer; TapeAlert, compression and MAM answer on mhvtl and
+degrade to None on tgt, which lacks them; `tape status` shows them and `dump`
+bounds its record size by the drive's limit."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def test_drive_describes_itself() -> None:
     if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "tgt":    # research §2.2: no LOG SENSE, MAM
         assert info["tape_alerts"] is None and info["barcode"] is None
         assert info["max_block"] == 1 << 20
+    if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "mhvtl":   # vm-testbed/guest/mhvtl.sh
+        assert info["tape_alerts"] == [] and info["compression"] in ("on", "off")
+        assert info["barcode"] == "BXM001L5" and info["medium_serial"]
+        assert isinstance(info["load_count"], int) and info["load_count"] >= 1
+        assert 0 < info["remaining_mib"] <= info["capacity_mib"]  # type: ignore[operator]
 
 
 @pytest.mark.device
@@ -38,6 +44,14 @@ def test_tape_status_shows_the_drive() -> None:
                           "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["drive"]["product"]
+    text = subprocess.run([sys.executable, "-m", "blockxfer.cli", "tape", "status", TAPE],
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    for field in ("block limits", "tape alerts", "compression", "barcode", "medium serial",
+                  "remaining", "load count"):
+        assert f"\n{field} " in text.stdout
+    if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "mhvtl":
+        assert "BXM001L5" in text.stdout
 
 
 def test_virtual_tape_has_no_scsi(tmp_path: object) -> None:
@@ -45,3 +59,45 @@ def test_virtual_tape_has_no_scsi(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "v.vtape")
     create_virtual_tape(path, 1 << 24)
     assert drive_info(path) is None and max_record(path) is None
+
+
+VTLCMD = os.environ.get("BLOCKXFER_TEST_MHVTL_VTLCMD")
+need_mhvtl = pytest.mark.skipif(not (TAPE and VTLCMD), reason="needs the test bed's mhvtl "
+                                "(BLOCKXFER_TEST_MHVTL_VTLCMD injects TapeAlert flags)")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockxfer.cli", *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _inject(flags: int) -> None:
+    assert VTLCMD
+    subprocess.run([VTLCMD, os.environ.get("BLOCKXFER_TEST_MHVTL_DRIVE", "11"), "TapeAlert",
+                    f"{flags:x}"], check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.device("tape")
+@need_mhvtl
+def test_tape_alert_after_dump_and_compression(tmp_path: object) -> None:
+    """`dump --compression on|off` switches the drive ('tape status' shows it), and a
+    critical TapeAlert flag raised during the dump gives one line and exit status 4."""
+    from tests.test_stream import make_source
+    assert TAPE
+    src = os.path.join(str(tmp_path), "src.img")
+    make_source(src).close()
+    assert _cli("tape", "label", TAPE, "TA-TEST", "--force").returncode == 0
+    for mode in ("on", "off"):
+        r = _cli("dump", src, "june1", "--tape", TAPE, "--compression", mode)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(_cli("tape", "status", TAPE, "--json").stdout)["drive"][
+            "compression"] == mode
+    _inject(1 << 19)                                  # flag 20: clean now
+    try:
+        r = _cli("dump", src, "june2", "--tape", TAPE)
+    finally:
+        _inject(0)
+    assert r.returncode == 4, r.stderr
+    assert "image 3" in r.stdout                      # the dump itself finished
+    lines = [x for x in r.stderr.splitlines() if "TapeAlert" in x]
+    assert len(lines) == 1 and "TapeAlert 20, clean now" in lines[0]

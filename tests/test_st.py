@@ -15,7 +15,9 @@ from blockxfer.tape import EarlyWarning, EndOfData, Tape
 
 class ScriptedTape:
     """One letter per write(): '.' ok, 'h' half written, 'S' ENOSPC, 'E' EIO,
-    'P' EACCES, 'I' EINVAL. ioctls answer from `ioctl_errors` (request -> errno)."""
+    'P' EACCES, 'I' EINVAL, 'X' the full count returned but nothing written (st past
+    the physical end on mhvtl: VOLUME OVERFLOW hidden). ioctls answer from
+    `ioctl_errors` (request -> errno); READ POSITION is 7 + the records written."""
 
     name = "/dev/nst9"
 
@@ -34,6 +36,8 @@ class ScriptedTape:
         codes = {"S": errno.ENOSPC, "E": errno.EIO, "P": errno.EACCES, "I": errno.EINVAL}
         if step in codes:
             raise OSError(codes[step], os.strerror(codes[step]))
+        if step == "X":
+            return len(data)
         n = len(data) // 2 if step == "h" else len(data)
         self.written.append(bytes(data[:n]))
         return n
@@ -72,7 +76,7 @@ class ScriptedTape:
             return arg
         if request == io.MTIOCGET:
             return io.MTGET.pack(0x72, 0, 0, self.gstat, 0, 0, 0)
-        return io.MTPOS.pack(7)
+        return io.MTPOS.pack(7 + len(self.written))
 
 
 def tape(script: str, **kw) -> tuple[StTape, ScriptedTape]:
@@ -106,6 +110,31 @@ def test_physical_end_after_early_warning() -> None:
     with pytest.raises(EndOfMedium, match="end of medium"):
         t.write_record(b"x")
     assert f.written == []
+
+
+def test_physical_end_hidden_by_st_is_found_by_read_position() -> None:
+    """mhvtl past its physical end: st returns the count (alternating with ENOSPC as
+    in the early-warning zone) but the position does not move: EndOfMedium."""
+    t, f = tape(".S.SX")
+    t.write_record(b"a")
+    with pytest.raises(EarlyWarning):
+        t.write_record(b"b")
+    t.write_record(b"b")                           # checked: the position moved
+    with pytest.raises(EndOfMedium, match="physical end of medium") as info:
+        t.write_record(b"c")                       # S then X: st said written, it is not
+    assert not isinstance(info.value, EarlyWarning)
+    assert f.written == [b"a", b"b"]
+    assert t.status().block == 2                   # only what is on tape is counted
+
+
+def test_no_read_position_no_check() -> None:
+    """A drive without READ POSITION (tgt) has no physical end to hide: no check."""
+    t, f = tape(".S.", ioctl_errors={io.MTIOCPOS: errno.EIO})
+    t.write_record(b"a")
+    with pytest.raises(EarlyWarning):
+        t.write_record(b"b")
+    t.write_record(b"b")
+    assert f.written == [b"a", b"b"]
 
 
 def test_short_write_is_reported() -> None:

@@ -4,7 +4,8 @@
 #
 #   vm-testbed/run.sh            run `pytest -m device` in the guest (make testbed)
 #   vm-testbed/run.sh --shell    interactive shell in the guest (make testbed-shell)
-#   vm-testbed/run.sh --bench    throttled RAID0 read benchmark (make testbed-bench)
+#   vm-testbed/run.sh --bench    throttled RAID0 read benchmark (make testbed-bench);
+#                                with TESTBED_BENCH=tape: dump to an mhvtl drive vs dd
 #
 # Settings (environment): see docs/testbed.md.  Everything downloaded or built
 # goes to vm-testbed/work/ (git-ignored, reused by later runs).
@@ -19,18 +20,22 @@ while [ $# -gt 0 ]; do
         --shell) MODE=shell ;;
         --bench) MODE=bench ;;
         --test) MODE=test ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
 done
+# the tape bench needs the normal devices and mhvtl, not the slow RAID disks
+[ "$MODE" = bench ] && [ "${TESTBED_BENCH:-raid}" = tape ] && MODE=bench-tape
 
-TIMEOUT=${TESTBED_TIMEOUT:-780}         # seconds the guest may run (test and bench modes)
+TIMEOUT=${TESTBED_TIMEOUT:-900}         # seconds the guest may run (test and bench modes)
 MEM=${TESTBED_MEM:-2048}
 SMP=${TESTBED_SMP:-2}
 DISK_MB=${TESTBED_DISK_MB:-256}
 TAPE_MB=${TESTBED_TAPE_MB:-512}
 TAPE_SMALL_MB=${TESTBED_TAPE_SMALL_MB:-8}
+MHVTL=${TESTBED_MHVTL:-1}                  # 1: mhvtl library in the guest, the default tape
+case "$MHVTL" in 0|1) ;; *) echo "TESTBED_MHVTL: 0 or 1" >&2; exit 2 ;; esac
 CHANGER=${TESTBED_CHANGER:-1}              # 1: a tgt media changer with 3 tapes (tgt only)
 CHANGER_TAPE_MB=${TESTBED_CHANGER_TAPE_MB:-4}  # its first tape: a dump spans from it
 NBD_MB=${TESTBED_NBD_MB:-256}
@@ -80,7 +85,8 @@ ensure_host_packages() {
     local -A need=(
         [qemu-system-x86_64]=qemu-system-x86 [qemu-nbd]=qemu-utils [tgtd]=tgt [tgtimg]=tgt
         [mdadm]=mdadm [nbd-client]=nbd-client [depmod]=kmod [cpio]=cpio [fio]=fio
-        [setsid]=util-linux [timeout]=coreutils [mtx]=mtx
+        [setsid]=util-linux [timeout]=coreutils [mtx]=mtx [mt]=mt-st [sg_logs]=sg3-utils
+        [lsscsi]=lsscsi
     )
     local missing=() c
     for c in "${!need[@]}"; do
@@ -149,6 +155,26 @@ build_initramfs() {
     python3 "$HERE/lib/mkinitramfs.py" "$WORK/kernel" "$KVER" "$HERE/guest/init" "$INITRD" \
         "${MODULES[@]}" >&2 || fail "building the initramfs"
     echo "$key" >"$WORK/initramfs.key"
+}
+
+# --- mhvtl: built here for the guest kernel, started in the guest (guest/mhvtl.sh) ---
+MHVTL_USR=
+mhvtl_tarball() {  # ../shared/third_party beside the clone (or beside a worktree's main checkout)
+    local name=shared/third_party/mhvtl-fc22cc6.tar.gz common
+    [ -n "${TESTBED_MHVTL_TARBALL:-}" ] && { echo "$TESTBED_MHVTL_TARBALL"; return 0; }
+    common=$(git -C "$REPO" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+    for d in "$REPO/.." ${common:+"$(dirname "$common")/.."}; do
+        [ -f "$d/$name" ] && { echo "$(cd "$d" && pwd)/$name"; return 0; }
+    done
+    echo "$REPO/../$name"
+}
+build_mhvtl() {
+    [ "$MHVTL" = 1 ] || return 0
+    local MHVTL_TARBALL
+    MHVTL_TARBALL=$(mhvtl_tarball)
+    bash "$HERE/lib/build-mhvtl.sh" "$WORK" "$KVER" "$MHVTL_TARBALL" \
+        || fail "mhvtl could not be built (TESTBED_MHVTL=0 runs without it)"
+    MHVTL_USR=$(ls -d "$WORK"/mhvtl/usr-* | head -1)
 }
 
 # --- accelerator: KVM only if a real boot gets going within seconds --------------
@@ -234,7 +260,7 @@ make_disks() {
     for i in 0 1; do truncate -s ${DISK_MB}M "$WORK/disks/spare-$i.img"; add_disk "spare-$i" "$WORK/disks/spare-$i.img"; done
     # /var/tmp in the guest (ext4): loop devices with direct I/O need a backing
     # file system that really does O_DIRECT, which the tmpfs overlay does not
-    truncate -s 1G "$WORK/disks/scratch.img"
+    truncate -s 2G "$WORK/disks/scratch.img"  # also holds mhvtl's cartridges
     add_disk scratch "$WORK/disks/scratch.img"
     i=0
     local IFS=,
@@ -338,7 +364,7 @@ mhvtl_sg() {  # first mhvtl tape drive's /dev/sgN on the host
     return 1
 }
 setup_tape() {
-    [ "$MODE" = bench ] && return 0
+    case "$MODE" in bench|bench-tape) return 0 ;; esac
     local sg=${TESTBED_TAPE_SG:-}
     if [ -z "$sg" ] && [ -z "${TESTBED_TAPE_ISCSI:-}" ] && [ "${TESTBED_TAPE:-}" != tgt ]; then
         sg=$(mhvtl_sg) && { say "mhvtl found: passing its tape drive $sg to the guest"; TAPE_KIND=mhvtl; }
@@ -363,7 +389,7 @@ setup_tape() {
 # --- NBD server on the host (guest reaches it at 10.0.2.2 through QEMU's slirp) ---
 NBD_PORT=
 start_nbd() {
-    [ "$MODE" = bench ] && return 0
+    case "$MODE" in bench|bench-tape) return 0 ;; esac
     NBD_PORT=$(free_port)
     truncate -s ${NBD_MB}M "$WORK/disks/nbd0.img"
     qemu-nbd --format=raw --export-name=testbed --bind=127.0.0.1 --port="$NBD_PORT" \
@@ -406,6 +432,7 @@ main() {
     ensure_host_packages
     export PATH=$PATH:/usr/sbin:/sbin
     fetch_kernel
+    [ "$MODE" = bench ] || build_mhvtl
     build_initramfs
     [ -x "$REPO/.venv/bin/python" ] || fail "no $REPO/.venv: run 'make venv' first (make testbed does)"
     probe_accel
@@ -418,11 +445,16 @@ main() {
 TB_MODE=$MODE
 TB_TAPES=$TAPES
 TB_TAPE_KIND=$TAPE_KIND
+TB_TAPE_MB=$TAPE_MB
 TB_TAPE_SMALL_MB=$TAPE_SMALL_MB
+TB_CHANGER_TAPE_MB=$CHANGER_TAPE_MB
 TB_CHANGER=$([ "$TAPE_KIND" = tgt ] && [ "$TAPE_VIA" = qemu ] && echo "$CHANGER" || echo 0)
 TB_NBD_PORT=$NBD_PORT
 TB_NBD_EXPORT=testbed
 TB_TAPE_VIA=$TAPE_VIA
+TB_MHVTL=$([ -n "$MHVTL_USR" ] && echo 1 || echo 0)
+TB_MHVTL_USR=$MHVTL_USR
+TB_MHVTL_KO=$WORK/kernel/mhvtl/mhvtl.ko
 TB_ISCSI_PORT=${TB_ISCSI_PORT:-}
 TB_ISCSI_IQN=${TB_ISCSI_IQN:-}
 TB_TERM=${TERM:-linux}
@@ -431,7 +463,7 @@ TB_BENCH_VIA=$BENCH_VIA
 TB_BENCH_LATENCY_MS=$BENCH_LATENCY_MS
 EOF
     local v
-    for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB \
+    for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB TESTBED_BENCH_TAPE_MB \
              TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB TESTBED_CHUNK5_KB; do
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
@@ -453,6 +485,9 @@ EOF
     elif [ "$MODE" = bench ]; then
         echo "==== vm-testbed bench (guest under $ACCEL) ===="
         grep -E '^(bench|  )' "$RESULTS/bench.log" || true
+    elif [ "$MODE" = bench-tape ]; then
+        echo "==== vm-testbed tape bench on mhvtl (guest under $ACCEL) ===="
+        cat "$RESULTS/bench.log" 2>/dev/null || true
     fi
     exit "$rc"
 }

@@ -104,6 +104,11 @@ login_open_iscsi() {
     log "open-iscsi: logged in to $TB_ISCSI_IQN at $portal"
 }
 
+# The tapes of each implementation, as the BLOCKXFER_TEST_* variables the tests
+# read: TGT_ENV (tgt, from the host) and MHVTL_ENV (mhvtl, in the guest).  The
+# main pytest run gets mhvtl's (tgt's without mhvtl); tgt's run the tape tests
+# again in a second pass (run_tgt_pass).
+declare -A TGT_ENV=() MHVTL_ENV=()
 setup_tapes() {
     local i
     [ "${TB_TAPES:-0}" -gt 0 ] || return 0
@@ -117,19 +122,48 @@ setup_tapes() {
         sleep 0.2
     done
     TAPE=$(find_tape "$main") || { log "no tape appeared (expected /dev/nst0)"; return 1; }
-    export BLOCKXFER_TEST_TAPE=$TAPE
-    log "tape: $TAPE ($(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/vendor" 2>/dev/null | xargs)" \
+    TGT_ENV[BLOCKXFER_TEST_TAPE]=$TAPE
+    log "${TB_TAPE_KIND:-tgt} tape: $TAPE ($(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/vendor" 2>/dev/null | xargs)" \
         "$(cat "/sys/class/scsi_tape/$(basename "$TAPE")/device/model" 2>/dev/null | xargs))"
     if [ "${TB_TAPES:-0}" -gt 1 ] && TAPE_EW=$(find_tape "$small"); then
-        export BLOCKXFER_TEST_TAPE_SMALL=$TAPE_EW
-        export BLOCKXFER_TEST_TAPE_SMALL_MB=${TB_TAPE_SMALL_MB:-}
+        TGT_ENV[BLOCKXFER_TEST_TAPE_SMALL]=$TAPE_EW
+        TGT_ENV[BLOCKXFER_TEST_TAPE_SMALL_MB]=${TB_TAPE_SMALL_MB:-}
         # the conformance suite fills this one (early warning, trailer after it)
-        export BLOCKXFER_TEST_TAPE_FILL=$TAPE_EW
+        TGT_ENV[BLOCKXFER_TEST_TAPE_FILL]=$TAPE_EW
         log "small tape (early warning at ${TB_TAPE_SMALL_MB:-?} MB): $TAPE_EW"
     fi
     [ "${TB_CHANGER:-0}" = 1 ] && setup_changer
-    export BLOCKXFER_TEST_TAPE_KIND=${TB_TAPE_KIND:-tgt}
-    export BLOCKXFER_TEST_TAPE_PATH=${TB_TAPE_VIA:-qemu}  # qemu (libiscsi passthrough) or open-iscsi
+    TGT_ENV[BLOCKXFER_TEST_TAPE_KIND]=${TB_TAPE_KIND:-tgt}
+    TGT_ENV[BLOCKXFER_TEST_TAPE_PATH]=${TB_TAPE_VIA:-qemu}  # qemu (libiscsi passthrough) or open-iscsi
+}
+
+setup_mhvtl() {
+    [ "${TB_MHVTL:-0}" = 1 ] || return 0
+    # shellcheck source=vm-testbed/guest/mhvtl.sh
+    . "$REPO/vm-testbed/guest/mhvtl.sh"
+    start_mhvtl || die "mhvtl could not be started (see the stage2 lines above)"
+    MHVTL_ENV=(
+        [BLOCKXFER_TEST_TAPE]=$MHVTL_TAPE
+        [BLOCKXFER_TEST_TAPE_SMALL]=$MHVTL_SMALL
+        [BLOCKXFER_TEST_TAPE_SMALL_MB]=${TB_TAPE_SMALL_MB:-8}
+        [BLOCKXFER_TEST_TAPE_FILL]=$MHVTL_SMALL
+        [BLOCKXFER_TEST_TAPE_HARD_EOM]=1
+        [BLOCKXFER_TEST_CHANGER]=$MHVTL_CHANGER
+        [BLOCKXFER_TEST_CHANGER_TAPE]=$MHVTL_CHANGER_TAPE
+        [BLOCKXFER_TEST_CHANGER_DRIVE]=2
+        [BLOCKXFER_TEST_TAPE_KIND]=mhvtl
+        [BLOCKXFER_TEST_TAPE_PATH]=guest
+        # vtlcmd and the drive id of BLOCKXFER_TEST_TAPE: tests inject TapeAlert flags
+        [BLOCKXFER_TEST_MHVTL_VTLCMD]=$TB_MHVTL_USR/bin/vtlcmd
+        [BLOCKXFER_TEST_MHVTL_DRIVE]=${MHVTL_DRIVES[0]}
+    )
+}
+
+export_tape_env() {  # export_tape_env mhvtl|tgt: the BLOCKXFER_TEST_* tape variables of one
+    local -n e=${1^^}_ENV
+    local k
+    for k in $(env | grep -o '^BLOCKXFER_TEST_\(TAPE\|CHANGER\|MHVTL\)[A-Z_]*'); do unset "$k"; done
+    for k in "${!e[@]}"; do export "$k=${e[$k]}"; done
 }
 
 # tgt's changer (scsi-id 3, SCSI type 8: mtx drives it through its sg node) and
@@ -140,8 +174,8 @@ setup_changer() {
         addr=$(basename "$(readlink -f "$g/device")")
         [ "${addr#*:*:}" = 3:0 ] && [ "$(cat "$g/device/type")" = 8 ] || continue
         drive=$(find_tape 2:0) || { log "changer found but not its drive"; return 0; }
-        export BLOCKXFER_TEST_CHANGER=/dev/$(basename "$g") BLOCKXFER_TEST_CHANGER_TAPE=$drive
-        log "changer: $BLOCKXFER_TEST_CHANGER (tgt SMC), its drive $drive"
+        TGT_ENV[BLOCKXFER_TEST_CHANGER]=/dev/$(basename "$g") TGT_ENV[BLOCKXFER_TEST_CHANGER_TAPE]=$drive
+        log "changer: ${TGT_ENV[BLOCKXFER_TEST_CHANGER]} (tgt SMC), its drive $drive"
         return 0
     done
     log "no changer appeared at scsi-id 3"
@@ -164,6 +198,10 @@ setup_nbd() {
 
 write_env() {
     env | grep '^BLOCKXFER_TEST_' | sort | tee "$RESULTS/devices.env"
+    [ ${#MHVTL_ENV[@]} -gt 0 ] && [ ${#TGT_ENV[@]} -gt 0 ] || return 0
+    echo "# second pass (tape tests only) on ${TB_TAPE_KIND:-tgt}:" >>"$RESULTS/devices.env"
+    (export_tape_env tgt; env | grep '^BLOCKXFER_TEST_\(TAPE\|CHANGER\)' | sort) \
+        | tee -a "$RESULTS/devices.env"
 }
 
 mount_scratch() {  # ext4 on the "scratch" disk at /var/tmp: see run.sh make_disks
@@ -190,6 +228,8 @@ test|shell)
     EXTRA=$(disks_with_prefix extra-)
     [ -n "$EXTRA" ] && export BLOCKXFER_TEST_EXTRA_DISKS=${EXTRA// /,}
     setup_tapes
+    setup_mhvtl
+    if [ ${#MHVTL_ENV[@]} -gt 0 ]; then export_tape_env mhvtl; else export_tape_env tgt; fi
     setup_nbd
     export BLOCKXFER_TESTBED=1
     write_env
@@ -198,20 +238,49 @@ bench)
     export BENCH_DISKS
     BENCH_DISKS=$(disks_with_prefix bench-)
     ;;
+bench-tape)
+    mount_scratch
+    setup_mhvtl
+    export_tape_env mhvtl
+    [ -n "${BLOCKXFER_TEST_TAPE:-}" ] || die "the tape bench needs mhvtl (TESTBED_MHVTL=1)"
+    ;;
 esac
 
 cd "$REPO" || die "cannot cd to $REPO"
+# the tape tests, run again on tgt when mhvtl is the main tape
+TAPE_TESTS=(tests/test_tape_conformance.py tests/test_tape_dump_device.py tests/test_changer_device.py
+            tests/test_scsi_device.py tests/test_testbed_smoke.py::test_tape_online_and_roundtrip
+            tests/test_testbed_smoke.py::test_tape_position_query
+            tests/test_testbed_smoke.py::test_small_tape_early_warning)
+run_pytest() {  # run_pytest PASS [ARGS...]: PASS "main" or the tape kind of a second pass
+    local pass=$1 sfx=
+    shift
+    [ "$pass" = main ] || sfx=-$pass
+    PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
+    TESTBED_REPORT=$RESULTS/report$sfx.json \
+        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device or root}" \
+        -p no:cacheprovider -p testbed_report \
+        --junitxml="$RESULTS/junit$sfx.xml" "$@" 2>&1 | tee "$RESULTS/pytest$sfx.log"
+    return "${PIPESTATUS[0]}"
+}
 export PYTHONDONTWRITEBYTECODE=1
 case "$TB_MODE" in
 test)
     # TESTBED_PYTEST_ARGS is split like a shell command line: -k 'tape or nbd' works
     eval "extra=(${TB_PYTEST_ARGS:-})"
-    PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
-    TESTBED_REPORT=$RESULTS/report.json \
-        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device or root}" \
-        -p no:cacheprovider -p testbed_report \
-        --junitxml="$RESULTS/junit.xml" "${extra[@]}" 2>&1 | tee "$RESULTS/pytest.log"
-    rc=${PIPESTATUS[0]}
+    run_pytest main "${extra[@]}"
+    rc=$?
+    if [ ${#MHVTL_ENV[@]} -gt 0 ] && [ ${#TGT_ENV[@]} -gt 0 ]; then
+        # tgt stays a second implementation: the drive without LOCATE, reached
+        # through iSCSI; only the tape tests run again, on its devices
+        (export_tape_env tgt
+         unset BLOCKXFER_TEST_MD0 BLOCKXFER_TEST_MD5 BLOCKXFER_TEST_NBD BLOCKXFER_TEST_DISKS \
+               BLOCKXFER_TEST_EXTRA_DISKS
+         run_pytest tgt "${TAPE_TESTS[@]}" "${extra[@]}")
+        rc2=$?
+        [ "$rc2" = 5 ] && rc2=0   # nothing selected (a -k for the main pass)
+        [ "$rc" = 0 ] && rc=$rc2
+    fi
     ;;
 shell)
     echo
@@ -222,6 +291,13 @@ shell)
     ;;
 bench)
     bash "$REPO/vm-testbed/bench-raid.sh" $BENCH_DISKS 2>&1 | tee "$RESULTS/bench.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+bench-tape)
+    # dump of an image to mhvtl's drive 0 vs dd of the same bytes and record size,
+    # and a one-block partial restore by LOCATE vs reading the whole image
+    TAPE=$BLOCKXFER_TEST_TAPE BENCH_TAPE_MB=${TB_BENCH_TAPE_MB:-128} \
+        "$REPO/.venv/bin/python" -m bench.bench_tape 2>&1 | tee "$RESULTS/bench.log"
     rc=${PIPESTATUS[0]}
     ;;
 *)

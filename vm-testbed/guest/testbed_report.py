@@ -31,14 +31,22 @@ def _device_labels() -> dict[str, str]:
         for p in filter(None, os.environ.get(var, "").split(",")):
             labels[os.path.basename(p)] = label
 
-    add("BLOCKXFER_TEST_TAPE", "tape")
-    add("BLOCKXFER_TEST_TAPE_SMALL", "tape (small)")
+    kind = _tape_kind()
+    add("BLOCKXFER_TEST_TAPE", f"tape {kind}")
+    add("BLOCKXFER_TEST_TAPE_SMALL", f"tape {kind} (small)")
+    add("BLOCKXFER_TEST_CHANGER", f"changer {kind}")
+    add("BLOCKXFER_TEST_CHANGER_TAPE", f"changer {kind}")
     add("BLOCKXFER_TEST_MD0", "md raid0")
     add("BLOCKXFER_TEST_MD5", "md raid5")
     add("BLOCKXFER_TEST_NBD", "nbd")
     add("BLOCKXFER_TEST_DISKS", "disk")
     add("BLOCKXFER_TEST_EXTRA_DISKS", "extra disk")
     return labels
+
+
+def _tape_kind() -> str:
+    """mhvtl or tgt (or host-sg, iscsi): the tape implementation of this pass."""
+    return os.environ.get("BLOCKXFER_TEST_TAPE_KIND") or "?"
 
 
 _PATTERNS = [
@@ -64,7 +72,7 @@ def _classify(path: str) -> str | None:
         return _labels[m.group(1)]
     for rx, label in _PATTERNS:
         if rx.search(path):
-            return label or base
+            return f"tape {_tape_kind()}" if label == "tape" else label or base
     return None
 
 
@@ -101,7 +109,8 @@ class _Recorder:
         global _current
         used: set[str] = set()
         for m in item.iter_markers("device"):
-            used.update(str(a) for a in m.args)
+            # "tape" names the tape of this pass: "tape mhvtl", "tape tgt"
+            used.update(f"tape {_tape_kind()}" if a == "tape" else str(a) for a in m.args)
         _current = used
         self.tests[item.nodeid] = {"devices": used, "outcome": None, "reason": ""}
         try:
