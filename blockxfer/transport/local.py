@@ -90,7 +90,7 @@ class FileSource(Source):
         try:
             self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror}") from e
+            raise DeviceError(f"cannot read {path}: {e.strerror}") from e  # 4, as every path
 
     def read(self, n: int = -1, /) -> bytes:
         return self._f.read(n)
