@@ -1,0 +1,68 @@
+"""Small helpers every command group shares: metavars, addresses, progress."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blockxfer.errors import UsageError
+from blockxfer.handles import split_target
+from blockxfer.progress import Mode, Progress
+from blockxfer.units import parse_size
+
+from .spec import Arg, arg
+
+# One addressing model (blockxfer help topics): the metavars say it everywhere.
+VOLUME = "VOLUME"                 # a volume's block device or file
+AT_SNAPSHOT = "VOLUME@SNAPSHOT"   # one snapshot of a volume
+EXPR = "EXPR"                     # an image expression: 'june5 - june3'
+TAPE = "TAPE"                     # /dev/nstN or a virtual tape file
+
+
+def volume_arg(help: str = "the volume's block device or file") -> Arg:
+    return arg("path", metavar=VOLUME, help=help)
+
+
+def expr_arg() -> Arg:
+    return arg("expression", metavar=EXPR,
+               help="the image: a snapshot name, 'top - base', or 'a + b - c' "
+                    "(quote it; see 'blockxfer help expressions')")
+
+
+def need_snapshot(target: str) -> tuple[str, str]:
+    path, snap = split_target(target)
+    if snap is None:
+        raise UsageError(f"{target!r}: name the snapshot as VOLUME@SNAPSHOT")
+    return path, snap
+
+
+def size_arg(text: str) -> int:
+    """An argparse `type` for sizes such as 256K or 10G."""
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def progress(a: argparse.Namespace, what: str, total: int | None = None) -> Progress:
+    """A progress display as the options ask: none (-q), parsable lines (-P),
+    else a bar on a terminal and a line every few seconds elsewhere."""
+    mode: Mode = ("quiet" if a.quiet else "parsable" if getattr(a, "parsable", False)
+                  else "auto")
+    return Progress(what, total, mode=mode)
+
+
+def parsable_arg() -> Arg:
+    return arg("-P", "--parsable", action="store_true",
+               help="progress as tab-separated lines on standard error: "
+                    "'progress WHAT SECONDS BYTES TOTAL' each second, then 'done ...' "
+                    "(docs/cli-json.md)")
+
+
+def result_of(obj: Any) -> dict[str, Any]:
+    """A library result dataclass as JSON-ready data."""
+    from dataclasses import asdict, is_dataclass
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: (list(v) if isinstance(v, tuple | set | frozenset) else v)
+                for k, v in asdict(obj).items()}
+    return dict(obj)
