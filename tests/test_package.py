@@ -113,3 +113,5 @@ def test_installed_command_runs_the_main_job(installed: Path,
         got = run(bx, "read", target, "--length", str(len(data)), cwd=tmp_path)
         assert got == data, f"{target} differs from what was written"
     run(bx, "check", "restored.img", cwd=tmp_path)
+    topic = run(bx, "help", "snapshot", cwd=tmp_path).decode()     # package data shipped
+    assert "VOLUME@NAME" in topic and "june3-june1" in topic
