@@ -8,9 +8,9 @@ from typing import Any
 from blockxfer.errors import UsageError
 from blockxfer.handles import split_target
 from blockxfer.progress import Mode, Progress
-from blockxfer.units import parse_size
+from blockxfer.units import human, parse_size
 
-from .spec import Arg, arg
+from .spec import Arg, Report, arg
 
 # One addressing model (blockxfer help topics): the metavars say it everywhere.
 VOLUME = "VOLUME"                 # a volume's block device or file
@@ -66,3 +66,32 @@ def result_of(obj: Any) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple | set | frozenset) else v)
                 for k, v in asdict(obj).items()}
     return dict(obj)
+
+
+def dry_run_arg(what: str) -> Arg:
+    return arg("-n", "--dry-run", action="store_true",
+               help=f"{what}; change nothing (like zfs send -nv)")
+
+
+def measure_report(a: argparse.Namespace, verb: str, where: str) -> Report:
+    """`send -n` and `dump -n`: the image's exact size from the planes and an
+    estimate after compression, reading a sample of its blocks."""
+    from blockxfer import remote
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.measure import measure
+    served = remote.image(a.path, a.expression)
+    if served is not None:              # the server owns the volume: exact size only
+        data: dict[str, Any] = {**served, "estimated_bytes": None, "sampled_blocks": 0}
+    else:
+        from blockxfer.drivers.reader import read_runs
+        with open_volume(a.path) as vol:
+            data = measure(vol, a.expression,
+                           lambda runs: read_runs(vol.dev, runs, vol.block_size),
+                           compress=a.compress).as_dict()
+    data.update(dry_run=True, volume=a.path, destination=where)
+    line = (f"would {verb} {a.expression!r} of {a.path} to {where}: {data['blocks']} blocks, "
+            f"{human(data['bytes'])} ({data['bytes']} bytes) of data")
+    if data["estimated_bytes"] is not None and a.compress:
+        line += (f", about {human(data['estimated_bytes'])} after compression (estimated "
+                 f"from {data['sampled_blocks']} blocks)")
+    return Report(data, [line])

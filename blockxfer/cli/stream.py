@@ -12,18 +12,24 @@ from typing import Any, BinaryIO
 from blockxfer.errors import DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
-from .common import expr_arg, parsable_arg, progress, volume_arg
+from .common import dry_run_arg, expr_arg, measure_report, parsable_arg, progress, volume_arg
 from .spec import Command, Report, arg
 
 
 def cmd_send(a: argparse.Namespace) -> Report:
     from blockxfer.service.session import send_to
-    from blockxfer.transport import open_sink
+    from blockxfer.transport import is_volume_url, open_sink
     if a.output and a.destination and a.output != a.destination:
         raise UsageError("give the destination once: as DESTINATION or with -o")
+    url = a.output or a.destination
+    if a.dry_run:
+        return measure_report(a, "send", url or "standard output")
+    if a.verify and (url in (None, "-") or is_volume_url(url)):
+        raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
+                         "destination checks every record as it receives)")
     geometry = _geometry(a, a.path)
     prog = progress(a, "send")
-    with open_sink(a.output or a.destination, force=a.force) as sink:
+    with open_sink(url, force=a.force) as sink:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
@@ -31,12 +37,17 @@ def cmd_send(a: argparse.Namespace) -> Report:
     data: dict[str, Any] = {"volume": a.path, "expression": a.expression,
                             "destination": sink.name, "blocks": r["data_blocks"],
                             "records": r["records"], "bytes": r["bytes"],
-                            "served": bool(r.get("served")), "far": far}
-    return Report(data, [
-        f"sent {r['data_blocks']} blocks in {r['records']} records, {human(r['bytes'])}"
-        + (" (through the server)" if r.get("served") else "")
-        + (f"; {sink.name} received up to {far['top']!r}" if far and "top" in far else "")],
-        stderr=True)
+                            "served": bool(r.get("served")), "far": far, "verified": False}
+    text = [f"sent {r['data_blocks']} blocks in {r['records']} records, {human(r['bytes'])}"
+            + (" (through the server)" if r.get("served") else "")
+            + (f"; {sink.name} received up to {far['top']!r}" if far and "top" in far else "")]
+    if a.verify:
+        from blockxfer.stream.inspect import inspect_stream
+        with _stream_input(url) as f:
+            inspect_stream(f)              # every record checksum and the digest
+        data["verified"] = True
+        text.append(f"{url}: read back, every checksum and the digest verified")
+    return Report(data, text, stderr=True)
 
 
 def _geometry(a: argparse.Namespace, path: str) -> object:
@@ -62,6 +73,8 @@ def cmd_receive(a: argparse.Namespace) -> Report:
     url = a.input or a.source
     if a.image and not (url and is_volume_url(url)):
         raise UsageError("--image pulls from a volume: give an ssh:// or tls:// SOURCE")
+    if a.dry_run:
+        return _receive_plan(a, url)
     prog = progress(a, "receive")
     with open_source(url, SourceRequest(a.image, a.resume)) as src:
         res = receive_stream(src, a.target, open_device, force=a.force,
@@ -78,6 +91,35 @@ def cmd_receive(a: argparse.Namespace) -> Report:
                    "incremental": res.incremental, "blocks": res.blocks,
                    "resumed": res.resumed, "released": list(res.released),
                    "incomplete": list(res.incomplete)}, text)
+
+
+def _receive_plan(a: argparse.Namespace, url: str | None) -> Report:
+    """receive -n: read the stream whole (every checksum) and say what it would do
+    to the target, touching nothing."""
+    from blockxfer.handles import open_volume
+    from blockxfer.stream.inspect import inspect_stream
+    from blockxfer.transport import is_volume_url
+    if url and is_volume_url(url):
+        raise UsageError("--dry-run reads a stream: give a stream file or standard input "
+                         "(for a volume SOURCE, run 'blockxfer image' there)")
+    with _stream_input(url) as f:
+        info = inspect_stream(f)
+    exists = os.path.exists(a.target)
+    has: set[str] = set()
+    if exists:
+        with open_volume(a.target) as vol:
+            has = {e.name for e in vol.snapshots()}
+    base = info.get("base")
+    data = {"dry_run": True, "volume": a.target, "source": url or "-", "kind": info["kind"],
+            "top": info["top"], "base": base, "blocks": info["data_blocks"],
+            "bytes": info["bytes"], "target_exists": exists,
+            "base_present": base is None or base in has}
+    where = "an existing volume" if exists else "a new volume"
+    line = (f"would receive {info['kind']} image up to {info['top']!r} into {a.target} "
+            f"({where}): {info['data_blocks']} blocks, {human(int(str(info['bytes'])))} of stream")
+    if base is not None and base not in has:
+        line += f"; the target lacks its base {base!r}, so it would be refused"
+    return Report(data, [line])
 
 
 def _binary_in(path: str | None) -> BinaryIO:
@@ -128,6 +170,7 @@ COMMANDS = (
             "see 'blockxfer help transports'). Nothing is written before the image "
             "is planned.",
             ("blockxfer send /srv/vol.img june1 -o june1.stream      # a full image",
+             "blockxfer send -n /srv/vol.img 'june3 - june1'        # its size, sends nothing",
              "blockxfer send /srv/vol.img 'june3 - june1' | ssh b blockxfer receive "
              "/srv/copy.img",
              "blockxfer send /srv/vol.img 'june3 - june1' ssh://backup/srv/copy.img"),
@@ -151,6 +194,9 @@ COMMANDS = (
                  help="send only what an interrupted receive lacks"),
              arg("--implicit", action="store_true",
                  help="send the image bitmap first; data records carry ordinals, not VBNs"),
+             arg("--verify", action="store_true",
+                 help="read the stream file back and check every checksum and its digest"),
+             dry_run_arg("print the image's exact size and an estimate after compression"),
              parsable_arg())),
     Command("receive", "apply a stream to a volume, or make one from a full stream",
             "Apply a stream from SOURCE to VOLUME (a full stream makes the volume), or "
@@ -158,6 +204,7 @@ COMMANDS = (
             "interrupted receive leaves the target as it was.",
             ("blockxfer receive /srv/copy.img -i june1.stream",
              "blockxfer receive /srv/copy.img < increment.stream",
+             "blockxfer receive -n /srv/copy.img -i increment.stream   # check, change nothing",
              "blockxfer receive /srv/copy.img ssh://prod/srv/vol.img --image 'june3 - june1'"),
             cmd_receive,
             (arg("target", metavar="VOLUME", help="the volume (or new volume) to receive into"),
@@ -170,6 +217,7 @@ COMMANDS = (
              arg("--resume", metavar="TOKEN",
                  help="pull only what an interrupted receive lacks (volume SOURCE)"),
              arg("--force", action="store_true", help="overwrite what the target holds"),
+             dry_run_arg("check the whole stream and say what it would do to VOLUME"),
              parsable_arg())),
     Command("inspect", "describe a stream: header, snapshots, counts, VBN ranges",
             "Describe a stream without applying it: header, snapshots, record counts and "

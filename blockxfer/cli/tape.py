@@ -15,7 +15,16 @@ from blockxfer.tape import Tape
 from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
-from .common import TAPE, expr_arg, parsable_arg, progress, size_arg, volume_arg
+from .common import (
+    TAPE,
+    dry_run_arg,
+    expr_arg,
+    measure_report,
+    parsable_arg,
+    progress,
+    size_arg,
+    volume_arg,
+)
 from .spec import Arg, Command, OneOf, Report, arg
 
 
@@ -53,6 +62,8 @@ def cmd_dump(a: argparse.Namespace) -> Report:
     from blockxfer.drivers.reader import read_runs
     from blockxfer.drivers.tapes import max_record
     from blockxfer.transfer.dump import dump_image
+    if a.dry_run:
+        return measure_report(a, "dump", a.tape)
     record_size = parse_size(a.record_size)
     limit = max_record(a.tape)                   # READ BLOCK LIMITS: st refuses larger
     if limit and record_size > limit:
@@ -65,7 +76,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
         res = dump_image(vol, a.expression, a.tape, open_tape=_tape_opener(),  # type: ignore[arg-type]
                          next_tape=next_tape, label=a.label, record_size=record_size,
                          reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
-                         progress=prog.add)
+                         compress=a.compress, progress=prog.add)
     prog.finish()
     text = [f"{a.tape}: image {res.image}, {res.blocks} blocks, {human(res.bytes)}"
             + (f", across tapes {', '.join(res.tapes)}" if len(res.tapes) > 1 else "")]
@@ -130,6 +141,8 @@ def cmd_restore(a: argparse.Namespace) -> Report:
     if a.only:
         return _restore_only(a)
     have = _complete_snapshots(a.target)
+    if a.dry_run:
+        return _restore_plan(a, have)
     next_tape = _next_tape(a)
     prog = progress(a, "restore")
     steps = restore_images(a.tape, a.target, open_tape=_tape_opener(),  # type: ignore[arg-type]
@@ -145,6 +158,20 @@ def cmd_restore(a: argparse.Namespace) -> Report:
         images.append({"image": st.image, "top": r.top, "blocks": r.blocks,
                        "incomplete": list(r.incomplete)})
     return Report({"volume": a.target, "tape": a.tape, "images": images}, text)
+
+
+def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
+    """restore -n: the images a restore would apply and their sizes, from the index."""
+    from blockxfer.transfer.restore import plan_restore
+    chain = plan_restore(a.tape, open_tape=_tape_opener(), image=a.image,  # type: ignore[arg-type]
+                         snapshot=a.snapshot, target_has=have.__contains__)
+    sizes = [i.index.total if i.index else 0 for i in chain]
+    text = [f"would restore image {i.number} ({i.descriptor.expression!r}, "
+            f"{'incremental' if i.descriptor.base else 'full'}) into {a.target}: "
+            f"{i.descriptor.blocks} blocks, {human(n)} on tape"
+            for i, n in zip(chain, sizes, strict=True)]
+    return Report({"dry_run": True, "volume": a.target, "tape": a.tape,
+                   "images": [i.as_dict() for i in chain], "bytes": sum(sizes)}, text)
 
 
 def cmd_tape_label(a: argparse.Namespace) -> Report:
@@ -350,6 +377,7 @@ COMMANDS = (
             "Write an image (VOLUME 'EXPR') to TAPE after the images already on it, "
             "continuing on the next tape of the set when one fills.",
             ("blockxfer dump /srv/vol.img june1 --tape /dev/nst0 --verify   # level 0",
+             "blockxfer dump -n /srv/vol.img june1 --tape /dev/nst0  # its size, writes nothing",
              "blockxfer dump /srv/vol.img 'june3 - june1' --tape /dev/nst0  # an increment",
              "blockxfer dump /srv/vol.img june1 --tape /dev/nst0 --changer /dev/sg5"),
             cmd_dump,
@@ -358,12 +386,16 @@ COMMANDS = (
              arg("--record-size", default="256K", metavar="SIZE",
                  help="tape record size (default 256K)"),
              arg("--verify", action="store_true", help="read the image back and check it"),
+             arg("--no-compress", dest="compress", action="store_false",
+                 help="do not zstd-compress data records (default: each one that shrinks)"),
+             dry_run_arg("print the image's exact size and an estimate after compression"),
              *_set_args(), parsable_arg())),
     Command("restore", "restore an image (and the images it needs) from tape",
             "Restore an image from TAPE into VOLUME, bases first; or, with --only or "
             "--vbns, part of one image. A refused or interrupted restore leaves the "
             "target as it was.",
             ("blockxfer restore /srv/new.img --tape /dev/nst0 --snapshot june3",
+             "blockxfer restore -n /srv/new.img --tape /dev/nst0 --snapshot june3  # the plan",
              "blockxfer restore /srv/new.img --tape t.vtape --image 2",
              "blockxfer restore /srv/vol.img --tape t.vtape --image 1 --vbns 100-199"),
             cmd_restore,
@@ -378,6 +410,7 @@ COMMANDS = (
              arg("--vbns", metavar="FIRST-LAST",
                  help="partial restore: only these blocks, in place, by the location table"),
              arg("--force", action="store_true", help="overwrite what the target holds"),
+             dry_run_arg("print the images it would apply, bases first, with their sizes"),
              *_set_args(), parsable_arg())),
     Command("tape", "tape drives and virtual tapes",
             "Tape drives and virtual tapes: create, label, list, status, rewind, eject, "
