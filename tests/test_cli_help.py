@@ -39,7 +39,8 @@ def args_of(c: Command) -> list[Arg]:
                          ids=lambda c: c.name)
 def test_every_command_has_a_description_examples_and_argument_help(c: Command) -> None:
     assert c.description and c.help and c.examples
-    assert all(e.startswith(("blockxfer ", "command=", "dd ", "nbdfuse ")) for e in c.examples)
+    assert all(e.startswith(("blockxfer ", "command=", "dd ", "nbdfuse ",
+                                              "source ")) for e in c.examples)
     for a in args_of(c):
         assert a.options.get("help"), f"{c.name} {a.flags[0]}: no help"
         if a.flags[0] in METAVARS:

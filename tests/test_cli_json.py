@@ -74,6 +74,8 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     got["destroy"] = run_json("destroy", f"{vol}@s1")
     got["devices"] = run_json("devices")
     got["help"] = run_json("help", "snapshot")
+    got["man"] = run_json("man")
+    got["completion"] = run_json("completion", "bash")
     got["demo"] = run_json("demo", "--dir", f"{d}/demo")
 
     assert set(got) == set(ALL) - NO_JSON, "a command without a --json run here"

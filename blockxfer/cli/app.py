@@ -21,14 +21,14 @@ from blockxfer import __version__
 from blockxfer.errors import BlockxferError
 from blockxfer.transport.local import stdout_errors
 
-from . import demo, devices, endpoint, serve, stream, tape, topics, volume
+from . import demo, devices, docgen, endpoint, serve, stream, tape, topics, volume
 from .spec import FORMATTER, Command, Report, add_commands
 
 # The command groups, in the order --help lists them. A new group is one module
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    endpoint.COMMANDS, topics.COMMANDS, demo.COMMANDS,
+    endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\
@@ -44,8 +44,8 @@ Addressing, the same in every command:
                     or tls://host:port/PATH (a volume on that host)
   TAPE              /dev/nstN or a virtual tape file
 
-Every command takes --json (its result as one JSON object), -q and --log-level;
-'blockxfer COMMAND --help' shows examples, 'blockxfer help' lists the concepts.
+Every command takes --json (its result as one JSON object), -q and --log-level.
+Run blockxfer COMMAND --help for examples, blockxfer help for the concepts.
 """
 
 EXAMPLES = """\

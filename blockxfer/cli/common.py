@@ -19,6 +19,15 @@ EXPR = "EXPR"                     # an image expression: 'june5 - june3'
 TAPE = "TAPE"                     # /dev/nstN or a virtual tape file
 
 
+# shtab completers (blockxfer/cli/docgen.py defines the bash function)
+SNAPSHOT_COMPLETION = {"bash": "_blockxfer_snapshots", "zsh": "_files"}
+
+
+def snapshot_arg(help: str, metavar: str = AT_SNAPSHOT) -> Arg:
+    """VOLUME@SNAPSHOT: the volume completes as a file, then the snapshot names."""
+    return arg("target", metavar=metavar, help=help, complete=SNAPSHOT_COMPLETION)
+
+
 def volume_arg(help: str = "the volume's block device or file") -> Arg:
     return arg("path", metavar=VOLUME, help=help)
 

@@ -12,7 +12,7 @@ import argparse
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -97,18 +97,31 @@ def add_common(p: argparse.ArgumentParser, c: Command) -> None:
                         f"shows (default {c.log_level})")
 
 
+class _Container(Protocol):
+    """A parser or one of its argument groups (argparse's group classes are private)."""
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
+
+
+def _add(p: _Container, a: Arg) -> None:
+    options = dict(a.options)
+    complete = options.pop("complete", None)
+    action = p.add_argument(*a.flags, **options)
+    if complete is not None:      # shtab's documented hook: {"bash": FUNCTION, "zsh": ...}
+        action.complete = complete  # type: ignore[attr-defined]
+
+
 def _add_items(p: argparse.ArgumentParser, items: tuple[Item, ...]) -> None:
     for item in items:
         if isinstance(item, Arg):
-            p.add_argument(*item.flags, **item.options)
+            _add(p, item)
         elif isinstance(item, OneOf):
             g = p.add_mutually_exclusive_group()
             for a in item.args:
-                g.add_argument(*a.flags, **a.options)
+                _add(g, a)
         else:
             s = p.add_argument_group(item.title, item.description)
             for a in item.args:
-                s.add_argument(*a.flags, **a.options)
+                _add(s, a)
 
 
 def add_commands(sub: Any, commands: tuple[Command, ...], dest: str) -> None:

@@ -15,7 +15,7 @@ from blockxfer.units import human, parse_size
 from blockxfer.volume.check import check_volume
 from blockxfer.volume.layout import MAX_BLOCK, MIN_BLOCK
 
-from .common import AT_SNAPSHOT, expr_arg, need_snapshot, progress, volume_arg
+from .common import expr_arg, need_snapshot, progress, snapshot_arg, volume_arg
 from .spec import Command, Report, arg
 from .stdin import InputChunks
 
@@ -218,8 +218,7 @@ COMMANDS = (
             ("blockxfer read /srv/vol.img@june1 > june1.raw",
              "blockxfer read /srv/vol.img --offset 1M --length 4K | xxd | head"),
             cmd_read,
-            (arg("target", metavar="VOLUME[@SNAPSHOT]",
-                 help="the volume (live data) or one of its snapshots"),
+            (snapshot_arg("the volume (live data) or one of its snapshots", "VOLUME[@SNAPSHOT]"),
              arg("--offset", default="0", metavar="SIZE", help="where to start (default 0)"),
              arg("--length", metavar="SIZE", help="how much (default: to the end)"))),
     Command("snapshot", "take a snapshot",
@@ -229,7 +228,7 @@ COMMANDS = (
              "blockxfer snapshot /srv/vol.img@base --shadow   # only a base for increments",
              "blockxfer snapshot /dev/md0@daily --freeze /mnt/data   # needs 'serve'"),
             cmd_snapshot,
-            (arg("target", metavar=AT_SNAPSHOT, help="the volume and the new snapshot's name"),
+            (snapshot_arg("the volume and the new snapshot's name"),
              arg("--shadow", action="store_true",
                  help="a shadow snapshot: its blocks stay reusable (a base only)"),
              arg("--master", action="store_true", help="a replication anchor"),
@@ -244,7 +243,7 @@ COMMANDS = (
             "Destroy a snapshot; the blocks only it held become free at the next CP.",
             ("blockxfer destroy /srv/vol.img@june1",),
             cmd_destroy,
-            (arg("target", metavar=AT_SNAPSHOT, help="the snapshot to destroy"),)),
+            (snapshot_arg("the snapshot to destroy"),)),
     Command("pointer", "set or delete a named pointer to a snapshot",
             "Set a named pointer (like a tag: 'last-sent') to a snapshot, or delete it. "
             "Image expressions may name pointers where they name snapshots.",
