@@ -9,6 +9,7 @@ second, `progress WHAT SECONDS BYTES TOTAL`, and `done ...` at the end
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Literal, TextIO
@@ -32,7 +33,7 @@ class Progress:
         self._bar: tqdm | None = None
         if mode == "auto" and self.stream.isatty():
             self._bar = tqdm(total=total, desc=what, unit="B", unit_scale=True,
-                             unit_divisor=1024, file=self.stream, dynamic_ncols=True,
+                             unit_divisor=1024, file=self.stream, **_shape(self.stream),
                              mininterval=0.25, leave=True)
 
     def add(self, n: int) -> None:
@@ -60,6 +61,19 @@ class Progress:
 
     def finish(self) -> None:
         if self._bar is not None:
+            if self.total is not None and self._bar.n != self.total:
+                self._bar.total = self._bar.n   # the total was an estimate: end at 100%
+                self._bar.refresh()
             self._bar.close()
         elif self.mode == "parsable":
             self._line("done", time.monotonic())
+
+
+def _shape(stream: TextIO) -> dict[str, int]:
+    """The terminal's size for tqdm; 80x24 where it says 0 (a new pty, a serial
+    console), on which tqdm would draw nothing at all."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        return {"ncols": size.columns or 80, "nrows": size.lines or 24}
+    except (OSError, ValueError):
+        return {"ncols": 80, "nrows": 24}

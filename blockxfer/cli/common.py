@@ -61,6 +61,22 @@ def progress(a: argparse.Namespace, what: str, total: int | None = None) -> Prog
     return Progress(what, total, mode=mode)
 
 
+def image_bytes(path: str, expression: str) -> int | None:
+    """The image's data size, for a progress total (an ETA); None when it cannot
+    be had cheaply here: the command itself then reports what is wrong."""
+    from blockxfer import remote
+    from blockxfer.errors import BlockxferError
+    from blockxfer.handles import open_volume
+    try:
+        info = remote.image(path, expression)
+        if info is None:
+            with open_volume(path) as vol:
+                info = remote.image_report(vol, expression)
+        return int(str(info["bytes"]))
+    except BlockxferError:
+        return None
+
+
 def parsable_arg() -> Arg:
     return arg("-P", "--parsable", action="store_true",
                help="progress as tab-separated lines on standard error: "

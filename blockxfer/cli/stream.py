@@ -12,7 +12,15 @@ from typing import Any, BinaryIO
 from blockxfer.errors import DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
-from .common import dry_run_arg, expr_arg, measure_report, parsable_arg, progress, volume_arg
+from .common import (
+    dry_run_arg,
+    expr_arg,
+    image_bytes,
+    measure_report,
+    parsable_arg,
+    progress,
+    volume_arg,
+)
 from .spec import Command, Report, arg
 
 
@@ -28,7 +36,8 @@ def cmd_send(a: argparse.Namespace) -> Report:
         raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
                          "destination checks every record as it receives)")
     geometry = _geometry(a, a.path)
-    prog = progress(a, "send")
+    # the data size: the stream is a little larger (headers) or smaller (compression)
+    prog = progress(a, "send", image_bytes(a.path, a.expression) if not a.quiet else None)
     with open_sink(url, force=a.force) as sink:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)

@@ -19,6 +19,7 @@ from .common import (
     TAPE,
     dry_run_arg,
     expr_arg,
+    image_bytes,
     measure_report,
     parsable_arg,
     progress,
@@ -71,7 +72,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
               file=sys.stderr)
         record_size = limit
     next_tape = _next_tape(a)
-    prog = progress(a, "dump")
+    prog = progress(a, "dump", image_bytes(a.path, a.expression) if not a.quiet else None)
     with open_volume(a.path) as vol:
         res = dump_image(vol, a.expression, a.tape, open_tape=_tape_opener(),  # type: ignore[arg-type]
                          next_tape=next_tape, label=a.label, record_size=record_size,
