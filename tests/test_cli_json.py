@@ -106,3 +106,15 @@ def test_quiet_prints_nothing_and_parsable_prints_progress_lines(tmp_path: Path)
     lines = r.stderr.decode().splitlines()
     done = [ln.split("\t") for ln in lines if ln.startswith("done\t")]
     assert len(done) == 1 and done[0][1] == "send" and int(done[0][3]) >= 1 << 20, lines
+
+
+def test_destroy_names_snapshots_and_pointers(tmp_path: Path) -> None:
+    vol = str(tmp_path / "v.img")
+    assert bx("init", vol, "--size", "16M").returncode == 0
+    assert bx("snapshot", f"{vol}@s1").returncode == 0
+    assert bx("pointer", vol, "last", "s1").returncode == 0
+    gone = run_json("destroy", f"{vol}@last")
+    assert gone["pointer"] == "last" and gone["deleted"]
+    listing = run_json("snapshots", vol)
+    assert listing["pointers"] == {} and [r["name"] for r in listing["snapshots"]] == ["s1"]
+    assert run_json("destroy", f"{vol}@s1")["destroyed"] == "s1"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import pty
 import select
+import socket
 import subprocess
 from pathlib import Path
 
-from tests.clihelp import BX, bx
+from tests.clihelp import BX, bx, one_line
 from tests.nbd.serveproc import serve_process
 
 MiB = 1 << 20
@@ -75,3 +76,24 @@ def test_log_level_sets_what_the_log_shows(tmp_path: Path) -> None:
             pass
         err = proc.output[1]  # type: ignore[attr-defined]
         assert ("blockxfer serve: serving" in err) == shown, err
+
+
+def test_verbose_and_syslog(tmp_path: Path) -> None:
+    vol = str(tmp_path / "v.img")
+    assert bx("init", vol, "--size", "16M").returncode == 0
+    with serve_process(vol, str(tmp_path / "s.sock"), "--log-level", "warning", "-v") as proc:
+        pass
+    assert "blockxfer serve: serving" in proc.output[1]  # type: ignore[attr-defined]
+
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # a stand-in for /dev/log
+    log.bind(str(tmp_path / "log"))
+    log.settimeout(30)
+    try:
+        with serve_process(vol, str(tmp_path / "s.sock"), "--syslog", str(tmp_path / "log")):
+            line = log.recv(4096).decode()
+    finally:
+        log.close()
+    assert line.startswith("<") and "blockxfer[" in line and "serve: serving" in line, line
+    r = bx("serve", vol, "--listen", f"unix:{tmp_path}/t.sock", "--syslog",
+           str(tmp_path / "nosuch"))
+    assert r.returncode == 2 and "--syslog" in one_line(r)

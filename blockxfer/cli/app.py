@@ -12,13 +12,14 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from contextlib import redirect_stdout
 from typing import Any, TextIO
 
 from blockxfer import __version__
-from blockxfer.errors import BlockxferError
+from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
 from . import demo, devices, docgen, endpoint, serve, stream, tape, topics, volume
@@ -44,7 +45,7 @@ Addressing, the same in every command:
                     or tls://host:port/PATH (a volume on that host)
   TAPE              /dev/nstN or a virtual tape file
 
-Every command takes --json (its result as one JSON object), -q and --log-level.
+Every command takes --json (its result as one JSON object), -q, -v and --log-level.
 Run blockxfer COMMAND --help for examples, blockxfer help for the concepts.
 """
 
@@ -105,14 +106,29 @@ def _drop_stdout() -> None:
 
 
 def _logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    level = getattr(logging, args.log_level.upper())
+    level = min(level, {0: level, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"blockxfer {args.command_name}: %(message)s")
+    if getattr(args, "syslog", None):      # the services: syslog, which journald reads too
+        from logging.handlers import SysLogHandler
+        try:                        # the handler would only retry on each message
+            is_socket = stat.S_ISSOCK(os.stat(args.syslog).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise UsageError(f"--syslog {args.syslog}: no syslog socket there (is syslog or "
+                             "journald running?); give its socket or leave --syslog out")
+        handler = SysLogHandler(address=args.syslog, facility=SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter(
+            f"blockxfer[{os.getpid()}]: {args.command_name}: %(message)s"))
+        logging.getLogger().addHandler(handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _logging(args)
     try:
+        _logging(args)
         with redirect_stdout(_GuardedStdout(sys.stdout)):  # type: ignore[type-var]
             report = args.func(args)
             _print(report, args.json, args.quiet)

@@ -120,3 +120,9 @@ def measure_report(a: argparse.Namespace, verb: str, where: str) -> Report:
         line += (f", about {human(data['estimated_bytes'])} after compression (estimated "
                  f"from {data['sampled_blocks']} blocks)")
     return Report(data, [line])
+
+
+def syslog_arg() -> Arg:
+    """For the services: log to syslog (journald reads /dev/log) besides stderr."""
+    return arg("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
+               help="also log to syslog / journald through SOCKET (default /dev/log)")

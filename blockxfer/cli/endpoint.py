@@ -16,6 +16,7 @@ from typing import Any
 from blockxfer.errors import UsageError
 from blockxfer.service.endpoint import OPERATIONS, Policy, serve_request
 
+from .common import syslog_arg
 from .spec import Arg, Command, Report, arg
 
 log = logging.getLogger("blockxfer.endpoint")
@@ -99,7 +100,8 @@ def _drain(sock: ssl.SSLSocket) -> None:
 
 
 def _common() -> tuple[Arg, ...]:
-    return (arg("--volume", action="append", metavar="VOLUME",
+    return (syslog_arg(),
+            arg("--volume", action="append", metavar="VOLUME",
                 help="the only volume a peer may name (repeatable; default: any)"),
             arg("--allow", type=_allow, default=frozenset(OPERATIONS), metavar="OPS",
                 help="operations allowed: send, receive or send,receive (default both)"))

@@ -30,7 +30,7 @@ from blockxfer.handles import open_volume
 from blockxfer.nbd.server import Server, is_loopback, parse_listen
 from blockxfer.nbd.tls import MODES, Mode, TlsPolicy, server_context
 
-from .common import volume_arg
+from .common import syslog_arg, volume_arg
 from .spec import Command, Report, Section, arg
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ COMMANDS = (
              arg("--insecure", action="store_true",
                  help="allow a non-loopback TCP listener without --tls require: anyone who "
                       "can connect reads (and writes) the volume"),
+             syslog_arg(),
              arg("--no-control", action="store_true", help=argparse.SUPPRESS)),
             log_level="info"),
 )

@@ -95,6 +95,8 @@ def add_common(p: argparse.ArgumentParser, c: Command) -> None:
     g.add_argument("--log-level", default=c.log_level, metavar="LEVEL", choices=LOG_LEVELS,
                    help=f"debug, info, warning or error: what the log on standard error "
                         f"shows (default {c.log_level})")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log: -v is --log-level info, -vv debug")
 
 
 class _Container(Protocol):
@@ -136,4 +138,4 @@ def add_commands(sub: Any, commands: tuple[Command, ...], dest: str) -> None:
             add_commands(inner, c.subcommands, f"{dest}_{c.name}")
             continue
         add_common(p, c)
-        p.set_defaults(func=c.run, json=False, quiet=False, command_name=c.name)
+        p.set_defaults(func=c.run, json=False, quiet=False, verbose=0, command_name=c.name)

@@ -139,8 +139,20 @@ def cmd_snapshots(a: argparse.Namespace) -> Report:
     return Report({"snapshots": rows, "pointers": pointers}, text)
 
 
+def _is_pointer(path: str, name: str) -> bool:
+    listing = remote.snapshots(path)
+    if listing is None:
+        with open_volume(path) as vol:
+            listing = remote.snapshots_listing(vol)
+    names = {r["name"] for r in listing["snapshots"]}
+    return name in listing["pointers"] and name not in names
+
+
 def cmd_destroy(a: argparse.Namespace) -> Report:
     path, name = need_snapshot(a.target)
+    if _is_pointer(path, name):          # one verb for what VOLUME@NAME names
+        return cmd_pointer(argparse.Namespace(path=path, name=name, snapshot=None,
+                                              delete=True))
     if remote.destroy(path, name) is None:
         with open_volume(path, write=True) as vol:
             vol.destroy_snapshot(name)
@@ -239,11 +251,14 @@ COMMANDS = (
             ("blockxfer snapshots /srv/vol.img",
              "blockxfer snapshots /srv/vol.img --json | jq -r '.snapshots[].name'"),
             cmd_snapshots, (volume_arg(),)),
-    Command("destroy", "destroy a snapshot",
-            "Destroy a snapshot; the blocks only it held become free at the next CP.",
-            ("blockxfer destroy /srv/vol.img@june1",),
+    Command("destroy", "destroy a snapshot or a pointer",
+            "Destroy a snapshot (the blocks only it held become free at the next CP), or "
+            "delete a pointer when NAME is one.",
+            ("blockxfer destroy /srv/vol.img@june1",
+             "blockxfer destroy /srv/vol.img@last-sent   # a pointer: the same as "
+             "'pointer --delete'"),
             cmd_destroy,
-            (snapshot_arg("the snapshot to destroy"),)),
+            (snapshot_arg("the snapshot (or pointer) to destroy"),)),
     Command("pointer", "set or delete a named pointer to a snapshot",
             "Set a named pointer (like a tag: 'last-sent') to a snapshot, or delete it. "
             "Image expressions may name pointers where they name snapshots.",
