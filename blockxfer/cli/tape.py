@@ -1,17 +1,12 @@
-"""Tape commands: dump, restore and `tape create|label|list|status|rewind|eject|erase`.
-
-A new `tape` subcommand is one more `Command` in TAPE_COMMANDS."""
+"""Tape commands: dump and restore, and the `tape` group (blockxfer/cli/tapedrive.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.handles import open_volume
-from blockxfer.tape import Tape
 from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
@@ -23,15 +18,10 @@ from .common import (
     measure_report,
     parsable_arg,
     progress,
-    size_arg,
     volume_arg,
 )
 from .spec import Arg, Command, OneOf, Report, arg
-
-
-def _tape_opener() -> Callable[[str, bool], Tape]:
-    from blockxfer.drivers.tapes import open_tape_handle
-    return lambda path, write: open_tape_handle(path, write=write)
+from .tapedrive import TAPE_COMMANDS, tape_opener
 
 
 def _load_changer(changer: str, drive: int, tape: str) -> NextTape:
@@ -74,7 +64,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
     next_tape = _next_tape(a)
     prog = progress(a, "dump", image_bytes(a.path, a.expression) if not a.quiet else None)
     with open_volume(a.path) as vol:
-        res = dump_image(vol, a.expression, a.tape, open_tape=_tape_opener(),  # type: ignore[arg-type]
+        res = dump_image(vol, a.expression, a.tape, open_tape=tape_opener(),  # type: ignore[arg-type]
                          next_tape=next_tape, label=a.label, record_size=record_size,
                          reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
                          compress=a.compress, progress=prog.add)
@@ -83,7 +73,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
             + (f", across tapes {', '.join(res.tapes)}" if len(res.tapes) > 1 else "")]
     if a.verify:
         from blockxfer.transfer.restore import verify_image
-        verify_image(a.tape, res.image, open_tape=_tape_opener(),  # type: ignore[arg-type]
+        verify_image(a.tape, res.image, open_tape=tape_opener(),  # type: ignore[arg-type]
                      next_tape=_next_tape(a))
         text.append(f"{a.tape}: image {res.image} read back, every checksum verified")
     return Report({"volume": a.path, "expression": a.expression, "tape": a.tape,
@@ -113,7 +103,7 @@ def _restore_vbns(a: argparse.Namespace) -> Report:
     if a.image is None:
         raise UsageError("--vbns needs --image N (see 'tape list')")
     part = restore_range(a.tape, a.target, a.image, lo, hi,  # type: ignore[arg-type]
-                         open_tape=_tape_opener(), open_device=open_device, force=a.force)
+                         open_tape=tape_opener(), open_device=open_device, force=a.force)
     return Report({"volume": a.target, "tape": a.tape, "image": a.image, "first": lo,
                    "last": hi, "blocks": part.blocks, "records_read": part.records_read},
                   [f"{a.target}: wrote {part.blocks} blocks ({lo}-{hi}) from image {a.image}, "
@@ -126,7 +116,7 @@ def _restore_only(a: argparse.Namespace) -> Report:
     if a.image is None:
         raise UsageError("--only needs --image N (see 'tape list')")
     res, records = restore_snapshot_only(a.tape, a.target, a.image, a.only,
-                                         open_tape=_tape_opener(), open_device=open_device,
+                                         open_tape=tape_opener(), open_device=open_device,
                                          force=a.force)
     return Report({"volume": a.target, "tape": a.tape, "image": a.image, "top": res.top,
                    "blocks": res.blocks, "records_read": records},
@@ -146,7 +136,7 @@ def cmd_restore(a: argparse.Namespace) -> Report:
         return _restore_plan(a, have)
     next_tape = _next_tape(a)
     prog = progress(a, "restore")
-    steps = restore_images(a.tape, a.target, open_tape=_tape_opener(),  # type: ignore[arg-type]
+    steps = restore_images(a.tape, a.target, open_tape=tape_opener(),  # type: ignore[arg-type]
                            open_device=open_device, next_tape=next_tape, image=a.image,
                            snapshot=a.snapshot, force=a.force, target_has=have.__contains__,
                            progress=prog.add)
@@ -164,7 +154,7 @@ def cmd_restore(a: argparse.Namespace) -> Report:
 def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
     """restore -n: the images a restore would apply and their sizes, from the index."""
     from blockxfer.transfer.restore import plan_restore
-    chain = plan_restore(a.tape, open_tape=_tape_opener(), image=a.image,  # type: ignore[arg-type]
+    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,  # type: ignore[arg-type]
                          snapshot=a.snapshot, target_has=have.__contains__)
     sizes = [i.index.total if i.index else 0 for i in chain]
     text = [f"would restore image {i.number} ({i.descriptor.expression!r}, "
@@ -173,139 +163,6 @@ def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
             for i, n in zip(chain, sizes, strict=True)]
     return Report({"dry_run": True, "volume": a.target, "tape": a.tape,
                    "images": [i.as_dict() for i in chain], "bytes": sum(sizes)}, text)
-
-
-def cmd_tape_label(a: argparse.Namespace) -> Report:
-    from blockxfer.transfer.tapeset import label_tape
-    tape = _tape_opener()(a.tape, True)
-    try:
-        label = label_tape(tape, a.name, set_name=a.set, force=a.force,  # type: ignore[arg-type]
-                           record_size=parse_size(a.record_size))
-    finally:
-        tape.close()  # type: ignore[attr-defined]
-    return Report({"tape": a.tape, "serial": label.serial, "seq": label.seq,
-                   "set": label.set_name},
-                  [f"{a.tape}: labelled {label.serial!r}, tape {label.seq} of set "
-                   f"{label.set_name!r}"])
-
-
-def cmd_tape_list(a: argparse.Namespace) -> Report:
-    from blockxfer.transfer.tapeset import list_tape
-    tape = _tape_opener()(a.tape, False)
-    try:
-        contents = list_tape(tape)  # type: ignore[arg-type]
-    finally:
-        tape.close()  # type: ignore[attr-defined]
-    lab = contents.label
-    rows = [i.as_dict() for i in contents.images]
-    text = [f"{a.tape}: {lab.serial!r}, tape {lab.seq} of set {lab.set_name!r}, "
-            f"records of {lab.record_size} bytes"]
-    for r in rows:
-        state = "complete" if r["complete"] else ("continues" if r["continues"] else "INCOMPLETE")
-        text.append(f"  {r['image']:>3}  file {r['file']:>3}  {r['level']:11} "
-                    f"{r['expression']!r:32} {r['blocks']:>10} blocks  {r['written']}  {state}")
-    return Report({"label": {"serial": lab.serial, "set": lab.set_name, "seq": lab.seq,
-                             "record_size": lab.record_size, "set_id": lab.set_id.hex()},
-                   "images": rows}, text)
-
-
-def _tape_geometry(capacity: int, early_warning: int | None, record_size: int) -> int:
-    """The early-warning zone to create (2% by default), refusing a geometry that
-    a dump in records of `record_size` cannot span (docs/tape-format.md)."""
-    from blockxfer.transfer.dump import min_capacity, min_early_warning
-
-    least = min_early_warning(record_size)
-    if early_warning is None:
-        early_warning = max(capacity // 50, least)
-    elif early_warning < least:
-        raise UsageError(f"an early-warning zone of {human(early_warning)} cannot hold the end "
-                         f"of a tape part in records of {human(record_size)}: give at least "
-                         f"--early-warning {least // 1024}K (or a smaller --record-size)")
-    need = min_capacity(record_size, early_warning)
-    if capacity < need:
-        raise UsageError(f"a tape of {human(capacity)} with an early-warning zone of "
-                         f"{human(early_warning)} cannot hold a part in records of "
-                         f"{human(record_size)}: give at least --capacity {-(-need // 1024)}K")
-    return early_warning
-
-
-def cmd_tape_create(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.vtape import create_virtual_tape
-
-    ew = _tape_geometry(a.capacity, a.early_warning, a.record_size)
-    h = create_virtual_tape(a.file, a.capacity, early_warning=ew, locate=not a.no_locate)
-    return Report({"tape": a.file, "capacity": h.capacity, "early_warning": h.early_warning,
-                   "locate": not a.no_locate},
-                  [f"created virtual tape {a.file}: capacity {human(h.capacity)}, early warning "
-                   f"{human(h.early_warning)} before the end, LOCATE "
-                   f"{'no' if a.no_locate else 'yes'}"])
-
-
-def _lines(obj: dict[str, Any]) -> list[str]:
-    return [f"{k:16} {v}" for k, v in obj.items()]
-
-
-def cmd_tape_status(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.tapes import drive_info, tape_status
-
-    status = tape_status(a.tape).as_dict()
-    status["drive"] = drive_info(a.tape)      # INQUIRY, block limits, TapeAlert, barcode
-    return Report(status, _lines(status))
-
-
-def cmd_tape_rewind(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.tapes import rewind_tape
-
-    return Report(rewind_tape(a.tape).as_dict(), [f"{a.tape}: rewound"])
-
-
-def cmd_tape_eject(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.tapes import eject_tape
-
-    eject_tape(a.tape)
-    return Report({"ejected": a.tape}, [f"{a.tape}: unloaded"])
-
-
-def _holds(path: str) -> str | None:
-    """What erasing would lose: None for a blank tape or a blockxfer label without
-    images, else a description (images, or data that is not a blockxfer tape)."""
-    from blockxfer.drivers.tapes import open_tape
-    from blockxfer.errors import FormatError
-    from blockxfer.transfer.tapeset import list_tape, read_label
-
-    with open_tape(path, write=False) as t:
-        try:
-            label = read_label(t)
-            if label is None:
-                return None
-            images = list_tape(t).images
-        except FormatError:
-            return "data that is not a readable blockxfer tape"
-    if not images:
-        return None
-    return (f"{len(images)} image{'s' if len(images) > 1 else ''} (label {label.serial!r}, "
-            f"set {label.set_name!r})")
-
-
-def cmd_tape_erase(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.tapes import erase_tape, tape_status
-    from blockxfer.errors import VolumeError
-
-    holds = _holds(a.tape)
-    if a.dry_run:
-        st = tape_status(a.tape)
-        plan = {"tape": a.tape, "erases": "everything from the beginning of tape",
-                "holds": holds or "nothing (blank or no images)",
-                "needs_force": holds is not None, "write_protected": st.write_protected}
-        return Report(plan, _lines(plan))
-    if holds is not None and not a.force:
-        raise VolumeError(f"{a.tape} holds {holds}; nothing was erased; use --force to "
-                          "erase it")
-    return Report(erase_tape(a.tape).as_dict(), [f"{a.tape}: erased"])
-
-
-def tape_arg(help: str = "/dev/nstN or a virtual tape file") -> Arg:
-    return arg("tape", metavar=TAPE, help=help)
 
 
 def _tape_option() -> Arg:
@@ -323,55 +180,6 @@ def _set_args() -> tuple[Arg, ...]:
                 help="the changer's drive number of --tape (default 0)"))
 
 
-TAPE_COMMANDS = (
-    Command("create", "create a virtual tape file",
-            "Create a virtual tape: a file that behaves as a tape drive with a cartridge "
-            "(records, file marks, early warning, end of medium).",
-            ("blockxfer tape create t.vtape --capacity 10G",),
-            cmd_tape_create,
-            (arg("file", metavar=TAPE, help="the virtual tape file to create"),
-             arg("--capacity", type=size_arg, required=True, metavar="SIZE",
-                 help="the tape's capacity, e.g. 10G"),
-             arg("--early-warning", type=size_arg, default=None, metavar="SIZE",
-                 help="size of the early-warning zone before the end (default 2%%, and at "
-                      "least what a part's end needs: 2 records + 64K)"),
-             arg("--record-size", type=size_arg, default="256K", metavar="SIZE",
-                 help="record size of the dumps it will hold, for the geometry check "
-                      "(default 256K, as dump)"),
-             arg("--no-locate", action="store_true",
-                 help="act like a drive without LOCATE/READ POSITION (tgt)"))),
-    Command("label", "label a tape as the first of a new set",
-            "Write a label on a tape, making it the first tape of a new set (pool). A tape "
-            "that holds images is refused unless --force.",
-            ("blockxfer tape label /dev/nst0 weekly-01 --set weekly",),
-            cmd_tape_label,
-            (tape_arg(), arg("name", metavar="LABEL", help="the tape's label (serial)"),
-             arg("--set", metavar="NAME", help="set (pool) name (default: the label)"),
-             arg("--record-size", default="256K", metavar="SIZE",
-                 help="record size of the set's dumps (default 256K)"),
-             arg("--force", action="store_true", help="relabel a tape holding images"))),
-    Command("list", "the images on a tape",
-            "List a tape's label and the images on it: number, file, level, expression, "
-            "blocks, time and whether each is complete.",
-            ("blockxfer tape list /dev/nst0", "blockxfer tape list t.vtape --json"),
-            cmd_tape_list, (tape_arg(),)),
-    Command("status", "show the drive status",
-            "Show the drive's status: position, flags, INQUIRY, block limits, TapeAlert.",
-            ("blockxfer tape status /dev/nst0",), cmd_tape_status, (tape_arg(),)),
-    Command("rewind", "rewind", "Rewind the tape.",
-            ("blockxfer tape rewind /dev/nst0",), cmd_tape_rewind, (tape_arg(),)),
-    Command("eject", "rewind and unload", "Rewind and unload the tape.",
-            ("blockxfer tape eject /dev/nst0",), cmd_tape_eject, (tape_arg(),)),
-    Command("erase", "erase the whole tape",
-            "Erase the whole tape. A tape that holds images or foreign data is refused "
-            "unless --force; --dry-run shows what would be lost.",
-            ("blockxfer tape erase /dev/nst0 --dry-run", "blockxfer tape erase t.vtape --force"),
-            cmd_tape_erase,
-            (tape_arg(),
-             arg("-n", "--dry-run", action="store_true", help="show the plan only"),
-             arg("--force", action="store_true",
-                 help="erase a tape that holds images or other data"))),
-)
 
 COMMANDS = (
     Command("dump", "write an image to tape after its last image",

@@ -139,23 +139,29 @@ def cmd_snapshots(a: argparse.Namespace) -> Report:
     return Report({"snapshots": rows, "pointers": pointers}, text)
 
 
-def _is_pointer(path: str, name: str) -> bool:
-    listing = remote.snapshots(path)
-    if listing is None:
-        with open_volume(path) as vol:
-            listing = remote.snapshots_listing(vol)
-    names = {r["name"] for r in listing["snapshots"]}
-    return name in listing["pointers"] and name not in names
-
-
 def cmd_destroy(a: argparse.Namespace) -> Report:
+    """Destroy a snapshot, or delete a pointer when NAME is one (one verb for what
+    VOLUME@NAME names). The write open comes first, so a device in use is refused
+    before anything is read from it."""
     path, name = need_snapshot(a.target)
-    if _is_pointer(path, name):          # one verb for what VOLUME@NAME names
-        return cmd_pointer(argparse.Namespace(path=path, name=name, snapshot=None,
-                                              delete=True))
-    if remote.destroy(path, name) is None:
+    listing = remote.snapshots(path)
+    if listing is not None:                                  # served
+        pointer = name in listing["pointers"] and name not in {
+            r["name"] for r in listing["snapshots"]}
+        if pointer:
+            remote.delete_pointer(path, name)
+        else:
+            remote.destroy(path, name)
+    else:
         with open_volume(path, write=True) as vol:
-            vol.destroy_snapshot(name)
+            pointer = name in vol.pointers and name not in {e.name for e in vol.snapshots()}
+            if pointer:
+                vol.delete_pointer(name)
+            else:
+                vol.destroy_snapshot(name)
+    if pointer:
+        return Report({"volume": path, "pointer": name, "snapshot": None, "deleted": True},
+                      [f"pointer {name} deleted"])
     return Report({"volume": path, "destroyed": name}, [f"{path}@{name}: destroyed"])
 
 
