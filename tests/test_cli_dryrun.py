@@ -85,6 +85,10 @@ def test_receive_and_restore_dry_runs_create_nothing(vol: str, tmp_path: Path) -
     m = js("restore", "-n", f"{d}/back.img", "--tape", tape, "--snapshot", "s2")
     assert [i["expression"] for i in m["images"]] == ["s1", "s2 - s1"] and m["bytes"] > 0
     assert not os.path.exists(f"{d}/back.img")
+    for partial in (("--vbns", "0-9"), ("--only", "s1")):
+        r = bx("restore", "-n", f"{d}/back.img", "--tape", tape, "--image", "1", *partial)
+        assert r.returncode == 2 and "nothing was written" in one_line(r)
+        assert not os.path.exists(f"{d}/back.img")
 
 
 def test_verify_and_no_compress_on_send_and_dump(vol: str, tmp_path: Path) -> None:

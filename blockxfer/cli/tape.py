@@ -127,6 +127,9 @@ def _restore_only(a: argparse.Namespace) -> Report:
 def cmd_restore(a: argparse.Namespace) -> Report:
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.restore import restore_images
+    if a.dry_run and (a.vbns or a.only):     # never let -n fall through to a write
+        raise UsageError("--dry-run plans whole-image restores; leave out --vbns and --only "
+                         "(or -n); nothing was written")
     if a.vbns:
         return _restore_vbns(a)
     if a.only:
