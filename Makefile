@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench testbed clean venv
+.PHONY: demo test lint typecheck bench testbed clean venv extras install-extras
 
 venv: $(STAMP)
 
@@ -14,6 +14,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,scsi]' || $(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q atheris || echo "atheris did not install: its fuzz test will skip"
 	touch $(STAMP)
+
+# the man page and bash/zsh completion, generated from the parser (blockxfer/cli/docgen.py);
+# setup.py installs whatever is under share/ as data files of the package
+SHARE   := share
+PREFIX  ?= /usr/local
+extras: $(STAMP)
+	mkdir -p $(SHARE)/man/man1 $(SHARE)/bash-completion/completions $(SHARE)/zsh/site-functions
+	$(BIN)/blockxfer man > $(SHARE)/man/man1/blockxfer.1
+	$(BIN)/blockxfer completion bash > $(SHARE)/bash-completion/completions/blockxfer
+	$(BIN)/blockxfer completion zsh > $(SHARE)/zsh/site-functions/_blockxfer
+
+install-extras: extras
+	cp -r $(SHARE)/. $(PREFIX)/share/
 
 demo: $(STAMP)
 	$(BIN)/blockxfer demo
@@ -37,7 +50,7 @@ testbed: $(STAMP)
 	bash vm-testbed/run.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build $(SHARE) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # vm-testbed extras (docs/testbed.md): a shell in the guest, the throttled RAID0 benchmark
 .PHONY: testbed-shell testbed-bench

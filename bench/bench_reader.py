@@ -15,10 +15,10 @@ import statistics
 import subprocess
 import time
 
-from blockxfer.cli_devices import parse_size
 from blockxfer.drivers.blockdev import aligned_buffer, open_device
 from blockxfer.drivers.loop import loop_device
 from blockxfer.drivers.reader import read_runs
+from blockxfer.units import parse_size
 
 MiB = 1 << 20
 BS = 4096

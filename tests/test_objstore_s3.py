@@ -97,6 +97,25 @@ def test_prune_gc_keep_the_rest_restorable(server: Server, source, tmp_path: Pat
     assert contents(target, f"s{N - 1}") == want[f"s{N - 1}"]
 
 
+def test_store_commands_give_their_results_as_json(server: Server, source) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_cli_json import ELSEWHERE, documented
+    src, _ = source
+    store = _prefix(server)
+    send_chain(server, src, store, upto=3)
+
+    def run(*args: str) -> dict[str, object]:
+        return json.loads(bx(server, "store", *args, "--json").stdout)  # type: ignore[no-any-return]
+    got = {"store ls": run("ls", store), "store verify": run("verify", store),
+           "store rm": run("rm", f"{store}/vol@s2"),
+           "store prune": run("prune", f"{store}/vol", "--keep-last", "1", "--dry-run"),
+           "store gc": run("gc", store, "--grace", "0")}
+    keys = documented()
+    assert set(got) == ELSEWHERE
+    for name, result in got.items():
+        assert keys[name] <= set(result), f"{name}: documented keys missing"
+    assert got["store verify"]["clean"] is True and got["store rm"]["removed"] == ["s2"]
+
+
 def test_wrong_credentials_one_line_exit_4(server: Server, source) -> None:  # type: ignore[no-untyped-def]
     src, _ = source
     store = _prefix(server)

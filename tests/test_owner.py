@@ -323,7 +323,7 @@ WRITE_OPENS = {
     ("drivers/vtape.py", "__init__"): "a virtual tape file",
     ("blockxfer/outfile.py", "_in_place"): "an existing character device or FIFO given as "
                                            "an output (/dev/null); block devices are refused",
-    ("blockxfer/cli.py", "_drop_stdout"): "/dev/null over a closed standard output",
+    ("blockxfer/cli/app.py", "_drop_stdout"): "/dev/null over a closed standard output",
     ("blockxfer/demo.py", "_prepare"): "the marker file of the demo's own folder",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}

@@ -25,6 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["pyproject.toml", "setup.py", "README.md", "blockxfer", "drivers"]
 MiB = 1 << 20
+EXTRAS = [("share/man/man1", "blockxfer.1", ["man"]),
+          ("share/bash-completion/completions", "blockxfer", ["completion", "bash"]),
+          ("share/zsh/site-functions", "_blockxfer", ["completion", "zsh"])]
 
 
 def run(*argv: str | Path, cwd: Path, stdin: bytes | None = None,
@@ -63,6 +66,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(s, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif s.exists():
             shutil.copy2(s, src / name)
+    for folder, name, argv in EXTRAS:              # what `make extras` does
+        (src / folder).mkdir(parents=True)
+        (src / folder / name).write_bytes(run(sys.executable, "-m", "blockxfer.cli", *argv,
+                                              cwd=ROOT))
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp / "dist", src,
         cwd=tmp)
     (whl,) = (tmp / "dist").glob("blockxfer-*.whl")
@@ -90,6 +97,11 @@ def test_wheel_holds_every_package_of_the_tree(wheel: Path) -> None:
     assert tree_packages() <= in_wheel, f"missing from the wheel: {tree_packages() - in_wheel}"
     assert {"blockxfer.stream", "blockxfer.transfer", "blockxfer.drivers"} <= in_wheel
     assert not any(n.startswith("drivers/") for n in inits), "drivers must install inside blockxfer"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert "blockxfer/cli/topics/snapshot.txt" in names            # help topics: package data
+    for folder, name, _ in EXTRAS:                                  # man page, completion
+        assert any(n.endswith(f".data/data/{folder}/{name}") for n in names), name
 
 
 def test_installed_command_runs_the_main_job(installed: Path,
@@ -113,3 +125,7 @@ def test_installed_command_runs_the_main_job(installed: Path,
         got = run(bx, "read", target, "--length", str(len(data)), cwd=tmp_path)
         assert got == data, f"{target} differs from what was written"
     run(bx, "check", "restored.img", cwd=tmp_path)
+    for folder, name, _ in EXTRAS:
+        assert (installed.parent / folder / name).stat().st_size > 1000, name
+    topic = run(bx, "help", "snapshot", cwd=tmp_path).decode()     # package data shipped
+    assert "VOLUME@NAME" in topic and "june3-june1" in topic

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from blockxfer.cli_devices import parse_size, register
+from blockxfer.cli import main
 from blockxfer.drivers.scsi import ScsiCommandFailed, ScsiTape, Sense
 from blockxfer.errors import UsageError
+from blockxfer.units import parse_size
 
 ILLEGAL = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x20, 0x00])
 MEDIUM = bytes([0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0x00])
@@ -70,10 +70,7 @@ def test_parse_size() -> None:
 
 
 def run(*argv: str) -> int:
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(required=True))
-    args = p.parse_args(argv)
-    return int(args.func(args))
+    return main(list(argv))
 
 
 def test_tape_commands(tmp_path, capsys) -> None:
@@ -145,7 +142,7 @@ def test_tapealert_text() -> None:
 def test_tape_alerts_after_a_dump_or_restore(monkeypatch, capsys) -> None:
     """Critical flags: one line each and exit status 4; warnings: a line, status 0;
     information flags: nothing."""
-    from blockxfer import cli_devices
+    from blockxfer.cli import tapealert as cli_devices
     from blockxfer.drivers import tapes
 
     flags: list[tuple[int, str, str]] = []

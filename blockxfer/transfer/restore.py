@@ -174,6 +174,22 @@ def _refuse_spanning(contents: TapeContents, chain: list[ImageOnTape]) -> None:
                              "nothing was written")
 
 
+def plan_restore(tape_path: str, *, open_tape: OpenTape, image: int | None = None,
+                 snapshot: str | None = None,
+                 target_has: Callable[[str], bool] = lambda name: False) -> list[ImageOnTape]:
+    """The images `restore_images` would apply, oldest first; reads only the tape's
+    label and index (restore -n)."""
+    tape = open_tape(tape_path, False)
+    try:
+        if read_label(tape) is None:
+            raise FormatError(f"{tape_path} is blank")
+        contents = list_tape(tape)
+        chosen = pick_image(contents, image, snapshot)
+        return restore_chain(contents, target_has, chosen) if snapshot else [chosen]
+    finally:
+        tape.close()
+
+
 def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
                    open_device: OpenDevice, next_tape: NextTape | None = None,
                    image: int | None = None, snapshot: str | None = None, force: bool = False,

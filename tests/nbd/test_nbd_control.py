@@ -184,7 +184,8 @@ def test_parse_listen() -> None:
 SERVE_SCRIPT = textwrap.dedent("""
     import argparse, contextlib, sys
     sys.path.insert(0, {root!r})
-    from blockxfer import cli_serve
+    from blockxfer.cli import serve
+    from blockxfer.cli.spec import add_commands
     from tests.nbd.fakes import FakeVolume
     vol = FakeVolume(1 << 20)
     vol.start_cp_timer = lambda: print("timer", flush=True)
@@ -194,9 +195,9 @@ SERVE_SCRIPT = textwrap.dedent("""
         vol.close()
         print("closed", vol.commits, vol.read(0, 4), flush=True)
     parser = argparse.ArgumentParser()
-    cli_serve.register(parser.add_subparsers())
+    add_commands(parser.add_subparsers(), serve.COMMANDS, "command")
     args = parser.parse_args(sys.argv[1:])
-    sys.exit(args.cmd_serve(args, open_volume))
+    sys.exit(serve.serve_volume(args, open_volume))
 """)
 
 

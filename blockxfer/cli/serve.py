@@ -1,12 +1,11 @@
-"""`blockxfer serve PATH --listen unix:SOCKET|tcp:HOST:PORT [--read-only] [--tls ...]`.
+"""`blockxfer serve VOLUME --listen unix:SOCKET|tcp:HOST:PORT [--read-only] [--tls ...]`.
 
-Parses, opens the volume through the function the main CLI hands in, starts
-its CP timer (a CP every 10 s while writes are pending), serves it until
-SIGTERM or SIGINT, and returns. The server commits once every connection has
-answered what it read; the volume's context manager commits again on the way
-out. The control socket answers the other commands (`blockxfer.remote`) and
-freezes file systems with `blockxfer.drivers.freeze` (this module is wiring,
-like `cli`, so it may hand a driver down).
+Parses, opens the volume, starts its CP timer (a CP every 10 s while writes are
+pending), serves it until SIGTERM or SIGINT, and returns. The server commits
+once every connection has answered what it read; the volume's context manager
+commits again on the way out. The control socket answers the other commands
+(`blockxfer.remote`) and freezes file systems with `blockxfer.drivers.freeze`
+(this module is wiring, like the rest of `cli`, so it may hand a driver down).
 
 Everything the command line says is checked before the volume is opened: a
 bad `--listen`, unreadable TLS files, or a listener reachable from the network
@@ -27,41 +26,16 @@ from typing import Any
 from blockxfer import remote
 from blockxfer.drivers.freeze import frozen
 from blockxfer.errors import UsageError
+from blockxfer.handles import open_volume
 from blockxfer.nbd.server import Server, is_loopback, parse_listen
 from blockxfer.nbd.tls import MODES, Mode, TlsPolicy, server_context
+
+from .common import syslog_arg, volume_arg
+from .spec import Command, Report, Section, arg
 
 log = logging.getLogger(__name__)
 
 OpenVolume = Callable[[str], AbstractContextManager[Any]]
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "serve", help="export a volume and its snapshots over NBD",
-        description="Export the live volume (export '' or 'active') and each snapshot "
-                    "('@NAME', read-only) over NBD until SIGTERM.")
-    p.add_argument("path", metavar="PATH", help="the volume's device or file")
-    p.add_argument("--listen", action="append", required=True,
-                   metavar="unix:SOCKET|tcp:HOST:PORT",
-                   help="where to accept NBD clients (may be given more than once); a TCP "
-                        "address other than loopback needs --tls require or --insecure")
-    p.add_argument("--read-only", action="store_true", help="export the live volume read-only")
-    t = p.add_argument_group(
-        "TLS", "NBD_OPT_STARTTLS with X.509 certificates (clients: nbds:// URIs, qemu "
-               "tls-creds-x509). TLS-PSK is not offered: Python 3.11's ssl has no PSK API.")
-    t.add_argument("--tls", choices=MODES,
-                   help="off: plain only; on: clients may upgrade; require: clients must "
-                        "upgrade before any option (default: require with --tls-cert, else off)")
-    t.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")
-    t.add_argument("--tls-key", metavar="PEM",
-                   help="the certificate's private key (default: in --tls-cert)")
-    t.add_argument("--tls-ca", metavar="PEM",
-                   help="accept only clients with a certificate this CA signed")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback TCP listener without --tls require: anyone who "
-                        "can connect reads (and writes) the volume")
-    p.add_argument("--no-control", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(cmd_serve=cmd_serve)
 
 
 def tls_policy(args: argparse.Namespace) -> TlsPolicy:
@@ -92,8 +66,9 @@ def check_exposure(listen: list[str], tls: TlsPolicy, insecure: bool) -> list[st
     return exposed
 
 
-def cmd_serve(args: argparse.Namespace, open_volume: OpenVolume) -> int:
-    if not logging.getLogger().handlers:
+def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
+    """Check the options, then serve the volume `open_volume` opens until a signal."""
+    if not logging.getLogger().handlers:          # called without main() (tests)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="blockxfer serve: %(message)s")
     for spec in args.listen:
@@ -122,3 +97,45 @@ def cmd_serve(args: argparse.Namespace, open_volume: OpenVolume) -> int:
             for s, h in previous.items():
                 signal.signal(s, h)
     return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> Report:
+    code = serve_volume(a, lambda path: open_volume(path, write=not a.read_only))
+    return Report({"volume": a.path, "listen": a.listen, "stopped": True}, code=code)
+
+
+COMMANDS = (
+    Command("serve", "export a volume and its snapshots over NBD",
+            "Export the live volume (export '' or 'active') and each snapshot ('@NAME', "
+            "read-only) over NBD until SIGTERM. The other commands work meanwhile through "
+            "the server's control socket.",
+            ("blockxfer serve /srv/vol.img --listen unix:/run/vol.sock",
+             "blockxfer serve /srv/vol.img --listen tcp:0.0.0.0:10809 --tls require "
+             "--tls-cert srv.pem --tls-key srv.key --tls-ca ca.pem",
+             "nbdfuse /mnt/june1 --unix /run/vol.sock -e @june1   # a snapshot as a file"),
+            cmd_serve,
+            (volume_arg(),
+             arg("--listen", action="append", required=True,
+                 metavar="unix:SOCKET|tcp:HOST:PORT",
+                 help="where to accept NBD clients (may be given more than once); a TCP "
+                      "address other than loopback needs --tls require or --insecure"),
+             arg("--read-only", action="store_true", help="export the live volume read-only"),
+             Section("TLS", "NBD_OPT_STARTTLS with X.509 certificates (clients: nbds:// URIs, "
+                            "qemu tls-creds-x509). TLS-PSK is not offered: Python 3.11's ssl "
+                            "has no PSK API.",
+                     (arg("--tls", choices=MODES,
+                          help="off: plain only; on: clients may upgrade; require: clients "
+                               "must upgrade before any option (default: require with "
+                               "--tls-cert, else off)"),
+                      arg("--tls-cert", metavar="PEM", help="the server's certificate (chain)"),
+                      arg("--tls-key", metavar="PEM",
+                          help="the certificate's private key (default: in --tls-cert)"),
+                      arg("--tls-ca", metavar="PEM",
+                          help="accept only clients with a certificate this CA signed"))),
+             arg("--insecure", action="store_true",
+                 help="allow a non-loopback TCP listener without --tls require: anyone who "
+                      "can connect reads (and writes) the volume"),
+             syslog_arg(),
+             arg("--no-control", action="store_true", help=argparse.SUPPRESS)),
+            log_level="info"),
+)

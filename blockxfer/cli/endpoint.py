@@ -1,4 +1,7 @@
-"""`blockxfer stdio-serve` and `blockxfer tls-serve`: the far end of ssh:// and tls://."""
+"""`blockxfer stdio-serve` and `blockxfer tls-serve`: the far end of ssh:// and tls://.
+
+Standard output is the wire protocol here, so these commands take no --json or -q.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from typing import Any
 
 from blockxfer.errors import UsageError
 from blockxfer.service.endpoint import OPERATIONS, Policy, serve_request
+
+from .common import syslog_arg
+from .spec import Arg, Command, Report, arg
 
 log = logging.getLogger("blockxfer.endpoint")
 DRAIN_SECONDS = 5.0
@@ -30,10 +36,9 @@ def _policy(a: argparse.Namespace) -> Policy:
     return Policy(frozenset(a.volume) if a.volume else None, a.allow)
 
 
-def cmd_stdio_serve(a: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="blockxfer stdio-serve: %(message)s")
+def cmd_stdio_serve(a: argparse.Namespace) -> Report:
     err = serve_request(sys.stdin.buffer, sys.stdout.buffer, _policy(a), "ssh peer")
-    return err.exit_code if err else 0
+    return Report({}, code=err.exit_code if err else 0)
 
 
 def _peers(items: list[str]) -> dict[str, frozenset[str]]:
@@ -54,9 +59,8 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def cmd_tls_serve(a: argparse.Namespace) -> int:
+def cmd_tls_serve(a: argparse.Namespace) -> Report:
     from blockxfer.transport.tls import peer_name, server_context
-    logging.basicConfig(level=logging.INFO, format="blockxfer tls-serve: %(message)s")
     ctx = server_context(a.tls_dir)
     peers = _peers(a.peer or [])
     host, port = _listen_address(a.listen)
@@ -95,33 +99,35 @@ def _drain(sock: ssl.SSLSocket) -> None:
         pass
 
 
-def _add_common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--volume", action="append", metavar="PATH",
-                    help="the only volume a peer may name (repeatable; default: any)")
-    sp.add_argument("--allow", type=_allow, default=frozenset(OPERATIONS), metavar="OPS",
-                    help="operations allowed: send, receive or send,receive (default both)")
+def _common() -> tuple[Arg, ...]:
+    return (syslog_arg(),
+            arg("--volume", action="append", metavar="VOLUME",
+                help="the only volume a peer may name (repeatable; default: any)"),
+            arg("--allow", type=_allow, default=frozenset(OPERATIONS), metavar="OPS",
+                help="operations allowed: send, receive or send,receive (default both)"))
 
 
-def register(sub: Any) -> None:
-    sp = sub.add_parser(
-        "stdio-serve", help="answer one ssh:// stream request on standard input and output",
-        description="The far end of ssh:// URLs. Put it in authorized_keys as a forced "
-        "command to pin one volume: command=\"blockxfer stdio-serve --volume /srv/vol.img "
-        "--allow send\",restrict ssh-ed25519 AAAA...")
-    _add_common(sp)
-    sp.set_defaults(func=cmd_stdio_serve)
-
-    sp = sub.add_parser(
-        "tls-serve", help="answer tls:// stream requests from peers with certificates",
-        description="Mutual TLS: clients need a certificate signed by ca-cert.pem in "
-        "--tls-dir. Example: blockxfer tls-serve --listen 0.0.0.0:10811 --tls-dir /etc/"
-        "blockxfer/tls --peer backup1=/srv/vol.img --allow send")
-    sp.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
-    sp.add_argument("--tls-dir", metavar="DIR",
-                    help="ca-cert.pem, server-cert.pem, server-key.pem (default "
-                    "$BLOCKXFER_TLS_DIR or /etc/blockxfer/tls)")
-    _add_common(sp)
-    sp.add_argument("--peer", action="append", metavar="NAME=PATH",
-                    help="a certificate common name and a volume it may use (repeatable); "
-                    "with any --peer, other certificates are refused")
-    sp.set_defaults(func=cmd_tls_serve)
+COMMANDS = (
+    Command("stdio-serve", "answer one ssh:// stream request on standard input and output",
+            "The far end of ssh:// URLs: answers one send or receive request on standard "
+            "input and output. Put it in authorized_keys as a forced command to pin one "
+            "volume.",
+            ('command="blockxfer stdio-serve --volume /srv/vol.img --allow send",restrict '
+             'ssh-ed25519 AAAA...   # in ~/.ssh/authorized_keys',),
+            cmd_stdio_serve, _common(), common=False),
+    Command("tls-serve", "answer tls:// stream requests from peers with certificates",
+            "The far end of tls:// URLs. Mutual TLS: clients need a certificate signed by "
+            "ca-cert.pem in --tls-dir.",
+            ("blockxfer tls-serve --listen 0.0.0.0:10811 --tls-dir /etc/blockxfer/tls "
+             "--peer backup1=/srv/vol.img --allow send",),
+            cmd_tls_serve,
+            (arg("--listen", required=True, metavar="HOST:PORT", help="address to listen on"),
+             arg("--tls-dir", metavar="DIR",
+                 help="ca-cert.pem, server-cert.pem, server-key.pem (default "
+                      "$BLOCKXFER_TLS_DIR or /etc/blockxfer/tls)"),
+             *_common(),
+             arg("--peer", action="append", metavar="NAME=VOLUME",
+                 help="a certificate common name and a volume it may use (repeatable); "
+                      "with any --peer, other certificates are refused")),
+            common=False, log_level="info"),
+)

@@ -1,0 +1,5 @@
+import sys
+
+from blockxfer.cli.app import main
+
+sys.exit(main())
