@@ -131,17 +131,6 @@ class LabelReader(Protocol):
     def __call__(self, path: str) -> tuple[str, int] | None: ...
 
 
-def tape_label(path: str) -> tuple[str, int] | None:
-    """The set label of the tape now in the drive (read-only; None for a blank tape)."""
-    from blockxfer.transfer.tapeset import read_label
-
-    from .tapes import open_tape
-
-    with open_tape(path, write=False) as t:
-        label = read_label(t)  # type: ignore[arg-type]
-    return None if label is None else (label.set_name, label.seq)
-
-
 def parse_tapes(text: str | None) -> list[str] | None:
     """`--changer-tapes`: barcodes and pools (shell patterns like BXP*), comma-separated."""
     if not text:

@@ -19,7 +19,6 @@ from blockxfer.drivers.changer import (
     Slot,
     changer_next_tape,
     parse_status,
-    tape_label,
 )
 from blockxfer.drivers.discovery import changers
 from blockxfer.drivers.vtape import create_virtual_tape
@@ -241,7 +240,7 @@ def test_dump_spans_two_tapes_through_the_changer_and_restores(src, tmp_path: Pa
     mtx = FakeMtx(state)
     changer = Changer("/dev/sg5", run=mtx)
     res = dump(path, LEVELS[0], drive, label="weekly",
-               next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label))
+               next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
     assert len(res.tapes) == 2  # type: ignore[attr-defined]
     assert changer.status().drive(0).source == 2
     second = list_tape(opener(tapes[1], False))
@@ -250,7 +249,7 @@ def test_dump_spans_two_tapes_through_the_changer_and_restores(src, tmp_path: Pa
     changer.unload(2, 0)
     changer.load(1, 0)
     target = str(tmp_path / "r.img")
-    restore(drive, target, next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label))
+    restore(drive, target, next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
     assert snapshot_contents(target)["june3"] == contents["june3"]
     assert [c[2:] for c in mtx.calls if c[2] != "status"][-2:] == [["unload", "1", "0"],
                                                                    ["load", "2", "0"]]
@@ -265,7 +264,7 @@ def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src, tmp_path: Pa
     t.close()
     with pytest.raises(VolumeError, match=r"slot 2 \(BX0002L8\) holds tape 1 of set 'OTHER'"):
         dump(path, LEVELS[0], drive, label="weekly",
-             next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label))
+             next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
 
 
 def test_cli_dump_and_restore_with_changer(src, tmp_path: Path,  # type: ignore[no-untyped-def]  # noqa: F811
@@ -324,3 +323,10 @@ def test_cli_changer_tapes_by_barcode(src, tmp_path: Path,  # type: ignore[no-un
                      "--changer-tapes", "BX0002L8,BX0003L8"]) == 0
     assert snapshot_contents(target)["june3"] == contents["june3"]
     assert changer.status().drive(0).source == 3
+
+
+def tape_label():  # type: ignore[no-untyped-def]
+    """The changer's label reader over the drivers' tape opener (what the CLI wires)."""
+    from blockxfer.cli.tapedrive import tape_opener
+    from blockxfer.transfer.tapeset import label_reader
+    return label_reader(tape_opener())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer.drivers.changer import Changer, changer_next_tape, tape_label
+from blockxfer.drivers.changer import Changer, changer_next_tape
 from blockxfer.drivers.discovery import changers
 from blockxfer.drivers.tapes import eject_tape
 from blockxfer.transfer.tapeset import label_tape, list_tape
@@ -63,7 +63,7 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
                 label_tape(t, "CHG-SPAN", force=True)
         finally:
             t.close()
-    nt = changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape, label_of=tape_label)
+    nt = changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape, label_of=tape_label())
     res = dump(path, LEVELS[0], DRIVE, next_tape=nt)
     assert len(res.tapes) == 2 and nt.slot == 2  # type: ignore[attr-defined]
     second = list_tape(opener(DRIVE, False))
@@ -72,7 +72,7 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
     target = str(tmp_path / "r.img")
     restore(DRIVE, target,
             next_tape=changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape,
-                                        label_of=tape_label))
+                                        label_of=tape_label()))
     assert snapshot_contents(target)["june3"] == contents["june3"]
     assert changer.status().drive(INDEX).source == 2
 
@@ -119,3 +119,10 @@ def test_cli_dump_and_restore_choose_tapes_by_barcode(src, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert changer.status().drive(INDEX).source == last.number
     assert snapshot_contents(target)["june9"] == contents["june9"]
+
+
+def tape_label():  # type: ignore[no-untyped-def]
+    """The changer's label reader over the drivers' tape opener (what the CLI wires)."""
+    from blockxfer.cli.tapedrive import tape_opener
+    from blockxfer.transfer.tapeset import label_reader
+    return label_reader(tape_opener())

@@ -36,10 +36,12 @@ def _changer_loader(a: argparse.Namespace) -> Callable[[str, int, str], NextTape
     """Loads the set's next tapes through the changer, by barcode or pool when
     --changer-tapes names them; a restore skips blank or foreign tapes."""
     def load(changer: str, drive: int, tape: str) -> NextTape:
-        from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes, tape_label
+        from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes
         from blockxfer.drivers.tapes import eject_tape
+        from blockxfer.transfer.tapeset import label_reader
         return changer_next_tape(Changer(changer), drive, tape, eject=eject_tape,
-                                 label_of=tape_label, tapes=parse_tapes(a.changer_tapes),
+                                 label_of=label_reader(tape_opener()),
+                                 tapes=parse_tapes(a.changer_tapes),
                                  restore=a.command == "restore")
     return load
 

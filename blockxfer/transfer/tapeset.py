@@ -50,6 +50,19 @@ class TapeContents:
     files: int = 1                 # files on the tape, label included
 
 
+def label_reader(open_tape: OpenTape) -> Callable[[str], tuple[str, int] | None]:
+    """What a changer asks of each tape it loads: (set name, sequence number) of the
+    tape at a path, read-only, or None for a blank tape."""
+    def read(path: str) -> tuple[str, int] | None:
+        tape = open_tape(path, False)
+        try:
+            label = read_label(tape)
+        finally:
+            tape.close()
+        return None if label is None else (label.set_name, label.seq)
+    return read
+
+
 def read_label(tape: Tape) -> tf.Label | None:
     """The label at BOT, or None for a blank tape; refuses a tape holding other data."""
     tape.rewind()

@@ -258,7 +258,7 @@ run_pytest() {  # run_pytest PASS [ARGS...]: PASS "main" or the tape kind of a s
     [ "$pass" = main ] || sfx=-$pass
     PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
     TESTBED_REPORT=$RESULTS/report$sfx.json \
-        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device or root}" \
+        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device}" \
         -p no:cacheprovider -p testbed_report \
         --junitxml="$RESULTS/junit$sfx.xml" "$@" 2>&1 | tee "$RESULTS/pytest$sfx.log"
     return "${PIPESTATUS[0]}"
