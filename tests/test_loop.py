@@ -15,7 +15,7 @@ from blockxfer.drivers.loop import attach_loop, detach_loop, loop_info
 from blockxfer.drivers.safety import check_writable, device_users
 from blockxfer.errors import DeviceBusy
 
-pytestmark = [pytest.mark.root, pytest.mark.device]  # device: the test bed runs it on its kernel too
+pytestmark = [pytest.mark.root, pytest.mark.device]  # device: the test bed runs it too
 
 
 @pytest.fixture
