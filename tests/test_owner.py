@@ -325,6 +325,10 @@ WRITE_OPENS = {
                                            "an output (/dev/null); block devices are refused",
     ("blockxfer/cli/app.py", "_drop_stdout"): "/dev/null over a closed standard output",
     ("blockxfer/demo.py", "_prepare"): "the marker file of the demo's own folder",
+    ("blockxfer/transfer/objstore/servers.py", "start_seaweedfs"): "the embedded S3 "
+                                                                   "server's log file",
+    ("blockxfer/transfer/objstore/servers.py", "start_rclone"): "the embedded S3 server's "
+                                                                "log file",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 
