@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.tapes import open_tape_handle
@@ -26,7 +27,8 @@ def _say(text: str) -> None:
 
 
 MARK = ".blockxfer-demo"                 # a folder the demo made and may clear again
-OWN = (MARK, "volume.img", "tape0.vtape", "restored.img")
+OWN = (MARK, "volume.img", "tape0.vtape", "restored.img", "from-s3.img")
+OWN_DIRS = ("seaweedfs",)                  # the embedded object store's data and log
 
 
 def _prepare(directory: str) -> None:
@@ -38,13 +40,15 @@ def _prepare(directory: str) -> None:
         if not os.path.exists(os.path.join(directory, MARK)):
             raise UsageError(f"--dir {directory} holds files that the demo did not make; "
                              "give a new or empty folder")
-        stray = sorted(set(os.listdir(directory)) - set(OWN))
+        stray = sorted(set(os.listdir(directory)) - set(OWN) - set(OWN_DIRS))
         if stray:
             raise UsageError(f"--dir {directory} holds {stray[0]!r}, which the demo did not "
                              "make; move it away or give a new folder")
         for name in OWN:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
+        for name in OWN_DIRS:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
     open(os.path.join(directory, MARK), "wb").close()
 
@@ -88,4 +92,6 @@ def run_demo(directory: str) -> int:
          f"check {'clean' if check_volume(dst).clean else 'FAILED'}")
     src.close()
     dst.close()
-    return 0 if report.clean and same else 1
+    from blockxfer.transfer.objstore.demo import run_objstore_leg
+    stored = run_objstore_leg(path, DAYS[:5], directory, _say, open_device)
+    return 0 if report.clean and same and stored else 1
