@@ -25,6 +25,7 @@ import logging
 import queue
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,7 +49,8 @@ REPLY_PARTS = 64                 # ... or this many pieces (a client waits for i
 SEND_QUEUE = 2                   # reply groups with read data waiting for the sender
 BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
 _BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
-_NOTHING = object()
+Payload = bytes | bytearray | None     # a write's payload as the reader left it
+SMALL_PAYLOAD = 64 << 10         # write payloads copied out of the receive buffer
 
 
 class RequestError(Exception):
@@ -60,13 +62,10 @@ class RequestError(Exception):
 @dataclass(slots=True)
 class _Job:
     req: p.Request
-    buf: bytearray | None = None     # pooled buffer holding a write payload
-
-    @property
-    def cost(self) -> int:
-        """What a queued job holds: its payload, and at least a page so a client
-        that never reads its replies cannot queue requests without bound."""
-        return max(self.req.length if self.req.type == p.CMD_WRITE else 0, 4096)
+    buf: bytes | bytearray | None = None   # write payload: bytes, or a pooled bytearray
+    cost: int = 4096   # what the job holds while queued: its payload, and at least a
+    #                    page, so a client that never reads its replies cannot queue
+    #                    requests without bound
 
 
 class _BufferPool:
@@ -105,6 +104,26 @@ class _Receiver:
         self.buf = memoryview(bytearray(size))
         self.start = self.end = 0
 
+    def available(self) -> int:
+        """Bytes already received and not yet taken: no syscall needed for them."""
+        return self.end - self.start
+
+    def header(self) -> p.Request:
+        """The next request header, parsed in place."""
+        if self.end - self.start < p.REQUEST.size:
+            self._fill(p.REQUEST.size)
+        req = p.parse_request(self.buf, self.start)
+        self.start += p.REQUEST.size
+        return req
+
+    def take_bytes(self, n: int) -> bytes:
+        """A copy of the next `n` (<= buffer size) bytes."""
+        if self.end - self.start < n:
+            self._fill(n)
+        data = self.buf[self.start:self.start + n].tobytes()
+        self.start += n
+        return data
+
     def take(self, n: int) -> memoryview:
         """The next `n` (<= buffer size) bytes; valid until the next call."""
         if self.end - self.start < n:
@@ -142,9 +161,11 @@ class Transmission:
     def __init__(self, sock: Stream, session: Session, vol: LockedVolume) -> None:
         self.sock, self.session, self.vol = sock, session, vol
         self.export = session.export
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._reader_done = False       # the worker has taken the reader's last list
         self._pool = _BufferPool()
         self._inflight = 0
+        self._done_cost = 0             # finished jobs' cost not yet given back
         self._cond = threading.Condition()
         self._send_failed = False
         self._out: list[bytes | bytearray | memoryview] = []   # replies not sent yet
@@ -175,19 +196,47 @@ class Transmission:
             sender.join()
 
     def _read_loop(self) -> None:
+        """Parse every request the receive buffer holds before the next recv, and
+        queue them as one list: one queue hand-off (one wake-up of the worker) per
+        recv instead of per request. Small write payloads are copied out of the
+        buffer (one `bytes` each); large ones are received into a pooled buffer."""
         rx = _Receiver(self.sock)
-        while not self._send_failed:
-            req = p.parse_request(rx.take(p.REQUEST.size))
-            if req.type == p.CMD_DISC:
-                return
-            job = _Job(req)
-            if req.type == p.CMD_WRITE and req.length > MAX_PAYLOAD:   # cannot skip it: hang up
-                raise p.ProtocolError(f"write payload of {req.length} bytes")
-            self._reserve(job.cost)
-            if req.type == p.CMD_WRITE:
-                job.buf = self._pool.get(req.length)
-                rx.take_into(memoryview(job.buf)[:req.length])
-            self._jobs.put(job)
+        jobs: list[_Job] = []
+        try:
+            while not self._send_failed:
+                if jobs and rx.available() < p.REQUEST.size:
+                    jobs = self._queue(jobs)             # the next header needs a recv
+                req = rx.header()
+                if req.type == p.CMD_DISC:
+                    return
+                if req.type != p.CMD_WRITE:
+                    jobs.append(_Job(req))
+                    continue
+                n = req.length
+                if n > MAX_PAYLOAD:                      # cannot skip it: hang up
+                    raise p.ProtocolError(f"write payload of {n} bytes")
+                if n <= SMALL_PAYLOAD:
+                    if jobs and rx.available() < n:
+                        jobs = self._queue(jobs)
+                    jobs.append(_Job(req, rx.take_bytes(n), max(n, 4096)))
+                    continue
+                jobs = self._queue(jobs)
+                job = _Job(req, cost=n)
+                self._reserve(n)                         # before the buffer is taken
+                job.buf = self._pool.get(n)
+                rx.take_into(memoryview(job.buf)[:n])
+                self._jobs.put([job])
+        finally:
+            if jobs:                 # complete requests read before the end: answer them
+                self._queue(jobs)
+
+    def _queue(self, jobs: list[_Job]) -> list[_Job]:
+        """Hand `jobs` to the worker (waiting while too much is in flight); returns a
+        fresh list for the next ones."""
+        if jobs:
+            self._reserve(sum(job.cost for job in jobs))
+            self._jobs.put(jobs)
+        return []
 
     def _reserve(self, n: int) -> None:
         with self._cond:
@@ -198,47 +247,57 @@ class Transmission:
     # --- worker side ---
 
     def _work(self) -> None:
-        held: object = _NOTHING
+        pending: deque[_Job] = deque()
         try:
             while True:
-                if held is _NOTHING and self._jobs.empty():
+                if not pending and not self._take(pending, block=False):
                     self._flush_replies()        # nothing else to do: answer now
-                job = self._jobs.get() if held is _NOTHING else held
-                if job is None:
-                    return
-                assert isinstance(job, _Job)
-                batch, held = self._gather(job)
+                    self._release()
+                    if not self._take(pending, block=True):
+                        return
+                job = pending.popleft()
+                batch = self._gather(job, pending)
                 try:
-                    if len(batch) == 1:
+                    if len(batch) == 1 and not self._batchable(job.req):
                         self._execute(job)
                     else:
                         self._execute_batch(batch)
                 finally:
-                    self._release(batch)
-                if sum(j.req.length for j in batch) >= REPLY_BYTES:
-                    self._flush_replies()    # large requests: no syscalls worth saving
+                    self._done(batch)
         finally:
             self._flush_replies()
+            self._release()
 
-    def _gather(self, job: _Job) -> tuple[list[_Job], object]:
-        """`job` plus the queued jobs that continue it (same command, next offset);
-        the first job that does not fit is handed back to be run next."""
+    def _take(self, pending: deque[_Job], *, block: bool) -> bool:
+        """Move the next queued list of jobs into `pending`; False when there is none
+        (and, blocking, when the reader has finished)."""
+        if self._reader_done:
+            return False
+        try:
+            jobs = self._jobs.get(block)
+        except queue.Empty:
+            return False
+        if jobs is None:
+            self._reader_done = True
+            return False
+        pending.extend(jobs)
+        return True
+
+    def _gather(self, job: _Job, pending: deque[_Job]) -> list[_Job]:
+        """`job` plus the pending jobs that continue it (same command, next offset)."""
         batch = [job]
         if not self._batchable(job.req):
-            return batch, _NOTHING
+            return batch
         end, total = job.req.offset + job.req.length, job.req.length
-        while total < BATCH_BYTES:
-            try:
-                nxt = self._jobs.get_nowait()
-            except queue.Empty:
+        while total < BATCH_BYTES and (pending or self._take(pending, block=False)):
+            nxt = pending[0].req
+            if (nxt.type != job.req.type or nxt.offset != end
+                    or total + nxt.length > BATCH_BYTES or not self._batchable(nxt)):
                 break
-            if (nxt is None or nxt.req.type != job.req.type or nxt.req.offset != end
-                    or total + nxt.req.length > BATCH_BYTES or not self._batchable(nxt.req)):
-                return batch, nxt
-            batch.append(nxt)
-            end += nxt.req.length
-            total += nxt.req.length
-        return batch, _NOTHING
+            batch.append(pending.popleft())
+            end += nxt.length
+            total += nxt.length
+        return batch
 
     def _batchable(self, req: p.Request) -> bool:
         allowed = _BATCH_FLAGS.get(req.type)
@@ -247,13 +306,28 @@ class Transmission:
                 and req.offset + req.length <= self.export.size
                 and not (req.type == p.CMD_WRITE and self.export.read_only))
 
-    def _release(self, batch: list[_Job]) -> None:
+    def _done(self, batch: list[_Job]) -> None:
+        """Pooled buffers go back at once; what the jobs held is given back to the
+        reader in lumps (`_release`): one condition round trip per REPLY_BYTES of
+        small requests, not one per request. After a large request the replies
+        leave at once: there are no syscalls worth saving."""
+        length = 0
         for job in batch:
-            if job.buf is not None:
+            self._done_cost += job.cost
+            length += job.req.length
+            if isinstance(job.buf, bytearray):
                 self._pool.put(job.buf)
-        with self._cond:
-            self._inflight -= sum(job.cost for job in batch)
-            self._cond.notify()
+        if length >= REPLY_BYTES:
+            self._flush_replies()
+        if self._done_cost >= REPLY_BYTES:
+            self._release()
+
+    def _release(self) -> None:
+        if self._done_cost:
+            with self._cond:
+                self._inflight -= self._done_cost
+                self._cond.notify()
+            self._done_cost = 0
 
     def _execute_batch(self, batch: list[_Job]) -> None:
         """One volume call for contiguous requests, then every reply in one send."""
@@ -282,14 +356,16 @@ class Transmission:
         self._send(parts)
 
     def _write_batch(self, batch: list[_Job], total: int) -> None:
+        fua = any(job.req.flags & p.CMD_FLAG_FUA for job in batch)
+        if len(batch) == 1:                  # no merge: no copy
+            self._change("write", batch[0].req.offset, _payload(batch[0]), fua=fua)
+            return
         buf = self._pool.get(total)
         try:
             view, at = memoryview(buf), 0
             for job in batch:
-                assert job.buf is not None
-                view[at:at + job.req.length] = memoryview(job.buf)[:job.req.length]
+                view[at:at + job.req.length] = _payload(job)
                 at += job.req.length
-            fua = any(job.req.flags & p.CMD_FLAG_FUA for job in batch)
             self._change("write", batch[0].req.offset, view[:total], fua=fua)
         finally:
             self._pool.put(buf)
@@ -354,7 +430,7 @@ class Transmission:
 
     # --- the commands ---
 
-    def _dispatch(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _dispatch(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if req.flags & ~_KNOWN_FLAGS:
             raise RequestError(p.EINVAL, f"unknown command flags {req.flags:#x}")
         handler = _COMMANDS.get(req.type)
@@ -371,7 +447,7 @@ class Transmission:
         if req.type in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES) and self.export.read_only:
             raise RequestError(p.EPERM, f"export {self.export.name!r} is read-only")
 
-    def _read(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _read(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if req.length > MAX_PAYLOAD:
             raise RequestError(p.EINVAL, f"read of {req.length} bytes exceeds {MAX_PAYLOAD}")
         data, release = self.vol.read(req.offset, req.length, self.export.snapshot)
@@ -385,21 +461,21 @@ class Transmission:
             return [p.pack_chunk(req.cookie, p.REPLY_TYPE_NONE)]
         return [p.pack_offset_data_header(req.cookie, req.offset, req.length), data]
 
-    def _write(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _write(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         assert buf is not None
         self._change("write", req.offset, memoryview(buf)[:req.length],
                      fua=bool(req.flags & p.CMD_FLAG_FUA))
         return [p.pack_simple_reply(req.cookie)]
 
-    def _flush(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _flush(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if not self.export.read_only:
             self.vol.call("commit")
         return [p.pack_simple_reply(req.cookie)]
 
-    def _trim(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _trim(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         return self._modify(req, "trim")
 
-    def _write_zeroes(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _write_zeroes(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if req.flags & p.CMD_FLAG_FAST_ZERO:
             raise RequestError(p.ENOTSUP, "fast zero is not offered")
         return self._modify(req, "write_zeroes")
@@ -423,7 +499,7 @@ class Transmission:
             if fua:
                 self.vol.volume.commit()
 
-    def _block_status(self, req: p.Request, buf: bytearray | None) -> list[bytes | memoryview]:
+    def _block_status(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if not self.session.contexts:
             raise RequestError(p.EINVAL, "no meta context was negotiated")
         if req.length == 0:
@@ -464,3 +540,11 @@ _COMMANDS = {
     p.CMD_WRITE_ZEROES: Transmission._write_zeroes,
     p.CMD_BLOCK_STATUS: Transmission._block_status,
 }
+
+
+def _payload(job: _Job) -> bytes | memoryview:
+    """A write's payload: the bytes copied from the receive buffer, or the first
+    `length` bytes of its pooled buffer."""
+    buf = job.buf
+    assert buf is not None
+    return buf if isinstance(buf, bytes) else memoryview(buf)[:job.req.length]
