@@ -163,6 +163,11 @@ class Transmission:
         self.export = session.export
         self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._reader_done = False       # the worker has taken the reader's last list
+        # one executor at a time: the worker, or the reader running small requests
+        # itself (_run_inline); lists queued by the reader / taken / finished by
+        # the worker (the reader runs inline only when all are finished)
+        self._exec = threading.Lock()
+        self._queued = self._taken = self._finished = 0
         self._pool = _BufferPool()
         self._inflight = 0
         self._done_cost = 0             # finished jobs' cost not yet given back
@@ -225,18 +230,41 @@ class Transmission:
                 self._reserve(n)                         # before the buffer is taken
                 job.buf = self._pool.get(n)
                 rx.take_into(memoryview(job.buf)[:n])
+                self._queued += 1
                 self._jobs.put([job])
         finally:
             if jobs:                 # complete requests read before the end: answer them
                 self._queue(jobs)
 
     def _queue(self, jobs: list[_Job]) -> list[_Job]:
-        """Hand `jobs` to the worker (waiting while too much is in flight); returns a
-        fresh list for the next ones."""
-        if jobs:
+        """Run `jobs` here if they are small and the worker has nothing left to do,
+        else hand them to the worker (waiting while too much is in flight); returns
+        a fresh list for the next ones."""
+        if jobs and not self._run_inline(jobs):
             self._reserve(sum(job.cost for job in jobs))
+            self._queued += 1
             self._jobs.put(jobs)
         return []
+
+    def _run_inline(self, jobs: list[_Job]) -> bool:
+        """Small requests run on the reader's thread when the worker is idle: no
+        hand-off, no wake-up, the replies leave before the next recv. Under 4 KiB
+        random writes the queue put and the worker's wake-up cost more than the
+        write (the two threads share the GIL, so the worker buys no parallelism for
+        Python work; it pays off for large requests, whose I/O overlaps the recv).
+        Only when every list queued before has been finished: order is kept."""
+        if any(job.req.length > SMALL_PAYLOAD for job in jobs):
+            return False
+        if not self._exec.acquire(blocking=False):
+            return False
+        try:
+            if self._finished != self._queued:
+                return False
+            self._reserve(sum(job.cost for job in jobs))   # never waits: nothing queued
+            self._process(deque(jobs))
+            return True
+        finally:
+            self._exec.release()
 
     def _reserve(self, n: int) -> None:
         with self._cond:
@@ -248,24 +276,29 @@ class Transmission:
 
     def _work(self) -> None:
         pending: deque[_Job] = deque()
+        while self._take(pending, block=True):
+            with self._exec:
+                self._process(pending)
+                self._finished = self._taken
+
+    def _process(self, pending: deque[_Job]) -> None:
+        """Run the pending jobs (and what else is queued by then), then send the
+        replies and give back their flow-control credit. The caller holds _exec."""
         try:
-            while True:
-                if not pending and not self._take(pending, block=False):
-                    self._flush_replies()        # nothing else to do: answer now
-                    self._release()
-                    if not self._take(pending, block=True):
-                        return
+            while pending or self._take(pending, block=False):
                 job = pending.popleft()
                 batch = self._gather(job, pending)
                 try:
-                    if len(batch) == 1 and not self._batchable(job.req):
+                    if batch is None:
                         self._execute(job)
+                    elif len(batch) == 1 and job.req.type == p.CMD_WRITE:
+                        self._write_one(job)
                     else:
                         self._execute_batch(batch)
                 finally:
-                    self._done(batch)
+                    self._done(batch or [job])
         finally:
-            self._flush_replies()
+            self._flush_replies()            # nothing else to do: answer now
             self._release()
 
     def _take(self, pending: deque[_Job], *, block: bool) -> bool:
@@ -280,14 +313,16 @@ class Transmission:
         if jobs is None:
             self._reader_done = True
             return False
+        self._taken += 1
         pending.extend(jobs)
         return True
 
-    def _gather(self, job: _Job, pending: deque[_Job]) -> list[_Job]:
-        """`job` plus the pending jobs that continue it (same command, next offset)."""
-        batch = [job]
+    def _gather(self, job: _Job, pending: deque[_Job]) -> list[_Job] | None:
+        """`job` plus the pending jobs that continue it (same command, next offset);
+        None when `job` cannot be merged with anything (see _batchable)."""
         if not self._batchable(job.req):
-            return batch
+            return None
+        batch = [job]
         end, total = job.req.offset + job.req.length, job.req.length
         while total < BATCH_BYTES and (pending or self._take(pending, block=False)):
             nxt = pending[0].req
@@ -354,6 +389,22 @@ class Transmission:
                 log.exception("requests at %d+%d failed", first.offset, total)
             parts = [self._error_reply(job.req, nbd_error(e), str(e)) for job in batch]
         self._send(parts)
+
+    def _write_one(self, job: _Job) -> None:
+        """A valid WRITE merged with nothing, the common case of random writes: what
+        _execute_batch does, without its lists and generators."""
+        req = job.req
+        try:
+            self._change("write", req.offset, _payload(job), fua=bool(req.flags & p.CMD_FLAG_FUA))
+            reply = p.pack_simple_reply(req.cookie)
+        except Exception as e:  # noqa: BLE001 - as in _execute: the request gets its error
+            if not isinstance(e, BlockxferError):
+                log.exception("request %s failed", req)
+            reply = p.pack_simple_reply(req.cookie, nbd_error(e))
+        self._out.append(reply)
+        self._out_bytes += len(reply)
+        if len(self._out) >= REPLY_PARTS:
+            self._flush_replies()
 
     def _write_batch(self, batch: list[_Job], total: int) -> None:
         fua = any(job.req.flags & p.CMD_FLAG_FUA for job in batch)
