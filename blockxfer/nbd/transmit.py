@@ -59,7 +59,7 @@ REPLY_PARTS = 64                 # ... or this many pieces (a client waits for i
 SEND_QUEUE = 2                   # reply groups with read data waiting for the sender
 BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
 _BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
-Payload = bytes | bytearray | None     # a write's payload as the reader left it
+Payload = bytes | bytearray | memoryview | None    # a write's payload as the reader left it
 SMALL_PAYLOAD = 64 << 10         # write payloads copied out of the receive buffer
 
 
@@ -72,7 +72,8 @@ class RequestError(Exception):
 @dataclass(slots=True)
 class _Job:
     req: p.Request
-    buf: bytes | bytearray | None = None   # write payload: bytes, or a pooled bytearray
+    buf: Payload = None      # write payload: a view of the receive buffer while the
+    #                          reader holds the job, else bytes or a pooled bytearray
     cost: int = 4096   # what the job holds while queued: its payload, and at least a
     #                    page, so a client that never reads its replies cannot queue
     #                    requests without bound
@@ -126,16 +127,8 @@ class _Receiver:
         self.start += p.REQUEST.size
         return req
 
-    def take_bytes(self, n: int) -> bytes:
-        """A copy of the next `n` (<= buffer size) bytes."""
-        if self.end - self.start < n:
-            self._fill(n)
-        data = self.buf[self.start:self.start + n].tobytes()
-        self.start += n
-        return data
-
-    def take(self, n: int) -> memoryview:
-        """The next `n` (<= buffer size) bytes; valid until the next call."""
+    def take_view(self, n: int) -> memoryview:
+        """The next `n` (<= buffer size) bytes in place: valid until the next recv."""
         if self.end - self.start < n:
             self._fill(n)
         view = self.buf[self.start:self.start + n]
@@ -212,9 +205,10 @@ class Transmission:
 
     def _read_loop(self) -> None:
         """Parse every request the receive buffer holds before the next recv, and
-        queue them as one list: one queue hand-off (one wake-up of the worker) per
-        recv instead of per request. Small write payloads are copied out of the
-        buffer (one `bytes` each); large ones are received into a pooled buffer."""
+        pass them on as one list (`_queue`): at most one queue hand-off (one
+        wake-up of the worker) per recv instead of one per request. Small write
+        payloads stay in the receive buffer, so the list is always passed on
+        before a recv; large ones are received into a pooled buffer."""
         rx = _Receiver(self.sock)
         jobs: list[_Job] = []
         try:
@@ -233,7 +227,7 @@ class Transmission:
                 if n <= SMALL_PAYLOAD:
                     if jobs and rx.available() < n:
                         jobs = self._queue(jobs)
-                    jobs.append(_Job(req, rx.take_bytes(n), max(n, 4096)))
+                    jobs.append(_Job(req, rx.take_view(n), max(n, 4096)))
                     continue
                 jobs = self._queue(jobs)
                 job = _Job(req, cost=n)
@@ -251,6 +245,9 @@ class Transmission:
         else hand them to the worker (waiting while too much is in flight); returns
         a fresh list for the next ones."""
         if jobs and not self._run_inline(jobs):
+            for job in jobs:          # views of the receive buffer: the next recv reuses it
+                if isinstance(job.buf, memoryview):
+                    job.buf = job.buf.tobytes()
             self._reserve(sum(job.cost for job in jobs))
             self._queued += 1
             self._jobs.put(jobs)
@@ -604,8 +601,8 @@ _COMMANDS = {
 
 
 def _payload(job: _Job) -> bytes | memoryview:
-    """A write's payload: the bytes copied from the receive buffer, or the first
+    """A write's payload: in the receive buffer, copied out of it, or the first
     `length` bytes of its pooled buffer."""
     buf = job.buf
     assert buf is not None
-    return buf if isinstance(buf, bytes) else memoryview(buf)[:job.req.length]
+    return memoryview(buf)[:job.req.length] if isinstance(buf, bytearray) else buf
