@@ -3,9 +3,9 @@
 Sequential write (`nbdcopy --flush`: durable on both) and read of SIZE bytes
 with `nbdcopy` (random data, so its zero detection skips nothing), the page
 cache dropped before each run, alternating between the servers for a few
-rounds (median kept), and in each round 4 KiB random writes at queue depth 32
-and 4 KiB writes each followed by a FLUSH, with fio's nbd engine (nbdcopy cannot
-issue random writes; fio is the same client for both servers).
+rounds (median kept), then as many rounds of 4 KiB random writes at queue
+depth 32 and of 4 KiB writes each followed by a FLUSH, with fio's nbd engine
+(nbdcopy cannot issue random writes; fio is the same client for both servers).
 qemu-nbd serves a raw file next to ours. Our server runs in this process over
 a backend (a factory `(path, size) -> context manager of a Volume`): the real
 `Volume` on a file by default, or `--backend file`, a raw-file stand-in that
@@ -100,7 +100,9 @@ def sequential(uri: str, src: str, size: int) -> dict[str, float]:
 def run(backend: Backend, size: int, workdir: str, seconds: int,
         rounds: int = 3) -> dict[str, dict[str, float]]:
     """Both servers up at once; every metric alternates between them for `rounds`
-    rounds and the median is kept (a shared virtual disk is noisy)."""
+    rounds and the median is kept (a shared virtual disk is noisy). The sequential
+    rounds all come first: the volume writes copy-on-write, so after random 4 KiB
+    writes a sequential rewrite lands in scattered free blocks and reads slower."""
     for tool, pkg in (("nbdcopy", "libnbd-bin"), ("qemu-nbd", "qemu-utils")):
         if not shutil.which(tool):
             raise SystemExit(f"bench needs {tool} (apt-get install {pkg})")
@@ -116,20 +118,22 @@ def run(backend: Backend, size: int, workdir: str, seconds: int,
                                                         size, os.path.join(d, "o.sock"))),
         }
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in uris}
-        for _ in range(rounds):
-            for name, uri in uris.items():
-                for metric, value in one_round(uri, src, size, seconds).items():
-                    samples[name].setdefault(metric, []).append(value)
+        phases: list[Callable[[str], dict[str, float]]] = [
+            lambda uri: sequential(uri, src, size)]
+        if shutil.which("fio"):      # after every sequential round: random writes scatter
+            phases.append(lambda uri: small_writes(uri, size, seconds))  # a volume's blocks
+        for phase in phases:
+            for _ in range(rounds):
+                for name, uri in uris.items():
+                    for metric, value in phase(uri).items():
+                        samples[name].setdefault(metric, []).append(value)
         return {name: {m: statistics.median(v) for m, v in ms.items()}
                 for name, ms in samples.items()}
 
 
-def one_round(uri: str, src: str, size: int, seconds: int) -> dict[str, float]:
-    results = sequential(uri, src, size)
-    if shutil.which("fio"):
-        results["randwrite_4k_iops"] = fio_randwrite(uri, size, seconds)
-        results["write_flush_4k_per_s"] = fio_write_flush(uri, size, seconds)
-    return results
+def small_writes(uri: str, size: int, seconds: int) -> dict[str, float]:
+    return {"randwrite_4k_iops": fio_randwrite(uri, size, seconds),
+            "write_flush_4k_per_s": fio_write_flush(uri, size, seconds)}
 
 
 # metric -> (row name, unit, goal of ours/qemu-nbd; issue 17)
