@@ -3,7 +3,8 @@
 Sequential write (`nbdcopy --flush`: durable on both) and read of SIZE bytes
 with `nbdcopy` (random data, so its zero detection skips nothing), the page
 cache dropped before each run, alternating between the servers for a few
-rounds (median kept), then 4 KiB random writes with fio's nbd engine
+rounds (median kept), then as many rounds of 4 KiB random writes at queue
+depth 32 and of 4 KiB writes each followed by a FLUSH, with fio's nbd engine
 (nbdcopy cannot issue random writes; fio is the same client for both servers).
 qemu-nbd serves a raw file next to ours. Our server runs in this process over
 a backend (a factory `(path, size) -> context manager of a Volume`): the real
@@ -30,7 +31,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from bench.backends import BACKENDS
-from bench.common import drop_caches
+from bench.common import drop_caches, row
 from blockxfer.nbd.server import Server
 
 MiB = 1 << 20
@@ -75,13 +76,20 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def fio_randwrite(uri: str, size: int, seconds: int) -> float:
-    """IOPS of 4 KiB random writes, queue depth 32."""
+def fio_randwrite(uri: str, size: int, seconds: int, *extra: str) -> float:
+    """IOPS of 4 KiB random writes (queue depth 32 unless `extra` says otherwise)."""
     out = subprocess.run(["fio", "--name=rw", "--ioengine=nbd", f"--uri={uri}",
                           "--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}",
-                          f"--runtime={seconds}", "--time_based", "--output-format=json"],
+                          f"--runtime={seconds}", "--time_based", "--output-format=json",
+                          *extra],
                          check=True, capture_output=True, text=True).stdout
     return float(json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"])
+
+
+def fio_write_flush(uri: str, size: int, seconds: int) -> float:
+    """4 KiB random writes per second, each followed by a FLUSH, one at a time (a
+    guest's synchronous writes; for us every FLUSH is a consistency point today)."""
+    return fio_randwrite(uri, size, seconds, "--iodepth=1", "--fsync=1")
 
 
 def sequential(uri: str, src: str, size: int) -> dict[str, float]:
@@ -91,8 +99,10 @@ def sequential(uri: str, src: str, size: int) -> dict[str, float]:
 
 def run(backend: Backend, size: int, workdir: str, seconds: int,
         rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Both servers up at once; the sequential runs alternate between them for
-    `rounds` rounds and the median is kept (a shared virtual disk is noisy)."""
+    """Both servers up at once; every metric alternates between them for `rounds`
+    rounds and the median is kept (a shared virtual disk is noisy). The sequential
+    rounds all come first: the volume writes copy-on-write, so after random 4 KiB
+    writes a sequential rewrite lands in scattered free blocks and reads slower."""
     for tool, pkg in (("nbdcopy", "libnbd-bin"), ("qemu-nbd", "qemu-utils")):
         if not shutil.which(tool):
             raise SystemExit(f"bench needs {tool} (apt-get install {pkg})")
@@ -108,23 +118,39 @@ def run(backend: Backend, size: int, workdir: str, seconds: int,
                                                         size, os.path.join(d, "o.sock"))),
         }
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in uris}
-        for _ in range(rounds):
-            for name, uri in uris.items():
-                for metric, value in sequential(uri, src, size).items():
-                    samples[name].setdefault(metric, []).append(value)
-        results = {name: {m: statistics.median(v) for m, v in ms.items()}
-                   for name, ms in samples.items()}
-        if shutil.which("fio"):
-            for name, uri in uris.items():
-                results[name]["randwrite_4k_iops"] = fio_randwrite(uri, size, seconds)
-    return results
+        phases: list[Callable[[str], dict[str, float]]] = [
+            lambda uri: sequential(uri, src, size)]
+        if shutil.which("fio"):      # after every sequential round: random writes scatter
+            phases.append(lambda uri: small_writes(uri, size, seconds))  # a volume's blocks
+        for phase in phases:
+            for _ in range(rounds):
+                for name, uri in uris.items():
+                    for metric, value in phase(uri).items():
+                        samples[name].setdefault(metric, []).append(value)
+        return {name: {m: statistics.median(v) for m, v in ms.items()}
+                for name, ms in samples.items()}
 
 
-def report(results: dict[str, dict[str, float]]) -> None:
+def small_writes(uri: str, size: int, seconds: int) -> dict[str, float]:
+    return {"randwrite_4k_iops": fio_randwrite(uri, size, seconds),
+            "write_flush_4k_per_s": fio_write_flush(uri, size, seconds)}
+
+
+# metric -> (row name, unit, goal of ours/qemu-nbd; issue 17)
+ROWS = {
+    "seq_write_MiBps": ("nbd seq write (nbdcopy --flush)", "MiB/s", 0.95),
+    "seq_read_MiBps": ("nbd seq read (nbdcopy)", "MiB/s", 0.95),
+    "randwrite_4k_iops": ("nbd 4k randwrite qd32 (fio)", "IOPS", 0.8),
+    "write_flush_4k_per_s": ("nbd 4k write+flush qd1 (fio)", "IOPS", 0.8),
+}
+
+
+def report(results: dict[str, dict[str, float]], label: str = "") -> None:
+    """One row per metric, blockxfer vs qemu-nbd (recorded for `make bench`)."""
     ours, theirs = results["blockxfer"], results["qemu-nbd"]
-    print(f"{'metric':<20}{'blockxfer':>12}{'qemu-nbd':>12}{'ratio':>8}")
     for k in theirs:
-        print(f"{k:<20}{ours[k]:>12.1f}{theirs[k]:>12.1f}{ours[k] / theirs[k]:>8.2f}")
+        name, unit, goal = ROWS[k]
+        print(row(f"{name}{label}", ours[k], theirs[k], goal=goal, unit=unit))
 
 
 def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
@@ -132,8 +158,8 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"),
                     help="where the raw files go (same disk for both servers)")
-    ap.add_argument("--seconds", type=int, default=10, help="random-write run time")
-    ap.add_argument("--rounds", type=int, default=3, help="sequential runs per server (median)")
+    ap.add_argument("--seconds", type=int, default=5, help="run time of each fio run")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per server and metric (median)")
     ap.add_argument("--backend", choices=sorted(BACKENDS), default="volume",
                     help="what our server exports (default: the real volume on a file)")
     ap.add_argument("--json", action="store_true")
@@ -143,7 +169,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
         json.dump(results, sys.stdout, indent=2)
         print()
     else:
-        report(results)
+        report(results, "" if a.backend == "volume" else f" [{a.backend}]")
     return 0
 
 

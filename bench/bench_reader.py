@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import time
 
+from bench.common import row
 from blockxfer.drivers.blockdev import aligned_buffer, open_device
 from blockxfer.drivers.loop import loop_device
 from blockxfer.drivers.reader import read_runs
@@ -91,6 +92,7 @@ def main() -> None:
         print(f"{k:12} {med[k]:12.2f} {f'[{min(v):.2f}-{max(v):.2f}]':>14} "
               f"{med[k] / med['dd']:7.2f}")
     print(f"parallel / sequential = {med['parallel'] / med['sequential']:.2f}")
+    print(row("parallel reader vs dd iflag=direct", med["parallel"], med["dd"]))
 
 
 if __name__ == "__main__":

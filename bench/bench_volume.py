@@ -84,12 +84,12 @@ def terabyte() -> list[str]:
     rss = subprocess.run([sys.executable, "-m", "bench.bench_volume", "--rss", path],
                          capture_output=True, text=True, check=True).stdout.strip()
     os.unlink(path)
-    ok = lambda v, goal: "ok" if v < goal else f"BELOW GOAL (< {goal})"  # noqa: E731
-    return [f"init 1 TiB sparse volume                {t_init * 1000:8.1f} ms",
-            f"snapshot on 1 TiB volume                {t_snap * 1000:8.1f} ms   {ok(t_snap, 0.1)}",
-            f"image 'june5 + june4 - june3' (1 TiB)   {t_img * 1000:8.1f} ms   {ok(t_img, 0.1)}"
-            f"   ({img.blocks} blocks)",
-            f"peak RSS, 1 TiB volume open + image     {rss:>8} MiB   {ok(float(rss), 300)}"]
+    return [row("init 1 TiB sparse volume", t_init * 1000, unit="ms", better="lower"),
+            row("snapshot on 1 TiB volume", t_snap * 1000, goal=100, unit="ms", better="lower"),
+            row("image 'june5 + june4 - june3' (1 TiB)", t_img * 1000, goal=100, unit="ms",
+                better="lower") + f"   ({img.blocks} blocks)",
+            row("peak RSS, 1 TiB volume open + image", float(rss), goal=300, unit="MiB",
+                better="lower")]
 
 
 def rss_child(path: str) -> None:

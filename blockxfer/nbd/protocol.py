@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 from blockxfer.errors import FormatError
 
@@ -148,8 +150,11 @@ class ProtocolError(FormatError):
     """A peer sent something the NBD protocol does not allow."""
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """A tuple, not a dataclass: one is built per request, and a frozen dataclass's
+    __init__ (five object.__setattr__ calls) was ~10 % of the server's Python time
+    under 4 KiB random writes."""
+
     flags: int
     type: int
     cookie: int
@@ -157,11 +162,16 @@ class Request:
     length: int
 
 
-def parse_request(raw: bytes | bytearray | memoryview) -> Request:
-    magic, flags, typ, cookie, offset, length = REQUEST.unpack(raw)
-    if magic != REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic:#x}")
-    return Request(flags, typ, cookie, offset, length)
+def parse_request(raw: bytes | bytearray | memoryview, at: int = 0) -> Request:
+    """The request header at byte `at` of `raw` (no slice needed)."""
+    fields = REQUEST.unpack_from(raw, at)
+    if fields[0] != REQUEST_MAGIC:
+        raise ProtocolError(f"bad request magic {fields[0]:#x}")
+    return _new_request(fields[1:])
+
+
+# tuple.__new__ directly: Request._make is a Python function around it
+_new_request: Callable[[tuple[int, ...]], Request] = partial(tuple.__new__, Request)
 
 
 def pack_request(req: Request) -> bytes:

@@ -24,7 +24,7 @@ class Stream(Protocol):
     """What the protocol needs of a connection (a socket has it all)."""
 
     def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
-    def sendmsg(self, buffers: Iterable[memoryview], /) -> int: ...
+    def sendmsg(self, buffers: Iterable[bytes | bytearray | memoryview], /) -> int: ...
     def shutdown(self, how: int, /) -> None: ...
     def settimeout(self, timeout: float | None, /) -> None: ...
     def close(self) -> None: ...
@@ -47,16 +47,24 @@ def recv_exact(sock: Stream, n: int) -> bytes:
 
 def send_all(sock: Stream, parts: Sequence[bytes | bytearray | memoryview]) -> None:
     """Send headers and payloads with one sendmsg (per IOV_MAX pieces) where the
-    kernel takes it all."""
+    kernel takes it all. The first try passes `parts` as they are: building a
+    byte view of each only pays off when the kernel took part of them."""
+    sent = 0
+    if len(parts) <= IOV_MAX:
+        sent = sock.sendmsg(parts)
+        if sent == sum(map(len, parts)):
+            return
     views = [memoryview(b).cast("B") for b in parts if len(b)]
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i:i + IOV_MAX])
         while i < len(views) and sent >= len(views[i]):
             sent -= len(views[i])
             i += 1
+        if i == len(views):
+            return
         if sent:
             views[i] = views[i][sent:]
+        sent = sock.sendmsg(views[i:i + IOV_MAX])
 
 
 def tune(sock: socket.socket, bufsize: int = 4 << 20) -> None:
