@@ -16,11 +16,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blockxfer.errors import UsageError
 
 from .base import ByteSink, ByteSource, Result, Sink, Source
 from .local import FileSink, FileSource, StdinSource, StdoutSink
+
+if TYPE_CHECKING:
+    from .endpoint import Channel
 
 __all__ = ["ByteSink", "ByteSource", "Result", "Sink", "Source", "open_sink", "open_source",
            "register", "scheme_of", "is_volume_url"]
@@ -99,39 +103,32 @@ def open_source(url: str | None, request: SourceRequest | None = None) -> Source
     return source(url, request)
 
 
-def _ssh_sink(url: str, force: bool) -> Sink:
-    from .endpoint import EndpointSink
-    from .ssh import SshChannel, SshUrl
-    u = SshUrl.parse(url)
-    return EndpointSink(SshChannel(u), u.path, force=force)
-
-
-def _ssh_source(url: str, req: SourceRequest) -> Source:
-    from .endpoint import EndpointSource
-    from .ssh import SshChannel, SshUrl
-    u = SshUrl.parse(url)
-    assert req.expression is not None
-    return EndpointSource(SshChannel(u), u.path, req.expression, resume=req.resume,
-                          compress=req.compress)
-
-
-def _tls_sink(url: str, force: bool) -> Sink:
-    from .endpoint import EndpointSink
+def _far(url: str) -> tuple[Channel, str]:
+    """The channel to the far side of an ssh:// or tls:// URL, and the volume there."""
+    if scheme_of(url) == "ssh":
+        from .ssh import SshChannel, SshUrl
+        u = SshUrl.parse(url)
+        return SshChannel(u), u.path
     from .tls import TlsChannel, TlsUrl
-    u = TlsUrl.parse(url)
-    return EndpointSink(TlsChannel(u), u.path, force=force)
+    t = TlsUrl.parse(url)
+    return TlsChannel(t), t.path
 
 
-def _tls_source(url: str, req: SourceRequest) -> Source:
+def _far_sink(url: str, force: bool) -> Sink:
+    from .endpoint import EndpointSink
+    channel, volume = _far(url)
+    return EndpointSink(channel, volume, force=force)
+
+
+def _far_source(url: str, req: SourceRequest) -> Source:
     from .endpoint import EndpointSource
-    from .tls import TlsChannel, TlsUrl
-    u = TlsUrl.parse(url)
+    channel, volume = _far(url)
     assert req.expression is not None
-    return EndpointSource(TlsChannel(u), u.path, req.expression, resume=req.resume,
+    return EndpointSource(channel, volume, req.expression, resume=req.resume,
                           compress=req.compress)
 
 
 register("file", lambda url, force: FileSink(_file_path(url)),
          lambda url, req: FileSource(_file_path(url)))
-register("ssh", _ssh_sink, _ssh_source, volume=True)
-register("tls", _tls_sink, _tls_source, volume=True)
+register("ssh", _far_sink, _far_source, volume=True)
+register("tls", _far_sink, _far_source, volume=True)
