@@ -59,3 +59,8 @@ testbed-shell: $(STAMP)
 
 testbed-bench: $(STAMP)
 	bash vm-testbed/run.sh --bench
+
+# the same device suite in a Vagrant (vagrant-libvirt) VM from a locally built box (docs/testbed.md)
+.PHONY: testbed-vagrant
+testbed-vagrant: $(STAMP)
+	bash vm-testbed/vagrant/run.sh

@@ -6,6 +6,8 @@
 #   vm-testbed/run.sh --shell    interactive shell in the guest (make testbed-shell)
 #   vm-testbed/run.sh --bench    throttled RAID0 read benchmark (make testbed-bench);
 #                                with TESTBED_BENCH=tape: dump to an mhvtl drive vs dd
+#   vm-testbed/run.sh --prepare  host packages, guest kernel and mhvtl only, then print
+#                                KVER=, KERNEL_DEB=, MHVTL_USR= (vagrant/run.sh uses it)
 #
 # Settings (environment): see docs/testbed.md.  Everything downloaded or built
 # goes to vm-testbed/work/ (git-ignored, reused by later runs).
@@ -20,7 +22,8 @@ while [ $# -gt 0 ]; do
         --shell) MODE=shell ;;
         --bench) MODE=bench ;;
         --test) MODE=test ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --prepare) MODE=prepare ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -433,6 +436,11 @@ main() {
     export PATH=$PATH:/usr/sbin:/sbin
     fetch_kernel
     [ "$MODE" = bench ] || build_mhvtl
+    if [ "$MODE" = prepare ]; then
+        printf 'KVER=%s\nKERNEL_DEB=%s\nMHVTL_USR=%s\n' "$KVER" \
+            "$(ls -t "$WORK"/debs/linux-image-"$KVER"*.deb 2>/dev/null | head -1)" "$MHVTL_USR"
+        exit 0
+    fi
     build_initramfs
     [ -x "$REPO/.venv/bin/python" ] || fail "no $REPO/.venv: run 'make venv' first (make testbed does)"
     probe_accel

@@ -6,6 +6,8 @@
 # benchmark.  Its exit status becomes `make testbed`'s.
 set -u
 KVER=${1:?kernel version}
+# the QEMU bed names them on the kernel command line, the Vagrant bed in the environment
+REPO=${TB_REPO:-} RESULTS=${TB_RESULTS:-}
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         tb.repo=*) REPO=${arg#tb.repo=} ;;
@@ -53,7 +55,9 @@ declare -A BY_SERIAL=()
 for s in /sys/block/vd*/serial; do
     [ -e "$s" ] || continue
     dev=$(basename "$(dirname "$s")")
-    BY_SERIAL[$(cat "$s")]=/dev/$dev
+    serial=$(cat "$s")
+    [ -n "$serial" ] || continue  # the Vagrant box's own disk has none
+    BY_SERIAL[$serial]=/dev/$dev
 done
 disks_with_prefix() {
     local p=$1 k out=()
@@ -185,7 +189,8 @@ setup_nbd() {
     [ -n "${TB_NBD_PORT:-}" ] || return 0
     local i
     for i in $(seq 1 50); do [ -e /dev/nbd0 ] && break; sleep 0.1; done
-    nbd-client 10.0.2.2 "$TB_NBD_PORT" /dev/nbd0 -N "${TB_NBD_EXPORT:-testbed}" -b 4096 \
+    local host=${TB_NBD_HOST:-10.0.2.2}  # QEMU's user network; the Vagrant bed's host differs
+    nbd-client "$host" "$TB_NBD_PORT" /dev/nbd0 -N "${TB_NBD_EXPORT:-testbed}" -b 4096 \
         </dev/null >/tmp/nbd-client.log 2>&1 \
         || { log "nbd-client failed: $(cat /tmp/nbd-client.log)"; return 1; }
     for i in $(seq 1 50); do
@@ -193,7 +198,7 @@ setup_nbd() {
         sleep 0.1
     done
     export BLOCKXFER_TEST_NBD=/dev/nbd0
-    log "nbd: /dev/nbd0 <- 10.0.2.2:$TB_NBD_PORT ($(cat /sys/block/nbd0/size) sectors)"
+    log "nbd: /dev/nbd0 <- $host:$TB_NBD_PORT ($(cat /sys/block/nbd0/size) sectors)"
 }
 
 write_env() {
