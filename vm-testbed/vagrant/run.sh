@@ -30,6 +30,7 @@ TIMEOUT=${TESTBED_TIMEOUT:-1500}
 NBD_MB=${TESTBED_NBD_MB:-256}
 DOMAIN_TYPE=${TESTBED_VAGRANT_DOMAIN_TYPE:-qemu}
 NETNS=bxvagrant-$$
+DOMAIN=vm-testbed_default   # vagrant-libvirt's name: the Vagrantfile's folder, the machine
 # vagrant-libvirt's default management network; the guest reaches the host there
 MGMT_HOST=192.168.121.1
 
@@ -57,6 +58,12 @@ cleanup() {
         say "vagrant destroy"
         timeout 300 "${NSX[@]}" vagrant destroy -f >"$VW/destroy.log" 2>&1 \
             || { tail -5 "$VW/destroy.log" >&2; say "vagrant destroy failed (see $VW/destroy.log)"; }
+        # our libvirtd leaves a running QEMU behind when it stops: make sure none is left
+        if [ -n "$OWN_NETNS" ] && virsh -c qemu:///system domstate "$DOMAIN" >/dev/null 2>&1; then
+            virsh -c qemu:///system destroy "$DOMAIN" >/dev/null 2>&1
+            virsh -c qemu:///system undefine "$DOMAIN" --remove-all-storage >/dev/null 2>&1
+            say "removed the domain $DOMAIN with virsh"
+        fi
     fi
     local i
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}"; done
