@@ -112,6 +112,7 @@ ensure_box() {
     for old in $(vg box list 2>/dev/null | awk '/^blockxfer-testbed-/ {print $1}'); do
         vg box remove --force --all "$old" >/dev/null 2>&1 || true
     done
+    say "vagrant box add $BOX"
     vg box add --force --name "$BOX" "$file" >"$VW/box-add.log" 2>&1 \
         || { tail -10 "$VW/box-add.log" >&2; fail "vagrant box add $file failed (see $VW/box-add.log)"; }
     # the box is not world-readable by default, and libvirt's QEMU (libvirt-qemu)
