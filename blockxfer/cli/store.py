@@ -34,8 +34,7 @@ def _open(url: str, a: argparse.Namespace, *, volume: bool) -> tuple[Any, str, s
 
 def send_to_store(a: argparse.Namespace, url: str) -> Report:
     """`send VOL EXPR s3://BUCKET/PREFIX/VOLUME`: upload the image's stream."""
-    from blockxfer import remote
-    from blockxfer.handles import open_volume
+    from blockxfer.service.session import open_session
     from blockxfer.transfer.objstore.upload import upload_image
     if a.resume or a.implicit or a.order != "ascending" or a.verify:
         raise UsageError("--resume, --implicit, --order and --verify do not apply to an s3:// "
@@ -45,17 +44,10 @@ def send_to_store(a: argparse.Namespace, url: str) -> Report:
     if snap is not None:
         raise UsageError(f"{url}: name the volume only; the snapshot comes from the image")
     prog = progress(a, "upload")
-    if remote.server_for(a.path) is not None:  # the serving process streams it
+    with open_session(a.path) as s:          # opened here, or its service streams it
         def produce(out: BinaryIO) -> object:
-            return remote.send(a.path, a.expression, out.fileno(), compress=False,
-                               implicit=False, resume=None)
+            return s.send(out, a.expression, compress=False)
         res = upload_image(store, volume, produce, progress=prog.add)
-    else:
-        from blockxfer.stream.send import send_image
-        with open_volume(a.path) as vol:
-            def produce(out: BinaryIO) -> object:   # ascending: each chunk arrives whole
-                return send_image(vol, a.expression, out, compress=False)
-            res = upload_image(store, volume, produce, progress=prog.add)
     prog.finish()
     where = f"{store.url}/{volume}@{res.snapshot}"
     data = {"volume": a.path, "expression": a.expression, "destination": where,

@@ -1,4 +1,6 @@
-"""Standard input in chunks, read on a thread so reading overlaps the volume's writes."""
+"""Standard input in chunks, read on a thread so reading overlaps the volume's writes
+(`blockxfer write`, locally or in the service, which reads the client's standard
+input through the descriptor passed to it)."""
 
 from __future__ import annotations
 
