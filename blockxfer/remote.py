@@ -17,7 +17,7 @@ from blockxfer.service.session import ControlClient, ServedSession, server_for
 Result = dict[str, Any]
 
 __all__ = ["ControlClient", "server_for", "image_report", "snapshot_row", "snapshots_listing",
-           "info", "snapshots", "snapshot", "destroy", "image", "try_call"]
+           "info", "snapshots", "snapshot", "destroy", "image", "holds", "try_call"]
 
 
 def try_call(path: str, command: str, **args: Any) -> Any:
@@ -60,3 +60,10 @@ def destroy(path: str, name: str) -> Result | None:
 def image(path: str, expression: str) -> Result | None:
     s = _served(path)
     return s.image(expression) if s else None
+
+
+def holds(path: str, op: str, snapshot: str | None = None,
+          tag: str | None = None) -> Result | None:
+    """`op` is "hold", "release" or "list"; returns the volume's holds afterwards."""
+    s = _served(path)
+    return s.holds(op, snapshot, tag) if s else None

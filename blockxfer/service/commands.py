@@ -34,7 +34,8 @@ class VolumeCommands:
         for name, fn in (("info", ops.info), ("snapshots", ops.snapshots),
                          ("snapshot", ops.snapshot), ("destroy", ops.destroy),
                          ("pointer", ops.pointer), ("image", ops.image),
-                         ("commit", ops.commit), ("check", ops.check)):
+                         ("commit", ops.commit), ("check", ops.check),
+                         ("holds", ops.holds)):
             ctl.register(name, fn)
         ctl.register("read", self.read, fds=1, progress=True)
         ctl.register("write", self.write, fds=1, progress=True)

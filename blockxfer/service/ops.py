@@ -132,6 +132,20 @@ class VolumeOps:
         with self.lock:
             return image_report(self.vol, expression)
 
+    def holds(self, op: str = "list", snapshot: str | None = None,
+              tag: str | None = None) -> Result:
+        """Hold or release a snapshot (`op` "hold" or "release"), or only list; the
+        volume's holds afterwards."""
+        with self.lock:
+            if op == "hold":
+                self.vol.hold(str(snapshot), str(tag))
+            elif op == "release":
+                self.vol.release(str(snapshot), str(tag))
+            elif op != "list":
+                raise UsageError(f"holds: unknown operation {op!r}")
+            held = self.vol.holds()
+        return {"holds": {name: sorted(tags) for name, tags in sorted(held.items())}}
+
     def commit(self) -> None:
         with self.lock:
             self.vol.commit()

@@ -106,6 +106,10 @@ class LocalSession:
     def image(self, expression: str) -> Result:
         return self.ops.image(expression)
 
+    def holds(self, op: str = "list", snapshot: str | None = None,
+              tag: str | None = None) -> Result:
+        return self.ops.holds(op, snapshot, tag)
+
     def check(self) -> Result:
         return self.ops.check()
 
@@ -171,6 +175,11 @@ class ServedSession:
 
     def image(self, expression: str) -> Result:
         return self._call("image", expression=expression)  # type: ignore[no-any-return]
+
+    def holds(self, op: str = "list", snapshot: str | None = None,
+              tag: str | None = None) -> Result:
+        return self._call("holds", op=op,  # type: ignore[no-any-return]
+                          snapshot=snapshot, tag=tag)
 
     def check(self) -> Result:
         return self._call("check", timeout=None)  # type: ignore[no-any-return]
