@@ -145,3 +145,59 @@ def test_a_full_stream_into_a_served_volume_is_refused_untouched(
         listing = json.loads(bx("snapshots", vol, "--json").stdout)
     assert [s["name"] for s in listing["snapshots"]] == ["mine"]
     assert b"clean" in bx("check", vol).stdout
+
+
+def test_holds_through_the_service(service: Service) -> None:
+    with open_session(service.path) as s:
+        s.snapshot("a")
+        assert s.holds("hold", "a", "keep") == {"holds": {"a": ["keep"]}}
+        with pytest.raises(VolumeError, match="keep") as e:
+            s.destroy("a")
+        assert e.value.exit_code == 5
+        assert s.holds() == {"holds": {"a": ["keep"]}}
+        assert s.holds("release", "a", "keep") == {"holds": {}}
+        assert s.destroy("a") == {"destroyed": "a", "pointer": False}
+
+
+def _next_tape_script(folder: Path) -> str:
+    """A --next-tape command: tape N is FOLDER/tN.vtape (8 MiB), created when missing."""
+    script = folder / "next.sh"
+    script.write_text(f"#!/bin/sh\nt={folder}/t$BLOCKXFER_TAPE_SEQ.vtape\n"
+                      f"[ -e $t ] || {' '.join(BX)} tape create $t --capacity 8M "
+                      "--early-warning 576K >&2 || exit 1\necho $t\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_served_dump_spans_tapes_and_restore_applies_an_increment(
+        tmp_path: Path, run_dir: str) -> None:
+    """The service asks the client for the set's next tape (its --next-tape command
+    runs here); an incremental image on tape is restored into a served replica."""
+    src, rep = str(tmp_path / "src.img"), str(tmp_path / "rep.img")
+    assert bx("init", src, "--size", "64M").returncode == 0
+    assert bx("write", src, data=os.urandom(12 * MiB)).returncode == 0
+    assert bx("snapshot", f"{src}@s1").returncode == 0
+    full = str(tmp_path / "s1.bxs")
+    assert bx("send", src, "s1", "-o", full).returncode == 0
+    assert bx("receive", rep, "-i", full).returncode == 0
+    assert bx("write", src, "--offset", "20M", data=os.urandom(MiB)).returncode == 0
+    assert bx("snapshot", f"{src}@s2").returncode == 0
+    nxt, t1, inc = _next_tape_script(tmp_path), str(tmp_path / "t1.vtape"), \
+        str(tmp_path / "inc.vtape")
+    assert bx("tape", "create", t1, "--capacity", "8M", "--early-warning", "576K"
+              ).returncode == 0
+    assert bx("tape", "create", inc, "--capacity", "64M").returncode == 0
+    with serve_process(src, str(tmp_path / "src.sock")), \
+            serve_process(rep, str(tmp_path / "rep.sock"), "--read-only"):
+        r = bx("dump", src, "s1", "--tape", t1, "--next-tape", nxt, "--json")
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["tapes"]) > 1 and json.loads(r.stdout)["served"]
+        r = bx("dump", src, "s2 - s1", "--tape", inc)
+        assert r.returncode == 0, r.stderr
+        r = bx("restore", rep, "--tape", inc, "--image", "1")
+        assert r.returncode == 0 and b"up to 's2'" in r.stdout, r.stderr
+    back = str(tmp_path / "back.img")
+    r = bx("restore", back, "--tape", t1, "--image", "1", "--next-tape", nxt)
+    assert r.returncode == 0, r.stderr
+    assert bx("read", f"{back}@s1").stdout == bx("read", f"{src}@s1").stdout
+    assert bx("read", f"{rep}@s2").stdout == bx("read", f"{src}@s2").stdout

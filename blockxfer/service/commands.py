@@ -16,7 +16,7 @@ from typing import Any
 
 from blockxfer.errors import DeviceError
 
-from .control import ControlServer
+from .control import Ask, ControlServer
 from .fdio import InputChunks
 from .ops import Progress, Result, VolumeOps, receive_result
 
@@ -41,8 +41,8 @@ class VolumeCommands:
         ctl.register("write", self.write, fds=1, progress=True)
         ctl.register("send", self.send, fds=1)
         ctl.register("receive", self.receive, fds=1, progress=True)
-        ctl.register("dump", self.dump, progress=True)
-        ctl.register("restore", self.restore, progress=True)
+        ctl.register("dump", self.dump, progress=True, asks=True)
+        ctl.register("restore", self.restore, progress=True, asks=True)
 
     def read(self, fd: int, progress: Progress, offset: int = 0, length: int | None = None,
              snapshot: str | None = None) -> Result:
@@ -72,17 +72,31 @@ class VolumeCommands:
         with os.fdopen(fd, "rb", buffering=OUT_BUFFER) as src:
             return receive_result(self.ops.receive(src, source_hint, progress=progress))
 
-    def dump(self, progress: Progress, expression: str, tape: str, record_size: int,
-             label: str | None = None, compress: bool = True) -> Result:
-        return self.ops.dump(expression, tape, open_tape=self._tapes(), label=label,
+    def dump(self, progress: Progress, ask: Ask, expression: str, tape: str,
+             record_size: int, label: str | None = None, compress: bool = True,
+             next_tape: bool = False) -> Result:
+        return self.ops.dump(expression, tape, open_tape=self._tapes(),
+                             next_tape=_asking(ask) if next_tape else None, label=label,
                              record_size=record_size, compress=compress, progress=progress)
 
-    def restore(self, progress: Progress, tape: str, image: int | None = None,
-                snapshot: str | None = None) -> list[Result]:
+    def restore(self, progress: Progress, ask: Ask, tape: str, image: int | None = None,
+                snapshot: str | None = None, next_tape: bool = False) -> list[Result]:
         return self.ops.restore(tape, open_tape=self._tapes(), image=image, snapshot=snapshot,
+                                next_tape=_asking(ask) if next_tape else None,
                                 progress=progress)
 
     def _tapes(self) -> OpenTape:
         if self.open_tape is None:
             raise DeviceError("this server was started without tape access")
         return self.open_tape
+
+
+def _asking(ask: Ask) -> Callable[[str, int], str]:
+    """The next tape of a set, as the client finds it (its --next-tape command, its
+    changer or its operator): the service asks over the command's connection."""
+    def next_tape(set_name: str, seq: int) -> str:
+        path = ask("next_tape", set=set_name, seq=seq)
+        if not isinstance(path, str) or not path:
+            raise DeviceError(f"the client named no tape {seq} of set {set_name!r}")
+        return path
+    return next_tape

@@ -10,7 +10,11 @@ Protocol: JSON lines over a Unix stream socket. A request is
 descriptors a bulk command works on attached to it (SCM_RIGHTS: `read` writes
 into the client's standard output, `write` reads its standard input, `send` and
 `receive` use a pipe). Bulk data never goes as JSON. While a command runs the
-service may send `{"id": 1, "progress": BYTES}` lines; the answer is
+service may send `{"id": 1, "progress": BYTES}` lines, and it may ask the client
+a question (`{"id": 1, "ask": "next_tape", "args": {...}}`: the next tape of a
+set is the operator's, found by the client's --next-tape, changer or terminal),
+which the client answers with one line, `{"answer": ...}` or `{"error": {...}}`.
+The answer is
 `{"id": 1, "ok": true, "result": ...}` or `{"id": 1, "ok": false, "error":
 {"type": "AlreadyExists", "message": "...", "exit_code": 5}}`
 (`errors.error_to_dict`). Requests on one connection are answered in order.
@@ -48,6 +52,8 @@ _ids = itertools.count(1)
 
 Handler = Callable[..., Any]
 Progress = Callable[[int], None]
+Answer = Callable[[str, dict[str, Any]], Any]     # (question, args) -> answer
+Ask = Callable[..., Any]                          # ask(question, **args) -> answer
 
 
 class ServerNotRunning(DeviceError):
@@ -89,11 +95,12 @@ def server_running(volume_path: str) -> bool:
 # -- client ---------------------------------------------------------------------------------
 def call(volume_path: str, command: str, *, timeout: float | None = 300.0,
          fds: list[int] | None = None, handover: bool = False,
-         progress: Progress | None = None, **args: Any) -> Any:
+         progress: Progress | None = None, answer: Answer | None = None,
+         **args: Any) -> Any:
     """Run `command` in the service that owns `volume_path`; return its result.
     `fds` go along with the request (SCM_RIGHTS), and with `handover` they are
     closed here once sent (a pipe end only the service should hold); `progress`
-    hears the bytes done."""
+    hears the bytes done; `answer` answers the service's questions."""
     path = socket_path(volume_path)
     request = {"id": next(_ids), "command": command, "args": args}
     try:
@@ -108,7 +115,7 @@ def call(volume_path: str, command: str, *, timeout: float | None = 300.0,
                     fds = None
             else:
                 s.sendall(raw)
-            reply = _final_reply(s.makefile("rb"), progress)
+            reply = _final_reply(s, progress, answer)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise ServerNotRunning(f"no server owns {volume_path} ({path})") from e
     except OSError as e:
@@ -128,18 +135,36 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _final_reply(f: Any, progress: Progress | None) -> dict[str, Any] | None:
+def _final_reply(s: socket.socket, progress: Progress | None,
+                 answer: Answer | None) -> dict[str, Any] | None:
+    """Read progress lines and answer questions until the command's answer."""
+    f = s.makefile("rb")
     done = 0
     while line := f.readline(MAX_LINE):
         reply = json.loads(line)
-        if isinstance(reply, dict) and "progress" in reply and "ok" not in reply:
+        if not isinstance(reply, dict):
+            return {"ok": False}
+        if "ok" in reply:
+            return reply
+        if "progress" in reply:
             total = int(reply["progress"])
             if progress and total > done:
                 progress(total - done)
             done = max(done, total)
-            continue
-        return reply if isinstance(reply, dict) else {"ok": False}
+        elif "ask" in reply:
+            s.sendall(json.dumps(_answer(answer, reply)).encode() + b"\n")
     return None
+
+
+def _answer(answer: Answer | None, question: dict[str, Any]) -> dict[str, Any]:
+    try:
+        if answer is None:
+            raise UsageError(f"the server asked for {question['ask']!r}, which this command "
+                             "cannot answer")
+        args = question.get("args")
+        return {"answer": answer(str(question["ask"]), args if isinstance(args, dict) else {})}
+    except BlockxferError as e:
+        return {"error": errors.error_to_dict(e)}
 
 
 def result_of(reply: dict[str, Any]) -> Any:
@@ -155,6 +180,7 @@ class Registered:
     handler: Handler
     fds: int = 0                 # descriptors the request must carry (`fd`, `fd2` args)
     progress: bool = False       # the handler takes `progress=`
+    asks: bool = False           # the handler takes `ask=` (questions to the client)
 
 
 class ControlServer:
@@ -169,12 +195,13 @@ class ControlServer:
         self._idle = threading.Condition()
 
     def register(self, command: str, handler: Handler, *, fds: int = 0,
-                 progress: bool = False) -> None:
+                 progress: bool = False, asks: bool = False) -> None:
         """Add a command that another module implements."""
-        self.commands[command] = Registered(handler, fds, progress)
+        self.commands[command] = Registered(handler, fds, progress, asks)
 
     def handle(self, request: Any, fds: list[int] | None = None,
-               send: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               send: Callable[[dict[str, Any]], None] | None = None,
+               lines: Iterator[tuple[bytes, list[int]]] | None = None) -> dict[str, Any]:
         rid = request.get("id") if isinstance(request, dict) else None
         try:
             if not isinstance(request, dict):
@@ -189,6 +216,8 @@ class ControlServer:
             args = {**args, **_take_fds(name, reg.fds, fds if fds is not None else [])}
             if reg.progress:
                 args["progress"] = _progress_lines(rid, send)
+            if reg.asks:
+                args["ask"] = _asker(rid, send, lines)
             with self._running():
                 try:
                     result = reg.handler(**args)
@@ -224,13 +253,14 @@ class ControlServer:
             with lock:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
         with conn:
-            for line, fds in _lines_with_fds(conn):
+            lines = _lines_with_fds(conn)
+            for line, fds in lines:
                 try:
                     request = json.loads(line)
                 except ValueError:
                     request = None
                 try:
-                    reply = self.handle(request, fds, send)
+                    reply = self.handle(request, fds, send, lines)
                 except Exception as e:   # a bug: answer, log, keep serving
                     log.exception("control request failed")
                     reply = {"id": None, "ok": False,
@@ -279,6 +309,31 @@ def _progress_lines(rid: Any, send: Callable[[dict[str, Any]], None] | None) -> 
             with contextlib.suppress(OSError):   # the client went away: the command
                 send({"id": rid, "progress": state["total"]})   # notices on its fd
     return progress
+
+
+def _asker(rid: Any, send: Callable[[dict[str, Any]], None] | None,
+           lines: Iterator[tuple[bytes, list[int]]] | None) -> Ask:
+    """Ask the client a question on the command's own connection; its answer is
+    the next line (the handler runs inside the loop reading them)."""
+    def ask(question: str, **args: Any) -> Any:
+        if send is None or lines is None:
+            raise UsageError(f"no client to ask for {question!r}")
+        try:
+            send({"id": rid, "ask": question, "args": args})
+            line, fds = next(lines)
+        except (OSError, StopIteration) as e:
+            raise DeviceError(f"the client went away while asked for {question!r}") from e
+        _close_all(fds)
+        try:
+            reply = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"the client's answer to {question!r} is not JSON") from e
+        if not isinstance(reply, dict):
+            raise UsageError(f"the client's answer to {question!r} is not an object")
+        if isinstance(reply.get("error"), dict):
+            raise errors.error_from_dict(reply["error"])
+        return reply.get("answer")
+    return ask
 
 
 def _lines_with_fds(conn: socket.socket) -> Iterator[tuple[bytes, list[int]]]:

@@ -243,8 +243,9 @@ class VolumeOps:
         return receive_into(src, self.vol, lock=self.lock, source_hint=source_hint,
                             retry=retry, progress=progress)
 
-    def restore(self, tape: str, *, open_tape: Any, image: int | None = None,
-                snapshot: str | None = None, progress: Progress = None) -> list[Result]:
+    def restore(self, tape: str, *, open_tape: Any, next_tape: Any = None,
+                image: int | None = None, snapshot: str | None = None,
+                progress: Progress = None) -> list[Result]:
         """Incremental images from tape applied to this open volume, bases first."""
         from blockxfer.transfer.restore import restore_images
         with self.lock:
@@ -254,8 +255,9 @@ class VolumeOps:
                     retry: str | None, progress: Progress) -> ReceiveResult:
             return self.receive(reader, retry=retry, progress=progress)
         steps = restore_images(tape, self.path, open_tape=open_tape, open_device=_no_device,
-                               image=image, snapshot=snapshot, target_has=have.__contains__,
-                               progress=progress, receive=receive)
+                               next_tape=next_tape, image=image, snapshot=snapshot,
+                               target_has=have.__contains__, progress=progress,
+                               receive=receive)
         return [{"image": st.image, "result": receive_result(st.result)} for st in steps]
 
 

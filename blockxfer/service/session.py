@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from blockxfer.errors import BlockxferError, UsageError
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.stream.io import ByteSink, ByteSource
 
 from . import control
@@ -152,47 +152,53 @@ class ServedSession:
     def _call(self, command: str, **args: Any) -> Any:
         return self.client.call(command, **args)
 
+    def _dict(self, command: str, **args: Any) -> Result:
+        """A command whose answer is an object (every one but restore's)."""
+        r = self.client.call(command, **args)
+        if not isinstance(r, dict):
+            raise DeviceError(f"{self.client.path}: the server answered {command!r} with "
+                              f"{type(r).__name__}, not an object")
+        return r
+
     def info(self) -> Result:
-        return self._call("info")  # type: ignore[no-any-return]
+        return self._dict("info")
 
     def snapshots(self) -> Result:
-        return self._call("snapshots")  # type: ignore[no-any-return]
+        return self._dict("snapshots")
 
     def snapshot(self, name: str, *, shadow: bool = False, master: bool = False,
                  freeze: str | None = None) -> Result:
         """With `freeze`, the service freezes the file system mounted there around
         the snapshot (so a client that dies meanwhile cannot leave it frozen)."""
         mountpoint = os.path.abspath(freeze) if freeze else None
-        return self._call("snapshot", name=name, shadow=shadow,  # type: ignore[no-any-return]
+        return self._dict("snapshot", name=name, shadow=shadow,
                           master=master, freeze=mountpoint)
 
     def destroy(self, name: str) -> Result:
-        return self._call("destroy", name=name)  # type: ignore[no-any-return]
+        return self._dict("destroy", name=name)
 
     def pointer(self, name: str, snapshot: str | None = None, delete: bool = False) -> Result:
-        return self._call("pointer", name=name,  # type: ignore[no-any-return]
-                          snapshot=snapshot, delete=delete)
+        return self._dict("pointer", name=name, snapshot=snapshot, delete=delete)
 
     def image(self, expression: str) -> Result:
-        return self._call("image", expression=expression)  # type: ignore[no-any-return]
+        return self._dict("image", expression=expression)
 
     def holds(self, op: str = "list", snapshot: str | None = None,
               tag: str | None = None) -> Result:
-        return self._call("holds", op=op,  # type: ignore[no-any-return]
-                          snapshot=snapshot, tag=tag)
+        return self._dict("holds", op=op, snapshot=snapshot, tag=tag)
 
     def check(self) -> Result:
-        return self._call("check", timeout=None)  # type: ignore[no-any-return]
+        return self._dict("check", timeout=None)
 
     def read(self, out: BinaryIO, offset: int, length: int | None = None,
              snapshot: str | None = None, progress: Progress = None) -> Result:
         out.flush()                          # the service writes after what is buffered
-        return self._call("read", fds=[out.fileno()],  # type: ignore[no-any-return]
+        return self._dict("read", fds=[out.fileno()],
                           timeout=None, progress=progress, offset=offset, length=length,
                           snapshot=snapshot)
 
     def write(self, fd: int, offset: int, progress: Progress = None) -> Result:
-        return self._call("write", fds=[fd], timeout=None,  # type: ignore[no-any-return]
+        return self._dict("write", fds=[fd], timeout=None,
                           progress=progress, offset=offset)
 
     def send(self, out: ByteSink, expression: str, *, compress: bool = True,
@@ -208,18 +214,28 @@ class ServedSession:
     def dump(self, expression: str, tape: str, *, open_tape: Any = None, next_tape: Any = None,
              label: str | None = None, record_size: int, compress: bool = True,
              progress: Progress = None) -> Result:
-        """The service writes the tape itself (at the tape's absolute path)."""
-        if next_tape is not None:
-            raise UsageError("a served volume is dumped onto one tape: --next-tape and "
-                             "--changer need the volume opened here (stop 'blockxfer serve'), "
-                             "or give a tape with room for the image")
-        return self._call("dump", timeout=None,  # type: ignore[no-any-return]
-                          progress=progress, expression=expression,
-                          tape=os.path.abspath(tape), label=label, record_size=record_size,
-                          compress=compress)
+        """The service writes the tape itself (at the tape's absolute path); when it
+        needs the set's next tape it asks, and `next_tape` (run here) finds it."""
+        return self._dict("dump", timeout=None, progress=progress,
+                          answer=_tape_answers(next_tape), next_tape=next_tape is not None,
+                          expression=expression, tape=os.path.abspath(tape), label=label,
+                          record_size=record_size, compress=compress)
 
 
 Session = LocalSession | ServedSession
+
+
+def _tape_answers(next_tape: Any) -> Callable[[str, dict[str, Any]], Any] | None:
+    """Answers the service's "next_tape" question with the path `next_tape` gives."""
+    if next_tape is None:
+        return None
+
+    def answer(question: str, args: dict[str, Any]) -> Any:
+        if question != "next_tape":
+            raise UsageError(f"the server asked for {question!r}, which a tape command "
+                             "cannot answer")
+        return os.path.abspath(next_tape(str(args.get("set")), int(args.get("seq", 0))))
+    return answer
 
 
 # -- pipes between this process and the service ---------------------------------------------
@@ -304,11 +320,9 @@ def restore_to(path: str, tape: str, *, open_tape: Any, next_tape: Any = None,
         return restore_images(tape, path, open_tape=open_tape, open_device=open_device,
                               next_tape=next_tape, image=image, snapshot=snapshot,
                               force=force, target_has=target_has, progress=progress)
-    if next_tape is not None:
-        raise UsageError("a served volume is restored from one tape: --next-tape and "
-                         "--changer need the volume opened here (stop 'blockxfer serve')")
     from blockxfer.stream.receive import ReceiveResult
     steps = client.call("restore", timeout=None, progress=progress,
+                        answer=_tape_answers(next_tape), next_tape=next_tape is not None,
                         tape=os.path.abspath(tape), image=image, snapshot=snapshot)
     return [RestoreStep(s["image"], ReceiveResult(**s["result"])) for s in steps]
 
