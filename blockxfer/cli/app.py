@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _logging(args)
-        with redirect_stdout(_GuardedStdout(sys.stdout)):  # type: ignore[type-var]
+        with redirect_stdout(_GuardedStdout(sys.stdout)):
             report = args.func(args)
             _print(report, args.json, args.quiet)
             sys.stdout.flush()

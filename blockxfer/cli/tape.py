@@ -91,7 +91,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
                     + ", ".join(f"{seq} {code}" for seq, code in barcodes.items()))
     if a.verify:
         from blockxfer.transfer.restore import verify_image
-        verify_image(a.tape, res["image"], open_tape=tape_opener(),  # type: ignore[arg-type]
+        verify_image(a.tape, res["image"], open_tape=tape_opener(),
                      next_tape=_next_tape(a))
         text.append(f"{a.tape}: image {res['image']} read back, every checksum verified")
     return Report({"volume": a.path, "expression": a.expression, "tape": a.tape,
@@ -123,7 +123,7 @@ def _restore_vbns(a: argparse.Namespace) -> Report:
         raise UsageError(f"--vbns takes FIRST-LAST block numbers, not {a.vbns!r}") from e
     if a.image is None:
         raise UsageError("--vbns needs --image N (see 'tape list')")
-    part = restore_range(a.tape, a.target, a.image, lo, hi,  # type: ignore[arg-type]
+    part = restore_range(a.tape, a.target, a.image, lo, hi,
                          open_tape=tape_opener(), open_device=open_device, force=a.force)
     return Report({"volume": a.target, "tape": a.tape, "image": a.image, "first": lo,
                    "last": hi, "blocks": part.blocks, "records_read": part.records_read},
@@ -176,7 +176,7 @@ def cmd_restore(a: argparse.Namespace) -> Report:
 def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
     """restore -n: the images a restore would apply and their sizes, from the index."""
     from blockxfer.transfer.restore import plan_restore
-    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,  # type: ignore[arg-type]
+    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,
                          snapshot=a.snapshot, target_has=have.__contains__)
     sizes = [i.index.total if i.index else 0 for i in chain]
     text = [f"would restore image {i.number} ({i.descriptor.expression!r}, "

@@ -235,7 +235,7 @@ def verify_image(tape_path: str, image: int, *, open_tape: OpenTape,
         reader = TapeImageReader(tape, contents, pick_image(contents, image, None), open_tape,
                                  next_tape)
         try:
-            return inspect_stream(reader)  # type: ignore[arg-type]
+            return inspect_stream(reader)
         finally:
             tape = reader.tape
     finally:
