@@ -201,3 +201,26 @@ def test_served_dump_spans_tapes_and_restore_applies_an_increment(
     assert r.returncode == 0, r.stderr
     assert bx("read", f"{back}@s1").stdout == bx("read", f"{src}@s1").stdout
     assert bx("read", f"{rep}@s2").stdout == bx("read", f"{src}@s2").stdout
+
+
+def test_ssh_push_into_a_served_replica_and_pull_from_a_served_source(
+        tmp_path: Path, run_dir: str) -> None:
+    """The far side of ssh:// (stdio-serve) routes through the service as well."""
+    from tests.test_transport import FAKE_SSH
+    from tests.transport_util import BLOCKXFER, ok, same_image, two_snapshots
+    from tests.transport_util import bx as tbx
+    script = tmp_path / "fakessh"
+    script.write_text(FAKE_SSH)
+    script.chmod(0o755)
+    env = {"BLOCKXFER_SSH": str(script), "BLOCKXFER_REMOTE_COMMAND": BLOCKXFER}
+    vol = two_snapshots(tmp_path)
+    copy, pulled = tmp_path / "copy.img", tmp_path / "pulled.img"
+    ok(tbx("send", vol, "a", f"ssh://h{copy}", env=env))
+    with serve_process(vol, str(tmp_path / "src.sock")), \
+            serve_process(str(copy), str(tmp_path / "copy.sock"), "--read-only"):
+        r = ok(tbx("send", vol, "b - a", f"ssh://h{copy}", env=env))
+        assert b"through the server" in r.stderr and b"received up to 'b'" in r.stderr
+        listing = json.loads(ok(tbx("snapshots", str(copy), "--json")).stdout)
+        assert [s["name"] for s in listing["snapshots"]] == ["a", "b"]
+        ok(tbx("receive", str(pulled), f"ssh://h{vol}", "--image", "b + a", env=env))
+    assert same_image(vol, str(copy), "b") and same_image(vol, str(pulled), "a")
