@@ -17,12 +17,11 @@ from typing import Any
 from blockxfer.errors import DeviceError
 
 from .control import Ask, ControlServer
-from .fdio import InputChunks
+from .fdio import WRITE_CHUNK, InputChunks
 from .ops import Progress, Result, VolumeOps, receive_result
 
 OpenTape = Callable[[str, bool], Any]
 OUT_BUFFER = 1 << 20
-WRITE_CHUNK = 8 << 20
 
 
 class VolumeCommands:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 from blockxfer.errors import DeviceError
 
+WRITE_CHUNK = 8 << 20           # what `write` hands the volume at a time
+
 
 class InputChunks:
     """Standard input in chunks of `size`. The thread reads the raw descriptor

@@ -27,8 +27,14 @@ from typing import Any, BinaryIO
 
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.stream.io import ByteSink, ByteSource
+from blockxfer.stream.receive import ReceiveResult
+from blockxfer.stream.send import Reader
+from blockxfer.transfer.restore import RestoreStep
+from blockxfer.transfer.tapeset import NextTape, OpenTape
+from blockxfer.volume import Volume
 
 from . import control
+from .fdio import WRITE_CHUNK, InputChunks
 from .ops import Result, VolumeOps
 
 PIPE_CHUNK = 1 << 20
@@ -70,7 +76,7 @@ def open_session(path: str, *, write: bool = False) -> Iterator[Session]:
         yield LocalSession(vol)
 
 
-def parallel_reader(vol: Any, geometry: Any) -> Any:
+def parallel_reader(vol: Volume, geometry: Any) -> Reader:
     """Reads through the drivers' parallel reader (striped across md members when
     `geometry` says so)."""
     from blockxfer.drivers.reader import read_runs
@@ -83,7 +89,7 @@ class LocalSession:
 
     served = False
 
-    def __init__(self, vol: Any) -> None:
+    def __init__(self, vol: Volume) -> None:
         self.vol = vol
         self.ops = VolumeOps(vol, reader_for=parallel_reader)
 
@@ -118,7 +124,6 @@ class LocalSession:
         return self.ops.read(out, offset, length, snapshot, progress)
 
     def write(self, fd: int, offset: int, progress: Progress = None) -> Result:
-        from .fdio import InputChunks
         chunks = InputChunks(fd, WRITE_CHUNK)
         try:
             return self.ops.write(chunks, offset, progress)
@@ -130,15 +135,12 @@ class LocalSession:
              progress: Progress = None) -> Result:
         return self.ops.send(out, expression, compress, implicit, resume, geometry, progress)
 
-    def dump(self, expression: str, tape: str, *, open_tape: Any, next_tape: Any = None,
-             label: str | None = None, record_size: int, compress: bool = True,
-             progress: Progress = None) -> Result:
+    def dump(self, expression: str, tape: str, *, open_tape: OpenTape,
+             next_tape: NextTape | None = None, label: str | None = None,
+             record_size: int, compress: bool = True, progress: Progress = None) -> Result:
         return self.ops.dump(expression, tape, open_tape=open_tape, next_tape=next_tape,
                              label=label, record_size=record_size, compress=compress,
                              progress=progress)
-
-
-WRITE_CHUNK = 8 << 20
 
 
 class ServedSession:
@@ -211,7 +213,8 @@ class ServedSession:
                               resume=resume)
         return {**_pipe_out(run, out, progress), "served": True}
 
-    def dump(self, expression: str, tape: str, *, open_tape: Any = None, next_tape: Any = None,
+    def dump(self, expression: str, tape: str, *, open_tape: OpenTape | None = None,
+             next_tape: NextTape | None = None,
              label: str | None = None, record_size: int, compress: bool = True,
              progress: Progress = None) -> Result:
         """The service writes the tape itself (at the tape's absolute path); when it
@@ -225,7 +228,7 @@ class ServedSession:
 Session = LocalSession | ServedSession
 
 
-def _tape_answers(next_tape: Any) -> Callable[[str, dict[str, Any]], Any] | None:
+def _tape_answers(next_tape: NextTape | None) -> Callable[[str, dict[str, Any]], Any] | None:
     """Answers the service's "next_tape" question with the path `next_tape` gives."""
     if next_tape is None:
         return None
@@ -292,7 +295,7 @@ def send_to(path: str, expression: str, out: ByteSink, *, compress: bool = True,
 
 
 def receive_to(path: str, src: ByteSource, *, force: bool = False, seekable: bool = False,
-               source_hint: str = "SOURCE", progress: Progress = None) -> Any:
+               source_hint: str = "SOURCE", progress: Progress = None) -> ReceiveResult:
     """Apply a stream to the volume (or new volume) at `path`: here, or in the
     service that owns it (incremental streams only: the volume stays served)."""
     client = server_for(path)
@@ -301,26 +304,24 @@ def receive_to(path: str, src: ByteSource, *, force: bool = False, seekable: boo
         from blockxfer.stream.receive import receive_stream
         return receive_stream(src, path, open_device, force=force, seekable=seekable,
                               source_hint=source_hint, progress=progress)
-    from blockxfer.stream.receive import ReceiveResult
     r = _pipe_in(lambda rfd: client.call("receive", fds=[rfd], handover=True, timeout=None,
                                          progress=progress, source_hint=source_hint), src)
     return ReceiveResult(**r)
 
 
-def restore_to(path: str, tape: str, *, open_tape: Any, next_tape: Any = None,
+def restore_to(path: str, tape: str, *, open_tape: OpenTape, next_tape: NextTape | None = None,
                image: int | None = None, snapshot: str | None = None, force: bool = False,
                target_has: Callable[[str], bool] = lambda name: False,
-               progress: Progress = None) -> list[Any]:
+               progress: Progress = None) -> list[RestoreStep]:
     """Restore from tape into the volume (or new volume) at `path`; a served volume
     takes the incremental images, applied by its service."""
-    from blockxfer.transfer.restore import RestoreStep, restore_images
+    from blockxfer.transfer.restore import restore_images
     client = server_for(path)
     if client is None:
         from blockxfer.drivers.blockdev import open_device
         return restore_images(tape, path, open_tape=open_tape, open_device=open_device,
                               next_tape=next_tape, image=image, snapshot=snapshot,
                               force=force, target_has=target_has, progress=progress)
-    from blockxfer.stream.receive import ReceiveResult
     steps = client.call("restore", timeout=None, progress=progress,
                         answer=_tape_answers(next_tape), next_tape=next_tape is not None,
                         tape=os.path.abspath(tape), image=image, snapshot=snapshot)
