@@ -224,3 +224,19 @@ def test_ssh_push_into_a_served_replica_and_pull_from_a_served_source(
         assert [s["name"] for s in listing["snapshots"]] == ["a", "b"]
         ok(tbx("receive", str(pulled), f"ssh://h{vol}", "--image", "b + a", env=env))
     assert same_image(vol, str(copy), "b") and same_image(vol, str(pulled), "a")
+
+
+def test_a_served_read_into_a_closed_pipe_ends_quietly(tmp_path: Path, run_dir: str) -> None:
+    """`blockxfer read VOL | head -c 10` on a served volume: the service meets the
+    broken pipe, the client ends as `cat` would (141, nothing on stderr)."""
+    vol = str(tmp_path / "vol.img")
+    assert bx("init", vol, "--size", "64M").returncode == 0
+    with serve_process(vol, str(tmp_path / "nbd.sock")):
+        proc = subprocess.Popen([*BX, "read", vol], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        assert len(proc.stdout.read(10)) == 10
+        proc.stdout.close()
+        assert proc.wait(60) == 141
+        assert proc.stderr.read() == b""
+        assert bx("info", vol).returncode == 0            # the service goes on

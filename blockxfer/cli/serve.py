@@ -110,9 +110,11 @@ def cmd_serve(a: argparse.Namespace) -> Report:
 
 COMMANDS = (
     Command("serve", "export a volume and its snapshots over NBD",
-            "Export the live volume (export '' or 'active') and each snapshot ('@NAME', "
-            "read-only) over NBD until SIGTERM. The other commands work meanwhile through "
-            "the server's control socket.",
+            "Own the volume until SIGTERM: export the live volume (export '' or 'active') "
+            "and each snapshot ('@NAME', read-only) over NBD, commit CPs, run scheduled "
+            "jobs. Every other command (read, write, check, dump, send, an incremental "
+            "receive or restore, ...) works meanwhile through the server's control socket "
+            "(docs/service.md).",
             ("blockxfer serve /srv/vol.img --listen unix:/run/vol.sock",
              "blockxfer serve /srv/vol.img --listen tcp:0.0.0.0:10809 --tls require "
              "--tls-cert srv.pem --tls-key srv.key --tls-ca ca.pem",
@@ -123,7 +125,9 @@ COMMANDS = (
                  metavar="unix:SOCKET|tcp:HOST:PORT",
                  help="where to accept NBD clients (may be given more than once); a TCP "
                       "address other than loopback needs --tls require or --insecure"),
-             arg("--read-only", action="store_true", help="export the live volume read-only"),
+             arg("--read-only", action="store_true",
+                 help="export the live volume read-only (a replica: incremental receives "
+                      "through the server still land, and show as new snapshots)"),
              Section("TLS", "NBD_OPT_STARTTLS with X.509 certificates (clients: nbds:// URIs, "
                             "qemu tls-creds-x509). TLS-PSK is not offered: Python 3.11's ssl "
                             "has no PSK API.",

@@ -10,6 +10,7 @@ ends, so the client sees end of file (or a broken pipe) at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -45,11 +46,18 @@ class VolumeCommands:
 
     def read(self, fd: int, progress: Progress, offset: int = 0, length: int | None = None,
              snapshot: str | None = None) -> Result:
+        out = os.fdopen(fd, "wb", buffering=OUT_BUFFER)
         try:
-            with os.fdopen(fd, "wb", buffering=OUT_BUFFER) as out:
-                return self.ops.read(out, offset, length, snapshot, progress)
+            r = self.ops.read(out, offset, length, snapshot, progress)
+            out.flush()
+            return r
+        except BrokenPipeError:          # the client's reader went away (| head): it
+            return {"broken_pipe": True}  # ends quietly, as it would reading itself
         except OSError as e:
             raise DeviceError(f"write standard output: {e.strerror}") from e
+        finally:
+            with contextlib.suppress(OSError):   # closes the descriptor even if the
+                out.close()                       # flush fails
 
     def write(self, fd: int, progress: Progress, offset: int = 0) -> Result:
         chunks = InputChunks(fd, WRITE_CHUNK)

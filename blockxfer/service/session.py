@@ -195,9 +195,11 @@ class ServedSession:
     def read(self, out: BinaryIO, offset: int, length: int | None = None,
              snapshot: str | None = None, progress: Progress = None) -> Result:
         out.flush()                          # the service writes after what is buffered
-        return self._dict("read", fds=[out.fileno()],
-                          timeout=None, progress=progress, offset=offset, length=length,
-                          snapshot=snapshot)
+        r = self._dict("read", fds=[out.fileno()], timeout=None, progress=progress,
+                       offset=offset, length=length, snapshot=snapshot)
+        if r.get("broken_pipe"):
+            raise BrokenPipeError("the reader of standard output went away")
+        return r
 
     def write(self, fd: int, offset: int, progress: Progress = None) -> Result:
         return self._dict("write", fds=[fd], timeout=None,
