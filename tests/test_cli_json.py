@@ -80,6 +80,7 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     got["policy show"] = run_json("policy", "show", vol)
     got["policy run"] = run_json("policy", "run", vol)
     got["policy clear"] = run_json("policy", "clear", vol)
+    got["install-units"] = run_json("install-units", "--dir", d)
     got["destroy"] = run_json("destroy", f"{vol}@s1")
     got["devices"] = run_json("devices")
     got["help"] = run_json("help", "snapshot")
