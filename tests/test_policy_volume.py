@@ -96,3 +96,59 @@ def test_a_served_volume_is_refused_in_one_line(tmp_path: Path) -> None:
     with serve_process(vol, str(tmp_path / "s.sock")):
         r = bx("policy", "run", vol)
         assert r.returncode == 5 and "its service runs the policy" in one_line(r)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopsAfter:
+    """The volume, but the run is cut off before its `n`th snapshot or destroy."""
+
+    def __init__(self, vol: Volume, n: int) -> None:
+        self._vol, self._left = vol, n
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._vol, name)
+
+    def _step(self) -> None:
+        if self._left == 0:
+            raise Interrupted
+        self._left -= 1
+
+    def create_snapshot(self, name: str) -> None:
+        self._step()
+        self._vol.create_snapshot(name)
+
+    def destroy_snapshot(self, name: str) -> None:
+        self._step()
+        self._vol.destroy_snapshot(name)
+
+
+def test_a_run_cut_off_after_any_step_is_finished_by_the_next(volume_path: str) -> None:
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.volume.check import check_volume
+    pol = Policy({"hourly": 2, "daily": 1, "weekly": 1}).to_json()
+    start = ["hourly.20261130T10", "hourly.20261130T11", "hourly.20261130T12",
+             "daily.20261128", "daily.20261129", "weekly.2026W47", "june1"]
+    expected = {"hourly.20261130T13", "hourly.20261130T14", "daily.20261130",
+                "weekly.2026W49", "june1"}
+    for cut in range(9):                   # 6 destroys, 3 snapshots: before each of them
+        path = f"{volume_path}.{cut}"
+        vol = Volume.create(open_device(path, write=True, create_size=32 << 20),
+                            virtual_size=8 << 20)
+        vol.set_property(PROPERTY, pol)
+        for name in start + ["hourly.20261130T13"]:
+            vol.create_snapshot(name)
+        try:
+            policy_tick(StopsAfter(vol, cut), now=T0)  # type: ignore[arg-type]
+            raise AssertionError(f"not cut off at {cut}")
+        except Interrupted:
+            pass
+        vol = reopen(vol)
+        try:
+            policy_tick(vol, now=T0)
+            assert set(names(vol)) == expected, cut
+            assert policy_tick(vol, now=T0).taken == [] and check_volume(vol).clean
+        finally:
+            vol.close()
