@@ -152,3 +152,17 @@ def test_a_run_cut_off_after_any_step_is_finished_by_the_next(volume_path: str) 
             assert policy_tick(vol, now=T0).taken == [] and check_volume(vol).clean
         finally:
             vol.close()
+
+
+def test_a_replica_is_left_alone(tmp_path: Path) -> None:
+    """A snapshot taken on a replica would end its incrementals: run does nothing."""
+    src, dst, stream = (str(tmp_path / n) for n in ("src.img", "dst.img", "s.bs"))
+    assert bx("init", src, "--size", "16M").returncode == 0
+    assert bx("snapshot", f"{src}@s1").returncode == 0
+    assert bx("send", src, "s1", "-o", stream).returncode == 0
+    assert bx("receive", dst, "-i", stream).returncode == 0
+    assert bx("policy", "set", dst, "daily=1").returncode == 0
+    r = json.loads(bx("policy", "run", dst, "--json").stdout)
+    assert r["taken"] == [] and "replica" in r["skipped"]
+    assert [s["name"] for s in json.loads(bx("snapshots", dst, "--json").stdout)
+            ["snapshots"]] == ["s1"]

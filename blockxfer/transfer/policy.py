@@ -158,7 +158,7 @@ def expired(policy: Policy, names: Iterable[str]) -> list[str]:
     out: list[str] = []
     for c in CLASSES:
         ranked = sorted(by_class.get(c, []), reverse=True)
-        out += [n for _, n in ranked[policy.keep[c]:]] if c in policy.keep else []
+        out += [n for _, n in ranked[policy.keep.get(c, 0):]]
     return out
 
 
