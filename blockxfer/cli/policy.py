@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
-from typing import Any
 
 from blockxfer import remote
 from blockxfer.errors import VolumeError
@@ -20,9 +19,7 @@ from blockxfer.transfer.policy import (
     PROPERTY,
     Policy,
     RunResult,
-    next_period,
-    parse_name,
-    plan_for,
+    policy_status,
     policy_tick,
 )
 
@@ -53,25 +50,10 @@ def cmd_clear(a: argparse.Namespace) -> Report:
                   [f"{a.path}: no policy (its snapshots stay)"])
 
 
-def _show(path: str, now: datetime) -> dict[str, Any]:
-    with open_volume(path) as vol:
-        pol, plan, why = plan_for(vol, now)
-        names = [e.name for e in vol.snapshots()]
-    classes: dict[str, Any] = {}
-    for c in CLASSES:
-        if pol is None or c not in pol.keep:
-            continue
-        have = sorted((n for n in names if (parse_name(n) or ("",))[0] == c), reverse=True)
-        classes[c] = {"keep": pol.keep[c], "snapshots": have,
-                      "next": next_period(c, now).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    return {"volume": path, "policy": dict(pol.keep) if pol else None, "classes": classes,
-            "due": plan.take, "expired": plan.prune, "kept_protected": plan.kept_protected,
-            "skipped": why}
-
-
 def cmd_show(a: argparse.Namespace) -> Report:
     _not_served(a.path)
-    data = _show(a.path, datetime.now(UTC))
+    with open_volume(a.path) as vol:
+        data = {"volume": a.path, **policy_status(vol, datetime.now(UTC))}
     if data["policy"] is None:
         return Report(data, [f"{a.path}: no policy (blockxfer policy set {a.path} daily=7 ...)"])
     text = [f"{a.path}: policy {Policy(data['policy']).text()}"]

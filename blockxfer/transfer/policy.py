@@ -60,6 +60,12 @@ def parse_name(name: str) -> tuple[str, str] | None:
     return m["cls"], m["key"]
 
 
+def class_of(name: str) -> str | None:
+    """The schedule class a snapshot's name belongs to, if any."""
+    parsed = parse_name(name)
+    return parsed[0] if parsed else None
+
+
 def next_period(cls: str, now: datetime) -> datetime:
     """When the period after the one holding `now` begins (UTC)."""
     t = now.astimezone(UTC)
@@ -219,6 +225,20 @@ def plan_for(vol: PolicyVolume, now: datetime) -> tuple[Policy | None, Plan, str
     snaps = vol.snapshots()
     protected = protected_names(snaps, vol.pointers, vol.holds())
     return pol, plan(pol, [e.name for e in snaps], protected, now), None
+
+
+def policy_status(vol: PolicyVolume, now: datetime) -> dict[str, Any]:
+    """`policy show`: the policy, each class's snapshots (newest first) and when
+    its next period begins, and what a run at `now` would do."""
+    pol, p, why = plan_for(vol, now)
+    names = [e.name for e in vol.snapshots()]
+    keep = pol.keep if pol else {}
+    classes = {c: {"keep": keep[c],
+                   "snapshots": sorted((s for s in names if class_of(s) == c), reverse=True),
+                   "next": next_period(c, now).strftime("%Y-%m-%dT%H:%M:%SZ")}
+               for c in CLASSES if c in keep}
+    return {"policy": dict(pol.keep) if pol else None, "classes": classes, "due": p.take,
+            "expired": p.prune, "kept_protected": p.kept_protected, "skipped": why}
 
 
 def policy_tick(vol: PolicyVolume, *, now: datetime | None = None,
