@@ -103,8 +103,8 @@ def test_an_upload_merged_from_a_repacked_base_is_refused_then_succeeds(chain) -
     remove_snapshots(store, "vol", ["s1", "s2", "s3"])
     real_put = store.put_manifest
 
-    def put_then_repack(volume, man):  # type: ignore[no-untyped-def]
-        out = real_put(volume, man)
+    def put_then_repack(volume, man, *rest):  # type: ignore[no-untyped-def]
+        out = real_put(volume, man, *rest)
         store.put_manifest = real_put              # once: the repack writes manifests too
         assert repack(store, below=1.0).packs_repacked > 0
         return out

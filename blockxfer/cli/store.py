@@ -9,10 +9,11 @@ Endpoint, credentials and region come from the usual AWS variables and files;
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, BinaryIO
 
 from blockxfer.errors import UsageError
-from blockxfer.units import human
+from blockxfer.units import human, parse_duration
 
 from .common import progress
 from .spec import Arg, Command, Report, arg
@@ -44,24 +45,26 @@ def send_to_store(a: argparse.Namespace, url: str) -> Report:
     store, volume, snap = _open(url, a, volume=True)
     if snap is not None:
         raise UsageError(f"{url}: name the volume only; the snapshot comes from the image")
+    retain = time.time() + parse_duration(a.retain) if a.retain else None
     prog = progress(a, "upload")
     if remote.server_for(a.path) is not None:  # the serving process streams it
         def produce(out: BinaryIO) -> object:
             return remote.send(a.path, a.expression, out.fileno(), compress=False,
                                implicit=False, resume=None)
-        res = upload_image(store, volume, produce, progress=prog.add)
+        res = upload_image(store, volume, produce, progress=prog.add, retain_until=retain)
     else:
         from blockxfer.stream.send import send_image
         with open_volume(a.path) as vol:
             def produce(out: BinaryIO) -> object:   # ascending: each chunk arrives whole
                 return send_image(vol, a.expression, out, compress=False)
-            res = upload_image(store, volume, produce, progress=prog.add)
+            res = upload_image(store, volume, produce, progress=prog.add, retain_until=retain)
     prog.finish()
     where = f"{store.url}/{volume}@{res.snapshot}"
     data = {"volume": a.path, "expression": a.expression, "destination": where,
             "already": res.already, "incremental": res.incremental, "blocks": res.blocks,
             "new_bytes": res.new_bytes, "packs_written": res.packs_written,
-            "packs_skipped": res.packs_skipped, "manifest_blocks": res.manifest_blocks}
+            "packs_skipped": res.packs_skipped, "manifest_blocks": res.manifest_blocks,
+            "retain_until": int(retain) if retain else None}
     if res.already:
         return Report(data, [f"{where}: already in the store ({res.manifest_blocks} blocks); "
                              "nothing sent"], stderr=True)

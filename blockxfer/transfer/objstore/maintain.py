@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from blockxfer.errors import BlockxferError, NotFound, UsageError
+from blockxfer.errors import BlockxferError, NotFound, UsageError, VolumeError
 from blockxfer.stream.format import Header
 
 from . import format as fmt
@@ -36,7 +36,8 @@ def listing(store: Store) -> dict[str, object]:
                                     "bytes": s.blocks * cat.block_size,
                                     "new_bytes": s.new_bytes,
                                     "incremental": s.base is not None,
-                                    "uploaded": s.uploaded} for s in cat.snaps()]})
+                                    "uploaded": s.uploaded,
+                                    "retain_until": s.retain_until} for s in cat.snaps()]})
     packs = list(store.all_objects("packs"))
     return {"store": store.url, "volumes": vols, "packs": len(packs),
             "pack_bytes": sum(p.size for p in packs)}
@@ -110,20 +111,30 @@ def remove_snapshots(store: Store, volume: str, names: list[str]) -> Catalog:
         missing = [n for n in names if cat.find(name=n) is None]
         if missing:
             raise NotFound(f"{store.url}/{volume} holds no snapshot {missing[0]!r}")
+        now = time.time()
+        for s in cat.snaps():
+            if s.name in names and s.retained(now):
+                raise VolumeError(f"{store.url}/{volume}@{s.name} is retained by object lock "
+                                  f"until {_date(s.retain_until)}; it can be removed after that")
         cat.snapshots = [s for s in cat.snaps() if s.name not in names]
         return cat
     return store.commit(volume, drop)
 
 
+def _date(unix: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix or 0))
+
+
 def prune_plan(cat: Catalog, keep_last: int, keep: list[str]) -> list[str]:
-    """Names to remove: all but the newest `keep_last` and those named in `keep`.
-    The newest always stays: the next incremental upload needs it as its base."""
+    """Names to remove: all but the newest `keep_last`, those named in `keep` and
+    those still under retention. The newest always stays: the next incremental
+    upload needs it as its base."""
     if keep_last < 1:
         raise UsageError("--keep-last must be at least 1: the newest snapshot is the base "
                          "of the next incremental upload")
     import fnmatch
-    snaps = cat.snaps()
-    stay = {s.name for s in snaps[-keep_last:]}
+    snaps, now = cat.snaps(), time.time()
+    stay = {s.name for s in snaps[-keep_last:]} | {s.name for s in snaps if s.retained(now)}
     stay |= {s.name for s in snaps if any(fnmatch.fnmatchcase(s.name, k) for k in keep)}
     return [s.name for s in snaps if s.name not in stay]
 

@@ -18,6 +18,7 @@ new manifest, so no committed manifest ever names a deleted pack.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
@@ -102,11 +103,17 @@ def repack(store: Store, *, below: float = REPACK_BELOW, dry_run: bool = False) 
 
 
 def _who_names_what(store: Store) -> tuple[dict[bytes, _Users], dict[str, fmt.Manifest]]:
+    """The packs manifests name, without those a retained (object-locked) snapshot
+    names: its manifest must stay the one the lock protects."""
     users: dict[bytes, _Users] = defaultdict(_Users)
     manifests: dict[str, fmt.Manifest] = {}
+    locked: set[bytes] = set()
+    now = time.time()
     for volume in store.volumes():
         for rec in store.need_catalog(volume).snaps():
             man = store.manifest(volume, rec)
+            if rec.retained(now):
+                locked |= set(man.packs())
             manifests[rec.manifest] = man
             for e in man.entries:
                 u = users[e.pack]
@@ -114,7 +121,7 @@ def _who_names_what(store: Store) -> tuple[dict[bytes, _Users], dict[str, fmt.Ma
                                                        e.mask.copy()))
                 b.taken |= e.mask
                 u.records.add((volume, rec.manifest))
-    return users, manifests
+    return {p: u for p, u in users.items() if p not in locked}, manifests
 
 
 def _copy_live_blobs(store: Store, chosen: dict[bytes, _Users], rep: RepackReport) -> Moves:
