@@ -89,13 +89,28 @@ def test_cli_set_show_run(tmp_path: Path) -> None:
     assert b"no policy" in bx("policy", "run", vol).stdout
 
 
-def test_a_served_volume_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_served_volume_takes_its_policy_through_the_service(tmp_path: Path) -> None:
+    """set/show/run go to the service, and the service's own job runs the schedule."""
+    import json
+
     from tests.nbd.serveproc import serve_process
     vol = str(tmp_path / "v.img")
     assert bx("init", vol, "--size", "16M").returncode == 0
     with serve_process(vol, str(tmp_path / "s.sock")):
-        r = bx("policy", "run", vol)
-        assert r.returncode == 5 and "its service runs the policy" in one_line(r)
+        assert bx("policy", "set", vol, "daily=2").returncode == 0
+        shown = json.loads(bx("policy", "show", vol, "--json").stdout)
+        assert shown["policy"] == {"daily": 2}
+        assert [d.split(".")[0] for d in shown["due"]] == ["daily"]
+        r = json.loads(bx("policy", "run", vol, "-n", "--json").stdout)
+        assert r["dry_run"] and len(r["taken"]) == 1
+        jobs = json.loads(bx("info", vol, "--json").stdout)["server"]["jobs"]
+        assert [j["name"] for j in jobs] == ["policy"]
+        assert bx("policy", "run", vol).returncode == 0
+        names = json.loads(bx("snapshots", vol, "--json").stdout)["snapshots"]
+        assert [n["name"].split(".")[0] for n in names] == ["daily"]
+        assert json.loads(bx("policy", "run", vol, "--json").stdout)["taken"] == []
+        assert bx("policy", "clear", vol).returncode == 0
+        assert json.loads(bx("policy", "show", vol, "--json").stdout)["policy"] is None
 
 
 class Interrupted(Exception):

@@ -82,7 +82,7 @@ def test_a_job_added_while_running_starts_and_shows_in_info(service: Service) ->
     with open_session(service.path) as s:
         assert isinstance(s, ServedSession)
         jobs = s.info()["server"]["jobs"]
-    assert [j["name"] for j in jobs] == ["tick"] and jobs[0]["next_run"] is not None
+    assert [j["name"] for j in jobs] == ["policy", "tick"] and jobs[0]["next_run"] is not None
 
 
 # -- the session fork ---------------------------------------------------------------------------

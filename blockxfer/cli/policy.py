@@ -1,59 +1,40 @@
 """`blockxfer policy set|show|clear|run`: snapshot schedules and retention
 (blockxfer/transfer/policy.py, docs/policies.md).
 
-The policy lives in the volume's local property `policy`, so these commands
-open the volume; a served volume is refused with a hint (its service runs the
-schedule: `policy_tick`).
+The policy lives in the volume's local property `policy`. On a served volume
+the commands run in its service, which also runs the schedule itself (a job
+every minute), so no timer is needed there.
 """
 
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 
-from blockxfer import remote
-from blockxfer.errors import VolumeError
-from blockxfer.handles import open_volume
-from blockxfer.transfer.policy import (
-    CLASSES,
-    PROPERTY,
-    Policy,
-    RunResult,
-    policy_status,
-    policy_tick,
-)
+from blockxfer.service.session import open_session
+from blockxfer.transfer.policy import CLASSES, Policy, RunResult
 
 from .common import dry_run_arg, result_of, volume_arg
 from .spec import Command, Report, arg
 
 
-def _not_served(path: str) -> None:
-    if remote.server_for(path) is not None:
-        raise VolumeError(f"{path} is served (blockxfer serve): its service runs the policy; "
-                          "stop the service to change the policy here")
-
-
 def cmd_set(a: argparse.Namespace) -> Report:
     pol = Policy.parse(a.classes)
-    _not_served(a.path)
-    with open_volume(a.path, write=True) as vol:
-        vol.set_property(PROPERTY, pol.to_json())
+    with open_session(a.path, write=True) as s:
+        s.policy("set", pol.to_json().decode())
     return Report({"volume": a.path, "policy": dict(pol.keep)},
                   [f"{a.path}: policy {pol.text()}"])
 
 
 def cmd_clear(a: argparse.Namespace) -> Report:
-    _not_served(a.path)
-    with open_volume(a.path, write=True) as vol:
-        vol.set_property(PROPERTY, None)
+    with open_session(a.path, write=True) as s:
+        s.policy("clear")
     return Report({"volume": a.path, "policy": None},
                   [f"{a.path}: no policy (its snapshots stay)"])
 
 
 def cmd_show(a: argparse.Namespace) -> Report:
-    _not_served(a.path)
-    with open_volume(a.path) as vol:
-        data = {"volume": a.path, **policy_status(vol, datetime.now(UTC))}
+    with open_session(a.path) as s:
+        data = {"volume": a.path, **s.policy("show")}
     if data["policy"] is None:
         return Report(data, [f"{a.path}: no policy (blockxfer policy set {a.path} daily=7 ...)"])
     text = [f"{a.path}: policy {Policy(data['policy']).text()}"]
@@ -82,9 +63,8 @@ def _run_lines(path: str, r: RunResult) -> list[str]:
 
 
 def cmd_run(a: argparse.Namespace) -> Report:
-    _not_served(a.path)
-    with open_volume(a.path, write=not a.dry_run) as vol:
-        result = policy_tick(vol, dry_run=a.dry_run)
+    with open_session(a.path, write=not a.dry_run) as s:
+        result = RunResult(**s.policy("run", dry_run=a.dry_run))
     return Report({"volume": a.path, **result_of(result)}, _run_lines(a.path, result))
 
 

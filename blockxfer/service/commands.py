@@ -35,7 +35,7 @@ class VolumeCommands:
                          ("snapshot", ops.snapshot), ("destroy", ops.destroy),
                          ("pointer", ops.pointer), ("image", ops.image),
                          ("commit", ops.commit), ("check", ops.check),
-                         ("holds", ops.holds)):
+                         ("holds", ops.holds), ("policy", ops.policy)):
             ctl.register(name, fn)
         ctl.register("read", self.read, fds=1, progress=True)
         ctl.register("write", self.write, fds=1, progress=True)

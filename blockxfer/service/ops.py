@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -145,6 +146,23 @@ class VolumeOps:
                 raise UsageError(f"holds: unknown operation {op!r}")
             held = self.vol.holds()
         return {"holds": {name: sorted(tags) for name, tags in sorted(held.items())}}
+
+    def policy(self, op: str, text: str | None = None, dry_run: bool = False) -> Result:
+        """The snapshot schedule (transfer/policy.py): `op` is "set" (`text`, the
+        policy as its JSON), "clear", "show" or "run" (one tick, as the job does)."""
+        from datetime import UTC, datetime
+
+        from blockxfer.transfer.policy import PROPERTY, policy_status, policy_tick
+        with self.lock:
+            if op == "set":
+                self.vol.set_property(PROPERTY, str(text).encode())
+            elif op == "clear":
+                self.vol.set_property(PROPERTY, None)
+            elif op == "run":
+                return asdict(policy_tick(self.vol, dry_run=bool(dry_run)))
+            elif op != "show":
+                raise UsageError(f"policy: unknown operation {op!r}")
+            return policy_status(self.vol, datetime.now(UTC))
 
     def commit(self) -> None:
         with self.lock:

@@ -28,6 +28,7 @@ from .ops import Freezer, ReaderFor, Result, VolumeOps
 log = logging.getLogger("blockxfer.service")
 
 DRAIN_CONTROL = 60.0          # seconds a stopping service waits for control commands
+POLICY_EVERY = 60.0           # seconds between runs of the snapshot schedule
 
 
 class Service:
@@ -42,6 +43,17 @@ class Service:
         self.control = ControlServer()
         VolumeCommands(self.ops, open_tape).install(self.control)
         self.jobs = Jobs()
+        if not read_only:              # a policy set later (policy set) takes effect too
+            self.jobs.add("policy", POLICY_EVERY, self._policy_tick)
+
+    def _policy_tick(self) -> object:
+        """The snapshot schedule, if the volume has one (docs/policies.md)."""
+        if self.volume.get_property("policy") is None:
+            return None
+        r = self.ops.policy("run")
+        if r.get("taken") or r.get("pruned"):
+            log.info("policy: took %s, destroyed %s", r.get("taken"), r.get("pruned"))
+        return r
 
     def listen(self, spec: str) -> None:
         """An NBD listener: `unix:PATH` or `tcp:HOST:PORT`."""

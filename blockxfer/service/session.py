@@ -116,6 +116,9 @@ class LocalSession:
               tag: str | None = None) -> Result:
         return self.ops.holds(op, snapshot, tag)
 
+    def policy(self, op: str, text: str | None = None, dry_run: bool = False) -> Result:
+        return self.ops.policy(op, text, dry_run)
+
     def check(self) -> Result:
         return self.ops.check()
 
@@ -188,6 +191,9 @@ class ServedSession:
     def holds(self, op: str = "list", snapshot: str | None = None,
               tag: str | None = None) -> Result:
         return self._dict("holds", op=op, snapshot=snapshot, tag=tag)
+
+    def policy(self, op: str, text: str | None = None, dry_run: bool = False) -> Result:
+        return self._dict("policy", op=op, text=text, dry_run=dry_run)
 
     def check(self) -> Result:
         return self._dict("check", timeout=None)

@@ -62,7 +62,7 @@ def test_call_round_trip(served: tuple[str, Service]) -> None:
     assert control.call(path, "ping")["pid"] == os.getpid()
     info = service.status()
     assert info["pid"] == os.getpid() and info["exports"] == ["", "@s1"]
-    assert info["jobs"] == []
+    assert [j["name"] for j in info["jobs"]] == ["policy"]     # the snapshot schedule
     assert control.call(path, "commit") is None
     with pytest.raises(UsageError):
         control.call(path, "no-such-command")
