@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from blockxfer.errors import DeviceError, UsageError
+from blockxfer.catalog import hooks
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
+from .catalog import catalog_arg
 from .common import (
     dry_run_arg,
     expr_arg,
@@ -33,6 +35,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
     url = a.output or a.destination
     if a.dry_run:
         return measure_report(a, "send", url or "standard output")
+    hooks.use(a.catalog)
     if is_store_url(url):
         return send_to_store(a, str(url))
     if a.verify and (url in (None, "-") or is_volume_url(url)):
@@ -45,6 +48,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
+    note_stream_file(url)
     far = sink.result
     data: dict[str, Any] = {"volume": a.path, "expression": a.expression,
                             "destination": sink.name, "blocks": r["data_blocks"],
@@ -60,6 +64,19 @@ def cmd_send(a: argparse.Namespace) -> Report:
         data["verified"] = True
         text.append(f"{url}: read back, every checksum and the digest verified")
     return Report(data, text, stderr=True)
+
+
+def note_stream_file(url: str | None) -> None:
+    """`send -o FILE`: the catalog records the stream file (a warning if it cannot)."""
+    if url in (None, "-") or "://" in str(url) or not os.path.isfile(str(url)):
+        return
+    from blockxfer.transfer.catimport import file_record
+    try:
+        rec = file_record(str(url))
+    except BlockxferError as e:
+        print(f"blockxfer: warning: catalog: {url}: {e}", file=sys.stderr)
+        return
+    hooks.note_image(rec)
 
 
 def _geometry(a: argparse.Namespace, path: str) -> object:
@@ -212,7 +229,7 @@ COMMANDS = (
              arg("--verify", action="store_true",
                  help="read the stream file back and check every checksum and its digest"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
-             s3_endpoint_arg(), parsable_arg())),
+             s3_endpoint_arg(), catalog_arg(), parsable_arg())),
     Command("receive", "apply a stream to a volume, or make one from a full stream",
             "Apply a stream from SOURCE to VOLUME (a full stream makes the volume), or "
             "pull an image from a volume on another host with --image. A refused or "

@@ -140,17 +140,37 @@ def cmd_tape_erase(a: argparse.Namespace) -> Report:
     from blockxfer.drivers.tapes import erase_tape, tape_status
     from blockxfer.errors import VolumeError
 
+    from .catalog import erase_check, forget_erased
     holds = _holds(a.tape)
+    expired = False if a.dry_run else erase_check(a, holds)   # unexpired images: refused
     if a.dry_run:
         st = tape_status(a.tape)
         plan = {"tape": a.tape, "erases": "everything from the beginning of tape",
                 "holds": holds or "nothing (blank or no images)",
                 "needs_force": holds is not None, "write_protected": st.write_protected}
         return Report(plan, _lines(plan))
-    if holds is not None and not a.force:
+    if holds is not None and not a.force and not expired:
         raise VolumeError(f"{a.tape} holds {holds}; nothing was erased; use --force to "
                           "erase it")
-    return Report(erase_tape(a.tape).as_dict(), [f"{a.tape}: erased"])
+    label = _label(a.tape)
+    status = erase_tape(a.tape).as_dict()
+    if label is not None:                    # its images are gone: the catalog forgets them
+        forget_erased(a, *label)
+    return Report(status, [f"{a.tape}: erased" + (" (expired in its pool: recycled)"
+                                                 if expired else "")])
+
+
+def _label(path: str) -> tuple[str, int] | None:
+    from blockxfer.errors import FormatError
+    from blockxfer.transfer.tapeset import read_label
+    tape = tape_opener()(path, False)
+    try:
+        label = read_label(tape)  # type: ignore[arg-type]
+    except FormatError:
+        return None
+    finally:
+        tape.close()  # type: ignore[attr-defined]
+    return None if label is None else (label.set_id.hex(), label.seq)
 
 
 def tape_arg(help: str = "/dev/nstN or a virtual tape file") -> Arg:
@@ -204,5 +224,8 @@ TAPE_COMMANDS = (
             (tape_arg(),
              arg("-n", "--dry-run", action="store_true", help="show the plan only"),
              arg("--force", action="store_true",
-                 help="erase a tape that holds images or other data"))),
+                 help="erase a tape that holds images or other data"),
+             arg("--catalog", metavar="PATH", default=None,
+                 help="the catalog whose retention decides (default: $BLOCKXFER_CATALOG or "
+                      "/var/lib/blockxfer/catalog.db)"))),
 )
