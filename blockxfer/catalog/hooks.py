@@ -7,6 +7,7 @@ the truth and `blockxfer catalog import` rebuilds the catalog from them.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Mapping
 
@@ -29,6 +30,11 @@ def current_path() -> str:
     return catalog_path(_explicit)
 
 
+def exists() -> bool:
+    """Is there a catalog yet? (Reading commands do not create one.)"""
+    return os.path.exists(current_path())
+
+
 def open_catalog() -> sqlite3.Connection:
     return connect(current_path())
 
@@ -41,9 +47,9 @@ def _keep(what: str, write: Callable[[sqlite3.Connection], object]) -> None:
         finally:
             db.close()
     except Exception as e:   # any failure here must not fail the backup
-        log.warning("warning: catalog %s: could not record %s (%s); the backup itself is "
-                    "complete: 'blockxfer catalog import' adds it from the medium",
-                    current_path(), what, e)
+        where = str(e) if current_path() in str(e) else f"catalog {current_path()}: {e}"
+        log.warning("warning: %s; %s is not recorded there, but the backup itself is "
+                    "complete ('blockxfer catalog import' adds it from the medium)", where, what)
 
 
 def note_image(rec: ImageRecord) -> None:
@@ -63,5 +69,5 @@ def forget_tape(set_id: str, seq: int) -> None:
     _keep("the erased tape", lambda db: records.forget_tape(db, set_id, seq))
 
 
-__all__ = ["ImageRecord", "TapeRef", "current_path", "forget_tape", "note_barcodes",
+__all__ = ["ImageRecord", "TapeRef", "current_path", "exists", "forget_tape", "note_barcodes",
            "note_image", "note_verified", "open_catalog", "use"]

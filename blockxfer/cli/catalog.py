@@ -191,7 +191,8 @@ def erase_check(a: argparse.Namespace, holds: str | None) -> bool:
         return False
     finally:
         tape.close()  # type: ignore[attr-defined]
-    if label is None:
+    hooks.use(a.catalog)
+    if label is None or not hooks.exists():
         return False
     try:
         state = pools.tape_state(_db(a), label.set_id.hex(), label.seq)
@@ -213,7 +214,8 @@ def erase_check(a: argparse.Namespace, holds: str | None) -> bool:
 
 def forget_erased(a: argparse.Namespace, set_id: str, seq: int) -> None:
     hooks.use(a.catalog)
-    hooks.forget_tape(set_id, seq)
+    if hooks.exists():
+        hooks.forget_tape(set_id, seq)
 
 
 COMMANDS = (
@@ -298,15 +300,14 @@ def _bring(a: argparse.Namespace, chain: list[query.Image]) -> Any:
 
     from .tapedrive import tape_opener
     if a.changer:
-        if a.tape is None:
-            raise UsageError("--changer needs --tape DRIVE: the changer's drive the tapes "
-                             "are loaded into")
         from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes
         from blockxfer.drivers.tapes import eject_tape
         from blockxfer.transfer.tapeset import label_reader
+        # the changer's drive: the one the set was written through
+        drive = next(str(m.path) for img in chain for m in img.media if m.kind == "tape")
         codes = {(m.set_name or "", m.seq or 0): m.barcode for img in chain for m in img.media
                  if m.kind == "tape" and m.barcode}
-        loader = changer_next_tape(Changer(a.changer), a.changer_drive, a.tape,
+        loader = changer_next_tape(Changer(a.changer), a.changer_drive, drive,
                                    barcodes=codes, eject=eject_tape,
                                    label_of=label_reader(tape_opener()),
                                    tapes=parse_tapes(a.changer_tapes) or ["*"], restore=True)
@@ -319,8 +320,8 @@ def _bring(a: argparse.Namespace, chain: list[query.Image]) -> Any:
         print(f"insert {describe(m)} into {drive}, then press Enter: ", end="",
               file=sys.stderr, flush=True)
         sys.stdin.readline()
-    return bring_tapes(open_tape=tape_opener(), drive=a.tape,  # type: ignore[arg-type]
-                       command=a.next_tape, ask=ask)
+    return bring_tapes(open_tape=tape_opener(), command=a.next_tape,  # type: ignore[arg-type]
+                       ask=ask)
 
 
 def restore_by_catalog(a: argparse.Namespace, have: set[str]) -> Report:

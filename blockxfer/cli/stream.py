@@ -48,7 +48,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
-    note_stream_file(url)
+    note_stream_file(url, a.path)
     far = sink.result
     data: dict[str, Any] = {"volume": a.path, "expression": a.expression,
                             "destination": sink.name, "blocks": r["data_blocks"],
@@ -66,7 +66,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
     return Report(data, text, stderr=True)
 
 
-def note_stream_file(url: str | None) -> None:
+def note_stream_file(url: str | None, volume: str) -> None:
     """`send -o FILE`: the catalog records the stream file (a warning if it cannot)."""
     if url in (None, "-") or "://" in str(url) or not os.path.isfile(str(url)):
         return
@@ -76,6 +76,8 @@ def note_stream_file(url: str | None) -> None:
     except BlockxferError as e:
         print(f"blockxfer: warning: catalog: {url}: {e}", file=sys.stderr)
         return
+    if "://" not in volume:
+        rec.volume_path = volume if volume.startswith("/dev/") else os.path.abspath(volume)
     hooks.note_image(rec)
 
 

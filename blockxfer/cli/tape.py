@@ -250,8 +250,9 @@ COMMANDS = (
              _tape_option(required=False),
              OneOf((arg("--image", type=int, metavar="N",
                         help="image number (see 'tape list')"),
-                    arg("--snapshot", metavar="SNAPSHOT",
-                        help="restore up to this snapshot, bases first"))),
+                    arg("--snapshot", metavar="[VOLUME@]SNAPSHOT",
+                        help="restore up to this snapshot, bases first (without --tape: "
+                             "from the media the catalog names)"))),
              arg("--only", metavar="SNAPSHOT",
                  help="partial restore: just this snapshot's blocks from --image N"),
              arg("--vbns", metavar="FIRST-LAST",

@@ -17,6 +17,24 @@ from .spec import Arg, Command, Report, arg
 from .tapealert import barcode_of, drive_lines
 
 
+def catalog_barcode(set_id: str, seq: int) -> str | None:
+    """The barcode the catalog recorded for this tape of its set (a dump through a
+    changer), for drives that cannot read the cartridge's memory."""
+    from blockxfer.catalog import hooks, pools
+    from blockxfer.errors import BlockxferError
+    if not hooks.exists():
+        return None
+    try:
+        db = hooks.open_catalog()
+    except BlockxferError:
+        return None
+    try:
+        state = pools.tape_state(db, set_id, seq)
+    finally:
+        db.close()
+    return state.barcode if state else None
+
+
 def tape_opener() -> Callable[[str, bool], Tape]:
     from blockxfer.drivers.tapes import open_tape_handle
     return lambda path, write: open_tape_handle(path, write=write)
@@ -45,7 +63,7 @@ def cmd_tape_list(a: argparse.Namespace) -> Report:
         tape.close()  # type: ignore[attr-defined]
     lab = contents.label
     rows = [i.as_dict() for i in contents.images]
-    barcode = barcode_of(a.tape)
+    barcode = barcode_of(a.tape) or catalog_barcode(lab.set_id.hex(), lab.seq)
     text = [f"{a.tape}: {lab.serial!r}, tape {lab.seq} of set {lab.set_name!r}, "
             f"records of {lab.record_size} bytes" + (f", barcode {barcode}" if barcode else "")]
     for r in rows:

@@ -44,24 +44,24 @@ def check_tape(path: str, m: Medium, open_tape: OpenTape) -> bool:
     return lab.set_id.hex() == m.set_id and lab.seq == m.seq
 
 
-def bring_tapes(*, open_tape: OpenTape, drive: str | None, command: str | None,
+def bring_tapes(*, open_tape: OpenTape, command: str | None,
                 ask: Callable[[str, Medium], None] | None) -> Bring:
-    """Without a changer: the drive when it already holds the tape; the operator's
-    command (it prints the path; $BLOCKXFER_TAPE_LABEL/_BARCODE/_SET/_SEQ say which);
-    the virtual tape file it was written to; or the operator at a terminal."""
+    """Without a changer: the drive or virtual tape the tape was written through
+    when it holds that tape now; else the operator's command (it prints the path;
+    $BLOCKXFER_TAPE_LABEL/_BARCODE/_SET/_SEQ say which); else the operator at a
+    terminal, asked to load it into that drive."""
     def bring(m: Medium) -> str:
-        if drive is not None and os.path.exists(drive) and check_tape(drive, m, open_tape):
-            return drive
+        here = m.path if m.path and os.path.exists(m.path) else None
+        if here is not None and check_tape(here, m, open_tape):
+            return here
         if command is not None:
             return _run(command, m)
-        if drive is None and m.path and os.path.isfile(m.path):
-            return m.path                       # a virtual tape: the file is the medium
-        if drive is not None and ask is not None:
-            ask(drive, m)
-            return drive
-        raise UsageError(f"the restore needs {describe(m)}, last seen at {m.path}: give "
-                         "--tape DRIVE with --changer or --next-tape COMMAND, or run it at a "
-                         "terminal; nothing was written")
+        if here is not None and not os.path.isfile(here) and ask is not None:
+            ask(here, m)
+            return here
+        raise UsageError(f"the restore needs {describe(m)}, last seen at {m.path}: load it "
+                         "there, or give --changer or --next-tape COMMAND; nothing more was "
+                         "written")
     return bring
 
 
