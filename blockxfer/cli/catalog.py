@@ -102,22 +102,22 @@ def _import_tape(a: argparse.Namespace, db: Any) -> tuple[str, int]:
 
 def cmd_import(a: argparse.Namespace) -> Report:
     db = _db(a)
-    if (a.tape is None) == (a.source is None):
+    if (a.tape is None) == (a.medium is None):
         raise UsageError("give one medium: --tape TAPE, a stream FILE or s3://BUCKET/PREFIX")
     if a.tape is not None:
         what, n = _import_tape(a, db)
-    elif a.source.startswith("s3://"):
+    elif a.medium.startswith("s3://"):
         from blockxfer.transfer.catimport import store_records
         from blockxfer.transfer.objstore.s3 import open_store
-        store, _, _ = open_store(a.source, endpoint=a.s3_endpoint)
+        store, _, _ = open_store(a.medium, endpoint=a.s3_endpoint)
         recs = list(store_records(store))
         for rec in recs:
             records.add_image(db, rec)
         what, n = f"store {store.url}", len(recs)
     else:
         from blockxfer.transfer.catimport import file_record
-        records.add_image(db, file_record(a.source))
-        what, n = f"file {os.path.abspath(a.source)}", 1
+        records.add_image(db, file_record(a.medium))
+        what, n = f"file {os.path.abspath(a.medium)}", 1
     return Report({"catalog": hooks.current_path(), "medium": what, "images": n},
                   [f"{hooks.current_path()}: {what}: {n} image{'s' if n != 1 else ''} recorded"])
 
@@ -252,7 +252,7 @@ COMMANDS = (
                          "blockxfer catalog import /backup/june3.bs",
                          "blockxfer catalog import s3://backups/site1"),
                         cmd_import,
-                        (arg("source", nargs="?", default=None, metavar="FILE|s3://URL",
+                        (arg("medium", nargs="?", default=None, metavar="FILE|s3://URL",
                              help="a stream file, or an object store s3://BUCKET/PREFIX"),
                          arg("--tape", metavar=TAPE, default=None,
                              help="the tape to read (/dev/nstN or a virtual tape file)"),
