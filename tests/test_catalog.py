@@ -121,16 +121,19 @@ def test_pools_retention_and_tape_erase(src, tmp_path: Path, catalog: Path,  # t
                                         capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src
     keep, old = str(tmp_path / "keep.vtape"), str(tmp_path / "old.vtape")
-    for t, label in ((keep, "KEEP01"), (old, "OLD01")):
+    for t in (keep, old):
         create_virtual_tape(t, 64 * MiB)
-        assert cli.main(["dump", path, "june1", "--tape", t, "--label", label]) == 0
-    capsys.readouterr()
+    # a dump into a pool that does not exist writes nothing
+    err = run(capsys, "dump", path, "june1", "--tape", keep, "--pool", "monthly", code=5)
+    assert "catalog pool create monthly" in err["stderr"]
+    assert run(capsys, "tape", "erase", keep, "-n")["holds"].startswith("nothing")
     assert run(capsys, "catalog", "pool", "create", "monthly", "--retention", "30d")[
         "retention"] == 30 * 86400
+    run(capsys, "dump", path, "june1", "--tape", keep, "--label", "KEEP01", "--pool", "monthly")
+    run(capsys, "dump", path, "june1", "--tape", old, "--label", "OLD01")
     run(capsys, "catalog", "pool", "create", "scratch", "--retention", "0s")
     assert run(capsys, "catalog", "pool", "create", "monthly", "--retention", "1d", code=2)
     assert run(capsys, "catalog", "pool", "create", "x", "--retention", "soon", code=2)
-    run(capsys, "catalog", "pool", "assign", "monthly", "KEEP01")
     run(capsys, "catalog", "pool", "assign", "scratch", "OLD01")
     assert run(capsys, "catalog", "pool", "assign", "monthly", "NOSUCH", code=5)
     assert {p["name"]: p["tapes"] for p in run(capsys, "catalog", "pool", "ls")["pools"]} == \

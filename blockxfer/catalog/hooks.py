@@ -65,9 +65,14 @@ def note_verified(kind: str, image_id: str, when: int) -> None:
     _keep("the verification", lambda db: records.set_verified(db, kind, image_id, when))
 
 
+def note_pool(set_id: str, pool: str) -> None:
+    from . import pools
+    _keep(f"the set's tapes in pool {pool!r}", lambda db: pools.assign_set(db, pool, set_id))
+
+
 def forget_tape(set_id: str, seq: int) -> None:
     _keep("the erased tape", lambda db: records.forget_tape(db, set_id, seq))
 
 
 __all__ = ["ImageRecord", "TapeRef", "current_path", "exists", "forget_tape", "note_barcodes",
-           "note_image", "note_verified", "open_catalog", "use"]
+           "note_image", "note_pool", "note_verified", "open_catalog", "use"]

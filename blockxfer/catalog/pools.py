@@ -45,8 +45,7 @@ def pools(db: sqlite3.Connection) -> list[dict[str, Any]]:
 def assign(db: sqlite3.Connection, pool: str, tapes: list[str]) -> list[str]:
     """Put tapes (by label, barcode or set name: every tape of the set) in `pool`."""
     with transaction(db):
-        if not db.execute("SELECT 1 FROM pools WHERE name=?", (pool,)).fetchone():
-            raise NotFound(f"no pool {pool!r}; create it with 'blockxfer catalog pool create'")
+        require_pool(db, pool)
         done = []
         for t in tapes:
             rows = db.execute("SELECT id, label FROM media WHERE kind='tape' AND "
@@ -57,6 +56,18 @@ def assign(db: sqlite3.Connection, pool: str, tapes: list[str]) -> list[str]:
             db.executemany("UPDATE media SET pool=? WHERE id=?", [(pool, r["id"]) for r in rows])
             done += [r["label"] for r in rows]
         return done
+
+
+def require_pool(db: sqlite3.Connection, pool: str) -> None:
+    if not db.execute("SELECT 1 FROM pools WHERE name=?", (pool,)).fetchone():
+        raise NotFound(f"no pool {pool!r}; create it with 'blockxfer catalog pool create "
+                       f"{pool} --retention 30d'; nothing was written")
+
+
+def assign_set(db: sqlite3.Connection, pool: str, set_id: str) -> None:
+    """Every tape of a set joins `pool` (a dump with --pool)."""
+    with transaction(db):
+        db.execute("UPDATE media SET pool=? WHERE kind='tape' AND set_id=?", (pool, set_id))
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,23 @@ def cmd_expired(a: argparse.Namespace) -> Report:
 
 
 # -- the catalog's part in dump, restore and tape erase ----------------------------------------
+def pool_arg() -> Arg:
+    return arg("--pool", metavar="POOL", default=None,
+               help="put the set's tapes in this pool of the catalog (its retention decides "
+                    "when they may be recycled; see 'catalog pool create')")
+
+
+def check_pool(a: argparse.Namespace) -> None:
+    """Before a dump with --pool: the pool must exist (nothing written otherwise)."""
+    if a.pool is None:
+        return
+    db = _db(a)
+    try:
+        pools.require_pool(db, a.pool)
+    finally:
+        db.close()
+
+
 def note_dump_barcodes(a: argparse.Namespace, set_id: str, first_seq: int, ntapes: int,
                        barcodes: dict[int, str]) -> None:
     """The barcode of each tape of the set the dump used: what the changer saw, and
@@ -174,6 +191,8 @@ def note_dump_barcodes(a: argparse.Namespace, set_id: str, first_seq: int, ntape
         if code:
             codes[last] = code
     hooks.note_barcodes(set_id, codes)
+    if a.pool:
+        hooks.note_pool(set_id, a.pool)
 
 
 def erase_check(a: argparse.Namespace, holds: str | None) -> bool:

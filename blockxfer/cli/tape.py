@@ -13,7 +13,13 @@ from blockxfer.handles import open_volume
 from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
-from .catalog import catalog_arg, note_dump_barcodes, restore_by_catalog
+from .catalog import (
+    catalog_arg,
+    check_pool,
+    note_dump_barcodes,
+    pool_arg,
+    restore_by_catalog,
+)
 from .common import (
     TAPE,
     dry_run_arg,
@@ -81,6 +87,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
         record_size = limit
     set_compression(a.tape, a.compression)
     hooks.use(a.catalog)
+    check_pool(a)
     next_tape = _next_tape(a)
     prog = progress(a, "dump", image_bytes(a.path, a.expression) if not a.quiet else None)
     with open_volume(a.path) as vol:
@@ -235,7 +242,7 @@ COMMANDS = (
              arg("--no-compress", dest="compress", action="store_false",
                  help="do not zstd-compress data records (default: each one that shrinks)"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
-             *_set_args(), catalog_arg(), parsable_arg())),
+             *_set_args(), catalog_arg(), pool_arg(), parsable_arg())),
     Command("restore", "restore an image (and the images it needs) from tape",
             "Restore an image from TAPE into VOLUME, bases first; or, with --only or "
             "--vbns, part of one image. A refused or interrupted restore leaves the "
