@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +55,26 @@ def test_schema_is_versioned_wal_and_migrated_once(tmp_path: Path) -> None:
         catdb.connect(path)
 
 
+def test_processes_opening_a_new_catalog_at_once_migrate_it_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.db")
+    code = ("import sys; from blockxfer.catalog.db import connect; "
+            "connect(sys.argv[1]).close()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, path], stderr=subprocess.PIPE)
+             for _ in range(6)]
+    errors = [p.communicate()[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    db = catdb.connect(path)
+    assert db.execute("SELECT count(*) FROM migrations").fetchone()[0] == catdb.SCHEMA_VERSION
+
+
+def test_migrations_split_into_whole_statements() -> None:
+    """_migrate runs each migration statement by statement (inside its transaction)."""
+    import sqlite3
+    for script in catdb.MIGRATIONS:
+        for statement in script.split(";"):
+            assert not statement.strip() or sqlite3.complete_statement(statement + ";"), statement
+
+
 def test_catalog_path_option_env_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BLOCKXFER_CATALOG", raising=False)
     assert catdb.catalog_path() == "/var/lib/blockxfer/catalog.db"
@@ -89,6 +110,8 @@ def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Pa
     assert [(s["kind"], s["level"], s["media"][0]["path"]) for s in steps] == \
         [("file", 0, full), ("file", 1, inc)]
     target = str(tmp_path / "r.img")
+    plan = run(capsys, "restore", target, "--snapshot", "june5", "-n")
+    assert plan["dry_run"] and len(plan["steps"]) == 2 and not os.path.exists(target)
     run(capsys, "restore", target, "--snapshot", "june5")
     got = snapshot_contents(target)
     assert got["june5"] == contents["june5"] and got["june3"] == contents["june3"]

@@ -38,7 +38,7 @@ MIGRATIONS: tuple[str, ...] = (
         seq INTEGER,                           -- tape: its number in the set, from 1
         label TEXT,                            -- tape: the label's serial
         barcode TEXT,                          -- tape: the cartridge's, from the changer
-        path TEXT,                             -- tape: drive or virtual tape; file; s3:// store
+        path TEXT,                             -- tape: drive or virtual tape, file, s3:// store
         pool TEXT REFERENCES pools(name) ON DELETE SET NULL,
         UNIQUE (kind, set_id, seq));
     CREATE TABLE images (
@@ -78,17 +78,25 @@ def catalog_path(explicit: str | None = None) -> str:
 
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:
-    db.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, "
-               "applied INTEGER NOT NULL)")
-    have = db.execute("SELECT coalesce(max(version), 0) FROM migrations").fetchone()[0]
-    if have > SCHEMA_VERSION:
-        raise DeviceError(f"catalog {path} has schema version {have}, newer than this "
-                          f"blockxfer knows ({SCHEMA_VERSION}); upgrade blockxfer")
-    for version in range(have + 1, SCHEMA_VERSION + 1):
-        # each step whole or not at all: the schema change and its row in one transaction
-        db.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[version - 1]
-                         + f"; INSERT INTO migrations VALUES ({version}, {int(time.time())});"
-                         "COMMIT;")
+    """Apply the missing migrations, each with its row, under one write lock: two
+    processes opening a new catalog at once migrate it once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, "
+                   "applied INTEGER NOT NULL)")
+        have = db.execute("SELECT coalesce(max(version), 0) FROM migrations").fetchone()[0]
+        if have > SCHEMA_VERSION:
+            raise DeviceError(f"catalog {path} has schema version {have}, newer than this "
+                              f"blockxfer knows ({SCHEMA_VERSION}); upgrade blockxfer")
+        for version in range(have + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version - 1].split(";"):   # no ';' inside them
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO migrations VALUES (?, ?)", (version, int(time.time())))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def connect(path: str) -> sqlite3.Connection:
