@@ -103,12 +103,14 @@ def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Pa
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
     full, inc = str(tmp_path / "j3.bs"), str(tmp_path / "j5.bs")
-    assert cli.main(["send", path, LEVELS[0], "-o", full]) == 0
+    assert cli.main(["send", path, LEVELS[0], "-o", full, "--verify"]) == 0
     assert cli.main(["send", path, LEVELS[1], "-o", inc]) == 0
     capsys.readouterr()
     steps = run(capsys, "catalog", "where", f"{path}@june5")["steps"]
     assert [(s["kind"], s["level"], s["media"][0]["path"]) for s in steps] == \
         [("file", 0, full), ("file", 1, inc)]
+    assert steps[0]["verified"] and not steps[1]["verified"]
+    assert steps[0]["written"] and steps[0]["bytes"] == os.path.getsize(full)
     target = str(tmp_path / "r.img")
     plan = run(capsys, "restore", target, "--snapshot", "june5", "-n")
     assert plan["dry_run"] and len(plan["steps"]) == 2 and not os.path.exists(target)
@@ -152,7 +154,8 @@ def test_pools_retention_and_tape_erase(src, tmp_path: Path, catalog: Path,  # t
     assert run(capsys, "tape", "erase", keep, "-n")["holds"].startswith("nothing")
     assert run(capsys, "catalog", "pool", "create", "monthly", "--retention", "30d")[
         "retention"] == 30 * 86400
-    run(capsys, "dump", path, "june1", "--tape", keep, "--label", "KEEP01", "--pool", "monthly")
+    run(capsys, "dump", path, "june1", "--tape", keep, "--label", "KEEP01", "--pool", "monthly",
+        "--verify")
     run(capsys, "dump", path, "june1", "--tape", old, "--label", "OLD01")
     run(capsys, "catalog", "pool", "create", "scratch", "--retention", "0s")
     assert run(capsys, "catalog", "pool", "create", "monthly", "--retention", "1d", code=2)
@@ -161,6 +164,9 @@ def test_pools_retention_and_tape_erase(src, tmp_path: Path, catalog: Path,  # t
     assert run(capsys, "catalog", "pool", "assign", "monthly", "NOSUCH", code=5)
     assert {p["name"]: p["tapes"] for p in run(capsys, "catalog", "pool", "ls")["pools"]} == \
         {"monthly": 1, "scratch": 1}
+    verified = {i["media"][0]["label"]: i["verified"]
+                for i in run(capsys, "catalog", "ls")["images"]}
+    assert verified["KEEP01"] and verified["OLD01"] is None
     expired = run(capsys, "catalog", "expired")["tapes"]
     assert [t["label"] for t in expired] == ["OLD01"]
     # unexpired: one line, exit 5, nothing erased

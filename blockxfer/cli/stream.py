@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -48,7 +49,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
-    note_stream_file(url, a.path)
+    image_id = note_stream_file(url, a.path)
     far = sink.result
     data: dict[str, Any] = {"volume": a.path, "expression": a.expression,
                             "destination": sink.name, "blocks": r["data_blocks"],
@@ -62,23 +63,27 @@ def cmd_send(a: argparse.Namespace) -> Report:
         with _stream_input(url) as f:
             inspect_stream(f)              # every record checksum and the digest
         data["verified"] = True
+        if image_id:
+            hooks.note_verified("file", image_id, int(time.time()))
         text.append(f"{url}: read back, every checksum and the digest verified")
     return Report(data, text, stderr=True)
 
 
-def note_stream_file(url: str | None, volume: str) -> None:
-    """`send -o FILE`: the catalog records the stream file (a warning if it cannot)."""
+def note_stream_file(url: str | None, volume: str) -> str | None:
+    """`send -o FILE`: the catalog records the stream file (a warning if it cannot);
+    returns its image id."""
     if url in (None, "-") or "://" in str(url) or not os.path.isfile(str(url)):
-        return
+        return None
     from blockxfer.transfer.catimport import file_record
     try:
         rec = file_record(str(url))
     except BlockxferError as e:
         print(f"blockxfer: warning: catalog: {url}: {e}", file=sys.stderr)
-        return
+        return None
     if "://" not in volume:
         rec.volume_path = volume if volume.startswith("/dev/") else os.path.abspath(volume)
     hooks.note_image(rec)
+    return rec.image_id
 
 
 def _geometry(a: argparse.Namespace, path: str) -> object:

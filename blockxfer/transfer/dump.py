@@ -240,7 +240,7 @@ def _note(vol: Volume, desc: tf.Descriptor, number: int, writer: _Writer, total:
     parts: list[tuple[int, catalog.TapeRef | str, int | None]] = [
         (k, catalog.TapeRef(lab.set_id.hex(), lab.set_name, lab.seq, lab.serial, path), file)
         for k, (lab, path, file) in enumerate(writer.placed)]
-    path = _abspath(getattr(vol.dev, "path", None))
+    path = _abspath(getattr(getattr(vol, "dev", None), "path", None))
     catalog.note_image(catalog.ImageRecord(
         "tape", desc.image_id, vol.uuid, desc.expression, desc.top, desc.base, desc.written,
         desc.blocks, total, desc.snapshots, number, volume_path=path, parts=parts))
