@@ -195,29 +195,23 @@ def note_dump_barcodes(a: argparse.Namespace, set_id: str, first_seq: int, ntape
         hooks.note_pool(set_id, a.pool)
 
 
-def erase_check(a: argparse.Namespace, holds: str | None) -> bool:
-    """`tape erase`: refuse a tape the catalog says holds unexpired images (exit 5)
-    unless --force; True when the catalog says the tape expired (recycling: erased
-    without --force). Returns False when the catalog does not know the tape."""
-    from blockxfer.errors import FormatError
-    from blockxfer.transfer.tapeset import read_label
-
-    from .tapedrive import tape_opener
-    tape = tape_opener()(a.tape, False)
-    try:
-        label = read_label(tape)  # type: ignore[arg-type]
-    except FormatError:
-        return False
-    finally:
-        tape.close()  # type: ignore[attr-defined]
+def erase_check(a: argparse.Namespace, label: tuple[str, int] | None) -> bool:
+    """`tape erase` of the tape labelled (set id, seq): refuse it when the catalog
+    says it holds unexpired images (exit 5) unless --force; True when the catalog
+    says it expired in its pool (recycling: erased without --force); False when the
+    catalog does not know it (the tape's own rules apply)."""
     hooks.use(a.catalog)
     if label is None or not hooks.exists():
         return False
     try:
-        state = pools.tape_state(_db(a), label.set_id.hex(), label.seq)
+        db = _db(a)
     except DeviceError as e:      # an unreadable catalog leaves the tape's own rules
         print(f"blockxfer: warning: {e}", file=sys.stderr)
         return False
+    try:
+        state = pools.tape_state(db, *label)
+    finally:
+        db.close()
     if state is None:
         return False
     now = time.time()

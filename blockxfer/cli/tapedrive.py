@@ -133,9 +133,11 @@ def cmd_tape_eject(a: argparse.Namespace) -> Report:
     return Report({"ejected": a.tape}, [f"{a.tape}: unloaded"])
 
 
-def _holds(path: str) -> str | None:
+def _holds(path: str) -> tuple[str | None, tuple[str, int] | None]:
     """What erasing would lose: None for a blank tape or a blockxfer label without
-    images, else a description (images, or data that is not a blockxfer tape)."""
+    images, else a description (images, or data that is not a blockxfer tape); and
+    the tape's (set id, sequence) when it has a label, for the catalog. The tape is
+    read once, so a refused erase leaves it where this read left it."""
     from blockxfer.drivers.tapes import open_tape
     from blockxfer.errors import FormatError
     from blockxfer.transfer.tapeset import list_tape, read_label
@@ -144,14 +146,15 @@ def _holds(path: str) -> str | None:
         try:
             label = read_label(t)
             if label is None:
-                return None
+                return None, None
             images = list_tape(t).images
         except FormatError:
-            return "data that is not a readable blockxfer tape"
+            return "data that is not a readable blockxfer tape", None
+    key = (label.set_id.hex(), label.seq)
     if not images:
-        return None
+        return None, key
     return (f"{len(images)} image{'s' if len(images) > 1 else ''} (label {label.serial!r}, "
-            f"set {label.set_name!r})")
+            f"set {label.set_name!r})"), key
 
 
 def cmd_tape_erase(a: argparse.Namespace) -> Report:
@@ -159,8 +162,8 @@ def cmd_tape_erase(a: argparse.Namespace) -> Report:
     from blockxfer.errors import VolumeError
 
     from .catalog import erase_check, forget_erased
-    holds = _holds(a.tape)
-    expired = False if a.dry_run else erase_check(a, holds)   # unexpired images: refused
+    holds, label = _holds(a.tape)
+    expired = False if a.dry_run else erase_check(a, label)   # unexpired images: refused
     if a.dry_run:
         st = tape_status(a.tape)
         plan = {"tape": a.tape, "erases": "everything from the beginning of tape",
@@ -170,25 +173,11 @@ def cmd_tape_erase(a: argparse.Namespace) -> Report:
     if holds is not None and not a.force and not expired:
         raise VolumeError(f"{a.tape} holds {holds}; nothing was erased; use --force to "
                           "erase it")
-    label = _label(a.tape)
     status = erase_tape(a.tape).as_dict()
     if label is not None:                    # its images are gone: the catalog forgets them
         forget_erased(a, *label)
     return Report(status, [f"{a.tape}: erased" + (" (expired in its pool: recycled)"
                                                  if expired else "")])
-
-
-def _label(path: str) -> tuple[str, int] | None:
-    from blockxfer.errors import FormatError
-    from blockxfer.transfer.tapeset import read_label
-    tape = tape_opener()(path, False)
-    try:
-        label = read_label(tape)  # type: ignore[arg-type]
-    except FormatError:
-        return None
-    finally:
-        tape.close()  # type: ignore[attr-defined]
-    return None if label is None else (label.set_id.hex(), label.seq)
 
 
 def tape_arg(help: str = "/dev/nstN or a virtual tape file") -> Arg:
