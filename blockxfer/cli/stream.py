@@ -39,6 +39,9 @@ def cmd_send(a: argparse.Namespace) -> Report:
     hooks.use(a.catalog)
     if is_store_url(url):
         return send_to_store(a, str(url))
+    if a.retain:
+        raise UsageError("--retain makes an object-store copy immutable: give an s3:// "
+                         "destination")
     if a.verify and (url in (None, "-") or is_volume_url(url)):
         raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
                          "destination checks every record as it receives)")
@@ -236,6 +239,10 @@ COMMANDS = (
              arg("--verify", action="store_true",
                  help="read the stream file back and check every checksum and its digest"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
+             arg("--retain", metavar="DURATION",
+                 help="s3:// only: keep every object this snapshot's restore needs "
+                      "immutable (S3 object lock) for DURATION, e.g. 30d; store rm and "
+                      "prune keep it until then"),
              s3_endpoint_arg(), catalog_arg(), parsable_arg())),
     Command("receive", "apply a stream to a volume, or make one from a full stream",
             "Apply a stream from SOURCE to VOLUME (a full stream makes the volume), or "

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from blockxfer.errors import BlockxferError, NotFound, UsageError
+from blockxfer.errors import BlockxferError, NotFound, UsageError, VolumeError
 from blockxfer.stream.format import Header
 
 from . import format as fmt
+from .repack import RepackReport, repack
 from .restore import WORKERS, Fetch, blob_blocks, plan_fetches
 from .store import Catalog, Store
 from .upload import GRACE
@@ -35,7 +36,8 @@ def listing(store: Store) -> dict[str, object]:
                                     "bytes": s.blocks * cat.block_size,
                                     "new_bytes": s.new_bytes,
                                     "incremental": s.base is not None,
-                                    "uploaded": s.uploaded} for s in cat.snaps()]})
+                                    "uploaded": s.uploaded,
+                                    "retain_until": s.retain_until} for s in cat.snaps()]})
     packs = list(store.all_objects("packs"))
     return {"store": store.url, "volumes": vols, "packs": len(packs),
             "pack_bytes": sum(p.size for p in packs)}
@@ -109,20 +111,30 @@ def remove_snapshots(store: Store, volume: str, names: list[str]) -> Catalog:
         missing = [n for n in names if cat.find(name=n) is None]
         if missing:
             raise NotFound(f"{store.url}/{volume} holds no snapshot {missing[0]!r}")
+        now = time.time()
+        for s in cat.snaps():
+            if s.name in names and s.retained(now):
+                raise VolumeError(f"{store.url}/{volume}@{s.name} is retained by object lock "
+                                  f"until {_date(s.retain_until)}; it can be removed after that")
         cat.snapshots = [s for s in cat.snaps() if s.name not in names]
         return cat
     return store.commit(volume, drop)
 
 
+def _date(unix: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix or 0))
+
+
 def prune_plan(cat: Catalog, keep_last: int, keep: list[str]) -> list[str]:
-    """Names to remove: all but the newest `keep_last` and those named in `keep`.
-    The newest always stays: the next incremental upload needs it as its base."""
+    """Names to remove: all but the newest `keep_last`, those named in `keep` and
+    those still under retention. The newest always stays: the next incremental
+    upload needs it as its base."""
     if keep_last < 1:
         raise UsageError("--keep-last must be at least 1: the newest snapshot is the base "
                          "of the next incremental upload")
     import fnmatch
-    snaps = cat.snaps()
-    stay = {s.name for s in snaps[-keep_last:]}
+    snaps, now = cat.snaps(), time.time()
+    stay = {s.name for s in snaps[-keep_last:]} | {s.name for s in snaps if s.retained(now)}
     stay |= {s.name for s in snaps if any(fnmatch.fnmatchcase(s.name, k) for k in keep)}
     return [s.name for s in snaps if s.name not in stay]
 
@@ -135,10 +147,14 @@ class GcReport:
     packs_kept: int = 0
     young: int = 0                         # unreferenced but within the grace period
     deleted: list[str] = field(default_factory=list)
+    repack: RepackReport | None = None
 
 
-def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False) -> GcReport:
-    """Delete packs and manifests no catalog reaches, once older than `grace` seconds."""
+def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False,
+                    repack_below: float = 0.0) -> GcReport:
+    """Repack packs whose live fraction is below `repack_below` (repack.py), then
+    delete packs and manifests no catalog reaches, once older than `grace` seconds."""
+    packed = repack(store, below=repack_below, dry_run=dry_run) if repack_below > 0 else None
     live_packs: set[str] = set()
     live_manifests: set[str] = set()
     for name in store.volumes():
@@ -146,20 +162,30 @@ def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False
             live_manifests.add(s.manifest)
             live_packs |= {store.pack_key(p) for p in store.manifest(name, s).packs()}
     rep, now = GcReport(), time.time()
-    dead = [(i, "pack") for i in store.all_objects("packs") if i.key not in live_packs]
+    retired = {i.key.rsplit("/", 1)[-1]: i for i in store.all_objects("retired")}
+    packs = list(store.all_objects("packs"))
+    dead = [(i, "pack") for i in packs if i.key not in live_packs]
     dead += [(i, "manifest") for i in store.all_objects("volumes")
              if i.key.endswith(".manifest") and i.key not in live_manifests]
     rep.packs_kept = len(live_packs)
+    present = {i.key.rsplit("/", 1)[-1] for i in packs}
+    for name, mark in retired.items():          # markers of packs gone (or never repacked)
+        if name not in present and not dry_run:
+            store.o.delete(mark.key)
     for info, kind in dead:
-        if now - info.mtime < grace:
-            rep.young += 1
+        mark = retired.get(info.key.rsplit("/", 1)[-1]) if kind == "pack" else None
+        if now - max(info.mtime, mark.mtime if mark else 0) < grace:
+            rep.young += 1          # (a restore may have read a manifest naming it)
             continue
         if not dry_run:
             store.o.delete(info.key)
+            if mark is not None:
+                store.o.delete(mark.key)
         rep.deleted.append(info.key)
         if kind == "pack":
             rep.packs_deleted += 1
             rep.bytes_deleted += info.size
         else:
             rep.manifests_deleted += 1
+    rep.repack = packed
     return rep
