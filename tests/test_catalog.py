@@ -136,9 +136,20 @@ def test_guided_restore_errors_are_one_line(src, tmp_path: Path, catalog: Path, 
     capsys.readouterr()
     err = run(capsys, "restore", str(tmp_path / "r.img"), "--snapshot", "june3", code=2)
     assert "needs the stream file" in err["stderr"] and err["stderr"].count("\n") == 1
+    assert "nothing was written" in err["stderr"]
     assert not os.path.exists(tmp_path / "r.img")
     err = run(capsys, "restore", str(tmp_path / "r.img"), "--image", "1", code=2)
     assert "need --tape" in err["stderr"]
+    # the level 0 from the file, the level 1 from a tape that is gone: the target
+    # this restore made is removed again
+    os.rename(stream + ".moved", stream)
+    tape = str(tmp_path / "t.vtape")
+    create_virtual_tape(tape, 64 * MiB)
+    assert cli.main(["dump", path, LEVELS[1], "--tape", tape]) == 0
+    os.rename(tape, tape + ".away")
+    capsys.readouterr()
+    err = run(capsys, "restore", str(tmp_path / "r.img"), "--snapshot", "june5", code=2)
+    assert "needs tape" in err["stderr"] and not os.path.exists(tmp_path / "r.img")
 
 
 # -- pools and retention -------------------------------------------------------------------------

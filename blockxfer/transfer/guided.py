@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockxfer.catalog.query import Image, Medium
-from blockxfer.errors import FormatError, UsageError, VolumeError
+from blockxfer.errors import BlockxferError, FormatError, UsageError, VolumeError
 from blockxfer.stream.receive import ReceiveResult, receive_stream
 
 from .restore import OpenDevice, restore_images
@@ -128,9 +128,6 @@ def _tape_step(img: Image, target: str, bring: Bring, open_tape: OpenTape,
 
 def _file_step(path: str, target: str, open_device: OpenDevice, force: bool,
                progress: Callable[[int], None] | None) -> ReceiveResult:
-    if not os.path.isfile(path):
-        raise UsageError(f"the restore needs the stream file {path}, which is not there; "
-                         "nothing more was written")
     with open(path, "rb") as f:
         return receive_stream(f, target, open_device, force=force, progress=progress,
                               source_hint=path)
@@ -139,7 +136,29 @@ def _file_step(path: str, target: str, open_device: OpenDevice, force: bool,
 def restore_chain(chain: list[Image], target: str, *, bring: Bring, open_tape: OpenTape,
                   open_device: OpenDevice, open_store: OpenStore, force: bool = False,
                   progress: Callable[[int], None] | None = None) -> list[GuidedStep]:
-    """Apply the images in order (the first with `force`, the rest onto it)."""
+    """Apply the images in order (the first with `force`, the rest onto it). Stream
+    files are looked for before anything is written; a target this restore created
+    is removed again when a later image fails (nothing half restored is left behind),
+    and an existing one keeps the images applied so far: the same restore, run
+    again, continues after them."""
+    for img in chain:
+        path = str(img.media[0].path)
+        if img.kind == "file" and not os.path.isfile(path):
+            raise UsageError(f"the restore needs the stream file {path}, which is not there; "
+                             "nothing was written")
+    created = not os.path.exists(target)
+    try:
+        return _apply(chain, target, bring, open_tape, open_device, open_store, force,
+                      progress)
+    except BlockxferError:
+        if created and os.path.isfile(target):
+            os.remove(target)
+        raise
+
+
+def _apply(chain: list[Image], target: str, bring: Bring, open_tape: OpenTape,
+           open_device: OpenDevice, open_store: OpenStore, force: bool,
+           progress: Callable[[int], None] | None) -> list[GuidedStep]:
     from .objstore.restore import restore_snapshot
     out = []
     for img in chain:
