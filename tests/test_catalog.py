@@ -236,6 +236,18 @@ def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Pa
     calls = [ln.split()[2:] for ln in (tmp_path / "mtx.log").read_text().splitlines()]
     loads = [c[1] for c in calls if c[0] == "load"]
     assert loads == ["1", "3"], calls          # by barcode: no slot tried for its label
+    # the whole library imported into a new catalog: barcodes from the inventory
+    before = run(capsys, "catalog", "where", "june3")["steps"]
+    changer.unload(3, 0)
+    monkeypatch.setenv("BLOCKXFER_CATALOG", str(tmp_path / "rebuilt.db"))
+    out = run(capsys, "catalog", "import", "--tape", drive, "--changer", "/dev/sg5")
+    assert out["images"] == 2 and len(out["skipped"]) == 2       # the two blank cartridges
+    after = run(capsys, "catalog", "where", "june3")["steps"]
+    assert [[(m["seq"], m["barcode"]) for m in s["media"]] for s in after] == \
+        [[(1, "BX0001L8"), (2, "BX0003L8")]]
+    assert [s["image_id"] for s in after] == [s["image_id"] for s in before]
+    lib = json.loads(state.read_text())         # every cartridge back in its slot
+    assert lib["drives"][0]["tape"] is None and all(s is not None for s in lib["slots"])
 
 
 def test_restore_refuses_a_tape_the_catalog_does_not_name(  # type: ignore[no-untyped-def]

@@ -100,11 +100,58 @@ def _import_tape(a: argparse.Namespace, db: Any) -> tuple[str, int]:
     return f"tape {ref.label!r} (set {ref.set_name!r} #{ref.seq})", len(recs)
 
 
+def _import_library(a: argparse.Namespace, db: Any) -> tuple[str, int, list[str]]:
+    """Every cartridge of a changer, one after another through --tape (its drive):
+    loaded, its label and images read, its barcode from the changer's inventory,
+    put back in its slot. Blank and foreign cartridges are named and skipped."""
+    from blockxfer.drivers.changer import CLEANING_PREFIX, Changer
+    from blockxfer.drivers.tapes import eject_tape
+    from blockxfer.errors import FormatError
+    from blockxfer.transfer.catimport import tape_records
+    from blockxfer.transfer.tapeset import list_tape
+
+    from .tapedrive import tape_opener
+    changer = Changer(a.changer)
+    status = changer.status()
+    if status.drive(a.changer_drive).full:
+        raise UsageError(f"drive {a.changer_drive} of {a.changer} holds a tape: unload it first "
+                         f"(mtx -f {a.changer} unload); nothing was read")
+    n, skipped = 0, []
+    for slot in status.slots:
+        if not slot.full or slot.import_export or (slot.barcode or "").startswith(
+                CLEANING_PREFIX):
+            continue
+        changer.load(slot.number, a.changer_drive)
+        try:
+            tape = tape_opener()(a.tape, False)
+            try:
+                contents = list_tape(tape)  # type: ignore[arg-type]
+            finally:
+                tape.close()  # type: ignore[attr-defined]
+        except FormatError as e:
+            skipped.append(f"slot {slot.number} ({slot.barcode or 'no barcode'}): {e}")
+        else:
+            ref, recs = tape_records(contents, a.tape, slot.barcode)
+            for rec in recs:
+                records.add_image(db, rec)
+            records.add_tape(db, ref)
+            n += len(recs)
+        finally:
+            eject_tape(a.tape)
+            changer.unload(slot.number, a.changer_drive)
+    return f"changer {a.changer}", n, skipped
+
+
 def cmd_import(a: argparse.Namespace) -> Report:
     db = _db(a)
     if (a.tape is None) == (a.medium is None):
         raise UsageError("give one medium: --tape TAPE, a stream FILE or s3://BUCKET/PREFIX")
-    if a.tape is not None:
+    skipped: list[str] = []
+    if a.changer is not None:
+        if a.tape is None:
+            raise UsageError("--changer needs --tape DRIVE: the changer's drive to read with")
+        what, n, skipped = _import_library(a, db)
+    elif a.tape is not None:
         what, n = _import_tape(a, db)
     elif a.medium.startswith("s3://"):
         from blockxfer.transfer.catimport import store_records
@@ -118,8 +165,10 @@ def cmd_import(a: argparse.Namespace) -> Report:
         from blockxfer.transfer.catimport import file_record
         records.add_image(db, file_record(a.medium))
         what, n = f"file {os.path.abspath(a.medium)}", 1
-    return Report({"catalog": hooks.current_path(), "medium": what, "images": n},
-                  [f"{hooks.current_path()}: {what}: {n} image{'s' if n != 1 else ''} recorded"])
+    return Report({"catalog": hooks.current_path(), "medium": what, "images": n,
+                   "skipped": skipped},
+                  [f"{hooks.current_path()}: {what}: {n} image{'s' if n != 1 else ''} recorded",
+                   *(f"  skipped {s}" for s in skipped)])
 
 
 # -- pools and expiry -------------------------------------------------------------------------
@@ -262,6 +311,7 @@ COMMANDS = (
                         "label, descriptors and indexes (no data is read), a stream file's "
                         "header, or every snapshot of an object store.",
                         ("blockxfer catalog import --tape /dev/nst0",
+                         "blockxfer catalog import --tape /dev/nst0 --changer /dev/sg5  # all",
                          "blockxfer catalog import /backup/june3.bs",
                          "blockxfer catalog import s3://backups/site1"),
                         cmd_import,
@@ -271,6 +321,11 @@ COMMANDS = (
                              help="the tape to read (/dev/nstN or a virtual tape file)"),
                          arg("--barcode", metavar="CODE", default=None,
                              help="the tape's barcode (default: from the cartridge's MAM)"),
+                         arg("--changer", metavar="/dev/sgN", default=None,
+                             help="read every cartridge of this changer through --tape (its "
+                                  "drive), barcodes from its inventory"),
+                         arg("--changer-drive", type=int, default=0, metavar="N",
+                             help="the changer's drive number of --tape (default 0)"),
                          arg("--s3-endpoint", metavar="URL", default=None,
                              help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
                          catalog_arg())),
