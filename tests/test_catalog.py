@@ -117,6 +117,17 @@ def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Pa
     run(capsys, "restore", target, "--snapshot", "june5")
     got = snapshot_contents(target)
     assert got["june5"] == contents["june5"] and got["june3"] == contents["june3"]
+    # a target that is the volume at june3 takes only the increment; another volume
+    # that happens to have a june3 is not taken for it
+    part = str(tmp_path / "part.img")
+    run(capsys, "restore", part, "--snapshot", "june3")
+    out = run(capsys, "restore", part, "--snapshot", "june5")
+    assert [i["expression"] for i in out["images"]] == [LEVELS[1]]
+    assert snapshot_contents(part)["june5"] == contents["june5"]
+    other = str(tmp_path / "other.img")
+    assert cli.main(["init", other, "--size", "32M", "-q"]) == 0
+    assert cli.main(["snapshot", f"{other}@june3", "-q"]) == 0
+    assert len(run(capsys, "restore", other, "--snapshot", "june5", "-n")["steps"]) == 2
     # rebuilt from the files
     os.environ["BLOCKXFER_CATALOG"] = str(tmp_path / "again.db")
     assert run(capsys, "catalog", "import", inc)["images"] == 1

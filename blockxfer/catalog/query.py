@@ -76,11 +76,11 @@ class Image:
                 "top": self.top, "base": self.base, "level": self.level,
                 "number": self.number, "store_volume": self.store_volume,
                 "blocks": self.blocks, "bytes": self.bytes, "complete": self.complete,
-                "written": _iso(self.written), "verified": _iso(self.verified),
+                "written": iso(self.written), "verified": iso(self.verified),
                 "media": [m.as_dict() for m in self.media]}
 
 
-def _iso(t: int | None) -> str | None:
+def iso(t: int | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 

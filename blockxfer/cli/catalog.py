@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -23,7 +24,7 @@ def catalog_arg() -> Arg:
                     "/var/lib/blockxfer/catalog.db)")
 
 
-def _db(a: argparse.Namespace) -> Any:
+def _db(a: argparse.Namespace) -> sqlite3.Connection:
     hooks.use(getattr(a, "catalog", None))
     return hooks.open_catalog()
 
@@ -43,7 +44,7 @@ def _line(img: query.Image) -> str:
     state = "" if img.whole else "  INCOMPLETE"
     size = human(img.bytes) if img.bytes is not None else "?"
     return (f"  {img.kind:5} L{img.level} {img.expression!r:30} {img.blocks:>9} blocks "
-            f"{size:>9}  {query._iso(img.written)}  {where}{state}")
+            f"{size:>9}  {query.iso(img.written)}  {where}{state}")
 
 
 def cmd_ls(a: argparse.Namespace) -> Report:
@@ -61,11 +62,27 @@ def cmd_ls(a: argparse.Namespace) -> Report:
                   text or [f"{hooks.current_path()}: no images"])
 
 
-def plan_where(db: Any, spec: str, have: frozenset[str] = frozenset()) -> tuple[str, str,
-                                                                                list[query.Image]]:
+def plan_where(db: sqlite3.Connection, spec: str, target: str | None = None,
+               have: frozenset[str] = frozenset()) -> tuple[str, str, list[query.Image]]:
+    """The volume's uuid, the snapshot and its chain; the snapshots `target` already
+    holds (`have`) end the chain only when it is that volume."""
     volume, snap = _split(spec)
     uuid = query.resolve_volume(db, volume, snap)
+    if target is None or _uuid_of(target) != uuid:
+        have = frozenset()
     return uuid, snap, query.where(db, uuid, snap, have)
+
+
+def _uuid_of(path: str) -> str | None:
+    from blockxfer.errors import BlockxferError
+    from blockxfer.handles import open_volume
+    if not os.path.exists(path):
+        return None
+    try:
+        with open_volume(path) as vol:
+            return str(vol.uuid)
+    except BlockxferError:
+        return None
 
 
 def cmd_where(a: argparse.Namespace) -> Report:
@@ -404,7 +421,7 @@ def restore_by_catalog(a: argparse.Namespace, have: set[str]) -> Report:
     if not a.snapshot or a.vbns or a.only or a.image is not None:
         raise UsageError("without --tape only --snapshot [VOLUME@]SNAP restores (the catalog "
                          "names the media); --image, --only and --vbns need --tape")
-    uuid, snap, chain = plan_where(_db(a), a.snapshot, frozenset(have))
+    uuid, snap, chain = plan_where(_db(a), a.snapshot, a.target, frozenset(have))
     if not chain:
         raise UsageError(f"{a.target} already holds {snap!r}; nothing to restore")
     plan = [f"{n}. {img.kind} {img.expression!r} on "
