@@ -236,8 +236,16 @@ def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Pa
     assert [(m["seq"], m["barcode"]) for m in image["media"]] == [(1, "BX0001L8"),
                                                                    (2, "BX0003L8")]
     assert run(capsys, "tape", "list", drive)["label"]["barcode"] == "BX0003L8"
-    # another tape in the drive; the restore asks the changer for each barcode in turn
+    # a restore from the first tape: the changer is asked for tape 2's barcode (the
+    # next full slot, 2, holds a blank tape)
     changer = Changer("/dev/sg5")
+    changer.unload(3, 0)
+    changer.load(1, 0)
+    target = str(tmp_path / "r0.img")
+    run(capsys, "restore", target, "--tape", drive, "--changer", "/dev/sg5")
+    assert snapshot_contents(target)["june3"] == contents["june3"]
+    assert changer.status().drive(0).source == 3
+    # another tape in the drive; the restore asks the changer for each barcode in turn
     changer.unload(3, 0)
     changer.load(4, 0)
     (tmp_path / "mtx.log").write_text("")

@@ -261,6 +261,35 @@ def note_dump_barcodes(a: argparse.Namespace, set_id: str, first_seq: int, ntape
         hooks.note_pool(set_id, a.pool)
 
 
+def set_barcodes_of(a: argparse.Namespace, drive: str) -> dict[tuple[str, int], str]:
+    """A restore through a changer: the barcodes the catalog recorded for the set of
+    the tape in the drive, so the changer loads each next tape by barcode rather
+    than trying slots for their labels. Empty when the catalog does not know them."""
+    from blockxfer.errors import BlockxferError
+    from blockxfer.transfer.tapeset import read_label
+
+    from .tapedrive import tape_opener
+    hooks.use(a.catalog)
+    if not hooks.exists():
+        return {}
+    try:
+        tape = tape_opener()(drive, False)
+        try:
+            label = read_label(tape)  # type: ignore[arg-type]
+        finally:
+            tape.close()  # type: ignore[attr-defined]
+        if label is None:
+            return {}
+        db = _db(a)
+        try:
+            tapes = [t for t in pools.tape_states(db) if t.set_id == label.set_id.hex()]
+        finally:
+            db.close()
+    except BlockxferError:
+        return {}                    # the restore's own checks say what is wrong
+    return {(t.set_name, t.seq): t.barcode for t in tapes if t.barcode}
+
+
 def erase_check(a: argparse.Namespace, label: tuple[str, int] | None) -> bool:
     """`tape erase` of the tape labelled (set id, seq): refuse it when the catalog
     says it holds unexpired images (exit 5) unless --force; True when the catalog

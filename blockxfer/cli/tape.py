@@ -19,6 +19,7 @@ from .catalog import (
     note_dump_barcodes,
     pool_arg,
     restore_by_catalog,
+    set_barcodes_of,
 )
 from .common import (
     TAPE,
@@ -48,10 +49,11 @@ def _changer_loader(a: argparse.Namespace) -> Callable[[str, int, str], NextTape
         from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes
         from blockxfer.drivers.tapes import eject_tape
         from blockxfer.transfer.tapeset import label_reader
+        restore = a.command == "restore"
         return changer_next_tape(Changer(changer), drive, tape, eject=eject_tape,
                                  label_of=label_reader(tape_opener()),
-                                 tapes=parse_tapes(a.changer_tapes),
-                                 restore=a.command == "restore")
+                                 tapes=parse_tapes(a.changer_tapes), restore=restore,
+                                 barcodes=set_barcodes_of(a, tape) if restore else None)
     return load
 
 
@@ -208,8 +210,8 @@ def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
 def _tape_option(required: bool = True) -> Arg:
     return arg("--tape", required=required, metavar=TAPE,
                help="/dev/nstN or a virtual tape file (the first tape of a set)"
-               + ("" if required else "; without it, --snapshot restores what the "
-                  "catalog names ('catalog where'), through this drive when given"))
+               + ("" if required else "; without it, --snapshot restores from the media "
+                  "the catalog names ('catalog where')"))
 
 
 def _set_args() -> tuple[Arg, ...]:
