@@ -20,18 +20,8 @@ from blockxfer.transfer.objstore.maintain import (
 from blockxfer.transfer.objstore.objects import MemoryStore
 from blockxfer.transfer.objstore.store import Store
 from blockxfer.transfer.objstore.upload import upload_stream
-from tests.objstore_helpers import make_chain, stream_of
 
 DAY = 86400.0
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    vol = make_chain(str(tmp_path_factory.mktemp("lock") / "src.img"), 4)
-    streams = {"s1": stream_of(vol, "s1")}
-    streams |= {f"s{i}": stream_of(vol, f"s{i} - s{i - 1}") for i in range(2, 5)}
-    vol.close()
-    yield None, streams, None
 
 
 def _locked_chain(streams: dict[str, bytes], retained: set[str]) -> tuple[MemoryStore, Store]:
@@ -44,8 +34,8 @@ def _locked_chain(streams: dict[str, bytes], retained: set[str]) -> tuple[Memory
     return ms, store
 
 
-def test_a_retained_snapshots_objects_are_all_locked(chain) -> None:  # type: ignore[no-untyped-def]
-    _, streams, _ = chain
+def test_a_retained_snapshots_objects_are_all_locked(chain4) -> None:  # type: ignore[no-untyped-def]
+    streams = chain4
     ms, store = _locked_chain(streams, {"s3"})
     rec = store.need_catalog("vol").find(name="s3")
     assert rec is not None and rec.retain_until and rec.retain_until > time.time()
@@ -56,8 +46,8 @@ def test_a_retained_snapshots_objects_are_all_locked(chain) -> None:  # type: ig
         ms.delete(rec.manifest)
 
 
-def test_rm_prune_gc_and_repack_leave_a_retained_snapshot_whole(chain) -> None:  # type: ignore[no-untyped-def]
-    _, streams, _ = chain
+def test_rm_prune_gc_and_repack_leave_a_retained_snapshot_whole(chain4) -> None:  # type: ignore[no-untyped-def]
+    streams = chain4
     ms, store = _locked_chain(streams, {"s2"})
     with pytest.raises(VolumeError, match="retained by object lock until"):
         remove_snapshots(store, "vol", ["s2"])
@@ -72,8 +62,8 @@ def test_rm_prune_gc_and_repack_leave_a_retained_snapshot_whole(chain) -> None: 
     assert rec.manifest in ms.objects             # the locked manifest is still the one named
 
 
-def test_retain_without_object_lock_is_refused_before_anything_moves(chain) -> None:  # type: ignore[no-untyped-def]
-    _, streams, _ = chain
+def test_retain_without_object_lock_is_refused_before_anything_moves(chain4) -> None:  # type: ignore[no-untyped-def]
+    streams = chain4
     ms = MemoryStore()
     with pytest.raises(UsageError, match="no object lock"):
         upload_stream(Store(ms, "bk"), "vol", io.BytesIO(streams["s1"]),

@@ -159,7 +159,8 @@ def test_store_commands_give_their_results_as_json(server: Server, source) -> No
     got = {"store ls": run("ls", store), "store verify": run("verify", store),
            "store rm": run("rm", f"{store}/vol@s2"),
            "store prune": run("prune", f"{store}/vol", "--keep-last", "1", "--dry-run"),
-           "store gc": run("gc", store, "--grace", "0")}
+           "store gc": run("gc", store, "--grace", "0"),
+           "store recover": run("recover", f"{store}/vol", "--force")}
     keys = documented()
     assert set(got) == ELSEWHERE
     for name, result in got.items():

@@ -22,15 +22,29 @@ from blockxfer import __version__
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
-from . import catalog, demo, devices, docgen, endpoint, serve, store, stream, tape, topics, volume
+from . import (
+    catalog,
+    demo,
+    devices,
+    docgen,
+    endpoint,
+    policy,
+    serve,
+    store,
+    stream,
+    tape,
+    topics,
+    units,
+    volume,
+)
 from .spec import FORMATTER, Command, Report, add_commands
 
 # The command groups, in the order --help lists them. A new group is one module
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    store.COMMANDS, catalog.COMMANDS, endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS,
-    demo.COMMANDS,
+    store.COMMANDS, catalog.COMMANDS, endpoint.COMMANDS, policy.COMMANDS, units.COMMANDS,
+    topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\

@@ -152,6 +152,20 @@ def cmd_gc(a: argparse.Namespace) -> Report:
     return Report(data, text, code=1 if problems else 0)
 
 
+def cmd_recover(a: argparse.Namespace) -> Report:
+    from blockxfer.transfer.objstore.maintain import recover_catalog
+    store, volume, snap = _open(a.volume, a, volume=True)
+    if snap is not None:
+        raise UsageError(f"{a.volume}: recover takes a volume, not a snapshot")
+    rep = recover_catalog(store, volume, force=a.force)
+    names = [s.name for s in rep.catalog.snaps()]
+    text = [f"skipped: {p}" for p in rep.skipped]
+    text.append(f"{store.url}/{volume}: catalog rebuilt from {len(names)} manifests: "
+                f"{', '.join(names)}")
+    return Report({"store": store.url, "volume": volume, "snapshots": names,
+                   "skipped": list(rep.skipped)}, text)
+
+
 def cmd_rm(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.objstore.maintain import remove_snapshots
     store, volume, snap = _open(a.snapshot, a, volume=True)
@@ -211,6 +225,17 @@ STORE_COMMANDS = (
                         arg("--keep", action="append", metavar="GLOB",
                             help="also keep snapshots matching this pattern (repeatable)"),
                         _dry_run(), s3_endpoint_arg())),
+    Command("recover", "rebuild a volume's lost or damaged catalog from its manifests",
+            "Rebuild the catalog of a volume in the store from its manifests (each is "
+            "complete and carries its upload's header). Snapshots removed since the last "
+            "gc come back. 'store gc' refuses to run while a volume has manifests but no "
+            "catalog.",
+            (f"blockxfer store recover {VOLUME_URL}",
+             f"blockxfer store recover --force {VOLUME_URL}   # replace a damaged catalog"),
+            cmd_recover, (arg("volume", metavar=VOLUME_URL, help="the volume in the store"),
+                          arg("--force", action="store_true",
+                              help="replace a catalog that is there (a damaged one)"),
+                          s3_endpoint_arg())),
     Command("gc", "repack and delete packs and manifests no snapshot needs",
             "Repack packs that are mostly unused (their live blobs are copied into new "
             "packs and the manifests naming them rewritten), then delete the packs and "
@@ -227,7 +252,7 @@ STORE_COMMANDS = (
 )
 
 COMMANDS = (
-    Command("store", "object-store (s3://) targets: ls, verify, rm, prune, gc",
+    Command("store", "object-store (s3://) targets: ls, verify, rm, prune, gc, recover",
             "Object stores on S3 (SeaweedFS, Ceph RGW, AWS): incremental forever, any "
             "snapshot restorable alone. send and receive take s3:// URLs.",
             (f"blockxfer send /srv/vol.img june1 {VOLUME_URL}",

@@ -267,8 +267,9 @@ COMMANDS = (
              arg("--offset", default="0", metavar="SIZE", help="where to start (default 0)"),
              arg("--length", metavar="SIZE", help="how much (default: to the end)"))),
     Command("snapshot", "take a snapshot",
-            "Take a snapshot of the volume (a CP that stays). Names are free text; a name "
-            "with '-' is one name, while 'a - b' with spaces is an image expression.",
+            "Take a snapshot of the volume (a CP that stays). A name is letters, digits and "
+            ". _ : ; '-' is refused, since 'a - b' is a difference in image expressions "
+            "(names received from elsewhere keep theirs).",
             ("blockxfer snapshot /srv/vol.img@june1",
              "blockxfer snapshot /srv/vol.img@base --shadow   # only a base for increments",
              "blockxfer snapshot /dev/md0@daily --freeze /mnt/data   # needs 'serve'"),

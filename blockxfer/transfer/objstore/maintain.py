@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from blockxfer.errors import BlockxferError, NotFound, UsageError, VolumeError
+from blockxfer.errors import BlockxferError, FormatError, NotFound, UsageError, VolumeError
 from blockxfer.stream.format import Header
 
 from . import format as fmt
 from .repack import RepackReport, repack
 from .restore import WORKERS, Fetch, blob_blocks, plan_fetches
-from .store import Catalog, Store
+from .store import Catalog, SnapshotRecord, Store
 from .upload import GRACE
 
 
@@ -150,10 +150,25 @@ class GcReport:
     repack: RepackReport | None = None
 
 
+def orphans(store: Store, grace: float) -> list[str]:
+    """Volumes with manifests older than `grace` but no catalog: lost catalogs (an
+    upload writes its manifest a moment before its first catalog)."""
+    head, now = store.key("volumes") + "/", time.time()
+    have = set(store.volumes())
+    return sorted({i.key[len(head):].split("/")[0] for i in store.o.list(head)
+                   if i.key.endswith(".manifest") and now - i.mtime >= grace} - have)
+
+
 def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False,
                     repack_below: float = 0.0) -> GcReport:
     """Repack packs whose live fraction is below `repack_below` (repack.py), then
-    delete packs and manifests no catalog reaches, once older than `grace` seconds."""
+    delete packs and manifests no catalog reaches, once older than `grace` seconds.
+    Refused while a volume's catalog is missing: its blocks would all look unused."""
+    lost = orphans(store, grace)
+    if lost:
+        raise VolumeError(f"{store.url}/{lost[0]} has snapshots but no catalog; gc would "
+                          f"delete them: run 'blockxfer store recover {store.url}/{lost[0]}' "
+                          "first")
     packed = repack(store, below=repack_below, dry_run=dry_run) if repack_below > 0 else None
     live_packs: set[str] = set()
     live_manifests: set[str] = set()
@@ -189,3 +204,58 @@ def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False
             rep.manifests_deleted += 1
     rep.repack = packed
     return rep
+
+
+@dataclass
+class RecoverReport:
+    catalog: Catalog
+    skipped: list[str] = field(default_factory=list)    # damaged manifests
+
+
+def recover_catalog(store: Store, volume: str, *, force: bool = False) -> RecoverReport:
+    """Rebuild a volume's lost (or, with `force`, damaged) catalog from its manifests:
+    each is complete on its own and carries its upload's stream header. Snapshots
+    removed since the last gc come back (their manifests were still there)."""
+    where = f"{store.url}/{volume}"
+    try:
+        if store.catalog(volume) is not None and not force:
+            raise VolumeError(f"{where} has a catalog; recover rebuilds a missing one "
+                              "(--force replaces it)")
+    except FormatError:
+        if not force:
+            raise VolumeError(f"{where}: its catalog is damaged; run 'blockxfer store "
+                              f"recover --force {where}' to rebuild it") from None
+    rep = RecoverReport(Catalog(volume, bytes(16), 0, 0, 0, 1, []))
+    newest: dict[bytes, tuple[float, SnapshotRecord]] = {}
+    for info in store.all_objects("volumes", volume, "manifests"):
+        try:
+            rec, man = _record_of(store, info.key)
+        except BlockxferError as e:
+            rep.skipped.append(f"{info.key}: {e}")
+            continue
+        if rep.catalog.uuid not in (bytes(16), man.volume_uuid):
+            rep.skipped.append(f"{info.key}: another volume's manifest")
+            continue
+        c = rep.catalog
+        c.uuid, c.block_size, c.nblocks, c.chunk_blocks = (man.volume_uuid, man.block_size,
+                                                           man.nblocks, man.chunk_blocks)
+        if rec.guid not in newest or info.mtime > newest[rec.guid][0]:
+            newest[rec.guid] = (info.mtime, rec)      # a repack's manifest is the newer
+    if not newest:
+        raise NotFound(f"{where}: no readable manifest to rebuild a catalog from")
+    rep.catalog.snapshots = [r for _, r in newest.values()]
+    store.o.put(store.catalog_key(volume), rep.catalog.pack(), if_none_match=not force)
+    return rep
+
+
+def _record_of(store: Store, key: str) -> tuple[SnapshotRecord, fmt.Manifest]:
+    from blockxfer.checksum import checksum
+    raw = store.o.get(key)
+    named = key.rsplit("-", 1)[-1].removesuffix(".manifest")
+    if f"{checksum(raw):016x}" != named:
+        raise FormatError(f"{key} is damaged: its checksum is not the one in its name")
+    man = fmt.Manifest.unpack(raw, key)
+    h = Header.unpack(man.stream_header)
+    return SnapshotRecord(h.top.name, h.top.guid, h.top.id, h.top.generation, key,
+                          checksum(raw), man.blocks, 0, h.base.guid if h.base else None,
+                          man.created), man
