@@ -11,6 +11,19 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every dump, send -o and upload notes its image in the catalog: the tests' go to
+    a temporary one, never /var/lib/blockxfer (children inherit the variable)."""
+    old = os.environ.get("BLOCKXFER_CATALOG")
+    os.environ["BLOCKXFER_CATALOG"] = str(tmp_path_factory.mktemp("catalog") / "catalog.db")
+    yield
+    if old is None:
+        os.environ.pop("BLOCKXFER_CATALOG", None)
+    else:
+        os.environ["BLOCKXFER_CATALOG"] = old
+
+
 @pytest.fixture
 def volume_path(tmp_path: object) -> str:
     return os.path.join(str(tmp_path), "vol.img")

@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from blockxfer.cli.app import GROUPS
 from blockxfer.cli.spec import Command
 from tests.clihelp import bx
@@ -47,8 +49,10 @@ def run_json(*argv: str, data: bytes | None = None, on_stderr: bool = False) -> 
     return json.loads(text[text.index("{"):])
 
 
-def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
+def test_every_command_gives_its_result_as_json(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     d = str(tmp_path)
+    monkeypatch.setenv("BLOCKXFER_CATALOG", f"{d}/catalog.db")
     vol, copy, back, tape = f"{d}/v.img", f"{d}/c.img", f"{d}/b.img", f"{d}/t.vtape"
     got: dict[str, dict] = {}
     got["init"] = run_json("init", vol, "--size", "32M")
@@ -69,6 +73,14 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     got["tape label"] = run_json("tape", "label", tape, "T1")
     got["dump"] = run_json("dump", vol, "s1", "--tape", tape)
     got["tape list"] = run_json("tape", "list", tape)
+    got["catalog ls"] = run_json("catalog", "ls")
+    got["catalog where"] = run_json("catalog", "where", f"{vol}@s1")
+    got["catalog import"] = run_json("catalog", "import", "--tape", tape)
+    got["catalog pool create"] = run_json("catalog", "pool", "create", "weekly",
+                                          "--retention", "30d")
+    got["catalog pool assign"] = run_json("catalog", "pool", "assign", "weekly", "T1")
+    got["catalog pool ls"] = run_json("catalog", "pool", "ls")
+    got["catalog expired"] = run_json("catalog", "expired")
     got["restore"] = run_json("restore", back, "--tape", tape, "--snapshot", "s1")
     got["tape status"] = run_json("tape", "status", tape)
     got["tape rewind"] = run_json("tape", "rewind", tape)
@@ -98,6 +110,9 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     assert got["send"]["blocks"] == got["receive"]["blocks"] == got["dump"]["blocks"]
     assert got["restore"]["images"][0]["top"] == "s1" and got["check"]["clean"]
     assert got["write"]["bytes"] == 1 << 20 and got["demo"]["ok"]
+    assert [i["kind"] for i in got["catalog ls"]["images"]] == ["file", "tape"]
+    assert got["catalog where"]["steps"][0]["top"] == "s1"
+    assert got["catalog pool assign"]["tapes"] == ["T1"] and got["catalog expired"]["tapes"] == []
 
 
 def test_commands_without_json_say_why_in_the_doc() -> None:

@@ -23,6 +23,7 @@ from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
 from . import (
+    catalog,
     demo,
     devices,
     docgen,
@@ -42,8 +43,8 @@ from .spec import FORMATTER, Command, Report, add_commands
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    store.COMMANDS, endpoint.COMMANDS, policy.COMMANDS, units.COMMANDS, topics.COMMANDS,
-    docgen.COMMANDS, demo.COMMANDS,
+    store.COMMANDS, catalog.COMMANDS, endpoint.COMMANDS, policy.COMMANDS, units.COMMANDS,
+    topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from blockxfer.errors import DeviceError, UsageError
+from blockxfer.catalog import hooks
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
+from .catalog import catalog_arg
 from .common import (
     dry_run_arg,
     expr_arg,
@@ -33,6 +36,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
     url = a.output or a.destination
     if a.dry_run:
         return measure_report(a, "send", url or "standard output")
+    hooks.use(a.catalog)
     if is_store_url(url):
         return send_to_store(a, str(url))
     if a.retain:
@@ -48,6 +52,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
+    image_id = note_stream_file(url, a.path)
     far = sink.result
     data: dict[str, Any] = {"volume": a.path, "expression": a.expression,
                             "destination": sink.name, "blocks": r["data_blocks"],
@@ -61,8 +66,27 @@ def cmd_send(a: argparse.Namespace) -> Report:
         with _stream_input(url) as f:
             inspect_stream(f)              # every record checksum and the digest
         data["verified"] = True
+        if image_id:
+            hooks.note_verified("file", image_id, int(time.time()))
         text.append(f"{url}: read back, every checksum and the digest verified")
     return Report(data, text, stderr=True)
+
+
+def note_stream_file(url: str | None, volume: str) -> str | None:
+    """`send -o FILE`: the catalog records the stream file (a warning if it cannot);
+    returns its image id."""
+    if url in (None, "-") or "://" in str(url) or not os.path.isfile(str(url)):
+        return None
+    from blockxfer.transfer.catimport import file_record
+    try:
+        rec = file_record(str(url))
+    except BlockxferError as e:
+        print(f"blockxfer: warning: catalog: {url}: {e}", file=sys.stderr)
+        return None
+    if "://" not in volume:
+        rec.volume_path = volume if volume.startswith("/dev/") else os.path.abspath(volume)
+    hooks.note_image(rec)
+    return rec.image_id
 
 
 def _geometry(a: argparse.Namespace, path: str) -> object:
@@ -218,7 +242,7 @@ COMMANDS = (
                  help="s3:// only: keep every object this snapshot's restore needs "
                       "immutable (S3 object lock) for DURATION, e.g. 30d; store rm and "
                       "prune keep it until then"),
-             s3_endpoint_arg(), parsable_arg())),
+             s3_endpoint_arg(), catalog_arg(), parsable_arg())),
     Command("receive", "apply a stream to a volume, or make one from a full stream",
             "Apply a stream from SOURCE to VOLUME (a full stream makes the volume), or "
             "pull an image from a volume on another host with --image. A refused or "

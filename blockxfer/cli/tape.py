@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
+from blockxfer.catalog import hooks
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.service.session import open_session, restore_to
 from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
+from .catalog import (
+    catalog_arg,
+    check_pool,
+    note_dump_barcodes,
+    pool_arg,
+    restore_by_catalog,
+    set_barcodes_of,
+)
 from .common import (
     TAPE,
     dry_run_arg,
@@ -39,10 +49,11 @@ def _changer_loader(a: argparse.Namespace) -> Callable[[str, int, str], NextTape
         from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes
         from blockxfer.drivers.tapes import eject_tape
         from blockxfer.transfer.tapeset import label_reader
+        restore = a.command == "restore"
         return changer_next_tape(Changer(changer), drive, tape, eject=eject_tape,
                                  label_of=label_reader(tape_opener()),
-                                 tapes=parse_tapes(a.changer_tapes),
-                                 restore=a.command == "restore")
+                                 tapes=parse_tapes(a.changer_tapes), restore=restore,
+                                 barcodes=set_barcodes_of(a, tape) if restore else None)
     return load
 
 
@@ -75,6 +86,8 @@ def cmd_dump(a: argparse.Namespace) -> Report:
               file=sys.stderr)
         record_size = limit
     set_compression(a.tape, a.compression)
+    hooks.use(a.catalog)
+    check_pool(a)
     next_tape = _next_tape(a)
     prog = progress(a, "dump", image_bytes(a.path, a.expression) if not a.quiet else None)
     with open_session(a.path) as s:
@@ -86,6 +99,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
             + (f", across tapes {', '.join(res['tapes'])}" if len(res["tapes"]) > 1 else "")
             + (" (through the server)" if s.served else "")]
     barcodes = set_barcodes(next_tape)
+    note_dump_barcodes(a, res["set_id"], res["seq"], len(res["tapes"]), barcodes)
     if barcodes:
         text.append(f"{a.tape}: tapes of the set by barcode: "
                     + ", ".join(f"{seq} {code}" for seq, code in barcodes.items()))
@@ -94,6 +108,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
         verify_image(a.tape, res["image"], open_tape=tape_opener(),
                      next_tape=_next_tape(a))
         text.append(f"{a.tape}: image {res['image']} read back, every checksum verified")
+        hooks.note_verified("tape", res["image_id"], int(time.time()))
     return Report({"volume": a.path, "expression": a.expression, "tape": a.tape,
                    "image": res["image"], "blocks": res["blocks"], "bytes": res["bytes"],
                    "tapes": res["tapes"], "barcodes": barcodes, "verified": bool(a.verify),
@@ -149,6 +164,8 @@ def cmd_restore(a: argparse.Namespace) -> Report:
     if a.dry_run and (a.vbns or a.only):     # never let -n fall through to a write
         raise UsageError("--dry-run plans whole-image restores; leave out --vbns and --only "
                          "(or -n); nothing was written")
+    if a.tape is None:                       # the catalog says which media, in order
+        return restore_by_catalog(a, _complete_snapshots(a.target))
     if a.vbns:
         return _restore_vbns(a)
     if a.only:
@@ -187,9 +204,11 @@ def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
                    "images": [i.as_dict() for i in chain], "bytes": sum(sizes)}, text)
 
 
-def _tape_option() -> Arg:
-    return arg("--tape", required=True, metavar=TAPE,
-               help="/dev/nstN or a virtual tape file (the first tape of a set)")
+def _tape_option(required: bool = True) -> Arg:
+    return arg("--tape", required=required, metavar=TAPE,
+               help="/dev/nstN or a virtual tape file (the first tape of a set)"
+               + ("" if required else "; without it, --snapshot restores from the media "
+                  "the catalog names ('catalog where')"))
 
 
 def _set_args() -> tuple[Arg, ...]:
@@ -222,29 +241,34 @@ COMMANDS = (
              arg("--no-compress", dest="compress", action="store_false",
                  help="do not zstd-compress data records (default: each one that shrinks)"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
-             *_set_args(), parsable_arg())),
+             *_set_args(), catalog_arg(), pool_arg(), parsable_arg())),
     Command("restore", "restore an image (and the images it needs) from tape",
             "Restore an image from TAPE into VOLUME, bases first; or, with --only or "
             "--vbns, part of one image. A refused or interrupted restore leaves the "
             "target as it was.",
             ("blockxfer restore /srv/new.img --tape /dev/nst0 --snapshot june3",
+             "blockxfer restore /srv/new.img --snapshot /srv/vol.img@june7  # as the catalog says",
              "blockxfer restore -n /srv/new.img --tape /dev/nst0 --snapshot june3  # the plan",
              "blockxfer restore /srv/new.img --tape t.vtape --image 2",
              "blockxfer restore /srv/vol.img --tape t.vtape --image 1 --vbns 100-199"),
             cmd_restore,
             (arg("target", metavar="VOLUME", help="the volume (or new volume) to restore into"),
-             _tape_option(),
+             _tape_option(required=False),
              OneOf((arg("--image", type=int, metavar="N",
                         help="image number (see 'tape list')"),
-                    arg("--snapshot", metavar="SNAPSHOT",
-                        help="restore up to this snapshot, bases first"))),
+                    arg("--snapshot", metavar="[VOLUME@]SNAPSHOT",
+                        help="restore up to this snapshot, bases first (without --tape: "
+                             "from the media the catalog names)"))),
              arg("--only", metavar="SNAPSHOT",
                  help="partial restore: just this snapshot's blocks from --image N"),
              arg("--vbns", metavar="FIRST-LAST",
                  help="partial restore: only these blocks, in place, by the location table"),
              arg("--force", action="store_true", help="overwrite what the target holds"),
              dry_run_arg("print the images it would apply, bases first, with their sizes"),
-             *_set_args(), parsable_arg())),
+             *_set_args(), catalog_arg(), arg("--s3-endpoint", metavar="URL", default=None,
+                                              help="S3 endpoint of a catalogued object store "
+                                                   "(default: AWS_ENDPOINT_URL)"),
+             parsable_arg())),
     Command("tape", "tape drives and virtual tapes",
             "Tape drives and virtual tapes: create, label, list, status, rewind, eject, "
             "erase.",

@@ -253,7 +253,8 @@ class VolumeOps:
                              reader=self.reader_for(self.vol, None), compress=compress,
                              progress=progress)
         return {"image": res.image, "tapes": list(res.tapes), "blocks": res.blocks,
-                "bytes": res.bytes}
+                "bytes": res.bytes, "set_id": res.set_id, "seq": res.seq,
+                "image_id": res.image_id}
 
     def receive(self, src: ByteSource, source_hint: str = "SOURCE", retry: str | None = None,
                 progress: Progress = None) -> ReceiveResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import BinaryIO
 import xxhash
 from bitarray import bitarray
 
+from blockxfer.catalog import hooks as catalog
 from blockxfer.errors import StreamError, UsageError, VolumeError
 from blockxfer.stream import format as sfmt
 from blockxfer.stream.decode import Data, Dealloc, StreamReader
@@ -274,9 +276,21 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
                             int(retain_until) if retain_until is not None else None)
     store.commit(volume, _adder(volume, h, c, record,
                                 base_rec.manifest if base_rec else None))
+    _note(store, volume, h, record)
     res.manifest_blocks, res.new_bytes = man.blocks, packer.new_bytes
     res.packs_written, res.packs_skipped = packer.written, packer.skipped
     return res
+
+
+def _note(store: Store, volume: str, h: sfmt.Header, rec: SnapshotRecord) -> None:
+    """Tell the catalog (a failure there is only a warning): a stored snapshot is
+    restorable alone, whatever the stream it came from."""
+    base = h.base.name if h.base else None
+    catalog.note_image(catalog.ImageRecord(
+        "store", f"{store.url}/{rec.manifest}", str(uuidlib.UUID(bytes=h.volume_uuid)),
+        h.expression, h.top.name, base,
+        rec.uploaded, rec.blocks, rec.new_bytes, store_volume=volume,
+        parts=[(0, store.url, None)]))
 
 
 def _check_header(store: Store, volume: str, cat: Catalog | None,
