@@ -1,5 +1,13 @@
 """Change tracking: mark-on-allocate and mark-on-deallocate planes (the patent's
-moa/mod), and the blocks allocated or freed since a snapshot."""
+moa/mod), and the blocks allocated or freed since a snapshot.
+
+A mirror asks for the changes between two of its snapshots without subtracting
+planes: `snapshot_changes` takes the new snapshot and swaps the double buffers
+exactly at its CP, so the buffer handed out holds every block allocated and freed
+since the previous cut, and the other one starts filling at once. It does not
+read or store anything: the buffers live in memory only (the patent's "need not
+be stored"); after a restart a caller falls back to the plane difference.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +24,29 @@ from .state import VolumeState
 @dataclass
 class ChangeTracker:
     """Mark-on-allocate and mark-on-deallocate planes, double-buffered: one pair
-    fills while the previous pair is read by a transfer."""
+    fills while the previous pair is read by a transfer. `since` names the
+    snapshot at whose CP the filling pair started (None: mid-way, not a cut)."""
 
     allocated: bitarray
     freed: bitarray
+    since: str | None = None
 
     def swap(self) -> tuple[bitarray, bitarray]:
         done = (self.allocated, self.freed)
         self.allocated, self.freed = empty_plane(len(done[0])), empty_plane(len(done[1]))
         return done
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed between two snapshots, from the buffers: the blocks of the top
+    that the base lacks (the image), and the blocks of the base that the top no
+    longer uses (the deallocations)."""
+
+    base: str
+    top: str
+    image: bitarray
+    freed: bitarray
 
 
 class Tracking(VolumeState):
@@ -42,7 +64,42 @@ class Tracking(VolumeState):
         with self._lock:
             if self._tracker is None:
                 raise VolumeError("change tracking is not on; call track_changes() first")
+            self._tracker.since = None
             return self._tracker.swap()
+
+    def snapshot_changes(self, name: str) -> Changes | None:
+        """Take snapshot `name` and cut the buffers at its CP: the changes since the
+        previous cut (a snapshot), or None when the buffers did not start at one
+        (tracking was off or just started: tracking starts now, from `name`).
+
+        Why the sets are exact without a plane subtraction: while the previous cut
+        `base` exists it pins its blocks, so no block of `base` is allocated again
+        before `top`; the allocated buffer is disjoint from `base`, and the top's
+        blocks it holds are exactly `top - base`. A block of `base` gone from `top`
+        was freed in between (marked); one allocated and freed in between is in both
+        buffers. The CP that records the snapshot's root runs after the snapshot's
+        own CP: what it allocates or frees belongs to the next pair."""
+        with self._lock:
+            self.track_changes()
+            assert self._tracker is not None
+            base = self._tracker.since
+            self.create_snapshot(name)
+            allocated, freed = self._tracker.swap()
+            top = self.plane(name)
+            active = self.active.bits
+            self._tracker.allocated |= active & ~top
+            self._tracker.freed |= top & ~active
+            self._tracker.since = name
+            if base is None or not any(e.name == base for e in self.snapshots()):
+                return None
+            return Changes(base, name, allocated & top, freed & ~top & ~allocated)
+
+    def forget_cut(self) -> None:
+        """The buffers can no longer be trusted to start at a snapshot (a rollback or a
+        failed transfer): the next `snapshot_changes` returns None."""
+        with self._lock:
+            if self._tracker is not None:
+                self._tracker.since = None
 
     def allocated_since(self, snapshot: str) -> bitarray:
         """Blocks of the active file system that the snapshot does not have."""
@@ -51,3 +108,7 @@ class Tracking(VolumeState):
     def freed_since(self, snapshot: str) -> bitarray:
         """Blocks the snapshot has that the active file system no longer uses."""
         return self.plane(snapshot) & ~self.active.bits
+
+    # -- provided by the snapshots part (snapshots.py) -------------------------------------
+    def create_snapshot(self, name: str, *, shadow: bool = False, master: bool = False) -> None:
+        raise NotImplementedError
