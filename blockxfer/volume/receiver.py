@@ -379,7 +379,8 @@ class ReceiveSide(Allocator):
             self.io.drain()
             state = LocalState(self.local.seq, e.root.generation,
                                incomplete=set(self.local.incomplete),
-                               released=set(self.local.released))
+                               released=set(self.local.released),
+                               props=dict(self.local.props))
             sb = replace(self.sb, root=e.root)
             try:
                 self.local_area.write(state)
