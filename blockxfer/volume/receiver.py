@@ -86,6 +86,7 @@ class Receiver:
             self.slot, self.local = 1, self.area.read(0)
         bits_per_block = 8 * image.block_size
         self.nbits = -(-image.nblocks // bits_per_block) * bits_per_block
+        self.doomed, self.doomed_guids = empty_plane(self.nbits), set[bytes]()
         self.busy, self.valid = self._planes()
         self.received = empty_plane(self.nbits)
         self.freed = empty_plane(self.nbits)
@@ -113,8 +114,13 @@ class Receiver:
         if self.vol is not None:
             busy |= self.vol.active.bits
             for e in self.vol.snapshots():
-                if e.guid in self.image.keep and not e.shadow and not e.incomplete:
+                if e.shadow or e.incomplete:
+                    continue
+                if e.guid in self.image.keep:
                     valid |= self.vol.plane(e.name)
+                else:                    # the source dropped it: released at the commit
+                    self.doomed |= self.vol.plane(e.name)
+                    self.doomed_guids.add(e.guid)
             busy |= valid
         return busy, valid
 
@@ -177,10 +183,22 @@ class Receiver:
                               "target holds")
         if self.vol is not None:
             self.vol.claim(lo, hi)      # no local allocation may take them meanwhile
+        if self.doomed_guids and self.doomed.count(1, lo, hi):
+            self._release_doomed()
         view = self._io.write_buffer(len(payload))
         view[:] = payload
         self._io.write_runs([(lo, count)], view, wait=False)
         self.received[lo:hi] = 1
+
+    def _release_doomed(self) -> None:
+        """The first block landing on one a snapshot the source dropped still holds
+        here: record those snapshots as released first (durably, with what was
+        received so far), so that if this receive never commits, the root still in
+        force does not offer a snapshot whose blocks were overwritten. They would
+        be released by the commit anyway (the source no longer has them)."""
+        self.state.released |= self.doomed_guids
+        self.doomed_guids = set()
+        self.save_progress()
 
     def apply_deallocations(self, runs: list[tuple[int, int]]) -> None:
         """Blocks the base held that the top no longer uses. Checked at the commit (the

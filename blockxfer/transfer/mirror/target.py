@@ -22,9 +22,10 @@ from bitarray import bitarray
 
 from blockxfer.device import BlockDevice
 from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
+from blockxfer.stream.decode import StreamReader
 from blockxfer.stream.io import ByteSink
 from blockxfer.stream.receive import OpenDevice, receive_stream
-from blockxfer.transport import is_volume_url, open_sink, scheme_of
+from blockxfer.transport import SourceRequest, is_volume_url, open_sink, open_source, scheme_of
 from blockxfer.volume import Volume, has_signature
 from blockxfer.volume.local import LocalArea
 from blockxfer.volume.receiving import read_receiving_marker
@@ -58,6 +59,11 @@ class Target(Protocol):
 
     def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
         """Run one stream into the destination; it commits atomically at the end."""
+
+    def holds_newest(self, name: str, guid: bytes) -> bool:
+        """Is snapshot `name` (that guid) the destination's newest? Asked when an
+        update is refused: a kill after the destination committed it but before the
+        source recorded so leaves exactly that."""
 
 
 def open_target(dest: str, open_device: OpenDevice) -> Target:
@@ -95,6 +101,9 @@ class LocalTarget:
                 vol.io.close()
         finally:
             dev.close()
+
+    def holds_newest(self, name: str, guid: bytes) -> bool:
+        return self.look().newest == guid
 
     def discard_local_changes(self, guid: bytes) -> bool:
         dev: BlockDevice = self._open(self.path, write=True)
@@ -162,6 +171,17 @@ class UrlTarget:
 
     def discard_local_changes(self, guid: bytes) -> bool:
         return False            # the far side refuses an incremental onto a changed volume
+
+    def holds_newest(self, name: str, guid: bytes) -> bool:
+        """Ask the far side to send `name` and read only the stream's header: its
+        top's guid says whether it is ours (the send is then cut off)."""
+        try:
+            with open_source(self.url, SourceRequest(expression=name)) as src:
+                h = StreamReader(src, self.url).read_header()
+        except BlockxferError:
+            return False
+        newest = max(h.snapshot_set, key=lambda s: s.generation, default=None)
+        return h.top.guid == guid and newest is not None and newest.guid == guid
 
     def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
         with open_sink(self.url, force=force) as sink:

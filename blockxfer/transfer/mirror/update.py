@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blockxfer.errors import BlockxferError, UsageError, VolumeError
+from blockxfer.errors import BlockxferError, StreamError, UsageError, VolumeError
 from blockxfer.stream.send import Reader, SendPlan, plain_reader, stream_plan
 from blockxfer.volume import Volume
 from blockxfer.volume.tracking import Changes
@@ -75,9 +75,15 @@ def _update(vol: Volume, st: MirrorState, target: Target, reader: Reader,
         if st.guid is not None and target.discard_local_changes(bytes.fromhex(st.guid)):
             log.info("%s: discarded what was written there since %s", target.name, st.snap)
         compress = not isinstance(target, LocalTarget)
-        got = target.receive(lambda sink: stream_plan(plan, sink, reader, compress=compress,
-                                                      progress=progress),
-                             force=st.pending.full and st.force)
+        try:
+            got = target.receive(lambda sink: stream_plan(plan, sink, reader,
+                                                          compress=compress,
+                                                          progress=progress),
+                                 force=st.pending.full and st.force)
+        except (StreamError, VolumeError):
+            if found is not None or not target.holds_newest(top, e.guid):
+                raise
+            got, kind = {"blocks": 0, "resumed": False}, "already there"
         sent = got.get("stats")
     old = st.snap
     st.snap, st.guid, st.pending = top, e.guid.hex(), None
