@@ -60,6 +60,16 @@ def daemon_pid(src: str) -> int | None:
     return pid if b"mirror" in cmd and b"start" in cmd else None
 
 
+def _alive(pid: int) -> bool:
+    """Is the process there and not a zombie (a detached daemon's parent may be a
+    container's init that never reaps)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _runtime(src: str) -> dict[str, Any] | None:
     try:
         with open(_run_file(src, "json")) as f:
@@ -95,17 +105,27 @@ def _increments() -> Any:
                          "build: blockxfer.transfer.increments is missing") from e
 
 
-def update_once(src: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """One update of the mirror configured on `src`, whichever kind it is."""
+Publish = Callable[[bytes | None, int], None]
+
+
+def update_once(src: str, progress: Callable[[int], None] | None = None,
+                publish: Publish | None = None) -> dict[str, Any]:
+    """One update of the mirror configured on `src`, whichever kind it is;
+    `publish(state, generation)` hears the mirror state it leaves in the volume."""
     from blockxfer.drivers.reader import read_runs
     from blockxfer.handles import open_volume
     from blockxfer.transfer.mirror import load, run_update
+    from blockxfer.transfer.mirror.state import KEY
     _refuse_served(src)
     with open_volume(src, write=True) as vol:
         st = load(vol, src)
         if not st.incremental_mode:
-            return run_update(vol, _target(st.dest), progress=progress,
-                              reader=lambda runs: read_runs(vol.dev, runs, vol.block_size))
+            try:
+                return run_update(vol, _target(st.dest), progress=progress,
+                                  reader=lambda runs: read_runs(vol.dev, runs, vol.block_size))
+            finally:
+                if publish is not None:
+                    publish(vol.get_property(KEY), vol.generation)
     assert st.base_url is not None and st.incr is not None
     result: dict[str, Any] = _increments().mirror_update(src, st.base_url, st.incr,
                                                          progress=progress)
@@ -126,6 +146,21 @@ def parse_interval(text: str) -> float:
 
 
 def cmd_start(a: argparse.Namespace) -> Report:
+    if a.daemon_child:                # spawned by `mirror start`: the configuration is saved
+        every = _configured(a.path).every
+        run_foreground(a.path, every)
+        return Report({"volume": a.path, "stopped": True})
+    return _start(a)
+
+
+def _configured(src: str) -> Any:
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.mirror import load
+    with open_volume(src) as vol:
+        return load(vol, src)
+
+
+def _start(a: argparse.Namespace) -> Report:
     from blockxfer.handles import open_volume
     from blockxfer.transfer.mirror import MirrorState, load_if_any, save
     every = parse_interval(a.interval)
@@ -139,7 +174,7 @@ def cmd_start(a: argparse.Namespace) -> Report:
     else:
         _target(a.destination)                    # an unknown scheme is refused now
     pid = daemon_pid(a.path)
-    if pid is not None and not a.daemon_child:
+    if pid is not None:
         raise VolumeError(f"the mirror of {a.path} is already running (pid {pid}); "
                           f"'blockxfer mirror stop {a.path}' first")
     _refuse_served(a.path)
@@ -168,7 +203,7 @@ def _spawn(a: argparse.Namespace) -> Report:
     log_file = _run_file(a.path, "log")
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     cmd = [sys.executable, "-m", "blockxfer.cli", "mirror", "start", a.path,
-           "--foreground", "--daemon-child", "--interval", a.interval, "--log-level", "info"]
+           "--foreground", "--daemon-child", "--log-level", "info"]
     if a.syslog:
         cmd += ["--syslog", a.syslog]
     with open(log_file, "ab") as err:
@@ -218,8 +253,10 @@ def run_foreground(src: str, every: float) -> None:
     def update() -> None:
         runtime["updating"] = True
         publish()
+        def keep(state: bytes | None, generation: int) -> None:
+            runtime.update(state=state.decode() if state else None, generation=generation)
         try:
-            update_once(src)
+            update_once(src, publish=keep)
         finally:
             runtime["updating"] = False
 
@@ -251,15 +288,18 @@ def cmd_update(a: argparse.Namespace) -> Report:
 
 def cmd_status(a: argparse.Namespace) -> Report:
     from blockxfer.handles import open_volume
-    from blockxfer.transfer.mirror import load
+    from blockxfer.transfer.mirror import MirrorState, load
     from blockxfer.transfer.mirror.status import describe, status_lines
     runtime = _runtime(a.path)
     try:
         with open_volume(a.path) as vol:
             st = load(vol, a.path)
             generation: int | None = vol.generation
-    except DeviceError as e:             # an update holds it: the state as last published
-        raise DeviceError(f"{e}; the mirror is updating it, try again") from e
+    except DeviceError:             # an update holds it: the state its daemon last published
+        if not (runtime and runtime.get("running") and runtime.get("state")):
+            raise
+        st = MirrorState.unpack(runtime["state"].encode())
+        generation = runtime.get("generation")
     found = None
     if not st.incremental_mode:
         try:
@@ -278,9 +318,9 @@ def cmd_stop(a: argparse.Namespace) -> Report:
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_WAIT
-        while daemon_pid(a.path) == pid and time.monotonic() < deadline:
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if daemon_pid(a.path) == pid:
+        if _alive(pid):
             raise DeviceError(f"the mirror daemon of {a.path} (pid {pid}) did not stop in "
                               f"{STOP_WAIT:.0f} s (an update may still run); try again")
     forgot = _forget(a.path) if a.forget else []

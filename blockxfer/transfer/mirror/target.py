@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from bitarray import bitarray
 
 from blockxfer.device import BlockDevice
-from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
+from blockxfer.errors import BlockxferError, FormatError, StreamError, UsageError, VolumeError
 from blockxfer.stream.decode import StreamReader
 from blockxfer.stream.io import ByteSink
 from blockxfer.stream.receive import OpenDevice, receive_stream
@@ -71,8 +71,8 @@ def open_target(dest: str, open_device: OpenDevice) -> Target:
     if scheme == "file" and not dest.startswith("file:"):
         return LocalTarget(dest, open_device)
     if not is_volume_url(dest):
-        raise VolumeError(f"{dest}: a mirror goes to a volume (a path, a device, ssh:// or "
-                          f"tls://), not to a {scheme} stream")
+        raise UsageError(f"{dest}: a mirror goes to a volume: a path or device, "
+                         "ssh://[user@]host/PATH or tls://host:port/PATH")
     return UrlTarget(dest)
 
 
