@@ -73,6 +73,7 @@ class Ours:
         took = timed(lambda: got.update(self.update()))
         assert str(got["kind"]).startswith("incremental (mark-on-allocate)"), got
         self.sent.append(int(str(got["bytes"])))
+        print(f"  ours: {took:.2f} s ({got['seconds']} s inside the update)", flush=True)
         return took
 
     def close(self) -> None:
@@ -125,6 +126,7 @@ class Btrfs:
         self._snap()
         parent = self.n - 1
         took = timed(lambda: self._pipe(parent))
+        print(f"  btrfs: {took:.2f} s", flush=True)
         for where in (self.mnt, f"{self.mnt}/recv"):      # the mirror keeps one base too
             run("btrfs", "subvolume", "delete", f"{where}/s{parent}")
         return took

@@ -120,6 +120,8 @@ def test_refusals_are_one_line(tmp_path: Path, env: dict[str, str]) -> None:
     assert r.returncode == 2 and "--interval" in one_line(r)
     r = bx(env, "mirror", "start", src)
     assert r.returncode == 2 and "DESTINATION" in one_line(r)
+    r = bx(env, "mirror", "start", src, src)
+    assert r.returncode == 2 and "the source itself" in one_line(r)
     r = bx(env, "mirror", "stop", src)
     assert r.returncode == 5 and "no mirror daemon" in one_line(r)
     r = bx(env, "mirror", "start", src, "--base", "x.img")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -68,5 +69,11 @@ def _run(vol, ops: list[tuple[str, int, int]]) -> None:    # type: ignore[no-unt
                     moa.header.dealloc_blocks) == (diff.header.image_digest,
                                                    diff.header.image_blocks,
                                                    diff.header.dealloc_blocks)
+            assert moa.check is not None and diff.check is not None
+            want = np.isin(diff.check.vbns, moa.check.vbns)
+            changed = np.array([ch.image[int(v)] for v in diff.check.vbns], dtype=bool)
+            assert (want == changed).all()         # every changed data block, no other
+            assert (moa.check.vbns == diff.check.vbns[changed]).all()
+            assert (moa.check.checksums == diff.check.checksums[changed]).all()
             vol.destroy_snapshot(base)             # the mirror drops its old base
             base = top

@@ -173,6 +173,9 @@ def _start(a: argparse.Namespace) -> Report:
         _increments()
     else:
         _target(a.destination)                    # an unknown scheme is refused now
+        if os.path.realpath(a.destination) == os.path.realpath(a.path):
+            raise UsageError(f"{a.destination} is the source itself; mirror to another "
+                             "volume")
     pid = daemon_pid(a.path)
     if pid is not None:
         raise VolumeError(f"the mirror of {a.path} is already running (pid {pid}); "

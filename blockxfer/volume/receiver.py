@@ -29,6 +29,8 @@ from .objects import BlobObject, PlaneObject, empty_plane
 from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 
+DISCARD_MIN = 1 << 20               # bytes: shorter freed runs are not discarded
+
 
 @dataclass(frozen=True)
 class IncomingImage:
@@ -362,18 +364,23 @@ class ReceiveSide(Allocator):
 
     def _discard(self, gone: bitarray) -> int:
         """Blocks no root or snapshot here uses any more (the deallocations a stream
-        carried, and what released snapshots held): tell the device, so that a
-        sparse file or a thin device gets the space back. Advisory: a device
-        without discard keeps the bytes, and they are free here all the same."""
+        carried, and what released snapshots held): their runs of DISCARD_MIN bytes
+        or more go back to the device, so that a sparse file or a thin device gets
+        the space back. Advisory: a device without discard keeps the bytes, and they
+        are free here all the same. Shorter runs are left: each discard is a file
+        system transaction (about a millisecond on ext4), and thin devices do not
+        take pieces smaller than their chunk anyway."""
         bs, count = self.block_size, gone.count()
+        least = max(1, DISCARD_MIN // bs)
         pos = self.sb.first_data_vbn
         while count and (s := gone.find(1, pos, self.nblocks)) >= 0:
             e = gone.find(0, s, self.nblocks)
             e = self.nblocks if e < 0 else e
-            try:
-                self.dev.discard(s * bs, (e - s) * bs)
-            except (BlockxferError, OSError):
-                return count
+            if e - s >= least:
+                try:
+                    self.dev.discard(s * bs, (e - s) * bs)
+                except (BlockxferError, OSError):
+                    return count
             pos = e
         return count
 

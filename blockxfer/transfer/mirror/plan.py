@@ -26,7 +26,8 @@ def _ref(e: SnapshotEntry) -> fmt.SnapshotRef:
 
 def plan_changes(vol: Volume, ch: Changes, stream_id: bytes) -> SendPlan:
     """The incremental `top - base` from the buffers: no plane is read or subtracted
-    (the top's plane, loaded by the cut, masks the allocations)."""
+    (the top's plane, loaded by the cut, masks the allocations), and the checksums
+    its blocks are verified against come from the changed map nodes only."""
     top, base = vol.resolve(ch.top), vol.resolve(ch.base)
     assert top.root is not None
     n, image = vol.nblocks, ch.image
@@ -37,9 +38,9 @@ def plan_changes(vol: Volume, ch: Changes, stream_id: bytes) -> SendPlan:
         top=_ref(top), base=_ref(base), root=top.root,
         snapshot_set=[_ref(e) for e in vol.snapshots()], image_blocks=image.count(),
         image_digest=checksum(image.tobytes()), dealloc_blocks=ch.freed.count())
+    vbns, cks = vol.changed_checksums(top.name, image)
     return SendPlan(header, list(plane_runs(image, n)), image, list(plane_runs(ch.freed, n)),
-                    [top],
-                    vol.block_size, n, BlockCheck.of(vol, [top]))
+                    [top], vol.block_size, n, BlockCheck(vbns, cks, vol.block_size))
 
 
 def plan_planes(vol: Volume, top: str, base: str | None, stream_id: bytes) -> SendPlan:
