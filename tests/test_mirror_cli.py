@@ -72,8 +72,9 @@ def test_daemon_mirrors_reports_and_stops(tmp_path: Path, env: dict[str, str]) -
         r = bx(env, "write", src, "--offset", "0")
         text = bx(env, "mirror", "status", src).stdout.decode()
         assert "last update" in text and "destination   consistent" in text
-        wait_for(lambda: ok(bx(env, "mirror", "status", src, "--json"))["last"]["snap"]
-                 != "mirror.1")
+        wait_for(lambda: status(env, src).get("last", {}).get("snap") not in (None, "mirror.1"))
+        now = ok(bx(env, "mirror", "update", src, "--json"))   # between ticks, or it waits
+        assert now["snapshot"].startswith("mirror.") and now["kind"] != "full"
     finally:
         stopped = ok(bx(env, "mirror", "stop", src, "--json"))
     assert stopped["stopped"] and not Path(started["pid_file"]).exists()

@@ -23,7 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blockxfer.errors import BlockxferError, DeviceError, NotFound, UsageError, VolumeError
+from blockxfer.errors import (
+    BlockxferError,
+    DeviceBusy,
+    DeviceError,
+    NotFound,
+    UsageError,
+    VolumeError,
+)
 
 from .common import syslog_arg, volume_arg
 from .spec import Command, Report, arg
@@ -31,6 +38,7 @@ from .spec import Command, Report, arg
 log = logging.getLogger("blockxfer.mirror")
 START_WAIT = 30.0                 # seconds `mirror start` waits for the daemon's pid file
 STOP_WAIT = 60.0
+BUSY_WAIT = 600.0                 # seconds `mirror update` waits for the daemon's update
 
 
 # -- where the daemon keeps its pid, log and runtime status ------------------------------
@@ -282,7 +290,15 @@ def run_foreground(src: str, every: float) -> None:
 
 
 def cmd_update(a: argparse.Namespace) -> Report:
-    r = update_once(a.path)
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            r = update_once(a.path)
+            break
+        except DeviceBusy:        # the daemon's update holds the volume: wait for it
+            if daemon_pid(a.path) is None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     text = [f"{a.path} -> {r.get('destination')}: {r.get('kind')} up to "
             f"{r.get('snapshot')}, {r.get('blocks')} blocks, {r.get('bytes')} bytes in "
             f"{r.get('seconds')} s"]
@@ -401,7 +417,7 @@ MIRROR_COMMANDS = (
                       help="also remove the mirror's configuration and snapshots"))),
     Command("update", "run one mirror update now",
             "Run one update of the mirror configured on VOLUME now, in this process "
-            "(it waits while the daemon's update holds the volume).",
+            "(waiting while the daemon's update holds the volume).",
             ("blockxfer mirror update /srv/vol.img",),
             cmd_update, (SRC,)),
 )
