@@ -89,14 +89,14 @@ def test_local_writes_at_the_destination_are_discarded_at_the_next_update(
     update(vol, dst)
     d = open_vol(dst)
     d.write(0, b"local" * 1000)
-    d.create_snapshot("local-snap")
+    d.create_snapshot("local_snap")
     d.write(BS * 10, os.urandom(BS * 4))
     d.close()
     churn(vol, rng)
     r = update(vol, dst)
     assert image_of(vol, r["snapshot"]) == dest_image(dst)
     d = open_vol(dst, write=False)
-    assert "local-snap" not in d.snapshot_names() and check_volume(d).clean
+    assert "local_snap" not in d.snapshot_names() and check_volume(d).clean
     d.close()
     vol.close()
 
