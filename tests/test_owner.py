@@ -328,6 +328,9 @@ WRITE_OPENS = {
                                                                    "server's log file",
     ("blockxfer/transfer/objstore/servers.py", "start_rclone"): "the embedded S3 server's "
                                                                 "log file",
+    ("blockxfer/cli/mirror.py", "_write_atomic"): "the mirror daemon's pid and status "
+                                                  "files in the run directory",
+    ("blockxfer/cli/mirror.py", "_spawn"): "the mirror daemon's log file in the run directory",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

@@ -135,6 +135,7 @@ class Snapshots(Allocator):
             if self._tracker:
                 self._tracker.allocated |= new & ~old
                 self._tracker.freed |= old & ~new
+                self._tracker.since = None    # blocks of older snapshots came back
             old[:] = new
             self.lba = CowTree(e.root.lba, self.block_size, self.io.read_block,
                                self.virtual_blocks)
