@@ -22,7 +22,19 @@ from blockxfer import __version__
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
-from . import demo, devices, docgen, endpoint, serve, store, stream, tape, topics, volume
+from . import (
+    demo,
+    devices,
+    docgen,
+    endpoint,
+    increments,
+    serve,
+    store,
+    stream,
+    tape,
+    topics,
+    volume,
+)
 from .spec import FORMATTER, Command, Report, add_commands
 
 # The command groups, in the order --help lists them. A new group is one module
@@ -30,6 +42,7 @@ from .spec import FORMATTER, Command, Report, add_commands
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
     store.COMMANDS, endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
+    increments.COMMANDS,
 )
 
 DESCRIPTION = """\
