@@ -15,10 +15,10 @@ DIR/journal.ID until that journal is applied.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import zstandard
 from bitarray import bitarray
 
 from blockxfer.checksum import checksum
@@ -131,18 +131,17 @@ class Meta:
     meta_id: int
     header: sfmt.Header                    # the newest state, as a stream header says it
     base_guids: list[bytes]                # snapshots the base image carries
-    present: bitarray                      # VBNs held (nblocks bits)
+    present: bitarray                      # VBNs held (nblocks bits; stored as runs)
     checks: np.ndarray                     # xxh3-64 of each held block, ascending VBN
     journal: Runs = field(default_factory=list)    # VBNs whose block is in journal.ID
     dealloc: Runs = field(default_factory=list)    # base - top
 
     def pack(self) -> bytes:
         head = self.header.pack()
-        plane = zstandard.ZstdCompressor(level=3).compress(self.present.tobytes())
         parts = [_META.pack(META_MAGIC, VERSION, 0, 0, self.meta_id),
                  _U32.pack(len(head)), head,
                  _U32.pack(len(self.base_guids)), *self.base_guids,
-                 _U32.pack(len(plane)), plane,
+                 _runs(list(plane_runs(self.present))),
                  _U64.pack(len(self.checks)), self.checks.astype("<u8").tobytes(),
                  _runs(self.journal), _runs(self.dealloc)]
         body = b"".join(parts)
@@ -157,7 +156,7 @@ class Meta:
             raise FormatError(f"{what}: checksum mismatch (the metadata is damaged)")
         try:
             return cls._unpack(raw, nblocks, what)
-        except (struct.error, zstandard.ZstdError, StreamError, ValueError) as e:
+        except (struct.error, StreamError, ValueError) as e:
             raise FormatError(f"{what} is malformed ({e})") from e
 
     @classmethod
@@ -173,16 +172,13 @@ class Meta:
         pos += 4
         guids = [raw[pos + 16 * i:pos + 16 * (i + 1)] for i in range(nguid)]
         pos += 16 * nguid
-        (plen,) = _U32.unpack_from(raw, pos)
-        nbytes = (nblocks + 7) // 8
-        packed = raw[pos + 4:pos + 4 + plen]
-        plane_raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=nbytes)
-        if len(plane_raw) != nbytes:
-            raise ValueError("plane has the wrong size")
-        present = bitarray(endian="little")
-        present.frombytes(plane_raw)
-        del present[nblocks:]
-        pos += 4 + plen
+        held, pos = _unruns(raw, pos)
+        present = bitarray(nblocks, endian="little")
+        present.setall(0)
+        for s, c in held:
+            if s + c > nblocks:
+                raise ValueError(f"held blocks {s}+{c} lie beyond the volume")
+            present[s:s + c] = 1
         (count,) = _U64.unpack_from(raw, pos)
         pos += 8
         if count != present.count():
@@ -194,6 +190,19 @@ class Meta:
         if pos != len(raw) - 8:
             raise ValueError("trailing bytes")
         return cls(meta_id, header, guids, present, checks, journal, dealloc)
+
+
+def plane_runs(plane: bitarray, value: int = 1) -> Iterator[tuple[int, int]]:
+    """Runs (first, count) of bits equal to `value`, ascending."""
+    pos, end = 0, len(plane)
+    while pos < end:
+        s = plane.find(value, pos, end)
+        if s < 0:
+            return
+        e = plane.find(1 - value, s, end)
+        e = end if e < 0 else e
+        yield s, e - s
+        pos = e
 
 
 def _runs(runs: Runs) -> bytes:

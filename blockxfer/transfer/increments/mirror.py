@@ -36,8 +36,8 @@ from blockxfer.volume import Volume
 from blockxfer.volume.layout import SnapshotEntry
 
 from .base import Medium, Openers, Progress, base_file_top, parse_base, write_base
-from .format import PENDING, READY, Meta, Slot
-from .store import DATA, Blocks, Directory, Update, plane_runs, set_bits, settle
+from .format import PENDING, READY, Meta, Slot, plane_runs
+from .store import DATA, Directory, Update, set_bits, settle
 
 TAG = "increments"
 _openers: Openers | None = None
@@ -342,4 +342,4 @@ def _uuid(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
-__all__ = ["Blocks", "mirror_status", "mirror_update", "openers", "use_openers"]
+__all__ = ["mirror_status", "mirror_update", "openers", "use_openers"]

@@ -32,7 +32,7 @@ from blockxfer.device import BlockDevice
 from blockxfer.errors import DamagedBlock, DeviceError, FormatError, UsageError
 from blockxfer.volume.blockio import MAX_REQUEST, aligned
 
-from .format import F_JOURNAL, SLOT_SIZE, Meta, Runs, Slot
+from .format import F_JOURNAL, SLOT_SIZE, Meta, Runs, Slot, plane_runs
 
 OpenDevice = Callable[..., BlockDevice]
 HEADER, DATA = "header", "data"
@@ -44,19 +44,6 @@ def meta_name(meta_id: int) -> str:
 
 def journal_name(meta_id: int) -> str:
     return f"journal.{meta_id}"
-
-
-def plane_runs(plane: bitarray, value: int = 1) -> Iterator[tuple[int, int]]:
-    """Runs (first, count) of bits equal to `value`, ascending."""
-    pos, end = 0, len(plane)
-    while pos < end:
-        s = plane.find(value, pos, end)
-        if s < 0:
-            return
-        e = plane.find(1 - value, s, end)
-        e = end if e < 0 else e
-        yield s, e - s
-        pos = e
 
 
 def plane_of(runs: Iterable[tuple[int, int]], nbits: int) -> bitarray:
