@@ -265,3 +265,39 @@ def test_cli_status_and_reintegrate(tmp_path: Path) -> None:
     r = subprocess.run([*cli, "increments", "status", str(tmp_path / "nothing")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def documented_keys() -> dict[str, set[str]]:
+    """Command -> the JSON keys docs/increments.md lists for it."""
+    import re
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "increments.md").read_text()
+    out: dict[str, set[str]] = {}
+    for m in re.finditer(r"^### `([a-z -]+)`\n(.*?)(?=^#|\Z)", doc, re.M | re.S):
+        lines = [re.sub(r"\([^)]*\)", "", line)
+                 for line in re.findall(r"^- (.*)$", m.group(2), re.M)]
+        out[m.group(1)] = {k for line in lines for part in line.split(";")
+                           for k in re.findall(r"`([a-z_]+)`", part.split(":")[0])}
+    return out
+
+
+def test_json_keys_are_documented(tmp_path: Path) -> None:
+    src, base, incr = _mirror(tmp_path, 1)
+    keys = documented_keys()
+    assert keys["increments status"] <= set(mirror_status(incr))
+    assert keys["reintegrate"] <= set(reintegrate(str(tmp_path / "b.img"), base, incr))
+
+
+def test_update_on_an_open_volume(tmp_path: Path) -> None:
+    """A service that owns the volume updates through the volume it holds open."""
+    from blockxfer.transfer.increments import update_volume
+    src, base, incr = _mirror(tmp_path, 1)
+    with Volume.open(open_device(src, write=True)) as vol:
+        churn(vol, random.Random(2), set())
+        res = update_volume(vol, base, incr)
+        assert res["kind"] == "increment" and res["blocks"] > 0
+    assert_reintegrated(_reint(tmp_path / "b.img", base, incr), src)
+
+
+def _reint(target: Path, base: str, incr: str) -> str:
+    reintegrate(str(target), base, incr)
+    return str(target)

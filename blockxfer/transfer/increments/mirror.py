@@ -112,6 +112,17 @@ def mirror_update(src_volume_path: str, base_url: str, increments_dir: str, *,
                   progress: Progress = None) -> dict[str, object]:
     """One update of an incremental mirror: the base (first call), else the blocks
     changed since the last mirrored state. Returns what it did (as JSON data)."""
+    vol = _open_source(src_volume_path, openers())
+    try:
+        return update_volume(vol, base_url, increments_dir, progress=progress)
+    finally:
+        vol.close()
+
+
+def update_volume(vol: Volume, base_url: str, increments_dir: str, *,
+                  progress: Progress = None) -> dict[str, object]:
+    """`mirror_update` on a volume the caller holds open for writing (a service
+    that owns it)."""
     o = openers()
     d = Directory(increments_dir)
     started = time.monotonic()
@@ -119,10 +130,10 @@ def mirror_update(src_volume_path: str, base_url: str, increments_dir: str, *,
         d.create()
     slot = _slot_or_none(d)
     if slot is None or slot.state == PENDING:
-        out = _first(d, slot, src_volume_path, base_url, o, progress)
+        out = _first(d, slot, vol, base_url, o, progress)
     else:
         _same_base(slot, base_url, o)
-        out = _increment(d, slot, src_volume_path, o, progress)
+        out = _increment(d, slot, vol, o, progress)
     out["seconds"] = round(time.monotonic() - started, 3)
     return out
 
@@ -135,30 +146,26 @@ def _same_base(slot: Slot, base_url: str, o: Openers) -> None:
 
 
 # -- the first update: the base ----------------------------------------------------------
-def _first(d: Directory, slot: Slot | None, path: str, base_url: str, o: Openers,
+def _first(d: Directory, slot: Slot | None, vol: Volume, base_url: str, o: Openers,
            progress: Progress) -> dict[str, object]:
     medium = parse_base(base_url, o.is_tape)
-    vol = _open_source(path, o)
-    try:
-        if slot is None:
-            if medium.kind == "file" and os.path.exists(medium.path):
-                raise UsageError(f"the base {medium.path} already exists; give a new file "
-                                 "(the base is written once)")
-            dir_id = os.urandom(16)
-            slot = Slot(1, PENDING, dir_id, vol.sb.uuid, vol.block_size, vol.nblocks,
-                        base_url, f"incr.{dir_id.hex()[:8]}.0")
-            d.write_slot(slot)          # a kill from here on resumes with this name
-        else:
-            _same_base(slot, base_url, o)
-            _same_volume(slot, vol, path)
-        return _write_base(d, slot, vol, medium, o, progress)
-    finally:
-        vol.close()
+    if slot is None:
+        if medium.kind == "file" and os.path.exists(medium.path):
+            raise UsageError(f"the base {medium.path} already exists; give a new file "
+                             "(the base is written once)")
+        dir_id = os.urandom(16)
+        slot = Slot(1, PENDING, dir_id, vol.sb.uuid, vol.block_size, vol.nblocks,
+                    base_url, f"incr.{dir_id.hex()[:8]}.0")
+        d.write_slot(slot)              # a kill from here on resumes with this name
+    else:
+        _same_base(slot, base_url, o)
+        _same_volume(slot, vol)
+    return _write_base(d, slot, vol, medium, o, progress)
 
 
-def _same_volume(slot: Slot, vol: Volume, path: str) -> None:
+def _same_volume(slot: Slot, vol: Volume) -> None:
     if vol.sb.uuid != slot.volume_uuid:
-        raise VolumeError(f"{path} is not the volume these increments mirror; give that "
+        raise VolumeError(f"{vol.dev.path} is not the volume these increments mirror; give that "
                           "volume or start a new directory")
 
 
@@ -197,18 +204,14 @@ def _write_base(d: Directory, slot: Slot, vol: Volume, medium: Medium, o: Opener
 
 
 # -- later updates: the increments ---------------------------------------------------------
-def _increment(d: Directory, slot: Slot, path: str, o: Openers,
+def _increment(d: Directory, slot: Slot, vol: Volume, o: Openers,
                progress: Progress) -> dict[str, object]:
+    _same_volume(slot, vol)
     meta = d.meta(slot)
     data = o.open_device(d.file(DATA), write=True)    # exclusive: one updater at a time
     try:
         slot = settle(d, slot, meta, data)            # finish what a killed update committed
-        vol = _open_source(path, o)
-        try:
-            _same_volume(slot, vol, path)
-            return _update(d, slot, meta, vol, data, progress)
-        finally:
-            vol.close()
+        return _update(d, slot, meta, vol, data, progress)
     finally:
         data.close()
 
@@ -313,17 +316,16 @@ def mirror_status(increments_dir: str) -> dict[str, object]:
     """What the directory holds, and its size on disk against the real changed set
     (the blocks that differ from the base)."""
     d = Directory(increments_dir)
-    slot = d.slot()
+    slot, meta = d.state()
     out: dict[str, object] = {
         "directory": d.path, "base": slot.base_url, "base_snapshot": slot.base_name,
         "base_image": slot.base_image or None, "volume": _uuid(slot.volume_uuid),
         "block_size": slot.block_size, "state": "ready" if slot.state == READY else
         "base pending", "updates": slot.updates,
         "last_update": slot.updated / 1e9 if slot.updated else None}
-    if slot.state != READY:
+    if meta is None:
         out.update(consistent=False, structure_bytes=d.allocated_bytes())
         return out
-    meta = d.meta(slot)
     changed = meta.present.count() * slot.block_size
     size = d.allocated_bytes()
     out.update({
@@ -342,4 +344,4 @@ def _uuid(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
-__all__ = ["mirror_status", "mirror_update", "openers", "use_openers"]
+__all__ = ["mirror_status", "mirror_update", "openers", "update_volume", "use_openers"]

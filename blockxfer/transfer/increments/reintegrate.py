@@ -20,18 +20,18 @@ from blockxfer.stream.receive import incoming
 from blockxfer.volume import Volume
 
 from .base import Openers, check_base, parse_base, restore_base
-from .format import READY, Meta, Slot
+from .format import Meta, Slot, plane_runs
 from .mirror import openers
-from .store import DATA, Blocks, Directory, plane_runs
+from .store import DATA, Blocks, Directory
 
 
 def _load(increments_dir: str) -> tuple[Directory, Slot, Meta]:
     d = Directory(increments_dir)
-    slot = d.slot()
-    if slot.state != READY:
+    slot, meta = d.state()
+    if meta is None:
         raise VolumeError(f"{increments_dir} holds no complete base yet (the first mirror "
                           "update did not finish); run the mirror update again")
-    return d, slot, d.meta(slot)
+    return d, slot, meta
 
 
 def _verify(d: Directory, slot: Slot, meta: Meta, o: Openers) -> None:

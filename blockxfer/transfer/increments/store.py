@@ -32,7 +32,7 @@ from blockxfer.device import BlockDevice
 from blockxfer.errors import DamagedBlock, DeviceError, FormatError, UsageError
 from blockxfer.volume.blockio import MAX_REQUEST, aligned
 
-from .format import F_JOURNAL, SLOT_SIZE, Meta, Runs, Slot, plane_runs
+from .format import F_JOURNAL, READY, SLOT_SIZE, Meta, Runs, Slot, plane_runs
 
 OpenDevice = Callable[..., BlockDevice]
 HEADER, DATA = "header", "data"
@@ -167,6 +167,21 @@ class Directory:
             raise FormatError(f"{name} belongs to another state of {self.path} (the "
                               "increments are damaged)")
         return meta
+
+    def state(self) -> tuple[Slot, Meta | None]:
+        """The committed state, for a reader that holds no lock: an update that
+        commits and removes the older metadata between reading the slot and the
+        file makes it read again."""
+        for _ in range(3):
+            slot = self.slot()
+            if slot.state != READY:
+                return slot, None
+            try:
+                return slot, self.meta(slot)
+            except FormatError:
+                if self.slot().seq == slot.seq:
+                    raise
+        raise FormatError(f"{self.path} changes faster than it can be read; try again")
 
     def allocated_bytes(self) -> int:
         """What the structure occupies on disk (allocated blocks, holes excluded)."""
