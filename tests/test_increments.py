@@ -301,3 +301,25 @@ def test_update_on_an_open_volume(tmp_path: Path) -> None:
 def _reint(target: Path, base: str, incr: str) -> str:
     reintegrate(str(target), base, incr)
     return str(target)
+
+
+def test_a_previous_state_someone_else_needs_is_kept(tmp_path: Path) -> None:
+    """A pointer or another hold on the previous `incr.ID.N`: it stays on the source
+    and in the mirrored state (complete after reintegration); once let go, the
+    next update drops it."""
+    src, base, incr = _mirror(tmp_path, 1)
+    rng = random.Random(8)
+    with Volume.open(open_device(src, write=True)) as vol:
+        prev = [e.name for e in vol.snapshots() if e.name.startswith("incr.")][-1]
+        vol.set_pointer("keep", prev)
+        churn(vol, rng, set())
+    mirror_update(src, base, incr)
+    assert prev in mirror_status(incr)["snapshots"]  # type: ignore[operator]
+    assert_reintegrated(_reint(tmp_path / "b1.img", base, incr), src)
+    with Volume.open(open_device(src, write=True)) as vol:
+        vol.delete_pointer("keep")
+        churn(vol, rng, set())
+    mirror_update(src, base, incr)
+    with Volume.open(open_device(src), writable=False) as vol:
+        assert prev not in vol.snapshot_names()
+    assert_reintegrated(_reint(tmp_path / "b2.img", base, incr), src)

@@ -20,6 +20,7 @@ update left behind is cleaned up by the next one.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
@@ -40,6 +41,7 @@ from .format import PENDING, READY, Meta, Slot, plane_runs
 from .store import DATA, Directory, Update, set_bits, settle
 
 TAG = "increments"
+log = logging.getLogger(__name__)
 _openers: Openers | None = None
 
 
@@ -220,15 +222,23 @@ def _ours(slot: Slot, name: str) -> bool:
     return name.startswith(f"incr.{slot.tag}.")
 
 
+def _droppable(vol: Volume, name: str) -> bool:
+    """Nobody but us needs it: no other hold, no pointer names it."""
+    return vol.holds().get(name, set()) <= {TAG} and name not in vol.pointers.values()
+
+
 def _drop(vol: Volume, name: str) -> bool:
-    """Release our hold on `name` and destroy it unless someone else holds it."""
-    holds = vol.holds().get(name, set())
-    if TAG in holds:
+    """Release our hold on `name` and destroy it unless someone else still needs it
+    (then it stays, and the next update keeps it in the mirrored state)."""
+    if TAG in vol.holds().get(name, set()):
         vol.release(name, TAG)
-        holds = holds - {TAG}
-    if holds:
+    if not _droppable(vol, name):
         return False
-    vol.destroy_snapshot(name)
+    try:
+        vol.destroy_snapshot(name)
+    except VolumeError as e:
+        log.warning("keeping snapshot %s: %s", name, e)
+        return False
     return True
 
 
@@ -257,7 +267,7 @@ def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice
     top = vol.resolve(top_name)
     old = by_guid.get(prev.guid)
     drop = old if (old is not None and old.guid != base.guid and _ours(slot, old.name)
-                   and vol.holds().get(old.name, set()) <= {TAG}) else None
+                   and _droppable(vol, old.name)) else None
     regular = _regular(vol)
     kept = [e for e in regular if e is not drop and e.guid != getattr(drop, "guid", None)]
     nb = vol.nblocks
