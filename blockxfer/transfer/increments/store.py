@@ -55,9 +55,32 @@ def plane_of(runs: Iterable[tuple[int, int]], nbits: int) -> bitarray:
 
 
 def set_bits(plane: bitarray) -> np.ndarray:
-    """The positions of the set bits, ascending, as uint64."""
+    """The positions of the set bits, ascending, as uint64 (memory in proportion
+    to the nonzero bytes, not to the plane)."""
     raw = np.frombuffer(plane.tobytes(), dtype=np.uint8)
-    return np.flatnonzero(np.unpackbits(raw, bitorder="little")[:len(plane)]).astype(np.uint64)
+    nz = np.flatnonzero(raw)
+    bits = np.unpackbits(raw[nz][:, None], axis=1, bitorder="little").astype(bool)
+    pos = (nz[:, None] * 8 + np.arange(8))[bits]
+    return pos[pos < len(plane)].astype(np.uint64)
+
+
+def allocated(path: str, nblocks: int, block_size: int) -> bitarray:
+    """The blocks of a sparse file that hold data (SEEK_DATA / SEEK_HOLE)."""
+    out = bitarray(nblocks, endian="little")
+    out.setall(0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, pos = os.fstat(fd).st_size, 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:                  # ENXIO: no data after pos
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out[start // block_size:min(nblocks, -(-pos // block_size))] = 1
+    finally:
+        os.close(fd)
+    return out
 
 
 def _fsync_dir(path: str) -> None:
@@ -222,8 +245,8 @@ class Blocks:
                         part = view[(s - first) * self.bs:(s - first + c) * self.bs]
                         if in_journal:
                             if jfd < 0:
-                                jfd = self._open_journal()
-                            self._pread_journal(jfd, part, s)
+                                jfd = self.open_journal()
+                            self.pread_journal(jfd, part, s)
                         else:
                             self.data.pread(part, s * self.bs)
                     self._check(first, view)
@@ -241,7 +264,7 @@ class Blocks:
             yield pos, nxt - pos, here
             pos = nxt
 
-    def _open_journal(self) -> int:
+    def open_journal(self) -> int:
         name = self.d.file(journal_name(self.meta.meta_id))
         try:
             return os.open(name, os.O_RDONLY)
@@ -249,7 +272,7 @@ class Blocks:
             raise FormatError(f"{name} is missing, but the header names it (the increments "
                               "are damaged)") from e
 
-    def _pread_journal(self, fd: int, part: memoryview, vbn: int) -> None:
+    def pread_journal(self, fd: int, part: memoryview, vbn: int) -> None:
         off = self._journal_offset(vbn)
         got = os.preadv(fd, [part], off)
         if got != len(part):
@@ -351,7 +374,7 @@ def settle(d: Directory, slot: Slot, meta: Meta, data: BlockDevice) -> Slot:
     to run again after a kill at any point (copying the journal is idempotent)."""
     if slot.flags & F_JOURNAL:
         blocks = Blocks(d, slot, meta, data)
-        jfd = blocks._open_journal()
+        jfd = blocks.open_journal()
         try:
             buf = aligned(MAX_REQUEST)
             per = MAX_REQUEST // slot.block_size
@@ -359,7 +382,7 @@ def settle(d: Directory, slot: Slot, meta: Meta, data: BlockDevice) -> Slot:
                 for k in range(0, count, per):
                     n = min(per, count - k)
                     view = memoryview(buf)[:n * slot.block_size]
-                    blocks._pread_journal(jfd, view, start + k)
+                    blocks.pread_journal(jfd, view, start + k)
                     data.pwrite(view, (start + k) * slot.block_size)
         finally:
             os.close(jfd)
@@ -367,7 +390,8 @@ def settle(d: Directory, slot: Slot, meta: Meta, data: BlockDevice) -> Slot:
         slot = replace(slot, seq=slot.seq + 1, flags=0)
         d.write_slot(slot)
     _remove_others(d, slot)
-    for s, c in plane_runs(meta.present, 0):
+    stray = allocated(d.file(DATA), slot.nblocks, slot.block_size) & ~meta.present
+    for s, c in plane_runs(stray):         # blocks left, replaced or never committed
         data.discard(s * slot.block_size, c * slot.block_size)
     data.flush()
     return slot
