@@ -329,6 +329,11 @@ WRITE_OPENS = {
                                                                    "server's log file",
     ("blockxfer/transfer/objstore/servers.py", "start_rclone"): "the embedded S3 server's "
                                                                 "log file",
+    ("blockxfer/transfer/increments/store.py", "create"): "an increments directory's header "
+                                                          "file (never a volume)",
+    ("blockxfer/transfer/increments/store.py", "write_slot"): "its header slots",
+    ("blockxfer/transfer/increments/store.py", "write_meta"): "its metadata files",
+    ("blockxfer/transfer/increments/store.py", "_journal"): "its journal files",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

@@ -89,22 +89,22 @@ STATUS = Command(
 
 COMMANDS = (
     Command("reintegrate", "restore an incremental mirror: its base, then its increments",
-            "Restore the base image (from its tape or file) onto TARGET, then the "
-            "increments from DIR, then commit the newest mirrored state: TARGET becomes "
+            "Restore the base image (from its tape or file) onto VOLUME, then the "
+            "increments from DIR, then commit the newest mirrored state: VOLUME becomes "
             "that state byte for byte, with its snapshots. The increments and the base "
-            "are checked before TARGET is touched; a TARGET that already holds the base "
+            "are checked before VOLUME is touched; a VOLUME that already holds the base "
             "(an interrupted reintegrate) gets only the increments.",
             ("blockxfer reintegrate /srv/back.img --base tape:/dev/nst0 --increments /srv/incr",
              "blockxfer reintegrate /srv/back.img --base /srv/base.bxs --increments /srv/incr",
              "blockxfer reintegrate -n /dev/md0 --base t.vtape --increments /srv/incr  # plan"),
             cmd_reintegrate,
-            (arg("target", metavar="TARGET", help="the volume (or new volume file) to rebuild"),
+            (arg("target", metavar="VOLUME", help="the volume (or new volume file) to rebuild"),
              arg("--base", required=True, metavar=BASE,
                  help="the base image: tape:/dev/nstN, a virtual tape file, or a stream file"),
              arg("--increments", required=True, metavar=DIR,
                  help="the increments directory the mirror updates wrote"),
              arg("--force", action="store_true",
-                 help="let the base overwrite a TARGET that holds something else"),
+                 help="let the base overwrite a VOLUME that holds something else"),
              arg("-n", "--dry-run", action="store_true",
                  help="check the base and the increments and print what would be done; "
                       "write nothing"))),
