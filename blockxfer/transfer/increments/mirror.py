@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from bitarray import bitarray
@@ -249,8 +249,24 @@ def _cleanup(vol: Volume, slot: Slot, keep: set[str]) -> None:
             _drop(vol, e.name)
 
 
-def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice,
-            progress: Progress) -> dict[str, object]:
+@dataclass
+class _Plan:
+    """What one update writes, punches and commits (all decided from the planes)."""
+
+    top: SnapshotEntry
+    base: SnapshotEntry
+    drop: SnapshotEntry | None             # the previous state's snapshot, destroyed after
+    kept: list[SnapshotEntry]              # the regular snapshots the new state keeps
+    wanted: bitarray                       # the blocks the new state holds
+    write: bitarray                        # those that may have changed since the last state
+    dealloc: bitarray                      # base - top
+    header: sfmt.Header
+
+
+def _plan(slot: Slot, meta: Meta, vol: Volume) -> _Plan:
+    """Take the new state's snapshot and decide what changes: the new state holds
+    the kept snapshots' blocks minus those of the base image's surviving snapshots;
+    a held block in a snapshot that existed last time and still does is unchanged."""
     prev = meta.header.top
     by_guid = {e.guid: e for e in vol.snapshots()}
     base = by_guid.get(slot.base_guid)
@@ -259,51 +275,55 @@ def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice
                           "these increments cannot continue; start a new directory")
     _cleanup(vol, slot, {base.name, prev.name})
     n = slot.updates + 1
-    while any(e.name == snapshot_name(slot, n) for e in vol.snapshots()):
+    while snapshot_name(slot, n) in vol.snapshot_names():
         n += 1
-    top_name = snapshot_name(slot, n)
-    vol.create_snapshot(top_name)
-    vol.hold(top_name, TAG)
-    top = vol.resolve(top_name)
+    vol.create_snapshot(snapshot_name(slot, n))
+    vol.hold(snapshot_name(slot, n), TAG)
+    top = vol.resolve(snapshot_name(slot, n))
     old = by_guid.get(prev.guid)
     drop = old if (old is not None and old.guid != base.guid and _ours(slot, old.name)
                    and _droppable(vol, old.name)) else None
     regular = _regular(vol)
-    kept = [e for e in regular if e is not drop and e.guid != getattr(drop, "guid", None)]
+    kept = [e for e in regular if drop is None or e.guid != drop.guid]
     nb = vol.nblocks
     was = {s.guid for s in meta.header.snapshot_set} | {prev.guid}
-    wanted = _union(vol, kept, nb) & ~_union(vol, [e for e in regular
-                                                   if e.guid in set(meta.base_guids)], nb)
+    base_set = set(meta.base_guids)
+    wanted = _union(vol, kept, nb) & ~_union(vol, [e for e in regular if e.guid in base_set],
+                                             nb)
     unchanged = _union(vol, [e for e in regular if e.guid in was], nb) & meta.present
-    write = wanted & ~unchanged
-    punched = meta.present & ~wanted
     dealloc = vol.plane(base.name)[:nb] & ~vol.plane(top.name)[:nb]
     keep = [e for e in vol.snapshots() if drop is None or e.guid != drop.guid]
-    header = _state_header(vol, top, base, keep, wanted, dealloc.count())
+    return _Plan(top, base, drop, kept, wanted, wanted & ~unchanged, dealloc,
+                 _state_header(vol, top, base, keep, wanted, dealloc.count()))
+
+
+def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice,
+            progress: Progress) -> dict[str, object]:
+    p = _plan(slot, meta, vol)
+    n = int(p.top.name.rsplit(".", 1)[1])
     upd = Update(d, slot, meta.present, data, slot.seq + 1)
     try:
-        with vol.holding(kept):
-            check = BlockCheck.of(vol, kept)
-            for vbn, view in plain_reader(vol)(plane_runs(write)):
+        with vol.holding(p.kept):             # their blocks stay put while they are read
+            check = BlockCheck.of(vol, p.kept)
+            for vbn, view in plain_reader(vol)(plane_runs(p.write)):
                 check.verify(vbn, view)
                 upd.put(vbn, view)
                 if progress:
                     progress(len(view))
-        checks = _merge_checks(meta, wanted, upd)
-        new_meta = Meta(slot.seq + 1, header, meta.base_guids, wanted, checks,
-                        dealloc=list(plane_runs(dealloc)))
-        new_slot = replace(slot, seq=slot.seq + 1, present=wanted.count(), updates=n,
-                           written=slot.written + upd.blocks, updated=time.time_ns())
-        slot = upd.commit(new_meta, new_slot)
+        new_meta = Meta(slot.seq + 1, p.header, meta.base_guids, p.wanted,
+                        _merge_checks(meta, p.wanted, upd), dealloc=list(plane_runs(p.dealloc)))
+        slot = upd.commit(new_meta, replace(slot, seq=slot.seq + 1, present=p.wanted.count(),
+                                            updates=n, written=slot.written + upd.blocks,
+                                            updated=time.time_ns()))
     finally:
         upd.abandon()
     slot = settle(d, slot, new_meta, data)
-    dropped = _drop(vol, drop.name) if drop is not None else False
+    dropped = _drop(vol, p.drop.name) if p.drop is not None else False
     return {"kind": "increment", "directory": d.path, "base": slot.base_url,
-            "base_snapshot": base.name, "snapshot": top.name, "update": n,
+            "base_snapshot": p.base.name, "snapshot": p.top.name, "update": n,
             "blocks": upd.blocks, "bytes": upd.blocks * vol.block_size,
-            "punched": punched.count(), "held_blocks": wanted.count(),
-            "released": drop.name if drop is not None and dropped else None,
+            "punched": (meta.present & ~p.wanted).count(), "held_blocks": p.wanted.count(),
+            "released": p.drop.name if p.drop is not None and dropped else None,
             "structure_bytes": d.allocated_bytes()}
 
 
