@@ -41,3 +41,15 @@ def root() -> None:
     need_root()
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("needs /dev/loop-control")
+
+
+@pytest.fixture(scope="session")
+def chain4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The streams of a small volume's s1 (full) and s2..s4 (each an increment on the
+    one before), for the object-store tests."""
+    from tests.objstore_helpers import make_chain, stream_of
+    vol = make_chain(str(tmp_path_factory.mktemp("chain4") / "src.img"), 4)
+    streams = {"s1": stream_of(vol, "s1")}
+    streams |= {f"s{i}": stream_of(vol, f"s{i} - s{i - 1}") for i in range(2, 5)}
+    vol.close()
+    return streams

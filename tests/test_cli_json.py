@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # stdout is their wire protocol, or they run until a signal (docs/cli-json.md)
 NO_JSON = {"stdio-serve", "tls-serve", "serve"}
 # run with --json against a real S3 server in tests/test_objstore_s3.py
-ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc"}
+ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc",
+             "store recover"}
 # run with --json in tests/test_increments.py (keys: docs/increments.md)
 INCREMENTS = {"reintegrate", "increments status"}
 
@@ -78,6 +79,11 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     got["hold"] = run_json("hold", "t", f"{vol}@s1")
     got["holds"] = run_json("holds", vol)
     got["release"] = run_json("release", "t", f"{vol}@s1")
+    got["policy set"] = run_json("policy", "set", vol, "daily=1")
+    got["policy show"] = run_json("policy", "show", vol)
+    got["policy run"] = run_json("policy", "run", vol)
+    got["policy clear"] = run_json("policy", "clear", vol)
+    got["install-units"] = run_json("install-units", "--dir", d)
     got["destroy"] = run_json("destroy", f"{vol}@s1")
     got["devices"] = run_json("devices")
     got["help"] = run_json("help", "snapshot")

@@ -35,6 +35,9 @@ def cmd_send(a: argparse.Namespace) -> Report:
         return measure_report(a, "send", url or "standard output")
     if is_store_url(url):
         return send_to_store(a, str(url))
+    if a.retain:
+        raise UsageError("--retain makes an object-store copy immutable: give an s3:// "
+                         "destination")
     if a.verify and (url in (None, "-") or is_volume_url(url)):
         raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
                          "destination checks every record as it receives)")
@@ -77,8 +80,7 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
 
 
 def cmd_receive(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.blockdev import open_device
-    from blockxfer.stream.receive import receive_stream
+    from blockxfer.service.session import receive_to
     from blockxfer.transport import SourceRequest, is_volume_url, open_source
     if a.input and a.source and a.input != a.source:
         raise UsageError("give the source once: as SOURCE or with -i")
@@ -91,8 +93,8 @@ def cmd_receive(a: argparse.Namespace) -> Report:
         return _receive_plan(a, url)
     prog = progress(a, "receive")
     with open_source(url, SourceRequest(a.image, a.resume)) as src:
-        res = receive_stream(src, a.target, open_device, force=a.force,
-                             seekable=src.seekable(), progress=prog.add)
+        res = receive_to(a.target, src, force=a.force, seekable=src.seekable(),
+                         progress=prog.add)
         src.finish()
     prog.finish()
     kind = "incremental" if res.incremental else "full"
@@ -110,7 +112,7 @@ def cmd_receive(a: argparse.Namespace) -> Report:
 def _receive_plan(a: argparse.Namespace, url: str | None) -> Report:
     """receive -n: read the stream whole (every checksum) and say what it would do
     to the target, touching nothing."""
-    from blockxfer.handles import open_volume
+    from blockxfer.service.session import open_session
     from blockxfer.stream.inspect import inspect_stream
     from blockxfer.transport import is_volume_url
     if url and is_volume_url(url):
@@ -121,8 +123,8 @@ def _receive_plan(a: argparse.Namespace, url: str | None) -> Report:
     exists = os.path.exists(a.target)
     has: set[str] = set()
     if exists:
-        with open_volume(a.target) as vol:
-            has = {e.name for e in vol.snapshots()}
+        with open_session(a.target) as s:
+            has = {r["name"] for r in s.snapshots()["snapshots"]}
     base = info.get("base")
     data = {"dry_run": True, "volume": a.target, "source": url or "-", "kind": info["kind"],
             "top": info["top"], "base": base, "blocks": info["data_blocks"],
@@ -212,6 +214,10 @@ COMMANDS = (
              arg("--verify", action="store_true",
                  help="read the stream file back and check every checksum and its digest"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
+             arg("--retain", metavar="DURATION",
+                 help="s3:// only: keep every object this snapshot's restore needs "
+                      "immutable (S3 object lock) for DURATION, e.g. 30d; store rm and "
+                      "prune keep it until then"),
              s3_endpoint_arg(), parsable_arg())),
     Command("receive", "apply a stream to a volume, or make one from a full stream",
             "Apply a stream from SOURCE to VOLUME (a full stream makes the volume), or "

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from blockxfer.errors import BlockxferError, UsageError
-from blockxfer.handles import open_volume
+from blockxfer.service.session import open_session, restore_to
 from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
@@ -65,9 +65,7 @@ def _next_tape(a: argparse.Namespace) -> NextTape | None:
 
 
 def cmd_dump(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.reader import read_runs
     from blockxfer.drivers.tapes import max_record
-    from blockxfer.transfer.dump import dump_image
     if a.dry_run:
         return measure_report(a, "dump", a.tape)
     record_size = parse_size(a.record_size)
@@ -79,26 +77,27 @@ def cmd_dump(a: argparse.Namespace) -> Report:
     set_compression(a.tape, a.compression)
     next_tape = _next_tape(a)
     prog = progress(a, "dump", image_bytes(a.path, a.expression) if not a.quiet else None)
-    with open_volume(a.path) as vol:
-        res = dump_image(vol, a.expression, a.tape, open_tape=tape_opener(),  # type: ignore[arg-type]
-                         next_tape=next_tape, label=a.label, record_size=record_size,
-                         reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
-                         compress=a.compress, progress=prog.add)
+    with open_session(a.path) as s:
+        res = s.dump(a.expression, a.tape, open_tape=tape_opener(), next_tape=next_tape,
+                     label=a.label, record_size=record_size, compress=a.compress,
+                     progress=prog.add)
     prog.finish()
-    text = [f"{a.tape}: image {res.image}, {res.blocks} blocks, {human(res.bytes)}"
-            + (f", across tapes {', '.join(res.tapes)}" if len(res.tapes) > 1 else "")]
+    text = [f"{a.tape}: image {res['image']}, {res['blocks']} blocks, {human(res['bytes'])}"
+            + (f", across tapes {', '.join(res['tapes'])}" if len(res["tapes"]) > 1 else "")
+            + (" (through the server)" if s.served else "")]
     barcodes = set_barcodes(next_tape)
     if barcodes:
         text.append(f"{a.tape}: tapes of the set by barcode: "
                     + ", ".join(f"{seq} {code}" for seq, code in barcodes.items()))
     if a.verify:
         from blockxfer.transfer.restore import verify_image
-        verify_image(a.tape, res.image, open_tape=tape_opener(),  # type: ignore[arg-type]
+        verify_image(a.tape, res["image"], open_tape=tape_opener(),
                      next_tape=_next_tape(a))
-        text.append(f"{a.tape}: image {res.image} read back, every checksum verified")
+        text.append(f"{a.tape}: image {res['image']} read back, every checksum verified")
     return Report({"volume": a.path, "expression": a.expression, "tape": a.tape,
-                   "image": res.image, "blocks": res.blocks, "bytes": res.bytes,
-                   "tapes": list(res.tapes), "barcodes": barcodes, "verified": bool(a.verify)},
+                   "image": res["image"], "blocks": res["blocks"], "bytes": res["bytes"],
+                   "tapes": res["tapes"], "barcodes": barcodes, "verified": bool(a.verify),
+                   "served": s.served},
                   text, code=report_tape_alerts(a.tape, "dump"))
 
 
@@ -107,10 +106,11 @@ def _complete_snapshots(path: str) -> set[str]:
     if not os.path.exists(path):
         return set()
     try:
-        with open_volume(path) as vol:
-            return {e.name for e in vol.snapshots() if not e.incomplete and not e.shadow}
+        with open_session(path) as s:
+            rows = s.snapshots()["snapshots"]
     except BlockxferError:
         return set()
+    return {r["name"] for r in rows if not r["incomplete"] and not r["shadow"]}
 
 
 def _restore_vbns(a: argparse.Namespace) -> Report:
@@ -123,7 +123,7 @@ def _restore_vbns(a: argparse.Namespace) -> Report:
         raise UsageError(f"--vbns takes FIRST-LAST block numbers, not {a.vbns!r}") from e
     if a.image is None:
         raise UsageError("--vbns needs --image N (see 'tape list')")
-    part = restore_range(a.tape, a.target, a.image, lo, hi,  # type: ignore[arg-type]
+    part = restore_range(a.tape, a.target, a.image, lo, hi,
                          open_tape=tape_opener(), open_device=open_device, force=a.force)
     return Report({"volume": a.target, "tape": a.tape, "image": a.image, "first": lo,
                    "last": hi, "blocks": part.blocks, "records_read": part.records_read},
@@ -146,8 +146,6 @@ def _restore_only(a: argparse.Namespace) -> Report:
 
 
 def cmd_restore(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.blockdev import open_device
-    from blockxfer.transfer.restore import restore_images
     if a.dry_run and (a.vbns or a.only):     # never let -n fall through to a write
         raise UsageError("--dry-run plans whole-image restores; leave out --vbns and --only "
                          "(or -n); nothing was written")
@@ -160,10 +158,9 @@ def cmd_restore(a: argparse.Namespace) -> Report:
         return _restore_plan(a, have)
     next_tape = _next_tape(a)
     prog = progress(a, "restore")
-    steps = restore_images(a.tape, a.target, open_tape=tape_opener(),  # type: ignore[arg-type]
-                           open_device=open_device, next_tape=next_tape, image=a.image,
-                           snapshot=a.snapshot, force=a.force, target_has=have.__contains__,
-                           progress=prog.add)
+    steps = restore_to(a.target, a.tape, open_tape=tape_opener(), next_tape=next_tape,
+                       image=a.image, snapshot=a.snapshot, force=a.force,
+                       target_has=have.__contains__, progress=prog.add)
     prog.finish()
     text, images = [], []
     for st in steps:
@@ -179,7 +176,7 @@ def cmd_restore(a: argparse.Namespace) -> Report:
 def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
     """restore -n: the images a restore would apply and their sizes, from the index."""
     from blockxfer.transfer.restore import plan_restore
-    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,  # type: ignore[arg-type]
+    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,
                          snapshot=a.snapshot, target_has=have.__contains__)
     sizes = [i.index.total if i.index else 0 for i in chain]
     text = [f"would restore image {i.number} ({i.descriptor.expression!r}, "

@@ -26,10 +26,10 @@ def cmd_tape_label(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.tapeset import label_tape
     tape = tape_opener()(a.tape, True)
     try:
-        label = label_tape(tape, a.name, set_name=a.set, force=a.force,  # type: ignore[arg-type]
+        label = label_tape(tape, a.name, set_name=a.set, force=a.force,
                            record_size=parse_size(a.record_size))
     finally:
-        tape.close()  # type: ignore[attr-defined]
+        tape.close()
     return Report({"tape": a.tape, "serial": label.serial, "seq": label.seq,
                    "set": label.set_name},
                   [f"{a.tape}: labelled {label.serial!r}, tape {label.seq} of set "
@@ -40,9 +40,9 @@ def cmd_tape_list(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.tapeset import list_tape
     tape = tape_opener()(a.tape, False)
     try:
-        contents = list_tape(tape)  # type: ignore[arg-type]
+        contents = list_tape(tape)
     finally:
-        tape.close()  # type: ignore[attr-defined]
+        tape.close()
     lab = contents.label
     rows = [i.as_dict() for i in contents.images]
     barcode = barcode_of(a.tape)

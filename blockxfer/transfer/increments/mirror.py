@@ -297,6 +297,16 @@ def _plan(slot: Slot, meta: Meta, vol: Volume) -> _Plan:
                  _state_header(vol, top, base, keep, wanted, dealloc.count()))
 
 
+def _block_check(vol: Volume, p: _Plan) -> BlockCheck:
+    """The checksums the kept snapshots' maps keep for the blocks to be copied: a
+    damaged block of the source stops the update before anything commits."""
+    only = bitarray(len(vol.active.bits), endian="little")
+    only.setall(0)
+    only[:len(p.write)] = p.write
+    vbns, cks = vol.data_checksums([e.name for e in p.kept], None, only)
+    return BlockCheck(vbns, cks, vol.block_size)
+
+
 def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice,
             progress: Progress) -> dict[str, object]:
     p = _plan(slot, meta, vol)
@@ -304,7 +314,7 @@ def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice
     upd = Update(d, slot, meta.present, data, slot.seq + 1)
     try:
         with vol.holding(p.kept):             # their blocks stay put while they are read
-            check = BlockCheck.of(vol, p.kept)
+            check = _block_check(vol, p)
             for vbn, view in plain_reader(vol)(plane_runs(p.write)):
                 check.verify(vbn, view)
                 upd.put(vbn, view)
