@@ -22,6 +22,8 @@ ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc",
              "store recover"}
 # run with --json in tests/test_mirror_cli.py (a daemon, a timer)
 MIRRORED = {"mirror start", "mirror status", "mirror stop", "mirror update"}
+# run with --json in tests/test_increments.py (keys: docs/increments.md)
+INCREMENTS = {"reintegrate", "increments status"}
 
 
 def leaves(commands: tuple[Command, ...], prefix: str = "") -> dict[str, Command]:
@@ -103,7 +105,7 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path,
     got["completion"] = run_json("completion", "bash")
     got["demo"] = run_json("demo", "--dir", f"{d}/demo")
 
-    assert set(got) == set(ALL) - NO_JSON - ELSEWHERE - MIRRORED, \
+    assert set(got) == set(ALL) - NO_JSON - ELSEWHERE - MIRRORED - INCREMENTS, \
         "a command without a --json run here"
     keys = documented()
     for name, result in got.items():

@@ -331,6 +331,11 @@ WRITE_OPENS = {
     ("blockxfer/cli/mirror.py", "_write_atomic"): "the mirror daemon's pid and status "
                                                   "files in the run directory",
     ("blockxfer/cli/mirror.py", "_spawn"): "the mirror daemon's log file in the run directory",
+    ("blockxfer/transfer/increments/store.py", "create"): "an increments directory's header "
+                                                          "file (never a volume)",
+    ("blockxfer/transfer/increments/store.py", "write_slot"): "its header slots",
+    ("blockxfer/transfer/increments/store.py", "write_meta"): "its metadata files",
+    ("blockxfer/transfer/increments/store.py", "_journal"): "its journal files",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

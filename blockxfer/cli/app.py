@@ -28,6 +28,7 @@ from . import (
     devices,
     docgen,
     endpoint,
+    increments,
     mirror,
     policy,
     serve,
@@ -44,9 +45,8 @@ from .spec import FORMATTER, Command, Report, add_commands
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    mirror.COMMANDS, store.COMMANDS, catalog.COMMANDS, endpoint.COMMANDS, policy.COMMANDS,
-    units.COMMANDS,
-    topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
+    mirror.COMMANDS, increments.COMMANDS, store.COMMANDS, catalog.COMMANDS, endpoint.COMMANDS,
+    policy.COMMANDS, units.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\

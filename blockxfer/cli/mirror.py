@@ -103,14 +103,12 @@ def _target(dest: str) -> Any:
 
 
 def _increments() -> Any:
-    import importlib
-    try:
-        return importlib.import_module("blockxfer.transfer.increments")
-    except ModuleNotFoundError as e:
-        if e.name != "blockxfer.transfer.increments":
-            raise
-        raise UsageError("incremental mirroring (--base, --increments) is not in this "
-                         "build: blockxfer.transfer.increments is missing") from e
+    """The incremental-mirroring library, handed the drivers' openers."""
+    from blockxfer.transfer import increments
+
+    from .increments import wire
+    wire()
+    return increments
 
 
 Publish = Callable[[bytes | None, int], None]
