@@ -22,14 +22,27 @@ from blockxfer import __version__
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
-from . import demo, devices, docgen, endpoint, serve, store, stream, tape, topics, volume
+from . import (
+    demo,
+    devices,
+    docgen,
+    endpoint,
+    replicate,
+    serve,
+    store,
+    stream,
+    tape,
+    topics,
+    volume,
+)
 from .spec import FORMATTER, Command, Report, add_commands
 
 # The command groups, in the order --help lists them. A new group is one module
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    store.COMMANDS, endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
+    store.COMMANDS, replicate.COMMANDS, endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS,
+    demo.COMMANDS,
 )
 
 DESCRIPTION = """\

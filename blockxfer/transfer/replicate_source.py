@@ -43,6 +43,7 @@ class PullRequest:
     dest: str
     identity: str
     have: tuple[bytes, ...] = ()           # its whole masters, newest first
+    needed: tuple[bytes, ...] = ()         # masters its own destinations still need
     resume: str | None = None
     ticket: str | None = None
     stream: dict[str, Any] | None = None   # the interrupted stream a resume continues
@@ -56,22 +57,28 @@ class PullRequest:
         if not isinstance(dest, str) or not dest or len(dest) > 64 or not dest.isprintable():
             raise UsageError("the pull names no destination (a printable name of up to "
                              "64 characters)")
-        have = req.get("have") or []
-        if not isinstance(have, list) or len(have) > MAX_HAVE:
-            raise UsageError("the pull's list of masters is malformed")
-        try:
-            guids = tuple(bytes.fromhex(g) for g in have)
-        except (TypeError, ValueError) as e:
-            raise UsageError("the pull's list of masters is malformed") from e
+        guids, needed = _guids(req.get("have")), _guids(req.get("needed"))
         resume, ticket, stream = req.get("resume"), req.get("ticket"), req.get("stream")
         if resume is not None and (not isinstance(resume, str) or not isinstance(stream, dict)):
             raise UsageError("a resumed pull names its token and its stream")
         bw = req.get("bwlimit")
         if bw is not None and (not isinstance(bw, int) or bw <= 0):
             raise UsageError("the pull's bandwidth limit is not a positive integer")
-        return cls(dest, identity, guids, resume, ticket if isinstance(ticket, str) else None,
+        return cls(dest, identity, guids, needed, resume,
+                   ticket if isinstance(ticket, str) else None,
                    stream if isinstance(stream, dict) else None, bool(req.get("dry_run")),
                    bool(req.get("compress", True)), bw)
+
+
+def _guids(items: object) -> tuple[bytes, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list) or len(items) > MAX_HAVE:
+        raise UsageError("the pull's list of masters is malformed")
+    try:
+        return tuple(bytes.fromhex(g) for g in items)
+    except (TypeError, ValueError) as e:
+        raise UsageError("the pull's list of masters is malformed") from e
 
 
 def masters(vol: Volume) -> list[SnapshotEntry]:
@@ -150,6 +157,15 @@ def _resumed(vol: Volume, req: PullRequest) -> Decision:
     return Decision("full" if base is None else "incremental", top, base, expression, plan)
 
 
+def _needs(vol: Volume, d: Decision, req: PullRequest) -> set[str]:
+    """The masters held for this destination: its base and top, and those its own
+    destinations still need from it (step 352: a middle host of a tree keeps its
+    children's bases alive at its parent, since its receives follow the parent's
+    catalog)."""
+    keep = {d.top.name} | ({d.base.name} if d.base else set())
+    return keep | {e.name for e in masters(vol) if e.guid in req.needed}
+
+
 def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader) -> Result:
     """Answer one pull on the open volume: record, hold, plan, stream."""
     d = decide(vol, req)
@@ -157,7 +173,7 @@ def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader) -> R
         confirmed = next(((e.name, e.guid) for e in masters(vol)
                           if req.have and e.guid == req.have[0]), None)
         registry.contact(vol, req.dest, req.identity, confirmed, d.top.name)
-        registry.hold_only(vol, req.dest, {d.top.name} | ({d.base.name} if d.base else set()))
+        registry.hold_only(vol, req.dest, _needs(vol, d, req))
     info: Result = {"kind": d.kind, "top": d.top.name, "top_guid": d.top.guid.hex(),
                     "base": d.base.name if d.base else None,
                     "base_guid": d.base.guid.hex() if d.base else None,

@@ -55,7 +55,7 @@ def rewind_to(dev: BlockDevice, name: str) -> list[str]:
     # what this copy knows of the current state too: a kill before the superblocks
     # leaves it in force with these facts, which must still hold for it
     area.write(LocalState(local.seq, root.generation, incomplete=lacking | local.incomplete,
-                          released=set(local.released)))
+                          released=set(local.released), props=dict(local.props)))
     new = replace(sb, root=root)
     write_superblock(dev, new, 1 - slot)    # the current state still holds in `slot`
     write_superblock(dev, new, slot)
