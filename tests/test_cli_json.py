@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # stdout is their wire protocol, or they run until a signal (docs/cli-json.md)
 NO_JSON = {"stdio-serve", "tls-serve", "serve"}
 # run with --json against a real S3 server in tests/test_objstore_s3.py
-ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc"}
+ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc",
+             "replicate pull", "replicate status", "replicate destinations",
+             "replicate forget"}   # tests/test_replicate.py
 
 
 def leaves(commands: tuple[Command, ...], prefix: str = "") -> dict[str, Command]:

@@ -215,6 +215,7 @@ def test_token_for_another_stream_refused(tmp_path: Path, env: dict[str, str]) -
     """A genuine ticket with a token made for another stream (its id swapped in)."""
     import base64
     import zlib
+
     from blockxfer.transfer.replicate_target import inspect_target
     from drivers.blockdev import open_device
     a, b = source(tmp_path, 6 << 20), tmp_path / "b.img"
