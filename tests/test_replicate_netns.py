@@ -236,3 +236,37 @@ def test_tree_under_cuts_and_kills(tmp_path: Path) -> None:
             for d in out["destinations"]:
                 assert d["confirmed"] is None or d["confirmed"] in held, (src, d)
         assert sum(len(o) for o in chaos.outcomes.values()) >= 10
+
+
+def _pull(t: Tree, host: str, parent: str) -> dict[str, object]:
+    argv = t.pull_argv(host)
+    argv[-4] = f"ssh://root@{t.net.hosts[parent].addr}{t.vol[parent]}"
+    r = subprocess.run(argv, capture_output=True, timeout=400,
+                       env={**os.environ, **t.env[host]})
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.root
+def test_child_reparents_to_its_grandparent(tmp_path: Path) -> None:
+    """B is destroyed; C pulls from A instead, with an incremental from the master it
+    shares with A (held at A for B's child)."""
+    with tree(tmp_path) as t:
+        assert t.bx("A", "init", t.vol["A"], "--size", "64M").returncode == 0
+        t.bx("A", "write", t.vol["A"], "--offset", "0", data=os.urandom(8 << 20))
+        t.take_master()
+        _pull(t, "B", "A")
+        _pull(t, "C", "B")
+        t.bx("A", "write", t.vol["A"], "--offset", "0", data=os.urandom(1 << 20))
+        t.take_master()
+        assert _pull(t, "B", "A")["kind"] == "incremental"
+        t.bx("A", "write", t.vol["A"], "--offset", str(4 << 20), data=os.urandom(1 << 20))
+        newest = t.take_master()
+        assert t.bx("A", "destroy", f"{t.vol['A']}@m0").returncode == 5   # held for C
+        t.net.link("B", up=False)                 # B is gone
+        os.unlink(t.vol["B"])
+        r = _pull(t, "C", "A")
+        assert (r["kind"], r["base"], r["top"]) == ("incremental", "m0", newest)
+        assert r["blocks"] < 1000
+        assert t.digest("C", str(newest)) == t.digest("A", str(newest))
+        assert t.bx("C", "check", t.vol["C"]).returncode == 0
