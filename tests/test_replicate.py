@@ -286,3 +286,34 @@ def test_pull_from_a_volume_without_master(tmp_path: Path, env: dict[str, str]) 
     r = bx("replicate", "pull", url(a), str(tmp_path / "b.img"))
     assert r.returncode == 5 and b"no master snapshot" in r.stderr
     assert not (tmp_path / "b.img").exists()
+
+
+def test_every_pulls_again_until_interrupted(tmp_path: Path, env: dict[str, str]) -> None:
+    import signal
+    import subprocess
+    a, b = source(tmp_path), tmp_path / "b.img"
+    p = subprocess.Popen([BLOCKXFER, "replicate", "pull", url(a), str(b), "--name", "B",
+                          "--every", "1s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 120
+        from blockxfer.transfer.replicate_state import PullState
+        while len(PullState.load(str(b)).pulls) < 2:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+    out = p.stdout.read().decode() if p.stdout else ""
+    assert "full image up to master 'm1'" in out and "up to date" in out
+
+
+@pytest.mark.parametrize("req", [{}, {"dest": ""}, {"dest": "B", "have": "x"},
+                                 {"dest": "B", "have": ["zz"]},
+                                 {"dest": "B", "resume": "t"},
+                                 {"dest": "B", "bwlimit": -1}])
+def test_malformed_pull_requests_refused(req: dict[str, object]) -> None:
+    from blockxfer.errors import UsageError
+    from blockxfer.transfer.replicate_source import PullRequest
+    with pytest.raises(UsageError):
+        PullRequest.from_wire(req, "peer")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pki import tls_folder
 from tests.sshd import Sshd, keygen, need_sshd, sshd
 from tests.test_transport_tls import pki, tls_serve  # noqa: F401 - the fixture
 from tests.transport_util import BLOCKXFER, bx, ok
@@ -72,7 +73,10 @@ def test_forced_command_allows_only_replicate_of_one_volume(tmp_path: Path,
 @pytest.mark.root
 def test_tls_certificate_maps_to_volumes(pki: Path) -> None:  # noqa: F811
     vol = _source(pki)
-    with tls_serve(pki, "--peer", f"backup1={vol}", "--allow", "replicate") as port:
+    ca = (pki / "ca" / "blockxfer-test-ca-cert.pem", pki / "ca" / "blockxfer-test-ca-key.pem")
+    tls_folder(pki / "other2", ca, client_cn="backup2")      # another name, the same CA
+    with tls_serve(pki, "--peer", f"backup1={vol}", "--peer", f"backup2={vol}",
+                   "--allow", "replicate") as port:
         def pull(folder: str, path: str = vol,
                  target: str = "b.img") -> subprocess.CompletedProcess[bytes]:
             return bx("replicate", "pull", f"tls://127.0.0.1:{port}{path}",
@@ -90,6 +94,10 @@ def test_tls_certificate_maps_to_volumes(pki: Path) -> None:  # noqa: F811
             bad = pull(folder, target="x.img")
             assert bad.returncode == code and words in _one_line(bad), folder
             assert not (pki / "x.img").exists()
+        other = bx("replicate", "pull", f"tls://127.0.0.1:{port}{vol}", str(pki / "x.img"),
+                   "--name", "backup1", env={"BLOCKXFER_TLS_DIR": str(pki / "other2"),
+                                             "BLOCKXFER_STATE_DIR": str(pki / "st2")})
+        assert other.returncode == 4 and "is registered to 'backup1'" in _one_line(other)
         bad = pull("client", str(pki / "elsewhere.img"), "x.img")
         assert bad.returncode == 4 and "is for another volume" in _one_line(bad)
     log = (pki / "tls-serve.log").read_text()

@@ -270,3 +270,37 @@ def test_child_reparents_to_its_grandparent(tmp_path: Path) -> None:
         assert r["blocks"] < 1000
         assert t.digest("C", str(newest)) == t.digest("A", str(newest))
         assert t.bx("C", "check", t.vol["C"]).returncode == 0
+
+
+@pytest.mark.root
+def test_bwlimit_matches_tbf_shaping(tmp_path: Path) -> None:
+    """--bwlimit 2M against the same rate shaped by `tc tbf` on A's link: both pulls of
+    the same 6 MiB take about as long (3 s and more)."""
+    import shutil
+    if shutil.which("tc") is None:
+        pytest.skip("needs tc (iproute2)")
+    with tree(tmp_path) as t:
+        assert t.bx("A", "init", t.vol["A"], "--size", "64M").returncode == 0
+        t.bx("A", "write", t.vol["A"], "--offset", "0", data=os.urandom(6 << 20))
+        t.take_master()
+        took = {}
+        for how in ("tbf", "bwlimit"):
+            extra = ["--bwlimit", "2M"] if how == "bwlimit" else []
+            shaped = how == "tbf"
+            if shaped:
+                r = t.net.run("A", "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+                              "rate", "16777kbit", "burst", "64kb", "latency", "400ms")
+                assert r.returncode == 0, r.stderr.decode()
+            host = "B" if shaped else "C"
+            argv = [*t.pull_argv(host)[:-4], f"ssh://root@{t.net.hosts['A'].addr}{t.vol['A']}",
+                    t.vol[host], "--name", host, "--no-compress", *extra]
+            t0 = time.monotonic()
+            r2 = subprocess.run(argv, capture_output=True, timeout=300,
+                                env={**os.environ, **t.env[host]})
+            took[how] = time.monotonic() - t0
+            assert r2.returncode == 0, r2.stderr.decode()
+            if shaped:
+                t.net.run("A", "tc", "qdisc", "del", "dev", "eth0", "root")
+        print(took)
+        assert took["tbf"] >= 2.5 and took["bwlimit"] >= 2.5
+        assert 0.5 <= took["bwlimit"] / took["tbf"] <= 2.0, took

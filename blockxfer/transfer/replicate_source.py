@@ -157,6 +157,19 @@ def _resumed(vol: Volume, req: PullRequest) -> Decision:
     return Decision("full" if base is None else "incremental", top, base, expression, plan)
 
 
+def _check_owner(vol: Volume, req: PullRequest) -> None:
+    """A destination name first registered by a certificate stays that certificate's:
+    another peer may not move its holds or use its tickets under that name. (An ssh
+    identity is only the client's address, which may change, so it binds nothing.)"""
+    prev = registry.load(vol).get(req.dest)
+    if prev is None or prev.id.startswith("ssh "):
+        return
+    if prev.id.split("@")[0] != req.identity.split("@")[0]:
+        raise ResumeRefused(f"{req.identity}: destination {req.dest!r} is registered to "
+                            f"{prev.id.split('@')[0]!r} on this source; pull under another "
+                            "--name, or 'blockxfer replicate forget' it here first")
+
+
 def _needs(vol: Volume, d: Decision, req: PullRequest) -> set[str]:
     """The masters held for this destination: its base and top, and those its own
     destinations still need from it (step 352: a middle host of a tree keeps its
@@ -168,6 +181,7 @@ def _needs(vol: Volume, d: Decision, req: PullRequest) -> set[str]:
 
 def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader) -> Result:
     """Answer one pull on the open volume: record, hold, plan, stream."""
+    _check_owner(vol, req)
     d = decide(vol, req)
     if not req.dry_run:
         confirmed = next(((e.name, e.guid) for e in masters(vol)

@@ -26,8 +26,8 @@ SECRET = "replicate.secret"
 
 
 class ResumeRefused(DeviceError):
-    """A resume whose ticket, stream or token does not hold up (exit 4, as every
-    authentication refusal)."""
+    """A resume whose ticket, stream or token does not hold up, or a destination name
+    another identity registered (exit 4, as every authentication refusal)."""
 
 
 def secret(vol: Volume, *, create: bool) -> bytes | None:
