@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from blockxfer.errors import BlockxferError, StreamError, VolumeError
+from blockxfer.errors import BlockxferError, DeviceBusy, StreamError, VolumeError
 from blockxfer.stream.receive import OpenDevice, receive_stream
 from blockxfer.transport import Result, Source, open_pull
 from blockxfer.volume.rewind import rewind_to
@@ -30,6 +30,7 @@ from .replicate_state import PullState
 from .replicate_target import Target, inspect_target
 
 Progress = Callable[[int], None]
+BUSY_WAIT = 60.0                 # seconds a pull waits for its target (a child's pull there)
 
 
 @dataclass
@@ -114,6 +115,7 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
               compress: bool = True, progress: Progress | None = None) -> PullRecord:
     """One pull of the source's newest master into `target` (see the module text)."""
     name = name or socket.gethostname()
+    open_device = _patient(open_device)
     rec = PullRecord(source, target, name, started=time.time(), dry_run=dry_run)
     state = PullState.load(target)
     t = inspect_target(target, open_device)
@@ -145,6 +147,21 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
         _receive(src, target, open_device, state, plan, rec, force, progress)
     _reached(state, source, name, plan, rec, dry_run)
     return rec
+
+
+def _patient(open_device: OpenDevice) -> OpenDevice:
+    """`open_device` that waits a while for a target another process holds: on a
+    middle host of a tree, a child's pull holds it while it is answered."""
+    def opener(path: str, **kw: Any) -> Any:
+        deadline = time.monotonic() + BUSY_WAIT
+        while True:
+            try:
+                return open_device(path, **kw)
+            except DeviceBusy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
+    return opener
 
 
 def _stale(e: StreamError) -> bool:
