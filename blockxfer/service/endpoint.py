@@ -155,7 +155,8 @@ def _replicate(w: wire.Writer, volume: str, req: dict[str, Any], peer: str) -> R
                               lambda runs: read_runs(vol.dev, runs, vol.block_size))
         finally:
             if frames:
-                frames[0].end()              # then the status says whether it was whole
+                with contextlib.suppress(OSError):   # the peer is gone: the log has it
+                    frames[0].end()          # then the status says whether it was whole
 
 
 def _identity(peer: str) -> str:

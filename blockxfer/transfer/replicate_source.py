@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from blockxfer.errors import StreamError, UsageError, VolumeError
+from blockxfer.errors import DeviceError, StreamError, UsageError, VolumeError
 from blockxfer.stream.send import Reader, SendPlan, plan_send, stream_plan
 from blockxfer.transport.base import ByteSink, Result
 from blockxfer.volume import Volume
@@ -210,7 +210,11 @@ def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader) -> R
     if req.bwlimit:
         out = Limited(out, TokenBucket(req.bwlimit))
     t0 = time.monotonic()
-    with vol.holding(d.plan.tops):
-        stats = stream_plan(d.plan, out, reader, compress=req.compress)
+    try:
+        with vol.holding(d.plan.tops):
+            stats = stream_plan(d.plan, out, reader, compress=req.compress)
+    except OSError as e:                      # the destination went away: it resumes later
+        raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
+                          f"({e.strerror or e})") from e
     registry.finished(vol, req.dest, stats.bytes, time.monotonic() - t0)
     return {"records": stats.records, "data_blocks": stats.data_blocks, "bytes": stats.bytes}
