@@ -98,7 +98,24 @@ def test_tls_certificate_maps_to_volumes(pki: Path) -> None:  # noqa: F811
                    "--name", "backup1", env={"BLOCKXFER_TLS_DIR": str(pki / "other2"),
                                              "BLOCKXFER_STATE_DIR": str(pki / "st2")})
         assert other.returncode == 4 and "is registered to 'backup1'" in _one_line(other)
+        assert _anonymous_answer(pki, port, vol) == b""         # no certificate: no answer
         bad = pull("client", str(pki / "elsewhere.img"), "x.img")
         assert bad.returncode == 4 and "is for another volume" in _one_line(bad)
     log = (pki / "tls-serve.log").read_text()
     assert "intruder" in log and "refused" in log
+
+
+def _anonymous_answer(folder: Path, port: int, vol: str) -> bytes:
+    """What the server answers a client that shows no certificate (the blockxfer client
+    refuses to try without one, so this one is raw)."""
+    import socket
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(folder / "nocert" / "ca-cert.pem"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b'BXS1 {"dest": "x", "op": "replicate", "volume": "%s"}\n'
+                      % vol.encode())
+            return s.recv(100)
+    except (ssl.SSLError, OSError):
+        return b""

@@ -198,6 +198,7 @@ def whole_masters(t: Tree, host: str) -> dict[str, str]:
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_tree_under_cuts_and_kills(tmp_path: Path) -> None:
     seed = int(os.environ.get("BX_SEED", random.randrange(1 << 30)))
     print(f"BX_SEED={seed}")
