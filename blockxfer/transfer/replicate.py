@@ -136,16 +136,13 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
     with src:
         _fill(rec, plan)
         back, force = _check(t, plan, rollback, source)
-        if dry_run or plan["kind"] == "current" and back is None:
-            _reached(state, source, name, plan, rec, dry_run)
+        if dry_run:
             return rec
         if back is not None:
             rec.rolled_back, rec.discarded = back, _rewind(target, back, open_device)
-        if plan["kind"] == "current":
-            _reached(state, source, name, plan, rec, dry_run)
-            return rec
-        _receive(src, target, open_device, state, plan, rec, force, progress)
-    _reached(state, source, name, plan, rec, dry_run)
+        if plan["kind"] != "current":
+            _receive(src, target, open_device, state, plan, rec, force, progress)
+    _reached(state, source, name, plan, rec)
     return rec
 
 
@@ -214,10 +211,7 @@ def _first_clause(e: BaseException) -> str:
     return str(e).split("; resume with")[0]
 
 
-def _reached(state: PullState, source: str, name: str, plan: Result, rec: PullRecord,
-             dry_run: bool) -> None:
-    if dry_run:
-        return
+def _reached(state: PullState, source: str, name: str, plan: Result, rec: PullRecord) -> None:
     state.source, state.name, state.pending = source, name, None
     state.master = plan.get("top")
     state.record(rec.as_dict())
