@@ -329,6 +329,8 @@ WRITE_OPENS = {
                                                                    "server's log file",
     ("blockxfer/transfer/objstore/servers.py", "start_rclone"): "the embedded S3 server's "
                                                                 "log file",
+    ("blockxfer/transfer/replicate_state.py", "save"): "a replication target's pull "
+                                                       "record (JSON in the state folder)",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

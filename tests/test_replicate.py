@@ -91,6 +91,17 @@ def test_full_then_incremental_then_current(tmp_path: Path, env: dict[str, str])
     assert status["master"] == "m2" and [p["kind"] for p in status["pulls"]] == [
         "full", "incremental", "current"]
     assert ok(bx("check", str(b))).returncode == 0
+    from tests.test_cli_json import REPLICATE, documented
+    keys = documented()
+    got = {"replicate pull": r, "replicate status": json.loads(ok(bx(
+        "replicate", "status", str(a), "--json")).stdout),
+        "replicate destinations": json.loads(ok(bx("replicate", "destinations", str(a),
+                                                    "--json")).stdout),
+        "replicate forget": json.loads(ok(bx("replicate", "forget", str(a), "B",
+                                             "--json")).stdout)}
+    assert set(got) == REPLICATE
+    for name, result in got.items():
+        assert keys[name] <= set(result), f"{name}: documented keys missing"
 
 
 def test_dry_run_changes_nothing(tmp_path: Path, env: dict[str, str]) -> None:
