@@ -23,16 +23,19 @@ from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
 from . import (
+    catalog,
     demo,
     devices,
     docgen,
     endpoint,
+    policy,
     replicate,
     serve,
     store,
     stream,
     tape,
     topics,
+    units,
     volume,
 )
 from .spec import FORMATTER, Command, Report, add_commands
@@ -41,8 +44,8 @@ from .spec import FORMATTER, Command, Report, add_commands
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    store.COMMANDS, replicate.COMMANDS, endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS,
-    demo.COMMANDS,
+    store.COMMANDS, catalog.COMMANDS, replicate.COMMANDS, endpoint.COMMANDS, policy.COMMANDS,
+    units.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\
@@ -142,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _logging(args)
-        with redirect_stdout(_GuardedStdout(sys.stdout)):  # type: ignore[type-var]
+        with redirect_stdout(_GuardedStdout(sys.stdout)):
             report = args.func(args)
             _print(report, args.json, args.quiet)
             sys.stdout.flush()

@@ -57,7 +57,7 @@ class LockedVolume:
         if getattr(self.volume, "concurrent_reads", False):
             leased = getattr(self.volume, "read_leased", None)
             if leased is not None:
-                return leased(offset, length, snapshot)  # type: ignore[no-any-return]
+                return leased(offset, length, snapshot)
             return self.volume.read(offset, length, snapshot), _nothing
         with self.lock:
             return self.volume.read(offset, length, snapshot), _nothing

@@ -84,12 +84,11 @@ def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
 
 
 def _receive(r: wire.Reader, w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:
-    from blockxfer.drivers.blockdev import open_device
-    from blockxfer.stream.receive import receive_stream
+    from blockxfer.service.session import receive_to
     wire.write_status(w, {"ready": True})
     frames = wire.FrameReader(r, "the sender")
-    res = receive_stream(frames, volume, open_device, force=bool(req.get("force")),
-                         source_hint="(the sender)")
+    res = receive_to(volume, frames, force=bool(req.get("force")),   # also into a served one
+                     source_hint="(the sender)")
     frames.drain()
     return {"top": res.top, "incremental": res.incremental, "blocks": res.blocks,
             "released": res.released, "incomplete": res.incomplete, "resumed": res.resumed}
