@@ -24,6 +24,8 @@ ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc",
 MIRRORED = {"mirror start", "mirror status", "mirror stop", "mirror update"}
 # run with --json in tests/test_increments.py (keys: docs/increments.md)
 INCREMENTS = {"reintegrate", "increments status"}
+# run with --json (and checked against this page) in tests/test_replicate.py
+REPLICATE = {"replicate pull", "replicate status", "replicate destinations", "replicate forget"}
 
 
 def leaves(commands: tuple[Command, ...], prefix: str = "") -> dict[str, Command]:
@@ -105,7 +107,7 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path,
     got["completion"] = run_json("completion", "bash")
     got["demo"] = run_json("demo", "--dir", f"{d}/demo")
 
-    assert set(got) == set(ALL) - NO_JSON - ELSEWHERE - MIRRORED - INCREMENTS, \
+    assert set(got) == set(ALL) - NO_JSON - ELSEWHERE - MIRRORED - INCREMENTS - REPLICATE, \
         "a command without a --json run here"
     keys = documented()
     for name, result in got.items():

@@ -336,6 +336,8 @@ WRITE_OPENS = {
     ("blockxfer/transfer/increments/store.py", "write_slot"): "its header slots",
     ("blockxfer/transfer/increments/store.py", "write_meta"): "its metadata files",
     ("blockxfer/transfer/increments/store.py", "_journal"): "its journal files",
+    ("blockxfer/transfer/replicate_state.py", "save"): "a replication target's pull "
+                                                       "record (JSON in the state folder)",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

@@ -31,6 +31,7 @@ from . import (
     increments,
     mirror,
     policy,
+    replicate,
     serve,
     store,
     stream,
@@ -45,8 +46,9 @@ from .spec import FORMATTER, Command, Report, add_commands
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    mirror.COMMANDS, increments.COMMANDS, store.COMMANDS, catalog.COMMANDS, endpoint.COMMANDS,
-    policy.COMMANDS, units.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
+    mirror.COMMANDS, increments.COMMANDS, replicate.COMMANDS, store.COMMANDS,
+    catalog.COMMANDS, endpoint.COMMANDS, policy.COMMANDS, units.COMMANDS, topics.COMMANDS,
+    docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\

@@ -106,6 +106,8 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
 def cmd_receive(a: argparse.Namespace) -> Report:
     from blockxfer.service.session import receive_to
     from blockxfer.transport import SourceRequest, is_volume_url, open_source
+    if a.status:
+        return _receive_status(a.target)
     if a.input and a.source and a.input != a.source:
         raise UsageError("give the source once: as SOURCE or with -i")
     url = a.input or a.source
@@ -131,6 +133,21 @@ def cmd_receive(a: argparse.Namespace) -> Report:
                    "incremental": res.incremental, "blocks": res.blocks,
                    "resumed": res.resumed, "released": list(res.released),
                    "incomplete": list(res.incomplete)}, text)
+
+
+def _receive_status(target: str) -> Report:
+    """receive --status: an interrupted receive and its resume token (like ZFS's
+    receive_resume_token), or that there is none."""
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.replicate_target import inspect_target
+    i = inspect_target(target, open_device).interrupted
+    if i is None:
+        return Report({"volume": target, "interrupted": None},
+                      [f"{target}: no interrupted receive"])
+    kind = "full image over the device" if i.full else "incremental into the volume"
+    return Report({"volume": target, "interrupted": i.as_dict()},
+                  [f"{target}: interrupted receive of stream {i.stream_id} ({kind}), "
+                   f"{i.received} of {i.blocks} blocks kept", f"resume token: {i.token}"])
 
 
 def _receive_plan(a: argparse.Namespace, url: str | None) -> Report:
@@ -263,6 +280,8 @@ COMMANDS = (
              arg("--resume", metavar="TOKEN",
                  help="pull only what an interrupted receive lacks (volume SOURCE)"),
              arg("--force", action="store_true", help="overwrite what the target holds"),
+             arg("--status", action="store_true",
+                 help="show VOLUME's interrupted receive and its resume token; receive nothing"),
              dry_run_arg("check the whole stream and say what it would do to VOLUME"),
              s3_endpoint_arg(), parsable_arg())),
     Command("inspect", "describe a stream: header, snapshots, counts, VBN ranges",

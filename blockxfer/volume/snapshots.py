@@ -22,6 +22,7 @@ from .objects import PlaneObject
 from .receiving import refuse_on_replica
 from .tree import CowTree
 
+MASTER_POINTER = "master"          # moved by every new master snapshot
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}$")
 # A NEW snapshot's name may not hold '-' either: it is the difference operator of
 # image expressions, and 'june3-june1' (one name) beside 'june3 - june1' (a
@@ -72,6 +73,8 @@ class Snapshots(Allocator):
                                 self.io.read_block, self.io.read_many)   # phase 1 fills it
             self.sb = replace(self.sb, next_id=self.sb.next_id + 1)
             self.catalog.snapshots.append(entry)
+            if master and not any(e.name == MASTER_POINTER for e in self.catalog.snapshots):
+                self.catalog.pointers[MASTER_POINTER] = entry.id   # in the same CP: atomic
             self._catalog_dirty = True
             self._new = (entry, plane)
             self.commit()
