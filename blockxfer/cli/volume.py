@@ -196,7 +196,8 @@ def cmd_check(a: argparse.Namespace) -> Report:
         report = check_volume(vol)
     text = [f"problem: {p}" for p in report.problems]
     text.append(f"{a.path}: {'clean' if report.clean else f'{len(report.problems)} problems'}; "
-                f"{report.roots} roots, {report.blocks_verified} data blocks verified")
+                f"{report.roots} roots, {report.blocks_verified} data blocks verified, "
+                f"{report.log_records} intent log records")
     return Report(report.as_dict(), text, code=0 if report.clean else 1)
 
 
