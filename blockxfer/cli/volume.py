@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
+from collections.abc import Callable
+from typing import BinaryIO
 
 from blockxfer import remote
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.handles import init_volume, open_volume, split_target
 from blockxfer.transport.local import stdout_errors
 from blockxfer.units import human, parse_size
+from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
 from blockxfer.volume.layout import MAX_BLOCK, MIN_BLOCK
 
@@ -20,6 +24,7 @@ from .spec import Command, Report, arg
 from .stdin import InputChunks
 
 CHUNK = 8 << 20
+SPARSE_WINDOW = 1 << 30          # virtual bytes whose extents `read` looks up at once
 
 
 def cmd_init(a: argparse.Namespace) -> Report:
@@ -88,21 +93,55 @@ def cmd_read(a: argparse.Namespace) -> Report:
         offset = parse_size(a.offset)
         length = vol.virtual_size - offset if a.length is None else parse_size(a.length)
         prog = progress(a, "read", length)
-        bs = vol.block_size
-        head = min(length, -offset % bs)           # unaligned edges go the slow way
-        body = (length - head) // bs * bs
-        if head:
-            out.write(vol.read(offset, head, snapshot=snap))
-        for view in vol.iter_read(offset + head, body, snapshot=snap):
-            out.write(view)
-            prog.add(len(view))
-        tail = length - head - body
-        if tail:
-            out.write(vol.read(offset + head + body, tail, snapshot=snap))
+        if _fresh_file(out.fileno()):
+            _read_sparse(vol, out, offset, length, snap, prog.add)
+        else:
+            _read_range(vol, out, offset, length, snap, prog.add)
         out.flush()
     prog.finish()
     return Report({"volume": path, "snapshot": snap, "offset": offset, "bytes": length},
                   stderr=True)
+
+
+def _read_range(vol: Volume, out: BinaryIO, offset: int, length: int, snap: str | None,
+                add: Callable[[int], None]) -> None:
+    bs = vol.block_size
+    head = min(length, -offset % bs)           # unaligned edges go the slow way
+    body = (length - head) // bs * bs
+    if head:
+        out.write(vol.read(offset, head, snapshot=snap))
+    for view in vol.iter_read(offset + head, body, snapshot=snap):
+        out.write(view)
+        add(len(view))
+    tail = length - head - body
+    if tail:
+        out.write(vol.read(offset + head + body, tail, snapshot=snap))
+
+
+def _fresh_file(fd: int) -> bool:
+    """Is standard output a regular file with nothing at or after its position (as
+    `> file` leaves it)? Then skipping over a hole leaves zeros, and a sparse file."""
+    try:
+        st = os.fstat(fd)
+        return stat.S_ISREG(st.st_mode) and os.lseek(fd, 0, os.SEEK_CUR) >= st.st_size
+    except OSError:
+        return False
+
+
+def _read_sparse(vol: Volume, out: BinaryIO, offset: int, length: int, snap: str | None,
+                 add: Callable[[int], None]) -> None:
+    """Unmapped ranges become holes in the output file: seek over them, and set the
+    file's size at the end (a trailing hole is no write at all)."""
+    end = offset + length
+    for start in range(offset, end, SPARSE_WINDOW):      # map lookups in bounded pieces
+        for off, n, mapped in vol.extents(start, min(SPARSE_WINDOW, end - start), snap):
+            if mapped:
+                _read_range(vol, out, off, n, snap, add)
+                continue
+            out.seek(n, os.SEEK_CUR)
+            add(n)
+    out.flush()
+    os.ftruncate(out.fileno(), out.tell())
 
 
 def _snapshot_report(path: str, name: str, id: int, generation: int, blocks: int) -> Report:
