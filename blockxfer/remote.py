@@ -155,6 +155,13 @@ def image(path: str, expression: str) -> Result | None:
     return try_call(path, "image", expression=expression)  # type: ignore[no-any-return]
 
 
+def holds(path: str, op: str, snapshot: str | None = None,
+          tag: str | None = None) -> Result | None:
+    """`op` is "hold", "release" or "list"; returns the volume's holds afterwards."""
+    return try_call(path, "holds", op=op, snapshot=snapshot,  # type: ignore[no-any-return]
+                    tag=tag)
+
+
 # -- server side ------------------------------------------------------------------------
 def register(ctl: ControlServer) -> None:
     """Add the volume commands to a server's control socket."""
@@ -168,7 +175,8 @@ class _Handlers:
         self.vol: Any = ctl.vol.volume          # a Volume: more than the NBD surface
 
     def install(self) -> None:
-        for name in ("info", "snapshots", "snapshot", "destroy", "pointer", "image", "send"):
+        for name in ("info", "snapshots", "snapshot", "destroy", "pointer", "image", "send",
+                     "holds"):
             self.ctl.register(name, getattr(self, name))
 
     def info(self) -> Result:
@@ -222,3 +230,16 @@ class _Handlers:
     def image(self, expression: str) -> Result:
         with self.lv.lock:
             return image_report(self.vol, expression)
+
+    def holds(self, op: str, snapshot: str | None = None, tag: str | None = None) -> Result:
+        with self.lv.lock:
+            return holds_change(self.vol, op, snapshot, tag)
+
+
+def holds_change(vol: Any, op: str, snapshot: str | None, tag: str | None) -> Result:
+    """Hold or release a snapshot (or only list), then list: both sides do this."""
+    if op == "hold":
+        vol.hold(snapshot, tag)
+    elif op == "release":
+        vol.release(snapshot, tag)
+    return {"holds": {name: sorted(tags) for name, tags in sorted(vol.holds().items())}}

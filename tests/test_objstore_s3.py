@@ -97,6 +97,21 @@ def test_prune_gc_keep_the_rest_restorable(server: Server, source, tmp_path: Pat
     assert contents(target, f"s{N - 1}") == want[f"s{N - 1}"]
 
 
+def test_gc_repacks_and_the_rest_still_restores(server: Server, source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src, want = source
+    store = _prefix(server)
+    send_chain(server, src, store)
+    bx(server, "store", "prune", f"{store}/vol", "--keep-last", "1", "--keep", "s2")
+    r = json.loads(bx(server, "store", "gc", store, "--grace", "0", "--repack-below", "1",
+                      "--json").stdout)
+    assert r["packs_repacked"] >= 1 and r["manifests_rewritten"] >= 1 and not r["problems"]
+    assert "clean" in bx(server, "store", "verify", store).stdout
+    for name in ("s2", f"s{N}"):
+        target = str(tmp_path / f"{name}.img")
+        bx(server, "receive", target, "-i", f"{store}/vol@{name}")
+        assert contents(target, name) == want[name]
+
+
 def test_store_commands_give_their_results_as_json(server: Server, source) -> None:  # type: ignore[no-untyped-def]
     from tests.test_cli_json import ELSEWHERE, documented
     src, _ = source

@@ -125,14 +125,28 @@ def cmd_verify(a: argparse.Namespace) -> Report:
 def cmd_gc(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.objstore.maintain import collect_garbage
     store, _, _ = _open(a.store, a, volume=False)
-    rep = collect_garbage(store, grace=a.grace, dry_run=a.dry_run)
+    if not 0 <= a.repack_below <= 1:
+        raise UsageError(f"--repack-below {a.repack_below}: give a fraction from 0 to 1")
+    rep = collect_garbage(store, grace=a.grace, dry_run=a.dry_run, repack_below=a.repack_below)
     verb = "would delete" if a.dry_run else "deleted"
-    return Report({"store": store.url, "dry_run": a.dry_run, "packs_deleted": rep.packs_deleted,
-                   "bytes_deleted": rep.bytes_deleted, "manifests_deleted": rep.manifests_deleted,
-                   "packs_kept": rep.packs_kept, "young": rep.young},
-                  [f"{store.url}: {verb} {rep.packs_deleted} packs ({human(rep.bytes_deleted)}) "
-                   f"and {rep.manifests_deleted} manifests; {rep.packs_kept} packs in use, "
-                   f"{rep.young} unreferenced objects younger than the grace period kept"])
+    pk = rep.repack
+    problems = list(pk.problems) if pk else []
+    data = {"store": store.url, "dry_run": a.dry_run, "packs_deleted": rep.packs_deleted,
+            "bytes_deleted": rep.bytes_deleted, "manifests_deleted": rep.manifests_deleted,
+            "packs_kept": rep.packs_kept, "young": rep.young,
+            "packs_repacked": pk.packs_repacked if pk else 0,
+            "bytes_copied": pk.bytes_copied if pk else 0,
+            "manifests_rewritten": pk.manifests_rewritten if pk else 0,
+            "problems": problems}
+    text = [f"problem: {p}" for p in problems]
+    if pk and pk.packs_repacked:
+        text.append(f"{store.url}: {'would repack' if a.dry_run else 'repacked'} "
+                    f"{pk.packs_repacked} mostly unused packs ({human(pk.bytes_copied)} copied, "
+                    f"{human(pk.bytes_freed)} to free once they age past the grace period)")
+    text.append(f"{store.url}: {verb} {rep.packs_deleted} packs ({human(rep.bytes_deleted)}) "
+                f"and {rep.manifests_deleted} manifests; {rep.packs_kept} packs in use, "
+                f"{rep.young} unreferenced objects younger than the grace period kept")
+    return Report(data, text, code=1 if problems else 0)
 
 
 def cmd_rm(a: argparse.Namespace) -> Report:
@@ -194,13 +208,18 @@ STORE_COMMANDS = (
                         arg("--keep", action="append", metavar="GLOB",
                             help="also keep snapshots matching this pattern (repeatable)"),
                         _dry_run(), s3_endpoint_arg())),
-    Command("gc", "delete packs and manifests no snapshot needs",
-            "Delete the packs and manifests no snapshot in the catalog needs.",
+    Command("gc", "repack and delete packs and manifests no snapshot needs",
+            "Repack packs that are mostly unused (their live blobs are copied into new "
+            "packs and the manifests naming them rewritten), then delete the packs and "
+            "manifests no snapshot in the catalog needs, once older than the grace period.",
             (f"blockxfer store gc {STORE} --dry-run",),
             cmd_gc, (arg("store", metavar=STORE, help="the store"),
                      arg("--grace", type=float, default=6 * 3600, metavar="SECONDS",
                          help="keep unreferenced objects younger than this (default 6 h: a "
                               "running upload may be about to name them)"),
+                     arg("--repack-below", type=float, default=0.5, metavar="FRACTION",
+                         help="first copy the live blobs of packs less than this fraction "
+                              "in use into new packs (default 0.5; 0: never repack)"),
                      _dry_run(), s3_endpoint_arg())),
 )
 

@@ -204,6 +204,33 @@ def cmd_destroy(a: argparse.Namespace) -> Report:
     return Report({"volume": path, "destroyed": name}, [f"{path}@{name}: destroyed"])
 
 
+def _holds(path: str, op: str, snapshot: str | None = None, tag: str | None = None) -> Report:
+    r = remote.holds(path, op, snapshot, tag)
+    if r is None:
+        with open_volume(path, write=op != "list") as vol:
+            r = remote.holds_change(vol, op, snapshot, tag)
+    rows = [f"{name:24} {', '.join(tags)}" for name, tags in r["holds"].items()]
+    return Report({"volume": path, **r}, rows or [f"{path}: no holds"])
+
+
+def cmd_hold(a: argparse.Namespace) -> Report:
+    path, name = need_snapshot(a.target)
+    report = _holds(path, "hold", name, a.tag)
+    report.text = [f"{path}@{name}: held by {a.tag}"]
+    return report
+
+
+def cmd_release(a: argparse.Namespace) -> Report:
+    path, name = need_snapshot(a.target)
+    report = _holds(path, "release", name, a.tag)
+    report.text = [f"{path}@{name}: hold {a.tag} released"]
+    return report
+
+
+def cmd_holds(a: argparse.Namespace) -> Report:
+    return _holds(a.path, "list")
+
+
 def cmd_pointer(a: argparse.Namespace) -> Report:
     if not a.delete and not a.snapshot:
         raise UsageError("name the snapshot the pointer should refer to, or give --delete")
@@ -305,6 +332,25 @@ COMMANDS = (
              "'pointer --delete'"),
             cmd_destroy,
             (snapshot_arg("the snapshot (or pointer) to destroy"),)),
+    Command("hold", "keep a snapshot from being destroyed (like 'zfs hold')",
+            "Put a hold tagged TAG on a snapshot: neither 'destroy' nor a retention policy "
+            "removes it until every hold is released. Mirrors and replication hold the "
+            "snapshots they need the same way.",
+            ("blockxfer hold keep-for-audit /srv/vol.img@june1",),
+            cmd_hold,
+            (arg("tag", metavar="TAG", help="a name for the hold (1..128 characters)"),
+             snapshot_arg("the snapshot to hold"))),
+    Command("release", "release a hold on a snapshot",
+            "Remove the hold tagged TAG from a snapshot; when no hold is left it may be "
+            "destroyed again.",
+            ("blockxfer release keep-for-audit /srv/vol.img@june1",),
+            cmd_release,
+            (arg("tag", metavar="TAG", help="the hold's tag"),
+             snapshot_arg("the held snapshot"))),
+    Command("holds", "list the holds on a volume's snapshots",
+            "List each held snapshot with the tags holding it.",
+            ("blockxfer holds /srv/vol.img --json",),
+            cmd_holds, (volume_arg(),)),
     Command("pointer", "set or delete a named pointer to a snapshot",
             "Set a named pointer (like a tag: 'last-sent') to a snapshot, or delete it. "
             "Image expressions may name pointers where they name snapshots.",

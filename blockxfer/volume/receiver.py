@@ -145,7 +145,7 @@ class Receiver:
         self.state = LocalState(self.local.seq, self.vol.generation if self.vol else 0,
                                 im.stream_id, im.top_guid, im.base_guid or bytes(16),
                                 im.image_digest, im.image_blocks, 0, self.local.incomplete,
-                                self.local.released, self.received)
+                                self.local.released, self.received, self.local.props)
         self._io = BlockIO(self.dev, im.block_size)
 
     def _begin_overwrite(self) -> None:
@@ -241,7 +241,7 @@ class Receiver:
             raise StreamError(f"stream does not carry all blocks of its top {im.top_name!r}")
         state = LocalState(self.state.seq, im.root.generation,
                            incomplete={e.guid for e in incomplete},
-                           released={e.guid for e in released})
+                           released={e.guid for e in released}, props=self.local.props)
         sb = im.superblock()
         if self.vol is not None:
             self.vol.adopt_foreign_root(sb, state)

@@ -82,6 +82,10 @@ class Snapshots(Allocator):
             if self._held.get(e.id):
                 raise VolumeError(f"snapshot {name!r} is being sent; destroy it when the send "
                                   "has finished")
+            tags = self.held_by(e)
+            if tags:
+                raise VolumeError(f"snapshot {name!r} is held by {', '.join(tags)}; release "
+                                  f"it first ('blockxfer release TAG VOLUME@{name}')")
             users = sorted(p for p, sid in self.catalog.pointers.items() if sid == e.id)
             if users:
                 raise VolumeError(f"snapshot {name!r} is the target of pointer {users[0]!r}; "

@@ -8,6 +8,7 @@ receiver.py) and is composed, with consistency points, into `Volume` (volume.py)
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -170,6 +171,11 @@ class VolumeState:
             tree = CowTree(e.root.lba, self.block_size, self.io.read_block, self.virtual_blocks)
             self._snap_trees[e.id] = tree
         return tree
+
+    def held_by(self, e: SnapshotEntry) -> list[str]:
+        """The tags holding snapshot `e` (see properties.py)."""
+        raw = self.local.props.get("holds")
+        return list(json.loads(raw).get(e.guid.hex(), [])) if raw else []
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:

@@ -27,6 +27,7 @@ from blockxfer.errors import VolumeError
 from . import layout
 from .blockio import aligned
 from .layout import ObjectRef, RootRecord, Superblock
+from .properties import Properties
 from .receiver import ReceiveSide
 from .snapshots import Snapshots
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
@@ -37,7 +38,7 @@ CP_INTERVAL = 10.0                      # seconds between CPs while writes are p
 MAX_DIRTY_NODES = 16384                 # a CP also starts when this many map nodes are dirty
 
 
-class Volume(Syncing, Snapshots, ReceiveSide, Tracking):
+class Volume(Syncing, Snapshots, ReceiveSide, Tracking, Properties):
     """A volume open on a block device (see VolumeState for the locking)."""
 
     @classmethod

@@ -19,6 +19,7 @@ from blockxfer.errors import BlockxferError, NotFound, UsageError
 from blockxfer.stream.format import Header
 
 from . import format as fmt
+from .repack import RepackReport, repack
 from .restore import WORKERS, Fetch, blob_blocks, plan_fetches
 from .store import Catalog, Store
 from .upload import GRACE
@@ -135,10 +136,14 @@ class GcReport:
     packs_kept: int = 0
     young: int = 0                         # unreferenced but within the grace period
     deleted: list[str] = field(default_factory=list)
+    repack: RepackReport | None = None
 
 
-def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False) -> GcReport:
-    """Delete packs and manifests no catalog reaches, once older than `grace` seconds."""
+def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False,
+                    repack_below: float = 0.0) -> GcReport:
+    """Repack packs whose live fraction is below `repack_below` (repack.py), then
+    delete packs and manifests no catalog reaches, once older than `grace` seconds."""
+    packed = repack(store, below=repack_below, dry_run=dry_run) if repack_below > 0 else None
     live_packs: set[str] = set()
     live_manifests: set[str] = set()
     for name in store.volumes():
@@ -146,20 +151,30 @@ def collect_garbage(store: Store, *, grace: float = GRACE, dry_run: bool = False
             live_manifests.add(s.manifest)
             live_packs |= {store.pack_key(p) for p in store.manifest(name, s).packs()}
     rep, now = GcReport(), time.time()
-    dead = [(i, "pack") for i in store.all_objects("packs") if i.key not in live_packs]
+    retired = {i.key.rsplit("/", 1)[-1]: i for i in store.all_objects("retired")}
+    packs = list(store.all_objects("packs"))
+    dead = [(i, "pack") for i in packs if i.key not in live_packs]
     dead += [(i, "manifest") for i in store.all_objects("volumes")
              if i.key.endswith(".manifest") and i.key not in live_manifests]
     rep.packs_kept = len(live_packs)
+    present = {i.key.rsplit("/", 1)[-1] for i in packs}
+    for name, mark in retired.items():          # markers of packs gone (or never repacked)
+        if name not in present and not dry_run:
+            store.o.delete(mark.key)
     for info, kind in dead:
-        if now - info.mtime < grace:
-            rep.young += 1
+        mark = retired.get(info.key.rsplit("/", 1)[-1]) if kind == "pack" else None
+        if now - max(info.mtime, mark.mtime if mark else 0) < grace:
+            rep.young += 1          # (a restore may have read a manifest naming it)
             continue
         if not dry_run:
             store.o.delete(info.key)
+            if mark is not None:
+                store.o.delete(mark.key)
         rep.deleted.append(info.key)
         if kind == "pack":
             rep.packs_deleted += 1
             rep.bytes_deleted += info.size
         else:
             rep.manifests_deleted += 1
+    rep.repack = packed
     return rep

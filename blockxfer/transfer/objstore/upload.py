@@ -63,10 +63,25 @@ class Packer:
         self.written = self.skipped = self.new_bytes = 0
         self._lock = threading.Lock()
 
+    @property
+    def count(self) -> int:
+        """Blobs added so far (`entries[i]` is the i-th once `finish` returns)."""
+        return len(self.entries) + len(self._pending)
+
     def add(self, chunk: int, mask: bitarray, data: bytes | memoryview) -> None:
         blob = fmt.make_blob(chunk, mask, data)
         self._pending.append((chunk, len(self._buf), len(blob), fmt.blob_check(blob),
                               mask.copy()))
+        self._buf += blob
+        if len(self._buf) >= self.pack_bytes:
+            self._seal()
+
+    def add_blob(self, blob: bytes, check: int) -> None:
+        """A blob as it is (a repack copies blobs verbatim, checksums and all)."""
+        _, _, _, _, chunk, c, _ = fmt.BLOB.unpack_from(blob, 0)
+        mask = bitarray(endian="little")
+        mask.frombytes(blob[fmt.BLOB.size:fmt.BLOB.size + c // 8])
+        self._pending.append((chunk, len(self._buf), len(blob), check, mask))
         self._buf += blob
         if len(self._buf) >= self.pack_bytes:
             self._seal()
@@ -242,7 +257,8 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
     record = SnapshotRecord(h.top.name, h.top.guid, h.top.id, h.top.generation, key, check,
                          man.blocks, packer.new_bytes, h.base.guid if h.base else None,
                          int(time.time()))
-    store.commit(volume, _adder(volume, h, c, record))
+    store.commit(volume, _adder(volume, h, c, record,
+                                base_rec.manifest if base_rec else None))
     res.manifest_blocks, res.new_bytes = man.blocks, packer.new_bytes
     res.packs_written, res.packs_skipped = packer.written, packer.skipped
     return res
@@ -273,14 +289,23 @@ def _check_header(store: Store, volume: str, cat: Catalog | None,
     return base
 
 
-def _adder(volume: str, h: sfmt.Header, c: int,
-           rec: SnapshotRecord) -> Callable[[Catalog | None], Catalog]:
+def _adder(volume: str, h: sfmt.Header, c: int, rec: SnapshotRecord,
+           base_manifest: str | None) -> Callable[[Catalog | None], Catalog]:
+    """The commit: add `rec`, provided the base manifest the new one was merged from
+    is still the base's (a base removed, or repacked, meanwhile may lose its packs)."""
     def add(cat: Catalog | None) -> Catalog:
         if cat is None:
             cat = Catalog(volume, h.volume_uuid, h.block_size, h.nblocks, c, 0, [])
         elif cat.uuid != h.volume_uuid or cat.chunk_blocks != c:
             raise VolumeError(f"{volume}: another volume was stored under this name meanwhile")
-        cat.snapshots = [s for s in cat.snaps() if s.guid != rec.guid] + [rec]
+        if h.base is not None:
+            base = cat.find(guid=h.base.guid)
+            if base is None or base.manifest != base_manifest:
+                raise StreamError(f"{volume}: the base {h.base.name!r} was removed or repacked "
+                                  "while this upload ran; run it again (the packs already "
+                                  "written are reused)")
+        if cat.find(guid=rec.guid) is None:     # else another writer stored it first: keep
+            cat.snapshots = cat.snaps() + [rec]  # its manifest, which others may merge from
         return cat
     return add
 
