@@ -216,6 +216,53 @@ def test_check_finds_a_bad_record_followed_by_good_ones(path: str) -> None:
         vol.close()
 
 
+def test_check_finds_a_damaged_record_followed_by_a_good_one(path: str) -> None:
+    vol = opened(path, True)
+    vol.write(0, b"one")
+    vol.sync()
+    pos = vol.log.pos
+    vol.write(BS, b"two")
+    vol.sync()
+    vol.write(2 * BS, b"three")
+    vol.sync()
+    off = vol.log.offset + pos * il.UNIT
+    crash(vol)
+    with open(path, "r+b") as f:                 # the data of record 2: its head survives
+        f.seek(off + il.UNIT + 1)
+        f.write(b"\xff")
+    vol = opened(path)
+    try:
+        assert vol.read(0, 3) == b"one" and not any(vol.read(BS, 2 * BS))
+        report = check_volume(vol)
+        assert report.problems == ["intent log record 2 is damaged, but record 3 follows "
+                                   "it: acknowledged writes are lost"]
+    finally:
+        vol.close()
+
+
+def test_replay_never_continues_into_an_abandoned_history(path: str) -> None:
+    """Records 1-3 written; record 2 damaged, so a replay stops after 1 and the next
+    session writes its own record 2 of the same size over it: the old record 3
+    right behind it (same token, the next sequence number) must not be replayed."""
+    vol = opened(path, True)
+    for i in range(3):
+        vol.write(i * BS, bytes([65 + i]) * 100)
+        vol.sync()
+    crash(vol)
+    with open(path, "r+b") as f:
+        vol = opened(path)
+        f.seek(vol.log.offset + 2 * il.UNIT + 1)     # record 2's data unit
+        vol.close()
+        f.write(b"\xff")
+    vol = opened(path, True)
+    assert vol.log.seq == 1
+    vol.write(5 * BS, b"X" * 100)                    # its own record 2, two units again
+    vol.sync()
+    crash(vol)
+    got, records, _ = contents(path)
+    assert records == 2 and got[2 * BS] == 0 and got[5 * BS] == ord("X")
+
+
 def test_a_volume_without_log_region_syncs_with_a_cp(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Version 1 volumes (and images received from them) have no log region."""
@@ -239,7 +286,7 @@ def _record() -> bytes:
     entries = [il.Entry(3, 1, il.INLINE, ptrs[:1], b"\xa5" * BS),
                il.Entry(10, 2, il.POINTER, ptrs),
                il.Entry(20, 5, il.UNMAP)]
-    return bytes(il.pack_record(token, 1, 7, entries, BS))
+    return bytes(il.pack_record(token, 1, 7, 0, entries, BS))
 
 
 def test_record_golden_bytes() -> None:

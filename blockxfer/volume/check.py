@@ -161,6 +161,10 @@ def _check_log(vol: Volume, used: bitarray, report: CheckReport) -> None:
             report.problems.append(f"intent log record {rec.seq} {why}, but {len(records) - k - 1} "
                                    "records follow it: acknowledged writes are lost")
         return
+    lost = vol.log.lost_after(records)
+    if lost is not None:
+        report.problems.append(f"intent log record {lost - 1} is damaged, but record {lost} "
+                               "follows it: acknowledged writes are lost")
 
 
 def check_volume(vol: Volume) -> CheckReport:

@@ -11,8 +11,10 @@ the records that follow the committed root (volume.py).
 A record is bound to the root it follows by a token (xxh3-64 of the volume UUID
 and the committed root record): records written before a CP, or on a volume whose
 root a receive replaced, never match again. Records are numbered from 1 after
-each CP and written in order, each made durable before the next starts, so
-replay stops at the first record that is absent, torn, stale or out of order.
+each CP, each carries the checksum of the one before it, and each is made durable
+before the next starts, so replay stops at the first record that is absent, torn,
+stale or out of order, and never continues into records of a history that a
+replay stopped short of (a later session wrote over its start).
 docs/volume-format.md describes the same bytes.
 """
 
@@ -33,12 +35,13 @@ from .layout import RootRecord
 
 UNIT = 4096                      # records start and end on 4 KiB boundaries
 MAGIC = b"BXINTENT"
-HEAD = struct.Struct("<8sQQQIIIIQ")
-# magic, root token, sequence, root generation, meta units, data units, entries,
-# zero, xxh3-64 of the whole record (meta and data) with this field zeroed
+HEAD = struct.Struct("<8sQQQQIIIIQ")
+# magic, root token, sequence, root generation, checksum of the previous record (0
+# for the first after a CP), meta units, data units, entries, zero, xxh3-64 of the
+# whole record (meta and data) with this field zeroed
 ENTRY = struct.Struct("<QII")    # first virtual block, blocks, kind
 PTR = struct.Struct("<QQ")       # vbn, xxh3-64 of the block
-assert HEAD.size == 56 and ENTRY.size == 16 and PTR.size == 16
+assert HEAD.size == 64 and ENTRY.size == 16 and PTR.size == 16
 _CK_AT = HEAD.size - 8
 
 INLINE, POINTER, UNMAP = 1, 2, 3
@@ -64,14 +67,33 @@ class Entry:
         return ENTRY.size + (0 if self.kind == UNMAP else PTR.size * self.count)
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    token: int
+    seq: int
+    generation: int
+    prev: int
+    meta_units: int
+    data_units: int
+    entries: int
+    checksum: int
+
+    @property
+    def units(self) -> int:
+        return self.meta_units + self.data_units
+
+
 @dataclass(slots=True)
 class Record:
-    seq: int
+    head: Head
     entries: list[Entry] = field(default_factory=list)
-    units: int = 0
+
+    @property
+    def seq(self) -> int:
+        return self.head.seq
 
 
-def pack_record(token: int, seq: int, generation: int, entries: list[Entry],
+def pack_record(token: int, seq: int, generation: int, prev: int, entries: list[Entry],
                 block_size: int) -> memoryview:
     """The record's bytes, in an aligned buffer, whole 4 KiB units."""
     meta = HEAD.size + sum(e.meta_size() for e in entries)
@@ -96,24 +118,24 @@ def pack_record(token: int, seq: int, generation: int, entries: list[Entry],
             n = e.count * block_size
             view[dat:dat + n] = memoryview(e.data).cast("B")[:n]
             dat += n
-    HEAD.pack_into(view, 0, MAGIC, token, seq, generation, meta_units, data_units,
+    HEAD.pack_into(view, 0, MAGIC, token, seq, generation, prev, meta_units, data_units,
                    len(entries), 0, 0)
     struct.pack_into("<Q", view, _CK_AT, checksum(view))
     return view
 
 
-def parse_head(raw: bytes | memoryview) -> tuple[int, int, int, int, int, int]:
-    """(token, seq, generation, meta units, data units, entries) of a record head;
-    FormatError when it is not one."""
-    magic, token, seq, gen, mu, du, n, _, _ = HEAD.unpack_from(raw, 0)
+def parse_head(raw: bytes | memoryview) -> Head:
+    """The head of a record; FormatError when it is not one."""
+    magic, token, seq, gen, prev, mu, du, n, _, ck = HEAD.unpack_from(raw, 0)
     if magic != MAGIC or mu < 1:
         raise FormatError("no intent log record")
-    return token, seq, gen, mu, du, n
+    return Head(token, seq, gen, prev, mu, du, n, ck)
 
 
 def parse_record(raw: memoryview, block_size: int) -> list[Entry]:
     """The entries of a whole record whose checksum is already verified."""
-    _, _, _, mu, _, n = parse_head(raw)
+    head = parse_head(raw)
+    mu, n = head.meta_units, head.entries
     at, dat, out = HEAD.size, mu * UNIT, []
     for _ in range(n):
         if at + ENTRY.size > mu * UNIT:
@@ -158,8 +180,8 @@ class IntentLog:
         self.capacity = max(0, blocks) * block_size // UNIT      # in units
         self.token = self.generation = 0
         self.pos = self.seq = 0
+        self.last = 0                  # checksum of the last record (0: none since the CP)
         self.entries: list[Entry] = []
-        self.units = 1                 # what the pending record would take
         self.meta = HEAD.size
         self.inline_bytes = 0
         self.pointers = False          # pending entries point at data still to drain
@@ -172,7 +194,7 @@ class IntentLog:
     def reset(self, uuid: bytes, root: RootRecord) -> None:
         """A new committed root: every record so far is obsolete."""
         self.token, self.generation = root_token(uuid, root), root.generation
-        self.pos = self.seq = 0
+        self.pos = self.seq = self.last = 0
         self._clear()
         self.overflow = False
 
@@ -227,44 +249,70 @@ class IntentLog:
 
     def append(self) -> None:
         """Write the pending entries as the next record and make it durable."""
-        rec = pack_record(self.token, self.seq + 1, self.generation, self.entries, self.bs)
+        rec = pack_record(self.token, self.seq + 1, self.generation, self.last, self.entries,
+                          self.bs)
         units = len(rec) // UNIT
         assert self.pos + units <= self.capacity
         self.dev.pwrite(rec, self.offset + self.pos * UNIT)
         self.dev.flush()
         self.pos += units
         self.seq += 1
+        self.last = parse_head(rec).checksum
         self._clear()
+
+    def _head_at(self, pos: int) -> Head | None:
+        if pos >= self.capacity:
+            return None
+        buf = memoryview(aligned(UNIT))[:UNIT]
+        self.dev.pread(buf, self.offset + pos * UNIT)
+        try:
+            head = parse_head(buf)
+        except FormatError:
+            return None
+        if head.token != self.token or pos + head.units > self.capacity:
+            return None
+        return head
+
+    def _record_at(self, pos: int, seq: int, prev: int) -> Record | None:
+        """The whole record at `pos` if it is the one that must come next."""
+        head = self._head_at(pos)
+        if head is None or head.seq != seq or head.prev != prev:
+            return None
+        size = head.units * UNIT
+        raw = memoryview(aligned(size))[:size]
+        self.dev.pread(raw, self.offset + pos * UNIT)
+        if not verify(raw):
+            return None
+        try:
+            return Record(head, parse_record(raw, self.bs))
+        except FormatError:
+            return None
 
     def records(self) -> list[Record]:
         """The records that follow the committed root, in order, up to the first one
         that does not (absent, torn, stale or out of sequence). Data the POINTER
-        entries name is not checked here (see volume.py)."""
+        entries name is not checked here (see syncing.py)."""
         out: list[Record] = []
-        pos, seq = 0, 1
-        head = memoryview(aligned(UNIT))[:UNIT]
-        while pos < self.capacity:
-            self.dev.pread(head, self.offset + pos * UNIT)
-            try:
-                token, s, _, mu, du, _ = parse_head(head)
-            except FormatError:
-                break
-            if token != self.token or s != seq or pos + mu + du > self.capacity:
-                break
-            size = (mu + du) * UNIT
-            raw = memoryview(aligned(size))[:size]
-            self.dev.pread(raw, self.offset + pos * UNIT)
-            if not verify(raw):
-                break
-            try:
-                entries = parse_record(raw, self.bs)
-            except FormatError:
-                break
-            out.append(Record(seq, entries, mu + du))
-            pos, seq = pos + mu + du, seq + 1
+        pos, prev = 0, 0
+        while (rec := self._record_at(pos, len(out) + 1, prev)) is not None:
+            out.append(rec)
+            pos, prev = pos + rec.head.units, rec.head.checksum
         return out
+
+    def lost_after(self, records: list[Record]) -> int | None:
+        """The sequence number of a whole record that follows an unreadable one
+        (whose head survived): acknowledged writes a replay cannot reach. None when
+        the log simply ends (a torn or never finished last record is normal)."""
+        pos = sum(r.head.units for r in records)
+        seq = len(records) + 1
+        bad = self._head_at(pos)
+        if bad is None or bad.seq != seq:
+            return None
+        nxt = self._record_at(pos + bad.units, seq + 1, bad.checksum)
+        return None if nxt is None else seq + 1
 
     def resume_after(self, records: list[Record]) -> None:
         """Continue after the records replayed (the next record follows them)."""
-        self.pos = sum(r.units for r in records)
+        self.pos = sum(r.head.units for r in records)
         self.seq = len(records)
+        self.last = records[-1].head.checksum if records else 0
