@@ -306,8 +306,9 @@ class IntentLog:
         pos = sum(r.head.units for r in records)
         seq = len(records) + 1
         bad = self._head_at(pos)
-        if bad is None or bad.seq != seq:
-            return None
+        prev = records[-1].head.checksum if records else 0
+        if bad is None or bad.seq != seq or bad.prev != prev:
+            return None                 # the log ends, or what follows is another history
         nxt = self._record_at(pos + bad.units, seq + 1, bad.checksum)
         return None if nxt is None else seq + 1
 
