@@ -164,7 +164,8 @@ def cmd_check(a: argparse.Namespace) -> Report:
     problems = report["problems"]
     text = [f"problem: {p}" for p in problems]
     text.append(f"{a.path}: {'clean' if report['clean'] else f'{len(problems)} problems'}; "
-                f"{report['roots']} roots, {report['blocks_verified']} data blocks verified")
+                f"{report['roots']} roots, {report['blocks_verified']} data blocks verified, "
+                f"{report.get('log_records', 0)} intent log records")
     return Report(report, text, code=0 if report["clean"] else 1)
 
 

@@ -12,6 +12,8 @@ command prints with `--json`.
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -63,6 +65,9 @@ def image_report(vol: Volume, expression: str) -> Result:
 
 def _plain(vol: Volume, geometry: Any) -> Reader:
     return plain_reader(vol)
+
+
+SPARSE_WINDOW = 1 << 30          # virtual bytes whose extents `read` looks up at once
 
 
 class VolumeOps:
@@ -182,22 +187,16 @@ class VolumeOps:
     def read(self, out: Writable, offset: int, length: int | None = None,
              snapshot: str | None = None, progress: Progress = None) -> Result:
         """The virtual disk (or a snapshot of it) from `offset` into `out`; reads run
-        outside the lock."""
+        outside the lock. Into a fresh regular file (as `> file` leaves it) unmapped
+        ranges become holes: a sparse file."""
         vol = self.vol
         if length is None:
             length = max(vol.virtual_size - offset, 0)
-        bs = vol.block_size
-        head = min(length, -offset % bs)           # unaligned edges go the slow way
-        body = (length - head) // bs * bs
-        if head:
-            out.write(vol.read(offset, head, snapshot=snapshot))
-        for view in vol.iter_read(offset + head, body, snapshot=snapshot):
-            out.write(view)
-            if progress:
-                progress(len(view))
-        tail = length - head - body
-        if tail:
-            out.write(vol.read(offset + head + body, tail, snapshot=snapshot))
+        add = progress or (lambda n: None)
+        if _fresh_file(out):
+            _read_sparse(vol, out, offset, length, snapshot, add)
+        else:
+            _read_range(vol, out, offset, length, snapshot, add)
         return {"snapshot": snapshot, "offset": offset, "bytes": length}
 
     def write(self, chunks: Iterable[bytes], offset: int, progress: Progress = None) -> Result:
@@ -278,6 +277,48 @@ class VolumeOps:
                                target_has=have.__contains__, progress=progress,
                                receive=receive)
         return [{"image": st.image, "result": receive_result(st.result)} for st in steps]
+
+
+def _read_range(vol: Volume, out: Writable, offset: int, length: int, snap: str | None,
+                add: Callable[[int], None]) -> None:
+    bs = vol.block_size
+    head = min(length, -offset % bs)           # unaligned edges go the slow way
+    body = (length - head) // bs * bs
+    if head:
+        out.write(vol.read(offset, head, snapshot=snap))
+    for view in vol.iter_read(offset + head, body, snapshot=snap):
+        out.write(view)
+        add(len(view))
+    tail = length - head - body
+    if tail:
+        out.write(vol.read(offset + head + body, tail, snapshot=snap))
+
+
+def _fresh_file(out: Writable) -> bool:
+    """Is `out` a regular file with nothing at or after its position (as `> file`
+    leaves it)? Then skipping over a hole leaves zeros, and a sparse file."""
+    try:
+        fd = out.fileno()  # type: ignore[attr-defined]
+        st = os.fstat(fd)
+        return stat.S_ISREG(st.st_mode) and os.lseek(fd, 0, os.SEEK_CUR) >= st.st_size
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _read_sparse(vol: Volume, out: Any, offset: int, length: int, snap: str | None,
+                 add: Callable[[int], None]) -> None:
+    """Unmapped ranges become holes in the output file: seek over them, and set the
+    file's size at the end (a trailing hole is no write at all)."""
+    end = offset + length
+    for start in range(offset, end, SPARSE_WINDOW):      # map lookups in bounded pieces
+        for off, n, mapped in vol.extents(start, min(SPARSE_WINDOW, end - start), snap):
+            if mapped:
+                _read_range(vol, out, off, n, snap, add)
+                continue
+            out.seek(n, os.SEEK_CUR)
+            add(n)
+    out.flush()
+    os.ftruncate(out.fileno(), out.tell())
 
 
 def _no_device(*args: Any, **kwargs: Any) -> Any:

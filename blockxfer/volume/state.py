@@ -20,9 +20,11 @@ from blockxfer.errors import NotFound, UsageError, VolumeError
 
 from . import layout
 from .blockio import BlockIO
+from .intentlog import IntentLog
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea
 from .objects import BlobObject, PlaneObject
+from .superblock import local_end
 from .tree import CowTree
 
 if TYPE_CHECKING:
@@ -69,6 +71,9 @@ class VolumeState:
             if e.root is None and e.generation == root.generation:
                 e.root = root                 # persisted with the next CP's catalog
                 self._fill_pending = True
+        start = local_end(self.nblocks, bs)     # the log region ends at the first data VBN
+        self.log = IntentLog(self.dev, bs, start, self.sb.first_data_vbn - start)
+        self.log.reset(self.sb.uuid, root)      # records of an older or foreign root: stale
         self.local_area = LocalArea(self.dev, self.block_size, self.nblocks)
         self.local = self.local_area.read(root.generation)
         for e in self.catalog.snapshots:
