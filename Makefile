@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench testbed clean venv extras install-extras
+.PHONY: demo test test-slow lint typecheck bench testbed clean venv extras install-extras
 
 venv: $(STAMP)
 
@@ -34,14 +34,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/apt-deps.sh
 	$(BIN)/ruff check blockxfer drivers tests bench
-	$(BIN)/mypy blockxfer drivers
+	$(BIN)/mypy blockxfer drivers bench
 	$(BIN)/pytest -q -m "not slow and not vm"
+
+# the long suites (many kill points, real clusters, terminals): CI runs them after `make test`
+test-slow: $(STAMP)
+	bash scripts/apt-deps.sh
+	$(BIN)/pytest -q -m "slow and not vm"
 
 lint: $(STAMP)
 	$(BIN)/ruff check blockxfer drivers tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy blockxfer drivers
+	$(BIN)/mypy blockxfer drivers bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

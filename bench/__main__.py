@@ -23,6 +23,7 @@ BENCHES = [
     "bench_nbd",
     "bench_transport",
     "bench_objstore",
+    "bench_mirror",
 ]
 
 

@@ -66,6 +66,8 @@ class FileVolume:
     def commit(self) -> None:
         os.fdatasync(self.fd)
 
+    sync = commit
+
     def snapshot_names(self) -> list[str]:
         return []
 

@@ -104,8 +104,8 @@ def main() -> None:
         man = store.manifest("vol", store.need_catalog("vol").snaps()[-1])
         nbytes = man.blocks * man.block_size
         key = f"peer/{uuid.uuid4().hex}"
-        with open(raw, "rb") as f:
-            client.upload_fileobj(io.BufferedReader(f), srv.bucket, key)  # type: ignore[arg-type]
+        with open(raw, "rb") as src:
+            client.upload_fileobj(io.BufferedReader(src), srv.bucket, key)  # type: ignore[arg-type]
 
         def ours_restore() -> float:
             target = os.path.join(d, "restored.img")

@@ -6,6 +6,10 @@
 - incremental send after a 5% change vs btrfs send -p (goal >= 3x: issue 17);
 - computing an incremental image on a 1 TiB volume (goal < 100 ms).
 
+Each pair runs interleaved (ours, peer, ours, ...; BLOCKXFER_BENCH_ROUNDS, default 5)
+and the medians are compared. Both sides make their output durable (our send
+fsyncs its file; dd has conv=fsync; btrfs send is followed by `sync FILE`).
+
 Run as root: `python -m bench.bench_stream` (needs btrfs-progs for the btrfs rows).
 """
 
@@ -16,7 +20,8 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.loop import loop_device
@@ -25,11 +30,12 @@ from blockxfer.image import evaluate
 from blockxfer.stream.send import send_image
 from blockxfer.volume import Volume
 
-from .common import SCRATCH, drop_caches, row, run, timed
+from .common import SCRATCH, drop_caches, interleaved, row, run
 
 GIB = 1 << 30
 PIECE = 64 << 10
 CHANGES = int(0.05 * GIB) // PIECE
+ROUNDS = int(os.environ.get("BLOCKXFER_BENCH_ROUNDS", "5"))
 
 
 def _send(path: str, expr: str, out: str) -> None:
@@ -55,10 +61,14 @@ def _source(path: str, data: str) -> None:
         vol.create_snapshot("b")
 
 
-def _btrfs(data: str) -> tuple[float, float] | None:
+@contextmanager
+def _btrfs(data: str) -> Iterator[tuple[Callable[[], None], Callable[[], None]] | None]:
+    """(full send, incremental send) of the same data and change on a loop-backed
+    btrfs, or None without root or btrfs-progs."""
     if shutil.which("mkfs.btrfs") is None or os.geteuid() != 0:
-        return None
-    img, mnt = f"{SCRATCH}/btrfs.img", f"{SCRATCH}/mnt"
+        yield None
+        return
+    img, mnt, out = f"{SCRATCH}/btrfs.img", f"{SCRATCH}/mnt", f"{SCRATCH}/btrfs.stream"
     with open(img, "wb") as f:
         f.truncate(4 * GIB)
     os.makedirs(mnt, exist_ok=True)
@@ -70,20 +80,25 @@ def _btrfs(data: str) -> tuple[float, float] | None:
             run("cp", data, f"{mnt}/vol/data")
             run("btrfs", "subvolume", "snapshot", "-r", f"{mnt}/vol", f"{mnt}/a")
             rng = random.Random(5)
-            with open(f"{mnt}/vol/data", "r+b") as f:
+            with open(f"{mnt}/vol/data", "r+b") as g:
                 for _ in range(CHANGES):
-                    f.seek(rng.randrange(GIB // PIECE) * PIECE)
-                    f.write(os.urandom(PIECE))
+                    g.seek(rng.randrange(GIB // PIECE) * PIECE)
+                    g.write(os.urandom(PIECE))
             run("btrfs", "subvolume", "snapshot", "-r", f"{mnt}/vol", f"{mnt}/b")
-            out = f"{SCRATCH}/btrfs.stream"
-            full = timed(lambda: run("btrfs", "send", "-q", "-f", out, f"{mnt}/a"))
-            incr = timed(lambda: run("btrfs", "send", "-q", "-p", f"{mnt}/a", "-f", out,
-                                     f"{mnt}/b"))
-            os.unlink(out)
-            return full, incr
+
+            def full() -> None:
+                run("btrfs", "send", "-q", "-f", out, f"{mnt}/a")
+                run("sync", out)
+
+            def incr() -> None:
+                run("btrfs", "send", "-q", "-p", f"{mnt}/a", "-f", out, f"{mnt}/b")
+                run("sync", out)
+            yield full, incr
         finally:
             subprocess.run(["umount", mnt], check=False)
             os.unlink(img)
+            if os.path.exists(out):
+                os.unlink(out)
 
 
 def terabyte_image() -> float:
@@ -108,21 +123,24 @@ def main() -> None:
         for _ in range(16):
             f.write(block)
     _source(vol, data)
-    print(f"# blockxfer stream bench, scratch {SCRATCH}")
-    full = timed(lambda: _send(vol, "a", out))
+    print(f"# blockxfer stream bench, scratch {SCRATCH}, {ROUNDS} rounds interleaved")
+    full, dd = interleaved(lambda: _send(vol, "a", out),
+                           lambda: run("dd", f"if={data}", f"of={out}", "bs=1M",
+                                       "iflag=direct", "conv=fsync"), ROUNDS)
+    _send(vol, "a", out)
     full_bytes = os.path.getsize(out)
-    dd = timed(lambda: run("dd", f"if={data}", f"of={out}", "bs=1M", "iflag=direct",
-                           "conv=fsync"))
     print(row("full send 1 GiB vs dd iflag=direct", full, dd, GIB, 0.9))
-    incr = timed(lambda: _send(vol, "b - a", out))
+    _send(vol, "b - a", out)
     incr_bytes = os.path.getsize(out)
     drop_caches()
-    bt = _btrfs(data)
-    if bt:
-        print(row("full send 1 GiB vs btrfs send", full, bt[0], GIB, 1.0))
-        print(row("incremental 5% vs btrfs send -p", incr, bt[1], CHANGES * PIECE, 3.0))
-    else:
-        print("btrfs rows skipped: needs root and btrfs-progs")
+    with _btrfs(data) as bt:
+        if bt:
+            ours, theirs = interleaved(lambda: _send(vol, "a", out), bt[0], ROUNDS)
+            print(row("full send 1 GiB vs btrfs send", ours, theirs, GIB, 1.0))
+            ours, theirs = interleaved(lambda: _send(vol, "b - a", out), bt[1], ROUNDS)
+            print(row("incremental 5% vs btrfs send -p", ours, theirs, CHANGES * PIECE, 3.0))
+        else:
+            print("btrfs rows skipped: needs root and btrfs-progs")
     print(f"stream sizes: full {full_bytes} B for {GIB} B of data (+{full_bytes / GIB - 1:.2%}), "
           f"incremental {incr_bytes} B for {CHANGES * PIECE} B changed "
           f"(+{incr_bytes / (CHANGES * PIECE) - 1:.2%})")

@@ -4,6 +4,7 @@ which every bench reports a figure (printed at once, summarized by `make bench`)
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -27,6 +28,18 @@ def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def interleaved(ours: Callable[[], object], peer: Callable[[], object],
+                rounds: int = 5) -> tuple[float, float]:
+    """Median seconds of each, run alternately with caches dropped before every run
+    (ours, peer, ours, ...): a noisy shared machine then slows both alike."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(rounds):
+        a.append(timed(ours))
+        b.append(timed(peer))
+    return statistics.median(a), statistics.median(b)
 
 
 def run(*cmd: str) -> None:

@@ -3,8 +3,7 @@
 This is the one core-side module that imports `blockxfer.drivers`; everything
 below it receives an already-open device. Every volume is opened through
 `drivers.blockdev.open_device`, which claims it by identity and refuses a
-device in use; importing this module also tells `blockxfer.remote` how to find
-a volume's serving owner by any of its names (`drivers.owner.owner_path`).
+device in use.
 """
 
 from __future__ import annotations
@@ -13,13 +12,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from blockxfer import remote
 from blockxfer.drivers.blockdev import open_device
-from blockxfer.drivers.owner import owner_path
 from blockxfer.errors import UsageError, VolumeError
 from blockxfer.volume import Volume, has_signature
-
-remote.use_locator(owner_path)
 
 
 def split_target(text: str) -> tuple[str, str | None]:

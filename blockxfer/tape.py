@@ -53,7 +53,10 @@ class TapeStatus:
 @runtime_checkable
 class Tape(Protocol):
     path: str
-    can_locate: bool            # probed: LOCATE / READ POSITION work on this drive
+
+    @property
+    def can_locate(self) -> bool:
+        """Probed: LOCATE / READ POSITION work on this drive (read-only)."""
 
     def write_record(self, data: bytes | bytearray | memoryview) -> None:
         """Write one record (a multiple of block_size in fixed mode)."""

@@ -1,4 +1,5 @@
-"""Sizes on the command line: 4096, 64K, 512M, 1G, 1T (powers of 1024)."""
+"""Sizes and durations on the command line: 4096, 64K, 512M, 1G, 1T (powers of 1024);
+30s, 10m, 1h, 7d, 2w (a bare number is seconds)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,14 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"bad duration {text!r}: use a positive number with an optional "
+                         "s, m, h, d or w suffix (30s, 10m, 1h, 7d, 2w)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]

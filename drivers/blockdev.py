@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from blockxfer.errors import DeviceBusy, DeviceError, MediumError, VolumeFull
 
@@ -106,11 +108,19 @@ class FileDevice:
         self.close()
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+@functools.cache
+def _libc() -> Any:
+    """libc, looked up once: find_library runs ldconfig in a child process, which a
+    receive that discards hundreds of runs must not pay each time."""
     import ctypes
     import ctypes.util
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = _libc()
     falloc_punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
     if libc.fallocate(fd, falloc_punch, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
         e = ctypes.get_errno()

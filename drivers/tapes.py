@@ -16,12 +16,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from io import FileIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockxfer.errors import DeviceBusy, DeviceError, WriteProtected
-from blockxfer.tape import TapeStatus
+from blockxfer.tape import Tape, TapeStatus
 
-from .st import StTape
+from .st import StTape, TapeHandle
 from .vtape import VirtualTape
+
+if TYPE_CHECKING:
+    def _both_are_tapes(node: FileIO, vt: VirtualTape) -> tuple[Tape, Tape, TapeHandle]:
+        """Checked by mypy, never run: a drive's node and a virtual tape file are both
+        handles StTape drives (the virtual tape answers the st ioctls itself), and
+        what `open_tape` returns for either satisfies the `Tape` protocol."""
+        return StTape(node), StTape(vt, ioctl=vt.ioctl), vt
 
 
 def _open_st(path: str, write: bool) -> StTape:

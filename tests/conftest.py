@@ -11,6 +11,19 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every dump, send -o and upload notes its image in the catalog: the tests' go to
+    a temporary one, never /var/lib/blockxfer (children inherit the variable)."""
+    old = os.environ.get("BLOCKXFER_CATALOG")
+    os.environ["BLOCKXFER_CATALOG"] = str(tmp_path_factory.mktemp("catalog") / "catalog.db")
+    yield
+    if old is None:
+        os.environ.pop("BLOCKXFER_CATALOG", None)
+    else:
+        os.environ["BLOCKXFER_CATALOG"] = old
+
+
 @pytest.fixture
 def volume_path(tmp_path: object) -> str:
     return os.path.join(str(tmp_path), "vol.img")
@@ -41,3 +54,15 @@ def root() -> None:
     need_root()
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("needs /dev/loop-control")
+
+
+@pytest.fixture(scope="session")
+def chain4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The streams of a small volume's s1 (full) and s2..s4 (each an increment on the
+    one before), for the object-store tests."""
+    from tests.objstore_helpers import make_chain, stream_of
+    vol = make_chain(str(tmp_path_factory.mktemp("chain4") / "src.img"), 4)
+    streams = {"s1": stream_of(vol, "s1")}
+    streams |= {f"s{i}": stream_of(vol, f"s{i} - s{i - 1}") for i in range(2, 5)}
+    vol.close()
+    return streams

@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from blockxfer.cli.app import GROUPS
 from blockxfer.cli.spec import Command
 from tests.clihelp import bx
@@ -16,7 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # stdout is their wire protocol, or they run until a signal (docs/cli-json.md)
 NO_JSON = {"stdio-serve", "tls-serve", "serve"}
 # run with --json against a real S3 server in tests/test_objstore_s3.py
-ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc"}
+ELSEWHERE = {"store ls", "store verify", "store rm", "store prune", "store gc",
+             "store recover"}
+# run with --json in tests/test_mirror_cli.py (a daemon, a timer)
+MIRRORED = {"mirror start", "mirror status", "mirror stop", "mirror update"}
+# run with --json in tests/test_increments.py (keys: docs/increments.md)
+INCREMENTS = {"reintegrate", "increments status"}
+# run with --json (and checked against this page) in tests/test_replicate.py
+REPLICATE = {"replicate pull", "replicate status", "replicate destinations", "replicate forget"}
 
 
 def leaves(commands: tuple[Command, ...], prefix: str = "") -> dict[str, Command]:
@@ -46,8 +55,10 @@ def run_json(*argv: str, data: bytes | None = None, on_stderr: bool = False) -> 
     return json.loads(text[text.index("{"):])
 
 
-def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
+def test_every_command_gives_its_result_as_json(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     d = str(tmp_path)
+    monkeypatch.setenv("BLOCKXFER_CATALOG", f"{d}/catalog.db")
     vol, copy, back, tape = f"{d}/v.img", f"{d}/c.img", f"{d}/b.img", f"{d}/t.vtape"
     got: dict[str, dict] = {}
     got["init"] = run_json("init", vol, "--size", "32M")
@@ -68,11 +79,27 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     got["tape label"] = run_json("tape", "label", tape, "T1")
     got["dump"] = run_json("dump", vol, "s1", "--tape", tape)
     got["tape list"] = run_json("tape", "list", tape)
+    got["catalog ls"] = run_json("catalog", "ls")
+    got["catalog where"] = run_json("catalog", "where", f"{vol}@s1")
+    got["catalog import"] = run_json("catalog", "import", "--tape", tape)
+    got["catalog pool create"] = run_json("catalog", "pool", "create", "weekly",
+                                          "--retention", "30d")
+    got["catalog pool assign"] = run_json("catalog", "pool", "assign", "weekly", "T1")
+    got["catalog pool ls"] = run_json("catalog", "pool", "ls")
+    got["catalog expired"] = run_json("catalog", "expired")
     got["restore"] = run_json("restore", back, "--tape", tape, "--snapshot", "s1")
     got["tape status"] = run_json("tape", "status", tape)
     got["tape rewind"] = run_json("tape", "rewind", tape)
     got["tape erase"] = run_json("tape", "erase", tape, "--force")
     got["tape eject"] = run_json("tape", "eject", tape)
+    got["hold"] = run_json("hold", "t", f"{vol}@s1")
+    got["holds"] = run_json("holds", vol)
+    got["release"] = run_json("release", "t", f"{vol}@s1")
+    got["policy set"] = run_json("policy", "set", vol, "daily=1")
+    got["policy show"] = run_json("policy", "show", vol)
+    got["policy run"] = run_json("policy", "run", vol)
+    got["policy clear"] = run_json("policy", "clear", vol)
+    got["install-units"] = run_json("install-units", "--dir", d)
     got["destroy"] = run_json("destroy", f"{vol}@s1")
     got["devices"] = run_json("devices")
     got["help"] = run_json("help", "snapshot")
@@ -80,7 +107,8 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     got["completion"] = run_json("completion", "bash")
     got["demo"] = run_json("demo", "--dir", f"{d}/demo")
 
-    assert set(got) == set(ALL) - NO_JSON - ELSEWHERE, "a command without a --json run here"
+    assert set(got) == set(ALL) - NO_JSON - ELSEWHERE - MIRRORED - INCREMENTS - REPLICATE, \
+        "a command without a --json run here"
     keys = documented()
     for name, result in got.items():
         assert name in keys, f"docs/cli-json.md has no section for {name!r}"
@@ -89,6 +117,9 @@ def test_every_command_gives_its_result_as_json(tmp_path: Path) -> None:
     assert got["send"]["blocks"] == got["receive"]["blocks"] == got["dump"]["blocks"]
     assert got["restore"]["images"][0]["top"] == "s1" and got["check"]["clean"]
     assert got["write"]["bytes"] == 1 << 20 and got["demo"]["ok"]
+    assert [i["kind"] for i in got["catalog ls"]["images"]] == ["file", "tape"]
+    assert got["catalog where"]["steps"][0]["top"] == "s1"
+    assert got["catalog pool assign"]["tapes"] == ["T1"] and got["catalog expired"]["tapes"] == []
 
 
 def test_commands_without_json_say_why_in_the_doc() -> None:

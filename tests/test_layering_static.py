@@ -21,6 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("blockxfer.cli", "blockxfer.demo", "blockxfer.__main__")),
     ("service", ("blockxfer.service", "blockxfer.remote", "blockxfer.handles")),
     ("techniques", ("blockxfer.transfer",)),
+    # what is where: called by the techniques, knows only plain values and sqlite3
+    ("catalog", ("blockxfer.catalog",)),
     ("transport", ("blockxfer.transport",)),
     ("stream", ("blockxfer.stream",)),
     ("image", ("blockxfer.image",)),
@@ -109,6 +111,16 @@ def test_techniques_use_transport_protocols_only() -> None:
 
 
 @pytest.mark.parametrize(("upper", "lower"), [("cli", "service"), ("stream", "volume"),
-                                              ("volume", "devices"), ("service", "export")])
+                                              ("volume", "devices"), ("service", "export"),
+                                              ("techniques", "catalog"),
+                                              ("catalog", "transport")])
 def test_layer_table_order(upper: str, lower: str) -> None:
     assert RANK[upper] > RANK[lower]
+
+
+def test_the_catalog_takes_plain_values() -> None:
+    """The catalog is told what was written where as plain values: it imports only
+    itself and the base layer, so any technique (tape, file, store) may call it."""
+    bad = [f"{m} imports {t}, line {line}" for m, t, line in imports()
+           if layer_of(m) == "catalog" and layer_of(t) not in ("catalog", "base")]
+    assert not bad, "\n".join(bad)

@@ -1,5 +1,6 @@
 """On-disk layouts: round trips, checksums checked first, and golden bytes so that
-format drift fails the tests (tests/data/superblock-v1.bin)."""
+format drift fails the tests (tests/data/superblock-v2.bin; superblock-v1.bin is what
+version 1 wrote, which still opens)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from blockxfer.volume.layout import (
     check_block_size,
 )
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "data", "superblock-v1.bin")
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "superblock-v2.bin")
+GOLDEN_V1 = os.path.join(os.path.dirname(__file__), "data", "superblock-v1.bin")
 
 
 def _sample() -> Superblock:
@@ -34,6 +36,25 @@ def test_superblock_golden_bytes() -> None:
     with open(GOLDEN, "rb") as f:
         assert f.read() == raw, "the superblock layout changed: bump VERSION and document it"
     assert Superblock.unpack(raw) == _sample()
+
+
+def test_superblock_version_1_opens_and_is_written_as_2() -> None:
+    """A version 1 volume has no intent log region (its first data VBN follows the
+    local area); it opens as it is, and its next CP writes version 2."""
+    with open(GOLDEN_V1, "rb") as f:
+        raw = f.read()
+    assert raw[8:12] == b"\x01\x00\x00\x00"
+    assert Superblock.unpack(raw) == _sample()
+    assert _sample().pack()[8:12] == b"\x02\x00\x00\x00"
+
+
+def test_superblock_unknown_version_refused() -> None:
+    from blockxfer.checksum import checksum
+    body = bytearray(_sample().pack()[:-8])
+    body[8:12] = (3).to_bytes(4, "little")
+    raw = bytes(body) + checksum(bytes(body)).to_bytes(8, "little")
+    with pytest.raises(FormatError, match="version 3 is not supported"):
+        Superblock.unpack(raw)
 
 
 def test_superblock_checksum_before_fields() -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer import remote
 from blockxfer.drivers import owner
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.identity import Identity, LoopBacking, decode_dev, identify, loop_backing
@@ -288,16 +287,16 @@ def test_owner_path_is_what_the_writer_opened(vol: str, tmp_path: Path) -> None:
 
 def test_remote_finds_the_server_by_alias(vol: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import blockxfer.handles  # noqa: F401 - wires the locator
-    from blockxfer.nbd import control
+    from blockxfer.service import control
+    from blockxfer.service.session import server_for
     link = tmp_path / "l.img"
     link.symlink_to(vol)
     running = {os.path.realpath(vol)}
     monkeypatch.setattr(control, "server_running", lambda p: p in running)
     with hold(vol, "w"):
-        client = remote.server_for(str(link))
+        client = server_for(str(link))
         assert client is not None and client.path == os.path.realpath(vol)
-    assert remote.server_for(str(link)) is None
+    assert server_for(str(link)) is None
 
 
 def test_lock_holders_excludes_this_process(vol: str) -> None:
@@ -329,6 +328,16 @@ WRITE_OPENS = {
                                                                    "server's log file",
     ("blockxfer/transfer/objstore/servers.py", "start_rclone"): "the embedded S3 server's "
                                                                 "log file",
+    ("blockxfer/cli/mirror.py", "_write_atomic"): "the mirror daemon's pid and status "
+                                                  "files in the run directory",
+    ("blockxfer/cli/mirror.py", "_spawn"): "the mirror daemon's log file in the run directory",
+    ("blockxfer/transfer/increments/store.py", "create"): "an increments directory's header "
+                                                          "file (never a volume)",
+    ("blockxfer/transfer/increments/store.py", "write_slot"): "its header slots",
+    ("blockxfer/transfer/increments/store.py", "write_meta"): "its metadata files",
+    ("blockxfer/transfer/increments/store.py", "_journal"): "its journal files",
+    ("blockxfer/transfer/replicate_state.py", "save"): "a replication target's pull "
+                                                       "record (JSON in the state folder)",
 }
 WRITE_FLAGS = {"O_RDWR", "O_WRONLY", "O_CREAT"}
 

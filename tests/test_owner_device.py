@@ -2,9 +2,10 @@
 
 `blockxfer serve /dev/loopN` owns the volume; the same volume reached by any
 other name (the backing file, a symlink, a second loop device over the file, a
-bind mount of the file, a relative path, a /dev/disk/by-* link) must be refused
-(write, receive, init --force, restore, read, check, dump: exit 4 with one line naming the
-server's pid and command line) or routed to the server (snapshot, info, send). A SIGKILLed owner
+bind mount of the file, a relative path, a /dev/disk/by-* link) is routed to the
+server (snapshot, info, send, read, write, check, dump) or refused: init --force
+with exit 4 and one line naming the server's pid and command line, a full receive
+or restore (which would replace what NBD clients see) with exit 5. A SIGKILLed owner
 leaves no stale lock. Writing to a mounted device is refused on every write path.
 The original corruption is reproduced end to end and shown fixed.
 """
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer import remote
 from blockxfer.drivers.loop import attach_loop, detach_loop
 from blockxfer.handles import init_volume
 from blockxfer.nbd import protocol as p
+from blockxfer.service.session import ServedSession, server_for
 from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
@@ -41,6 +42,12 @@ def bx(*args: str, cwd: str | None = None, data: bytes | None = None,
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*BX, *args], capture_output=True, timeout=120, cwd=cwd,
                           input=data, env=env)
+
+
+def refused_while_served(r: subprocess.CompletedProcess[bytes]) -> None:
+    err = r.stderr.decode()
+    assert r.returncode == 5, (r.returncode, err)
+    assert err.count("\n") == 1 and "incremental streams only" in err, err
 
 
 def refused_naming(r: subprocess.CompletedProcess[bytes], pid: int) -> None:
@@ -160,26 +167,34 @@ def test_every_alias_is_refused_or_routed(
         stream: str, tape: str) -> None:
     path, loop, _, proc = served
     name, cwd = alias
-    refused_naming(bx("write", name, cwd=cwd, data=os.urandom(MiB)), proc.pid)
-    refused_naming(bx("receive", name, "-i", stream, cwd=cwd), proc.pid)
-    refused_naming(bx("receive", name, "-i", stream, "--force", cwd=cwd), proc.pid)
+    data = os.urandom(MiB)
+    r = bx("write", name, "--offset", "1M", cwd=cwd, data=data)
+    assert r.returncode == 0, r.stderr
+    r = bx("read", name, "--offset", "1M", "--length", str(MiB), cwd=cwd)
+    assert r.returncode == 0 and r.stdout == data, r.stderr
+    r = bx("check", name, cwd=cwd)
+    assert r.returncode == 0 and b"clean" in r.stdout, r.stdout + r.stderr
+    refused_while_served(bx("receive", name, "-i", stream, cwd=cwd))
+    refused_while_served(bx("receive", name, "-i", stream, "--force", cwd=cwd))
     refused_naming(bx("init", name, "--force", cwd=cwd), proc.pid)
-    refused_naming(bx("restore", name, "--tape", tape, "--image", "1", "--force", cwd=cwd),
-                   proc.pid)
-    refused_naming(bx("read", name, "--length", "4096", cwd=cwd), proc.pid)
-    refused_naming(bx("check", name, cwd=cwd), proc.pid)
+    refused_while_served(bx("restore", name, "--tape", tape, "--image", "1", "--force",
+                            cwd=cwd))
 
     r = bx("snapshot", f"{name}@routed", cwd=cwd)
     assert r.returncode == 0, r.stderr
     r = bx("info", name, "--json", cwd=cwd)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["server"]["pid"] == proc.pid
-    listing = remote.snapshots(loop)
-    assert listing is not None and [s["name"] for s in listing["snapshots"]] == ["routed"]
+    client = server_for(loop)
+    assert client is not None
+    listing = ServedSession(client).snapshots()
+    assert [s["name"] for s in listing["snapshots"]] == ["routed"]
     out = os.path.join(os.path.dirname(path), "routed.bxs")
     r = bx("send", name, "routed", "-o", out, cwd=cwd)
     assert r.returncode == 0 and b"through the server" in r.stderr, r.stderr
-    refused_naming(bx("dump", name, "routed", "--tape", out + ".tape", cwd=cwd), proc.pid)
+    assert bx("tape", "create", out + ".tape", "--capacity", "256M").returncode == 0
+    r = bx("dump", name, "routed", "--tape", out + ".tape", cwd=cwd)
+    assert r.returncode == 0 and b"through the server" in r.stdout, r.stdout + r.stderr
 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
@@ -198,7 +213,7 @@ def test_sigkilled_owner_leaves_no_stale_lock(volume: tuple[str, str, str],
     path, loop, second = volume
     for i in range(3):
         with serve_process(loop, str(tmp_path / f"nbd{i}.sock")) as proc:
-            assert bx("write", path, data=b"x" * 4096).returncode == 4
+            refused_naming(bx("init", path, "--force"), proc.pid)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         # the backing file stays refused (loop devices over it); the loops are the volume
@@ -213,7 +228,7 @@ def test_the_reported_corruption_is_gone(served: tuple[str, str, str, subprocess
                                          tmp_path: Path) -> None:
     """The issue's scenario: serve /dev/loopN with an NBD client writing, then `write`
     and `snapshot` on the backing file. Before: both succeeded and `check` found bad
-    checksums. Now: write is refused, snapshot goes through the server, check is clean."""
+    checksums. Now: write and snapshot go through the server, check is clean."""
     path, loop, _, proc = served
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(tmp_path / "nbd.sock"))
@@ -223,7 +238,7 @@ def test_the_reported_corruption_is_gone(served: tuple[str, str, str, subprocess
     for i in range(64):
         assert c.request(p.CMD_WRITE, i * 65536, 65536, payload=os.urandom(65536)) == 0
     assert c.request(p.CMD_FLUSH) == 0
-    refused_naming(bx("write", path, data=os.urandom(4 * MiB)), proc.pid)
+    assert bx("write", path, "--offset", "16M", data=os.urandom(4 * MiB)).returncode == 0
     r = bx("snapshot", f"{path}@x")
     assert r.returncode == 0, r.stderr
     for i in range(64):

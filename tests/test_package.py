@@ -100,6 +100,7 @@ def test_wheel_holds_every_package_of_the_tree(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     assert "blockxfer/cli/topics/snapshot.txt" in names            # help topics: package data
+    assert "blockxfer/data/systemd/blockxfer@.service" in names     # install-units writes it
     for folder, name, _ in EXTRAS:                                  # man page, completion
         assert any(n.endswith(f".data/data/{folder}/{name}") for n in names), name
 
@@ -129,3 +130,7 @@ def test_installed_command_runs_the_main_job(installed: Path,
         assert (installed.parent / folder / name).stat().st_size > 1000, name
     topic = run(bx, "help", "snapshot", cwd=tmp_path).decode()     # package data shipped
     assert "VOLUME@NAME" in topic and "june3-june1" in topic
+    (tmp_path / "units").mkdir()
+    run(bx, "install-units", "--dir", "units", cwd=tmp_path)          # systemd units shipped
+    unit = (tmp_path / "units" / "blockxfer@.service").read_text()
+    assert f"ExecStart={bx} serve %f" in unit

@@ -22,14 +22,33 @@ from blockxfer import __version__
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.transport.local import stdout_errors
 
-from . import demo, devices, docgen, endpoint, serve, store, stream, tape, topics, volume
+from . import (
+    catalog,
+    demo,
+    devices,
+    docgen,
+    endpoint,
+    increments,
+    mirror,
+    policy,
+    replicate,
+    serve,
+    store,
+    stream,
+    tape,
+    topics,
+    units,
+    volume,
+)
 from .spec import FORMATTER, Command, Report, add_commands
 
 # The command groups, in the order --help lists them. A new group is one module
 # with a COMMANDS tuple and one entry here.
 GROUPS: tuple[tuple[Command, ...], ...] = (
     volume.COMMANDS, stream.COMMANDS, tape.COMMANDS, serve.COMMANDS, devices.COMMANDS,
-    store.COMMANDS, endpoint.COMMANDS, topics.COMMANDS, docgen.COMMANDS, demo.COMMANDS,
+    mirror.COMMANDS, increments.COMMANDS, replicate.COMMANDS, store.COMMANDS,
+    catalog.COMMANDS, endpoint.COMMANDS, policy.COMMANDS, units.COMMANDS, topics.COMMANDS,
+    docgen.COMMANDS, demo.COMMANDS,
 )
 
 DESCRIPTION = """\
@@ -129,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _logging(args)
-        with redirect_stdout(_GuardedStdout(sys.stdout)):  # type: ignore[type-var]
+        with redirect_stdout(_GuardedStdout(sys.stdout)):
             report = args.func(args)
             _print(report, args.json, args.quiet)
             sys.stdout.flush()

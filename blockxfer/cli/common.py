@@ -64,14 +64,11 @@ def progress(a: argparse.Namespace, what: str, total: int | None = None) -> Prog
 def image_bytes(path: str, expression: str) -> int | None:
     """The image's data size, for a progress total (an ETA); None when it cannot
     be had cheaply here: the command itself then reports what is wrong."""
-    from blockxfer import remote
     from blockxfer.errors import BlockxferError
-    from blockxfer.handles import open_volume
+    from blockxfer.service.session import open_session
     try:
-        info = remote.image(path, expression)
-        if info is None:
-            with open_volume(path) as vol:
-                info = remote.image_report(vol, expression)
+        with open_session(path) as s:
+            info = s.image(expression)
         return int(str(info["bytes"]))
     except BlockxferError:
         return None
@@ -101,18 +98,14 @@ def dry_run_arg(what: str) -> Arg:
 def measure_report(a: argparse.Namespace, verb: str, where: str) -> Report:
     """`send -n` and `dump -n`: the image's exact size from the planes and an
     estimate after compression, reading a sample of its blocks."""
-    from blockxfer import remote
-    from blockxfer.handles import open_volume
+    from blockxfer.service.session import LocalSession, open_session, parallel_reader
     from blockxfer.transfer.measure import measure
-    served = remote.image(a.path, a.expression)
-    if served is not None:              # the server owns the volume: exact size only
-        data: dict[str, Any] = {**served, "estimated_bytes": None, "sampled_blocks": 0}
-    else:
-        from blockxfer.drivers.reader import read_runs
-        with open_volume(a.path) as vol:
-            data = measure(vol, a.expression,
-                           lambda runs: read_runs(vol.dev, runs, vol.block_size),
-                           compress=a.compress).as_dict()
+    with open_session(a.path) as s:
+        if isinstance(s, LocalSession):
+            data: dict[str, Any] = measure(s.vol, a.expression, parallel_reader(s.vol, None),
+                                           compress=a.compress).as_dict()
+        else:                           # the server owns the volume: exact size only
+            data = {**s.image(a.expression), "estimated_bytes": None, "sampled_blocks": 0}
     data.update(dry_run=True, volume=a.path, destination=where)
     line = (f"would {verb} {a.expression!r} of {a.path} to {where}: {data['blocks']} blocks, "
             f"{human(data['bytes'])} ({data['bytes']} bytes) of data")

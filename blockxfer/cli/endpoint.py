@@ -28,7 +28,7 @@ def _allow(text: str) -> frozenset[str]:
     bad = ops - set(OPERATIONS)
     if bad:
         raise argparse.ArgumentTypeError(f"unknown operation {', '.join(sorted(bad))}; "
-                                         "use send, receive or send,receive")
+                                         "use any of send, receive, replicate (comma-separated)")
     return ops
 
 
@@ -104,7 +104,8 @@ def _common() -> tuple[Arg, ...]:
             arg("--volume", action="append", metavar="VOLUME",
                 help="the only volume a peer may name (repeatable; default: any)"),
             arg("--allow", type=_allow, default=frozenset(OPERATIONS), metavar="OPS",
-                help="operations allowed: send, receive or send,receive (default both)"))
+                help="operations allowed, comma-separated: send, receive, replicate "
+                      "(default all)"))
 
 
 COMMANDS = (
@@ -113,7 +114,9 @@ COMMANDS = (
             "input and output. Put it in authorized_keys as a forced command to pin one "
             "volume.",
             ('command="blockxfer stdio-serve --volume /srv/vol.img --allow send",restrict '
-             'ssh-ed25519 AAAA...   # in ~/.ssh/authorized_keys',),
+             'ssh-ed25519 AAAA...   # in ~/.ssh/authorized_keys',
+             'command="blockxfer stdio-serve --volume /srv/vol.img --allow replicate",restrict '
+             'ssh-ed25519 AAAA...   # a replication destination\'s key'),
             cmd_stdio_serve, _common(), common=False),
     Command("tls-serve", "answer tls:// stream requests from peers with certificates",
             "The far end of tls:// URLs. Mutual TLS: clients need a certificate signed by "

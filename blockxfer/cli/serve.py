@@ -3,9 +3,12 @@
 Parses, opens the volume, starts its CP timer (a CP every 10 s while writes are
 pending), serves it until SIGTERM or SIGINT, and returns. The server commits
 once every connection has answered what it read; the volume's context manager
-commits again on the way out. The control socket answers the other commands
-(`blockxfer.remote`) and freezes file systems with `blockxfer.drivers.freeze`
-(this module is wiring, like the rest of `cli`, so it may hand a driver down).
+commits again on the way out. The service (`blockxfer.service.service`) owns the
+volume: its control socket answers every other command, and this module hands
+it what needs the drivers (freezing file systems with `blockxfer.drivers.freeze`,
+opening tapes, the parallel reader). The volume is opened for writing even with
+`--read-only` (which makes the NBD export of the live volume read-only), so an
+incremental can still be received into a served replica.
 
 Everything the command line says is checked before the volume is opened: a
 bad `--listen`, unreadable TLS files, or a listener reachable from the network
@@ -23,12 +26,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from blockxfer import remote
 from blockxfer.drivers.freeze import frozen
 from blockxfer.errors import UsageError
 from blockxfer.handles import open_volume
-from blockxfer.nbd.server import Server, is_loopback, parse_listen
+from blockxfer.nbd.server import is_loopback, parse_listen
 from blockxfer.nbd.tls import MODES, Mode, TlsPolicy, server_context
+from blockxfer.service.service import Service
+from blockxfer.service.session import parallel_reader
 
 from .common import syslog_arg, volume_arg
 from .spec import Command, Report, Section, arg
@@ -79,20 +83,20 @@ def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
                     "(--insecure)", spec,
                     "plain-text clients" if tls.offered else "clients without TLS",
                     "" if args.read_only else " and write")
+    from .tapedrive import tape_opener
     with open_volume(args.path) as volume:
-        server = Server(volume, read_only=args.read_only, tls=tls)
+        service = Service(volume, args.path, read_only=args.read_only, tls=tls,
+                          freezer=frozen, open_tape=tape_opener(), reader_for=parallel_reader)
         for spec in args.listen:
-            server.listen(spec)
+            service.listen(spec)
         if not args.no_control:
-            remote.register(server.serve_control(args.path, freezer=frozen))
-        if not args.read_only and hasattr(volume, "start_cp_timer"):
-            volume.start_cp_timer()
-        previous = {s: signal.signal(s, lambda *_: server.stop())
+            service.serve_control()
+        previous = {s: signal.signal(s, lambda *_: service.stop())
                     for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             log.info("serving %s on %s (TLS %s)", args.path, ", ".join(args.listen),
                      tls.mode)
-            server.serve_forever()
+            service.run()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -100,15 +104,17 @@ def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> Report:
-    code = serve_volume(a, lambda path: open_volume(path, write=not a.read_only))
+    code = serve_volume(a, lambda path: open_volume(path, write=True))
     return Report({"volume": a.path, "listen": a.listen, "stopped": True}, code=code)
 
 
 COMMANDS = (
     Command("serve", "export a volume and its snapshots over NBD",
-            "Export the live volume (export '' or 'active') and each snapshot ('@NAME', "
-            "read-only) over NBD until SIGTERM. The other commands work meanwhile through "
-            "the server's control socket.",
+            "Own the volume until SIGTERM: export the live volume (export '' or 'active') "
+            "and each snapshot ('@NAME', read-only) over NBD, commit CPs, run scheduled "
+            "jobs. Every other command (read, write, check, dump, send, an incremental "
+            "receive or restore, ...) works meanwhile through the server's control socket "
+            "(docs/service.md).",
             ("blockxfer serve /srv/vol.img --listen unix:/run/vol.sock",
              "blockxfer serve /srv/vol.img --listen tcp:0.0.0.0:10809 --tls require "
              "--tls-cert srv.pem --tls-key srv.key --tls-ca ca.pem",
@@ -119,7 +125,9 @@ COMMANDS = (
                  metavar="unix:SOCKET|tcp:HOST:PORT",
                  help="where to accept NBD clients (may be given more than once); a TCP "
                       "address other than loopback needs --tls require or --insecure"),
-             arg("--read-only", action="store_true", help="export the live volume read-only"),
+             arg("--read-only", action="store_true",
+                 help="export the live volume read-only (a replica: incremental receives "
+                      "through the server still land, and show as new snapshots)"),
              Section("TLS", "NBD_OPT_STARTTLS with X.509 certificates (clients: nbds:// URIs, "
                             "qemu tls-creds-x509). TLS-PSK is not offered: Python 3.11's ssl "
                             "has no PSK API.",

@@ -9,10 +9,11 @@ Endpoint, credentials and region come from the usual AWS variables and files;
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, BinaryIO
 
 from blockxfer.errors import UsageError
-from blockxfer.units import human
+from blockxfer.units import human, parse_duration
 
 from .common import progress
 from .spec import Arg, Command, Report, arg
@@ -34,8 +35,7 @@ def _open(url: str, a: argparse.Namespace, *, volume: bool) -> tuple[Any, str, s
 
 def send_to_store(a: argparse.Namespace, url: str) -> Report:
     """`send VOL EXPR s3://BUCKET/PREFIX/VOLUME`: upload the image's stream."""
-    from blockxfer import remote
-    from blockxfer.handles import open_volume
+    from blockxfer.service.session import open_session
     from blockxfer.transfer.objstore.upload import upload_image
     if a.resume or a.implicit or a.order != "ascending" or a.verify:
         raise UsageError("--resume, --implicit, --order and --verify do not apply to an s3:// "
@@ -44,24 +44,19 @@ def send_to_store(a: argparse.Namespace, url: str) -> Report:
     store, volume, snap = _open(url, a, volume=True)
     if snap is not None:
         raise UsageError(f"{url}: name the volume only; the snapshot comes from the image")
+    retain = time.time() + parse_duration(a.retain) if a.retain else None
     prog = progress(a, "upload")
-    if remote.server_for(a.path) is not None:  # the serving process streams it
+    with open_session(a.path) as s:          # opened here, or its service streams it
         def produce(out: BinaryIO) -> object:
-            return remote.send(a.path, a.expression, out.fileno(), compress=False,
-                               implicit=False, resume=None)
-        res = upload_image(store, volume, produce, progress=prog.add)
-    else:
-        from blockxfer.stream.send import send_image
-        with open_volume(a.path) as vol:
-            def produce(out: BinaryIO) -> object:   # ascending: each chunk arrives whole
-                return send_image(vol, a.expression, out, compress=False)
-            res = upload_image(store, volume, produce, progress=prog.add)
+            return s.send(out, a.expression, compress=False)
+        res = upload_image(store, volume, produce, progress=prog.add, retain_until=retain)
     prog.finish()
     where = f"{store.url}/{volume}@{res.snapshot}"
     data = {"volume": a.path, "expression": a.expression, "destination": where,
             "already": res.already, "incremental": res.incremental, "blocks": res.blocks,
             "new_bytes": res.new_bytes, "packs_written": res.packs_written,
-            "packs_skipped": res.packs_skipped, "manifest_blocks": res.manifest_blocks}
+            "packs_skipped": res.packs_skipped, "manifest_blocks": res.manifest_blocks,
+            "retain_until": int(retain) if retain else None}
     if res.already:
         return Report(data, [f"{where}: already in the store ({res.manifest_blocks} blocks); "
                              "nothing sent"], stderr=True)
@@ -125,14 +120,42 @@ def cmd_verify(a: argparse.Namespace) -> Report:
 def cmd_gc(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.objstore.maintain import collect_garbage
     store, _, _ = _open(a.store, a, volume=False)
-    rep = collect_garbage(store, grace=a.grace, dry_run=a.dry_run)
+    if not 0 <= a.repack_below <= 1:
+        raise UsageError(f"--repack-below {a.repack_below}: give a fraction from 0 to 1")
+    rep = collect_garbage(store, grace=a.grace, dry_run=a.dry_run, repack_below=a.repack_below)
     verb = "would delete" if a.dry_run else "deleted"
-    return Report({"store": store.url, "dry_run": a.dry_run, "packs_deleted": rep.packs_deleted,
-                   "bytes_deleted": rep.bytes_deleted, "manifests_deleted": rep.manifests_deleted,
-                   "packs_kept": rep.packs_kept, "young": rep.young},
-                  [f"{store.url}: {verb} {rep.packs_deleted} packs ({human(rep.bytes_deleted)}) "
-                   f"and {rep.manifests_deleted} manifests; {rep.packs_kept} packs in use, "
-                   f"{rep.young} unreferenced objects younger than the grace period kept"])
+    pk = rep.repack
+    problems = list(pk.problems) if pk else []
+    data = {"store": store.url, "dry_run": a.dry_run, "packs_deleted": rep.packs_deleted,
+            "bytes_deleted": rep.bytes_deleted, "manifests_deleted": rep.manifests_deleted,
+            "packs_kept": rep.packs_kept, "young": rep.young,
+            "packs_repacked": pk.packs_repacked if pk else 0,
+            "bytes_copied": pk.bytes_copied if pk else 0,
+            "manifests_rewritten": pk.manifests_rewritten if pk else 0,
+            "problems": problems}
+    text = [f"problem: {p}" for p in problems]
+    if pk and pk.packs_repacked:
+        text.append(f"{store.url}: {'would repack' if a.dry_run else 'repacked'} "
+                    f"{pk.packs_repacked} mostly unused packs ({human(pk.bytes_copied)} copied, "
+                    f"{human(pk.bytes_freed)} to free once they age past the grace period)")
+    text.append(f"{store.url}: {verb} {rep.packs_deleted} packs ({human(rep.bytes_deleted)}) "
+                f"and {rep.manifests_deleted} manifests; {rep.packs_kept} packs in use, "
+                f"{rep.young} unreferenced objects younger than the grace period kept")
+    return Report(data, text, code=1 if problems else 0)
+
+
+def cmd_recover(a: argparse.Namespace) -> Report:
+    from blockxfer.transfer.objstore.maintain import recover_catalog
+    store, volume, snap = _open(a.volume, a, volume=True)
+    if snap is not None:
+        raise UsageError(f"{a.volume}: recover takes a volume, not a snapshot")
+    rep = recover_catalog(store, volume, force=a.force)
+    names = [s.name for s in rep.catalog.snaps()]
+    text = [f"skipped: {p}" for p in rep.skipped]
+    text.append(f"{store.url}/{volume}: catalog rebuilt from {len(names)} manifests: "
+                f"{', '.join(names)}")
+    return Report({"store": store.url, "volume": volume, "snapshots": names,
+                   "skipped": list(rep.skipped)}, text)
 
 
 def cmd_rm(a: argparse.Namespace) -> Report:
@@ -194,18 +217,34 @@ STORE_COMMANDS = (
                         arg("--keep", action="append", metavar="GLOB",
                             help="also keep snapshots matching this pattern (repeatable)"),
                         _dry_run(), s3_endpoint_arg())),
-    Command("gc", "delete packs and manifests no snapshot needs",
-            "Delete the packs and manifests no snapshot in the catalog needs.",
+    Command("recover", "rebuild a volume's lost or damaged catalog from its manifests",
+            "Rebuild the catalog of a volume in the store from its manifests (each is "
+            "complete and carries its upload's header). Snapshots removed since the last "
+            "gc come back. 'store gc' refuses to run while a volume has manifests but no "
+            "catalog.",
+            (f"blockxfer store recover {VOLUME_URL}",
+             f"blockxfer store recover --force {VOLUME_URL}   # replace a damaged catalog"),
+            cmd_recover, (arg("volume", metavar=VOLUME_URL, help="the volume in the store"),
+                          arg("--force", action="store_true",
+                              help="replace a catalog that is there (a damaged one)"),
+                          s3_endpoint_arg())),
+    Command("gc", "repack and delete packs and manifests no snapshot needs",
+            "Repack packs that are mostly unused (their live blobs are copied into new "
+            "packs and the manifests naming them rewritten), then delete the packs and "
+            "manifests no snapshot in the catalog needs, once older than the grace period.",
             (f"blockxfer store gc {STORE} --dry-run",),
             cmd_gc, (arg("store", metavar=STORE, help="the store"),
                      arg("--grace", type=float, default=6 * 3600, metavar="SECONDS",
                          help="keep unreferenced objects younger than this (default 6 h: a "
                               "running upload may be about to name them)"),
+                     arg("--repack-below", type=float, default=0.5, metavar="FRACTION",
+                         help="first copy the live blobs of packs less than this fraction "
+                              "in use into new packs (default 0.5; 0: never repack)"),
                      _dry_run(), s3_endpoint_arg())),
 )
 
 COMMANDS = (
-    Command("store", "object-store (s3://) targets: ls, verify, rm, prune, gc",
+    Command("store", "object-store (s3://) targets: ls, verify, rm, prune, gc, recover",
             "Object stores on S3 (SeaweedFS, Ceph RGW, AWS): incremental forever, any "
             "snapshot restorable alone. send and receive take s3:// URLs.",
             (f"blockxfer send /srv/vol.img june1 {VOLUME_URL}",

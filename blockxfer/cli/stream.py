@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from blockxfer.errors import DeviceError, UsageError
+from blockxfer.catalog import hooks
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
+from .catalog import catalog_arg
 from .common import (
     dry_run_arg,
     expr_arg,
@@ -33,8 +36,12 @@ def cmd_send(a: argparse.Namespace) -> Report:
     url = a.output or a.destination
     if a.dry_run:
         return measure_report(a, "send", url or "standard output")
+    hooks.use(a.catalog)
     if is_store_url(url):
         return send_to_store(a, str(url))
+    if a.retain:
+        raise UsageError("--retain makes an object-store copy immutable: give an s3:// "
+                         "destination")
     if a.verify and (url in (None, "-") or is_volume_url(url)):
         raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
                          "destination checks every record as it receives)")
@@ -45,6 +52,7 @@ def cmd_send(a: argparse.Namespace) -> Report:
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()
+    image_id = note_stream_file(url, a.path)
     far = sink.result
     data: dict[str, Any] = {"volume": a.path, "expression": a.expression,
                             "destination": sink.name, "blocks": r["data_blocks"],
@@ -58,8 +66,27 @@ def cmd_send(a: argparse.Namespace) -> Report:
         with _stream_input(url) as f:
             inspect_stream(f)              # every record checksum and the digest
         data["verified"] = True
+        if image_id:
+            hooks.note_verified("file", image_id, int(time.time()))
         text.append(f"{url}: read back, every checksum and the digest verified")
     return Report(data, text, stderr=True)
+
+
+def note_stream_file(url: str | None, volume: str) -> str | None:
+    """`send -o FILE`: the catalog records the stream file (a warning if it cannot);
+    returns its image id."""
+    if url in (None, "-") or "://" in str(url) or not os.path.isfile(str(url)):
+        return None
+    from blockxfer.transfer.catimport import file_record
+    try:
+        rec = file_record(str(url))
+    except BlockxferError as e:
+        print(f"blockxfer: warning: catalog: {url}: {e}", file=sys.stderr)
+        return None
+    if "://" not in volume:
+        rec.volume_path = volume if volume.startswith("/dev/") else os.path.abspath(volume)
+    hooks.note_image(rec)
+    return rec.image_id
 
 
 def _geometry(a: argparse.Namespace, path: str) -> object:
@@ -77,9 +104,10 @@ def _geometry(a: argparse.Namespace, path: str) -> object:
 
 
 def cmd_receive(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.blockdev import open_device
-    from blockxfer.stream.receive import receive_stream
+    from blockxfer.service.session import receive_to
     from blockxfer.transport import SourceRequest, is_volume_url, open_source
+    if a.status:
+        return _receive_status(a.target)
     if a.input and a.source and a.input != a.source:
         raise UsageError("give the source once: as SOURCE or with -i")
     url = a.input or a.source
@@ -91,8 +119,8 @@ def cmd_receive(a: argparse.Namespace) -> Report:
         return _receive_plan(a, url)
     prog = progress(a, "receive")
     with open_source(url, SourceRequest(a.image, a.resume)) as src:
-        res = receive_stream(src, a.target, open_device, force=a.force,
-                             seekable=src.seekable(), progress=prog.add)
+        res = receive_to(a.target, src, force=a.force, seekable=src.seekable(),
+                         progress=prog.add)
         src.finish()
     prog.finish()
     kind = "incremental" if res.incremental else "full"
@@ -107,10 +135,25 @@ def cmd_receive(a: argparse.Namespace) -> Report:
                    "incomplete": list(res.incomplete)}, text)
 
 
+def _receive_status(target: str) -> Report:
+    """receive --status: an interrupted receive and its resume token (like ZFS's
+    receive_resume_token), or that there is none."""
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.replicate_target import inspect_target
+    i = inspect_target(target, open_device).interrupted
+    if i is None:
+        return Report({"volume": target, "interrupted": None},
+                      [f"{target}: no interrupted receive"])
+    kind = "full image over the device" if i.full else "incremental into the volume"
+    return Report({"volume": target, "interrupted": i.as_dict()},
+                  [f"{target}: interrupted receive of stream {i.stream_id} ({kind}), "
+                   f"{i.received} of {i.blocks} blocks kept", f"resume token: {i.token}"])
+
+
 def _receive_plan(a: argparse.Namespace, url: str | None) -> Report:
     """receive -n: read the stream whole (every checksum) and say what it would do
     to the target, touching nothing."""
-    from blockxfer.handles import open_volume
+    from blockxfer.service.session import open_session
     from blockxfer.stream.inspect import inspect_stream
     from blockxfer.transport import is_volume_url
     if url and is_volume_url(url):
@@ -121,8 +164,8 @@ def _receive_plan(a: argparse.Namespace, url: str | None) -> Report:
     exists = os.path.exists(a.target)
     has: set[str] = set()
     if exists:
-        with open_volume(a.target) as vol:
-            has = {e.name for e in vol.snapshots()}
+        with open_session(a.target) as s:
+            has = {r["name"] for r in s.snapshots()["snapshots"]}
     base = info.get("base")
     data = {"dry_run": True, "volume": a.target, "source": url or "-", "kind": info["kind"],
             "top": info["top"], "base": base, "blocks": info["data_blocks"],
@@ -212,7 +255,11 @@ COMMANDS = (
              arg("--verify", action="store_true",
                  help="read the stream file back and check every checksum and its digest"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
-             s3_endpoint_arg(), parsable_arg())),
+             arg("--retain", metavar="DURATION",
+                 help="s3:// only: keep every object this snapshot's restore needs "
+                      "immutable (S3 object lock) for DURATION, e.g. 30d; store rm and "
+                      "prune keep it until then"),
+             s3_endpoint_arg(), catalog_arg(), parsable_arg())),
     Command("receive", "apply a stream to a volume, or make one from a full stream",
             "Apply a stream from SOURCE to VOLUME (a full stream makes the volume), or "
             "pull an image from a volume on another host with --image. A refused or "
@@ -233,6 +280,8 @@ COMMANDS = (
              arg("--resume", metavar="TOKEN",
                  help="pull only what an interrupted receive lacks (volume SOURCE)"),
              arg("--force", action="store_true", help="overwrite what the target holds"),
+             arg("--status", action="store_true",
+                 help="show VOLUME's interrupted receive and its resume token; receive nothing"),
              dry_run_arg("check the whole stream and say what it would do to VOLUME"),
              s3_endpoint_arg(), parsable_arg())),
     Command("inspect", "describe a stream: header, snapshots, counts, VBN ranges",

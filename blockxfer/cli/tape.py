@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
+from blockxfer.catalog import hooks
 from blockxfer.errors import BlockxferError, UsageError
-from blockxfer.handles import open_volume
+from blockxfer.service.session import open_session, restore_to
 from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
+from .catalog import (
+    catalog_arg,
+    check_pool,
+    note_dump_barcodes,
+    pool_arg,
+    restore_by_catalog,
+    set_barcodes_of,
+)
 from .common import (
     TAPE,
     dry_run_arg,
@@ -39,10 +49,11 @@ def _changer_loader(a: argparse.Namespace) -> Callable[[str, int, str], NextTape
         from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes
         from blockxfer.drivers.tapes import eject_tape
         from blockxfer.transfer.tapeset import label_reader
+        restore = a.command == "restore"
         return changer_next_tape(Changer(changer), drive, tape, eject=eject_tape,
                                  label_of=label_reader(tape_opener()),
-                                 tapes=parse_tapes(a.changer_tapes),
-                                 restore=a.command == "restore")
+                                 tapes=parse_tapes(a.changer_tapes), restore=restore,
+                                 barcodes=set_barcodes_of(a, tape) if restore else None)
     return load
 
 
@@ -65,9 +76,7 @@ def _next_tape(a: argparse.Namespace) -> NextTape | None:
 
 
 def cmd_dump(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.reader import read_runs
     from blockxfer.drivers.tapes import max_record
-    from blockxfer.transfer.dump import dump_image
     if a.dry_run:
         return measure_report(a, "dump", a.tape)
     record_size = parse_size(a.record_size)
@@ -77,28 +86,33 @@ def cmd_dump(a: argparse.Namespace) -> Report:
               file=sys.stderr)
         record_size = limit
     set_compression(a.tape, a.compression)
+    hooks.use(a.catalog)
+    check_pool(a)
     next_tape = _next_tape(a)
     prog = progress(a, "dump", image_bytes(a.path, a.expression) if not a.quiet else None)
-    with open_volume(a.path) as vol:
-        res = dump_image(vol, a.expression, a.tape, open_tape=tape_opener(),  # type: ignore[arg-type]
-                         next_tape=next_tape, label=a.label, record_size=record_size,
-                         reader=lambda runs: read_runs(vol.dev, runs, vol.block_size),
-                         compress=a.compress, progress=prog.add)
+    with open_session(a.path) as s:
+        res = s.dump(a.expression, a.tape, open_tape=tape_opener(), next_tape=next_tape,
+                     label=a.label, record_size=record_size, compress=a.compress,
+                     progress=prog.add)
     prog.finish()
-    text = [f"{a.tape}: image {res.image}, {res.blocks} blocks, {human(res.bytes)}"
-            + (f", across tapes {', '.join(res.tapes)}" if len(res.tapes) > 1 else "")]
+    text = [f"{a.tape}: image {res['image']}, {res['blocks']} blocks, {human(res['bytes'])}"
+            + (f", across tapes {', '.join(res['tapes'])}" if len(res["tapes"]) > 1 else "")
+            + (" (through the server)" if s.served else "")]
     barcodes = set_barcodes(next_tape)
+    note_dump_barcodes(a, res["set_id"], res["seq"], len(res["tapes"]), barcodes)
     if barcodes:
         text.append(f"{a.tape}: tapes of the set by barcode: "
                     + ", ".join(f"{seq} {code}" for seq, code in barcodes.items()))
     if a.verify:
         from blockxfer.transfer.restore import verify_image
-        verify_image(a.tape, res.image, open_tape=tape_opener(),  # type: ignore[arg-type]
+        verify_image(a.tape, res["image"], open_tape=tape_opener(),
                      next_tape=_next_tape(a))
-        text.append(f"{a.tape}: image {res.image} read back, every checksum verified")
+        text.append(f"{a.tape}: image {res['image']} read back, every checksum verified")
+        hooks.note_verified("tape", res["image_id"], int(time.time()))
     return Report({"volume": a.path, "expression": a.expression, "tape": a.tape,
-                   "image": res.image, "blocks": res.blocks, "bytes": res.bytes,
-                   "tapes": list(res.tapes), "barcodes": barcodes, "verified": bool(a.verify)},
+                   "image": res["image"], "blocks": res["blocks"], "bytes": res["bytes"],
+                   "tapes": res["tapes"], "barcodes": barcodes, "verified": bool(a.verify),
+                   "served": s.served},
                   text, code=report_tape_alerts(a.tape, "dump"))
 
 
@@ -107,10 +121,11 @@ def _complete_snapshots(path: str) -> set[str]:
     if not os.path.exists(path):
         return set()
     try:
-        with open_volume(path) as vol:
-            return {e.name for e in vol.snapshots() if not e.incomplete and not e.shadow}
+        with open_session(path) as s:
+            rows = s.snapshots()["snapshots"]
     except BlockxferError:
         return set()
+    return {r["name"] for r in rows if not r["incomplete"] and not r["shadow"]}
 
 
 def _restore_vbns(a: argparse.Namespace) -> Report:
@@ -123,7 +138,7 @@ def _restore_vbns(a: argparse.Namespace) -> Report:
         raise UsageError(f"--vbns takes FIRST-LAST block numbers, not {a.vbns!r}") from e
     if a.image is None:
         raise UsageError("--vbns needs --image N (see 'tape list')")
-    part = restore_range(a.tape, a.target, a.image, lo, hi,  # type: ignore[arg-type]
+    part = restore_range(a.tape, a.target, a.image, lo, hi,
                          open_tape=tape_opener(), open_device=open_device, force=a.force)
     return Report({"volume": a.target, "tape": a.tape, "image": a.image, "first": lo,
                    "last": hi, "blocks": part.blocks, "records_read": part.records_read},
@@ -146,11 +161,11 @@ def _restore_only(a: argparse.Namespace) -> Report:
 
 
 def cmd_restore(a: argparse.Namespace) -> Report:
-    from blockxfer.drivers.blockdev import open_device
-    from blockxfer.transfer.restore import restore_images
     if a.dry_run and (a.vbns or a.only):     # never let -n fall through to a write
         raise UsageError("--dry-run plans whole-image restores; leave out --vbns and --only "
                          "(or -n); nothing was written")
+    if a.tape is None:                       # the catalog says which media, in order
+        return restore_by_catalog(a, _complete_snapshots(a.target))
     if a.vbns:
         return _restore_vbns(a)
     if a.only:
@@ -160,10 +175,9 @@ def cmd_restore(a: argparse.Namespace) -> Report:
         return _restore_plan(a, have)
     next_tape = _next_tape(a)
     prog = progress(a, "restore")
-    steps = restore_images(a.tape, a.target, open_tape=tape_opener(),  # type: ignore[arg-type]
-                           open_device=open_device, next_tape=next_tape, image=a.image,
-                           snapshot=a.snapshot, force=a.force, target_has=have.__contains__,
-                           progress=prog.add)
+    steps = restore_to(a.target, a.tape, open_tape=tape_opener(), next_tape=next_tape,
+                       image=a.image, snapshot=a.snapshot, force=a.force,
+                       target_has=have.__contains__, progress=prog.add)
     prog.finish()
     text, images = [], []
     for st in steps:
@@ -179,7 +193,7 @@ def cmd_restore(a: argparse.Namespace) -> Report:
 def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
     """restore -n: the images a restore would apply and their sizes, from the index."""
     from blockxfer.transfer.restore import plan_restore
-    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,  # type: ignore[arg-type]
+    chain = plan_restore(a.tape, open_tape=tape_opener(), image=a.image,
                          snapshot=a.snapshot, target_has=have.__contains__)
     sizes = [i.index.total if i.index else 0 for i in chain]
     text = [f"would restore image {i.number} ({i.descriptor.expression!r}, "
@@ -190,9 +204,11 @@ def _restore_plan(a: argparse.Namespace, have: set[str]) -> Report:
                    "images": [i.as_dict() for i in chain], "bytes": sum(sizes)}, text)
 
 
-def _tape_option() -> Arg:
-    return arg("--tape", required=True, metavar=TAPE,
-               help="/dev/nstN or a virtual tape file (the first tape of a set)")
+def _tape_option(required: bool = True) -> Arg:
+    return arg("--tape", required=required, metavar=TAPE,
+               help="/dev/nstN or a virtual tape file (the first tape of a set)"
+               + ("" if required else "; without it, --snapshot restores from the media "
+                  "the catalog names ('catalog where')"))
 
 
 def _set_args() -> tuple[Arg, ...]:
@@ -225,29 +241,34 @@ COMMANDS = (
              arg("--no-compress", dest="compress", action="store_false",
                  help="do not zstd-compress data records (default: each one that shrinks)"),
              dry_run_arg("print the image's exact size and an estimate after compression"),
-             *_set_args(), parsable_arg())),
+             *_set_args(), catalog_arg(), pool_arg(), parsable_arg())),
     Command("restore", "restore an image (and the images it needs) from tape",
             "Restore an image from TAPE into VOLUME, bases first; or, with --only or "
             "--vbns, part of one image. A refused or interrupted restore leaves the "
             "target as it was.",
             ("blockxfer restore /srv/new.img --tape /dev/nst0 --snapshot june3",
+             "blockxfer restore /srv/new.img --snapshot /srv/vol.img@june7  # as the catalog says",
              "blockxfer restore -n /srv/new.img --tape /dev/nst0 --snapshot june3  # the plan",
              "blockxfer restore /srv/new.img --tape t.vtape --image 2",
              "blockxfer restore /srv/vol.img --tape t.vtape --image 1 --vbns 100-199"),
             cmd_restore,
             (arg("target", metavar="VOLUME", help="the volume (or new volume) to restore into"),
-             _tape_option(),
+             _tape_option(required=False),
              OneOf((arg("--image", type=int, metavar="N",
                         help="image number (see 'tape list')"),
-                    arg("--snapshot", metavar="SNAPSHOT",
-                        help="restore up to this snapshot, bases first"))),
+                    arg("--snapshot", metavar="[VOLUME@]SNAPSHOT",
+                        help="restore up to this snapshot, bases first (without --tape: "
+                             "from the media the catalog names)"))),
              arg("--only", metavar="SNAPSHOT",
                  help="partial restore: just this snapshot's blocks from --image N"),
              arg("--vbns", metavar="FIRST-LAST",
                  help="partial restore: only these blocks, in place, by the location table"),
              arg("--force", action="store_true", help="overwrite what the target holds"),
              dry_run_arg("print the images it would apply, bases first, with their sizes"),
-             *_set_args(), parsable_arg())),
+             *_set_args(), catalog_arg(), arg("--s3-endpoint", metavar="URL", default=None,
+                                              help="S3 endpoint of a catalogued object store "
+                                                   "(default: AWS_ENDPOINT_URL)"),
+             parsable_arg())),
     Command("tape", "tape drives and virtual tapes",
             "Tape drives and virtual tapes: create, label, list, status, rewind, eject, "
             "erase.",

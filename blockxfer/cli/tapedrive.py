@@ -17,6 +17,24 @@ from .spec import Arg, Command, Report, arg
 from .tapealert import barcode_of, drive_lines
 
 
+def catalog_barcode(set_id: str, seq: int) -> str | None:
+    """The barcode the catalog recorded for this tape of its set (a dump through a
+    changer), for drives that cannot read the cartridge's memory."""
+    from blockxfer.catalog import hooks, pools
+    from blockxfer.errors import BlockxferError
+    if not hooks.exists():
+        return None
+    try:
+        db = hooks.open_catalog()
+    except BlockxferError:
+        return None
+    try:
+        state = pools.tape_state(db, set_id, seq)
+    finally:
+        db.close()
+    return state.barcode if state else None
+
+
 def tape_opener() -> Callable[[str, bool], Tape]:
     from blockxfer.drivers.tapes import open_tape_handle
     return lambda path, write: open_tape_handle(path, write=write)
@@ -26,10 +44,10 @@ def cmd_tape_label(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.tapeset import label_tape
     tape = tape_opener()(a.tape, True)
     try:
-        label = label_tape(tape, a.name, set_name=a.set, force=a.force,  # type: ignore[arg-type]
+        label = label_tape(tape, a.name, set_name=a.set, force=a.force,
                            record_size=parse_size(a.record_size))
     finally:
-        tape.close()  # type: ignore[attr-defined]
+        tape.close()
     return Report({"tape": a.tape, "serial": label.serial, "seq": label.seq,
                    "set": label.set_name},
                   [f"{a.tape}: labelled {label.serial!r}, tape {label.seq} of set "
@@ -40,12 +58,12 @@ def cmd_tape_list(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.tapeset import list_tape
     tape = tape_opener()(a.tape, False)
     try:
-        contents = list_tape(tape)  # type: ignore[arg-type]
+        contents = list_tape(tape)
     finally:
-        tape.close()  # type: ignore[attr-defined]
+        tape.close()
     lab = contents.label
     rows = [i.as_dict() for i in contents.images]
-    barcode = barcode_of(a.tape)
+    barcode = barcode_of(a.tape) or catalog_barcode(lab.set_id.hex(), lab.seq)
     text = [f"{a.tape}: {lab.serial!r}, tape {lab.seq} of set {lab.set_name!r}, "
             f"records of {lab.record_size} bytes" + (f", barcode {barcode}" if barcode else "")]
     for r in rows:
@@ -115,9 +133,11 @@ def cmd_tape_eject(a: argparse.Namespace) -> Report:
     return Report({"ejected": a.tape}, [f"{a.tape}: unloaded"])
 
 
-def _holds(path: str) -> str | None:
+def _holds(path: str) -> tuple[str | None, tuple[str, int] | None]:
     """What erasing would lose: None for a blank tape or a blockxfer label without
-    images, else a description (images, or data that is not a blockxfer tape)."""
+    images, else a description (images, or data that is not a blockxfer tape); and
+    the tape's (set id, sequence) when it has a label, for the catalog. The tape is
+    read once, so a refused erase leaves it where this read left it."""
     from blockxfer.drivers.tapes import open_tape
     from blockxfer.errors import FormatError
     from blockxfer.transfer.tapeset import list_tape, read_label
@@ -126,31 +146,38 @@ def _holds(path: str) -> str | None:
         try:
             label = read_label(t)
             if label is None:
-                return None
+                return None, None
             images = list_tape(t).images
         except FormatError:
-            return "data that is not a readable blockxfer tape"
+            return "data that is not a readable blockxfer tape", None
+    key = (label.set_id.hex(), label.seq)
     if not images:
-        return None
+        return None, key
     return (f"{len(images)} image{'s' if len(images) > 1 else ''} (label {label.serial!r}, "
-            f"set {label.set_name!r})")
+            f"set {label.set_name!r})"), key
 
 
 def cmd_tape_erase(a: argparse.Namespace) -> Report:
     from blockxfer.drivers.tapes import erase_tape, tape_status
     from blockxfer.errors import VolumeError
 
-    holds = _holds(a.tape)
+    from .catalog import erase_check, forget_erased
+    holds, label = _holds(a.tape)
+    expired = False if a.dry_run else erase_check(a, label)   # unexpired images: refused
     if a.dry_run:
         st = tape_status(a.tape)
         plan = {"tape": a.tape, "erases": "everything from the beginning of tape",
                 "holds": holds or "nothing (blank or no images)",
                 "needs_force": holds is not None, "write_protected": st.write_protected}
         return Report(plan, _lines(plan))
-    if holds is not None and not a.force:
+    if holds is not None and not a.force and not expired:
         raise VolumeError(f"{a.tape} holds {holds}; nothing was erased; use --force to "
                           "erase it")
-    return Report(erase_tape(a.tape).as_dict(), [f"{a.tape}: erased"])
+    status = erase_tape(a.tape).as_dict()
+    if label is not None:                    # its images are gone: the catalog forgets them
+        forget_erased(a, *label)
+    return Report(status, [f"{a.tape}: erased" + (" (expired in its pool: recycled)"
+                                                 if expired else "")])
 
 
 def tape_arg(help: str = "/dev/nstN or a virtual tape file") -> Arg:
@@ -204,5 +231,8 @@ TAPE_COMMANDS = (
             (tape_arg(),
              arg("-n", "--dry-run", action="store_true", help="show the plan only"),
              arg("--force", action="store_true",
-                 help="erase a tape that holds images or other data"))),
+                 help="erase a tape that holds images or other data"),
+             arg("--catalog", metavar="PATH", default=None,
+                 help="the catalog whose retention decides (default: $BLOCKXFER_CATALOG or "
+                      "/var/lib/blockxfer/catalog.db)"))),
 )

@@ -7,19 +7,15 @@ import argparse
 import os
 import sys
 
-from blockxfer import remote
-from blockxfer.errors import BlockxferError, UsageError
-from blockxfer.handles import init_volume, open_volume, split_target
+from blockxfer.errors import UsageError
+from blockxfer.handles import init_volume, split_target
+from blockxfer.service.session import open_session
 from blockxfer.transport.local import stdout_errors
 from blockxfer.units import human, parse_size
-from blockxfer.volume.check import check_volume
 from blockxfer.volume.layout import MAX_BLOCK, MIN_BLOCK
 
 from .common import expr_arg, need_snapshot, progress, snapshot_arg, volume_arg
 from .spec import Command, Report, arg
-from .stdin import InputChunks
-
-CHUNK = 8 << 20
 
 
 def cmd_init(a: argparse.Namespace) -> Report:
@@ -46,62 +42,35 @@ def cmd_init(a: argparse.Namespace) -> Report:
 
 
 def cmd_info(a: argparse.Namespace) -> Report:
-    info = remote.info(a.path)                 # a server owns the volume: ask it
-    if info is None:
-        with open_volume(a.path) as vol:
-            info = vol.info()
+    with open_session(a.path) as s:            # a server owns the volume: it answers
+        info = s.info()
     return Report(info, [f"{k:14} {v}" for k, v in info.items()])
 
 
 def cmd_write(a: argparse.Namespace) -> Report:
     if sys.stdin.isatty():
         raise UsageError("write takes its data on standard input; redirect a file or a pipe")
-    offset = done = parse_size(a.offset)
+    offset = parse_size(a.offset)
     prog = progress(a, "write")
-    failed: BlockxferError | None = None
-    with open_volume(a.path, write=True) as vol:
-        chunks = InputChunks(sys.stdin.fileno(), CHUNK)
-        try:
-            for chunk in chunks:
-                vol.write(done, chunk)
-                done += len(chunk)
-                prog.add(len(chunk))
-        except BlockxferError as e:
-            failed = e                   # what came before it is committed on the way out
-        finally:
-            chunks.stop()
-        vol.commit()
+    with open_session(a.path, write=True) as s:
+        r = s.write(sys.stdin.fileno(), offset, progress=prog.add)
     prog.finish()
-    if failed is not None:
-        raise type(failed)(f"{failed}; {human(done - offset)} ({done - offset} bytes) from "
-                           f"offset {offset} were written and committed, the rest was "
-                           "not") from failed
-    return Report({"volume": a.path, "offset": offset, "bytes": done - offset})
+    return Report({"volume": a.path, "offset": offset, "bytes": r["bytes"]})
 
 
 def cmd_read(a: argparse.Namespace) -> Report:
     path, snap = split_target(a.target)
     if sys.stdout.isatty():
         raise UsageError("read writes binary data; redirect standard output to a file or a pipe")
-    out = sys.stdout.buffer
-    with open_volume(path) as vol, stdout_errors():
-        offset = parse_size(a.offset)
-        length = vol.virtual_size - offset if a.length is None else parse_size(a.length)
-        prog = progress(a, "read", length)
-        bs = vol.block_size
-        head = min(length, -offset % bs)           # unaligned edges go the slow way
-        body = (length - head) // bs * bs
-        if head:
-            out.write(vol.read(offset, head, snapshot=snap))
-        for view in vol.iter_read(offset + head, body, snapshot=snap):
-            out.write(view)
-            prog.add(len(view))
-        tail = length - head - body
-        if tail:
-            out.write(vol.read(offset + head + body, tail, snapshot=snap))
-        out.flush()
+    offset = parse_size(a.offset)
+    length = None if a.length is None else parse_size(a.length)
+    with open_session(path) as s, stdout_errors():
+        total = length if length is not None else max(s.info()["virtual_size"] - offset, 0)
+        prog = progress(a, "read", total)
+        r = s.read(sys.stdout.buffer, offset, total, snap, progress=prog.add)
+        sys.stdout.buffer.flush()
     prog.finish()
-    return Report({"volume": path, "snapshot": snap, "offset": offset, "bytes": length},
+    return Report({"volume": path, "snapshot": snap, "offset": offset, "bytes": r["bytes"]},
                   stderr=True)
 
 
@@ -113,22 +82,14 @@ def _snapshot_report(path: str, name: str, id: int, generation: int, blocks: int
 
 def cmd_snapshot(a: argparse.Namespace) -> Report:
     path, name = need_snapshot(a.target)
-    r = remote.snapshot(path, name, shadow=a.shadow, master=a.master, freeze=a.freeze)
-    if r is not None:
-        return _snapshot_report(path, name, r["id"], r["generation"], r["blocks"])
-    if a.freeze:
-        raise UsageError(f"--freeze needs the server that exports {path} (blockxfer serve)")
-    with open_volume(path, write=True) as vol:
-        vol.create_snapshot(name, shadow=a.shadow, master=a.master)
-        e = vol.resolve(name)
-    return _snapshot_report(path, name, e.id, e.generation, e.blocks)
+    with open_session(path, write=True) as s:
+        r = s.snapshot(name, shadow=a.shadow, master=a.master, freeze=a.freeze)
+    return _snapshot_report(path, name, r["id"], r["generation"], r["blocks"])
 
 
 def cmd_snapshots(a: argparse.Namespace) -> Report:
-    listing = remote.snapshots(a.path)
-    if listing is None:
-        with open_volume(a.path) as vol:
-            listing = remote.snapshots_listing(vol)
+    with open_session(a.path) as s:
+        listing = s.snapshots()
     rows, pointers = listing["snapshots"], listing["pointers"]
     text = [f"{'NAME':20} {'ID':>5} {'CREATED':20} {'CP':>6} {'BLOCKS':>10}  FLAGS"]
     for r in rows:
@@ -144,60 +105,68 @@ def cmd_destroy(a: argparse.Namespace) -> Report:
     VOLUME@NAME names). The write open comes first, so a device in use is refused
     before anything is read from it."""
     path, name = need_snapshot(a.target)
-    listing = remote.snapshots(path)
-    if listing is not None:                                  # served
-        pointer = name in listing["pointers"] and name not in {
-            r["name"] for r in listing["snapshots"]}
-        if pointer:
-            remote.delete_pointer(path, name)
-        else:
-            remote.destroy(path, name)
-    else:
-        with open_volume(path, write=True) as vol:
-            pointer = name in vol.pointers and name not in {e.name for e in vol.snapshots()}
-            if pointer:
-                vol.delete_pointer(name)
-            else:
-                vol.destroy_snapshot(name)
-    if pointer:
+    with open_session(path, write=True) as s:
+        r = s.destroy(name)
+    if r["pointer"]:
         return Report({"volume": path, "pointer": name, "snapshot": None, "deleted": True},
                       [f"pointer {name} deleted"])
     return Report({"volume": path, "destroyed": name}, [f"{path}@{name}: destroyed"])
 
 
+def _holds(path: str, op: str, snapshot: str | None = None, tag: str | None = None) -> Report:
+    with open_session(path, write=op != "list") as s:
+        r = s.holds(op, snapshot, tag)
+    rows = [f"{name:24} {', '.join(tags)}" for name, tags in r["holds"].items()]
+    return Report({"volume": path, **r}, rows or [f"{path}: no holds"])
+
+
+def cmd_hold(a: argparse.Namespace) -> Report:
+    path, name = need_snapshot(a.target)
+    report = _holds(path, "hold", name, a.tag)
+    report.text = [f"{path}@{name}: held by {a.tag}"]
+    return report
+
+
+def cmd_release(a: argparse.Namespace) -> Report:
+    path, name = need_snapshot(a.target)
+    report = _holds(path, "release", name, a.tag)
+    report.text = [f"{path}@{name}: hold {a.tag} released"]
+    return report
+
+
+def cmd_holds(a: argparse.Namespace) -> Report:
+    return _holds(a.path, "list")
+
+
 def cmd_pointer(a: argparse.Namespace) -> Report:
     if not a.delete and not a.snapshot:
         raise UsageError("name the snapshot the pointer should refer to, or give --delete")
+    with open_session(a.path, write=True) as s:
+        s.pointer(a.name, a.snapshot, delete=a.delete)
     if a.delete:
-        if remote.delete_pointer(a.path, a.name) is None:
-            with open_volume(a.path, write=True) as vol:
-                vol.delete_pointer(a.name)
         return Report({"volume": a.path, "pointer": a.name, "snapshot": None, "deleted": True},
                       [f"pointer {a.name} deleted"])
-    if remote.set_pointer(a.path, a.name, a.snapshot) is None:
-        with open_volume(a.path, write=True) as vol:
-            vol.set_pointer(a.name, a.snapshot)
     return Report({"volume": a.path, "pointer": a.name, "snapshot": a.snapshot,
                    "deleted": False}, [f"pointer {a.name} -> {a.snapshot}"])
 
 
 def cmd_image(a: argparse.Namespace) -> Report:
-    info = remote.image(a.path, a.expression)
-    if info is None:
-        with open_volume(a.path) as vol:
-            info = remote.image_report(vol, a.expression)
+    with open_session(a.path) as s:
+        info = s.image(a.expression)
     size = human(int(str(info["bytes"])))
     return Report(info, [f"{info['expression']}: {info['blocks']} blocks, {size}; "
                          f"top {info['top']}, base {info['base'] or '(none: full image)'}"])
 
 
 def cmd_check(a: argparse.Namespace) -> Report:
-    with open_volume(a.path) as vol:
-        report = check_volume(vol)
-    text = [f"problem: {p}" for p in report.problems]
-    text.append(f"{a.path}: {'clean' if report.clean else f'{len(report.problems)} problems'}; "
-                f"{report.roots} roots, {report.blocks_verified} data blocks verified")
-    return Report(report.as_dict(), text, code=0 if report.clean else 1)
+    with open_session(a.path) as s:
+        report = s.check()
+    problems = report["problems"]
+    text = [f"problem: {p}" for p in problems]
+    text.append(f"{a.path}: {'clean' if report['clean'] else f'{len(problems)} problems'}; "
+                f"{report['roots']} roots, {report['blocks_verified']} data blocks verified, "
+                f"{report.get('log_records', 0)} intent log records")
+    return Report(report, text, code=0 if report["clean"] else 1)
 
 
 COMMANDS = (
@@ -217,7 +186,7 @@ COMMANDS = (
              arg("--force", action="store_true", help="overwrite a leftover volume or data"))),
     Command("info", "show a volume's geometry and usage",
             "Show a volume's geometry, usage and current CP (asks the server when one "
-            "exports it).",
+            "exports it: then also its clients, exports and scheduled jobs).",
             ("blockxfer info /srv/vol.img",
              "blockxfer info /srv/vol.img --json | jq .free_blocks"),
             cmd_info, (volume_arg(),)),
@@ -240,8 +209,9 @@ COMMANDS = (
              arg("--offset", default="0", metavar="SIZE", help="where to start (default 0)"),
              arg("--length", metavar="SIZE", help="how much (default: to the end)"))),
     Command("snapshot", "take a snapshot",
-            "Take a snapshot of the volume (a CP that stays). Names are free text; a name "
-            "with '-' is one name, while 'a - b' with spaces is an image expression.",
+            "Take a snapshot of the volume (a CP that stays). A name is letters, digits and "
+            ". _ : ; '-' is refused, since 'a - b' is a difference in image expressions "
+            "(names received from elsewhere keep theirs).",
             ("blockxfer snapshot /srv/vol.img@june1",
              "blockxfer snapshot /srv/vol.img@base --shadow   # only a base for increments",
              "blockxfer snapshot /dev/md0@daily --freeze /mnt/data   # needs 'serve'"),
@@ -265,6 +235,25 @@ COMMANDS = (
              "'pointer --delete'"),
             cmd_destroy,
             (snapshot_arg("the snapshot (or pointer) to destroy"),)),
+    Command("hold", "keep a snapshot from being destroyed (like 'zfs hold')",
+            "Put a hold tagged TAG on a snapshot: neither 'destroy' nor a retention policy "
+            "removes it until every hold is released. Mirrors and replication hold the "
+            "snapshots they need the same way.",
+            ("blockxfer hold keep-for-audit /srv/vol.img@june1",),
+            cmd_hold,
+            (arg("tag", metavar="TAG", help="a name for the hold (1..128 characters)"),
+             snapshot_arg("the snapshot to hold"))),
+    Command("release", "release a hold on a snapshot",
+            "Remove the hold tagged TAG from a snapshot; when no hold is left it may be "
+            "destroyed again.",
+            ("blockxfer release keep-for-audit /srv/vol.img@june1",),
+            cmd_release,
+            (arg("tag", metavar="TAG", help="the hold's tag"),
+             snapshot_arg("the held snapshot"))),
+    Command("holds", "list the holds on a volume's snapshots",
+            "List each held snapshot with the tags holding it.",
+            ("blockxfer holds /srv/vol.img --json",),
+            cmd_holds, (volume_arg(),)),
     Command("pointer", "set or delete a named pointer to a snapshot",
             "Set a named pointer (like a tag: 'last-sent') to a snapshot, or delete it. "
             "Image expressions may name pointers where they name snapshots.",

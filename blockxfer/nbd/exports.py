@@ -30,6 +30,7 @@ class VolumeLike(Protocol):
     def extents(self, offset: int, length: int,
                 snapshot: str | None = None) -> list[tuple[int, int, bool]]: ...
     def commit(self) -> None: ...
+    def sync(self) -> None: ...
     def snapshot_names(self) -> list[str]: ...
     def create_snapshot(self, name: str, *, shadow: bool = False,
                         master: bool = False) -> None: ...
@@ -57,7 +58,7 @@ class LockedVolume:
         if getattr(self.volume, "concurrent_reads", False):
             leased = getattr(self.volume, "read_leased", None)
             if leased is not None:
-                return leased(offset, length, snapshot)  # type: ignore[no-any-return]
+                return leased(offset, length, snapshot)
             return self.volume.read(offset, length, snapshot), _nothing
         with self.lock:
             return self.volume.read(offset, length, snapshot), _nothing

@@ -2,7 +2,9 @@
 
 `Server(volume)` serves a volume (anything with the Volume surface) on any
 number of listeners (`unix:PATH`, `tcp:HOST:PORT`) and on sockets handed to it
-(`start_connection`, used by tests over `socket.socketpair()`). `stop()` may be
+(`start_connection`, used by tests over `socket.socketpair()`). Other listeners
+(the service's control socket) join its accept loop with `add_listener`; the
+NBD server itself speaks only NBD. `stop()` may be
 called from a signal handler: the accept loop stops accepting, every
 connection stops reading new requests, the requests already read are answered,
 and a final commit (CP) makes everything acknowledged durable.
@@ -23,7 +25,6 @@ from collections.abc import Callable
 from blockxfer.errors import DeviceError, UsageError
 
 from . import protocol as p
-from .control import ControlServer, Freezer, bind_control
 from .exports import ExportTable, LockedVolume, VolumeLike
 from .negotiate import negotiate
 from .sockio import tune
@@ -113,15 +114,8 @@ class Server:
         self.add_listener(sock, self.start_connection)
         return sock
 
-    def serve_control(self, volume_path: str, *,
-                      freezer: Freezer | None = None) -> ControlServer:
-        """Answer `blockxfer` commands for `volume_path` on its control socket
-        (`blockxfer.remote.register` adds the volume commands)."""
-        ctl = ControlServer(self.vol, info=self._stats, freezer=freezer)
-        self.add_listener(bind_control(volume_path), ctl.start_connection)
-        return ctl
-
-    def _stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, object]:
+        """Clients connected, read-only or not, the exports offered now."""
         with self._conns_lock:
             clients = len(self._conns)
         return {"clients": clients, "read_only": self.exports.read_only,

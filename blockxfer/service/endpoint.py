@@ -13,16 +13,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockxfer.errors import BlockxferError, DeviceError, UsageError
+from blockxfer.errors import BlockxferError, DeviceBusy, DeviceError, UsageError, VolumeError
 from blockxfer.transport import wire
 from blockxfer.transport.base import Result
 
+if TYPE_CHECKING:
+    from blockxfer.volume import Volume
+
 log = logging.getLogger("blockxfer.endpoint")
 
-OPERATIONS = ("send", "receive")
+OPERATIONS = ("send", "receive", "replicate")
+REPLICATE_WAIT = 60.0                # seconds a pull waits for the volume (another pull, a receive)
 
 
 class PermissionDenied(DeviceError):
@@ -41,7 +47,8 @@ class Policy:
         if self.denied:
             raise PermissionDenied(f"{peer}: {self.denied}")
         if op not in OPERATIONS:
-            raise UsageError(f"unknown operation {op!r}; this endpoint does send and receive")
+            raise UsageError(f"unknown operation {op!r}; this endpoint does "
+                             f"{', '.join(OPERATIONS)}")
         if not isinstance(volume, str) or not volume:
             raise UsageError("the request names no volume")
         if op not in self.allow:
@@ -62,7 +69,10 @@ def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
         req = wire.read_request(r)
         op, volume = policy.check(req.get("op"), req.get("volume"), peer)
         log.info("%s: %s %s", peer, op, volume)
-        result = _receive(r, w, volume, req) if op == "receive" else _send(w, volume, req)
+        if op == "replicate":
+            result = _replicate(w, volume, req, peer)
+        else:
+            result = _receive(r, w, volume, req) if op == "receive" else _send(w, volume, req)
     except BlockxferError as e:
         log.warning("%s: refused or failed: %s", peer, e)
         with contextlib.suppress(OSError):   # the peer is gone: the log has it
@@ -74,12 +84,11 @@ def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
 
 
 def _receive(r: wire.Reader, w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:
-    from blockxfer.drivers.blockdev import open_device
-    from blockxfer.stream.receive import receive_stream
+    from blockxfer.service.session import receive_to
     wire.write_status(w, {"ready": True})
     frames = wire.FrameReader(r, "the sender")
-    res = receive_stream(frames, volume, open_device, force=bool(req.get("force")),
-                         source_hint="(the sender)")
+    res = receive_to(volume, frames, force=bool(req.get("force")),   # also into a served one
+                     source_hint="(the sender)")
     frames.drain()
     return {"top": res.top, "incremental": res.incremental, "blocks": res.blocks,
             "released": res.released, "incomplete": res.incomplete, "resumed": res.resumed}
@@ -117,3 +126,59 @@ def _send(w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:
     finally:
         if out.frames is not None:
             out.frames.end()                 # then the status says whether it was whole
+
+
+def _replicate(w: wire.Writer, volume: str, req: dict[str, Any], peer: str) -> Result:
+    """A replication pull (blockxfer/transfer/replicate_source.py): the plan is the
+    "ready" answer, the stream follows when the plan has one."""
+    from blockxfer import remote
+    from blockxfer.drivers.reader import read_runs
+    from blockxfer.transfer.replicate_source import PullRequest, serve_pull
+    pull = PullRequest.from_wire(req, _identity(peer))
+    if remote.server_for(volume) is not None:
+        raise VolumeError(f"{volume} is exported by 'blockxfer serve': replicating from a "
+                          "served volume is not supported yet; pull from it while it is "
+                          "not served")
+    frames: list[wire.FrameWriter] = []      # set when the plan has a stream
+
+    def ready(plan: Result) -> wire.FrameWriter:
+        wire.write_status(w, plan)
+        out = wire.FrameWriter(w)
+        if plan.get("stream"):
+            frames.append(out)
+        return out
+
+    with _open_waiting(volume) as vol:
+        try:
+            return serve_pull(vol, pull, ready,
+                              lambda runs: read_runs(vol.dev, runs, vol.block_size))
+        finally:
+            if frames:
+                with contextlib.suppress(OSError):   # the peer is gone: the log has it
+                    frames[0].end()          # then the status says whether it was whole
+
+
+def _identity(peer: str) -> str:
+    """Who authenticated: the certificate's name for TLS, the client address for ssh."""
+    if peer == "ssh peer":
+        client = os.environ.get("SSH_CLIENT", "").split(" ")[0]
+        return f"ssh {client}" if client else "ssh (local)"
+    return peer
+
+
+@contextlib.contextmanager
+def _open_waiting(path: str) -> Iterator[Volume]:
+    """The volume opened for writing, waiting a while if another pull or a receive
+    holds it (a middle host of a tree serves its children between its own pulls)."""
+    from blockxfer.handles import open_volume
+    deadline = time.monotonic() + REPLICATE_WAIT
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                vol = stack.enter_context(open_volume(path, write=True))
+                break
+            except DeviceBusy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
+        yield vol

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from blockxfer.device import BlockDevice
 from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
@@ -177,8 +179,40 @@ def _verify_rest(reader: StreamReader) -> None:
         pass
 
 
+def receive_into(f: ByteSource, vol: Volume, *, lock: AbstractContextManager[Any] | None = None,
+                 source_hint: str = "SOURCE", retry: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> ReceiveResult:
+    """Apply an incremental stream to a volume that is already open (a served one:
+    its NBD clients keep reading meanwhile). `lock` is held to check the target and
+    set up the receiver, and again for the commit; blocks are placed outside it, in
+    VBNs the volume's allocator leaves alone (claimed). A full stream would replace
+    what the volume's users see, so it is refused here."""
+    reader = StreamReader(f, "stream")
+    h = reader.read_header()
+    path = vol.dev.path
+    if not h.incremental:
+        raise VolumeError(f"{path} is open in a server: it takes incremental streams only; "
+                          "a full stream replaces the whole volume, so stop 'blockxfer serve' "
+                          "first")
+    with lock or nullcontext():
+        _check_incremental(vol, h, path)
+        r = vol.receiver(incoming(h))
+    try:
+        return _receive(reader, h, r, progress, lock)
+    except _Cut as cut:
+        how = retry or (f"resume with blockxfer send {source_hint} \"{h.expression}\" "
+                        f"--resume {cut.token}")
+        raise StreamError(f"{cut.cause}; the target is unchanged, {cut.kept} of "
+                          f"{h.image_blocks} blocks received; {how}") from cut.cause
+    except BlockxferError as e:
+        raise type(e)(f"{e}; the target is unchanged") from e
+    finally:
+        r.close()
+
+
 def _receive(reader: StreamReader, h: fmt.Header, r: Receiver,
-             progress: Callable[[int], None] | None) -> ReceiveResult:
+             progress: Callable[[int], None] | None,
+             lock: AbstractContextManager[Any] | None = None) -> ReceiveResult:
     """Decode -> the receiver: blocks placed, progress saved now and then, the root
     committed once every block has arrived."""
     r.begin(resume=bool(h.flags & fmt.H_RESUMING))
@@ -202,13 +236,14 @@ def _receive(reader: StreamReader, h: fmt.Header, r: Receiver,
         token = make_token(h.stream_id, h.top.guid, h.image_digest, h.image_blocks,
                            r.received)
         raise _Cut(e, token, r.received.count()) from e
-    out = r.commit()
+    with lock or nullcontext():
+        out = r.commit()
     gone = [n for n in before if n not in {s.name for s in h.snapshot_set}]
     return ReceiveResult(h.top.name, h.incremental, int(r.received.count()),
                          sorted(set(gone) | set(out.released)), out.incomplete, r.resumed)
 
 
-__all__ = ["ReceiveResult", "receive_stream", "new_target_receiver", "incoming"]
+__all__ = ["ReceiveResult", "receive_stream", "receive_into", "new_target_receiver", "incoming"]
 
 
 def new_target_receiver(path: str, h: fmt.Header, open_device: OpenDevice,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blockxfer.catalog import hooks as catalog
 from blockxfer.errors import DamagedBlock, EndOfMedium, FormatError, VolumeError, WriteProtected
 from blockxfer.image import evaluate, require_restorable
 from blockxfer.stream import format as fmt
@@ -49,6 +50,9 @@ class DumpResult:
     tapes: list[str]
     blocks: int
     bytes: int
+    set_id: str = ""               # hex: the set the image was written to
+    seq: int = 1                   # the set's tape it starts on
+    image_id: str = ""
 
 
 class _Writer:
@@ -63,6 +67,7 @@ class _Writer:
         self.part, self.index, self.part_start, self.offset = 0, 0, 0, 0
         self.rows_done = 0             # location rows already in an index on tape
         self.tapes = [tape.path]
+        self.placed: list[tuple[tf.Label, str, int | None]] = []   # (label, path, file) a part
         self.q: queue.Queue[bytes | None] = queue.Queue(QUEUE_RECORDS)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="tape-writer", daemon=True)
@@ -72,7 +77,8 @@ class _Writer:
         POSITION per part, never mid-stream)."""
         self.position = self.tape.position() if self.tape.can_locate else -1
 
-    def start(self) -> None:
+    def start(self, file: int) -> None:
+        self.placed.append((self.label, self.tape.path, file))
         self._mark_position()
         self._record(tf.DESCRIPTOR, self.desc.pack())
         self.thread.start()
@@ -147,6 +153,8 @@ class _Writer:
         self.label = _join_set(self.tape, self.label)
         self.tape.seek_eod()
         self.tapes.append(path)
+        file = self.tape.status().file
+        self.placed.append((self.label, path, file if file >= 0 else None))
         self.part += 1
         self.part_start, self.index = self.offset, 0
         self.desc.part, self.desc.stream_offset = self.part, self.offset
@@ -227,6 +235,21 @@ def _prepare(tape: Tape, label_name: str | None, record_size: int) -> tf.Label:
     return label
 
 
+def _note(vol: Volume, desc: tf.Descriptor, number: int, writer: _Writer, total: int) -> None:
+    """Tell the catalog where the image went (a failure there is only a warning)."""
+    parts: list[tuple[int, catalog.TapeRef | str, int | None]] = [
+        (k, catalog.TapeRef(lab.set_id.hex(), lab.set_name, lab.seq, lab.serial, path), file)
+        for k, (lab, path, file) in enumerate(writer.placed)]
+    path = _abspath(getattr(getattr(vol, "dev", None), "path", None))
+    catalog.note_image(catalog.ImageRecord(
+        "tape", desc.image_id, vol.uuid, desc.expression, desc.top, desc.base, desc.written,
+        desc.blocks, total, desc.snapshots, number, volume_path=path, parts=parts))
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path and not path.startswith("/dev/") else path
+
+
 def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenTape,
                next_tape: NextTape | None = None, label: str | None = None,
                record_size: int = tf.DEFAULT_RECORD, reader: Reader | None = None,
@@ -239,7 +262,8 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
     tape = open_tape(tape_path, True)
     try:
         lab = _prepare(tape, label, record_size)
-        number = len(list_tape(tape).images) + 1
+        listing = list_tape(tape)
+        number = len(listing.images) + 1
         tape.seek_eod()
         desc = tf.Descriptor(os.urandom(16).hex(), expression, top.name,
                              base.name if base else None, [e.name for e in vol.snapshots()],
@@ -247,7 +271,7 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
                              block_size=vol.block_size)
         entries: list[tuple[int, int, int]] = []
         writer = _Writer(tape, lab, desc, open_tape, next_tape, entries)
-        writer.start()
+        writer.start(listing.files)
         packer = _Packer(writer)
 
         def index(rtype: int, offset: int, vbn: int, count: int) -> None:
@@ -266,7 +290,9 @@ def dump_image(vol: Volume, expression: str, tape_path: str, *, open_tape: OpenT
             else:
                 writer.abort()
             tape = writer.tape
-        return DumpResult(number, writer.tapes, stats.data_blocks, stats.bytes)
+        _note(vol, desc, number, writer, packer.total)
+        return DumpResult(number, writer.tapes, stats.data_blocks, stats.bytes,
+                          lab.set_id.hex(), lab.seq, desc.image_id)
     except DamagedBlock:
         raise                                # the volume's damage: exit 3, like a read
     except FormatError as e:

@@ -29,6 +29,7 @@ from . import tapefmt as tf
 from .tapeset import ImageOnTape, NextTape, OpenTape, TapeContents, list_tape, read_label
 
 OpenDevice = Callable[..., BlockDevice]
+Receive = Callable[..., ReceiveResult]       # receive_stream's signature
 
 
 class TapeImageReader:
@@ -194,7 +195,10 @@ def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
                    open_device: OpenDevice, next_tape: NextTape | None = None,
                    image: int | None = None, snapshot: str | None = None, force: bool = False,
                    target_has: Callable[[str], bool] = lambda name: False,
-                   progress: Callable[[int], None] | None = None) -> list[RestoreStep]:
+                   progress: Callable[[int], None] | None = None,
+                   receive: Receive = receive_stream) -> list[RestoreStep]:
+    """Apply the chosen image (and the bases it needs) to `target`. `receive` is
+    how a stream reaches the target (a service passes one into its open volume)."""
     tape = open_tape(tape_path, False)
     try:
         if read_label(tape) is None:
@@ -208,8 +212,8 @@ def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
         for img in chain:
             reader = TapeImageReader(tape, contents, img, open_tape, next_tape)
             try:
-                res = receive_stream(reader, target, open_device,
-                                     force=force, retry=RETRY, progress=progress)
+                res = receive(reader, target, open_device,
+                              force=force, retry=RETRY, progress=progress)
             except BlockxferError:
                 tape = reader.tape
                 raise
@@ -231,7 +235,7 @@ def verify_image(tape_path: str, image: int, *, open_tape: OpenTape,
         reader = TapeImageReader(tape, contents, pick_image(contents, image, None), open_tape,
                                  next_tape)
         try:
-            return inspect_stream(reader)  # type: ignore[arg-type]
+            return inspect_stream(reader)
         finally:
             tape = reader.tape
     finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .endpoint import Channel
 
 __all__ = ["ByteSink", "ByteSource", "Result", "Sink", "Source", "open_sink", "open_source",
-           "register", "scheme_of", "is_volume_url"]
+           "open_pull", "register", "scheme_of", "is_volume_url"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,17 @@ def open_source(url: str | None, request: SourceRequest | None = None) -> Source
         raise UsageError(f"{url} is a volume: name the image to pull from it "
                          "(for example --image 'june5 - june4')")
     return source(url, request)
+
+
+def open_pull(url: str, request: dict[str, Any]) -> tuple[Result, Source]:
+    """Ask the volume at an ssh:// or tls:// URL for a replication pull: its plan (what
+    it sends) and the stream (empty when the plan has none). Refusals raise here."""
+    from .endpoint import EndpointPull
+    if scheme_of(url) not in ("ssh", "tls"):
+        raise UsageError(f"{url!r}: replicate from an ssh:// or tls:// URL of a volume")
+    channel, volume = _far(url)
+    pull = EndpointPull(channel, volume, request)
+    return pull.plan, pull
 
 
 def _far(url: str) -> tuple[Channel, str]:

@@ -139,3 +139,19 @@ class EndpointSource(Source):
     def close(self) -> None:
         if self.result is None:
             self._ch.abort()
+
+
+
+class EndpointPull(EndpointSource):
+    """A replication pull (`op: replicate`): the far side answers with its plan (what
+    it will send, `plan`), then the stream when the plan has one."""
+
+    def __init__(self, ch: Channel, volume: str, request: dict[str, Any]) -> None:
+        self.name = f"{ch.peer}:{volume}"
+        self._ch = ch
+        self.result = None
+        self.plan = _open(ch, {**request, "op": "replicate", "volume": volume})
+        self._frames = wire.FrameReader(ch.reader, ch.peer)
+        if not self.plan.get("stream"):
+            self._frames.ended = True        # no frames: only the final status follows
+            self.finish()

@@ -10,6 +10,8 @@ Spoken over any byte pipe: an OpenSSH session (`ssh://`, the far side runs
 
     receive:  C: request   S: status(ready)   C: frames, end   S: status(result)
     send:     C: request   S: status(ready)   S: frames, end   S: status(result)
+    replicate: C: request  S: status(plan)    S: frames, end   S: status(result)
+               (no frames when the plan has no stream; docs/replication.md)
 
 The server answers "ready" only after it has checked the request (the volume it
 names, the image, the resume token), so a refused request costs no data. The

@@ -64,6 +64,9 @@ class BlockIO:
         self._staged: deque[tuple[Future[None], mmap.mmap]] = deque()   # submitted, in order
         self._stage_free: list[mmap.mmap] = []
         self._stage_error: BaseException | None = None
+        # Blocks a read-only open replayed from the intent log but may not write to
+        # their VBNs: reads see them here (vbn -> content).
+        self.overlay: dict[int, bytes] = {}
 
     def close(self) -> None:
         try:
@@ -163,6 +166,8 @@ class BlockIO:
     def _read_request(self, view: memoryview, vbn: int, cks: np.ndarray | None,
                       vblock: int | None = None) -> None:
         self.dev.pread(view, vbn * self.bs)
+        if self.overlay:
+            self._patch(view, vbn)
         if cks is None:
             return
         bad = np.nonzero(block_checksums(view, self.bs) != cks)[0]
@@ -172,6 +177,13 @@ class BlockIO:
             raise DamagedBlock(f"checksum mismatch {where}in block VBN {vbn + first} "
                               f"({len(bad)} bad blocks in one request): the volume is damaged; "
                               "run 'blockxfer check'")
+
+    def _patch(self, view: memoryview, vbn: int) -> None:
+        bs = self.bs
+        for k in range(len(view) // bs):
+            raw = self.overlay.get(vbn + k)
+            if raw is not None:
+                view[k * bs:(k + 1) * bs] = raw
 
     def finish_reads(self, jobs: list[Future[None]]) -> None:
         """Wait for `submit_reads`; the first failure (device or checksum) is raised."""

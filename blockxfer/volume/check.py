@@ -1,5 +1,6 @@
 """Verify a volume: every structure and block checksum reachable from the committed
-root and from each snapshot's root, and whether plane bits agree with reachability.
+root and from each snapshot's root, whether plane bits agree with reachability,
+and the intent log records that follow the committed root.
 
 Reachable from a root: the LBA map (nodes and data), the active plane object,
 the catalog, and the plane object of each snapshot the catalog lists. A block
@@ -18,6 +19,7 @@ from blockxfer.checksum import block_checksums
 from blockxfer.errors import FormatError
 
 from .blockio import aligned
+from .intentlog import INLINE, UNMAP, Record
 from .layout import Catalog, RootRecord
 from .objects import BlobObject, PlaneObject, empty_plane
 from .tree import CowTree
@@ -30,6 +32,7 @@ CHUNK_ROWS = 8192
 class CheckReport:
     roots: int = 0
     blocks_verified: int = 0
+    log_records: int = 0          # intent log records a replay applies
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -38,7 +41,8 @@ class CheckReport:
 
     def as_dict(self) -> dict[str, object]:
         return {"clean": self.clean, "roots": self.roots,
-                "blocks_verified": self.blocks_verified, "problems": self.problems}
+                "blocks_verified": self.blocks_verified, "log_records": self.log_records,
+                "problems": self.problems}
 
 
 def _reachable(vol: Volume, root: RootRecord) -> tuple[list[int], np.ndarray, bitarray]:
@@ -57,12 +61,13 @@ def _reachable(vol: Volume, root: RootRecord) -> tuple[list[int], np.ndarray, bi
 
 
 def _check_root(vol: Volume, name: str, root: RootRecord, own_plane: bitarray | None,
-                report: CheckReport) -> np.ndarray:
+                report: CheckReport, used: bitarray) -> np.ndarray:
     try:
         meta, data, plane = _reachable(vol, root)
     except FormatError as e:
         report.problems.append(f"{name}: {e}")
         return np.zeros((0, 2), dtype=np.uint64)
+    used |= plane
     vbns = np.concatenate([np.array(meta, dtype=np.uint64), data[:, 0]])
     uniq, counts = np.unique(vbns, return_counts=True)
     if (counts > 1).any():
@@ -116,9 +121,56 @@ def _verify_data(vol: Volume, rows: np.ndarray, report: CheckReport) -> None:
         report.blocks_verified += len(part)
 
 
+def _record_problem(vol: Volume, rec: Record, used: bitarray) -> str | None:
+    """Why a replay would stop at this record: a block it maps is used by the
+    committed state (or an earlier record), or does not hold what it says."""
+    bs = vol.block_size
+    for e in rec.entries:
+        if e.vblock + e.count > vol.virtual_blocks:
+            return f"maps virtual blocks {e.vblock}+{e.count} beyond the virtual disk"
+        if e.kind == UNMAP:
+            continue
+        assert e.ptrs is not None
+        for v in e.ptrs[:, 0].tolist():
+            if not vol.sb.first_data_vbn <= v < vol.nblocks or used[v]:
+                return f"maps block {v}, which is reserved or already in use"
+            used[v] = 1
+        if e.kind == INLINE:
+            assert e.data is not None
+            if (block_checksums(e.data, bs) != e.ptrs[:, 1]).any():
+                return "inline data disagrees with its checksums"
+            continue
+        view = memoryview(aligned(len(e.ptrs) * bs))[:len(e.ptrs) * bs]
+        vol.io.read_ptrs_into(e.ptrs, view, verify=False)
+        if (block_checksums(view, bs) != e.ptrs[:, 1]).any():
+            return "points at blocks that do not hold the data it names"
+    return None
+
+
+def _check_log(vol: Volume, used: bitarray, report: CheckReport) -> None:
+    """The records after the committed root. The last one may be torn or point at
+    data that never landed (its sync never returned: nothing was acknowledged);
+    a record that cannot be replayed followed by one that can means lost writes."""
+    records = vol.log.records()
+    for k, rec in enumerate(records):
+        why = _record_problem(vol, rec, used)
+        if why is None:
+            report.log_records += 1
+            continue
+        if k + 1 < len(records):
+            report.problems.append(f"intent log record {rec.seq} {why}, but {len(records) - k - 1} "
+                                   "records follow it: acknowledged writes are lost")
+        return
+    lost = vol.log.lost_after(records)
+    if lost is not None:
+        report.problems.append(f"intent log record {lost - 1} is damaged, but record {lost} "
+                               "follows it: acknowledged writes are lost")
+
+
 def check_volume(vol: Volume) -> CheckReport:
     report = CheckReport()
-    rows = [_check_root(vol, "active", vol.sb.root, None, report)]
+    used = empty_plane(len(vol.active.bits))
+    rows = [_check_root(vol, "active", vol.sb.root, None, report, used)]
     for e in vol.snapshots():
         if e.shadow or e.root is None or e.incomplete:
             continue                  # incomplete here: its own blocks were never received
@@ -127,6 +179,7 @@ def check_volume(vol: Volume) -> CheckReport:
         except FormatError as err:
             report.problems.append(f"snapshot {e.name}: {err}")
             continue
-        rows.append(_check_root(vol, f"snapshot {e.name}", e.root, own, report))
+        rows.append(_check_root(vol, f"snapshot {e.name}", e.root, own, report, used))
     _verify_data(vol, np.concatenate(rows), report)
+    _check_log(vol, used, report)
     return report

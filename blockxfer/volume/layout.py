@@ -14,7 +14,8 @@ from blockxfer.checksum import checksum
 from blockxfer.errors import FormatError
 
 MAGIC = b"BLKXFVOL"
-VERSION = 1
+VERSION = 2                  # 2: the intent log region (docs/volume-format.md)
+READABLE_VERSIONS = (1, 2)   # a version 1 volume has no log region; its next CP writes 2
 POINTER = struct.Struct("<QQ")                 # vbn, checksum
 OBJREF = struct.Struct("<QQQB7x")              # root vbn, root checksum, length, levels
 ROOT = struct.Struct("<QQ")                    # generation, timestamp (ns)
@@ -100,7 +101,7 @@ class Superblock:
         if checksum(body) != ck:
             raise FormatError("superblock checksum mismatch")
         _, version, bs, n, vb, uid, first, next_id = SUPER.unpack_from(body, 0)
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatError(f"volume format version {version} is not supported "
                               f"(this is {VERSION})")
         return cls(bs, n, vb, uid, first, next_id, RootRecord.unpack(body[SUPER.size:]))

@@ -22,12 +22,16 @@ from blockxfer.errors import FormatError
 from .blockio import aligned
 from .objects import empty_plane
 
-MAGIC = b"BXLOCAL1"
+MAGIC = b"BXLOCAL2"
+MAGIC_V1 = b"BXLOCAL1"                   # before local properties: read, never written
 _HEAD = struct.Struct("<8sQQ16s16s16sQQQIIB7x")
 # magic, seq, root generation, pending stream id, pending top guid, pending base guid,
 # pending image digest, pending image blocks, received blocks, incomplete count,
-# released count, plane present
+# released count, plane present; then the guids (16 bytes each), then (BXLOCAL2) the
+# local properties: u16 count, each u8 key length, u16 value length, key, value
 _CK = struct.Struct("<Q")
+_PROPS = struct.Struct("<H")
+_PROP = struct.Struct("<BH")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class LocalState:
     incomplete: set[bytes] = field(default_factory=set)
     released: set[bytes] = field(default_factory=set)
     received: bitarray | None = None      # plane of VBNs received so far
+    props: dict[str, bytes] = field(default_factory=dict)   # this copy's own settings
 
     @property
     def pending(self) -> bool:
@@ -53,24 +58,53 @@ class LocalState:
         body = _HEAD.pack(MAGIC, self.seq, self.root_generation, self.stream_id, self.top_guid,
                           self.base_guid, self.image_digest, self.image_blocks,
                           self.received_blocks, len(self.incomplete), len(self.released),
-                          self.received is not None) + b"".join(guids)
+                          self.received is not None) + b"".join(guids) + pack_props(self.props)
         if len(body) + _CK.size > block_size:
-            raise FormatError("too many incomplete or released snapshots for the local area")
+            raise FormatError("the local area is full (too many incomplete or released "
+                              "snapshots, or local properties too large)")
         return body + _CK.pack(checksum(body))
 
     @classmethod
     def unpack(cls, raw: bytes) -> LocalState:
-        if raw[:8] != MAGIC:
+        if raw[:8] not in (MAGIC, MAGIC_V1):
             raise FormatError("no local state")
-        f = _HEAD.unpack_from(raw, 0)
-        ninc, nrel = f[9], f[10]
-        end = _HEAD.size + 16 * (ninc + nrel)
-        if end + _CK.size > len(raw) or _CK.unpack_from(raw, end)[0] != checksum(raw[:end]):
-            raise FormatError("local state checksum mismatch")
+        try:
+            f = _HEAD.unpack_from(raw, 0)
+            ninc, nrel = f[9], f[10]
+            end = _HEAD.size + 16 * (ninc + nrel)
+            props: dict[str, bytes] = {}
+            if raw[:8] == MAGIC:
+                props, end = unpack_props(raw, end)
+            if end + _CK.size > len(raw) or _CK.unpack_from(raw, end)[0] != checksum(raw[:end]):
+                raise FormatError("local state checksum mismatch")
+        except (struct.error, UnicodeDecodeError) as e:
+            raise FormatError(f"local state is malformed: {e}") from e
         g = [raw[_HEAD.size + 16 * i:_HEAD.size + 16 * (i + 1)] for i in range(ninc + nrel)]
         st = cls(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], set(g[:ninc]), set(g[ninc:]))
         st.received = empty_plane(0) if f[11] else None
+        st.props = props
         return st
+
+
+def pack_props(props: dict[str, bytes]) -> bytes:
+    parts = [_PROPS.pack(len(props))]
+    for key, value in sorted(props.items()):
+        k = key.encode()
+        parts.append(_PROP.pack(len(k), len(value)) + k + value)
+    return b"".join(parts)
+
+
+def unpack_props(raw: bytes, pos: int) -> tuple[dict[str, bytes], int]:
+    """The properties packed at `pos` and the offset after them."""
+    (count,) = _PROPS.unpack_from(raw, pos)
+    pos += _PROPS.size
+    props: dict[str, bytes] = {}
+    for _ in range(count):
+        klen, vlen = _PROP.unpack_from(raw, pos)
+        pos += _PROP.size
+        props[raw[pos:pos + klen].decode()] = raw[pos + klen:pos + klen + vlen]
+        pos += klen + vlen
+    return props, pos
 
 
 class LocalArea:
@@ -102,7 +136,7 @@ class LocalArea:
         self.received_root = st.root_generation == root_generation
         if st.root_generation != root_generation:   # state of an older root: keep only facts
             st = LocalState(st.seq, root_generation, incomplete=st.incomplete,
-                            released=st.released)
+                            released=st.released, props=st.props)
         elif st.received is not None:
             st.received = self._read_plane(self.slot)
         return st

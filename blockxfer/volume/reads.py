@@ -12,11 +12,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from bitarray import bitarray
 
 from blockxfer.errors import BlockxferError, UsageError
 
 from .blockio import aligned
 from .state import VolumeState
+from .tree import in_plane
 
 PREFETCH = 8                            # iter_read loads map leaves this many chunks ahead
 CHECK_WINDOW = 1 << 18                  # map entries gathered per batch by data_checksums
@@ -145,21 +147,29 @@ class Reads(VolumeState):
                 start = end
             return out
 
-    def data_checksums(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def data_checksums(self, names: list[str], skip: bitarray | None = None,
+                       only: bitarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Every data block the snapshots' maps point at: their VBNs (sorted, unique)
         and the checksums the maps keep for them, gathered from the map leaves in
-        bulk (a send verifies the blocks it streams against these)."""
+        bulk (a send verifies the blocks it streams against these). With `skip`, the
+        plane of a snapshot holding none of the blocks wanted, the map's subtrees
+        that snapshot shares are not read: an incremental reads the changed part of
+        the map, not all of it. With `only`, just the VBNs set there."""
         with self._lock:
             trees = [self._snapshot_tree(n) for n in names]
+        packed = np.frombuffer(skip.tobytes(), dtype=np.uint8) if skip is not None else None
+        wanted = np.frombuffer(only.tobytes(), dtype=np.uint8) if only is not None else None
         rows = [np.zeros((0, 2), dtype=np.uint64)]
+        per = CHECK_WINDOW // (self.block_size // 16)
         for tree in trees:
-            for start in range(0, tree.length, CHECK_WINDOW):
-                count = min(CHECK_WINDOW, tree.length - start)
-                with self._lock:       # leaves in batched reads, not one 4 KiB read each
-                    tree.prefetch(start, count, self.io.read_many)
-                    ptrs = tree.get(start, count)
-                    tree.trim_cache(self._map_cache_limit())
-                rows.append(ptrs[ptrs[:, 0] != 0])
+            with self._lock:
+                leaves = tree.leaf_pointers(self.io.read_many, packed)
+            for k in range(0, len(leaves), per):   # leaves in batched reads, bounded memory
+                with self._lock:
+                    raw = self.io.read_many(leaves[k:k + per])
+                ptrs = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
+                ptrs = ptrs[ptrs[:, 0] != 0]
+                rows.append(ptrs if wanted is None else ptrs[in_plane(ptrs[:, 0], wanted)])
         both = np.concatenate(rows)
         vbns, first = np.unique(both[:, 0], return_index=True)
         return vbns, both[first, 1]

@@ -13,7 +13,7 @@ for an incremental, also into a volume a server holds open) or from a device
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from bitarray import bitarray
@@ -28,6 +28,8 @@ from .local import LocalArea, LocalState
 from .objects import BlobObject, PlaneObject, empty_plane
 from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
+
+DISCARD_MIN = 1 << 20               # bytes: shorter freed runs are not discarded
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ReceiveOutcome:
 
     released: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
+    freed: int = 0                   # blocks the commit made free here (deallocations)
 
 
 def interrupted_here(dev: BlockDevice, image: IncomingImage, resuming: bool) -> bool:
@@ -85,6 +88,7 @@ class Receiver:
             self.slot, self.local = 1, self.area.read(0)
         bits_per_block = 8 * image.block_size
         self.nbits = -(-image.nblocks // bits_per_block) * bits_per_block
+        self.doomed, self.doomed_guids = empty_plane(self.nbits), set[bytes]()
         self.busy, self.valid = self._planes()
         self.received = empty_plane(self.nbits)
         self.freed = empty_plane(self.nbits)
@@ -112,8 +116,13 @@ class Receiver:
         if self.vol is not None:
             busy |= self.vol.active.bits
             for e in self.vol.snapshots():
-                if e.guid in self.image.keep and not e.shadow and not e.incomplete:
+                if e.shadow or e.incomplete:
+                    continue
+                if e.guid in self.image.keep:
                     valid |= self.vol.plane(e.name)
+                else:                    # the source dropped it: released at the commit
+                    self.doomed |= self.vol.plane(e.name)
+                    self.doomed_guids.add(e.guid)
             busy |= valid
         return busy, valid
 
@@ -145,7 +154,7 @@ class Receiver:
         self.state = LocalState(self.local.seq, self.vol.generation if self.vol else 0,
                                 im.stream_id, im.top_guid, im.base_guid or bytes(16),
                                 im.image_digest, im.image_blocks, 0, self.local.incomplete,
-                                self.local.released, self.received)
+                                self.local.released, self.received, self.local.props)
         self._io = BlockIO(self.dev, im.block_size)
 
     def _begin_overwrite(self) -> None:
@@ -176,10 +185,22 @@ class Receiver:
                               "target holds")
         if self.vol is not None:
             self.vol.claim(lo, hi)      # no local allocation may take them meanwhile
+        if self.doomed_guids and self.doomed.count(1, lo, hi):
+            self._release_doomed()
         view = self._io.write_buffer(len(payload))
         view[:] = payload
         self._io.write_runs([(lo, count)], view, wait=False)
         self.received[lo:hi] = 1
+
+    def _release_doomed(self) -> None:
+        """The first block landing on one a snapshot the source dropped still holds
+        here: record those snapshots as released first (durably, with what was
+        received so far), so that if this receive never commits, the root still in
+        force does not offer a snapshot whose blocks were overwritten. They would
+        be released by the commit anyway (the source no longer has them)."""
+        self.state.released |= self.doomed_guids
+        self.doomed_guids = set()
+        self.save_progress()
 
     def apply_deallocations(self, runs: list[tuple[int, int]]) -> None:
         """Blocks the base held that the top no longer uses. Checked at the commit (the
@@ -241,14 +262,15 @@ class Receiver:
             raise StreamError(f"stream does not carry all blocks of its top {im.top_name!r}")
         state = LocalState(self.state.seq, im.root.generation,
                            incomplete={e.guid for e in incomplete},
-                           released={e.guid for e in released})
+                           released={e.guid for e in released}, props=self.local.props)
         sb = im.superblock()
+        freed = 0
         if self.vol is not None:
-            self.vol.adopt_foreign_root(sb, state)
+            freed = self.vol.adopt_foreign_root(sb, state)
         else:
             ReceiveSide.commit_foreign_root(self.dev, sb, self.slot, self.area, state)
         self.committed = True
-        return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete])
+        return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete], freed)
 
     def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
         """The foreign catalog's snapshots released here (not kept by the source) and
@@ -313,8 +335,9 @@ class ReceiveSide(Allocator):
         self._check_usable(write=True)
         return Receiver(self.dev, image, self)
 
-    def adopt_foreign_root(self, sb: Superblock, state: LocalState) -> None:
-        """Commit a received root on this open volume and continue from it."""
+    def adopt_foreign_root(self, sb: Superblock, state: LocalState) -> int:
+        """Commit a received root on this open volume and continue from it; the
+        number of blocks that became free here (returned to the device too)."""
         with self._lock:
             self._check_usable(write=True)
             if self._needs_cp():
@@ -322,6 +345,7 @@ class ReceiveSide(Allocator):
                                   "cannot replace them")
             self.io.drain()
             old = self.active.bits
+            old_used = old | self.pinned()
             try:
                 self.commit_foreign_root(self.dev, sb, self.slot, self.local_area, state)
             except BaseException as e:
@@ -334,7 +358,69 @@ class ReceiveSide(Allocator):
                 new = self.active.bits
                 self._tracker.allocated |= new & ~old
                 self._tracker.freed |= old & ~new
+                self._tracker.since = None    # a foreign root is no cut of this volume
             self._last_cp = time.monotonic()
+            return self._discard(old_used & ~(self.active.bits | self.pinned()))
+
+    def _discard(self, gone: bitarray) -> int:
+        """Blocks no root or snapshot here uses any more (the deallocations a stream
+        carried, and what released snapshots held): their runs of DISCARD_MIN bytes
+        or more go back to the device, so that a sparse file or a thin device gets
+        the space back. Advisory: a device without discard keeps the bytes, and they
+        are free here all the same. Shorter runs are left: each discard is a file
+        system transaction (about a millisecond on ext4), and thin devices do not
+        take pieces smaller than their chunk anyway."""
+        bs, count = self.block_size, gone.count()
+        least = max(1, DISCARD_MIN // bs)
+        pos = self.sb.first_data_vbn
+        while count and (s := gone.find(1, pos, self.nblocks)) >= 0:
+            e = gone.find(0, s, self.nblocks)
+            e = self.nblocks if e < 0 else e
+            if e - s >= least:
+                try:
+                    self.dev.discard(s * bs, (e - s) * bs)
+                except (BlockxferError, OSError):
+                    return count
+            pos = e
+        return count
+
+    def revert_to_received(self, name: str) -> bool:
+        """Discard what changed here since snapshot `name` was received (local writes,
+        local snapshots): its root, which the snapshot's plane keeps intact, is
+        written back into both superblock slots, so the volume is again exactly
+        what it received and takes the next incremental. False when nothing changed.
+
+        The order survives a kill: the local facts for the old root first (ignored
+        while a newer root is in force), then the slot not in force (the newer root
+        still wins), then the slot in force (a torn write leaves the other slot)."""
+        with self._lock:
+            self._check_usable(write=True)
+            e = self.resolve(name)
+            if e.root is None or e.shadow or e.incomplete:
+                raise VolumeError(f"snapshot {e.name!r} on {self.dev.path} is not a received "
+                                  "state this volume can go back to")
+            if self.generation == e.root.generation and not self._needs_cp():
+                return False
+            self.io.drain()
+            state = LocalState(self.local.seq, e.root.generation,
+                               incomplete=set(self.local.incomplete),
+                               released=set(self.local.released),
+                               props=dict(self.local.props))
+            sb = replace(self.sb, root=e.root)
+            try:
+                self.local_area.write(state)
+                write_superblock(self.dev, sb, 1 - self.slot)
+                write_superblock(self.dev, sb, self.slot)
+            except BaseException as err:
+                self._failed = f"going back to snapshot {e.name!r} failed ({err})"
+                raise
+            self.sb = sb
+            self._wait_readers()
+            self._load_root(sb.root)
+            if self._tracker:
+                self._tracker.since = None
+            self._last_cp = time.monotonic()
+            return True
 
     @staticmethod
     def commit_foreign_root(dev: BlockDevice, sb: Superblock, slot: int, area: LocalArea,

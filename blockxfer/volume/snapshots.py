@@ -22,15 +22,25 @@ from .objects import PlaneObject
 from .receiving import refuse_on_replica
 from .tree import CowTree
 
+MASTER_POINTER = "master"          # moved by every new master snapshot
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}$")
+# A NEW snapshot's name may not hold '-' either: it is the difference operator of
+# image expressions, and 'june3-june1' (one name) beside 'june3 - june1' (a
+# difference) misleads people. Names that arrive by receive are kept as sent.
+SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:]{0,254}$")
 
 
 class Snapshots(Allocator):
     """The catalog's snapshots and pointers, changed one CP at a time."""
 
-    def _check_new_name(self, name: str) -> None:
+    def _check_new_name(self, name: str, *, snapshot: bool = False) -> None:
+        if snapshot and NAME_RE.match(name) and not SNAPSHOT_NAME_RE.match(name):
+            raise UsageError(f"bad snapshot name {name!r}: '-' is the difference operator of "
+                             f"image expressions ('a - b'); use '_' or '.' instead, e.g. "
+                             f"{name.replace('-', '_')!r}")
         if not NAME_RE.match(name):
-            raise UsageError(f"bad name {name!r}: use letters, digits and . _ : - "
+            allowed = ". _ :" if snapshot else ". _ : -"
+            raise UsageError(f"bad name {name!r}: use letters, digits and {allowed} "
                              "(up to 255, not starting with a punctuation mark)")
         if any(e.name == name for e in self.catalog.snapshots) or name in self.catalog.pointers:
             raise AlreadyExists(f"a snapshot or pointer named {name!r} already exists on "
@@ -42,12 +52,16 @@ class Snapshots(Allocator):
         newest = max((e.generation for e in self.catalog.snapshots), default=-1)
         return self.local_area.received_root and self.generation == newest
 
+    def is_replica(self) -> bool:
+        """Public for schedules: a snapshot taken here would end its incrementals."""
+        return self._is_replica()
+
     def create_snapshot(self, name: str, *, shadow: bool = False, master: bool = False) -> None:
         """Freeze the active file system: a CP whose catalog lists the new snapshot and
         whose active plane (with the CP's own blocks) is copied into its plane."""
         with self._lock:
             self._check_usable(write=True)
-            self._check_new_name(name)
+            self._check_new_name(name, snapshot=True)
             needed = 2 * self.active.data_blocks + self._reserve()
             if self.free_blocks() < needed:
                 raise VolumeFull(f"{self.dev.path}: volume full: no room for the plane of "
@@ -59,6 +73,8 @@ class Snapshots(Allocator):
                                 self.io.read_block, self.io.read_many)   # phase 1 fills it
             self.sb = replace(self.sb, next_id=self.sb.next_id + 1)
             self.catalog.snapshots.append(entry)
+            if master and not any(e.name == MASTER_POINTER for e in self.catalog.snapshots):
+                self.catalog.pointers[MASTER_POINTER] = entry.id   # in the same CP: atomic
             self._catalog_dirty = True
             self._new = (entry, plane)
             self.commit()
@@ -82,6 +98,10 @@ class Snapshots(Allocator):
             if self._held.get(e.id):
                 raise VolumeError(f"snapshot {name!r} is being sent; destroy it when the send "
                                   "has finished")
+            tags = self.held_by(e)
+            if tags:
+                raise VolumeError(f"snapshot {name!r} is held by {', '.join(tags)}; release "
+                                  f"it first ('blockxfer release TAG VOLUME@{name}')")
             users = sorted(p for p, sid in self.catalog.pointers.items() if sid == e.id)
             if users:
                 raise VolumeError(f"snapshot {name!r} is the target of pointer {users[0]!r}; "
@@ -118,6 +138,7 @@ class Snapshots(Allocator):
             if self._tracker:
                 self._tracker.allocated |= new & ~old
                 self._tracker.freed |= old & ~new
+                self._tracker.since = None    # blocks of older snapshots came back
             old[:] = new
             self.lba = CowTree(e.root.lba, self.block_size, self.io.read_block,
                                self.virtual_blocks)

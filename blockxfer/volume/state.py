@@ -8,6 +8,7 @@ receiver.py) and is composed, with consistency points, into `Volume` (volume.py)
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -19,9 +20,11 @@ from blockxfer.errors import NotFound, UsageError, VolumeError
 
 from . import layout
 from .blockio import BlockIO
+from .intentlog import IntentLog
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea
 from .objects import BlobObject, PlaneObject
+from .superblock import local_end
 from .tree import CowTree
 
 if TYPE_CHECKING:
@@ -68,6 +71,9 @@ class VolumeState:
             if e.root is None and e.generation == root.generation:
                 e.root = root                 # persisted with the next CP's catalog
                 self._fill_pending = True
+        start = local_end(self.nblocks, bs)     # the log region ends at the first data VBN
+        self.log = IntentLog(self.dev, bs, start, self.sb.first_data_vbn - start)
+        self.log.reset(self.sb.uuid, root)      # records of an older or foreign root: stale
         self.local_area = LocalArea(self.dev, self.block_size, self.nblocks)
         self.local = self.local_area.read(root.generation)
         for e in self.catalog.snapshots:
@@ -165,6 +171,11 @@ class VolumeState:
             tree = CowTree(e.root.lba, self.block_size, self.io.read_block, self.virtual_blocks)
             self._snap_trees[e.id] = tree
         return tree
+
+    def held_by(self, e: SnapshotEntry) -> list[str]:
+        """The tags holding snapshot `e` (see properties.py)."""
+        raw = self.local.props.get("holds")
+        return list(json.loads(raw).get(e.guid.hex(), [])) if raw else []
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:

@@ -21,10 +21,24 @@ def _plane_blocks(nblocks: int, block_size: int) -> int:
     return -(-nblocks // (block_size * 8))
 
 
-def reserved_blocks(nblocks: int, block_size: int) -> int:
-    """VBNs before the first allocatable one: 2 superblock slots, then the local
-    receive-state area (2 copies of a header block plus a plane)."""
+LOG_BYTES = 16 << 20            # the intent log region, at most
+LOG_SHARE = 64                  # ... and at most 1/64 of the device
+
+
+def local_end(nblocks: int, block_size: int) -> int:
+    """The VBN after the local receive-state area: where the intent log starts."""
     return 2 + 2 * (1 + _plane_blocks(nblocks, block_size))
+
+
+def log_blocks(nblocks: int, block_size: int) -> int:
+    """Blocks of the intent log region a new volume gets."""
+    return max(1, min(LOG_BYTES, nblocks * block_size // LOG_SHARE) // block_size)
+
+
+def reserved_blocks(nblocks: int, block_size: int) -> int:
+    """VBNs before the first allocatable one: 2 superblock slots, the local
+    receive-state area (2 copies of a header block plus a plane), the intent log."""
+    return local_end(nblocks, block_size) + log_blocks(nblocks, block_size)
 
 
 def write_superblock(dev: BlockDevice, sb: Superblock, slot: int) -> None:

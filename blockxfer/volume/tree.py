@@ -229,6 +229,22 @@ class CowTree:
                 break
 
     # -- walking ------------------------------------------------------------------------------
+    def leaf_pointers(self, read_many: ReadMany, skip: np.ndarray | None = None) -> np.ndarray:
+        """Rows (vbn, checksum) of the committed tree's leaves, read level by level in
+        batches. With `skip` (a plane as packed little-endian bytes), a node whose VBN
+        is set there is not descended into: the caller knows its whole subtree lies in
+        that plane (a snapshot's, which pins it unchanged)."""
+        ref = self._root_ref
+        rows = np.array([[ref.vbn, ref.checksum]], dtype=np.uint64)
+        rows = _outside(rows, skip) if ref.vbn else rows[:0]
+        for _ in range(self.levels, 1, -1):
+            if not len(rows):
+                break
+            ptrs = np.frombuffer(read_many(rows), dtype=np.uint64).reshape(-1, 2)
+            rows = _outside(ptrs[ptrs[:, 0] != 0], skip)
+        return rows
+
+
     def walk(self) -> tuple[list[int], np.ndarray]:
         """All node VBNs, and every data pointer as rows (vbn, checksum, index)."""
         nodes: list[int] = []
@@ -255,3 +271,18 @@ class CowTree:
         for i in np.nonzero(ptrs[:, 0])[0]:
             self._walk(level - 1, index * self.fanout + int(i), int(ptrs[i, 0]),
                        int(ptrs[i, 1]), nodes, leaves)
+
+
+def in_plane(vbns: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """Which VBNs are set in `plane` (packed bits, little-endian), as booleans."""
+    inside = vbns < len(plane) * 8
+    at = np.where(inside, vbns, 0)
+    bits = (plane[(at >> 3).astype(np.int64)] >> (at & 7).astype(np.uint8)) & 1
+    return inside & (bits == 1)  # type: ignore[no-any-return]
+
+
+def _outside(rows: np.ndarray, plane: np.ndarray | None) -> np.ndarray:
+    """The rows whose VBN is not set in `plane`."""
+    if plane is None or not len(rows):
+        return rows
+    return rows[~in_plane(rows[:, 0], plane)]

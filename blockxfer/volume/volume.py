@@ -9,8 +9,9 @@ stays busy until the next CP commits, so the last committed state is always
 intact on disk.
 
 `Volume` composes the focused parts (state.py, allocator.py, reads.py,
-writes.py, snapshots.py, tracking.py, and the receive side in receiver.py); this
-module keeps what ties them together: creating and opening, the CP, closing.
+writes.py, syncing.py, snapshots.py, tracking.py, and the receive side in
+receiver.py); this module keeps what ties them together: creating and opening
+(which replays the intent log), the CP, closing.
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ from blockxfer.errors import VolumeError
 from . import layout
 from .blockio import aligned
 from .layout import ObjectRef, RootRecord, Superblock
+from .properties import Properties
 from .receiver import ReceiveSide
 from .snapshots import Snapshots
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
+from .syncing import Syncing
 from .tracking import Tracking
-from .writes import Writes
 
 CP_INTERVAL = 10.0                      # seconds between CPs while writes are pending
 MAX_DIRTY_NODES = 16384                 # a CP also starts when this many map nodes are dirty
 
 
-class Volume(Writes, Snapshots, ReceiveSide, Tracking):
+class Volume(Syncing, Snapshots, ReceiveSide, Tracking, Properties):
     """A volume open on a block device (see VolumeState for the locking)."""
 
     @classmethod
@@ -65,7 +67,13 @@ class Volume(Writes, Snapshots, ReceiveSide, Tracking):
     @classmethod
     def open(cls, dev: BlockDevice, *, writable: bool = True) -> Volume:
         sb, slot = read_superblock_slot(dev)
-        return cls(dev, sb, writable=writable, slot=slot)
+        vol = cls(dev, sb, writable=writable, slot=slot)
+        try:
+            vol._replay_log()          # acknowledged writes since the committed root
+        except BaseException:
+            vol.io.close()
+            raise
+        return vol
 
     def commit(self) -> None:
         """Take a consistency point: everything written so far becomes durable."""
@@ -126,6 +134,7 @@ class Volume(Writes, Snapshots, ReceiveSide, Tracking):
             self.local_area.write(self.local)
         write_superblock(self.dev, sb, 1 - self.slot)
         self.sb, self.slot = sb, 1 - self.slot
+        self.log.reset(sb.uuid, root)                 # every record so far is obsolete
         self._catalog_dirty = False
         self._wait_readers()          # they may hold pointers to blocks freed since the last CP
         self._busy = None                             # freed blocks become free now

@@ -1,5 +1,11 @@
 """Writing the virtual disk: write anywhere (data to free blocks, the map points at
-them), and trim (unmap whole blocks)."""
+them), and trim (unmap whole blocks).
+
+A block written with nothing but zeros is unmapped instead of stored (it reads
+as zeros all the same): writing a disk image with empty space allocates only
+its data. Every map change is noted in the intent log, so that `sync` can make
+it durable without a CP (intentlog.py).
+"""
 
 from __future__ import annotations
 
@@ -35,8 +41,32 @@ class Writes(Allocator, Reads):
             if last:
                 view[-bs:] = last
             view[head:head + len(data)] = data
-            self._place(v0, view)
+            self._place_sparse(v0, view)
             self._maybe_commit()
+
+    def _place_sparse(self, v0: int, view: memoryview) -> None:
+        """Place the blocks that hold data; unmap the all-zero ones."""
+        bs = self.block_size
+        count = len(view) // bs
+        has = np.asarray(np.frombuffer(view, dtype=np.uint64).reshape(count, bs // 8).any(axis=1))
+        if has.all():
+            self._place(v0, view)
+            return
+        edges = np.nonzero(np.diff(has.astype(np.int8)))[0] + 1
+        start = 0
+        for end in [*edges.tolist(), count]:
+            if has[start]:
+                self._place(v0 + start, view[start * bs:end * bs])
+            else:
+                self._unmap(v0 + start, end - start)
+            start = end
+
+    def _unmap(self, v0: int, count: int) -> None:
+        if not self.lba.get(v0, count)[:, 0].any():
+            return                          # a hole already: nothing to change or log
+        old = self.lba.set(v0, np.zeros((count, 2), dtype=np.uint64))
+        self._free_vbns(old[:, 0])
+        self.log.note_unmap(v0, count)
 
     def _place(self, v0: int, view: memoryview) -> None:
         count = len(view) // self.block_size
@@ -47,7 +77,8 @@ class Writes(Allocator, Reads):
                 raise
             self.commit()                  # blocks freed since the last CP become free
             runs = self._alloc_runs(count, reserve=self._reserve())
-        if len(view) <= SMALL_WRITE:
+        small = len(view) <= SMALL_WRITE
+        if small:
             self.io.stage_runs(runs, view)          # drained before any read or CP
         else:
             self.io.write_runs(runs, view, wait=False)
@@ -59,6 +90,8 @@ class Writes(Allocator, Reads):
         ptrs[:, 1] = block_checksums(view, self.block_size)
         old = self.lba.set(v0, ptrs)
         self._free_vbns(old[:, 0])
+        if self.log.enabled:          # small ones inline (a copy: the view may be reused)
+            self.log.note(v0, ptrs, bytes(view) if small else None)
 
     def trim(self, offset: int, length: int) -> None:
         """Unmap whole blocks in the range; partial blocks at the edges get zeros."""
@@ -74,8 +107,7 @@ class Writes(Allocator, Reads):
                 self.write(offset, bytes(first * bs - offset))
             if offset + length > last * bs:
                 self.write(last * bs, bytes(offset + length - last * bs))
-            old = self.lba.set(first, np.zeros((last - first, 2), dtype=np.uint64))
-            self._free_vbns(old[:, 0])
+            self._unmap(first, last - first)
             self._maybe_commit()
 
     write_zeroes = trim

@@ -22,6 +22,7 @@ class FakeVolume:
         self._mapped = bytearray(virtual_size // block_size)   # 1 = mapped
         self._snaps: dict[str, tuple[bytes, bytes]] = {}
         self.commits = 0
+        self.syncs = 0
         self.closed = False
         self.fail_next: BlockxferError | None = None
 
@@ -89,6 +90,11 @@ class FakeVolume:
     def commit(self) -> None:
         self._maybe_fail()
         self.commits += 1
+
+    def sync(self) -> None:
+        """A FLUSH or FUA: durable through the intent log, not a CP."""
+        self._maybe_fail()
+        self.syncs += 1
 
     def snapshot_names(self) -> list[str]:
         return sorted(self._snaps)

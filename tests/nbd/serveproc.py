@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from blockxfer.nbd import control
+from blockxfer.service import control
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Control socket, freeze ioctls, the serve command and its clean stop on SIGTERM."""
+"""The service's control socket, freeze ioctls, the serve command and its clean stop on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer import remote
 from blockxfer.drivers import freeze
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import AlreadyExists, DeviceBusy, DeviceError, UsageError
-from blockxfer.nbd import control
 from blockxfer.nbd import protocol as p
-from blockxfer.nbd.server import Server, parse_listen
+from blockxfer.nbd.server import parse_listen
+from blockxfer.service import control
+from blockxfer.service.service import Service
+from blockxfer.service.session import ServedSession, server_for
 from blockxfer.volume import Volume
 from tests.nbd.fakes import FakeVolume
 from tests.nbd.nbdclient import Client
@@ -31,15 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def served(tmp_path: Path, volume: FakeVolume) -> Iterator[tuple[str, Server]]:
+def served(tmp_path: Path, volume: FakeVolume) -> Iterator[tuple[str, Service]]:
     path = str(tmp_path / "vol.img")
-    s = Server(volume)
-    s.serve_control(path)
-    t = threading.Thread(target=s.serve_forever, daemon=True)
+    s = Service(volume, path)
+    s.serve_control()
+    t = threading.Thread(target=s.run, daemon=True)
     t.start()
     yield path, s
     s.stop()
     t.join(10)
+
+
+def served_session(path: str) -> ServedSession:
+    client = server_for(path)
+    assert client is not None
+    return ServedSession(client)
 
 
 def test_socket_path_is_stable_per_realpath(tmp_path: Path, run_dir: str) -> None:
@@ -49,11 +57,12 @@ def test_socket_path_is_stable_per_realpath(tmp_path: Path, run_dir: str) -> Non
     assert control.socket_path(str(tmp_path / "a")).startswith(run_dir + "/")
 
 
-def test_call_round_trip(served: tuple[str, Server]) -> None:
-    path, _ = served
+def test_call_round_trip(served: tuple[str, Service]) -> None:
+    path, service = served
     assert control.call(path, "ping")["pid"] == os.getpid()
-    info = control.call(path, "info")
+    info = service.status()
     assert info["pid"] == os.getpid() and info["exports"] == ["", "@s1"]
+    assert [j["name"] for j in info["jobs"]] == ["policy"]     # the snapshot schedule
     assert control.call(path, "commit") is None
     with pytest.raises(UsageError):
         control.call(path, "no-such-command")
@@ -62,30 +71,29 @@ def test_call_round_trip(served: tuple[str, Server]) -> None:
 
 
 def test_snapshot_via_control_is_exported_at_once(tmp_path: Path) -> None:
-    server = Server(Volume.create(open_device(str(tmp_path / "real.img"), write=True,
-                                              create_size=16 << 20)))
     path = str(tmp_path / "real.img")
-    remote.register(server.serve_control(path))
-    t = threading.Thread(target=server.serve_forever, daemon=True)
+    service = Service(Volume.create(open_device(path, write=True, create_size=16 << 20)), path)
+    service.serve_control()
+    t = threading.Thread(target=service.run, daemon=True)
     t.start()
     try:
-        server.vol.call("write", 0, b"live")
-        assert remote.snapshot(path, "new")["name"] == "new"  # type: ignore[index]
+        service.nbd.vol.call("write", 0, b"live")
+        assert served_session(path).snapshot("new")["name"] == "new"
         with pytest.raises(AlreadyExists):
-            remote.snapshot(path, "new")
+            served_session(path).snapshot("new")
         with pytest.raises(UsageError):
             control.call(path, "snapshot", bogus=1)
-        c = Client.attach(server)
+        c = Client.attach(service.nbd)
         c.handshake()
         c.go("@new")
         assert c.read(0, 4) == b"live"
     finally:
-        server.stop()
+        service.stop()
         t.join(10)
-        server.vol.volume.close()
+        service.volume.close()
 
 
-def test_second_server_on_same_volume_is_refused(served: tuple[str, Server]) -> None:
+def test_second_server_on_same_volume_is_refused(served: tuple[str, Service]) -> None:
     path, _ = served
     with pytest.raises(DeviceBusy):
         control.bind_control(path)
@@ -97,7 +105,7 @@ def test_no_server(tmp_path: Path) -> None:
     assert not control.server_running(str(tmp_path / "nothing"))
 
 
-def test_garbage_line_gets_an_error_reply(served: tuple[str, Server]) -> None:
+def test_garbage_line_gets_an_error_reply(served: tuple[str, Service]) -> None:
     import socket
     path, _ = served
     with socket.socket(socket.AF_UNIX) as s:
@@ -116,11 +124,11 @@ def test_snapshot_with_freeze_thaws_around_it(tmp_path: Path) -> None:
         yield
         events.append(f"thaw {mnt}")
 
-    server = Server(Volume.create(open_device(str(tmp_path / "v"), write=True,
-                                              create_size=16 << 20)))
-    ctl = control.ControlServer(server.vol, freezer=fake_frozen)
-    remote.register(ctl)
-    vol = server.vol.volume
+    service = Service(Volume.create(open_device(str(tmp_path / "v"), write=True,
+                                                create_size=16 << 20)), str(tmp_path / "v"),
+                      freezer=fake_frozen)
+    ctl = service.control
+    vol = service.volume
     orig = vol.create_snapshot
     vol.create_snapshot = lambda *a, **k: (events.append("snapshot"), orig(*a, **k))[1]  # type: ignore[method-assign]
     reply = ctl.handle({"id": 3, "command": "snapshot", "args": {"name": "f", "freeze": "/mnt"}})
@@ -130,14 +138,13 @@ def test_snapshot_with_freeze_thaws_around_it(tmp_path: Path) -> None:
 
 
 def test_freeze_needs_a_freezer(tmp_path: Path) -> None:
-    server = Server(Volume.create(open_device(str(tmp_path / "v"), write=True,
-                                              create_size=16 << 20)))
-    ctl = control.ControlServer(server.vol)
-    remote.register(ctl)
+    service = Service(Volume.create(open_device(str(tmp_path / "v"), write=True,
+                                                create_size=16 << 20)), str(tmp_path / "v"))
+    ctl = service.control
     reply = ctl.handle({"id": 1, "command": "snapshot", "args": {"name": "f", "freeze": "/m"}})
     assert not reply["ok"] and reply["error"]["type"] == "UsageError"
-    assert server.vol.call("snapshot_names") == []
-    server.vol.volume.close()
+    assert service.nbd.vol.call("snapshot_names") == []
+    service.volume.close()
 
 
 def test_freeze_ioctl_numbers_are_pinned() -> None:

@@ -48,7 +48,7 @@ _requests = st.builds(
 def _wait_idle(server: Server) -> None:
     """Until the server has finished every connection (bounded: 10 s)."""
     deadline = time.monotonic() + 10
-    while server._stats()["clients"] and time.monotonic() < deadline:
+    while server.stats()["clients"] and time.monotonic() < deadline:
         time.sleep(0.005)
 
 

@@ -170,4 +170,4 @@ def test_python_libnbd_many_in_flight(served: Served) -> None:
         pytest.skip("Python libnbd binding missing (apt-get install python3-libnbd)")
     out = run(SYSTEM_PYTHON, "-c", LIBNBD_SCRIPT, served.uri())
     assert out.startswith("ok")
-    assert served.volume.commits >= 2
+    assert served.volume.syncs >= 1 and served.volume.commits >= 1   # flush, then the close

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer import remote
 from blockxfer.handles import init_volume, open_volume
 from blockxfer.volume.check import check_volume
 from tests.nbd.serveproc import serve_process
+from tests.nbd.test_remote import served
 
 LIVE, SNAP = "/dev/nbd1", "/dev/nbd2"
 TOOLS = ("nbd-client", "mkfs.ext4", "e2fsck", "mount", "umount")
@@ -129,7 +129,7 @@ def test_ext4_snapshot_with_freeze_mounts_read_only(tmp_path: Path) -> None:
                         assert writer.is_alive()
                         time.sleep(0.05)
                     n0 = writer.done                        # finished before the freeze
-                    snap = remote.snapshot(path, "snap", freeze=str(live))
+                    snap = served(path).snapshot("snap", freeze=str(live))
                     n1 = writer.done                        # finished by the thaw, or soon after
                     while writer.done < n1 + 2:             # thawed: writes go on
                         assert writer.is_alive()

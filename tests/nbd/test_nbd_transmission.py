@@ -31,10 +31,10 @@ def test_write_read_flush_fua(server: Server, volume: FakeVolume) -> None:
     c = connect(server)
     assert c.request(p.CMD_WRITE, 4096, 5, payload=b"hello") == 0
     assert c.read(4096, 5) == b"hello"
-    before = volume.commits
+    before = volume.syncs
     assert c.request(p.CMD_FLUSH) == 0
     assert c.request(p.CMD_WRITE, 0, 3, flags=p.CMD_FLAG_FUA, payload=b"fua") == 0
-    assert volume.commits == before + 2
+    assert volume.syncs == before + 2
     assert volume.read(0, 3) == b"fua"
 
 

@@ -2,8 +2,8 @@
 
 The server runs as its own process (the volume's lock is a POSIX record lock,
 which never conflicts within one process), so opening the volume directly here
-must fail and name the serving pid, while every `blockxfer.remote` function
-answers through the control socket with the JSON the local command prints.
+must fail and name the serving pid, while a `ServedSession` answers every
+operation through the control socket with the JSON the local command prints.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer import remote
 from blockxfer.errors import AlreadyExists, DeviceBusy, NotFound, VolumeError
 from blockxfer.handles import init_volume, open_volume
 from blockxfer.nbd import protocol as p
+from blockxfer.service.session import ServedSession, server_for
 from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
@@ -41,6 +41,12 @@ def serving(tmp_path: Path, run_dir: str) -> Iterator[tuple[str, str, subprocess
         yield path, sock, proc
 
 
+def served(path: str) -> ServedSession:
+    client = server_for(path)
+    assert client is not None, f"nobody serves {path}"
+    return ServedSession(client)
+
+
 def nbd(sock: str, export: str = "") -> Client:
     s = socket.socket(socket.AF_UNIX)
     s.connect(sock)
@@ -51,51 +57,49 @@ def nbd(sock: str, export: str = "") -> Client:
 
 
 def test_no_server_means_none(tmp_path: Path) -> None:
-    assert remote.server_for(str(tmp_path / "nothing")) is None
-    assert remote.snapshots(str(tmp_path / "nothing")) is None
-    assert remote.info(str(tmp_path / "nothing")) is None
+    assert server_for(str(tmp_path / "nothing")) is None
 
 
 def test_commands_go_through_the_server(serving: tuple[str, str, subprocess.Popen[str]]) -> None:
     path, sock, proc = serving
     with pytest.raises(DeviceBusy, match=f"process {proc.pid}"), open_volume(path):
         pass
-    assert remote.server_for(path) is not None
+    assert server_for(path) is not None
 
     c = nbd(sock)
     assert c.request(p.CMD_WRITE, 0, 8, payload=b"before!!") == 0
-    snap = remote.snapshot(path, "s1", master=True)
+    snap = served(path).snapshot("s1", master=True)
     assert snap is not None and snap["name"] == "s1" and snap["master"] and not snap["shadow"]
     assert c.request(p.CMD_WRITE, 0, 8, payload=b"after!!!") == 0
     assert nbd(sock, "@s1").read(0, 8) == b"before!!"
     with pytest.raises(AlreadyExists):
-        remote.snapshot(path, "s1")
+        served(path).snapshot("s1")
 
-    info = remote.info(path)
+    info = served(path).info()
     assert info is not None and info["snapshots"] == 1 and info["block_size"] == 4096
     assert info["server"]["pid"] == proc.pid and info["server"]["exports"] == ["", "@s1"]
 
-    assert remote.snapshot(path, "s2") is not None
-    assert remote.set_pointer(path, "master", "s1") == {"pointer": "master", "snapshot": "s1"}
-    listing = remote.snapshots(path)
+    assert served(path).snapshot("s2") is not None
+    assert served(path).pointer("master", "s1") == {"pointer": "master", "snapshot": "s1"}
+    listing = served(path).snapshots()
     assert listing is not None
     assert [r["name"] for r in listing["snapshots"]] == ["s1", "s2"]
     assert listing["pointers"] == {"master": "s1"}
 
-    img = remote.image(path, "s2 - master")
+    img = served(path).image("s2 - master")
     assert img is not None and img["top"] == "s2" and img["base"] == "s1" and img["blocks"] >= 1
     with pytest.raises(VolumeError):          # the pointer still refers to s1
-        remote.destroy(path, "s1")
-    assert remote.delete_pointer(path, "master") == {"pointer": "master", "snapshot": None}
+        served(path).destroy("s1")
+    assert served(path).pointer("master", delete=True) == {"pointer": "master", "snapshot": None}
     with pytest.raises(NotFound):
-        remote.delete_pointer(path, "master")
-    assert remote.destroy(path, "s2") == {"destroyed": "s2"}
-    final = remote.snapshots(path)
+        served(path).pointer("master", delete=True)
+    assert served(path).destroy("s2") == {"destroyed": "s2", "pointer": False}
+    final = served(path).snapshots()
     c.close()
 
     proc.send_signal(signal.SIGTERM)             # a clean stop: final CP, lock released
     assert proc.wait(30) == 0
-    assert remote.server_for(path) is None
+    assert server_for(path) is None
     local = bx("snapshots", path, "--json")      # the local command prints the same JSON
     assert local.returncode == 0, local.stderr
     assert json.loads(local.stdout) == final
@@ -124,7 +128,7 @@ def test_send_goes_through_the_server(serving, tmp_path: Path) -> None:  # type:
     data = os.urandom(1 << 20)
     assert c.request(p.CMD_WRITE, 0, len(data), payload=data) == 0
     c.sock.close()
-    assert remote.snapshot(path, "s1") is not None
+    assert served(path).snapshot("s1") is not None
     stream = tmp_path / "s1.stream"
     r = bx("send", path, "s1", "-o", str(stream))      # the volume is locked by the server
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,8 @@
 """What the store layout needs from an object store, and an in-memory one for tests.
 
-Six calls: get (optionally a byte range), put (optionally conditional), head,
-list, delete, and whether conditional PUT is enforced. `s3.py` implements them
+The calls: get (optionally a byte range), put (optionally conditional, optionally
+under an object lock's retention), retain (extend an object's retention), head,
+list, delete, and whether the bucket has object lock. `s3.py` implements them
 over boto3; `MemoryStore` implements them over a dict, with switches that make
 it behave like a store without conditional PUT or fail on a chosen call.
 """
@@ -48,8 +49,15 @@ class ObjectStore(Protocol):
         """An object and its ETag (for a later conditional PUT)."""
 
     def put(self, key: str, data: bytes | memoryview, *, if_none_match: bool = False,
-            if_match: str | None = None) -> str:
-        """Write an object; Conflict when a condition fails. Returns the ETag."""
+            if_match: str | None = None, retain_until: float | None = None) -> str:
+        """Write an object; Conflict when a condition fails. Returns the ETag. With
+        `retain_until` (unix seconds) the store keeps it immutable until then."""
+
+    def retain(self, key: str, until: float) -> None:
+        """Keep an object immutable until `until` at least (never shortens)."""
+
+    def lock_enabled(self) -> bool:
+        """Does the bucket take retention (S3 object lock)?"""
 
     def head(self, key: str) -> ObjectInfo | None: ...
 
@@ -62,10 +70,12 @@ class MemoryStore:
     """A dict behind the ObjectStore calls. `conditional=False` ignores If-Match and
     If-None-Match as rclone does; `fail(call, n)` makes the n-th such call raise."""
 
-    def __init__(self, *, conditional: bool = True):
+    def __init__(self, *, conditional: bool = True, lock: bool = False):
         self.url = "mem://"
         self.objects: dict[str, tuple[bytes, float, str]] = {}
         self.conditional = conditional
+        self.lock = lock
+        self.retained: dict[str, float] = {}       # key -> retained until (enforced)
         self.calls: dict[str, int] = {}
         self.gets = 0
         self.got_bytes = 0
@@ -98,8 +108,11 @@ class MemoryStore:
         return data, self.objects[key][2]
 
     def put(self, key: str, data: bytes | memoryview, *, if_none_match: bool = False,
-            if_match: str | None = None) -> str:
+            if_match: str | None = None, retain_until: float | None = None) -> str:
         self._count("put", key)
+        self._check_unlocked(key)
+        if retain_until is not None:
+            self.retain(key, retain_until)
         raw = bytes(data)
         etag = hashlib.md5(raw).hexdigest()
         with self._lock:
@@ -125,8 +138,21 @@ class MemoryStore:
 
     def delete(self, key: str) -> None:
         self._count("delete", key)
+        self._check_unlocked(key)
         with self._lock:
             self.objects.pop(key, None)
+
+    def retain(self, key: str, until: float) -> None:
+        if not self.lock:
+            raise DeviceError(f"{key}: the bucket has no object lock")
+        self.retained[key] = max(until, self.retained.get(key, 0.0))
+
+    def lock_enabled(self) -> bool:
+        return self.lock
+
+    def _check_unlocked(self, key: str) -> None:
+        if self.retained.get(key, 0.0) > time.time() and key in self.objects:
+            raise DeviceError(f"{key} is retained by object lock (AccessDenied)")
 
     def age(self, key: str, seconds: float) -> None:
         """Make an object look `seconds` older (grace-period tests)."""

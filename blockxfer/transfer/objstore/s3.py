@@ -103,16 +103,42 @@ class S3Objects:
             return r["Body"].read(), str(r["ETag"])
 
     def put(self, key: str, data: bytes | memoryview, *, if_none_match: bool = False,
-            if_match: str | None = None) -> str:
-        kw: dict[str, str] = {}
+            if_match: str | None = None, retain_until: float | None = None) -> str:
+        kw: dict[str, Any] = {}
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         if if_match is not None:
             kw["IfMatch"] = if_match
+        if retain_until is not None:
+            kw["ObjectLockMode"] = lock_mode()
+            kw["ObjectLockRetainUntilDate"] = _when(retain_until)
         with self._errors("PUT", key):
             r = self.c.put_object(Bucket=self.bucket, Key=key, Body=bytes(data),
                                   ChecksumAlgorithm="CRC32", **kw)
             return str(r["ETag"])
+
+    def retain(self, key: str, until: float) -> None:
+        from botocore.exceptions import ClientError
+        try:                                    # never shorten (COMPLIANCE forbids it)
+            now = self.c.get_object_retention(Bucket=self.bucket, Key=key)["Retention"]
+            if now["RetainUntilDate"].timestamp() >= until:
+                return
+        except ClientError:
+            pass                                # none yet (or unreadable: the PUT says)
+        with self._errors("PUT retention of", key):
+            self.c.put_object_retention(Bucket=self.bucket, Key=key, Retention={
+                "Mode": lock_mode(), "RetainUntilDate": _when(until)})
+
+    def lock_enabled(self) -> bool:
+        from botocore.exceptions import ClientError
+        try:
+            conf = self.c.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as e:
+            if "ObjectLockConfigurationNotFound" in str(e.response.get("Error", {})):
+                return False
+            with self._errors("GET object lock of", ""):
+                raise
+        return bool(conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -135,6 +161,22 @@ class S3Objects:
     def delete(self, key: str) -> None:
         with self._errors("DELETE", key):
             self.c.delete_object(Bucket=self.bucket, Key=key)
+
+
+def lock_mode() -> str:
+    """COMPLIANCE (no one may delete before the date) unless BLOCKXFER_S3_LOCK_MODE says
+    GOVERNANCE (users with s3:BypassGovernanceRetention may)."""
+    import os
+    mode = os.environ.get("BLOCKXFER_S3_LOCK_MODE", "COMPLIANCE").upper()
+    if mode not in ("COMPLIANCE", "GOVERNANCE"):
+        from blockxfer.errors import UsageError
+        raise UsageError(f"BLOCKXFER_S3_LOCK_MODE={mode}: use COMPLIANCE or GOVERNANCE")
+    return mode
+
+
+def _when(unix: float) -> Any:
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(unix, tz=UTC)
 
 
 def open_store(url: str, *, endpoint: str | None = None, volume: bool = False,

@@ -77,19 +77,27 @@ class SnapshotRecord:
     new_bytes: int                          # bytes of packs this upload added
     base: bytes | None
     uploaded: int
+    retain_until: int | None = None         # object lock: its objects immutable until then
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "guid": self.guid.hex(), "id": self.id, "cp": self.cp,
-                "manifest": self.manifest, "manifest_check": f"{self.manifest_check:016x}",
-                "blocks": self.blocks, "new_bytes": self.new_bytes,
-                "base": self.base.hex() if self.base else None, "uploaded": self.uploaded}
+        out = {"name": self.name, "guid": self.guid.hex(), "id": self.id, "cp": self.cp,
+               "manifest": self.manifest, "manifest_check": f"{self.manifest_check:016x}",
+               "blocks": self.blocks, "new_bytes": self.new_bytes,
+               "base": self.base.hex() if self.base else None, "uploaded": self.uploaded}
+        if self.retain_until is not None:
+            out["retain_until"] = self.retain_until
+        return out
+
+    def retained(self, now: float) -> bool:
+        return self.retain_until is not None and self.retain_until > now
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SnapshotRecord:
         return cls(str(d["name"]), bytes.fromhex(d["guid"]), int(d["id"]), int(d["cp"]),
                    str(d["manifest"]), int(d["manifest_check"], 16), int(d["blocks"]),
                    int(d["new_bytes"]), bytes.fromhex(d["base"]) if d["base"] else None,
-                   int(d["uploaded"]))
+                   int(d["uploaded"]),
+                   int(d["retain_until"]) if d.get("retain_until") is not None else None)
 
 
 @dataclass
@@ -242,12 +250,13 @@ class Store:
             raise FormatError(f"{what} is damaged: its checksum does not match the catalog")
         return fmt.Manifest.unpack(raw, what)
 
-    def put_manifest(self, volume: str, man: fmt.Manifest) -> tuple[str, int]:
+    def put_manifest(self, volume: str, man: fmt.Manifest,
+                     retain_until: float | None = None) -> tuple[str, int]:
         from blockxfer.checksum import checksum
         raw = man.pack()
         check = checksum(raw)
         key = self.manifest_key(volume, man.top_guid, check)
-        self.o.put(key, raw)
+        self.o.put(key, raw, retain_until=retain_until)
         return key, check
 
     def all_objects(self, *parts: str) -> Iterator[Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from typing import BinaryIO
 import xxhash
 from bitarray import bitarray
 
-from blockxfer.errors import StreamError, VolumeError
+from blockxfer.catalog import hooks as catalog
+from blockxfer.errors import StreamError, UsageError, VolumeError
 from blockxfer.stream import format as sfmt
 from blockxfer.stream.decode import Data, Dealloc, StreamReader
 
@@ -52,8 +54,9 @@ class Packer:
     """Blobs into packs, packs to the store with WORKERS PUTs in flight; memory is
     bounded by (WORKERS + 2) packs."""
 
-    def __init__(self, store: Store, pack_bytes: int = PACK_BYTES, workers: int = WORKERS):
-        self.store, self.pack_bytes = store, pack_bytes
+    def __init__(self, store: Store, pack_bytes: int = PACK_BYTES, workers: int = WORKERS,
+                 retain_until: float | None = None):
+        self.store, self.pack_bytes, self.retain_until = store, pack_bytes, retain_until
         self.entries: list[fmt.Entry] = []
         self._buf = bytearray(fmt.pack_header())
         self._pending: list[tuple[int, int, int, int, bitarray]] = []
@@ -63,10 +66,25 @@ class Packer:
         self.written = self.skipped = self.new_bytes = 0
         self._lock = threading.Lock()
 
+    @property
+    def count(self) -> int:
+        """Blobs added so far (`entries[i]` is the i-th once `finish` returns)."""
+        return len(self.entries) + len(self._pending)
+
     def add(self, chunk: int, mask: bitarray, data: bytes | memoryview) -> None:
         blob = fmt.make_blob(chunk, mask, data)
         self._pending.append((chunk, len(self._buf), len(blob), fmt.blob_check(blob),
                               mask.copy()))
+        self._buf += blob
+        if len(self._buf) >= self.pack_bytes:
+            self._seal()
+
+    def add_blob(self, blob: bytes, check: int) -> None:
+        """A blob as it is (a repack copies blobs verbatim, checksums and all)."""
+        _, _, _, _, chunk, c, _ = fmt.BLOB.unpack_from(blob, 0)
+        mask = bitarray(endian="little")
+        mask.frombytes(blob[fmt.BLOB.size:fmt.BLOB.size + c // 8])
+        self._pending.append((chunk, len(self._buf), len(blob), check, mask))
         self._buf += blob
         if len(self._buf) >= self.pack_bytes:
             self._seal()
@@ -88,10 +106,12 @@ class Packer:
         key = self.store.pack_key(pid)
         info = self.store.o.head(key)
         if info is not None and _same(info, raw) and time.time() - info.mtime < GRACE / 2:
+            if self.retain_until is not None:
+                self.store.o.retain(key, self.retain_until)
             with self._lock:
                 self.skipped += 1             # written by an earlier, interrupted run
             return 0
-        self.store.o.put(key, raw)
+        self.store.o.put(key, raw, retain_until=self.retain_until)
         with self._lock:
             self.written += 1
             self.new_bytes += len(raw)
@@ -204,8 +224,14 @@ def merge(base: list[fmt.Entry], new: list[fmt.Entry], dealloc: list[tuple[int, 
 
 def upload_stream(store: Store, volume: str, f: BinaryIO, *,
                   progress: Callable[[int], None] | None = None,
-                  pack_bytes: int = PACK_BYTES) -> UploadResult:
-    """Store the image stream read from `f` as a snapshot of `volume`."""
+                  pack_bytes: int = PACK_BYTES,
+                  retain_until: float | None = None) -> UploadResult:
+    """Store the image stream read from `f` as a snapshot of `volume`; with
+    `retain_until`, every object its restore needs is immutable until then."""
+    if retain_until is not None and not store.o.lock_enabled():
+        raise UsageError(f"{store.url}: the bucket has no object lock, so --retain cannot "
+                         "make the copy immutable; create the bucket with object lock "
+                         "enabled (aws s3api create-bucket --object-lock-enabled-for-bucket)")
     reader = StreamReader(f, "stream")
     h = reader.read_header()
     cat = store.catalog(volume)
@@ -217,7 +243,7 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
         res.already, res.manifest_blocks = True, done.blocks
         return res
     store.conditional(create=True)
-    packer = Packer(store, pack_bytes)
+    packer = Packer(store, pack_bytes, retain_until=retain_until)
     chunker = Chunker(h.block_size, c, packer.add)
     dealloc: list[tuple[int, int]] = []
     try:
@@ -238,14 +264,33 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
     man = fmt.Manifest(h.volume_uuid, h.top.guid, h.base.guid if h.base else bytes(16),
                        h.block_size, h.nblocks, c, h.pack(),
                        merge(base, packer.entries, dealloc, c), int(time.time()))
-    key, check = store.put_manifest(volume, man)
+    if retain_until is not None:               # older packs this snapshot's restore reads
+        own = {e.pack for e in packer.entries}
+        for pid in man.packs():
+            if pid not in own:
+                store.o.retain(store.pack_key(pid), retain_until)
+    key, check = store.put_manifest(volume, man, retain_until)
     record = SnapshotRecord(h.top.name, h.top.guid, h.top.id, h.top.generation, key, check,
-                         man.blocks, packer.new_bytes, h.base.guid if h.base else None,
-                         int(time.time()))
-    store.commit(volume, _adder(volume, h, c, record))
+                            man.blocks, packer.new_bytes, h.base.guid if h.base else None,
+                            int(time.time()),
+                            int(retain_until) if retain_until is not None else None)
+    store.commit(volume, _adder(volume, h, c, record,
+                                base_rec.manifest if base_rec else None))
+    _note(store, volume, h, record)
     res.manifest_blocks, res.new_bytes = man.blocks, packer.new_bytes
     res.packs_written, res.packs_skipped = packer.written, packer.skipped
     return res
+
+
+def _note(store: Store, volume: str, h: sfmt.Header, rec: SnapshotRecord) -> None:
+    """Tell the catalog (a failure there is only a warning): a stored snapshot is
+    restorable alone, whatever the stream it came from."""
+    base = h.base.name if h.base else None
+    catalog.note_image(catalog.ImageRecord(
+        "store", f"{store.url}/{rec.manifest}", str(uuidlib.UUID(bytes=h.volume_uuid)),
+        h.expression, h.top.name, base,
+        rec.uploaded, rec.blocks, rec.new_bytes, store_volume=volume,
+        parts=[(0, store.url, None)]))
 
 
 def _check_header(store: Store, volume: str, cat: Catalog | None,
@@ -273,20 +318,30 @@ def _check_header(store: Store, volume: str, cat: Catalog | None,
     return base
 
 
-def _adder(volume: str, h: sfmt.Header, c: int,
-           rec: SnapshotRecord) -> Callable[[Catalog | None], Catalog]:
+def _adder(volume: str, h: sfmt.Header, c: int, rec: SnapshotRecord,
+           base_manifest: str | None) -> Callable[[Catalog | None], Catalog]:
+    """The commit: add `rec`, provided the base manifest the new one was merged from
+    is still the base's (a base removed, or repacked, meanwhile may lose its packs)."""
     def add(cat: Catalog | None) -> Catalog:
         if cat is None:
             cat = Catalog(volume, h.volume_uuid, h.block_size, h.nblocks, c, 0, [])
         elif cat.uuid != h.volume_uuid or cat.chunk_blocks != c:
             raise VolumeError(f"{volume}: another volume was stored under this name meanwhile")
-        cat.snapshots = [s for s in cat.snaps() if s.guid != rec.guid] + [rec]
+        if h.base is not None:
+            base = cat.find(guid=h.base.guid)
+            if base is None or base.manifest != base_manifest:
+                raise StreamError(f"{volume}: the base {h.base.name!r} was removed or repacked "
+                                  "while this upload ran; run it again (the packs already "
+                                  "written are reused)")
+        if cat.find(guid=rec.guid) is None:     # else another writer stored it first: keep
+            cat.snapshots = cat.snaps() + [rec]  # its manifest, which others may merge from
         return cat
     return add
 
 
 def upload_image(store: Store, volume: str, produce: Callable[[BinaryIO], object], *,
-                 progress: Callable[[int], None] | None = None) -> UploadResult:
+                 progress: Callable[[int], None] | None = None,
+                 retain_until: float | None = None) -> UploadResult:
     """Run `produce(out)` (a send into `out`) on a thread and upload what it writes."""
     import os
     rfd, wfd = os.pipe()
@@ -302,7 +357,8 @@ def upload_image(store: Store, volume: str, produce: Callable[[BinaryIO], object
     t.start()
     inp = os.fdopen(rfd, "rb", buffering=1 << 20)
     try:
-        result = upload_stream(store, volume, inp, progress=progress)
+        result = upload_stream(store, volume, inp, progress=progress,
+                               retain_until=retain_until)
     except BaseException:
         inp.close()                        # the sender stops on a broken pipe
         t.join()

@@ -1,4 +1,6 @@
-"""Standard input in chunks, read on a thread so reading overlaps the volume's writes."""
+"""Standard input in chunks, read on a thread so reading overlaps the volume's writes
+(`blockxfer write`, locally or in the service, which reads the client's standard
+input through the descriptor passed to it)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import threading
 from collections.abc import Iterator
 
 from blockxfer.errors import DeviceError
+
+WRITE_CHUNK = 8 << 20           # what `write` hands the volume at a time
 
 
 class InputChunks:

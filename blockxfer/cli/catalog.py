@@ -1,0 +1,471 @@
+"""`blockxfer catalog ...`: what is where (docs/catalog.md), and the catalog's part
+in `dump`, `restore --snapshot` (without --tape) and `tape erase`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import time
+from typing import Any
+
+from blockxfer.catalog import hooks, pools, query, records
+from blockxfer.errors import DeviceError, UsageError, VolumeError
+from blockxfer.units import human
+
+from .common import TAPE
+from .spec import Arg, Command, Report, arg
+
+
+def catalog_arg() -> Arg:
+    return arg("--catalog", metavar="PATH", default=None,
+               help="the catalog database (default: $BLOCKXFER_CATALOG or "
+                    "/var/lib/blockxfer/catalog.db)")
+
+
+def _db(a: argparse.Namespace) -> sqlite3.Connection:
+    hooks.use(getattr(a, "catalog", None))
+    return hooks.open_catalog()
+
+
+def _split(spec: str) -> tuple[str | None, str]:
+    vol, at, snap = spec.rpartition("@")
+    if not at:
+        return None, spec
+    if not snap:
+        raise UsageError(f"{spec!r}: a snapshot name must follow '@'")
+    return vol or None, snap
+
+
+# -- ls and where -----------------------------------------------------------------------------
+def _line(img: query.Image) -> str:
+    where = "; ".join(m.describe() for m in img.media) or "no medium"
+    state = "" if img.whole else "  INCOMPLETE"
+    size = human(img.bytes) if img.bytes is not None else "?"
+    return (f"  {img.kind:5} L{img.level} {img.expression!r:30} {img.blocks:>9} blocks "
+            f"{size:>9}  {query.iso(img.written)}  {where}{state}")
+
+
+def cmd_ls(a: argparse.Namespace) -> Report:
+    db = _db(a)
+    imgs = query.images(db, a.volume)
+    text: list[str] = []
+    last = None
+    for img in imgs:
+        if img.volume != last:
+            text.append(f"volume {img.volume}" + (f" ({img.volume_path})"
+                                                  if img.volume_path else ""))
+            last = img.volume
+        text.append(_line(img))
+    return Report({"catalog": hooks.current_path(), "images": [i.as_dict() for i in imgs]},
+                  text or [f"{hooks.current_path()}: no images"])
+
+
+def plan_where(db: sqlite3.Connection, spec: str, target: str | None = None,
+               have: frozenset[str] = frozenset()) -> tuple[str, str, list[query.Image]]:
+    """The volume's uuid, the snapshot and its chain; the snapshots `target` already
+    holds (`have`) end the chain only when it is that volume."""
+    volume, snap = _split(spec)
+    uuid = query.resolve_volume(db, volume, snap)
+    if target is None or _uuid_of(target) != uuid:
+        have = frozenset()
+    return uuid, snap, query.where(db, uuid, snap, have)
+
+
+def _uuid_of(path: str) -> str | None:
+    from blockxfer.errors import BlockxferError
+    from blockxfer.handles import open_volume
+    if not os.path.exists(path):
+        return None
+    try:
+        with open_volume(path) as vol:
+            return str(vol.uuid)
+    except BlockxferError:
+        return None
+
+
+def cmd_where(a: argparse.Namespace) -> Report:
+    uuid, snap, chain = plan_where(_db(a), a.snapshot)
+    text = [f"{snap} of volume {uuid}: {len(chain)} image{'s' if len(chain) != 1 else ''}, "
+            "in this order:"]
+    for n, img in enumerate(chain, 1):
+        text.append(f"  {n}. {img.kind} L{img.level} {img.expression!r}"
+                    + (f" (image {img.number})" if img.number else "")
+                    + " on " + "; ".join(m.describe() for m in img.media))
+    return Report({"volume": uuid, "snapshot": snap,
+                   "steps": [i.as_dict() for i in chain]}, text)
+
+
+# -- import -----------------------------------------------------------------------------------
+def _import_tape(a: argparse.Namespace, db: Any) -> tuple[str, int]:
+    from blockxfer.transfer.catimport import tape_records
+    from blockxfer.transfer.tapeset import list_tape
+
+    from .tapealert import barcode_of
+    from .tapedrive import tape_opener
+    tape = tape_opener()(a.tape, False)
+    try:
+        contents = list_tape(tape)  # type: ignore[arg-type]
+    finally:
+        tape.close()  # type: ignore[attr-defined]
+    ref, recs = tape_records(contents, os.path.abspath(a.tape) if os.path.isfile(a.tape)
+                             else a.tape, a.barcode or barcode_of(a.tape))
+    for rec in recs:
+        records.add_image(db, rec)
+    records.add_tape(db, ref)       # a labelled tape without images is a medium too
+    return f"tape {ref.label!r} (set {ref.set_name!r} #{ref.seq})", len(recs)
+
+
+def _import_library(a: argparse.Namespace, db: Any) -> tuple[str, int, list[str]]:
+    """Every cartridge of a changer, one after another through --tape (its drive):
+    loaded, its label and images read, its barcode from the changer's inventory,
+    put back in its slot. Blank and foreign cartridges are named and skipped."""
+    from blockxfer.drivers.changer import CLEANING_PREFIX, Changer
+    from blockxfer.drivers.tapes import eject_tape
+    from blockxfer.errors import FormatError
+    from blockxfer.transfer.catimport import tape_records
+    from blockxfer.transfer.tapeset import list_tape
+
+    from .tapedrive import tape_opener
+    changer = Changer(a.changer)
+    status = changer.status()
+    if status.drive(a.changer_drive).full:
+        raise UsageError(f"drive {a.changer_drive} of {a.changer} holds a tape: unload it first "
+                         f"(mtx -f {a.changer} unload); nothing was read")
+    n, skipped = 0, []
+    for slot in status.slots:
+        if not slot.full or slot.import_export or (slot.barcode or "").startswith(
+                CLEANING_PREFIX):
+            continue
+        changer.load(slot.number, a.changer_drive)
+        try:
+            tape = tape_opener()(a.tape, False)
+            try:
+                contents = list_tape(tape)  # type: ignore[arg-type]
+            finally:
+                tape.close()  # type: ignore[attr-defined]
+        except FormatError as e:
+            skipped.append(f"slot {slot.number} ({slot.barcode or 'no barcode'}): {e}")
+        else:
+            ref, recs = tape_records(contents, a.tape, slot.barcode)
+            for rec in recs:
+                records.add_image(db, rec)
+            records.add_tape(db, ref)
+            n += len(recs)
+        finally:
+            eject_tape(a.tape)
+            changer.unload(slot.number, a.changer_drive)
+    return f"changer {a.changer}", n, skipped
+
+
+def cmd_import(a: argparse.Namespace) -> Report:
+    db = _db(a)
+    if (a.tape is None) == (a.medium is None):
+        raise UsageError("give one medium: --tape TAPE, a stream FILE or s3://BUCKET/PREFIX")
+    skipped: list[str] = []
+    if a.changer is not None:
+        if a.tape is None:
+            raise UsageError("--changer needs --tape DRIVE: the changer's drive to read with")
+        what, n, skipped = _import_library(a, db)
+    elif a.tape is not None:
+        what, n = _import_tape(a, db)
+    elif a.medium.startswith("s3://"):
+        from blockxfer.transfer.catimport import store_records
+        from blockxfer.transfer.objstore.s3 import open_store
+        store, _, _ = open_store(a.medium, endpoint=a.s3_endpoint)
+        recs = list(store_records(store))
+        for rec in recs:
+            records.add_image(db, rec)
+        what, n = f"store {store.url}", len(recs)
+    else:
+        from blockxfer.transfer.catimport import file_record
+        records.add_image(db, file_record(a.medium))
+        what, n = f"file {os.path.abspath(a.medium)}", 1
+    return Report({"catalog": hooks.current_path(), "medium": what, "images": n,
+                   "skipped": skipped},
+                  [f"{hooks.current_path()}: {what}: {n} image{'s' if n != 1 else ''} recorded",
+                   *(f"  skipped {s}" for s in skipped)])
+
+
+# -- pools and expiry -------------------------------------------------------------------------
+def cmd_pool_create(a: argparse.Namespace) -> Report:
+    seconds = pools.parse_retention(a.retention)
+    pools.create_pool(_db(a), a.name, seconds)
+    return Report({"pool": a.name, "retention": seconds},
+                  [f"pool {a.name!r}: images on its tapes are kept {a.retention}"])
+
+
+def cmd_pool_assign(a: argparse.Namespace) -> Report:
+    done = pools.assign(_db(a), a.pool, a.tapes)
+    return Report({"pool": a.pool, "tapes": done},
+                  [f"pool {a.pool!r}: {', '.join(done)}"])
+
+
+def cmd_pool_ls(a: argparse.Namespace) -> Report:
+    rows = pools.pools(_db(a))
+    return Report({"pools": rows}, [f"{r['name']:20} retention {r['retention'] // 86400}d "
+                                    f"{r['retention'] % 86400}s, {r['tapes']} tapes"
+                                    for r in rows] or ["no pools"])
+
+
+def cmd_expired(a: argparse.Namespace) -> Report:
+    now = time.time()
+    tapes = pools.expired_tapes(_db(a), now)
+    return Report({"tapes": [t.as_dict(now) for t in tapes]},
+                  [f"{t.label:20} set {t.set_name!r} #{t.seq}"
+                   + (f" barcode {t.barcode}" if t.barcode else "")
+                   + f" pool {t.pool}: expired, may be recycled ('blockxfer tape erase')"
+                   for t in tapes] or ["no expired tapes"])
+
+
+# -- the catalog's part in dump, restore and tape erase ----------------------------------------
+def pool_arg() -> Arg:
+    return arg("--pool", metavar="POOL", default=None,
+               help="put the set's tapes in this pool of the catalog (its retention decides "
+                    "when they may be recycled; see 'catalog pool create')")
+
+
+def check_pool(a: argparse.Namespace) -> None:
+    """Before a dump with --pool: the pool must exist (nothing written otherwise)."""
+    if a.pool is None:
+        return
+    db = _db(a)
+    try:
+        pools.require_pool(db, a.pool)
+    finally:
+        db.close()
+
+
+def note_dump_barcodes(a: argparse.Namespace, set_id: str, first_seq: int, ntapes: int,
+                       barcodes: dict[int, str]) -> None:
+    """The barcode of each tape of the set the dump used: what the changer saw, and
+    the tape left in the drive (the changer's status, or the cartridge's MAM)."""
+    from .tapealert import barcode_of
+    hooks.use(a.catalog)
+    codes = dict(barcodes)
+    last = first_seq + ntapes - 1
+    if last not in codes:
+        code = None
+        if a.changer:
+            from blockxfer.drivers.changer import Changer
+            try:
+                code = Changer(a.changer).status().drive(a.changer_drive).barcode
+            except DeviceError:
+                code = None
+        code = code or barcode_of(a.tape)
+        if code:
+            codes[last] = code
+    hooks.note_barcodes(set_id, codes)
+    if a.pool:
+        hooks.note_pool(set_id, a.pool)
+
+
+def set_barcodes_of(a: argparse.Namespace, drive: str) -> dict[tuple[str, int], str]:
+    """A restore through a changer: the barcodes the catalog recorded for the set of
+    the tape in the drive, so the changer loads each next tape by barcode rather
+    than trying slots for their labels. Empty when the catalog does not know them."""
+    from blockxfer.errors import BlockxferError
+    from blockxfer.transfer.tapeset import read_label
+
+    from .tapedrive import tape_opener
+    hooks.use(a.catalog)
+    if not hooks.exists():
+        return {}
+    try:
+        tape = tape_opener()(drive, False)
+        try:
+            label = read_label(tape)  # type: ignore[arg-type]
+        finally:
+            tape.close()  # type: ignore[attr-defined]
+        if label is None:
+            return {}
+        db = _db(a)
+        try:
+            tapes = [t for t in pools.tape_states(db) if t.set_id == label.set_id.hex()]
+        finally:
+            db.close()
+    except BlockxferError:
+        return {}                    # the restore's own checks say what is wrong
+    return {(t.set_name, t.seq): t.barcode for t in tapes if t.barcode}
+
+
+def erase_check(a: argparse.Namespace, label: tuple[str, int] | None) -> bool:
+    """`tape erase` of the tape labelled (set id, seq): refuse it when the catalog
+    says it holds unexpired images (exit 5) unless --force; True when the catalog
+    says it expired in its pool (recycling: erased without --force); False when the
+    catalog does not know it (the tape's own rules apply)."""
+    hooks.use(a.catalog)
+    if label is None or not hooks.exists():
+        return False
+    try:
+        db = _db(a)
+    except DeviceError as e:      # an unreadable catalog leaves the tape's own rules
+        print(f"blockxfer: warning: {e}", file=sys.stderr)
+        return False
+    try:
+        state = pools.tape_state(db, *label)
+    finally:
+        db.close()
+    if state is None:
+        return False
+    now = time.time()
+    if state.images and not state.expired(now) and not a.force:
+        until = ("never expire (no pool)" if state.expires is None else
+                 "are kept until " + time.strftime("%Y-%m-%d %H:%M UTC",
+                                                   time.gmtime(state.expires)))
+        raise VolumeError(f"{a.tape} holds {state.images} image(s) of set {state.set_name!r} "
+                          f"that the catalog says {until}; nothing was erased; use --force "
+                          "to erase it anyway")
+    return state.expired(now)
+
+
+def forget_erased(a: argparse.Namespace, set_id: str, seq: int) -> None:
+    hooks.use(a.catalog)
+    if hooks.exists():
+        hooks.forget_tape(set_id, seq)
+
+
+COMMANDS = (
+    Command("catalog", "what is where: images on tapes, files and object stores",
+            "The catalog of every image written to tape, stream file or object store "
+            "(SQLite; docs/catalog.md): list it, ask which media a restore needs, rebuild "
+            "it from the media, and keep tape pools with a retention.",
+            ("blockxfer catalog ls", "blockxfer catalog where /srv/vol.img@june7"),
+            subcommands=(
+                Command("ls", "every image and where it is",
+                        "List every image the catalog knows, by volume, oldest first, with "
+                        "its level and its media (tape label, set, barcode and file; "
+                        "stream file; object store).",
+                        ("blockxfer catalog ls", "blockxfer catalog ls --volume /srv/vol.img"),
+                        cmd_ls,
+                        (arg("--volume", metavar="VOLUME", default=None,
+                             help="only this volume (its path or uuid)"), catalog_arg())),
+                Command("where", "the media a restore of a snapshot needs, in order",
+                        "Which images, on which media and in which order, a restore of "
+                        "VOLUME@SNAPSHOT needs: the shortest chain (a level 0 and the "
+                        "increments on top, or one object-store snapshot), across tape "
+                        "sets, files and stores.",
+                        ("blockxfer catalog where /srv/vol.img@june7",
+                         "blockxfer catalog where june7 --json   # one volume has june7"),
+                        cmd_where,
+                        (arg("snapshot", metavar="[VOLUME@]SNAPSHOT",
+                             help="the snapshot (VOLUME: its path or uuid as the catalog "
+                                  "knows it)"), catalog_arg())),
+                Command("import", "rebuild the catalog from a medium",
+                        "Record what a medium holds, read from the medium itself: a tape's "
+                        "label, descriptors and indexes (no data is read), a stream file's "
+                        "header, or every snapshot of an object store.",
+                        ("blockxfer catalog import --tape /dev/nst0",
+                         "blockxfer catalog import --tape /dev/nst0 --changer /dev/sg5  # all",
+                         "blockxfer catalog import /backup/june3.bs",
+                         "blockxfer catalog import s3://backups/site1"),
+                        cmd_import,
+                        (arg("medium", nargs="?", default=None, metavar="FILE|s3://URL",
+                             help="a stream file, or an object store s3://BUCKET/PREFIX"),
+                         arg("--tape", metavar=TAPE, default=None,
+                             help="the tape to read (/dev/nstN or a virtual tape file)"),
+                         arg("--barcode", metavar="CODE", default=None,
+                             help="the tape's barcode (default: from the cartridge's MAM)"),
+                         arg("--changer", metavar="/dev/sgN", default=None,
+                             help="read every cartridge of this changer through --tape (its "
+                                  "drive), barcodes from its inventory"),
+                         arg("--changer-drive", type=int, default=0, metavar="N",
+                             help="the changer's drive number of --tape (default 0)"),
+                         arg("--s3-endpoint", metavar="URL", default=None,
+                             help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+                         catalog_arg())),
+                Command("pool", "tape media pools and their retention",
+                        "Pools of tapes (a pool per purpose) with a retention: a tape "
+                        "expires when every image on it is older than its pool's retention.",
+                        ("blockxfer catalog pool create weekly --retention 30d",),
+                        subcommands=(
+                            Command("create", "create a pool",
+                                    "Create a pool whose tapes keep their images RETENTION.",
+                                    ("blockxfer catalog pool create weekly --retention 30d",),
+                                    cmd_pool_create,
+                                    (arg("name", metavar="POOL", help="the pool's name"),
+                                     arg("--retention", required=True, metavar="TIME",
+                                         help="how long images are kept: 30d, 12h, 2w, 1y"),
+                                     catalog_arg())),
+                            Command("assign", "put tapes in a pool",
+                                    "Put tapes in a pool, named by label, barcode or set "
+                                    "name (every tape of the set).",
+                                    ("blockxfer catalog pool assign weekly BXC001L8 weekly-2",),
+                                    cmd_pool_assign,
+                                    (arg("pool", metavar="POOL", help="the pool"),
+                                     arg("tapes", nargs="+", metavar="TAPE",
+                                         help="label, barcode or set name"),
+                                     catalog_arg())),
+                            Command("ls", "the pools", "List the pools and their retention.",
+                                    ("blockxfer catalog pool ls",), cmd_pool_ls,
+                                    (catalog_arg(),)))),
+                Command("expired", "tapes past their pool's retention",
+                        "List the tapes of pools whose every image is past the pool's "
+                        "retention: they may be recycled ('tape erase' needs no --force).",
+                        ("blockxfer catalog expired",), cmd_expired, (catalog_arg(),)))),
+)
+
+
+def _bring(a: argparse.Namespace, chain: list[query.Image]) -> Any:
+    """How the tapes the chain names come: the changer by barcode, else the drive,
+    the --next-tape command, the virtual tape file, or the operator."""
+    from blockxfer.transfer.guided import bring_tapes, describe
+
+    from .tapedrive import tape_opener
+    if a.changer:
+        from blockxfer.drivers.changer import Changer, changer_next_tape, parse_tapes
+        from blockxfer.drivers.tapes import eject_tape
+        from blockxfer.transfer.tapeset import label_reader
+        # the changer's drive: the one the set was written through
+        drive = next(str(m.path) for img in chain for m in img.media if m.kind == "tape")
+        codes = {(m.set_name or "", m.seq or 0): m.barcode for img in chain for m in img.media
+                 if m.kind == "tape" and m.barcode}
+        loader = changer_next_tape(Changer(a.changer), a.changer_drive, drive,
+                                   barcodes=codes, eject=eject_tape,
+                                   label_of=label_reader(tape_opener()),
+                                   tapes=parse_tapes(a.changer_tapes) or ["*"], restore=True)
+        return lambda m: loader(m.set_name or "", m.seq or 0)
+
+    def ask(drive: str, m: query.Medium) -> None:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise UsageError(f"the restore needs {describe(m)} in {drive}: load it, or give "
+                             "--changer or --next-tape COMMAND; nothing more was written")
+        print(f"insert {describe(m)} into {drive}, then press Enter: ", end="",
+              file=sys.stderr, flush=True)
+        sys.stdin.readline()
+    return bring_tapes(open_tape=tape_opener(), command=a.next_tape,  # type: ignore[arg-type]
+                       ask=ask)
+
+
+def restore_by_catalog(a: argparse.Namespace, have: set[str]) -> Report:
+    """`restore TARGET --snapshot [VOLUME@]SNAP` without --tape: what `catalog where`
+    names, in its order, from whatever media hold it."""
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.guided import restore_chain
+    from blockxfer.transfer.objstore.s3 import open_store
+
+    from .common import progress
+    from .tapedrive import tape_opener
+    if not a.snapshot or a.vbns or a.only or a.image is not None:
+        raise UsageError("without --tape only --snapshot [VOLUME@]SNAP restores (the catalog "
+                         "names the media); --image, --only and --vbns need --tape")
+    uuid, snap, chain = plan_where(_db(a), a.snapshot, a.target, frozenset(have))
+    if not chain:
+        raise UsageError(f"{a.target} already holds {snap!r}; nothing to restore")
+    plan = [f"{n}. {img.kind} {img.expression!r} on "
+            + "; ".join(m.describe() for m in img.media) for n, img in enumerate(chain, 1)]
+    if a.dry_run:
+        return Report({"dry_run": True, "volume": a.target, "snapshot": snap,
+                       "steps": [i.as_dict() for i in chain]},
+                      [f"would restore {snap!r} of volume {uuid} into {a.target}:", *plan])
+    prog = progress(a, "restore")
+    steps = restore_chain(chain, a.target, bring=_bring(a, chain),
+                          open_tape=tape_opener(), open_device=open_device,  # type: ignore[arg-type]
+                          open_store=lambda url: open_store(url, endpoint=a.s3_endpoint)[0],
+                          force=a.force, progress=prog.add)
+    prog.finish()
+    text = [f"{a.target}: restored {st.image.kind} image {st.image.expression!r} up to "
+            f"{st.result.top!r}, {st.result.blocks} blocks" for st in steps]
+    return Report({"volume": a.target, "snapshot": snap, "catalog": hooks.current_path(),
+                   "images": [st.as_dict() for st in steps]}, text)

@@ -1,0 +1,193 @@
+"""`blockxfer replicate ...`: pull a source's masters (pull), and see and manage who
+replicates (status, destinations, forget)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Any
+
+from blockxfer.errors import BlockxferError, UsageError
+from blockxfer.units import human, parse_size
+
+from .common import dry_run_arg, parsable_arg, progress, volume_arg
+from .spec import Command, Report, arg
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """An argparse type: 90, 30s, 1m, 2h, 1d."""
+    m = _DURATION.match(text.strip().lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give 30s, 1m, 2h or 1d")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def rate(text: str) -> int:
+    """An argparse type: bytes per second, with K, M, G suffixes (10M = 10 MiB/s)."""
+    try:
+        value = parse_size(text.removesuffix("/s"))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--bwlimit must be positive")
+    return value
+
+
+def _line(r: dict[str, Any]) -> str:
+    where = f"{r['target']} from {r['source']}"
+    if r["dry_run"]:
+        what = {"full": f"a full image of {r['top']!r}", "current": "nothing (up to date)",
+                "incremental": f"{r['top']!r} - {r['base']!r}"}[r["kind"]]
+        return f"would pull {what} into {r['target']}: {r['blocks']} blocks"
+    back = f" after rolling back to {r['rolled_back']!r}" if r["rolled_back"] else ""
+    if r["kind"] == "current":
+        return f"{where}: up to date at master {r['top']!r}{back}"
+    how = "full image" if r["kind"] == "full" else f"incremental from {r['base']!r}"
+    return (f"{where}: {how} up to master {r['top']!r}{back}, {r['blocks']} blocks, "
+            f"{human(r['bytes'])} in {r['seconds']:.1f} s ({human(r['rate'])}/s)"
+            + (" (resumed)" if r["resumed"] else ""))
+
+
+def cmd_pull(a: argparse.Namespace) -> Report:
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.replicate import PullRecord, pull_every, pull_once
+    options: dict[str, Any] = {"name": a.name, "rollback": a.rollback, "bwlimit": a.bwlimit,
+                               "dry_run": a.dry_run, "compress": a.compress}
+    if a.every is not None:
+        if a.dry_run:
+            raise UsageError("--every repeats pulls; a dry run (-n) is one look")
+
+        def report(r: PullRecord | BlockxferError) -> None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            text = _line(r.as_dict()) if isinstance(r, PullRecord) else f"pull failed: {r}"
+            print(f"{stamp} {text}", file=sys.stderr if isinstance(r, BlockxferError)
+                  else sys.stdout, flush=True)
+        pull_every(a.source, a.target, open_device, a.every, report=report, **options)
+    prog = progress(a, "pull")
+    rec = pull_once(a.source, a.target, open_device, progress=prog.add, **options)
+    prog.finish()
+    data = rec.as_dict()
+    return Report(data, [_line(data)])
+
+
+def cmd_status(a: argparse.Namespace) -> Report:
+    from blockxfer.transfer.replicate_state import PullState, all_states
+    states = [PullState.load(t) for t in a.targets] if a.targets else all_states()
+    rows = []
+    text = []
+    for s in states:
+        last = s.pulls[-1] if s.pulls else None
+        rows.append({"target": s.target, "source": s.source, "name": s.name,
+                     "master": s.master, "pending": s.pending, "last": last,
+                     "pulls": s.pulls})
+        line = f"{s.target}: from {s.source or '-'} as {s.name or '-'}, master {s.master!r}"
+        if s.pending:
+            line += f", interrupted pull of {s.pending.get('top')!r} (resumes on the next pull)"
+        if last:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["started"]))
+            line += (f"; last pull {when} {last['kind']}, {human(last['bytes'])} in "
+                     f"{last['seconds']:.1f} s")
+        text.append(line)
+    sources = []
+    for t in a.targets or []:
+        d = _destinations(t, quiet=True)
+        if d:
+            sources.append({"volume": t, "destinations": d})
+            text += [f"{t}: serves {r['name']} ({r['identity']}): confirmed {r['confirmed']!r}, "
+                     f"holds {', '.join(r['holds']) or '-'}" for r in d]
+    if not text:
+        text = ["no replication here (no pulls recorded, no destinations named)"]
+    return Report({"pulls": rows, "sources": sources}, text)
+
+
+def _destinations(path: str, *, quiet: bool = False) -> list[dict[str, Any]]:
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.replicate_registry import listing
+    try:
+        with open_volume(path) as vol:
+            return listing(vol)
+    except BlockxferError:
+        if quiet:
+            return []
+        raise
+
+
+def cmd_destinations(a: argparse.Namespace) -> Report:
+    rows = _destinations(a.path)
+    text = [f"{'NAME':16} {'IDENTITY':24} {'CONFIRMED':16} {'LAST CONTACT':20} HOLDS"]
+    for r in rows:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_contact"]))
+        text.append(f"{r['name']:16} {r['identity']:24} {r['confirmed'] or '-':16} {seen:20} "
+                    f"{','.join(r['holds']) or '-'}")
+    return Report({"volume": a.path, "destinations": rows}, text)
+
+
+def cmd_forget(a: argparse.Namespace) -> Report:
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.replicate_registry import forget
+    with open_volume(a.path, write=True) as vol:
+        released = forget(vol, a.dest)
+    return Report({"volume": a.path, "destination": a.dest, "released": released},
+                  [f"{a.path}: forgot {a.dest}; released "
+                   f"{', '.join(repr(s) for s in released) or 'no holds'}"])
+
+
+SUBCOMMANDS = (
+    Command("pull", "pull the source's newest master into a target (the destination's side)",
+            "Ask the volume at SOURCE (ssh:// or tls://) for its newest master: the "
+            "incremental from the newest master both hold, or a full image when they share "
+            "none. A target changed here is rolled back to that master only with "
+            "--rollback, else refused (exit 5). A cut pull resumes on the next one.",
+            ("blockxfer replicate pull ssh://prod/srv/vol.img /srv/copy.img",
+             "blockxfer replicate pull ssh://prod/srv/vol.img /srv/copy.img --every 1m",
+             "blockxfer replicate pull -n tls://prod:10811/srv/vol.img /srv/copy.img"),
+            cmd_pull,
+            (arg("source", metavar="SOURCE",
+                 help="the source volume: ssh://[user@]host/PATH or tls://host:port/PATH"),
+             arg("target", metavar="VOLUME", help="the target: the volume (or new volume) here"),
+             arg("--every", type=duration, metavar="INTERVAL",
+                 help="pull again every INTERVAL (30s, 1m, 2h), in the foreground"),
+             arg("--rollback", action="store_true",
+                 help="discard changes made here (back to the newest common master), or "
+                      "overwrite a target that shares no master with the source"),
+             arg("--bwlimit", type=rate, metavar="RATE",
+                 help="at most RATE bytes of stream per second (10M = 10 MiB/s)"),
+             arg("--name", metavar="NAME",
+                 help="this destination's name at the source (default: the host name)"),
+             arg("--no-compress", dest="compress", action="store_false",
+                 help="ask for uncompressed data records"),
+             dry_run_arg("ask the source what it would send"), parsable_arg())),
+    Command("status", "pulls recorded here, and the destinations of the volumes named",
+            "The pulls this host made (per target: source, master reached, an interrupted "
+            "pull, the last pulls with bytes, blocks, seconds and rate) and, for each "
+            "volume named that is a source, its destinations.",
+            ("blockxfer replicate status", "blockxfer replicate status /srv/vol.img --json"),
+            cmd_status,
+            (arg("targets", nargs="*", metavar="VOLUME",
+                 help="only these targets (default: every pull recorded here)"),)),
+    Command("destinations", "the destinations a source volume knows and the holds they keep",
+            "The destinations registered in a source volume: name, identity, the master "
+            "each confirmed, last contact, and the masters held for it.",
+            ("blockxfer replicate destinations /srv/vol.img",),
+            cmd_destinations, (volume_arg(),)),
+    Command("forget", "drop a destination and release the masters held for it",
+            "Remove a destination from a source volume's registry and release its holds; "
+            "its next pull registers it again (a full image if its master is gone).",
+            ("blockxfer replicate forget /srv/vol.img mirror2",),
+            cmd_forget,
+            (volume_arg(), arg("dest", metavar="DEST", help="the destination's name"))),
+)
+
+COMMANDS = (
+    Command("replicate", "volume replication: destinations pull masters (pull, status, ...)",
+            "Replication pulled by the destination with its newest master; the source "
+            "holds every master a registered destination still needs (docs/replication.md).",
+            ("blockxfer replicate pull ssh://prod/srv/vol.img /srv/copy.img",
+             "blockxfer replicate destinations /srv/vol.img"),
+            subcommands=SUBCOMMANDS),
+)

@@ -1,0 +1,247 @@
+"""Where a mirror goes: a local volume (a path or a device), or any transport URL.
+
+A local destination is received in this process (the stream runs through an
+in-memory pipe from the sender's thread) and can be looked at: which snapshots
+it holds, and the plane of blocks an interrupted receive already placed, so a
+retry resumes block by block and local writes there are rolled back first. A
+URL (`ssh://`, `tls://`) goes through the transport's sink: the far side
+receives atomically, but this side cannot look, so a retry sends the update
+again (same stream id: an interrupted full image there is taken up again).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bitarray import bitarray
+
+from blockxfer.device import BlockDevice
+from blockxfer.errors import BlockxferError, FormatError, StreamError, UsageError, VolumeError
+from blockxfer.stream.decode import StreamReader
+from blockxfer.stream.io import ByteSink
+from blockxfer.stream.receive import OpenDevice, receive_stream
+from blockxfer.transport import SourceRequest, is_volume_url, open_sink, open_source, scheme_of
+from blockxfer.volume import Volume, has_signature
+from blockxfer.volume.local import LocalArea
+from blockxfer.volume.receiving import read_receiving_marker
+
+WriteStream = Callable[[ByteSink], Any]      # writes one whole stream into the sink
+PIPE_BYTES = 16 << 20                        # what the in-memory pipe holds at most
+
+
+@dataclass
+class Found:
+    """What a destination holds, as far as this side can tell."""
+
+    exists: bool = False
+    volume_uuid: bytes | None = None
+    snapshots: dict[bytes, str] = field(default_factory=dict)    # complete ones: guid -> name
+    newest: bytes | None = None                                  # guid of the newest snapshot
+    pending: bytes | None = None                                 # interrupted receive's stream id
+    received: bitarray | None = None
+    other: str | None = None                                     # it holds something else
+
+
+class Target(Protocol):
+    name: str
+
+    def look(self) -> Found | None:
+        """What is there (None: this side cannot tell)."""
+
+    def discard_local_changes(self, guid: bytes) -> bool:
+        """Go back to the snapshot `guid` this mirror sent last; True when something
+        written there since was discarded."""
+
+    def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
+        """Run one stream into the destination; it commits atomically at the end."""
+
+    def holds_newest(self, name: str, guid: bytes) -> bool:
+        """Is snapshot `name` (that guid) the destination's newest? Asked when an
+        update is refused: a kill after the destination committed it but before the
+        source recorded so leaves exactly that."""
+
+
+def open_target(dest: str, open_device: OpenDevice) -> Target:
+    scheme = scheme_of(dest)
+    if scheme == "file" and not dest.startswith("file:"):
+        return LocalTarget(dest, open_device)
+    if not is_volume_url(dest):
+        raise UsageError(f"{dest}: a mirror goes to a volume: a path or device, "
+                         "ssh://[user@]host/PATH or tls://host:port/PATH")
+    return UrlTarget(dest)
+
+
+class LocalTarget:
+    def __init__(self, path: str, open_device: OpenDevice) -> None:
+        self.name = self.path = path
+        self._open = open_device
+
+    def look(self) -> Found:
+        if not os.path.exists(self.path):
+            return Found()
+        dev: BlockDevice = self._open(self.path, write=False)
+        try:
+            marker = read_receiving_marker(dev)
+            if marker is not None and has_signature(dev) == "an interrupted receive":
+                st = LocalArea(dev, marker.block_size, marker.nblocks).read(0)
+                return Found(True, marker.volume_uuid, pending=st.stream_id if st.pending
+                             else None, received=st.received)
+            try:
+                vol = Volume.open(dev, writable=False)
+            except FormatError:
+                return Found(True, other=has_signature(dev))
+            try:
+                return _found_in(vol)
+            finally:
+                vol.io.close()
+        finally:
+            dev.close()
+
+    def holds_newest(self, name: str, guid: bytes) -> bool:
+        return self.look().newest == guid
+
+    def discard_local_changes(self, guid: bytes) -> bool:
+        dev: BlockDevice = self._open(self.path, write=True)
+        try:
+            vol = Volume.open(dev)
+        except BaseException:
+            dev.close()
+            raise
+        with vol:
+            name = next((e.name for e in vol.snapshots() if e.guid == guid), None)
+            if name is None:
+                raise VolumeError(f"{self.path} no longer holds the mirror's last snapshot; "
+                                  "start the mirror again with --force (a full image)")
+            return vol.revert_to_received(name)
+
+    def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
+        pipe = Pipe()
+        sent: dict[str, Any] = {}
+
+        def send() -> None:
+            try:
+                sent["stats"] = write(pipe)
+            except BaseException as e:       # noqa: BLE001 - handed to the receiving side
+                sent["error"] = e
+            finally:
+                pipe.close_write()
+        t = threading.Thread(target=send, name="mirror-send", daemon=True)
+        t.start()
+        failed: BlockxferError | None = None
+        try:
+            res = receive_stream(pipe, self.path, self._open, force=force,
+                                 retry="the mirror resumes it at its next update")
+        except BlockxferError as e:
+            failed = e
+        finally:
+            pipe.close_read()
+        t.join()
+        mine = sent.get("error")
+        if isinstance(mine, BlockxferError):     # the sender's reason (a damaged block) first
+            raise mine
+        if failed is not None:
+            raise failed
+        if mine is not None:
+            raise mine
+        return {"top": res.top, "blocks": res.blocks, "resumed": res.resumed,
+                "stats": sent.get("stats")}
+
+
+def _found_in(vol: Volume) -> Found:
+    done = [e for e in vol.snapshots() if not e.incomplete and not e.shadow]
+    newest = max(vol.snapshots(), key=lambda e: e.generation, default=None)
+    st = vol.local
+    return Found(True, vol.sb.uuid, {e.guid: e.name for e in done},
+                 newest.guid if newest is not None and vol.generation == newest.generation
+                 else None,
+                 st.stream_id if st.pending else None, st.received)
+
+
+class UrlTarget:
+    def __init__(self, url: str) -> None:
+        self.name = self.url = url
+
+    def look(self) -> Found | None:
+        return None
+
+    def discard_local_changes(self, guid: bytes) -> bool:
+        return False            # the far side refuses an incremental onto a changed volume
+
+    def holds_newest(self, name: str, guid: bytes) -> bool:
+        """Ask the far side to send `name` and read only the stream's header: its
+        top's guid says whether it is ours (the send is then cut off)."""
+        try:
+            with open_source(self.url, SourceRequest(expression=name)) as src:
+                h = StreamReader(src, self.url).read_header()
+        except BlockxferError:
+            return False
+        newest = max(h.snapshot_set, key=lambda s: s.generation, default=None)
+        return h.top.guid == guid and newest is not None and newest.guid == guid
+
+    def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
+        with open_sink(self.url, force=force) as sink:
+            stats = write(sink)
+        far = sink.result or {}
+        if not isinstance(far, dict) or "top" not in far:
+            raise StreamError(f"{self.url} did not say what it received")
+        return {"top": far["top"], "blocks": far.get("blocks", 0),
+                "resumed": bool(far.get("resumed")), "stats": stats}
+
+
+class Pipe:
+    """A bounded in-memory pipe between the sender's thread and the receiver."""
+
+    def __init__(self, limit: int = PIPE_BYTES) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size, self._limit = 0, limit
+        self._cv = threading.Condition()
+        self._eof = self._gone = False
+        self._head = b""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        raw = bytes(data)
+        with self._cv:
+            self._cv.wait_for(lambda: self._size < self._limit or self._gone)
+            if self._gone:
+                raise BrokenPipeError("the receiving side stopped")
+            self._chunks.append(raw)
+            self._size += len(raw)
+            self._cv.notify_all()
+        return len(raw)
+
+    def flush(self) -> None:
+        """Everything written is readable at once."""
+
+    def read(self, n: int = -1, /) -> bytes:
+        out = bytearray(self._head)
+        self._head = b""
+        while n < 0 or len(out) < n:
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._chunks) or self._eof)
+                if not self._chunks:
+                    break
+                chunk = self._chunks.popleft()
+                self._size -= len(chunk)
+                self._cv.notify_all()
+            out += chunk
+        if n >= 0 and len(out) > n:
+            self._head = bytes(out[n:])
+            del out[n:]
+        return bytes(out)
+
+    def close_write(self) -> None:
+        with self._cv:
+            self._eof = True
+            self._cv.notify_all()
+
+    def close_read(self) -> None:
+        with self._cv:
+            self._gone = True
+            self._chunks.clear()
+            self._size = 0
+            self._cv.notify_all()

@@ -1,0 +1,111 @@
+"""Synchronous writes through the intent log: `sync` makes every write so far
+durable with one log record and one fdatasync instead of a CP, and opening a
+volume replays the records that follow its committed root (intentlog.py).
+
+Replay applies each record to the in-memory state exactly as the writes did
+(the blocks it maps become allocated, the blocks it replaces become free at the
+next CP) and leaves the commit to the next CP; a read-only open sees the
+replayed writes too (inline data it may not write goes to the I/O layer's
+overlay). A record is replayed only if every block it points at holds what the
+record says: one that does not was never acknowledged (its fdatasync did not
+return), and no later record can exist, since each record is durable before the
+next is written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from blockxfer.checksum import block_checksums
+from blockxfer.errors import BlockxferError
+
+from .blockio import runs_of
+from .intentlog import INLINE, UNMAP, Record
+from .writes import Writes
+
+
+class Syncing(Writes):
+    """sync() and the replay of the intent log."""
+
+    def sync(self) -> None:
+        """Make every write so far durable (an NBD FLUSH, a FUA write): one intent
+        log record when the log has room for it, else a CP."""
+        with self._lock:
+            self._check_usable()
+            if not self.writable:
+                return
+            log = self.log
+            if not log.enabled or log.overflow:
+                self.commit()
+                return
+            if not log.entries:
+                return                    # every change so far is logged or committed
+            try:
+                if log.pointers:
+                    self.io.drain()       # the data the record points at, first
+                log.append()
+            except BaseException as e:
+                self._failed = f"writing the intent log failed ({e})"
+                raise
+
+    def _replay_log(self) -> int:
+        """Apply the records that follow the committed root; returns how many."""
+        if not self.log.enabled:
+            return 0
+        done: list[Record] = []
+        for rec in self.log.records():
+            if self._replay_problem(rec) is not None:
+                break
+            self._apply_record(rec)
+            done.append(rec)
+        self.log.resume_after(done)
+        return len(done)
+
+    def _replay_problem(self, rec: Record) -> str | None:
+        """Why a record cannot be replayed onto the current state, if it cannot."""
+        busy = self._busy_plane()
+        seen: set[int] = set()
+        for e in rec.entries:
+            if e.vblock + e.count > self.virtual_blocks:
+                return f"record {rec.seq} maps blocks beyond the virtual disk"
+            if e.kind == UNMAP:
+                continue
+            assert e.ptrs is not None
+            for v in e.ptrs[:, 0].tolist():
+                if not self.sb.first_data_vbn <= v < self.nblocks or busy[v] or v in seen:
+                    return f"record {rec.seq} points at block {v}, which is not free"
+                seen.add(v)
+            if e.kind == INLINE:
+                assert e.data is not None
+                if (block_checksums(e.data, self.block_size) != e.ptrs[:, 1]).any():
+                    return f"record {rec.seq}: inline data disagrees with its checksums"
+            else:
+                try:
+                    self.io.read_many(e.ptrs)   # checks every block against its pointer
+                except BlockxferError:
+                    return f"record {rec.seq} points at blocks never written"
+        return None
+
+    def _apply_record(self, rec: Record) -> None:
+        bs = self.block_size
+        inline: list[tuple[int, bytes]] = []
+        for e in rec.entries:
+            if e.kind == UNMAP:
+                old = self.lba.set(e.vblock, np.zeros((e.count, 2), dtype=np.uint64))
+                self._free_vbns(old[:, 0])
+                continue
+            assert e.ptrs is not None
+            for _, start, count in runs_of(e.ptrs[:, 0]):
+                self._mark_allocated(start, start + count)
+            old = self.lba.set(e.vblock, e.ptrs)
+            self._free_vbns(old[:, 0])
+            if e.kind == INLINE:
+                assert e.data is not None
+                vbns = e.ptrs[:, 0].tolist()
+                inline += [(v, bytes(e.data[k * bs:(k + 1) * bs])) for k, v in enumerate(vbns)]
+        if not inline:
+            return
+        if self.writable:           # free in the committed state: written before the CP
+            self.io.write_many(inline)
+        else:
+            self.io.overlay.update(inline)

@@ -1,0 +1,206 @@
+"""Kill -9 of a mirror update at random points (issue 12, "Must hold"): every
+time, the destination opens at a mirrored state (the previous update's or the
+new one, never a mixture) and is clean; the next update resumes (block by block,
+from the destination's plane of received blocks) and the mirror converges to a
+byte-identical copy, `check` clean on both.
+
+The update runs in a forked child (cheap: no interpreter start), which writes
+progress every 64 KiB so that kills land between saves too. Over ssh:// the
+far side is its own process (`blockxfer stdio-serve`), and either side is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from blockxfer.transfer.mirror import load, run_update
+from blockxfer.transfer.mirror.target import UrlTarget
+from blockxfer.volume.check import check_volume
+from tests.mirror_util import churn, configure, make_volume, open_vol, target
+from tests.transport_util import BLOCKXFER
+
+KILLS = int(os.environ.get("MIRROR_KILLS", "120"))
+
+
+def _child_update(src: str, dest: str) -> None:
+    """In the forked child: one update, then exit without cleanup."""
+    code = 1
+    try:
+        import blockxfer.stream.receive as receive
+        receive.PERSIST_EVERY = 64 << 10
+        vol = open_vol(src)
+        try:
+            run_update(vol, target(dest) if "://" not in dest else UrlTarget(dest))
+            code = 0
+        finally:
+            vol.close()
+    finally:
+        os._exit(code)
+
+
+def _dest_state(dest: str) -> tuple[str | None, bytes | None]:
+    """The destination's newest snapshot and its image, or (None, None) when it is
+    not a volume yet (a first full image in flight: it says so when opened)."""
+    if not os.path.exists(dest):
+        return None, None
+    from blockxfer.errors import FormatError
+    from blockxfer.volume.receiving import InterruptedReceive
+    try:
+        d = open_vol(dest, write=False)
+    except (FormatError, InterruptedReceive) as e:
+        assert "receiving stream" in str(e), e
+        return None, None
+    try:
+        newest = max(d.snapshots(), key=lambda e: e.generation)
+        assert d.generation == newest.generation          # exactly a received root
+        assert newest.name.startswith("mirror.")
+        return newest.name, d.read(0, d.virtual_size)
+    finally:
+        d.close()
+
+
+def _source_image(src: str, snap: str) -> bytes:
+    vol = open_vol(src, write=False)
+    try:
+        return vol.read(0, vol.virtual_size, snap)
+    finally:
+        vol.close()
+
+
+def _kill_loop(src: str, dest: str, kills: int, rng: random.Random,
+               spawn_kill: object) -> int:
+    resumed = 0
+    for i in range(kills):
+        if i % 4 == 0:
+            vol = open_vol(src)
+            churn(vol, rng, 10, 2)
+            vol.close()
+        spawn_kill(i)                                            # type: ignore[operator]
+        name, image = _dest_state(dest)
+        if name is not None:
+            assert image == _source_image(src, name), f"kill {i}: torn destination"
+        if i % 20 == 0 and name is not None:
+            d = open_vol(dest, write=False)
+            assert check_volume(d).clean, f"kill {i}"
+            d.close()
+        vol = open_vol(src, write=False)
+        st = load(vol, src)
+        vol.close()
+        resumed += bool(st.last and "resumed" in st.last.kind)
+    return resumed
+
+
+def _converge(src: str, dest: str, url: str | None = None) -> None:
+    vol = open_vol(src)
+    r = run_update(vol, UrlTarget(url) if url else target(dest))
+    assert check_volume(vol).clean
+    want = vol.read(0, vol.virtual_size, r["snapshot"])
+    vol.close()
+    name, image = _dest_state(dest)
+    assert name == r["snapshot"] and image == want
+    d = open_vol(dest, write=False)
+    assert check_volume(d).clean
+    d.close()
+
+
+def test_kill_the_mirror_at_random_points(tmp_path: Path) -> None:
+    seed = int(os.environ.get("MIRROR_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed} (MIRROR_SEED={seed} repeats it)")
+    rng = random.Random(seed)
+    src, dest = str(tmp_path / "src.img"), str(tmp_path / "dst.img")
+    vol = make_volume(src, 8 << 20, 1 << 20)
+    churn(vol, rng, 100, 0)
+    configure(vol, dest)
+    vol.close()
+
+    def spawn_kill(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _child_update(src, dest)
+        time.sleep(rng.uniform(0, 0.09))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+    resumed = _kill_loop(src, dest, KILLS, rng, spawn_kill)
+    _converge(src, dest)
+    print(f"{KILLS} kills, {resumed} updates finished by resuming")
+
+
+FAKE_SSH = """#!/bin/sh
+# ssh stand-in: drop the options and the host, run the remote command here
+while [ "$1" != "--" ]; do shift; done
+shift; shift
+exec sh -c "$*"
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(p.name))
+    return out
+
+
+@pytest.mark.slow
+def test_kill_either_side_over_ssh(tmp_path: Path) -> None:
+    _either_side(tmp_path, int(os.environ.get("MIRROR_SSH_KILLS", "100")))
+
+
+def test_kill_either_side_over_ssh_quick(tmp_path: Path) -> None:
+    _either_side(tmp_path, 6)
+
+
+def _either_side(tmp_path: Path, kills: int) -> None:
+    seed = int(os.environ.get("MIRROR_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    ssh = tmp_path / "fake-ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(ssh.stat().st_mode | stat.S_IXUSR)
+    os.environ["BLOCKXFER_SSH"] = str(ssh)
+    os.environ["BLOCKXFER_REMOTE_COMMAND"] = BLOCKXFER
+    src, dest = str(tmp_path / "src.img"), str(tmp_path / "dst.img")
+    url = f"ssh://localhost{dest}"
+    vol = make_volume(src, 8 << 20, 1 << 20)
+    churn(vol, rng, 100, 0)
+    configure(vol, url)
+    vol.close()
+
+    def spawn_kill(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _child_update(src, url)
+        time.sleep(rng.uniform(0.2, 0.9))            # the far side's start is most of it
+        far = _children(pid)
+        victim = far[0] if far and rng.random() < 0.5 else pid
+        os.kill(victim, signal.SIGKILL)
+        if victim != pid:
+            time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)             # the mirror then fails or waits: end it
+        os.waitpid(pid, 0)
+        for c in _children(pid) + far:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{c}").exists() for c in far) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        _kill_loop(src, dest, kills, rng, spawn_kill)
+        _converge(src, dest, url)
+    finally:
+        del os.environ["BLOCKXFER_SSH"], os.environ["BLOCKXFER_REMOTE_COMMAND"]
