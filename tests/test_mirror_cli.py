@@ -160,3 +160,20 @@ def test_every_mirror_command_has_its_json_keys_documented() -> None:
     keys = documented()
     for name in ("mirror start", "mirror status", "mirror stop", "mirror update"):
         assert keys.get(name), f"docs/cli-json.md has no section for {name!r}"
+
+
+def test_update_dry_run_counts_what_it_would_send(tmp_path: Path, env: dict[str, str]) -> None:
+    src, dst = source(tmp_path, env), str(tmp_path / "dst.img")
+    ok(bx(env, "mirror", "start", src, dst, "--interval", "1h", "--json"))
+    try:
+        wait_for(lambda: status(env, src).get("last"))
+    finally:
+        ok(bx(env, "mirror", "stop", src, "--json"))
+    w = subprocess.run([*BX, "write", src, "--offset", "4M"], input=os.urandom(64 << 10),
+                       capture_output=True, env=env)
+    assert w.returncode == 0, w.stderr
+    nxt = ok(bx(env, "mirror", "update", src, "-n", "--json"))
+    assert nxt["dry_run"] and nxt["kind"] == "incremental" and 16 <= nxt["blocks"] < 64, nxt
+    assert nxt["bytes"] == nxt["blocks"] * 4096 and nxt["destination"] == dst
+    ok(bx(env, "mirror", "update", src, "--json"))
+    assert ok(bx(env, "mirror", "update", src, "-n", "--json"))["blocks"] < 16

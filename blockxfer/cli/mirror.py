@@ -31,8 +31,9 @@ from blockxfer.errors import (
     UsageError,
     VolumeError,
 )
+from blockxfer.units import human
 
-from .common import syslog_arg, volume_arg
+from .common import dry_run_arg, parsable_arg, progress, syslog_arg, volume_arg
 from .spec import Command, Report, arg
 
 log = logging.getLogger("blockxfer.mirror")
@@ -287,16 +288,42 @@ def run_foreground(src: str, every: float) -> None:
         log.info("mirror of %s stopped", src)
 
 
+def _measure_update(path: str) -> Report:
+    """`mirror update -n`: what the next update would send, from the planes: the
+    blocks the volume holds now that the destination's snapshot does not (all of
+    them for the first, full image), and those it would free there."""
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.mirror import load
+    with open_volume(path) as vol:
+        st = load(vol, path)
+        now = vol.active.bits
+        base = vol.plane(st.snap) if st.snap and st.snap in vol.snapshot_names() else None
+        blocks = (now & ~base).count() if base is not None else now.count()
+        freed = (base & ~now).count() if base is not None else 0
+        bs = vol.block_size
+    kind = "incremental" if base is not None else "full"
+    data = {"volume": path, "destination": st.dest, "dry_run": True, "kind": kind,
+            "base": st.snap if base is not None else None, "blocks": blocks,
+            "bytes": blocks * bs, "deallocated_blocks": freed}
+    return Report(data, [f"would send a {kind} image of {path} to {st.dest}: {blocks} blocks, "
+                         f"{human(blocks * bs)}, and free {freed} blocks there (the snapshot "
+                         "the update takes adds what the next CP writes)"])
+
+
 def cmd_update(a: argparse.Namespace) -> Report:
+    if a.dry_run:
+        return _measure_update(a.path)
+    prog = progress(a, "mirror update")
     deadline = time.monotonic() + BUSY_WAIT
     while True:
         try:
-            r = update_once(a.path)
+            r = update_once(a.path, progress=prog.add)
             break
         except DeviceBusy:        # the daemon's update holds the volume: wait for it
             if daemon_pid(a.path) is None or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    prog.finish()
     text = [f"{a.path} -> {r.get('destination')}: {r.get('kind')} up to "
             f"{r.get('snapshot')}, {r.get('blocks')} blocks, {r.get('bytes')} bytes in "
             f"{r.get('seconds')} s"]
@@ -416,8 +443,10 @@ MIRROR_COMMANDS = (
     Command("update", "run one mirror update now",
             "Run one update of the mirror configured on VOLUME now, in this process "
             "(waiting while the daemon's update holds the volume).",
-            ("blockxfer mirror update /srv/vol.img",),
-            cmd_update, (SRC,)),
+            ("blockxfer mirror update /srv/vol.img",
+             "blockxfer mirror update -n /srv/vol.img   # what it would send, from the planes"),
+            cmd_update, (SRC, dry_run_arg("print what the update would send; change nothing"),
+                         parsable_arg())),
 )
 
 COMMANDS = (
