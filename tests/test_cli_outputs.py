@@ -241,6 +241,7 @@ def test_demo_keeps_a_folder_it_did_not_make(tmp_path: object) -> None:
     assert _read(os.path.join(d, "thesis.tex")) == b"years of work"
 
 
+@pytest.mark.slow
 def test_demo_runs_again_in_its_own_folder(tmp_path: object) -> None:
     d = os.path.join(str(tmp_path), "demo")
     assert bx("demo", "--dir", d, timeout=600).returncode == 0

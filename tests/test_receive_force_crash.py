@@ -28,6 +28,9 @@ from blockxfer.volume.receiving import InterruptedReceive
 from tests.faults import FaultyDevice
 from tests.test_stream import snapshot_contents
 
+# 140 kill and cut-off points: make test-slow (CI) runs them
+pytestmark = pytest.mark.slow
+
 MiB = 1 << 20
 BS = 4096
 

@@ -16,6 +16,9 @@ import pytest
 from blockxfer.transfer.replicate_limit import TokenBucket
 from tests.transport_util import BLOCKXFER, bx, ok
 
+# minutes of whole pulls, cuts and trees: make test-slow (CI) runs them
+pytestmark = pytest.mark.slow
+
 FAKE_SSH = """#!/bin/sh
 # stands in for ssh: drop the options up to "--" and the host, run the command here;
 # with $CUT_AFTER, the far side's answer is cut after that many bytes

@@ -16,6 +16,9 @@ from blockxfer.volume.local import LocalArea, LocalState
 from drivers.blockdev import open_device
 from tests.transport_util import bx, ok
 
+# a rollback killed at every write: make test-slow (CI) runs it
+pytestmark = pytest.mark.slow
+
 
 class Killed(Exception):
     pass

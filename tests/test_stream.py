@@ -132,6 +132,7 @@ def _unchanged(path: str, expected: dict[str, bytes]) -> None:
     assert got == expected
 
 
+@pytest.mark.slow
 def test_flipped_bytes_never_reach_the_target(source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, streams, contents = source
     base, t = _target_with_l0(tmp_path, streams)
@@ -151,6 +152,7 @@ def test_flipped_bytes_never_reach_the_target(source, tmp_path: Path) -> None:  
     _unchanged(t, expected)
 
 
+@pytest.mark.slow
 def test_truncations_never_reach_the_target(source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, streams, contents = source
     base, t = _target_with_l0(tmp_path, streams)
