@@ -99,6 +99,9 @@ def cmd_dump(a: argparse.Namespace) -> Report:
             + (f", across tapes {', '.join(res['tapes'])}" if len(res["tapes"]) > 1 else "")
             + (" (through the server)" if s.served else "")]
     barcodes = set_barcodes(next_tape)
+    # TapeAlert first: reading the flags clears them, and the catalog's barcode lookup
+    # asks the drive too (its MAM, with the log page)
+    alerts = report_tape_alerts(a.tape, "dump")
     note_dump_barcodes(a, res["set_id"], res["seq"], len(res["tapes"]), barcodes)
     if barcodes:
         text.append(f"{a.tape}: tapes of the set by barcode: "
@@ -113,7 +116,7 @@ def cmd_dump(a: argparse.Namespace) -> Report:
                    "image": res["image"], "blocks": res["blocks"], "bytes": res["bytes"],
                    "tapes": res["tapes"], "barcodes": barcodes, "verified": bool(a.verify),
                    "served": s.served},
-                  text, code=report_tape_alerts(a.tape, "dump"))
+                  text, code=alerts)
 
 
 def _complete_snapshots(path: str) -> set[str]:
