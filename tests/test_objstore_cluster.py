@@ -214,7 +214,9 @@ def test_volume_server_killed_during_upload_and_restore(cluster: Cluster, tmp_pa
     cluster.wait_nodes("d", volumes=True)
     target = str(tmp_path / "restored.img")
     down = cluster.run("-m", "blockxfer.cli", "receive", target, "-i", f"{store}@s2")
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60           # kill as soon as the restore writes
+    while not os.path.exists(target) and down.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert down.poll() is None, "the restore ended before the kill: make the volume larger"
     cluster.kill("volume-b")                    # mid-restore
     _finish(down)

@@ -278,7 +278,8 @@ def test_bwlimit_holds_the_rate(tmp_path: Path, env: dict[str, str]) -> None:
     r = pull(a, b, "--name", "B", "--bwlimit", "2M", "--no-compress")
     took = time.monotonic() - t0
     # 6 MiB at 2 MiB/s after a burst of 1 MiB: at least 2.5 s
-    assert took >= 2.4 and r["rate"] <= 2.3 * (1 << 20), (took, r["rate"])
+    # (the bucket's first burst lets the rate sit a few per cent over the limit)
+    assert took >= 2.4 and r["rate"] <= 2.5 * (1 << 20), (took, r["rate"])
 
 
 def test_token_bucket_rate() -> None:
