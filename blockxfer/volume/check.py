@@ -19,7 +19,7 @@ from blockxfer.checksum import block_checksums
 from blockxfer.errors import FormatError
 
 from .blockio import aligned
-from .intentlog import INLINE, UNMAP, Record
+from .intentlog import Record, record_problem
 from .layout import Catalog, RootRecord
 from .objects import BlobObject, PlaneObject, empty_plane
 from .tree import CowTree
@@ -122,29 +122,10 @@ def _verify_data(vol: Volume, rows: np.ndarray, report: CheckReport) -> None:
 
 
 def _record_problem(vol: Volume, rec: Record, used: bitarray) -> str | None:
-    """Why a replay would stop at this record: a block it maps is used by the
-    committed state (or an earlier record), or does not hold what it says."""
-    bs = vol.block_size
-    for e in rec.entries:
-        if e.vblock + e.count > vol.virtual_blocks:
-            return f"maps virtual blocks {e.vblock}+{e.count} beyond the virtual disk"
-        if e.kind == UNMAP:
-            continue
-        assert e.ptrs is not None
-        for v in e.ptrs[:, 0].tolist():
-            if not vol.sb.first_data_vbn <= v < vol.nblocks or used[v]:
-                return f"maps block {v}, which is reserved or already in use"
-            used[v] = 1
-        if e.kind == INLINE:
-            assert e.data is not None
-            if (block_checksums(e.data, bs) != e.ptrs[:, 1]).any():
-                return "inline data disagrees with its checksums"
-            continue
-        view = memoryview(aligned(len(e.ptrs) * bs))[:len(e.ptrs) * bs]
-        vol.io.read_ptrs_into(e.ptrs, view, verify=False)
-        if (block_checksums(view, bs) != e.ptrs[:, 1]).any():
-            return "points at blocks that do not hold the data it names"
-    return None
+    return record_problem(rec, used, first_data_vbn=vol.sb.first_data_vbn,
+                          nblocks=vol.nblocks, virtual_blocks=vol.virtual_blocks,
+                          block_size=vol.block_size,
+                          read_ptrs=lambda p, v: vol.io.read_ptrs_into(p, v, verify=False))
 
 
 def _check_log(vol: Volume, used: bitarray, report: CheckReport) -> None:

@@ -21,12 +21,14 @@ docs/volume-format.md describes the same bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import xxhash
+from bitarray import bitarray
 
-from blockxfer.checksum import checksum
+from blockxfer.checksum import block_checksums, checksum
 from blockxfer.device import BlockDevice
 from blockxfer.errors import FormatError
 
@@ -168,6 +170,41 @@ def verify(raw: memoryview) -> bool:
     h.update(bytes(8))
     h.update(raw[HEAD.size:])
     return h.intdigest() == ck
+
+
+def record_problem(rec: Record, used: bitarray, *, first_data_vbn: int, nblocks: int,
+                   virtual_blocks: int, block_size: int,
+                   read_ptrs: Callable[[np.ndarray, memoryview], None]) -> str | None:
+    """Why a replay would stop at `rec`: a block it maps is reserved or set in `used`
+    (the committed state's, and earlier records'), or does not hold what it names.
+    The blocks of a replayable record are marked in `used`. Shared by the replay
+    on open and by `check`, so the two never disagree on which records count."""
+    for e in rec.entries:
+        if e.vblock + e.count > virtual_blocks:
+            return f"maps virtual blocks {e.vblock}+{e.count} beyond the virtual disk"
+        if e.kind == UNMAP:
+            continue
+        assert e.ptrs is not None
+        vbns = e.ptrs[:, 0]
+        out = (vbns < first_data_vbn) | (vbns >= nblocks)
+        if out.any():
+            return f"maps block {int(vbns[out][0])}, which is reserved or already in use"
+        listed = vbns.tolist()
+        taken = used[listed]
+        if taken.any() or len(np.unique(vbns)) != len(vbns):
+            v = listed[taken.index(1)] if taken.any() else int(vbns[0])
+            return f"maps block {v}, which is reserved or already in use"
+        if e.kind == INLINE:
+            assert e.data is not None
+            if (block_checksums(e.data, block_size) != e.ptrs[:, 1]).any():
+                return "inline data disagrees with its checksums"
+        else:
+            view = memoryview(aligned(len(e.ptrs) * block_size))[:len(e.ptrs) * block_size]
+            read_ptrs(e.ptrs, view)
+            if (block_checksums(view, block_size) != e.ptrs[:, 1]).any():
+                return "points at blocks that do not hold the data it names"
+        used[listed] = 1
+    return None
 
 
 class IntentLog:

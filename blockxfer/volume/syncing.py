@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from blockxfer.checksum import block_checksums
-from blockxfer.errors import BlockxferError
-
 from .blockio import runs_of
-from .intentlog import INLINE, UNMAP, Record
+from .intentlog import INLINE, UNMAP, Record, record_problem
 from .writes import Writes
 
 
@@ -63,28 +60,11 @@ class Syncing(Writes):
 
     def _replay_problem(self, rec: Record) -> str | None:
         """Why a record cannot be replayed onto the current state, if it cannot."""
-        busy = self._busy_plane()
-        seen: set[int] = set()
-        for e in rec.entries:
-            if e.vblock + e.count > self.virtual_blocks:
-                return f"record {rec.seq} maps blocks beyond the virtual disk"
-            if e.kind == UNMAP:
-                continue
-            assert e.ptrs is not None
-            for v in e.ptrs[:, 0].tolist():
-                if not self.sb.first_data_vbn <= v < self.nblocks or busy[v] or v in seen:
-                    return f"record {rec.seq} points at block {v}, which is not free"
-                seen.add(v)
-            if e.kind == INLINE:
-                assert e.data is not None
-                if (block_checksums(e.data, self.block_size) != e.ptrs[:, 1]).any():
-                    return f"record {rec.seq}: inline data disagrees with its checksums"
-            else:
-                try:
-                    self.io.read_many(e.ptrs)   # checks every block against its pointer
-                except BlockxferError:
-                    return f"record {rec.seq} points at blocks never written"
-        return None
+        why = record_problem(rec, self._busy_plane().copy(),
+                             first_data_vbn=self.sb.first_data_vbn, nblocks=self.nblocks,
+                             virtual_blocks=self.virtual_blocks, block_size=self.block_size,
+                             read_ptrs=lambda p, v: self.io.read_ptrs_into(p, v, verify=False))
+        return None if why is None else f"record {rec.seq} {why}"
 
     def _apply_record(self, rec: Record) -> None:
         bs = self.block_size
