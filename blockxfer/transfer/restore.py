@@ -182,13 +182,19 @@ def plan_restore(tape_path: str, *, open_tape: OpenTape, image: int | None = Non
     label and index (restore -n)."""
     tape = open_tape(tape_path, False)
     try:
-        if read_label(tape) is None:
-            raise FormatError(f"{tape_path} is blank")
-        contents = list_tape(tape)
-        chosen = pick_image(contents, image, snapshot)
-        return restore_chain(contents, target_has, chosen) if snapshot else [chosen]
+        return _chain_on(tape, tape_path, image, snapshot, target_has)[1]
     finally:
         tape.close()
+
+
+def _chain_on(tape: Tape, tape_path: str, image: int | None, snapshot: str | None,
+              target_has: Callable[[str], bool]) -> tuple[TapeContents, list[ImageOnTape]]:
+    """The tape's images, and those a restore of the chosen one applies, oldest first."""
+    if read_label(tape) is None:
+        raise FormatError(f"{tape_path} is blank")
+    contents = list_tape(tape)
+    chosen = pick_image(contents, image, snapshot)
+    return contents, restore_chain(contents, target_has, chosen) if snapshot else [chosen]
 
 
 def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
@@ -201,11 +207,7 @@ def restore_images(tape_path: str, target: str, *, open_tape: OpenTape,
     how a stream reaches the target (a service passes one into its open volume)."""
     tape = open_tape(tape_path, False)
     try:
-        if read_label(tape) is None:
-            raise FormatError(f"{tape_path} is blank")
-        contents = list_tape(tape)
-        chosen = pick_image(contents, image, snapshot)
-        chain = restore_chain(contents, target_has, chosen) if snapshot else [chosen]
+        contents, chain = _chain_on(tape, tape_path, image, snapshot, target_has)
         if next_tape is None:
             _refuse_spanning(contents, chain)
         steps = []
