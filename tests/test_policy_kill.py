@@ -34,17 +34,30 @@ def make(path: str) -> None:
             vol.create_snapshot(name)
 
 
+def calibrate(path: str) -> float:
+    """How long an uninterrupted run takes on this machine today: the kill points
+    fall inside it (fixed delays missed the runs on a faster machine)."""
+    make(path)
+    start = time.monotonic()
+    assert bx("policy", "run", path, "-q").returncode == 0
+    took = time.monotonic() - start
+    os.unlink(path)
+    print(f"an uninterrupted run takes {took:.2f} s")
+    return took
+
+
 def test_policy_run_killed_anywhere_is_finished_by_the_next_run(tmp_path: Path) -> None:
     seed = int(os.environ.get("BLOCKXFER_SEED", random.randrange(1 << 30)))
     rnd = random.Random(seed)
     print(f"seed {seed}")
+    took = calibrate(str(tmp_path / "calibrate.img"))
     cut = 0
     for point in range(POINTS):
         path = str(tmp_path / f"v{point}.img")
         make(path)
         proc = subprocess.Popen([*BX, "policy", "run", path], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rnd.uniform(0.1, 1.0))     # the CLI's start-up, then the run
+        time.sleep(rnd.uniform(0, took))      # the CLI's start-up, then the run
         cut += proc.poll() is None
         proc.kill()
         proc.wait()
