@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from blockxfer.drivers.vtape import create_virtual_tape
 from blockxfer.transfer.objstore.servers import START, Server
+from tests.clihelp import run as bxrun
 from tests.test_stream import make_source, snapshot_contents
 
 MiB = 1 << 20
@@ -34,8 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def bx(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "blockxfer.cli", *args], env={**os.environ, **env},
-                       capture_output=True, text=True, timeout=300)
+    r = bxrun(args, env={**os.environ, **env}, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"blockxfer {' '.join(args)}: exit {r.returncode}\n{r.stderr}")
     return r

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
+from tests.clihelp import run as bxrun
+
 BX = [sys.executable, "-m", "blockxfer.cli"]
 
 
 def bx(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*BX, *args], input=data, capture_output=True, timeout=120)
+    return bxrun(args, input=data)
 
 
 @pytest.fixture

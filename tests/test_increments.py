@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from blockxfer.transfer.increments import (
 )
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
+from tests.clihelp import run as bxrun
 
 MiB = 1 << 20
 BS = 4096
@@ -229,9 +228,8 @@ def test_damaged_increment_is_refused_and_target_unchanged(tmp_path: Path, what:
         b = f.read(1)
         f.seek(off)
         f.write(bytes([b[0] ^ 0xFF]))
-    r = subprocess.run([sys.executable, "-m", "blockxfer.cli", "reintegrate", target,
-                        "--base", base, "--increments", incr, "--force"],
-                       capture_output=True, text=True)
+    r = bxrun(["reintegrate", target, "--base", base, "--increments", incr, "--force"],
+              text=True)
     assert r.returncode == 3, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in r.stderr, r.stderr
@@ -246,24 +244,20 @@ def test_damaged_increment_is_refused_and_target_unchanged(tmp_path: Path, what:
 def test_cli_status_and_reintegrate(tmp_path: Path) -> None:
     import json
     src, base, incr = _mirror(tmp_path, 2)
-    cli = [sys.executable, "-m", "blockxfer.cli"]
-    r = subprocess.run([*cli, "increments", "status", incr, "--json"], capture_output=True,
-                       text=True, check=True)
+    r = bxrun(["increments", "status", incr, "--json"], text=True, check=True)
     st = json.loads(r.stdout)
     assert st["updates"] == 2 and st["held_blocks"] > 0 and st["structure_bytes"] > 0
-    r = subprocess.run([*cli, "increments", "status", incr], capture_output=True, text=True,
-                       check=True)
+    r = bxrun(["increments", "status", incr], text=True, check=True)
     assert "changed since the base" in r.stdout
     target = str(tmp_path / "back.img")
-    r = subprocess.run([*cli, "reintegrate", target, "--base", base, "--increments", incr,
-                        "-n"], capture_output=True, text=True, check=True)
+    r = bxrun(["reintegrate", target, "--base", base, "--increments", incr, "-n"], text=True,
+              check=True)
     assert "would restore the base" in r.stdout and not os.path.exists(target)
-    r = subprocess.run([*cli, "reintegrate", target, "--base", base, "--increments", incr,
-                        "--json"], capture_output=True, text=True, check=True)
+    r = bxrun(["reintegrate", target, "--base", base, "--increments", incr, "--json"],
+              text=True, check=True)
     assert json.loads(r.stdout)["snapshot"] == st["newest_snapshot"]
     assert_reintegrated(target, src)
-    r = subprocess.run([*cli, "increments", "status", str(tmp_path / "nothing")],
-                       capture_output=True, text=True)
+    r = bxrun(["increments", "status", str(tmp_path / "nothing")], text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

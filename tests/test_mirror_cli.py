@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.clihelp import BX, one_line
+from tests.clihelp import run as bxrun
 from tests.test_cli_json import documented
 
 
@@ -24,7 +25,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def bx(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*BX, *args], capture_output=True, timeout=120, env=env)
+    return bxrun(args, env=env)
 
 
 def ok(r: subprocess.CompletedProcess[bytes]) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from blockxfer.transfer.objstore.servers import START, Server
+from tests.clihelp import run as bxrun
 from tests.objstore_helpers import contents, make_chain
 
 N = 4
@@ -47,8 +48,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
 def bx(server: Server, *args: str, env: dict[str, str] | None = None,
        check: bool = True) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, **server.env(), **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "blockxfer.cli", *args], env=e,
-                       capture_output=True, text=True, timeout=300)
+    r = bxrun(args, env=e, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"blockxfer {' '.join(args)}: exit {r.returncode}\n{r.stderr}")
     return r

@@ -27,6 +27,7 @@ from blockxfer.drivers.loop import attach_loop, detach_loop
 from blockxfer.handles import init_volume
 from blockxfer.nbd import protocol as p
 from blockxfer.service.session import ServedSession, server_for
+from tests.clihelp import run as bxrun
 from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
@@ -39,9 +40,7 @@ MiB = 1 << 20
 
 def bx(*args: str, cwd: str | None = None, data: bytes | None = None,
        ) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*BX, *args], capture_output=True, timeout=120, cwd=cwd,
-                          input=data, env=env)
+    return bxrun(args, cwd=cwd, input=data)
 
 
 def refused_while_served(r: subprocess.CompletedProcess[bytes]) -> None:

@@ -20,6 +20,7 @@ from blockxfer.service.jobs import Jobs
 from blockxfer.service.service import Service
 from blockxfer.service.session import LocalSession, ServedSession, open_session
 from blockxfer.volume import Volume
+from tests.clihelp import run as bxrun
 from tests.nbd.serveproc import serve_process
 
 BX = [sys.executable, "-m", "blockxfer.cli"]
@@ -27,7 +28,7 @@ MiB = 1 << 20
 
 
 def bx(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*BX, *args], input=data, capture_output=True, timeout=120)
+    return bxrun(args, input=data)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from blockxfer.nbd import protocol as p
+from tests.clihelp import run as bxrun
 from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
@@ -34,7 +35,7 @@ BX = [INSTALLED] if INSTALLED else [sys.executable, "-m", "blockxfer.cli"]
 
 
 def bx(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*BX, *args], input=data, capture_output=True, timeout=300)
+    return bxrun(args, input=data, timeout=300)
 
 
 def ok(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from blockxfer.nbd.server import Server
 from blockxfer.stream.send import send_image
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
+from tests.clihelp import run as bxrun
 from tests.nbd.nbdclient import Client
 
 MiB = 1 << 20
@@ -26,9 +26,7 @@ BS = 4096
 
 
 def cli(*args: str, stdin: bytes | None = None, stdout: int | None = None) -> bytes:
-    r = subprocess.run([sys.executable, "-m", "blockxfer.cli", *args], input=stdin,
-                       stdout=stdout if stdout is not None else subprocess.PIPE,
-                       stderr=subprocess.PIPE, check=False)
+    r = bxrun(args, input=stdin, stdout=stdout if stdout is not None else subprocess.PIPE)
     assert r.returncode == 0, r.stderr.decode()
     return r.stdout or b""
 

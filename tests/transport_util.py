@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.clihelp import run as bxrun
+
 BLOCKXFER = os.path.join(os.path.dirname(sys.executable), "blockxfer")
 
 
 def bx(*args: str, env: dict[str, str] | None = None, data: bytes | None = None,
        timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([BLOCKXFER, *args], input=data, capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return bxrun(args, input=data, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def ok(r: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:

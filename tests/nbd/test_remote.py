@@ -23,6 +23,7 @@ from blockxfer.errors import AlreadyExists, DeviceBusy, NotFound, VolumeError
 from blockxfer.handles import init_volume, open_volume
 from blockxfer.nbd import protocol as p
 from blockxfer.service.session import ServedSession, server_for
+from tests.clihelp import run as bxrun
 from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
@@ -30,7 +31,7 @@ BX = [sys.executable, "-m", "blockxfer.cli"]
 
 
 def bx(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BX, *args], capture_output=True, text=True, timeout=60)
+    return bxrun(args, text=True, timeout=60)
 
 
 @pytest.fixture
