@@ -35,12 +35,12 @@ test: $(STAMP)
 	bash scripts/apt-deps.sh
 	$(BIN)/ruff check blockxfer drivers tests bench
 	$(BIN)/mypy blockxfer drivers bench
-	$(BIN)/pytest -q -m "not slow and not vm"
+	bash scripts/pytest.sh -m "not slow and not vm"
 
 # the long suites (many kill points, real clusters, terminals): CI runs them after `make test`
 test-slow: $(STAMP)
 	bash scripts/apt-deps.sh
-	$(BIN)/pytest -q -m "slow and not vm"
+	bash scripts/pytest.sh -m "slow and not vm"
 
 lint: $(STAMP)
 	$(BIN)/ruff check blockxfer drivers tests bench

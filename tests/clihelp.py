@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 # the venv's console script when it is there (what `pip install` gives), else the module
@@ -42,26 +42,47 @@ def run(argv: Sequence[str], *, input: bytes | str | None = None, timeout: float
     if EXEC:
         return subprocess.run([*BX, *argv], input=input, timeout=timeout, env=env, cwd=cwd,
                               text=text, check=check, stdout=stdout, stderr=stderr)
-    data = input.encode() if isinstance(input, str) else input
-    out, err, code = _forked(list(argv), data, timeout, env, cwd, stdout, stderr)
-    res: subprocess.CompletedProcess = subprocess.CompletedProcess(  # type: ignore[type-arg]
-        [*BX, *argv], code, out.decode(errors="replace") if text and out is not None else out,
-        err.decode(errors="replace") if text and err is not None else err)
+    res = call_forked(lambda: _main(list(argv)), input=input, timeout=timeout, env=env,
+                      cwd=cwd, text=text, stdout=stdout, stderr=stderr, name=[*BX, *argv])
     if check:
         res.check_returncode()
     return res
 
 
-def _forked(argv: list[str], data: bytes | None, timeout: float,
+def _main(argv: list[str]) -> int:
+    sys.argv = [BX[-1], *argv]
+    from blockxfer.cli import main
+    try:
+        return main(argv)
+    except SystemExit as e:                          # argparse's usage errors, --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+def call_forked(fn: Callable[[], int | None], *, input: bytes | str | None = None,
+                timeout: float = 120, env: Mapping[str, str] | None = None,
+                cwd: str | os.PathLike[str] | None = None, text: bool = False,
+                stdout: Out = subprocess.PIPE, stderr: Out = subprocess.PIPE,
+                name: Sequence[str] = ("forked",)) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    """`fn()` in a forked child with its own stdin/stdout/stderr, environment and
+    working directory; its return value is the exit code (a signal: minus it)."""
+    data = input.encode() if isinstance(input, str) else input
+    out, err, code = _forked(fn, data, timeout, env, cwd, stdout, stderr, list(name))
+    return subprocess.CompletedProcess(
+        list(name), code, out.decode(errors="replace") if text and out is not None else out,
+        err.decode(errors="replace") if text and err is not None else err)
+
+
+def _forked(fn: Callable[[], int | None], data: bytes | None, timeout: float,
             env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None,
-            stdout: Out, stderr: Out) -> tuple[bytes | None, bytes | None, int]:
+            stdout: Out, stderr: Out, name: list[str],
+            ) -> tuple[bytes | None, bytes | None, int]:
     pipes = {fd: os.pipe() for fd in (0, 1, 2)}
     keep = {1: stdout == subprocess.PIPE, 2: stderr == subprocess.PIPE}
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:                                     # the child: never returns
-        _child(argv, pipes, keep, stdout, stderr, env, cwd)
+        _child(fn, pipes, keep, stdout, stderr, env, cwd)
     os.close(pipes[0][0])
     os.close(pipes[1][1])
     os.close(pipes[2][1])
@@ -71,14 +92,14 @@ def _forked(argv: list[str], data: bytes | None, timeout: float,
     readers.append(threading.Thread(target=_feed, args=(pipes[0][1], data), daemon=True))
     for t in readers:
         t.start()
-    code = _wait(pid, timeout, argv)
+    code = _wait(pid, timeout, name)
     for t in readers:
         t.join()
     return (got[1] if keep[1] else None), (got[2] if keep[2] else None), code
 
 
-def _child(argv: list[str], pipes: dict[int, tuple[int, int]], keep: dict[int, bool],
-           stdout: Out, stderr: Out, env: Mapping[str, str] | None,
+def _child(fn: Callable[[], int | None], pipes: dict[int, tuple[int, int]],
+           keep: dict[int, bool], stdout: Out, stderr: Out, env: Mapping[str, str] | None,
            cwd: str | os.PathLike[str] | None) -> None:
     code = 1
     try:
@@ -109,12 +130,9 @@ def _child(argv: list[str], pipes: dict[int, tuple[int, int]], keep: dict[int, b
                                       line_buffering=os.isatty(1))
         sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
                                       line_buffering=True)
-        sys.argv = [BX[-1], *argv]
-        from blockxfer.cli import main
-        try:
-            code = main(argv)
-        except SystemExit as e:                      # argparse's usage errors, --help
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = fn() or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:                            # a traceback, as the real script shows
         import traceback
         traceback.print_exc()
@@ -146,7 +164,7 @@ def _feed(fd: int, data: bytes | None) -> None:
         os.close(fd)
 
 
-def _wait(pid: int, timeout: float, argv: list[str]) -> int:
+def _wait(pid: int, timeout: float, name: list[str]) -> int:
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -155,7 +173,7 @@ def _wait(pid: int, timeout: float, argv: list[str]) -> int:
         if time.monotonic() > deadline:
             os.killpg(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            raise subprocess.TimeoutExpired([*BX, *argv], timeout)
+            raise subprocess.TimeoutExpired(name, timeout)
         time.sleep(0.002)
 
 

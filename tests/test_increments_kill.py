@@ -12,7 +12,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,9 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import BlockxferError
 from blockxfer.transfer.increments import mirror_status, mirror_update, reintegrate
 from blockxfer.volume import Volume
+from tests.clihelp import call_forked
 from tests.test_increments import assert_reintegrated, churn, contents, make_source
 
-ROOT = Path(__file__).resolve().parent.parent
 POINTS = ("pwrite", "pwritev", "write", "fsync", "fdatasync", "replace", "rename", "remove",
           "unlink", "ftruncate")
 
@@ -51,11 +50,8 @@ def child() -> None:
 
 
 def run_child(src: str, base: str, incr: str, k: int) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, INCR_KILL_AT=str(k), INCR_SRC=src, INCR_BASE=base, INCR_DIR=incr,
-               PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c",
-                           "import tests.test_increments_kill as t; t.child()"],
-                          env=env, capture_output=True, text=True, cwd=str(ROOT))
+    env = dict(os.environ, INCR_KILL_AT=str(k), INCR_SRC=src, INCR_BASE=base, INCR_DIR=incr)
+    return call_forked(child, env=env, text=True)       # a fork: no interpreter start-up
 
 
 @pytest.fixture(autouse=True)
