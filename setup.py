@@ -7,7 +7,7 @@ a new package is never forgotten. tests/test_package.py checks the built wheel.
 
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 DRIVERS = ["blockxfer.drivers"] + [f"blockxfer.drivers.{p}" for p in find_packages("drivers")]
 
@@ -17,4 +17,9 @@ EXTRAS = {"share/man/man1": "blockxfer.1", "share/bash-completion/completions": 
           "share/zsh/site-functions": "_blockxfer"}
 DATA = [(d, [f"{d}/{f}"]) for d, f in EXTRAS.items() if os.path.exists(f"{d}/{f}")]
 
-setup(packages=find_packages(include=["blockxfer", "blockxfer.*"]) + DRIVERS, data_files=DATA)
+# namespace packages too: folders of package data (cli/topics, data/systemd) are
+# packages to setuptools, which warns when they are left out
+PACKAGES = find_namespace_packages(include=["blockxfer", "blockxfer.*"],
+                                   exclude=["*.__pycache__"])
+
+setup(packages=PACKAGES + DRIVERS, data_files=DATA)
