@@ -69,6 +69,8 @@ class MirrorState:
     err_t: float | None = None
     fails: int = 0
     skipped: int = 0                           # ticks skipped (effective next CP)
+    stopped: bool = False                      # `mirror stop` of a served volume: its
+    #                                            service does not run it after a restart
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
