@@ -106,11 +106,12 @@ def _service(src: str) -> Any:
     return server_for(src)
 
 
-def mirror_target(dest: str) -> Any:
-    """The destination `dest` opened with the drivers (also for the service)."""
+def mirror_target(dest: str, endpoint: str | None = None) -> Any:
+    """The destination `dest` opened with the drivers (also for the service);
+    `endpoint` is an s3:// destination's."""
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.mirror import open_target
-    return open_target(dest, open_device)
+    return open_target(dest, open_device, endpoint)
 
 
 
@@ -139,7 +140,7 @@ def update_once(src: str, progress: Callable[[int], None] | None = None,
         st = load(vol, src)
         if not st.incremental_mode:
             try:
-                return run_update(vol, mirror_target(st.dest), progress=progress,
+                return run_update(vol, mirror_target(st.dest, st.ep), progress=progress,
                                   reader=lambda runs: read_runs(vol.dev, runs, vol.block_size))
             finally:
                 if publish is not None:
@@ -190,7 +191,7 @@ def _start(a: argparse.Namespace) -> Report:
     if a.increments is not None:
         _increments()
     else:
-        mirror_target(a.destination)              # an unknown scheme is refused now
+        mirror_target(a.destination, a.s3_endpoint)  # an unknown scheme is refused now
         if os.path.realpath(a.destination) == os.path.realpath(a.path):
             raise UsageError(f"{a.destination} is the source itself; mirror to another "
                              "volume")
@@ -213,6 +214,7 @@ def _start(a: argparse.Namespace) -> Report:
         if st is None:
             st = MirrorState(dest=dest, base_url=a.base, incr=a.increments)
         st.every, st.force, st.stopped = every, a.force or st.force, False
+        st.ep = a.s3_endpoint or st.ep
         save(vol, st)
     if not a.foreground:
         return _spawn(a)
@@ -230,7 +232,7 @@ def _start_served(a: argparse.Namespace, served: Any, every: float) -> Report:
     if a.foreground:
         raise UsageError(f"{a.path} is served: its service runs the mirror (no --foreground)")
     r: dict[str, Any] = served.call("mirror", op="start", dest=a.destination,
-                                    interval=every, force=a.force)
+                                    interval=every, force=a.force, endpoint=a.s3_endpoint)
     return Report(r, [f"{a.path}: mirroring to {a.destination} every {a.interval} in its "
                       f"service (pid {r.get('pid')})"])
 
@@ -382,7 +384,7 @@ def cmd_status(a: argparse.Namespace) -> Report:
     found = None
     if not st.incremental_mode:
         try:
-            found = mirror_target(st.dest).look()
+            found = mirror_target(st.dest, st.ep).look()
         except BlockxferError as e:       # busy (an update runs) or gone: say so
             log.info("could not look at %s: %s", st.dest, e)
     d = describe(st, generation, found, runtime)
@@ -459,12 +461,13 @@ MIRROR_COMMANDS = (
             "--foreground, or in the volume's service when 'blockxfer serve' owns it.",
             ("blockxfer mirror start /srv/vol.img /srv/copy.img --interval 30s",
              "blockxfer mirror start /dev/md0 ssh://backup/srv/copy.img --interval 5m",
+             "blockxfer mirror start /srv/vol.img s3://backups/site1/vol --interval 1h",
              "blockxfer mirror start /srv/vol.img --base tape:/dev/nst0 --increments "
              "/srv/incr"),
             cmd_start,
             (SRC, arg("destination", nargs="?", metavar="DESTINATION",
-                      help="the mirror: a volume path or device, ssh://[user@]host/PATH or "
-                           "tls://host:port/PATH"),
+                      help="the mirror: a volume path or device, ssh://[user@]host/PATH, "
+                           "tls://host:port/PATH or s3://BUCKET[/PREFIX]/VOLUME"),
              arg("--interval", default="10s", metavar="DURATION",
                  help="time between updates: 30s, 5m, 1h (default 10s)"),
              arg("--foreground", action="store_true",
@@ -476,6 +479,9 @@ MIRROR_COMMANDS = (
                  help="incremental mirroring: where the base image goes (tape:, a file)"),
              arg("--increments", metavar="DIR",
                  help="incremental mirroring: the sparse structure of increments"),
+             arg("--s3-endpoint", metavar="URL",
+                 help="an s3:// DESTINATION's endpoint (default: AWS_ENDPOINT_URL or the "
+                      "AWS config of the process running the mirror)"),
              syslog_arg(),
              arg("--daemon-child", action="store_true", help=argparse.SUPPRESS)),
             log_level="info"),

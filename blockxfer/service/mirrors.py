@@ -34,7 +34,7 @@ from .ops import Progress, Result, VolumeOps
 log = logging.getLogger("blockxfer.mirror")
 
 JOB = "mirror"
-OpenTarget = Callable[[str], Target]
+OpenTarget = Callable[[str, str | None], Target]     # (destination, S3 endpoint)
 
 
 class ServedMirror:
@@ -61,11 +61,11 @@ class ServedMirror:
 
     def control(self, progress: Progress, op: str, dest: str | None = None,
                 interval: float | None = None, force: bool = False, forget: bool = False,
-                dry_run: bool = False) -> Result:
+                dry_run: bool = False, endpoint: str | None = None) -> Result:
         if op == "start":
             if not dest or not interval:
                 raise UsageError("mirror start: give the destination and the interval")
-            return self.start(dest, float(interval), bool(force))
+            return self.start(dest, float(interval), bool(force), endpoint)
         if op == "update":
             return self.measure() if dry_run else self.update(progress)
         if op == "stop":
@@ -74,17 +74,17 @@ class ServedMirror:
             return self.status()
         raise UsageError(f"mirror: unknown operation {op!r}")
 
-    def _target(self, dest: str) -> Target:
+    def _target(self, dest: str, endpoint: str | None) -> Target:
         if self._open_target is None:
             raise VolumeError(f"the server of {self.path} was started without mirroring")
-        return self._open_target(dest)
+        return self._open_target(dest, endpoint)
 
     def _schedule(self, every: float) -> None:
         self.jobs.remove(JOB, timeout=0)
         self.jobs.add(JOB, every, self.update, first=0.0, from_start=True)
 
-    def start(self, dest: str, every: float, force: bool) -> Result:
-        self._target(dest)                     # an unknown scheme is refused now
+    def start(self, dest: str, every: float, force: bool, endpoint: str | None) -> Result:
+        self._target(dest, endpoint)           # an unknown scheme is refused now
         vol = self.ops.vol
         with self.ops.lock:
             st = load_if_any(vol)
@@ -97,6 +97,7 @@ class ServedMirror:
             if st is None:
                 st = MirrorState(dest=dest)
             st.every, st.force, st.stopped = every, force or st.force, False
+            st.ep = endpoint or st.ep
             save(vol, st)
         self._schedule(every)
         return {"volume": self.path, "destination": dest, "interval": every,
@@ -113,7 +114,7 @@ class ServedMirror:
                                   "its service does not run; stop serving it to update")
             self.updating = True
             try:
-                return run_update(vol, self._target(st.dest), progress=progress,
+                return run_update(vol, self._target(st.dest, st.ep), progress=progress,
                                   reader=self.ops.reader_for(vol, None), lock=self.ops.lock)
             finally:
                 self.updating = False

@@ -66,13 +66,19 @@ class Target(Protocol):
         source recorded so leaves exactly that."""
 
 
-def open_target(dest: str, open_device: OpenDevice) -> Target:
+def open_target(dest: str, open_device: OpenDevice, endpoint: str | None = None) -> Target:
+    """The destination `dest`; `endpoint` is an s3:// one's S3 endpoint (else the
+    AWS environment's)."""
     scheme = scheme_of(dest)
     if scheme == "file" and not dest.startswith("file:"):
         return LocalTarget(dest, open_device)
+    if scheme == "s3":
+        from .s3target import StoreTarget
+        return StoreTarget(dest, endpoint)
     if not is_volume_url(dest):
         raise UsageError(f"{dest}: a mirror goes to a volume: a path or device, "
-                         "ssh://[user@]host/PATH or tls://host:port/PATH")
+                         "ssh://[user@]host/PATH, tls://host:port/PATH or "
+                         "s3://BUCKET[/PREFIX]/VOLUME")
     return UrlTarget(dest)
 
 

@@ -31,7 +31,7 @@ from blockxfer.volume.tracking import Changes
 from . import state
 from .plan import plan_changes, plan_planes, resume_plan
 from .state import PREFIX, TAG, Last, MirrorState, Pending
-from .target import Found, LocalTarget, Target
+from .target import Found, Target, UrlTarget
 
 log = logging.getLogger("blockxfer.mirror")
 Clock = Callable[[], float]
@@ -88,7 +88,7 @@ def _update(vol: Volume, st: MirrorState, target: Target, reader: Reader,
             plan, kind = _plan(vol, st, changes, found)
         if st.guid is not None and target.discard_local_changes(bytes.fromhex(st.guid)):
             log.info("%s: discarded what was written there since %s", target.name, st.snap)
-        compress = not isinstance(target, LocalTarget)
+        compress = isinstance(target, UrlTarget)     # a store decodes it right here
         try:
             got = target.receive(lambda sink: stream_plan(plan, sink, reader,
                                                           compress=compress,
