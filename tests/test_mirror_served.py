@@ -222,6 +222,38 @@ def test_the_installed_command_updates_a_served_mirror_and_refuses_increments(
     assert json.loads(done.stdout)["snapshot"].startswith("mirror.")
 
 
+def test_a_stopping_service_ends_its_update_which_the_next_start_finishes(
+        tmp_path: Path, run_dir: str) -> None:
+    src, dest, sock = (str(tmp_path / n) for n in ("src.img", "dst.img", "nbd.sock"))
+    vol = make_volume(src, 64 << 20, 32 << 20)
+    vol.write(0, random.Random(4).randbytes(24 << 20))
+    configure(vol, dest, every=3600)
+    vol.close()
+    pid = os.fork()
+    if pid == 0:
+        _serve_child(src, sock, None)
+    try:
+        wait_for(lambda: control.server_running(src) and mirror(src, "status")["runtime"][
+            "updating"])
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        _, code = os.waitpid(pid, 0)
+        assert code == 0 and time.monotonic() - t0 < 5
+    finally:
+        stop(pid, signal.SIGKILL)
+    vol = open_vol(src, write=False)
+    st = load(vol, src)
+    vol.close()
+    assert st.pending is not None and st.err and "stopping" in st.err     # cut short
+    with served(src, sock):
+        wait_for(lambda: mirror(src, "status")["job"]["runs"] >= 1, 60)
+        got = mirror(src, "status")
+    assert got["job"]["last_error"] is None
+    assert json.loads(got["state"])["snap"] == st.pending.top
+    name, image = _dest_state(dest)
+    assert name == st.pending.top and image == _source_image(src, name)
+
+
 def _kill_points(tmp_path: Path, kills: int, seed: int) -> int:
     """Kill -9 the service at random points of its update (the first, full, then
     incrementals after churn); each time the destination is at a mirrored state

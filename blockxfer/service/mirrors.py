@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from blockxfer.errors import NotFound, UsageError, VolumeError
+from blockxfer.errors import DeviceBusy, NotFound, UsageError, VolumeError
 from blockxfer.transfer.mirror import MirrorState, Target, load, load_if_any, run_update, save
 from blockxfer.transfer.mirror.state import KEY
 from blockxfer.transfer.mirror.status import would_send
@@ -41,6 +41,7 @@ class ServedMirror:
     def __init__(self, ops: VolumeOps, jobs: Jobs, open_target: OpenTarget | None) -> None:
         self.ops, self.jobs, self._open_target = ops, jobs, open_target
         self._one = threading.Lock()          # one update at a time
+        self._stopping = threading.Event()
         self.updating = False
 
     @property
@@ -114,10 +115,25 @@ class ServedMirror:
                                   "its service does not run; stop serving it to update")
             self.updating = True
             try:
-                return run_update(vol, self._target(st.dest, st.ep), progress=progress,
+                return run_update(vol, self._target(st.dest, st.ep),
+                                  progress=self._cut_short(progress),
                                   reader=self.ops.reader_for(vol, None), lock=self.ops.lock)
             finally:
                 self.updating = False
+
+    def cancel(self) -> None:
+        """The service is stopping: an update in flight ends at its next block (it is
+        resumed when the service starts again), before the volume is closed."""
+        self._stopping.set()
+
+    def _cut_short(self, progress: Progress) -> Progress:
+        def step(n: int) -> None:
+            if self._stopping.is_set():
+                raise DeviceBusy(f"{self.path}: its service is stopping; the mirror update "
+                                 "resumes when it starts again")
+            if progress is not None:
+                progress(n)
+        return step
 
     def measure(self) -> Result:
         with self.ops.lock:

@@ -88,6 +88,7 @@ class Service:
         try:
             self.nbd.serve_forever()
         finally:
+            self.mirror.cancel()           # a long mirror update must not outlive the volume
             self.jobs.stop()
             if not self.control.wait_idle(DRAIN_CONTROL):
                 log.warning("stopping with %d control commands still running",
