@@ -384,7 +384,7 @@ def cmd_status(a: argparse.Namespace) -> Report:
     found = None
     if not st.incremental_mode:
         try:
-            found = mirror_target(st.dest, st.ep).look()
+            found = mirror_target(st.dest, st.ep).look(thorough=True)
         except BlockxferError as e:       # busy (an update runs) or gone: say so
             log.info("could not look at %s: %s", st.dest, e)
     d = describe(st, generation, found, runtime)

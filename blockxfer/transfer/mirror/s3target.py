@@ -32,7 +32,7 @@ class StoreTarget:
                              "s3://BUCKET[/PREFIX]/VOLUME (no @SNAPSHOT)")
         self.store, self.volume = store, volume
 
-    def look(self) -> Found:
+    def look(self, thorough: bool = False) -> Found:
         cat = self.store.catalog(self.volume)
         if cat is None:
             return Found()

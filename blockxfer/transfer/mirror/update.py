@@ -74,12 +74,13 @@ def run_update(vol: Volume, target: Target, *, reader: Reader | None = None,
 def _update(vol: Volume, st: MirrorState, target: Target, reader: Reader,
             progress: Callable[[int], None] | None, clock: Clock, t0: float,
             guard: Lock) -> dict[str, Any]:
+    retry = st.pending is not None or st.fails > 0     # a remote one is looked at then
     with guard:
         tidy(vol, st)
         top, changes = _begin(vol, st)
         e = vol.resolve(top)
     assert st.pending is not None
-    found = target.look()
+    found = target.look(thorough=retry)
     if found is not None and found.newest == e.guid:
         got: dict[str, Any] = {"blocks": 0, "resumed": False}
         sent, kind, plan = None, "already there", None
