@@ -206,6 +206,19 @@ def test_a_service_picks_up_the_mirror_in_the_volume_and_leaves_a_stopped_one(
     vol.close()
 
 
+def test_a_damaged_mirror_state_does_not_stop_the_volume_being_served(
+        tmp_path: Path, run_dir: str) -> None:
+    from blockxfer.errors import FormatError
+    src, sock = str(tmp_path / "src.img"), str(tmp_path / "nbd.sock")
+    vol = make_volume(src, 16 << 20, 2 << 20)
+    vol.set_property("mirror", b"{damaged")
+    vol.close()
+    with served(src, sock):
+        assert control.call(src, "info")["server"]["pid"]
+        with pytest.raises(FormatError, match="damaged"):
+            control.call(src, "mirror", op="update")
+
+
 def test_the_installed_command_updates_a_served_mirror_and_refuses_increments(
         tmp_path: Path, run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     from blockxfer.cli.app import main

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from blockxfer.errors import DeviceBusy, NotFound, UsageError, VolumeError
+from blockxfer.errors import BlockxferError, DeviceBusy, NotFound, UsageError, VolumeError
 from blockxfer.transfer.mirror import MirrorState, Target, load, load_if_any, run_update, save
 from blockxfer.transfer.mirror.state import KEY
 from blockxfer.transfer.mirror.status import would_send
@@ -54,8 +54,12 @@ class ServedMirror:
     def resume(self) -> None:
         """Schedule the mirror the volume holds (unless stopped): its first update
         runs as soon as the service serves, finishing one a restart interrupted."""
-        with self.ops.lock:
-            st = load_if_any(self.ops.vol)
+        try:
+            with self.ops.lock:
+                st = load_if_any(self.ops.vol)
+        except BlockxferError as e:            # serving goes on; `mirror status` says why
+            log.warning("%s: the mirror is not run: %s", self.path, e)
+            return
         if st is not None and not st.stopped and not st.incremental_mode:
             self._schedule(st.every)
             log.info("mirroring %s to %s every %g s", self.path, st.dest, st.every)
@@ -87,7 +91,7 @@ class ServedMirror:
     def start(self, dest: str, every: float, force: bool, endpoint: str | None) -> Result:
         self._target(dest, endpoint)           # an unknown scheme is refused now
         vol = self.ops.vol
-        with self.ops.lock:
+        with self._one, self.ops.lock:         # after an update in flight (it saves the state)
             st = load_if_any(vol)
             if st is not None and (st.dest != dest or st.incr is not None):
                 if not force:
