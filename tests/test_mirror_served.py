@@ -322,18 +322,23 @@ def test_kill_the_service_mid_update(tmp_path: Path, run_dir: str) -> None:
 
 
 def test_a_job_is_removed_at_once_and_a_mirror_job_is_timed_from_its_start() -> None:
-    from blockxfer.service.jobs import Jobs
-    jobs, starts = Jobs(), []
-    jobs.add("slow", 0.35, lambda: (starts.append(time.monotonic()), time.sleep(0.3)),
-             first=0.0, from_start=True)
+    from blockxfer.service.jobs import Job, Jobs
+    jobs, ran = Jobs(), []
+    jobs.add("idle", 60.0, lambda: ran.append(1))
+    jobs.add("now", 60.0, lambda: ran.append(2), first=0.0)
     jobs.start()
     try:
-        wait_for(lambda: len(starts) >= 3, 5)
+        wait_for(lambda: ran == [2], 5)
         t0 = time.monotonic()
-        assert jobs.remove("slow") is not None and jobs.get("slow") is None
-        assert time.monotonic() - t0 < 0.33         # no wait for the next tick
-        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-        assert all(0.33 < g < 0.55 for g in gaps), gaps  # not 0.35 s after the end (0.65)
-        assert jobs.remove("slow") is None
+        assert jobs.remove("idle") is not None and jobs.get("idle") is None
+        assert time.monotonic() - t0 < 2                  # not the 60 s until its tick
+        assert jobs.remove("idle") is None
     finally:
         jobs.stop()
+    now = time.time()
+    timed = Job("m", 10.0, lambda: None, from_start=True, last_run=now - 4)
+    assert 5.5 < timed.wait() <= 6                         # 10 s after the last start
+    timed.last_run = now - 25                              # it overran: at once
+    assert timed.wait() == 0
+    plain = Job("p", 10.0, lambda: None, last_run=now - 4)
+    assert plain.wait() == 10                              # 10 s after the end
