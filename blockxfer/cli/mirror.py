@@ -3,7 +3,9 @@
 `mirror start` records the mirror in the source volume (local property `mirror`)
 and runs its timer loop: in the foreground with `--foreground`, else as a
 detached daemon (pid file and log under /run/blockxfer, or $BLOCKXFER_RUN_DIR).
-Each update opens the source for its duration only. The loop and the update
+Each update opens the source for its duration only. A served source's mirror
+runs in its service instead (blockxfer/service/mirrors.py): every subcommand then
+goes through the control socket. The loop and the update
 are library functions (`blockxfer.transfer.mirror`) the service can call too.
 """
 
@@ -91,16 +93,26 @@ def _runtime(src: str) -> dict[str, Any] | None:
 
 # -- opening the source and the destination -----------------------------------------------
 def _refuse_served(src: str) -> None:
-    from blockxfer import remote
-    if remote.server_for(src) is not None:
-        raise VolumeError(f"{src} is served by 'blockxfer serve', which owns it: run the "
-                          "mirror inside that service, or stop serving it first")
+    """The unserved path opens the volume itself; a served one went to its service
+    before (this catches a service started meanwhile)."""
+    if _service(src) is not None:
+        raise VolumeError(f"{src} is served by 'blockxfer serve', which owns it and runs "
+                          "its mirror: use 'blockxfer mirror' commands on it again")
 
 
-def _target(dest: str) -> Any:
+def _service(src: str) -> Any:
+    """The control client of the service owning `src`, or None."""
+    from blockxfer.service.session import server_for
+    return server_for(src)
+
+
+def mirror_target(dest: str, endpoint: str | None = None) -> Any:
+    """The destination `dest` opened with the drivers (also for the service);
+    `endpoint` is an s3:// destination's."""
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.mirror import open_target
-    return open_target(dest, open_device)
+    return open_target(dest, open_device, endpoint)
+
 
 
 def _increments() -> Any:
@@ -128,7 +140,7 @@ def update_once(src: str, progress: Callable[[int], None] | None = None,
         st = load(vol, src)
         if not st.incremental_mode:
             try:
-                return run_update(vol, _target(st.dest), progress=progress,
+                return run_update(vol, mirror_target(st.dest, st.ep), progress=progress,
                                   reader=lambda runs: read_runs(vol.dev, runs, vol.block_size))
             finally:
                 if publish is not None:
@@ -179,7 +191,7 @@ def _start(a: argparse.Namespace) -> Report:
     if a.increments is not None:
         _increments()
     else:
-        _target(a.destination)                    # an unknown scheme is refused now
+        mirror_target(a.destination, a.s3_endpoint)  # an unknown scheme is refused now
         if os.path.realpath(a.destination) == os.path.realpath(a.path):
             raise UsageError(f"{a.destination} is the source itself; mirror to another "
                              "volume")
@@ -187,7 +199,9 @@ def _start(a: argparse.Namespace) -> Report:
     if pid is not None:
         raise VolumeError(f"the mirror of {a.path} is already running (pid {pid}); "
                           f"'blockxfer mirror stop {a.path}' first")
-    _refuse_served(a.path)
+    served = _service(a.path)
+    if served is not None:
+        return _start_served(a, served, every)
     dest = a.destination or a.increments
     with open_volume(a.path, write=True) as vol:
         st = load_if_any(vol)
@@ -199,13 +213,28 @@ def _start(a: argparse.Namespace) -> Report:
             st = None
         if st is None:
             st = MirrorState(dest=dest, base_url=a.base, incr=a.increments)
-        st.every, st.force = every, a.force or st.force
+        st.every, st.force, st.stopped = every, a.force or st.force, False
+        st.ep = a.s3_endpoint or st.ep
         save(vol, st)
     if not a.foreground:
         return _spawn(a)
     run_foreground(a.path, every)
     return Report({"volume": a.path, "destination": dest, "interval": every,
-                   "pid": os.getpid(), "stopped": True}, [f"{a.path}: mirror stopped"])
+                   "pid": os.getpid(), "stopped": True, "served": False},
+                  [f"{a.path}: mirror stopped"])
+
+
+def _start_served(a: argparse.Namespace, served: Any, every: float) -> Report:
+    """The mirror of a served volume runs in its service (job `mirror`)."""
+    if a.increments is not None:
+        raise VolumeError(f"{a.path} is served: its service runs full mirroring only; for "
+                          "--base/--increments stop serving it first")
+    if a.foreground:
+        raise UsageError(f"{a.path} is served: its service runs the mirror (no --foreground)")
+    r: dict[str, Any] = served.call("mirror", op="start", dest=a.destination,
+                                    interval=every, force=a.force, endpoint=a.s3_endpoint)
+    return Report(r, [f"{a.path}: mirroring to {a.destination} every {a.interval} in its "
+                      f"service (pid {r.get('pid')})"])
 
 
 def _spawn(a: argparse.Namespace) -> Report:
@@ -232,7 +261,7 @@ def _spawn(a: argparse.Namespace) -> Report:
                           f"(log: {log_file})")
     return Report({"volume": a.path, "destination": a.destination or a.increments,
                    "interval": parse_interval(a.interval), "pid": child.pid,
-                   "pid_file": _run_file(a.path, "pid"), "log": log_file},
+                   "pid_file": _run_file(a.path, "pid"), "log": log_file, "served": False},
                   [f"{a.path}: mirroring to {a.destination or a.increments} every "
                    f"{a.interval} (pid {child.pid}, log {log_file})"])
 
@@ -289,35 +318,36 @@ def run_foreground(src: str, every: float) -> None:
 
 
 def _measure_update(path: str) -> Report:
-    """`mirror update -n`: what the next update would send, from the planes: the
-    blocks the volume holds now that the destination's snapshot does not (all of
-    them for the first, full image), and those it would free there."""
+    """`mirror update -n`: what the next update would send, from the planes."""
     from blockxfer.handles import open_volume
     from blockxfer.transfer.mirror import load
+    from blockxfer.transfer.mirror.status import would_send
     with open_volume(path) as vol:
-        st = load(vol, path)
-        now = vol.active.bits
-        base = vol.plane(st.snap) if st.snap and st.snap in vol.snapshot_names() else None
-        blocks = (now & ~base).count() if base is not None else now.count()
-        freed = (base & ~now).count() if base is not None else 0
-        bs = vol.block_size
-    kind = "incremental" if base is not None else "full"
-    data = {"volume": path, "destination": st.dest, "dry_run": True, "kind": kind,
-            "base": st.snap if base is not None else None, "blocks": blocks,
-            "bytes": blocks * bs, "deallocated_blocks": freed}
-    return Report(data, [f"would send a {kind} image of {path} to {st.dest}: {blocks} blocks, "
-                         f"{human(blocks * bs)}, and free {freed} blocks there (the snapshot "
-                         "the update takes adds what the next CP writes)"])
+        data = {"volume": path, **would_send(vol, load(vol, path))}
+    return _measured(data)
+
+
+def _measured(d: dict[str, Any]) -> Report:
+    return Report(d, [f"would send a {d['kind']} image of {d['volume']} to {d['destination']}: "
+                      f"{d['blocks']} blocks, {human(d['bytes'])}, and free "
+                      f"{d['deallocated_blocks']} blocks there (the snapshot the update "
+                      "takes adds what the next CP writes)"])
 
 
 def cmd_update(a: argparse.Namespace) -> Report:
+    served = _service(a.path)
     if a.dry_run:
+        if served is not None:
+            return _measured(served.call("mirror", op="update", dry_run=True))
         return _measure_update(a.path)
     prog = progress(a, "mirror update")
     deadline = time.monotonic() + BUSY_WAIT
     while True:
         try:
-            r = update_once(a.path, progress=prog.add)
+            if served is not None:     # the service's update (after one in flight)
+                r = served.call("mirror", op="update", progress=prog.add, timeout=None)
+            else:
+                r = update_once(a.path, progress=prog.add)
             break
         except DeviceBusy:        # the daemon's update holds the volume: wait for it
             if daemon_pid(a.path) is None or time.monotonic() > deadline:
@@ -334,23 +364,33 @@ def cmd_status(a: argparse.Namespace) -> Report:
     from blockxfer.handles import open_volume
     from blockxfer.transfer.mirror import MirrorState, load
     from blockxfer.transfer.mirror.status import describe, status_lines
-    runtime = _runtime(a.path)
-    try:
-        with open_volume(a.path) as vol:
-            st = load(vol, a.path)
-            generation: int | None = vol.generation
-    except DeviceError:             # an update holds it: the state its daemon last published
-        if not (runtime and runtime.get("running") and runtime.get("state")):
-            raise
-        st = MirrorState.unpack(runtime["state"].encode())
-        generation = runtime.get("generation")
+    served = _service(a.path)
+    job = None
+    if served is not None:          # the state as the volume holds it, the job's runtime
+        got = served.call("mirror", op="status")
+        st, generation = MirrorState.unpack(got["state"].encode()), got["generation"]
+        runtime, job = got["runtime"], got["job"]
+    else:
+        runtime = _runtime(a.path)
+        try:
+            with open_volume(a.path) as vol:
+                st = load(vol, a.path)
+                generation = vol.generation
+        except DeviceError:         # an update holds it: the state its daemon last published
+            if not (runtime and runtime.get("running") and runtime.get("state")):
+                raise
+            st = MirrorState.unpack(runtime["state"].encode())
+            generation = runtime.get("generation")
     found = None
     if not st.incremental_mode:
         try:
-            found = _target(st.dest).look()
+            found = mirror_target(st.dest, st.ep).look(thorough=True)
         except BlockxferError as e:       # busy (an update runs) or gone: say so
             log.info("could not look at %s: %s", st.dest, e)
     d = describe(st, generation, found, runtime)
+    d["served"], d["job"] = served is not None, job
+    if job and job.get("last_error") and not d["error"]:
+        d["error"] = job["last_error"]        # a failure outside the update's own record
     if st.incremental_mode and st.incr is not None:
         d["increments_status"] = _increments().mirror_status(st.incr)
     d["volume"] = a.path
@@ -358,6 +398,15 @@ def cmd_status(a: argparse.Namespace) -> Report:
 
 
 def cmd_stop(a: argparse.Namespace) -> Report:
+    served = _service(a.path)
+    if served is not None:
+        r: dict[str, Any] = served.call("mirror", op="stop", forget=a.forget, timeout=None)
+        text = [f"{a.path}: mirror stopped in its service (pid {r['pid']})" if r["stopped"]
+                else f"{a.path}: its service was not running the mirror"]
+        if a.forget:
+            text.append(f"{a.path}: mirror forgotten; destroyed "
+                        f"{', '.join(r['destroyed']) or 'nothing'}")
+        return Report(r, text)
     pid = daemon_pid(a.path)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
@@ -368,6 +417,8 @@ def cmd_stop(a: argparse.Namespace) -> Report:
             raise DeviceError(f"the mirror daemon of {a.path} (pid {pid}) did not stop in "
                               f"{STOP_WAIT:.0f} s (an update may still run); try again")
     forgot = _forget(a.path) if a.forget else []
+    if pid is not None and not a.forget:
+        _mark_stopped(a.path)
     if pid is None and not a.forget:
         raise NotFound(f"no mirror daemon runs for {a.path}")
     text = [f"{a.path}: mirror daemon (pid {pid}) stopped" if pid else
@@ -375,23 +426,29 @@ def cmd_stop(a: argparse.Namespace) -> Report:
     if a.forget:
         text.append(f"{a.path}: mirror forgotten; destroyed {', '.join(forgot) or 'nothing'}")
     return Report({"volume": a.path, "pid": pid, "stopped": pid is not None,
-                   "forgotten": a.forget, "destroyed": forgot}, text)
+                   "forgotten": a.forget, "destroyed": forgot, "served": False}, text)
+
+
+def _mark_stopped(src: str) -> None:
+    """Recorded in the volume, so a service started on it later leaves it stopped."""
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.mirror import load_if_any, save
+    try:
+        with open_volume(src, write=True) as vol:
+            st = load_if_any(vol)
+            if st is not None and not st.stopped:
+                st.stopped = True
+                save(vol, st)
+    except BlockxferError as e:       # the daemon is stopped all the same
+        log.warning("%s: could not record the mirror as stopped: %s", src, e)
 
 
 def _forget(src: str) -> list[str]:
     from blockxfer.handles import open_volume
-    from blockxfer.transfer.mirror.state import PREFIX, TAG, forget
+    from blockxfer.transfer.mirror.update import forget_mirror
     _refuse_served(src)
-    gone = []
     with open_volume(src, write=True) as vol:
-        for name, tags in vol.holds().items():
-            if TAG in tags and name.startswith(PREFIX):
-                vol.release(name, TAG)
-                if tags == {TAG}:
-                    vol.destroy_snapshot(name)
-                    gone.append(name)
-        forget(vol)
-    return gone
+        return forget_mirror(vol)
 
 
 SRC = volume_arg("the source volume (its block device or file)")
@@ -401,15 +458,16 @@ MIRROR_COMMANDS = (
             "--interval, chosen by the mark-on-allocate planes (or, after a restart, "
             "the plane difference). The destination commits each update atomically. "
             "The mirror's state lives in VOLUME; it runs as a daemon unless "
-            "--foreground.",
+            "--foreground, or in the volume's service when 'blockxfer serve' owns it.",
             ("blockxfer mirror start /srv/vol.img /srv/copy.img --interval 30s",
              "blockxfer mirror start /dev/md0 ssh://backup/srv/copy.img --interval 5m",
+             "blockxfer mirror start /srv/vol.img s3://backups/site1/vol --interval 1h",
              "blockxfer mirror start /srv/vol.img --base tape:/dev/nst0 --increments "
              "/srv/incr"),
             cmd_start,
             (SRC, arg("destination", nargs="?", metavar="DESTINATION",
-                      help="the mirror: a volume path or device, ssh://[user@]host/PATH or "
-                           "tls://host:port/PATH"),
+                      help="the mirror: a volume path or device, ssh://[user@]host/PATH, "
+                           "tls://host:port/PATH or s3://BUCKET[/PREFIX]/VOLUME"),
              arg("--interval", default="10s", metavar="DURATION",
                  help="time between updates: 30s, 5m, 1h (default 10s)"),
              arg("--foreground", action="store_true",
@@ -421,6 +479,9 @@ MIRROR_COMMANDS = (
                  help="incremental mirroring: where the base image goes (tape:, a file)"),
              arg("--increments", metavar="DIR",
                  help="incremental mirroring: the sparse structure of increments"),
+             arg("--s3-endpoint", metavar="URL",
+                 help="an s3:// DESTINATION's endpoint (default: AWS_ENDPOINT_URL or the "
+                      "AWS config of the process running the mirror)"),
              syslog_arg(),
              arg("--daemon-child", action="store_true", help=argparse.SUPPRESS)),
             log_level="info"),

@@ -35,6 +35,7 @@ from blockxfer.service.service import Service
 from blockxfer.service.session import parallel_reader
 
 from .common import syslog_arg, volume_arg
+from .mirror import mirror_target
 from .spec import Command, Report, Section, arg
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
     from .tapedrive import tape_opener
     with open_volume(args.path) as volume:
         service = Service(volume, args.path, read_only=args.read_only, tls=tls,
-                          freezer=frozen, open_tape=tape_opener(), reader_for=parallel_reader)
+                          freezer=frozen, open_tape=tape_opener(), reader_for=parallel_reader,
+                          open_target=mirror_target)
         for spec in args.listen:
             service.listen(spec)
         if not args.no_control:

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockxfer.endpoint")
 
 OPERATIONS = ("send", "receive", "replicate")
+# a mirror pushing here (transfer/mirror) also looks, and rolls local writes back:
+# allowed to whoever may receive
+MIRROR_OPS = {"inspect": "receive", "revert": "receive"}
 REPLICATE_WAIT = 60.0                # seconds a pull waits for the volume (another pull, a receive)
 
 
@@ -46,12 +49,12 @@ class Policy:
     def check(self, op: object, volume: object, peer: str) -> tuple[str, str]:
         if self.denied:
             raise PermissionDenied(f"{peer}: {self.denied}")
-        if op not in OPERATIONS:
+        if op not in OPERATIONS and op not in MIRROR_OPS:
             raise UsageError(f"unknown operation {op!r}; this endpoint does "
                              f"{', '.join(OPERATIONS)}")
         if not isinstance(volume, str) or not volume:
             raise UsageError("the request names no volume")
-        if op not in self.allow:
+        if MIRROR_OPS.get(str(op), op) not in self.allow:
             raise PermissionDenied(f"{peer} may not {op} here (allowed: "
                                    f"{', '.join(sorted(self.allow)) or 'nothing'})")
         if self.volumes is not None and os.path.realpath(volume) not in {
@@ -71,6 +74,8 @@ def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
         log.info("%s: %s %s", peer, op, volume)
         if op == "replicate":
             result = _replicate(w, volume, req, peer)
+        elif op in MIRROR_OPS:
+            result = _mirror_op(op, volume, req)
         else:
             result = _receive(r, w, volume, req) if op == "receive" else _send(w, volume, req)
     except BlockxferError as e:
@@ -92,6 +97,26 @@ def _receive(r: wire.Reader, w: wire.Writer, volume: str, req: dict[str, Any]) -
     frames.drain()
     return {"top": res.top, "incremental": res.incremental, "blocks": res.blocks,
             "released": res.released, "incomplete": res.incomplete, "resumed": res.resumed}
+
+
+def _mirror_op(op: str, volume: str, req: dict[str, Any]) -> Result:
+    """A mirror's questions about its destination here: what it holds (`inspect`,
+    with the plane an interrupted receive placed, so the update resumes block by
+    block), and `revert` to the mirror's last snapshot `guid` (local writes are
+    discarded, as for a local destination). Not through a service: a served
+    volume is busy here, and the mirror then sends its update whole."""
+    from blockxfer.drivers.blockdev import open_device
+    from blockxfer.transfer.mirror.target import LocalTarget, found_to_dict
+    target = LocalTarget(volume, open_device)
+    if op == "inspect":
+        return found_to_dict(target.look())
+    guid = req.get("guid")
+    if not isinstance(guid, str):
+        raise UsageError("revert: the request names no snapshot guid")
+    try:
+        return {"discarded": target.discard_local_changes(bytes.fromhex(guid))}
+    except ValueError as e:
+        raise UsageError(f"revert: {guid!r} is not a snapshot guid") from e
 
 
 class _ReadyOnFirstByte:

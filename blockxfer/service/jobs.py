@@ -36,7 +36,19 @@ class Job:
     last_error: str | None = None
     next_run: float | None = None
     runs: int = 0
+    first: float | None = None          # seconds before the first run (None: every_seconds)
+    from_start: bool = False            # the next run is due every_seconds after the
+    #                                     previous one *started* (a mirror's timer)
     thread: threading.Thread | None = field(default=None, repr=False)
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait(self) -> float:
+        """Seconds until the next run."""
+        if self.last_run is None:
+            return self.every_seconds if self.first is None else self.first
+        if not self.from_start:
+            return self.every_seconds
+        return max(0.0, self.last_run + self.every_seconds - time.time())
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "every_seconds": self.every_seconds,
@@ -53,15 +65,19 @@ class Jobs:
         self._started = False
         self._lock = threading.Lock()
 
-    def add(self, name: str, every_seconds: float, fn: Callable[[], object]) -> Job:
-        """Schedule `fn` every `every_seconds`; started at once if the service runs."""
+    def add(self, name: str, every_seconds: float, fn: Callable[[], object], *,
+            first: float | None = None, from_start: bool = False) -> Job:
+        """Schedule `fn` every `every_seconds` (the first run after `first` seconds,
+        if given); started at once if the service runs."""
         if every_seconds <= 0:
             raise ValueError("every_seconds must be positive")
-        job = Job(name, float(every_seconds), fn)
+        job = Job(name, float(every_seconds), fn, first=first, from_start=from_start)
         with self._lock:
             if name in self._jobs:
                 raise ValueError(f"a job named {name!r} exists already")
             self._jobs[name] = job
+            if self._stop.is_set():
+                job.stop.set()
             if self._started:
                 self._launch(job)
         return job
@@ -76,10 +92,28 @@ class Jobs:
         """Stop scheduling; wait (up to `timeout`) for runs in progress to end."""
         self._stop.set()
         with self._lock:
+            for j in self._jobs.values():
+                j.stop.set()
             threads = [j.thread for j in self._jobs.values() if j.thread is not None]
         deadline = time.monotonic() + timeout
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+    def remove(self, name: str, timeout: float = 60.0) -> Job | None:
+        """Unschedule job `name` and wait (up to `timeout`) for a run in progress to
+        end; the job, or None when there was none."""
+        with self._lock:
+            job = self._jobs.pop(name, None)
+        if job is None:
+            return None
+        job.stop.set()
+        if job.thread is not None and job.thread is not threading.current_thread():
+            job.thread.join(timeout)
+        return job
+
+    def get(self, name: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(name)
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -92,8 +126,9 @@ class Jobs:
 
     def _loop(self, job: Job) -> None:
         while True:
-            job.next_run = time.time() + job.every_seconds
-            if self._stop.wait(job.every_seconds):
+            wait = job.wait()
+            job.next_run = time.time() + wait
+            if job.stop.wait(wait):
                 job.next_run = None
                 return
             self.run_once(job)

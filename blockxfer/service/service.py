@@ -23,6 +23,7 @@ from blockxfer.nbd.tls import TlsPolicy
 from .commands import OpenTape, VolumeCommands
 from .control import ControlServer, bind_control
 from .jobs import Jobs
+from .mirrors import OpenTarget, ServedMirror
 from .ops import Freezer, ReaderFor, Result, VolumeOps
 
 log = logging.getLogger("blockxfer.service")
@@ -34,7 +35,8 @@ POLICY_EVERY = 60.0           # seconds between runs of the snapshot schedule
 class Service:
     def __init__(self, volume: Any, path: str, *, read_only: bool = False,
                  tls: TlsPolicy | None = None, freezer: Freezer | None = None,
-                 open_tape: OpenTape | None = None, reader_for: ReaderFor | None = None) -> None:
+                 open_tape: OpenTape | None = None, reader_for: ReaderFor | None = None,
+                 open_target: OpenTarget | None = None) -> None:
         self.path, self.volume = path, volume
         self.nbd = Server(volume, read_only=read_only, tls=tls)
         extra: dict[str, Any] = {"reader_for": reader_for} if reader_for else {}
@@ -45,6 +47,7 @@ class Service:
         self.jobs = Jobs()
         if not read_only:              # a policy set later (policy set) takes effect too
             self.jobs.add("policy", POLICY_EVERY, self._policy_tick)
+        self._mirror(open_target)
 
     def _policy_tick(self) -> object:
         """The snapshot schedule, if the volume has one (docs/policies.md)."""
@@ -54,6 +57,14 @@ class Service:
         if r.get("taken") or r.get("pruned"):
             log.info("policy: took %s, destroyed %s", r.get("taken"), r.get("pruned"))
         return r
+
+    def _mirror(self, open_target: OpenTarget | None) -> None:
+        """The volume's mirror runs here (job `mirror`, control command `mirror`);
+        one the volume holds is picked up now (service/mirrors.py)."""
+        self.mirror = ServedMirror(self.ops, self.jobs, open_target)
+        self.mirror.install(self.control)
+        if hasattr(self.volume, "get_property"):
+            self.mirror.resume()
 
     def listen(self, spec: str) -> None:
         """An NBD listener: `unix:PATH` or `tcp:HOST:PORT`."""
@@ -77,6 +88,7 @@ class Service:
         try:
             self.nbd.serve_forever()
         finally:
+            self.mirror.cancel()           # a long mirror update must not outlive the volume
             self.jobs.stop()
             if not self.control.wait_idle(DRAIN_CONTROL):
                 log.warning("stopping with %d control commands still running",

@@ -26,8 +26,8 @@ from .local import FileSink, FileSource, StdinSource, StdoutSink
 if TYPE_CHECKING:
     from .endpoint import Channel
 
-__all__ = ["ByteSink", "ByteSource", "Result", "Sink", "Source", "open_sink", "open_source",
-           "open_pull", "register", "scheme_of", "is_volume_url"]
+__all__ = ["ByteSink", "ByteSource", "Result", "Sink", "Source", "ask_far", "open_sink",
+           "open_source", "open_pull", "register", "scheme_of", "is_volume_url"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +112,16 @@ def open_pull(url: str, request: dict[str, Any]) -> tuple[Result, Source]:
     channel, volume = _far(url)
     pull = EndpointPull(channel, volume, request)
     return pull.plan, pull
+
+
+def ask_far(url: str, request: dict[str, Any]) -> Result:
+    """One request the volume at an ssh:// or tls:// URL answers at once, without a
+    stream (a mirror's `inspect` and `revert`); its result, or its error raised."""
+    from .endpoint import ask
+    if scheme_of(url) not in ("ssh", "tls"):
+        raise UsageError(f"{url!r}: not an ssh:// or tls:// URL of a volume")
+    channel, volume = _far(url)
+    return ask(channel, {**request, "volume": volume})
 
 
 def _far(url: str) -> tuple[Channel, str]:

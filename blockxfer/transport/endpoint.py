@@ -61,6 +61,13 @@ def _open(ch: Channel, request: dict[str, Any]) -> Result:
         raise
 
 
+def ask(ch: Channel, request: dict[str, Any]) -> Result:
+    """A request the far side answers with its result at once (no stream)."""
+    result = _open(ch, request)
+    ch.close()
+    return result
+
+
 class EndpointSink(Sink):
     """Streams into `volume` on the far side, which receives it atomically."""
 

@@ -60,6 +60,7 @@ class MirrorState:
     base_url: str | None = None                # incremental mirroring (transfer/increments.py)
     incr: str | None = None
     force: bool = False                        # the first full image may overwrite DEST
+    ep: str | None = None                      # an s3:// DEST's endpoint (--s3-endpoint)
     seq: int = 1                               # the next snapshot's number
     snap: str | None = None                    # what the destination holds (the next base)
     guid: str | None = None                    # its guid, hex (found by it at the destination)
@@ -69,6 +70,8 @@ class MirrorState:
     err_t: float | None = None
     fails: int = 0
     skipped: int = 0                           # ticks skipped (effective next CP)
+    stopped: bool = False                      # `mirror stop` of a served volume: its
+    #                                            service does not run it after a restart
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

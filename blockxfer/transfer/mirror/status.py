@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from blockxfer.volume import Volume
+
 from .state import MirrorState
 from .target import Found
 
@@ -62,8 +64,9 @@ def describe(st: MirrorState, generation: int | None, found: Found | None,
 def status_lines(d: dict[str, Any], path: str) -> list[str]:
     def ago(t: float | None) -> str:
         return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    runner = "service" if d.get("served") else "daemon"
     lines = [f"{path} -> {d['destination']} every {d['interval']:g} s"
-             + (f" (daemon pid {d['pid']})" if d["running"] else " (not running)")]
+             + (f" ({runner} pid {d['pid']})" if d["running"] else " (not running)")]
     last = d["last"]
     if last:
         lines.append(f"last update   {ago(last['t'])}: {last['snap']} (CP {last['cp']}), "
@@ -84,3 +87,17 @@ def status_lines(d: dict[str, Any], path: str) -> list[str]:
     lines.append(f"destination   {'consistent' if ds['consistent'] else 'NOT consistent'}, "
                  f"at {ds['holds'] or '-'}" + (f"; {ds['note']}" if ds["note"] else ""))
     return lines
+
+
+def would_send(vol: Volume, st: MirrorState) -> dict[str, Any]:
+    """`mirror update -n`: what the next update would send, from the planes: the
+    blocks the volume holds now that the destination's snapshot does not (all of
+    them for the first, full image), and those it would free there."""
+    now = vol.active.bits
+    base = vol.plane(st.snap) if st.snap and st.snap in vol.snapshot_names() else None
+    blocks = (now & ~base).count() if base is not None else now.count()
+    freed = (base & ~now).count() if base is not None else 0
+    return {"destination": st.dest, "dry_run": True,
+            "kind": "incremental" if base is not None else "full",
+            "base": st.snap if base is not None else None, "blocks": blocks,
+            "bytes": blocks * vol.block_size, "deallocated_blocks": freed}

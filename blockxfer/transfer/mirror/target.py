@@ -11,8 +11,12 @@ again (same stream id: an interrupted full image there is taken up again).
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
+import struct
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,13 +29,23 @@ from blockxfer.errors import BlockxferError, FormatError, StreamError, UsageErro
 from blockxfer.stream.decode import StreamReader
 from blockxfer.stream.io import ByteSink
 from blockxfer.stream.receive import OpenDevice, receive_stream
-from blockxfer.transport import SourceRequest, is_volume_url, open_sink, open_source, scheme_of
+from blockxfer.stream.send import plane_runs
+from blockxfer.transport import (
+    SourceRequest,
+    ask_far,
+    is_volume_url,
+    open_sink,
+    open_source,
+    scheme_of,
+)
 from blockxfer.volume import Volume, has_signature
 from blockxfer.volume.local import LocalArea
 from blockxfer.volume.receiving import read_receiving_marker
 
+log = logging.getLogger("blockxfer.mirror")
 WriteStream = Callable[[ByteSink], Any]      # writes one whole stream into the sink
 PIPE_BYTES = 16 << 20                        # what the in-memory pipe holds at most
+PLANE_TEXT_MAX = 48 << 10                    # a received plane's runs, sent as text, at most
 
 
 @dataclass
@@ -50,8 +64,9 @@ class Found:
 class Target(Protocol):
     name: str
 
-    def look(self) -> Found | None:
-        """What is there (None: this side cannot tell)."""
+    def look(self, thorough: bool = False) -> Found | None:
+        """What is there (None: this side cannot tell). A remote one is asked only
+        when `thorough` (a round trip: for a retry, and for `mirror status`)."""
 
     def discard_local_changes(self, guid: bytes) -> bool:
         """Go back to the snapshot `guid` this mirror sent last; True when something
@@ -66,13 +81,19 @@ class Target(Protocol):
         source recorded so leaves exactly that."""
 
 
-def open_target(dest: str, open_device: OpenDevice) -> Target:
+def open_target(dest: str, open_device: OpenDevice, endpoint: str | None = None) -> Target:
+    """The destination `dest`; `endpoint` is an s3:// one's S3 endpoint (else the
+    AWS environment's)."""
     scheme = scheme_of(dest)
     if scheme == "file" and not dest.startswith("file:"):
         return LocalTarget(dest, open_device)
+    if scheme == "s3":
+        from .s3target import StoreTarget
+        return StoreTarget(dest, endpoint)
     if not is_volume_url(dest):
         raise UsageError(f"{dest}: a mirror goes to a volume: a path or device, "
-                         "ssh://[user@]host/PATH or tls://host:port/PATH")
+                         "ssh://[user@]host/PATH, tls://host:port/PATH or "
+                         "s3://BUCKET[/PREFIX]/VOLUME")
     return UrlTarget(dest)
 
 
@@ -81,7 +102,7 @@ class LocalTarget:
         self.name = self.path = path
         self._open = open_device
 
-    def look(self) -> Found:
+    def look(self, thorough: bool = False) -> Found:
         if not os.path.exists(self.path):
             return Found()
         dev: BlockDevice = self._open(self.path, write=False)
@@ -163,14 +184,41 @@ def _found_in(vol: Volume) -> Found:
 
 
 class UrlTarget:
+    """A volume behind ssh:// or tls://. Its far side (`stdio-serve`, `tls-serve`) is
+    asked what it holds (op `inspect`: the same look as a local destination's, with
+    the plane an interrupted receive placed) and to roll local writes back (op
+    `revert`). A far side that cannot answer (an older one, a served volume, a key
+    allowed only to send) is not looked at: the update is then sent whole."""
+
     def __init__(self, url: str) -> None:
         self.name = self.url = url
+        self._seen: Found | None = None
+        self._mine: bytes | None = None       # the mirror's last snapshot there
 
-    def look(self) -> Found | None:
-        return None
+    def look(self, thorough: bool = False) -> Found | None:
+        self._seen = None
+        if not thorough:                      # an update in the steady state: no round trip
+            return None
+        try:
+            self._seen = found_from_dict(ask_far(self.url, {"op": "inspect"}))
+        except BlockxferError as e:
+            log.info("%s: not looked at (%s); the update is sent whole", self.url, e)
+        return self._seen
 
     def discard_local_changes(self, guid: bytes) -> bool:
-        return False            # the far side refuses an incremental onto a changed volume
+        """Ask the far side to go back to `guid` when it was looked at and holds more
+        than that (written there since). Not looked at: `receive` finds out when the
+        far side refuses the incremental, and does it then."""
+        self._mine = guid
+        if self._seen is None:
+            return False
+        return self._revert(self._seen, guid)
+
+    def _revert(self, seen: Found, guid: bytes) -> bool:
+        if seen.volume_uuid is None or seen.newest == guid or guid not in seen.snapshots:
+            return False
+        far = ask_far(self.url, {"op": "revert", "guid": guid.hex()})
+        return bool(far.get("discarded"))
 
     def holds_newest(self, name: str, guid: bytes) -> bool:
         """Ask the far side to send `name` and read only the stream's header: its
@@ -184,6 +232,25 @@ class UrlTarget:
         return h.top.guid == guid and newest is not None and newest.guid == guid
 
     def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
+        try:
+            return self._receive(write, force)
+        except StreamError:                   # refused: written there since? roll back once
+            if self._mine is None or self._seen is not None or not self._rolled_back():
+                raise
+        return self._receive(write, force)
+
+    def _rolled_back(self) -> bool:
+        assert self._mine is not None
+        try:
+            seen = found_from_dict(ask_far(self.url, {"op": "inspect"}))
+        except BlockxferError:
+            return False
+        if not self._revert(seen, self._mine):
+            return False
+        log.info("%s: discarded what was written there since the last update", self.url)
+        return True
+
+    def _receive(self, write: WriteStream, force: bool) -> dict[str, Any]:
         with open_sink(self.url, force=force) as sink:
             stats = write(sink)
         far = sink.result or {}
@@ -245,3 +312,43 @@ class Pipe:
             self._chunks.clear()
             self._size = 0
             self._cv.notify_all()
+
+
+# -- a destination's look, as the far side of ssh:// or tls:// answers it ---------------
+_RUN = struct.Struct("<QQ")
+
+
+def found_to_dict(f: Found) -> dict[str, Any]:
+    plane = None
+    if f.received is not None:
+        raw = b"".join(_RUN.pack(s, c) for s, c in plane_runs(f.received, len(f.received)))
+        plane = base64.b64encode(zlib.compress(raw, 6)).decode()
+        if len(plane) > PLANE_TEXT_MAX:       # too scattered to send as text: no resume
+            plane = None
+    return {"exists": f.exists, "uuid": f.volume_uuid.hex() if f.volume_uuid else None,
+            "snapshots": {g.hex(): n for g, n in f.snapshots.items()},
+            "newest": f.newest.hex() if f.newest else None,
+            "pending": f.pending.hex() if f.pending and plane else None,
+            "received": plane, "nbits": len(f.received) if f.received is not None else 0,
+            "other": f.other}
+
+
+def found_from_dict(d: dict[str, Any]) -> Found:
+    try:
+        received = None
+        if d.get("received"):
+            received = bitarray(int(d["nbits"]), endian="little")
+            received.setall(0)
+            raw = zlib.decompress(base64.b64decode(d["received"]))
+            for off in range(0, len(raw) - _RUN.size + 1, _RUN.size):
+                start, count = _RUN.unpack_from(raw, off)
+                received[start:start + count] = 1
+        return Found(bool(d["exists"]), _unhex(d.get("uuid")),
+                     {bytes.fromhex(g): str(n) for g, n in d.get("snapshots", {}).items()},
+                     _unhex(d.get("newest")), _unhex(d.get("pending")), received, d.get("other"))
+    except (KeyError, TypeError, ValueError, zlib.error, struct.error) as e:
+        raise StreamError(f"the far side's answer to 'inspect' is malformed: {e}") from e
+
+
+def _unhex(v: Any) -> bytes | None:
+    return bytes.fromhex(v) if v else None

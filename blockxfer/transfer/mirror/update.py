@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from blockxfer.errors import BlockxferError, StreamError, UsageError, VolumeError
@@ -30,51 +31,65 @@ from blockxfer.volume.tracking import Changes
 from . import state
 from .plan import plan_changes, plan_planes, resume_plan
 from .state import PREFIX, TAG, Last, MirrorState, Pending
-from .target import Found, LocalTarget, Target
+from .target import Found, Target, UrlTarget
 
 log = logging.getLogger("blockxfer.mirror")
 Clock = Callable[[], float]
+Lock = AbstractContextManager[Any]
 _OURS = re.compile(re.escape(PREFIX) + r"(\d+)$")
 
 
 def run_update(vol: Volume, target: Target, *, reader: Reader | None = None,
                progress: Callable[[int], None] | None = None,
-               clock: Clock = time.time) -> dict[str, Any]:
+               clock: Clock = time.time, lock: Lock | None = None) -> dict[str, Any]:
     """One update of the mirror configured on `vol` (open for writing) into `target`;
     what it did, as `mirror update --json` prints it. A failure is recorded in the
-    mirror state (for `mirror status`) and raised."""
-    st = state.load(vol, vol.dev.path)
+    mirror state (for `mirror status`) and raised.
+
+    `lock` is the volume lock of a service that shares `vol` with NBD clients: the
+    source's metadata steps (state, snapshot, hold, plan, release) run under it,
+    the stream runs outside it (the mirror snapshot's hold keeps its blocks put),
+    so the clients keep writing during an update."""
+    guard = lock if lock is not None else nullcontext()
+    with guard:
+        st = state.load(vol, vol.dev.path)
     if st.incremental_mode:
         raise UsageError(f"{vol.dev.path} mirrors incrementally (--increments); its updates "
                          "run through transfer.increments")
     t0 = clock()
     try:
-        return _update(vol, st, target, reader or plain_reader(vol), progress, clock, t0)
+        return _update(vol, st, target, reader or plain_reader(vol), progress, clock, t0,
+                       guard)
     except BlockxferError as e:
-        vol.forget_cut()           # the next update subtracts planes, then tracks again
         st.failed(str(e), clock())
-        try:
-            state.save(vol, st)
-        except BlockxferError as again:
-            log.warning("could not record the failure in %s: %s", vol.dev.path, again)
+        with guard:
+            vol.forget_cut()       # the next update subtracts planes, then tracks again
+            try:
+                state.save(vol, st)
+            except BlockxferError as again:
+                log.warning("could not record the failure in %s: %s", vol.dev.path, again)
         raise
 
 
 def _update(vol: Volume, st: MirrorState, target: Target, reader: Reader,
-            progress: Callable[[int], None] | None, clock: Clock, t0: float) -> dict[str, Any]:
-    tidy(vol, st)
-    top, changes = _begin(vol, st)
+            progress: Callable[[int], None] | None, clock: Clock, t0: float,
+            guard: Lock) -> dict[str, Any]:
+    retry = st.pending is not None or st.fails > 0     # a remote one is looked at then
+    with guard:
+        tidy(vol, st)
+        top, changes = _begin(vol, st)
+        e = vol.resolve(top)
     assert st.pending is not None
-    e = vol.resolve(top)
-    found = target.look()
+    found = target.look(thorough=retry)
     if found is not None and found.newest == e.guid:
         got: dict[str, Any] = {"blocks": 0, "resumed": False}
         sent, kind, plan = None, "already there", None
     else:
-        plan, kind = _plan(vol, st, changes, found)
+        with guard:
+            plan, kind = _plan(vol, st, changes, found)
         if st.guid is not None and target.discard_local_changes(bytes.fromhex(st.guid)):
             log.info("%s: discarded what was written there since %s", target.name, st.snap)
-        compress = not isinstance(target, LocalTarget)
+        compress = isinstance(target, UrlTarget)     # a store decodes it right here
         try:
             got = target.receive(lambda sink: stream_plan(plan, sink, reader,
                                                           compress=compress,
@@ -93,9 +108,10 @@ def _update(vol: Volume, st: MirrorState, target: Target, reader: Reader,
                    freed=plan.header.dealloc_blocks if plan else 0,
                    dur=round(clock() - t0, 3), kind=kind)
     st.err, st.err_t, st.fails = None, None, 0
-    state.save(vol, st)
-    if old is not None and old != top:
-        _drop(vol, old)
+    with guard:
+        state.save(vol, st)
+        if old is not None and old != top:
+            _drop(vol, old)
     log.info("%s -> %s: %s up to %s, %d blocks, %d bytes in %.2f s", vol.dev.path,
              target.name, kind, top, st.last.blocks, st.last.bytes, st.last.dur)
     return {"volume": vol.dev.path, "destination": target.name, "snapshot": top,
@@ -164,3 +180,17 @@ def _drop(vol: Volume, name: str) -> None:
         vol.destroy_snapshot(name)
     except BlockxferError as e:      # a pointer or a send still uses it: the next update
         log.warning("%s: kept %s for now: %s", vol.dev.path, name, e)
+
+
+def forget_mirror(vol: Volume) -> list[str]:
+    """Drop the mirror: release its holds, destroy the snapshots only it held, and
+    remove its state; the names destroyed."""
+    gone = []
+    for name, tags in vol.holds().items():
+        if TAG in tags and name.startswith(PREFIX):
+            vol.release(name, TAG)
+            if tags == {TAG}:
+                vol.destroy_snapshot(name)
+                gone.append(name)
+    state.forget(vol)
+    return gone
