@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -34,15 +35,17 @@ def bx(*args: str, data: bytes | None = None, timeout: float = 120,
     return run(list(args), input=data, timeout=timeout, **kw)  # type: ignore[arg-type]
 
 
-def run(argv: Sequence[str], *, input: bytes | str | None = None, timeout: float = 120,
+def run(argv: Sequence[str], *, input: bytes | str | None = None, stdin: Out = None,
+        timeout: float = 120,
         env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
         text: bool = False, check: bool = False, stdout: Out = subprocess.PIPE,
         stderr: Out = subprocess.PIPE) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     """`blockxfer ARGV...` to completion, like `subprocess.run([*BX, *argv], ...)`."""
     if EXEC:
-        return subprocess.run([*BX, *argv], input=input, timeout=timeout, env=env, cwd=cwd,
-                              text=text, check=check, stdout=stdout, stderr=stderr)
-    res = call_forked(lambda: _main(list(argv)), input=input, timeout=timeout, env=env,
+        return subprocess.run([*BX, *argv], input=input, stdin=stdin, timeout=timeout, env=env,
+                              cwd=cwd, text=text, check=check, stdout=stdout, stderr=stderr)
+    res = call_forked(lambda: _main(list(argv)), input=input, stdin=stdin, timeout=timeout,
+                      env=env,
                       cwd=cwd, text=text, stdout=stdout, stderr=stderr, name=[*BX, *argv])
     if check:
         res.check_returncode()
@@ -59,20 +62,20 @@ def _main(argv: list[str]) -> int:
 
 
 def call_forked(fn: Callable[[], int | None], *, input: bytes | str | None = None,
-                timeout: float = 120, env: Mapping[str, str] | None = None,
+                stdin: Out = None, timeout: float = 120, env: Mapping[str, str] | None = None,
                 cwd: str | os.PathLike[str] | None = None, text: bool = False,
                 stdout: Out = subprocess.PIPE, stderr: Out = subprocess.PIPE,
                 name: Sequence[str] = ("forked",)) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     """`fn()` in a forked child with its own stdin/stdout/stderr, environment and
     working directory; its return value is the exit code (a signal: minus it)."""
     data = input.encode() if isinstance(input, str) else input
-    out, err, code = _forked(fn, data, timeout, env, cwd, stdout, stderr, list(name))
+    out, err, code = _forked(fn, data, stdin, timeout, env, cwd, stdout, stderr, list(name))
     return subprocess.CompletedProcess(
         list(name), code, out.decode(errors="replace") if text and out is not None else out,
         err.decode(errors="replace") if text and err is not None else err)
 
 
-def _forked(fn: Callable[[], int | None], data: bytes | None, timeout: float,
+def _forked(fn: Callable[[], int | None], data: bytes | None, stdin: Out, timeout: float,
             env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None,
             stdout: Out, stderr: Out, name: list[str],
             ) -> tuple[bytes | None, bytes | None, int]:
@@ -82,7 +85,7 @@ def _forked(fn: Callable[[], int | None], data: bytes | None, timeout: float,
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:                                     # the child: never returns
-        _child(fn, pipes, keep, stdout, stderr, env, cwd)
+        _child(fn, pipes, keep, stdin, stdout, stderr, env, cwd)
     os.close(pipes[0][0])
     os.close(pipes[1][1])
     os.close(pipes[2][1])
@@ -99,21 +102,21 @@ def _forked(fn: Callable[[], int | None], data: bytes | None, timeout: float,
 
 
 def _child(fn: Callable[[], int | None], pipes: dict[int, tuple[int, int]],
-           keep: dict[int, bool], stdout: Out, stderr: Out, env: Mapping[str, str] | None,
-           cwd: str | os.PathLike[str] | None) -> None:
+           keep: dict[int, bool], stdin: Out, stdout: Out, stderr: Out,
+           env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None) -> None:
     code = 1
     try:
         os.setpgid(0, 0)              # a timeout kills the child and whatever it started
         os.dup2(pipes[0][0], 0)
+        if stdin is not None:
+            os.dup2(_fd_of(stdin, os.O_RDONLY), 0)
         for fd, want in ((1, stdout), (2, stderr)):
             if keep[fd]:
                 os.dup2(pipes[fd][1], fd)
-            elif want == subprocess.DEVNULL:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
             elif want == subprocess.STDOUT:
                 os.dup2(1, fd)
-            elif want is not None:                   # a file descriptor or a file
-                os.dup2(want if isinstance(want, int) else want.fileno(), fd)
+            elif want is not None:
+                os.dup2(_fd_of(want, os.O_WRONLY), fd)
         for r, w in pipes.values():
             os.close(r)
             os.close(w)
@@ -130,6 +133,9 @@ def _child(fn: Callable[[], int | None], pipes: dict[int, tuple[int, int]],
                                       line_buffering=os.isatty(1))
         sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
                                       line_buffering=True)
+        for h in logging.root.handlers[:]:           # the test runner's capture, not ours
+            logging.root.removeHandler(h)
+        logging.root.setLevel(logging.WARNING)
         code = fn() or 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -142,6 +148,13 @@ def _child(fn: Callable[[], int | None], pipes: dict[int, tuple[int, int]],
             with contextlib.suppress(BaseException):
                 f.flush()
         os._exit(code)
+
+
+def _fd_of(want: int | IO[Any], mode: int) -> int:
+    """The descriptor subprocess would give the child for `want`."""
+    if want == subprocess.DEVNULL:
+        return os.open(os.devnull, mode)
+    return want if isinstance(want, int) else want.fileno()
 
 
 def _drain(fd: int, got: dict[int, bytes], key: int) -> None:

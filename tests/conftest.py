@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist's workers start with SIGINT ignored, and a child inherits an
+    ignored signal through exec: the interrupt tests' `blockxfer` then ran on to
+    exit 0. Give the workers, and so their children, Python's own handler."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
