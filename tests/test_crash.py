@@ -20,6 +20,7 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
 from tests.faults import FaultyDevice
+from tests.marks import first_fast
 
 VSIZE = 2 << 20
 BS = 4096
@@ -144,7 +145,7 @@ def _run_child(path: str, ops: list[tuple], kill_at: int) -> int:
     return len(done)
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", first_fast(range(10), 3))
 def test_sigkill_at_many_points(template: str, tmp_path: object, seed: int) -> None:
     path = os.path.join(str(tmp_path), "vol.img")
     ops = _ops(seed)
@@ -161,7 +162,7 @@ def test_sigkill_at_many_points(template: str, tmp_path: object, seed: int) -> N
             f"seed {seed}, killed at write {k} after {done} steps"
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", first_fast(range(4), 2))
 def test_dropped_writes_leave_last_commit(template: str, tmp_path: object, seed: int) -> None:
     path = os.path.join(str(tmp_path), "vol.img")
     ops = _ops(100 + seed)

@@ -24,6 +24,7 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
 from tests.faults import FaultyDevice
+from tests.marks import first_fast
 
 VSIZE = 2 << 20
 STEPS = 24
@@ -147,7 +148,7 @@ def _run_child(path: str, steps: list[Step], kill_at: int) -> int:
     return len(done)
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", first_fast(range(10), 3))
 def test_sigkill_during_write_sync_cycles(template: str, tmp_path: object, seed: int) -> None:
     """10 seeds x 22 points: 220 kills, each checked by a read-only and (every other
     point) a writable reopen that replays, then commits the log on close."""
@@ -168,7 +169,7 @@ def test_sigkill_during_write_sync_cycles(template: str, tmp_path: object, seed:
             assert _reopened(path, writable=False) == got, f"seed {seed}, write {k}: CP"
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", first_fast(range(5), 2))
 def test_writes_cut_off_inside_the_device(template: str, tmp_path: object, seed: int) -> None:
     """5 seeds x 22 points: every write (and flush) after the k-th is dropped while
     the volume carries on; what it synced before the cut is what reopens."""

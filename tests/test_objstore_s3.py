@@ -25,7 +25,9 @@ from tests.objstore_helpers import contents, make_chain
 N = 4
 
 
-@pytest.fixture(scope="module", params=sorted(START))
+# SeaweedFS on every change; rclone, the second implementation, in make test-slow
+@pytest.fixture(scope="module", params=[
+    p if p == "seaweedfs" else pytest.param(p, marks=pytest.mark.slow) for p in sorted(START)])
 def server(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:

@@ -249,6 +249,7 @@ def _pull(t: Tree, host: str, parent: str) -> dict[str, object]:
 
 
 @pytest.mark.root
+@pytest.mark.slow
 def test_child_reparents_to_its_grandparent(tmp_path: Path) -> None:
     """B is destroyed; C pulls from A instead, with an incremental from the master it
     shares with A (held at A for B's child)."""
@@ -274,6 +275,7 @@ def test_child_reparents_to_its_grandparent(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.slow
 def test_bwlimit_matches_tbf_shaping(tmp_path: Path) -> None:
     """--bwlimit 2M against the same rate shaped by `tc tbf` on A's link: both pulls of
     the same 6 MiB take about as long (3 s and more)."""

@@ -17,6 +17,7 @@ from blockxfer.transfer import tapefmt as tf
 from blockxfer.transfer.tapeset import list_tape
 from blockxfer.volume import Volume
 from tests.clihelp import BX, bx, one_line
+from tests.marks import first_fast
 
 K, M = 1 << 10, 1 << 20
 # the least early-warning zones (2 records + 64K, docs/tape-format.md) are written out
@@ -79,7 +80,7 @@ def _dump_and_restore(vol: str, expression: str, top: str, folder: str, *geometr
     return listings
 
 
-@pytest.mark.parametrize("geometry, record_size", [
+@pytest.mark.parametrize("geometry, record_size", first_fast([
     (["--capacity", "32M"], "256K"),                                  # the case
     (["--capacity", "8M", "--early-warning", "576K"], "256K"),
     (["--capacity", "4M", "--early-warning", "192K",
@@ -87,7 +88,7 @@ def _dump_and_restore(vol: str, expression: str, top: str, folder: str, *geometr
     (["--capacity", "24M", "--early-warning", "4M"], "256K"),           # a roomy zone
     (["--capacity", "16M", "--early-warning", "2112K",
       "--record-size", "1M"], "1M"),
-])
+], 2))
 def test_spanning_with_any_early_warning(volume: str, tmp_path: object, geometry: list[str],
                                          record_size: str) -> None:
     _dump_and_restore(volume, "full", "full", str(tmp_path), *geometry,
