@@ -48,9 +48,12 @@ def _line(r: dict[str, Any]) -> str:
     if r["kind"] == "current":
         return f"{where}: up to date at master {r['top']!r}{back}"
     how = "full image" if r["kind"] == "full" else f"incremental from {r['base']!r}"
+    dropped = r.get("dropped_holds")
     return (f"{where}: {how} up to master {r['top']!r}{back}, {r['blocks']} blocks, "
             f"{human(r['bytes'])} in {r['seconds']:.1f} s ({human(r['rate'])}/s)"
-            + (" (resumed)" if r["resumed"] else ""))
+            + (" (resumed)" if r["resumed"] else "")
+            + (f"; dropped the holds on snapshots gone here: {', '.join(dropped)}"
+               if dropped else ""))
 
 
 def cmd_pull(a: argparse.Namespace) -> Report:

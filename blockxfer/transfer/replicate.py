@@ -24,6 +24,7 @@ from typing import Any
 from blockxfer.errors import BlockxferError, DeviceBusy, StreamError, VolumeError
 from blockxfer.stream.receive import OpenDevice, receive_stream
 from blockxfer.transport import Result, Source, open_pull
+from blockxfer.volume import Volume
 from blockxfer.volume.rewind import rewind_to
 
 from .replicate_state import PullState
@@ -51,6 +52,7 @@ class PullRecord:
     rolled_back: str | None = None          # the master the target went back to
     discarded: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    dropped_holds: list[str] = field(default_factory=list)  # a full image kept the rest
     started: float = 0.0
     dry_run: bool = False
 
@@ -141,7 +143,8 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
         if back is not None:
             rec.rolled_back, rec.discarded = back, _rewind(target, back, open_device)
         if plan["kind"] != "current":
-            _receive(src, target, open_device, state, plan, rec, force, progress)
+            _receive(src, target, open_device, state, plan, rec, force, progress,
+                     _carry(state, t, plan))
     _reached(state, source, name, plan, rec)
     return rec
 
@@ -182,20 +185,45 @@ def _rewind(target: str, master: str, open_device: OpenDevice) -> list[str]:
         dev.close()
 
 
+@dataclass
+class Carry:
+    props: dict[str, str] = field(default_factory=dict)     # hex values
+    held: list[Any] = field(default_factory=list)           # (name, guid hex, tags)
+
+
+def _carry(state: PullState, t: Target, plan: Result) -> Carry:
+    """What a full image keeps of the volume it overwrites: its local properties (a
+    middle host's registry of destinations, their holds, its ticket secret) and
+    its holds by name. Taken from the volume before it is overwritten, and kept in
+    the pending stream, so an interrupted full receive (the old volume gone
+    already) still carries them when it resumes or starts over."""
+    if plan["kind"] != "full":
+        return Carry()
+    if not t.volume:
+        old = state.pending or {}
+        return Carry(dict(old.get("carry") or {}), [tuple(h) for h in old.get("held") or []])
+    return Carry({k: v.hex() for k, v in t.props.items()}, list(t.held))
+
+
 def _receive(src: Source, target: str, open_device: OpenDevice, state: PullState,
-             plan: Result, rec: PullRecord, force: bool, progress: Progress | None) -> None:
-    """Receive the plan's stream; the pending stream (with its ticket) is recorded
-    first, so a cut one resumes on the next pull."""
+             plan: Result, rec: PullRecord, force: bool, progress: Progress | None,
+             carry: Carry) -> None:
+    """Receive the plan's stream; the pending stream (with its ticket, and what a
+    full image carries over) is recorded first, so a cut one resumes on the next
+    pull."""
     state.pending = {"id": plan["stream_id"], "expression": plan["expression"],
                      "top": plan["top"], "top_guid": plan["top_guid"],
                      "base_guid": plan.get("base_guid"), "ticket": plan.get("ticket"),
                      "source": rec.source}
+    if carry.props or carry.held:
+        state.pending.update(carry=carry.props, held=carry.held)
     state.save()
     counted = _Counting(src, progress)
     t0 = time.monotonic()
     try:
+        props = {k: bytes.fromhex(v) for k, v in carry.props.items()} if carry.props else None
         res = receive_stream(counted, target, open_device, force=force,
-                             source_hint=rec.source)
+                             source_hint=rec.source, carry=props)
         src.finish()
     except BlockxferError as e:
         cause = e.__cause__ if isinstance(e.__cause__, BlockxferError | OSError) else e
@@ -205,6 +233,23 @@ def _receive(src: Source, target: str, open_device: OpenDevice, state: PullState
     rec.bytes = counted.bytes
     rec.rate = round(rec.bytes / rec.seconds, 1) if rec.seconds else 0.0
     rec.blocks, rec.released = res.blocks, list(res.released)
+    if carry.held:
+        rec.dropped_holds = _dropped(target, open_device, carry.held)
+
+
+def _dropped(target: str, open_device: OpenDevice, held: list[Any]) -> list[str]:
+    """The holds a full image could not keep: their snapshots are gone here (or no
+    longer whole), as `NAME (TAG, ...)`."""
+    dev = open_device(target, write=False)
+    try:
+        vol = Volume.open(dev, writable=False)
+        try:
+            kept = {e.guid.hex() for e in vol.snapshots() if e.name in vol.holds()}
+        finally:
+            vol.io.close()
+    finally:
+        dev.close()
+    return [f"{name} ({', '.join(tags)})" for name, guid, tags in held if guid not in kept]
 
 
 def _first_clause(e: BaseException) -> str:

@@ -12,6 +12,7 @@ for an incremental, also into a volume a server holds open) or from a device
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 
@@ -26,6 +27,7 @@ from .blockio import BlockIO
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea, LocalState
 from .objects import BlobObject, PlaneObject, empty_plane
+from .properties import HOLDS
 from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 
@@ -99,10 +101,17 @@ class Receiver:
         self._io: BlockIO | None = None
 
     @classmethod
-    def for_device(cls, dev: BlockDevice, image: IncomingImage) -> Receiver:
+    def for_device(cls, dev: BlockDevice, image: IncomingImage,
+                   carry: dict[str, bytes] | None = None) -> Receiver:
         """A receiver writing a full image over `dev`, whatever it holds (the caller
-        has checked that it may)."""
-        return cls(dev, image, None)
+        has checked that it may). `carry`: the local properties of the volume it
+        replaces that this copy keeps (a middle host's registry of destinations and
+        their holds): saved with the receive's progress and committed with the new
+        root, holds only on snapshots the new root holds whole."""
+        r = cls(dev, image, None)
+        if carry is not None:
+            r.local.props = dict(carry)
+        return r
 
     # -- the target as the stream sees it --------------------------------------------------
     def _planes(self) -> tuple[bitarray, bitarray]:
@@ -257,12 +266,13 @@ class Receiver:
         if used >= 0:
             raise StreamError(f"stream deallocates block {used}, which its top "
                               f"{im.top_name!r} still uses; the stream contradicts itself")
-        released, incomplete = self._decide(have)
+        released, incomplete, whole = self._decide(have)
         if any(e.guid == im.top_guid for e in incomplete):
             raise StreamError(f"stream does not carry all blocks of its top {im.top_name!r}")
+        props = self.local.props if self.vol is not None else _holds_on(self.local.props, whole)
         state = LocalState(self.state.seq, im.root.generation,
                            incomplete={e.guid for e in incomplete},
-                           released={e.guid for e in released}, props=self.local.props)
+                           released={e.guid for e in released}, props=props)
         sb = im.superblock()
         freed = 0
         if self.vol is not None:
@@ -272,9 +282,11 @@ class Receiver:
         self.committed = True
         return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete], freed)
 
-    def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
-        """The foreign catalog's snapshots released here (not kept by the source) and
-        those this target does not hold whole (incomplete)."""
+    def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry],
+                                               set[bytes]]:
+        """The foreign catalog's snapshots released here (not kept by the source),
+        those this target does not hold whole (incomplete), and the guids of those it
+        holds whole."""
         from .volume import Volume
         cand = Volume(self.dev, self.image.superblock(), writable=False, slot=self.slot)
         try:
@@ -284,7 +296,10 @@ class Receiver:
                           and (cand.plane(e.name) & ~have).any()]
         finally:
             cand.io.close()
-        return released, incomplete
+        lacking = {e.guid for e in incomplete}
+        whole = {e.guid for e in cand.catalog.snapshots
+                 if e.guid in keep and not e.shadow and e.guid not in lacking}
+        return released, incomplete, whole
 
     def _foreign_top_plane(self, have: bitarray) -> bitarray:
         """The top's plane from the foreign root, refusing a partial image (one that
@@ -324,6 +339,19 @@ class Receiver:
             return plane
         finally:
             io.close()
+
+
+def _holds_on(props: dict[str, bytes], whole: set[bytes]) -> dict[str, bytes]:
+    """`props` with holds only on the snapshots in `whole` (a hold on a snapshot the
+    new root does not hold whole keeps nothing)."""
+    raw = props.get(HOLDS)
+    if not raw:
+        return props
+    table = {g: t for g, t in json.loads(raw).items() if bytes.fromhex(g) in whole and t}
+    out = {k: v for k, v in props.items() if k != HOLDS}
+    if table:
+        out[HOLDS] = json.dumps(table, separators=(",", ":")).encode()
+    return out
 
 
 class ReceiveSide(Allocator):
