@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.test_replicate import destinations, env, master, pull, same, source, url
-from tests.transport_util import bx, ok
+from tests.transport_util import BLOCKXFER, bx, ok
 
 # several whole pulls each: make test-slow (CI) runs them
 pytestmark = pytest.mark.slow
@@ -63,3 +66,56 @@ def test_a_full_receive_keeps_holds_only_on_whole_snapshots() -> None:
     assert out["replicate.dests"] == b"{}"
     assert json.loads(out[HOLDS]) == {kept.hex(): ["replicate:C"]}
     assert HOLDS not in _holds_on(props, set())
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Control sockets of this test's holders (a pull, a service) in its own folder."""
+    folder = tmp_path / "run"
+    monkeypatch.setenv("BLOCKXFER_RUN_DIR", str(folder))
+    return folder
+
+
+def _until(what: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_child_pulls_while_its_parent_receives(tmp_path: Path, env: dict[str, str],
+                                                 run_dir: Path) -> None:
+    """B's slow pull of m3 from A holds B open and answers on B's control socket: C's
+    pull meanwhile gets B's newest complete master (m2) and ends before B's receive
+    does; once it committed, C's next pull is the incremental m3 - m2."""
+    from blockxfer.service import control
+    a, b, c = source(tmp_path), tmp_path / "b.img", tmp_path / "c.img"
+    pull(a, b, "--name", "B")
+    pull(b, c, "--name", "C")
+    master(a, "m2", os.urandom(1 << 20))
+    pull(a, b, "--name", "B")
+    master(a, "m3", os.urandom(8 << 20), 4 << 20)
+    slow = subprocess.Popen([BLOCKXFER, "replicate", "pull", url(a), str(b), "--name", "B",
+                             "--bwlimit", "512K", "--no-compress", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **env})
+    try:
+        _until(lambda: control.server_running(str(b)), slow)
+        r = pull(b, c, "--name", "C")
+        listing = json.loads(ok(bx("snapshots", str(b), "--json")).stdout)  # through B's pull
+        assert "m3" not in {s["name"] for s in listing["snapshots"]}, "B's receive ended first"
+        assert (r["kind"], r["base"], r["top"]) == ("incremental", "m1", "m2")
+        assert same(b, c, "m2")
+        out, err = slow.communicate(timeout=180)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+            slow.wait()
+    assert slow.returncode == 0, err.decode()
+    assert json.loads(out)["kind"] == "incremental" and same(a, b, "m3")
+    assert not control.server_running(str(b))
+    r = pull(b, c, "--name", "C")
+    assert (r["kind"], r["base"], r["top"]) == ("incremental", "m2", "m3") and same(a, c, "m3")
+    assert sorted(destinations(b)["C"]["holds"]) == ["m2", "m3"]  # type: ignore[arg-type]
+    assert ok(bx("check", str(b))).returncode == 0

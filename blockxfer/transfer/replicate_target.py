@@ -66,7 +66,8 @@ def _interrupted(st: LocalState, full: bool) -> Interrupted | None:
                        st.image_blocks, token, full)
 
 
-def _from_volume(t: Target, vol: Volume) -> None:
+def from_volume(t: Target, vol: Volume) -> None:
+    """Fill `t` from the open volume."""
     t.volume = True
     snaps = sorted(vol.snapshots(), key=lambda e: e.generation, reverse=True)
     t.masters = [(e.name, e.guid) for e in snaps
@@ -109,7 +110,7 @@ def inspect_target(path: str, open_device: OpenDevice) -> Target:
             _from_device(t, dev)
             return t
         try:
-            _from_volume(t, vol)
+            from_volume(t, vol)
         finally:
             vol.io.close()
     finally:

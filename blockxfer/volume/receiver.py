@@ -129,6 +129,8 @@ class Receiver:
                     continue
                 if e.guid in self.image.keep:
                     valid |= self.vol.plane(e.name)
+                elif self.vol._held.get(e.id):   # being sent (a child's pull): untouched
+                    busy |= self.vol.plane(e.name)
                 else:                    # the source dropped it: released at the commit
                     self.doomed |= self.vol.plane(e.name)
                     self.doomed_guids.add(e.guid)
