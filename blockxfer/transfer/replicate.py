@@ -10,7 +10,10 @@ must go back to an older master, or a volume that shares no master with the
 source, is rolled back (or overwritten by the full image) only with
 `rollback`; otherwise the pull is refused with the reason (exit 5) and the
 target is untouched. The receive is atomic: a middle host of a tree keeps
-serving its newest complete master meanwhile.
+serving its newest complete master meanwhile. An incremental is received into
+the target held open (`OpenTarget`): by the service that serves it, or by this
+pull itself (`host`), which answers its children's pulls on the volume's
+control socket while the blocks arrive (blockxfer/service/replication.py).
 """
 
 from __future__ import annotations
