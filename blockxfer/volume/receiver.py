@@ -254,6 +254,7 @@ class Receiver:
     def commit(self) -> ReceiveOutcome:
         """Decide what is complete and released, record it, then write the new root:
         the last write, so a kill before it leaves the target as it was."""
+        self._refuse_while_sent()
         self.finish()
         if self._io is not None:
             self._io.close()
@@ -283,6 +284,21 @@ class Receiver:
             ReceiveSide.commit_foreign_root(self.dev, sb, self.slot, self.area, state)
         self.committed = True
         return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete], freed)
+
+    def _refuse_while_sent(self) -> None:
+        """A snapshot this image releases but that is being sent from here (a child's
+        pull on a middle host, a send) would lose its blocks under the reader at the
+        commit: the receive is kept (its blocks saved for the resume) and refused,
+        and the next attempt completes it once the send has ended."""
+        if self.vol is None:
+            return
+        sent = sorted(e.name for e in self.vol.snapshots()
+                      if self.vol._held.get(e.id) and e.guid not in self.image.keep)
+        if sent:
+            self.save_progress()
+            raise StreamError(f"{self.dev.path}: snapshot {', '.join(map(repr, sent))}, which "
+                              "this stream releases, is being sent from here; the next "
+                              "attempt completes the receive once that send has ended")
 
     def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry],
                                                set[bytes]]:
