@@ -75,8 +75,9 @@ class ReplicationCommands:
         ctl.register("replicate_forget", self.forget)
         ctl.register("replicate_pull", self.pull, progress=True)
         ctl.register("replicate_schedule", self.schedule)
-        if self.jobs is not None and self._scheduled() is not None:
-            self._ensure_job(float(self._scheduled()["every"]))   # type: ignore[index]
+        scheduled = self._scheduled() if hasattr(self.ops.vol, "get_property") else None
+        if self.jobs is not None and scheduled is not None:    # kept from an earlier run
+            self._ensure_job(float(scheduled["every"]))
 
     # -- the source side ----------------------------------------------------------------
     def source(self, fd: int, ask: Ask, request: dict[str, Any], identity: str) -> Result:
