@@ -1,12 +1,18 @@
 """Replication bench (issue 13): `replicate pull` between two network namespaces vs
-`ssh host cat` of the same stream bytes, over the same sshd, key and cipher.
+`ssh host cat` of the same stream bytes and vs `btrfs send | ssh | btrfs receive` of
+the same change, over the same sshd, key and cipher.
 
-Host A holds a 1 GiB volume of random data with master m1; host B pulls it (a full
-image), then A rewrites 5 % of it at random places, takes m2, and B pulls again (an
-incremental). The peer fetches the very streams (written on A beforehand) with
-`ssh A cat STREAM > FILE; sync` run in B. One round each (a pull cannot be
-repeated without undoing it), interleaved; goal >= 0.9 of the peer. Root,
-openssh-server and iproute2: `python -m bench.bench_replicate`.
+Host A holds a volume of random data (1 GiB; BX_BENCH_SIZE) with master m1. The
+full pull into a fresh target is repeated (the target removed in between) against
+`ssh A cat STREAM > FILE; sync` of the very stream. Then, each round, A rewrites
+5 % at random places and takes the next master, the same bytes are written at the
+same places into a file on a btrfs on A (and a read-only snapshot taken), and B
+pulls the incremental, fetches its stream with ssh cat, and receives the btrfs
+incremental (`ssh A btrfs send -p OLD NEW | btrfs receive`), in a rotating order.
+A pull with nothing to send against `ssh A true` shows the fixed cost of a pull
+(the two Python start-ups, the plan, the records). Medians of the rounds
+(BX_BENCH_ROUNDS, 3), ratios against the peers; goal >= 0.9 of ssh cat. Root,
+openssh-server, iproute2 and btrfs-progs: `python -m bench.bench_replicate`.
 """
 
 from __future__ import annotations
@@ -14,16 +20,19 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .common import SCRATCH, drop_caches, row
+from .common import SCRATCH, interleaved, row, timed
 
 GIB = 1 << 30
 SIZE = int(os.environ.get("BX_BENCH_SIZE", str(GIB)))
+ROUNDS = int(os.environ.get("BX_BENCH_ROUNDS", "3"))
 CHANGED = 0.05
 CHUNK = 4 << 20
 BX = os.path.join(os.path.dirname(sys.executable), "blockxfer")
@@ -31,32 +40,53 @@ SSH_OPTS = ("-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=
             "-o LogLevel=ERROR -c aes128-gcm@openssh.com")
 
 
-def _run(prefix: list[str], *argv: str, env: dict[str, str] | None = None,
-         stdin: str | None = None) -> float:
-    drop_caches()
-    t = time.perf_counter()
-    with open(stdin or os.devnull, "rb") as f:
-        subprocess.run([*prefix, *argv], check=True, stdin=f, stdout=subprocess.DEVNULL,
-                       env={**os.environ, **(env or {})})
-    return time.perf_counter() - t
+def _sh(prefix: list[str], script: str, env: dict[str, str] | None = None) -> Callable[[], None]:
+    def run() -> None:
+        subprocess.run([*prefix, "sh", "-c", script], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    return run
 
 
-def _fill(a: list[str], vol: str, folder: Path, nbytes: int, rnd: random.Random) -> None:
-    """Random data: all of the disk, or `nbytes` in 4 MiB pieces at random places."""
-    if nbytes >= SIZE:
-        subprocess.run([*a, "sh", "-c", f"head -c {SIZE} /dev/urandom | {BX} write {vol} "
-                        "--offset 0"], check=True)
-        return
-    data = folder / "chunk"
-    for off in rnd.sample(range(0, SIZE, CHUNK), max(1, nbytes // CHUNK)):
-        data.write_bytes(os.urandom(CHUNK))
-        _run(a, BX, "write", vol, "--offset", str(off), stdin=str(data))
-    data.unlink()
+def _quiet(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextmanager
+def _btrfs(folder: Path, name: str) -> Iterator[Path]:
+    """A btrfs on a loop device (a sparse file), mounted in the root mount namespace
+    (the hosts' `ip netns exec` sees it)."""
+    img, mnt = folder / f"{name}.btrfs", folder / name
+    with open(img, "wb") as f:
+        f.truncate(SIZE * 3 + (512 << 20))
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _change(vol: str, data_file: Path, snap: str, rnd: random.Random) -> None:
+    """5 % of the volume rewritten at random places, then master `snap`; the same
+    bytes at the same places into the btrfs file."""
+    from blockxfer.handles import open_volume
+    with open_volume(vol, write=True) as v, open(data_file, "r+b") as f:
+        for off in rnd.sample(range(0, SIZE, CHUNK), max(1, int(SIZE * CHANGED) // CHUNK)):
+            data = rnd.randbytes(CHUNK)
+            v.write(off, data)
+            f.seek(off)
+            f.write(data)
+        v.commit()
+        v.create_snapshot(snap, master=True)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def main() -> None:
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd") or not shutil.which("ip"):
-        print("bench_replicate: needs root, openssh-server and iproute2; skipped")
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd") or not shutil.which("ip") \
+            or not shutil.which("mkfs.btrfs"):
+        print("bench_replicate: needs root, openssh-server, iproute2 and btrfs-progs; skipped")
         return
     from tests.netns import network
     from tests.sshd import keygen, sshd
@@ -64,34 +94,68 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(dir=SCRATCH))
     rnd = random.Random(1)
     try:
-        with network(["A", "B"], subnet="10.231.78") as net:
+        with network(["A", "B"], subnet="10.231.78") as net, ExitStack() as stack:
             a, b = net.hosts["A"].exec(), net.hosts["B"].exec()
             key = folder / "key"
             pub = keygen(key)
-            with sshd(folder / "sshd", net.hosts["A"].addr, a) as s:
-                s.authorize(pub)
-                ssh = f"ssh -i {key} {SSH_OPTS}"
-                env = {"BLOCKXFER_SSH": ssh, "BLOCKXFER_REMOTE_COMMAND": BX,
-                       "BLOCKXFER_STATE_DIR": str(folder / "state")}
-                vol, copy = str(folder / "a.img"), str(folder / "b.img")
-                url = f"ssh://root@{net.hosts['A'].addr}{vol}"
-                peer_cmd = [*b, *ssh.split(), f"root@{net.hosts['A'].addr}"]
-                _run(a, BX, "init", vol, "--size", str(SIZE + SIZE // 2))
-                _fill(a, vol, folder, SIZE, rnd)
-                _run(a, BX, "snapshot", "--master", f"{vol}@m1")
-                for kind, expr, nbytes in (("full 1 GiB", "m1", SIZE),
-                                           ("5 % incremental", "m2 - m1", 0)):
-                    if nbytes == 0:
-                        _fill(a, vol, folder, int(SIZE * CHANGED), rnd)
-                        _run(a, BX, "snapshot", "--master", f"{vol}@m2")
-                    stream = str(folder / "s.stream")
-                    _run(a, BX, "send", vol, expr, stream)
-                    size = os.path.getsize(stream)
-                    peer = _run([*b, "sh", "-c", f"{' '.join(peer_cmd[len(b):])} cat {stream} "
-                                 f"> {folder}/peer.stream && sync"])
-                    ours = _run(b, BX, "replicate", "pull", url, copy, "--name", "B", env=env)
-                    os.unlink(stream)
-                    print(row(f"replicate pull {kind} vs ssh cat", ours, peer, size, goal=0.9))
+            # mounted first: sshd's mount namespace is a copy taken when it starts
+            fa, fb = stack.enter_context(_btrfs(folder, "fa")), \
+                stack.enter_context(_btrfs(folder, "fb"))
+            s = stack.enter_context(sshd(folder / "sshd", net.hosts["A"].addr, a))
+            s.authorize(pub)
+            ssh = f"ssh -i {key} {SSH_OPTS} root@{net.hosts['A'].addr}"
+            env = {"BLOCKXFER_SSH": f"ssh -i {key} {SSH_OPTS}", "BLOCKXFER_REMOTE_COMMAND": BX,
+                   "BLOCKXFER_STATE_DIR": str(folder / "state"),
+                   "BLOCKXFER_RUN_DIR": str(folder / "run")}
+            vol, copy = str(folder / "a.img"), str(folder / "b.img")
+            stream = folder / "s.stream"
+            url = f"ssh://root@{net.hosts['A'].addr}{vol}"
+            pull = _sh(b, f"{BX} replicate pull {url} {copy} --name B", env)
+            cat = _sh(b, f"{ssh} cat {stream} > {folder}/peer.stream && sync")
+
+            def fresh_pull() -> None:
+                for p in (copy, *(str(x) for x in (folder / "state").glob("*.json"))):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                pull()
+
+            _quiet(BX, "init", vol, "--size", str(SIZE + SIZE // 2))
+            _sh([], f"head -c {SIZE} /dev/urandom | {BX} write {vol} --offset 0")()
+            _quiet(BX, "snapshot", "--master", f"{vol}@m1")
+            _quiet(BX, "send", vol, "m1", str(stream))
+            ours, peer = interleaved(fresh_pull, cat, rounds=ROUNDS)
+            print(row(f"replicate pull full {SIZE >> 20} MiB vs ssh cat", ours, peer,
+                      stream.stat().st_size, goal=0.9), flush=True)
+            ours, peer = interleaved(pull, _sh(b, f"{ssh} true"), rounds=ROUNDS)
+            print(row("replicate pull, nothing to send vs ssh true", ours, peer,
+                      unit="s", better="lower"), flush=True)
+
+            # the btrfs twin of m1: the same bytes, snapshot s1, received on B
+            subprocess.run(["btrfs", "-q", "subvolume", "create", str(fa / "vol")], check=True)
+            data_file = fa / "vol" / "data"
+            _sh([], f"{BX} read {vol}@m1 > {data_file} && sync")()
+            subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(fa / "vol"),
+                            str(fa / "s1")], check=True)
+            _sh([], f"btrfs send -q {fa}/s1 | btrfs receive -q {fb}")()
+            times: dict[str, list[float]] = {"ours": [], "cat": [], "btrfs": []}
+            size = 0
+            for k in range(2, ROUNDS + 2):
+                _change(vol, data_file, f"m{k}", rnd)
+                subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(fa / "vol"),
+                                str(fa / f"s{k}")], check=True)
+                _quiet(BX, "send", vol, f"m{k} - m{k - 1}", str(stream))
+                size = stream.stat().st_size
+                runs = {"ours": pull, "cat": cat,
+                        "btrfs": _sh(b, f"{ssh} btrfs send -q -p {fa}/s{k - 1} {fa}/s{k} | "
+                                        f"btrfs receive -q {fb} && sync")}
+                order = list(runs)[k % 3:] + list(runs)[:k % 3]   # rotate who goes first
+                for name in order:
+                    times[name].append(timed(runs[name]))
+            med = {n: statistics.median(t) for n, t in times.items()}
+            print(row("replicate pull 5 % incremental vs ssh cat", med["ours"], med["cat"],
+                      size, goal=0.9), flush=True)
+            print(row("replicate pull 5 % incremental vs btrfs send", med["ours"],
+                      med["btrfs"], size), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -221,3 +221,28 @@ def test_only_the_volume_writes_superblocks() -> None:
         if re.search(r"write_superblock|Superblock\(|\.commit_foreign_root", text):
             offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_commit_waits_for_a_send_of_a_snapshot_it_releases(pair) -> None:  # type: ignore[no-untyped-def]
+    """A middle host sending `a` to a child while its parent's stream releases `a`: the
+    commit is refused (the blocks received are kept for a resume), `a` stays whole,
+    and the next attempt after the send commits."""
+    src, dst = pair
+    receive(dst, stream(src, "b - a"))
+    before = src.read(0, src.virtual_size, snapshot="a")
+    src.destroy_snapshot("a")
+    data = stream(src, "c - b")
+    t = Volume.open(open_device(dst, write=True))
+    try:
+        with t.holding([t.resolve("a")]):
+            with pytest.raises(StreamError, match="'a', which this stream releases"):
+                recv.receive_into(io.BytesIO(data), t)
+            saved = t.local_area.read(t.generation)          # what a resume starts from
+            assert saved.pending and saved.received is not None and saved.received.count()
+            assert t.snapshot_names() == ["a", "b"]
+            assert t.read(0, t.virtual_size, snapshot="a") == before
+        out = recv.receive_into(io.BytesIO(data), t)
+        assert out.top == "c" and "a" in out.released and "c" in t.snapshot_names()
+        assert check_volume(t).clean
+    finally:
+        t.close()

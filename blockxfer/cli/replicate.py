@@ -48,31 +48,55 @@ def _line(r: dict[str, Any]) -> str:
     if r["kind"] == "current":
         return f"{where}: up to date at master {r['top']!r}{back}"
     how = "full image" if r["kind"] == "full" else f"incremental from {r['base']!r}"
+    dropped = r.get("dropped_holds")
     return (f"{where}: {how} up to master {r['top']!r}{back}, {r['blocks']} blocks, "
             f"{human(r['bytes'])} in {r['seconds']:.1f} s ({human(r['rate'])}/s)"
-            + (" (resumed)" if r["resumed"] else ""))
+            + (" (resumed)" if r["resumed"] else "")
+            + (f"; dropped the holds on snapshots gone here: {', '.join(dropped)}"
+               if dropped else ""))
 
 
 def cmd_pull(a: argparse.Namespace) -> Report:
     from blockxfer.drivers.blockdev import open_device
+    from blockxfer.service.replication import hosting
+    from blockxfer.service.session import server_for
     from blockxfer.transfer.replicate import PullRecord, pull_every, pull_once
     options: dict[str, Any] = {"name": a.name, "rollback": a.rollback, "bwlimit": a.bwlimit,
                                "dry_run": a.dry_run, "compress": a.compress}
+    if a.every is not None and a.dry_run:
+        raise UsageError("--every repeats pulls; a dry run (-n) is one look")
+    client = server_for(a.target)
+    if client is not None:
+        return _pull_served(a, client, options)
     if a.every is not None:
-        if a.dry_run:
-            raise UsageError("--every repeats pulls; a dry run (-n) is one look")
-
         def report(r: PullRecord | BlockxferError) -> None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             text = _line(r.as_dict()) if isinstance(r, PullRecord) else f"pull failed: {r}"
             print(f"{stamp} {text}", file=sys.stderr if isinstance(r, BlockxferError)
                   else sys.stdout, flush=True)
-        pull_every(a.source, a.target, open_device, a.every, report=report, **options)
+        pull_every(a.source, a.target, open_device, a.every, report=report, host=hosting,
+                   **options)
     prog = progress(a, "pull")
-    rec = pull_once(a.source, a.target, open_device, progress=prog.add, **options)
+    rec = pull_once(a.source, a.target, open_device, progress=prog.add, host=hosting, **options)
     prog.finish()
     data = rec.as_dict()
     return Report(data, [_line(data)])
+
+
+def _pull_served(a: argparse.Namespace, client: Any, options: dict[str, Any]) -> Report:
+    """A served target: its service pulls (incrementals, into the open volume); with
+    --every the schedule is kept in the volume and run by the service's job."""
+    text = []
+    if a.every is not None:
+        client.call("replicate_schedule", op="set", every=a.every, source=a.source,
+                    **{k: options[k] for k in ("name", "rollback", "bwlimit", "compress")})
+        text.append(f"{a.target}: its service pulls from {a.source} every {a.every:g} s "
+                    f"('blockxfer replicate stop {a.target}' ends it)")
+    prog = progress(a, "pull")
+    data = client.call("replicate_pull", timeout=None, progress=prog.add, source=a.source,
+                       **options)
+    prog.finish()
+    return Report(data, [_line(data), *text])
 
 
 def cmd_status(a: argparse.Namespace) -> Report:
@@ -107,8 +131,12 @@ def cmd_status(a: argparse.Namespace) -> Report:
 
 def _destinations(path: str, *, quiet: bool = False) -> list[dict[str, Any]]:
     from blockxfer.handles import open_volume
+    from blockxfer.service.session import server_for
     from blockxfer.transfer.replicate_registry import listing
     try:
+        client = server_for(path)
+        if client is not None:
+            return list(client.call("replicate_destinations")["destinations"])
         with open_volume(path) as vol:
             return listing(vol)
     except BlockxferError:
@@ -129,12 +157,29 @@ def cmd_destinations(a: argparse.Namespace) -> Report:
 
 def cmd_forget(a: argparse.Namespace) -> Report:
     from blockxfer.handles import open_volume
+    from blockxfer.service.session import server_for
     from blockxfer.transfer.replicate_registry import forget
-    with open_volume(a.path, write=True) as vol:
-        released = forget(vol, a.dest)
+    client = server_for(a.path)
+    if client is not None:
+        released = list(client.call("replicate_forget", dest=a.dest)["released"])
+    else:
+        with open_volume(a.path, write=True) as vol:
+            released = forget(vol, a.dest)
     return Report({"volume": a.path, "destination": a.dest, "released": released},
                   [f"{a.path}: forgot {a.dest}; released "
                    f"{', '.join(repr(s) for s in released) or 'no holds'}"])
+
+
+def cmd_stop(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import server_for
+    client = server_for(a.path)
+    if client is None:
+        raise UsageError(f"{a.path} is not served, so no service pulls into it; a "
+                         "'replicate pull --every' in the foreground stops with Ctrl-C")
+    before = client.call("replicate_schedule", op="show")
+    client.call("replicate_schedule", op="clear")
+    what = f"stopped pulling from {before['source']}" if before else "had no scheduled pulls"
+    return Report({"volume": a.path, "stopped": before}, [f"{a.path}: {what}"])
 
 
 SUBCOMMANDS = (
@@ -142,7 +187,9 @@ SUBCOMMANDS = (
             "Ask the volume at SOURCE (ssh:// or tls://) for its newest master: the "
             "incremental from the newest master both hold, or a full image when they share "
             "none. A target changed here is rolled back to that master only with "
-            "--rollback, else refused (exit 5). A cut pull resumes on the next one.",
+            "--rollback, else refused (exit 5). A cut pull resumes on the next one. "
+            "A served target is pulled into by its service (incrementals only), and "
+            "--every then becomes the service's schedule.",
             ("blockxfer replicate pull ssh://prod/srv/vol.img /srv/copy.img",
              "blockxfer replicate pull ssh://prod/srv/vol.img /srv/copy.img --every 1m",
              "blockxfer replicate pull -n tls://prod:10811/srv/vol.img /srv/copy.img"),
@@ -151,7 +198,8 @@ SUBCOMMANDS = (
                  help="the source volume: ssh://[user@]host/PATH or tls://host:port/PATH"),
              arg("target", metavar="VOLUME", help="the target: the volume (or new volume) here"),
              arg("--every", type=duration, metavar="INTERVAL",
-                 help="pull again every INTERVAL (30s, 1m, 2h), in the foreground"),
+                 help="pull again every INTERVAL (30s, 1m, 2h), in the foreground (a "
+                      "served target: in its service)"),
              arg("--rollback", action="store_true",
                  help="discard changes made here (back to the newest common master), or "
                       "overwrite a target that shares no master with the source"),
@@ -162,6 +210,11 @@ SUBCOMMANDS = (
              arg("--no-compress", dest="compress", action="store_false",
                  help="ask for uncompressed data records"),
              dry_run_arg("ask the source what it would send"), parsable_arg())),
+    Command("stop", "stop the scheduled pulls into a served volume",
+            "A 'replicate pull --every' into a volume that 'blockxfer serve' owns is run "
+            "by its service, from a schedule kept in the volume; this removes it.",
+            ("blockxfer replicate stop /srv/copy.img",),
+            cmd_stop, (volume_arg(),)),
     Command("status", "pulls recorded here, and the destinations of the volumes named",
             "The pulls this host made (per target: source, master reached, an interrupted "
             "pull, the last pulls with bytes, blocks, seconds and rate) and, for each "

@@ -14,11 +14,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blockxfer.errors import BlockxferError, DeviceBusy, DeviceError, UsageError, VolumeError
+from blockxfer.errors import BlockxferError, DeviceBusy, DeviceError, UsageError
 from blockxfer.transport import wire
 from blockxfer.transport.base import Result
 
@@ -155,15 +154,35 @@ def _send(w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:
 
 def _replicate(w: wire.Writer, volume: str, req: dict[str, Any], peer: str) -> Result:
     """A replication pull (blockxfer/transfer/replicate_source.py): the plan is the
-    "ready" answer, the stream follows when the plan has one."""
-    from blockxfer import remote
+    "ready" answer, the stream follows when the plan has one. A volume another
+    process holds open (`blockxfer serve`, or a pull receiving into it on a middle
+    host of a tree) is answered by that process, through its control socket."""
+    from blockxfer.service.control import ServerNotRunning
+    from blockxfer.service.replication import answer_from_holder
+    from blockxfer.service.session import server_for
+    from blockxfer.transfer.replicate_source import PullRequest
+    identity = _identity(peer)
+    PullRequest.from_wire(req, identity)          # a malformed pull is refused here
+    deadline = time.monotonic() + REPLICATE_WAIT
+    while True:
+        client = server_for(volume)
+        if client is not None:
+            try:
+                return answer_from_holder(client, w, req, identity)
+            except ServerNotRunning:     # it let go meanwhile (a pull ended): open it here
+                if time.monotonic() > deadline:
+                    raise
+                continue
+        with contextlib.ExitStack() as stack:
+            vol = _try_open(stack, volume, deadline)
+            if vol is not None:
+                return _replicate_here(w, vol, req, identity)
+        time.sleep(0.25)
+
+
+def _replicate_here(w: wire.Writer, vol: Volume, req: dict[str, Any], identity: str) -> Result:
     from blockxfer.drivers.reader import read_runs
     from blockxfer.transfer.replicate_source import PullRequest, serve_pull
-    pull = PullRequest.from_wire(req, _identity(peer))
-    if remote.server_for(volume) is not None:
-        raise VolumeError(f"{volume} is exported by 'blockxfer serve': replicating from a "
-                          "served volume is not supported yet; pull from it while it is "
-                          "not served")
     frames: list[wire.FrameWriter] = []      # set when the plan has a stream
 
     def ready(plan: Result) -> wire.FrameWriter:
@@ -172,15 +191,13 @@ def _replicate(w: wire.Writer, volume: str, req: dict[str, Any], peer: str) -> R
         if plan.get("stream"):
             frames.append(out)
         return out
-
-    with _open_waiting(volume) as vol:
-        try:
-            return serve_pull(vol, pull, ready,
-                              lambda runs: read_runs(vol.dev, runs, vol.block_size))
-        finally:
-            if frames:
-                with contextlib.suppress(OSError):   # the peer is gone: the log has it
-                    frames[0].end()          # then the status says whether it was whole
+    try:
+        return serve_pull(vol, PullRequest.from_wire(req, identity), ready,
+                          lambda runs: read_runs(vol.dev, runs, vol.block_size))
+    finally:
+        if frames:
+            with contextlib.suppress(OSError):   # the peer is gone: the log has it
+                frames[0].end()          # then the status says whether it was whole
 
 
 def _identity(peer: str) -> str:
@@ -191,19 +208,13 @@ def _identity(peer: str) -> str:
     return peer
 
 
-@contextlib.contextmanager
-def _open_waiting(path: str) -> Iterator[Volume]:
-    """The volume opened for writing, waiting a while if another pull or a receive
-    holds it (a middle host of a tree serves its children between its own pulls)."""
+def _try_open(stack: contextlib.ExitStack, path: str, deadline: float) -> Volume | None:
+    """The volume opened for writing, or None while another process holds it (a
+    pull receiving a full image, a command) and the deadline has not passed."""
     from blockxfer.handles import open_volume
-    deadline = time.monotonic() + REPLICATE_WAIT
-    with contextlib.ExitStack() as stack:
-        while True:
-            try:
-                vol = stack.enter_context(open_volume(path, write=True))
-                break
-            except DeviceBusy:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.25)
-        yield vol
+    try:
+        return stack.enter_context(open_volume(path, write=True))
+    except DeviceBusy:
+        if time.monotonic() > deadline:
+            raise
+        return None

@@ -25,6 +25,7 @@ from .control import ControlServer, bind_control
 from .jobs import Jobs
 from .mirrors import OpenTarget, ServedMirror
 from .ops import Freezer, ReaderFor, Result, VolumeOps
+from .replication import install_replication
 
 log = logging.getLogger("blockxfer.service")
 
@@ -45,6 +46,8 @@ class Service:
         self.control = ControlServer()
         VolumeCommands(self.ops, open_tape).install(self.control)
         self.jobs = Jobs()
+        # replication: the source side of pulls, pulls into this volume, their schedule
+        self.replication = install_replication(self.ops, self.control, self.jobs)
         if not read_only:              # a policy set later (policy set) takes effect too
             self.jobs.add("policy", POLICY_EVERY, self._policy_tick)
         self._mirror(open_target)

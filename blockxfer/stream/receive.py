@@ -48,9 +48,10 @@ def incoming(h: fmt.Header) -> IncomingImage:
                          frozenset(s.guid for s in h.snapshot_set))
 
 
-def _receiver(dev: BlockDevice, h: fmt.Header, vol: Volume | None) -> Receiver:
+def _receiver(dev: BlockDevice, h: fmt.Header, vol: Volume | None,
+              carry: dict[str, bytes] | None = None) -> Receiver:
     return vol.receiver(incoming(h)) if vol is not None else \
-        Receiver.for_device(dev, incoming(h))
+        Receiver.for_device(dev, incoming(h), carry)
 
 
 def _open_target(path: str, h: fmt.Header, open_device: OpenDevice, force: bool,
@@ -116,11 +117,13 @@ def _uuid(raw: bytes) -> str:
 def receive_stream(f: ByteSource, path: str, open_device: OpenDevice, *, force: bool = False,
                    seekable: bool = False, source_hint: str = "SOURCE",
                    retry: str | None = None,
-                   progress: Callable[[int], None] | None = None) -> ReceiveResult:
+                   progress: Callable[[int], None] | None = None,
+                   carry: dict[str, bytes] | None = None) -> ReceiveResult:
     """Apply a stream to the volume (or new volume) at `path`. With `seekable` (`f` is
     then a SeekableSource) a full stream is verified whole before anything is written.
     `retry`, when given, replaces the resume hint of a failure (a source that cannot
-    `send --resume`)."""
+    `send --resume`). `carry`: local properties a full image keeps from the volume
+    it overwrites (`Receiver.for_device`)."""
     reader = StreamReader(f, "stream")
     h = reader.read_header()
     if seekable and isinstance(f, SeekableSource) and not h.incremental:
@@ -132,7 +135,7 @@ def receive_stream(f: ByteSource, path: str, open_device: OpenDevice, *, force: 
     dev, vol = _open_target(path, h, open_device, force, path)
     r: Receiver | None = None
     try:
-        r = _receiver(dev, h, vol)
+        r = _receiver(dev, h, vol, carry)
         return _receive(reader, h, r, progress)
     except _Cut as cut:
         how = retry or (f"resume with blockxfer send {source_hint} \"{h.expression}\" "

@@ -10,7 +10,10 @@ must go back to an older master, or a volume that shares no master with the
 source, is rolled back (or overwritten by the full image) only with
 `rollback`; otherwise the pull is refused with the reason (exit 5) and the
 target is untouched. The receive is atomic: a middle host of a tree keeps
-serving its newest complete master meanwhile.
+serving its newest complete master meanwhile. An incremental is received into
+the target held open (`OpenTarget`): by the service that serves it, or by this
+pull itself (`host`), which answers its children's pulls on the volume's
+control socket while the blocks arrive (blockxfer/service/replication.py).
 """
 
 from __future__ import annotations
@@ -18,19 +21,54 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from blockxfer.errors import BlockxferError, DeviceBusy, StreamError, VolumeError
-from blockxfer.stream.receive import OpenDevice, receive_stream
+from blockxfer.stream.io import ByteSource
+from blockxfer.stream.receive import OpenDevice, ReceiveResult, receive_into, receive_stream
 from blockxfer.transport import Result, Source, open_pull
+from blockxfer.volume import Volume
 from blockxfer.volume.rewind import rewind_to
 
 from .replicate_state import PullState
-from .replicate_target import Target, inspect_target
+from .replicate_target import Target, from_volume, inspect_target
 
 Progress = Callable[[int], None]
 BUSY_WAIT = 60.0                 # seconds a pull waits for its target (a child's pull there)
+
+
+@dataclass
+class OpenTarget:
+    """The target volume open in this process, shared with other users under `lock`:
+    a served volume (its service runs the pull), or the pull's own volume while it
+    receives an incremental and answers its children's pulls (`Host`). Blocks are
+    received into VBNs free in the committed state and the root is committed last
+    (`receive_into`), so its newest complete master stays readable meanwhile."""
+
+    vol: Volume
+    lock: AbstractContextManager[Any]
+    owner: str = "the service that serves it ('blockxfer serve')"
+
+    def inspect(self) -> Target:
+        t = Target(self.vol.dev.path, exists=True)
+        with self.lock:
+            from_volume(t, self.vol)
+        return t
+
+    def rewind(self, master: str) -> list[str]:
+        with self.lock:
+            e = self.vol.resolve(master)
+            after = [s.name for s in self.vol.snapshots() if s.generation > e.generation]
+            self.vol.revert_to_received(master)
+        return after
+
+    def receive(self, src: ByteSource, source_hint: str) -> ReceiveResult:
+        return receive_into(src, self.vol, lock=self.lock, source_hint=source_hint)
+
+
+Host = Callable[[str], AbstractContextManager[OpenTarget]]
 
 
 @dataclass
@@ -51,6 +89,7 @@ class PullRecord:
     rolled_back: str | None = None          # the master the target went back to
     discarded: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    dropped_holds: list[str] = field(default_factory=list)  # a full image kept the rest
     started: float = 0.0
     dry_run: bool = False
 
@@ -112,13 +151,17 @@ def _check(t: Target, plan: Result, rollback: bool, source: str) -> tuple[str | 
 
 def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | None = None,
               rollback: bool = False, bwlimit: int | None = None, dry_run: bool = False,
-              compress: bool = True, progress: Progress | None = None) -> PullRecord:
-    """One pull of the source's newest master into `target` (see the module text)."""
+              compress: bool = True, progress: Progress | None = None,
+              opened: OpenTarget | None = None, host: Host | None = None) -> PullRecord:
+    """One pull of the source's newest master into `target` (see the module text).
+    `opened`: the target is open in this process (a service's; incrementals only).
+    `host`: how this pull holds the target open while it receives an incremental,
+    answering its children's pulls meanwhile (a middle host of a tree)."""
     name = name or socket.gethostname()
     open_device = _patient(open_device)
     rec = PullRecord(source, target, name, started=time.time(), dry_run=dry_run)
     state = PullState.load(target)
-    t = inspect_target(target, open_device)
+    t = opened.inspect() if opened is not None else inspect_target(target, open_device)
     if t.diverged and not rollback:
         raise VolumeError(f"{target} cannot take updates from {source}: {t.diverged}; pull "
                           "with --rollback to discard the changes made here")
@@ -136,12 +179,19 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
     with src:
         _fill(rec, plan)
         back, force = _check(t, plan, rollback, source)
+        if opened is not None and plan["kind"] == "full":
+            raise VolumeError(f"{target} is open in {opened.owner}: it takes incremental "
+                              f"pulls only, and {source} can only send a full image, which "
+                              "would replace what its users see; stop it and pull again")
         if dry_run:
             return rec
         if back is not None:
-            rec.rolled_back, rec.discarded = back, _rewind(target, back, open_device)
+            rec.rolled_back, rec.discarded = back, (
+                opened.rewind(back) if opened is not None else _rewind(target, back, open_device))
         if plan["kind"] != "current":
-            _receive(src, target, open_device, state, plan, rec, force, progress)
+            carry = _carry(state, t, plan)
+            apply = _applier(target, open_device, plan, force, carry, rec.source, opened, host)
+            _receive(src, target, open_device, state, plan, rec, progress, carry, apply)
     _reached(state, source, name, plan, rec)
     return rec
 
@@ -182,20 +232,62 @@ def _rewind(target: str, master: str, open_device: OpenDevice) -> list[str]:
         dev.close()
 
 
+@dataclass
+class Carry:
+    props: dict[str, str] = field(default_factory=dict)     # hex values
+    held: list[Any] = field(default_factory=list)           # (name, guid hex, tags)
+
+
+def _carry(state: PullState, t: Target, plan: Result) -> Carry:
+    """What a full image keeps of the volume it overwrites: its local properties (a
+    middle host's registry of destinations, their holds, its ticket secret) and
+    its holds by name. Taken from the volume before it is overwritten, and kept in
+    the pending stream, so an interrupted full receive (the old volume gone
+    already) still carries them when it resumes or starts over."""
+    if plan["kind"] != "full":
+        return Carry()
+    if not t.volume:
+        old = state.pending or {}
+        return Carry(dict(old.get("carry") or {}), [tuple(h) for h in old.get("held") or []])
+    return Carry({k: v.hex() for k, v in t.props.items()}, list(t.held))
+
+
+Apply = Callable[[ByteSource], ReceiveResult]
+
+
+def _applier(target: str, open_device: OpenDevice, plan: Result, force: bool, carry: Carry,
+             hint: str, opened: OpenTarget | None, host: Host | None) -> Apply:
+    """How the stream is received: into the volume open here, into the volume this
+    pull holds open while it answers its children (an incremental), or by path."""
+    if opened is not None:
+        return lambda src: opened.receive(src, hint)
+    if host is not None and plan["kind"] == "incremental":
+        def hosted(src: ByteSource) -> ReceiveResult:
+            with host(target) as o:
+                return o.receive(src, hint)
+        return hosted
+    props = {k: bytes.fromhex(v) for k, v in carry.props.items()} if carry.props else None
+    return lambda src: receive_stream(src, target, open_device, force=force,
+                                      source_hint=hint, carry=props)
+
+
 def _receive(src: Source, target: str, open_device: OpenDevice, state: PullState,
-             plan: Result, rec: PullRecord, force: bool, progress: Progress | None) -> None:
-    """Receive the plan's stream; the pending stream (with its ticket) is recorded
-    first, so a cut one resumes on the next pull."""
+             plan: Result, rec: PullRecord, progress: Progress | None,
+             carry: Carry, apply: Apply) -> None:
+    """Receive the plan's stream; the pending stream (with its ticket, and what a
+    full image carries over) is recorded first, so a cut one resumes on the next
+    pull."""
     state.pending = {"id": plan["stream_id"], "expression": plan["expression"],
                      "top": plan["top"], "top_guid": plan["top_guid"],
                      "base_guid": plan.get("base_guid"), "ticket": plan.get("ticket"),
                      "source": rec.source}
+    if carry.props or carry.held:
+        state.pending.update(carry=carry.props, held=carry.held)
     state.save()
     counted = _Counting(src, progress)
     t0 = time.monotonic()
     try:
-        res = receive_stream(counted, target, open_device, force=force,
-                             source_hint=rec.source)
+        res = apply(counted)
         src.finish()
     except BlockxferError as e:
         cause = e.__cause__ if isinstance(e.__cause__, BlockxferError | OSError) else e
@@ -205,6 +297,23 @@ def _receive(src: Source, target: str, open_device: OpenDevice, state: PullState
     rec.bytes = counted.bytes
     rec.rate = round(rec.bytes / rec.seconds, 1) if rec.seconds else 0.0
     rec.blocks, rec.released = res.blocks, list(res.released)
+    if carry.held:
+        rec.dropped_holds = _dropped(target, open_device, carry.held)
+
+
+def _dropped(target: str, open_device: OpenDevice, held: list[Any]) -> list[str]:
+    """The holds a full image could not keep: their snapshots are gone here (or no
+    longer whole), as `NAME (TAG, ...)`."""
+    dev = open_device(target, write=False)
+    try:
+        vol = Volume.open(dev, writable=False)
+        try:
+            kept = {e.guid.hex() for e in vol.snapshots() if e.name in vol.holds()}
+        finally:
+            vol.io.close()
+    finally:
+        dev.close()
+    return [f"{name} ({', '.join(tags)})" for name, guid, tags in held if guid not in kept]
 
 
 def _first_clause(e: BaseException) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,8 +180,33 @@ def _needs(vol: Volume, d: Decision, req: PullRequest) -> set[str]:
     return keep | {e.name for e in masters(vol) if e.guid in req.needed}
 
 
-def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader) -> Result:
-    """Answer one pull on the open volume: record, hold, plan, stream."""
+def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader,
+               lock: AbstractContextManager[Any] | None = None) -> Result:
+    """Answer one pull on the open volume: record, hold, plan, stream. With `lock`
+    (a service's volume lock; a pull's own while it receives) the metadata work is
+    done under it and the stream outside it, its snapshots held against destroy."""
+    with lock or nullcontext():
+        info, d = _plan(vol, req)
+    out = ready(info)
+    if not info["stream"]:
+        return {}
+    assert d.plan is not None
+    if req.bwlimit:
+        out = Limited(out, TokenBucket(req.bwlimit))
+    t0 = time.monotonic()
+    try:
+        with vol.holding(d.plan.tops):
+            stats = stream_plan(d.plan, out, reader, compress=req.compress)
+    except OSError as e:                      # the destination went away: it resumes later
+        raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
+                          f"({e.strerror or e})") from e
+    with lock or nullcontext():
+        registry.finished(vol, req.dest, stats.bytes, time.monotonic() - t0)
+    return {"records": stats.records, "data_blocks": stats.data_blocks, "bytes": stats.bytes}
+
+
+def _plan(vol: Volume, req: PullRequest) -> tuple[Result, Decision]:
+    """Check, decide, record the destination and move its holds: the plan's answer."""
     _check_owner(vol, req)
     d = decide(vol, req)
     if not req.dry_run:
@@ -203,18 +229,4 @@ def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader) -> R
             info["ticket"] = tickets.ticket(key, vol.sb.uuid, req.dest, h.stream_id,
                                             d.expression, d.top.guid,
                                             d.base.guid if d.base else None)
-    out = ready(info)
-    if not info["stream"]:
-        return {}
-    assert d.plan is not None
-    if req.bwlimit:
-        out = Limited(out, TokenBucket(req.bwlimit))
-    t0 = time.monotonic()
-    try:
-        with vol.holding(d.plan.tops):
-            stats = stream_plan(d.plan, out, reader, compress=req.compress)
-    except OSError as e:                      # the destination went away: it resumes later
-        raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
-                          f"({e.strerror or e})") from e
-    registry.finished(vol, req.dest, stats.bytes, time.monotonic() - t0)
-    return {"records": stats.records, "data_blocks": stats.data_blocks, "bytes": stats.bytes}
+    return info, d

@@ -49,6 +49,8 @@ class Target:
     diverged: str | None = None           # why it no longer takes incrementals
     needed: list[bytes] = field(default_factory=list)
     interrupted: Interrupted | None = None
+    props: dict[str, bytes] = field(default_factory=dict)       # this copy's own settings
+    held: list[tuple[str, str, list[str]]] = field(default_factory=list)  # name, guid, tags
 
     @property
     def newest_master(self) -> tuple[str, bytes] | None:
@@ -64,7 +66,8 @@ def _interrupted(st: LocalState, full: bool) -> Interrupted | None:
                        st.image_blocks, token, full)
 
 
-def _from_volume(t: Target, vol: Volume) -> None:
+def from_volume(t: Target, vol: Volume) -> None:
+    """Fill `t` from the open volume."""
     t.volume = True
     snaps = sorted(vol.snapshots(), key=lambda e: e.generation, reverse=True)
     t.masters = [(e.name, e.guid) for e in snaps
@@ -81,6 +84,8 @@ def _from_volume(t: Target, vol: Volume) -> None:
     holds = vol.holds()
     t.needed = [e.guid for e in snaps
                 if any(tag.startswith(HOLD) for tag in holds.get(e.name, ()))]
+    t.props = vol.properties()
+    t.held = [(e.name, e.guid.hex(), sorted(holds[e.name])) for e in snaps if e.name in holds]
     t.interrupted = _interrupted(vol.local, full=False)
 
 
@@ -105,7 +110,7 @@ def inspect_target(path: str, open_device: OpenDevice) -> Target:
             _from_device(t, dev)
             return t
         try:
-            _from_volume(t, vol)
+            from_volume(t, vol)
         finally:
             vol.io.close()
     finally:

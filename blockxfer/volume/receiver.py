@@ -12,6 +12,7 @@ for an incremental, also into a volume a server holds open) or from a device
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 
@@ -26,6 +27,7 @@ from .blockio import BlockIO
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea, LocalState
 from .objects import BlobObject, PlaneObject, empty_plane
+from .properties import HOLDS
 from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 
@@ -99,10 +101,17 @@ class Receiver:
         self._io: BlockIO | None = None
 
     @classmethod
-    def for_device(cls, dev: BlockDevice, image: IncomingImage) -> Receiver:
+    def for_device(cls, dev: BlockDevice, image: IncomingImage,
+                   carry: dict[str, bytes] | None = None) -> Receiver:
         """A receiver writing a full image over `dev`, whatever it holds (the caller
-        has checked that it may)."""
-        return cls(dev, image, None)
+        has checked that it may). `carry`: the local properties of the volume it
+        replaces that this copy keeps (a middle host's registry of destinations and
+        their holds): saved with the receive's progress and committed with the new
+        root, holds only on snapshots the new root holds whole."""
+        r = cls(dev, image, None)
+        if carry is not None:
+            r.local.props = dict(carry)
+        return r
 
     # -- the target as the stream sees it --------------------------------------------------
     def _planes(self) -> tuple[bitarray, bitarray]:
@@ -120,6 +129,8 @@ class Receiver:
                     continue
                 if e.guid in self.image.keep:
                     valid |= self.vol.plane(e.name)
+                elif self.vol._held.get(e.id):   # being sent (a child's pull): untouched
+                    busy |= self.vol.plane(e.name)
                 else:                    # the source dropped it: released at the commit
                     self.doomed |= self.vol.plane(e.name)
                     self.doomed_guids.add(e.guid)
@@ -243,6 +254,7 @@ class Receiver:
     def commit(self) -> ReceiveOutcome:
         """Decide what is complete and released, record it, then write the new root:
         the last write, so a kill before it leaves the target as it was."""
+        self._refuse_while_sent()
         self.finish()
         if self._io is not None:
             self._io.close()
@@ -257,12 +269,13 @@ class Receiver:
         if used >= 0:
             raise StreamError(f"stream deallocates block {used}, which its top "
                               f"{im.top_name!r} still uses; the stream contradicts itself")
-        released, incomplete = self._decide(have)
+        released, incomplete, whole = self._decide(have)
         if any(e.guid == im.top_guid for e in incomplete):
             raise StreamError(f"stream does not carry all blocks of its top {im.top_name!r}")
+        props = self.local.props if self.vol is not None else _holds_on(self.local.props, whole)
         state = LocalState(self.state.seq, im.root.generation,
                            incomplete={e.guid for e in incomplete},
-                           released={e.guid for e in released}, props=self.local.props)
+                           released={e.guid for e in released}, props=props)
         sb = im.superblock()
         freed = 0
         if self.vol is not None:
@@ -272,9 +285,26 @@ class Receiver:
         self.committed = True
         return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete], freed)
 
-    def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
-        """The foreign catalog's snapshots released here (not kept by the source) and
-        those this target does not hold whole (incomplete)."""
+    def _refuse_while_sent(self) -> None:
+        """A snapshot this image releases but that is being sent from here (a child's
+        pull on a middle host, a send) would lose its blocks under the reader at the
+        commit: the receive is kept (its blocks saved for the resume) and refused,
+        and the next attempt completes it once the send has ended."""
+        if self.vol is None:
+            return
+        sent = sorted(e.name for e in self.vol.snapshots()
+                      if self.vol._held.get(e.id) and e.guid not in self.image.keep)
+        if sent:
+            self.save_progress()
+            raise StreamError(f"{self.dev.path}: snapshot {', '.join(map(repr, sent))}, which "
+                              "this stream releases, is being sent from here; the next "
+                              "attempt completes the receive once that send has ended")
+
+    def _decide(self, have: bitarray) -> tuple[list[SnapshotEntry], list[SnapshotEntry],
+                                               set[bytes]]:
+        """The foreign catalog's snapshots released here (not kept by the source),
+        those this target does not hold whole (incomplete), and the guids of those it
+        holds whole."""
         from .volume import Volume
         cand = Volume(self.dev, self.image.superblock(), writable=False, slot=self.slot)
         try:
@@ -284,7 +314,10 @@ class Receiver:
                           and (cand.plane(e.name) & ~have).any()]
         finally:
             cand.io.close()
-        return released, incomplete
+        lacking = {e.guid for e in incomplete}
+        whole = {e.guid for e in cand.catalog.snapshots
+                 if e.guid in keep and not e.shadow and e.guid not in lacking}
+        return released, incomplete, whole
 
     def _foreign_top_plane(self, have: bitarray) -> bitarray:
         """The top's plane from the foreign root, refusing a partial image (one that
@@ -324,6 +357,19 @@ class Receiver:
             return plane
         finally:
             io.close()
+
+
+def _holds_on(props: dict[str, bytes], whole: set[bytes]) -> dict[str, bytes]:
+    """`props` with holds only on the snapshots in `whole` (a hold on a snapshot the
+    new root does not hold whole keeps nothing)."""
+    raw = props.get(HOLDS)
+    if not raw:
+        return props
+    table = {g: t for g, t in json.loads(raw).items() if bytes.fromhex(g) in whole and t}
+    out = {k: v for k, v in props.items() if k != HOLDS}
+    if table:
+        out[HOLDS] = json.dumps(table, separators=(",", ":")).encode()
+    return out
 
 
 class ReceiveSide(Allocator):
