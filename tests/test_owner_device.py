@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from blockxfer.drivers.loop import attach_loop, detach_loop
 from blockxfer.handles import init_volume
 from blockxfer.nbd import protocol as p
 from blockxfer.service.session import ServedSession, server_for
+from tests import forkcli
 from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
@@ -86,15 +87,26 @@ def served(volume: tuple[str, str, str], tmp_path: Path,
         yield path, loop, second, proc
 
 
-@pytest.fixture
-def stream(root: None, tmp_path: Path) -> str:
+def make_stream(tmp_path: Path, run: Callable[..., subprocess.CompletedProcess[bytes]] = bx,
+                ) -> str:
     """A full stream of an unrelated volume (for receive)."""
     other, out = str(tmp_path / "other.img"), str(tmp_path / "s.bxs")
     init_volume(other, size=64 * MiB, block_size=4096, force=False).close()
-    assert bx("snapshot", f"{other}@a").returncode == 0
-    r = bx("send", other, "a", "-o", out)
+    assert run("snapshot", f"{other}@a").returncode == 0
+    r = run("send", other, "a", "-o", out)
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture
+def stream(root: None, tmp_path: Path) -> str:
+    return make_stream(tmp_path)
+
+
+def bx_forked(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`bx` forked from this process (tests/forkcli.py): the test bed runs under TCG,
+    where each fresh interpreter spends seconds importing."""
+    return forkcli.run(args, input=data, timeout=120)
 
 
 @pytest.fixture
@@ -301,15 +313,16 @@ def head(path: str) -> bytes:
 
 
 @pytest.mark.device
-def test_md_member_is_refused_on_every_write_path(stream: str) -> None:
+def test_md_member_is_refused_on_every_write_path(root: None, tmp_path: Path) -> None:
     """An active md array's member (vm-testbed: BLOCKXFER_TEST_MD0_CREATED names them)."""
     created = os.environ.get("BLOCKXFER_TEST_MD0_CREATED")
     if not created:
         pytest.skip("BLOCKXFER_TEST_MD0_CREATED is not set (runs in vm-testbed: make testbed)")
     member = dict(kv.split("=", 1) for kv in created.split())["members"].split(",")[0]
+    stream = make_stream(tmp_path, bx_forked)
     for args in (["init", member, "--force"], ["receive", member, "-i", stream, "--force"],
                  ["write", member], ["snapshot", f"{member}@s"]):
-        r = bx(*args, data=b"")
+        r = bx_forked(*args, data=b"")
         err = r.stderr.decode()
         assert r.returncode == 4 and "md-member" in err and err.count("\n") == 1, (args, err)
 

@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import pytest
 
 from blockxfer.handles import init_volume, open_volume
 from blockxfer.volume.check import check_volume
+from tests import forkcli
 from tests.nbd.serveproc import serve_process
 from tests.nbd.test_remote import served
 
@@ -155,9 +155,9 @@ def _send_receive_and_mount(path: str, tmp: Path, before: dict[str, bytes], n0: 
     """The snapshot travels as a stream to a second volume, which is served
     read-only; its file system mounts and holds the same files."""
     stream, copy, sock = tmp / "snap.stream", str(tmp / "copy.img"), str(tmp / "copy.sock")
-    bx = [sys.executable, "-m", "blockxfer.cli"]
-    sh(*bx, "send", path, "snap", "-o", str(stream))
-    sh(*bx, "receive", copy, "-i", str(stream))
+    for argv in (["send", path, "snap", "-o", str(stream)], ["receive", copy, "-i", str(stream)]):
+        r = forkcli.run(argv, timeout=300)     # the command, without its start-up under TCG
+        assert r.returncode == 0, f"blockxfer {' '.join(argv)}: {r.returncode}\n{r.stderr!r}"
     with serving(copy, sock, "--read-only") as proc:
         with attached(sock, SNAP, "@snap", read_only=True):
             sh("e2fsck", "-fn", SNAP)

@@ -1,0 +1,23 @@
+"""tests/forkcli.py (the device tests' way to run the command without an interpreter
+start-up under TCG): stdin, stdout, stderr, the working directory and the exit
+status are the child's own, as for `python -m blockxfer.cli`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests import forkcli
+
+
+def test_forked_command_has_its_own_streams_cwd_and_status(tmp_path: Path) -> None:
+    r = forkcli.run(["init", "v.img", "--size", "32M"], cwd=str(tmp_path), text=True)
+    assert r.returncode == 0 and "v.img" in r.stdout and r.stderr == "", r
+    data = os.urandom(300_000)                       # more than a pipe holds
+    assert forkcli.run(["write", str(tmp_path / "v.img")], input=data).returncode == 0
+    r = forkcli.run(["read", str(tmp_path / "v.img"), "--length", str(len(data))])
+    assert r.returncode == 0 and r.stdout == data
+    r = forkcli.run(["init", str(tmp_path / "v.img"), "--size", "32M"], text=True)
+    assert r.returncode == 5 and r.stderr.count("\n") == 1 and "--force" in r.stderr
+    r = forkcli.run(["no-such-command"], text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
