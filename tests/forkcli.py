@@ -29,7 +29,7 @@ def _child(argv: Sequence[str], pipes: list[tuple[int, int]], cwd: str | None,
     try:
         for i, fd in enumerate((pipes[0][0], pipes[1][1], pipes[2][1])):
             os.dup2(fd, i)
-        for fd in {fd for pair in pipes for fd in pair} - {0, 1, 2}:
+        for fd in {fd for pair in pipes for fd in pair} - {0, 1, 2, -1}:
             os.close(fd)                     # else stdin never reaches its end
         # pytest replaced the std streams with its capture: use the real descriptors
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
@@ -112,3 +112,44 @@ def _communicate(pid: int, w_in: int, data: bytes, r_out: int, r_err: int,
     finally:
         sel.close()
     return bytes(got[r_out]), bytes(got[r_err])
+
+
+class Forked:
+    """A command running in a forked child (a server): Popen's pid, poll, wait,
+    send_signal and kill. Its stdout and stderr go to `log`."""
+
+    def __init__(self, argv: Sequence[str], log: str) -> None:
+        self.args, self.log = list(argv), log
+        self.returncode: int | None = None
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(w)
+            _child(argv, [(r, -1), (-1, fd), (-1, fd)], None, None)
+        os.close(r)
+        os.close(w)                    # the child's stdin: at its end at once
+        os.close(fd)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(9)

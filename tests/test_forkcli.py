@@ -21,3 +21,24 @@ def test_forked_command_has_its_own_streams_cwd_and_status(tmp_path: Path) -> No
     assert r.returncode == 5 and r.stderr.count("\n") == 1 and "--force" in r.stderr
     r = forkcli.run(["no-such-command"], text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_forked_server_runs_until_sigterm(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from blockxfer.handles import init_volume
+    from blockxfer.service import control
+    path = str(tmp_path / "v.img")
+    init_volume(path, size=32 << 20, block_size=4096, force=False).close()
+    proc = forkcli.Forked(["serve", path, "--listen", f"unix:{tmp_path}/s.sock"],
+                          str(tmp_path / "serve.log"))
+    try:
+        deadline = time.monotonic() + 30
+        while not control.server_running(path):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.log
+            time.sleep(0.05)
+        assert forkcli.run(["info", path, "--json"]).returncode == 0   # routed to it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()

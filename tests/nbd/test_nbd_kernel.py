@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from blockxfer.handles import init_volume, open_volume
+from blockxfer.service import control
 from blockxfer.volume.check import check_volume
 from tests import forkcli
-from tests.nbd.serveproc import serve_process
 from tests.nbd.test_remote import served
 
 LIVE, SNAP = "/dev/nbd1", "/dev/nbd2"
@@ -60,7 +60,26 @@ def payload(name: str, size: int) -> bytes:
     return random.Random(name).randbytes(size)
 
 
-serving = serve_process
+@contextlib.contextmanager
+def serving(path: str, sock: str, *extra: str, timeout: float = 60) -> Iterator[forkcli.Forked]:
+    """`serve_process`, forked from this process (tests/forkcli.py): no interpreter
+    start-up under the test bed's TCG. Its output goes to SOCK.log."""
+    proc = forkcli.Forked(["serve", path, "--listen", f"unix:{sock}", *extra], f"{sock}.log")
+    try:
+        deadline = time.monotonic() + timeout
+        while not control.server_running(path):
+            assert proc.poll() is None, Path(proc.log).read_text()
+            assert time.monotonic() < deadline, "blockxfer serve did not start"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 
