@@ -15,6 +15,7 @@ compared with dd to a plain file beside it. BENCH_TAPE_MB sets the image size
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 
@@ -32,6 +33,7 @@ from .common import SCRATCH, drop_caches, row, run
 
 GIB = 1 << 30
 MIB = 1 << 20
+dd_cpus: list[float] = []           # CPU seconds of each dd run (user + system)
 
 
 def rate_row(name: str, ours: float, peer: float, nbytes: int, goal: float) -> str:
@@ -73,9 +75,10 @@ def main() -> None:
         def ours() -> None:
             _relabel(tape)
             drop_caches()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             dump_image(vol, "full", tape, open_tape=opener, compress=False, reader=reader)
             times.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
             # the partial restore while the image is the tape's only one (dd's file
             # after it would not be a blockxfer file)
             if not partial and (_can_locate(tape) or not os.environ.get("TAPE")):
@@ -83,6 +86,7 @@ def main() -> None:
 
         # interleaved, each from a freshly labelled tape: ours, dd, dd, ours, ours, ...
         times: list[float] = []
+        cpus: list[float] = []
         dds: list[float] = []
         for r in range(rounds):
             for side in ((ours, lambda: dds.append(_dd(stream, tape))) if r % 2 == 0 else
@@ -99,6 +103,8 @@ def main() -> None:
           f"dd {' '.join(f'{t:.2f}' for t in dds)}")
     print(f"{'  (ratio within each round)':38} {' '.join(f'{r:.2f}' for r in pairs)}: "
           f"median {statistics.median(pairs):.2f}")
+    print(f"{'  (CPU seconds per run, medians)':38} dump {statistics.median(cpus):.2f}, "
+          f"dd {statistics.median(dd_cpus):.2f}: the dump's own work beside the drive's")
     print(f"{'  (the stream alone, to a file)':38} {size / encode / 1e6:8.1f} MB/s: the dump "
           "cannot beat making its stream")
     for line in partial:
@@ -131,10 +137,14 @@ def _dd(stream: str, tape: str) -> float:
         finally:
             t.close()
     drop_caches()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     run("dd", f"if={stream}", f"of={target}", "bs=256k", "conv=fsync" if target != tape else
         "status=none")
-    return time.perf_counter() - start
+    took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    dd_cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return took
 
 
 def _partial(tape: str, data: int) -> str:
