@@ -23,11 +23,11 @@ import os
 import subprocess
 import sys
 
+# numpy and blockxfer: imported once here rather than in each pass (all import them)
+import numpy  # noqa: F401
 import pytest
 
-# imported once here rather than in each pass (the suites all import them)
 import blockxfer.cli.app  # noqa: F401
-import numpy  # noqa: F401
 
 
 def _read0(path: str) -> list[str]:
