@@ -1,7 +1,8 @@
 """Tape bench (issue 5), one run:
 
 - dump of a 1 GiB image to a tape vs `dd bs=256k` of the same stream bytes to the
-  same medium (goal >= 0.95 of dd);
+  same medium (goal >= 0.95 of dd), interleaved (BENCH_TAPE_ROUNDS, 3), each run on
+  a freshly labelled tape, medians compared;
 - single-block partial restore (location table, LOCATE when the drive has it) vs
   a full read of the image.
 
@@ -14,6 +15,8 @@ compared with dd to a plain file beside it. BENCH_TAPE_MB sets the image size
 from __future__ import annotations
 
 import os
+import resource
+import statistics
 import time
 
 from blockxfer.drivers.blockdev import open_device
@@ -30,6 +33,7 @@ from .common import SCRATCH, drop_caches, row, run
 
 GIB = 1 << 30
 MIB = 1 << 20
+dd_cpus: list[float] = []           # CPU seconds of each dd run (user + system)
 
 
 def rate_row(name: str, ours: float, peer: float, nbytes: int, goal: float) -> str:
@@ -46,6 +50,7 @@ def opener(path: str, write: bool):  # type: ignore[no-untyped-def]
 def main() -> None:
     os.makedirs(SCRATCH, exist_ok=True)
     data = int(os.environ.get("BENCH_TAPE_MB") or 1024) * MIB
+    rounds = int(os.environ.get("BENCH_TAPE_ROUNDS") or 3)
     src, stream = f"{SCRATCH}/src.img", f"{SCRATCH}/image.stream"
     with Volume.create(open_device(src, write=True, create_size=data + data // 2),
                        virtual_size=data + data // 4) as vol:
@@ -58,34 +63,52 @@ def main() -> None:
         if os.path.exists(tape):
             os.unlink(tape)
         create_virtual_tape(tape, 4 * GIB)
-    t = opener(tape, True)
-    label_tape(t, "BENCH", force=True)
-    t.close()
     with Volume.open(open_device(src), writable=False) as vol:
+        reader = lambda runs: read_runs(vol.dev, runs, vol.block_size)  # noqa: E731
         drop_caches()
         start = time.perf_counter()
         with open(stream, "wb") as f:
-            send_image(vol, "full", f, compress=False,
-                       reader=lambda runs: read_runs(vol.dev, runs, vol.block_size))
+            send_image(vol, "full", f, compress=False, reader=reader)
         encode = time.perf_counter() - start
-        drop_caches()
-        start = time.perf_counter()
-        dump_image(vol, "full", tape, open_tape=opener, compress=False,
-                   reader=lambda runs: read_runs(vol.dev, runs, vol.block_size))
-        ours = time.perf_counter() - start
+        partial: list[str] = []
+
+        def ours() -> None:
+            _relabel(tape)
+            drop_caches()
+            start, cpu = time.perf_counter(), time.process_time()
+            dump_image(vol, "full", tape, open_tape=opener, compress=False, reader=reader)
+            times.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+            # the partial restore while the image is the tape's only one (dd's file
+            # after it would not be a blockxfer file)
+            if not partial and (_can_locate(tape) or not os.environ.get("TAPE")):
+                partial.append(_partial(tape, data))
+
+        # interleaved, each from a freshly labelled tape: ours, dd, dd, ours, ours, ...
+        times: list[float] = []
+        cpus: list[float] = []
+        dds: list[float] = []
+        for r in range(rounds):
+            for side in ((ours, lambda: dds.append(_dd(stream, tape))) if r % 2 == 0 else
+                         (lambda: dds.append(_dd(stream, tape)), ours)):
+                side()
     size = os.path.getsize(stream)
-    # the partial restore first: dd's file after the image is not a blockxfer file,
-    # so the tape could no longer be listed after it
-    partial = _partial(tape, data) if _can_locate(tape) or not os.environ.get("TAPE") else None
-    dd = _dd(stream, tape)
-    print(f"# blockxfer tape bench on {tape}")
+    mine, dd = statistics.median(times), statistics.median(dds)
+    print(f"# blockxfer tape bench on {tape} ({rounds} interleaved rounds, medians)")
     what = f"dump {data // MIB} MiB image vs dd bs=256k"
-    print(row(what, ours, dd, size, 0.95) if data >= GIB else
-          rate_row(what, ours, dd, size, 0.95))
+    print(row(what, mine, dd, size, 0.95) if data >= GIB else
+          rate_row(what, mine, dd, size, 0.95))
+    pairs = [d / t for t, d in zip(times, dds, strict=True)]   # each round's own ratio
+    print(f"{'  (each run, s)':38} dump {' '.join(f'{t:.2f}' for t in times)}; "
+          f"dd {' '.join(f'{t:.2f}' for t in dds)}")
+    print(f"{'  (ratio within each round)':38} {' '.join(f'{r:.2f}' for r in pairs)}: "
+          f"median {statistics.median(pairs):.2f}")
+    print(f"{'  (CPU seconds per run, medians)':38} dump {statistics.median(cpus):.2f}, "
+          f"dd {statistics.median(dd_cpus):.2f}: the dump's own work beside the drive's")
     print(f"{'  (the stream alone, to a file)':38} {size / encode / 1e6:8.1f} MB/s: the dump "
           "cannot beat making its stream")
-    if partial:
-        print(partial)
+    for line in partial:
+        print(line)
     if not os.environ.get("TAPE"):
         os.unlink(tape)
     for p in (src, stream, f"{SCRATCH}/dd.out"):
@@ -93,21 +116,35 @@ def main() -> None:
             os.unlink(p)
 
 
+def _relabel(tape: str) -> None:
+    """A fresh label at BOT: each run writes after it, on an otherwise empty tape."""
+    t = opener(tape, True)
+    try:
+        label_tape(t, "BENCH", force=True)
+    finally:
+        t.close()
+
+
 def _dd(stream: str, tape: str) -> float:
     """dd of the stream bytes, 256 KiB records: after the image on the drive (at end
     of data), or to a plain file beside the virtual tape."""
     target = tape if os.environ.get("TAPE") else f"{SCRATCH}/dd.out"
     if target == tape:
+        _relabel(tape)                  # then dd writes right after the label, as dump does
         t = opener(tape, False)
         try:
             t.seek_eod()
         finally:
             t.close()
     drop_caches()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     run("dd", f"if={stream}", f"of={target}", "bs=256k", "conv=fsync" if target != tape else
         "status=none")
-    return time.perf_counter() - start
+    took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    dd_cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return took
 
 
 def _partial(tape: str, data: int) -> str:
@@ -128,7 +165,8 @@ def _partial(tape: str, data: int) -> str:
     with open(part, "wb") as f:
         f.truncate(data + data // 2)
     start = time.perf_counter()
-    res = restore_range(tape, part, 1, vbn, vbn, open_tape=opener, open_device=open_device)
+    res = restore_range(tape, part, 1, vbn, vbn, open_tape=opener, open_device=open_device,
+                        force=True)     # a scratch file, not the volume: only the timing counts
     one = time.perf_counter() - start
     os.unlink(part)
     return (f"single-block partial restore {one * 1000:8.1f} ms ({res.records_read} records) "

@@ -190,6 +190,48 @@ def _wait(pid: int, timeout: float, name: list[str]) -> int:
         time.sleep(0.002)
 
 
+class Forked:
+    """A command running on in a forked child (a server), as `subprocess.Popen` would
+    run it: pid, poll, wait, send_signal, kill. Its stdout and stderr go to `log`;
+    its stdin is at its end at once."""
+
+    def __init__(self, argv: Sequence[str], log: str) -> None:
+        self.args, self.log = [*BX, *argv], log
+        self.returncode: int | None = None
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        pipes = {fd: os.pipe() for fd in (0, 1, 2)}
+        self.pid = os.fork()
+        if self.pid == 0:
+            _child(lambda: _main(list(argv)), pipes, {1: False, 2: False}, None, out, out,
+                   None, None)
+        os.close(out)
+        for r, w in pipes.values():
+            os.close(r)
+            os.close(w)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.02)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 def one_line(r: subprocess.CompletedProcess[bytes]) -> str:
     """The error line of a refused command; fails if it is more (a traceback)."""
     err = r.stderr.decode()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from blockxfer.drivers.changer import Changer, changer_next_tape
 from blockxfer.drivers.discovery import changers
 from blockxfer.drivers.tapes import eject_tape
 from blockxfer.transfer.tapeset import label_tape, list_tape
+from tests import clihelp
 from tests.test_stream import snapshot_contents
 from tests.test_tape_dump import LEVELS, dump, opener, restore, src  # noqa: F401
 
@@ -78,8 +78,8 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockxfer.cli", *argv], capture_output=True,
-                          text=True, timeout=600)
+    """The command, forked from this process (tests/clihelp.py: no start-up under TCG)."""
+    return clihelp.run(argv, text=True, timeout=600)
 
 
 def test_cli_dump_and_restore_choose_tapes_by_barcode(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811

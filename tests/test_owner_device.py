@@ -85,8 +85,7 @@ def served(volume: tuple[str, str, str], tmp_path: Path,
         yield path, loop, second, proc
 
 
-@pytest.fixture
-def stream(root: None, tmp_path: Path) -> str:
+def make_stream(tmp_path: Path) -> str:
     """A full stream of an unrelated volume (for receive)."""
     other, out = str(tmp_path / "other.img"), str(tmp_path / "s.bxs")
     init_volume(other, size=64 * MiB, block_size=4096, force=False).close()
@@ -94,6 +93,11 @@ def stream(root: None, tmp_path: Path) -> str:
     r = bx("send", other, "a", "-o", out)
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture
+def stream(root: None, tmp_path: Path) -> str:
+    return make_stream(tmp_path)
 
 
 @pytest.fixture
@@ -300,12 +304,13 @@ def head(path: str) -> bytes:
 
 
 @pytest.mark.device
-def test_md_member_is_refused_on_every_write_path(stream: str) -> None:
+def test_md_member_is_refused_on_every_write_path(root: None, tmp_path: Path) -> None:
     """An active md array's member (vm-testbed: BLOCKXFER_TEST_MD0_CREATED names them)."""
     created = os.environ.get("BLOCKXFER_TEST_MD0_CREATED")
     if not created:
         pytest.skip("BLOCKXFER_TEST_MD0_CREATED is not set (runs in vm-testbed: make testbed)")
     member = dict(kv.split("=", 1) for kv in created.split())["members"].split(",")[0]
+    stream = make_stream(tmp_path)
     for args in (["init", member, "--force"], ["receive", member, "-i", stream, "--force"],
                  ["write", member], ["snapshot", f"{member}@s"]):
         r = bx(*args, data=b"")

@@ -8,14 +8,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from blockxfer.drivers.tapes import drive_info, max_record
+from tests import clihelp
 
 TAPE = os.environ.get("BLOCKXFER_TEST_TAPE")
 need_tape = pytest.mark.skipif(not TAPE, reason="no drive: set BLOCKXFER_TEST_TAPE=/dev/nstN")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The command, forked from this process (tests/clihelp.py: no start-up under TCG)."""
+    return clihelp.run(argv, text=True, timeout=300)
 
 
 @pytest.mark.device
@@ -40,12 +45,10 @@ def test_drive_describes_itself() -> None:
 @need_tape
 def test_tape_status_shows_the_drive() -> None:
     assert TAPE
-    out = subprocess.run([sys.executable, "-m", "blockxfer.cli", "tape", "status", TAPE,
-                          "--json"], capture_output=True, text=True, timeout=60)
+    out = _cli("tape", "status", TAPE, "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["drive"]["product"]
-    text = subprocess.run([sys.executable, "-m", "blockxfer.cli", "tape", "status", TAPE],
-                          capture_output=True, text=True, timeout=60)
+    text = _cli("tape", "status", TAPE)
     assert text.returncode == 0, text.stderr
     for field in ("block limits", "tape alerts", "compression", "barcode", "medium serial",
                   "remaining", "load count"):
@@ -64,11 +67,6 @@ def test_virtual_tape_has_no_scsi(tmp_path: object) -> None:
 VTLCMD = os.environ.get("BLOCKXFER_TEST_MHVTL_VTLCMD")
 need_mhvtl = pytest.mark.skipif(not (TAPE and VTLCMD), reason="needs the test bed's mhvtl "
                                 "(BLOCKXFER_TEST_MHVTL_VTLCMD injects TapeAlert flags)")
-
-
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockxfer.cli", *argv], capture_output=True,
-                          text=True, timeout=300)
 
 
 def _inject(flags: int) -> None:

@@ -230,3 +230,42 @@ def test_restore_one_snapshot_from_a_level_0_image(src, tmp_path: Path) -> None:
     assert got["june1"] == contents["june1"] and res.top == "june1"
     total = list_tape(opener(tape, False)).images[0].index.total  # type: ignore[union-attr]
     assert records * 256 * 1024 < total            # it did not read the whole image
+
+
+def test_records_filled_in_place_are_the_packed_format() -> None:
+    """The dump copies the stream straight into reused record buffers (issue 15: one
+    copy per byte); every record, the short last one included, must still be exactly
+    what pack_record makes: header, payload, zero padding (a reused buffer is dirty)."""
+    from blockxfer.transfer import tapefmt as tf
+    from blockxfer.transfer.dump import _Packer, _Writer
+
+    class Sink:
+        def __init__(self) -> None:
+            self.path, self.records = "sink", []   # type: ignore[var-annotated]
+
+        def write_record(self, rec: bytearray) -> None:
+            self.records.append(bytes(rec))
+
+    rs = 4096
+    label = tf.Label("S", "S", bytes(16), 1, rs, 0)
+    desc = tf.Descriptor("ab" * 16, "x", "x", None, [], "u", 0, 0)
+    w = _Writer(Sink(), label, desc, None, None, [])  # type: ignore[arg-type]
+    for _ in range(8):
+        w.free.put(bytearray(b"\xff" * rs))                   # reused buffers are dirty
+    w.thread.start()
+    packer = _Packer(w)
+    data = os.urandom(5 * rs + 1234)
+    at = 0
+    for n in (7, rs, 3 * rs - 40, 100, len(data)):             # pieces across record edges
+        assert packer.write(memoryview(data[at:at + n])) == len(data[at:at + n])
+        at += n
+    packer.close()
+    w.q.put(None)
+    w.thread.join()
+    assert w.error is None
+    full = b"".join(tf.unpack_record(r, "sink")[4] for r in w.tape.records)  # type: ignore[attr-defined]
+    assert full == data and packer.total == len(data)
+    per = rs - tf.REC.size
+    assert len(w.tape.records) == -(-len(full) // per)         # type: ignore[attr-defined]
+    for i, rec in enumerate(w.tape.records):                   # type: ignore[attr-defined]
+        assert rec == tf.pack_record(tf.DATA, w.key, 0, i, full[i * per:(i + 1) * per], rs)

@@ -5,7 +5,8 @@
 #   vm-testbed/run.sh            run `pytest -m device` in the guest (make testbed)
 #   vm-testbed/run.sh --shell    interactive shell in the guest (make testbed-shell)
 #   vm-testbed/run.sh --bench    throttled RAID0 read benchmark (make testbed-bench);
-#                                with TESTBED_BENCH=tape: dump to an mhvtl drive vs dd
+#                                with TESTBED_BENCH=tape: dump to an mhvtl drive vs dd;
+#                                with TESTBED_BENCH=fio: fio via kernel NBD, ours vs qemu-nbd
 #   vm-testbed/run.sh --prepare  host packages, guest kernel and mhvtl only, then print
 #                                KVER=, KERNEL_DEB=, MHVTL_USR= (vagrant/run.sh uses it)
 #
@@ -30,6 +31,8 @@ while [ $# -gt 0 ]; do
 done
 # the tape bench needs the normal devices and mhvtl, not the slow RAID disks
 [ "$MODE" = bench ] && [ "${TESTBED_BENCH:-raid}" = tape ] && MODE=bench-tape
+# fio in the guest through the kernel NBD client: blockxfer serve vs qemu-nbd on the host
+[ "$MODE" = bench ] && [ "${TESTBED_BENCH:-raid}" = fio ] && MODE=bench-fio
 
 TIMEOUT=${TESTBED_TIMEOUT:-900}         # seconds the guest may run (test and bench modes)
 MEM=${TESTBED_MEM:-2048}
@@ -41,7 +44,7 @@ MHVTL=${TESTBED_MHVTL:-1}                  # 1: mhvtl library in the guest, the 
 case "$MHVTL" in 0|1) ;; *) echo "TESTBED_MHVTL: 0 or 1" >&2; exit 2 ;; esac
 CHANGER=${TESTBED_CHANGER:-1}              # 1: a tgt media changer with 3 tapes (tgt only)
 CHANGER_TAPE_MB=${TESTBED_CHANGER_TAPE_MB:-4}  # its first tape: a dump spans from it
-NBD_MB=${TESTBED_NBD_MB:-256}
+NBD_MB=${TESTBED_NBD_MB:-$((2 * DISK_MB))}  # md1 (RAID5 over 3 disks) holds 2 disks of data: a mirror of it needs that
 BENCH_DISK_MB=${TESTBED_BENCH_DISK_MB:-512}
 BENCH_BPS=${TESTBED_BENCH_BPS:-16777216}   # 16 MiB/s per bench disk
 BENCH_LATENCY_MS=${TESTBED_BENCH_LATENCY_MS:-4}  # and 4 ms per request (slow-nbd only)
@@ -367,7 +370,7 @@ mhvtl_sg() {  # first mhvtl tape drive's /dev/sgN on the host
     return 1
 }
 setup_tape() {
-    case "$MODE" in bench|bench-tape) return 0 ;; esac
+    case "$MODE" in bench|bench-tape|bench-fio) return 0 ;; esac
     local sg=${TESTBED_TAPE_SG:-}
     if [ -z "$sg" ] && [ -z "${TESTBED_TAPE_ISCSI:-}" ] && [ "${TESTBED_TAPE:-}" != tgt ]; then
         sg=$(mhvtl_sg) && { say "mhvtl found: passing its tape drive $sg to the guest"; TAPE_KIND=mhvtl; }
@@ -392,12 +395,44 @@ setup_tape() {
 # --- NBD server on the host (guest reaches it at 10.0.2.2 through QEMU's slirp) ---
 NBD_PORT=
 start_nbd() {
-    case "$MODE" in bench|bench-tape) return 0 ;; esac
+    case "$MODE" in bench|bench-tape|bench-fio) return 0 ;; esac
     NBD_PORT=$(free_port)
     truncate -s ${NBD_MB}M "$WORK/disks/nbd0.img"
     qemu-nbd --format=raw --export-name=testbed --bind=127.0.0.1 --port="$NBD_PORT" \
         --persistent --shared=4 "$WORK/disks/nbd0.img" >"$RUN/qemu-nbd.log" 2>&1 &
     PIDS+=($!)
+}
+
+# --- fio bench: the same region through our server and through qemu-nbd ------------
+FIO_MB=${TESTBED_FIO_MB:-64}
+FIO_OURS_PORT= FIO_PEER_PORT=
+wait_port() {  # wait_port PORT PID LOG NAME
+    local i
+    for i in $(seq 1 300); do
+        python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1).close()" \
+            "$1" 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || { cat "$3" >&2; fail "$4 exited"; }
+        sleep 0.1
+    done
+    fail "$4 did not listen on 127.0.0.1:$1"
+}
+start_fio_servers() {
+    [ "$MODE" = bench-fio ] || return 0
+    local size=$((4 * FIO_MB)) vol=$WORK/disks/fio-ours.img raw=$WORK/disks/fio-peer.raw
+    rm -f "$vol" "$raw"
+    truncate -s "${size}M" "$raw"
+    "$REPO/.venv/bin/blockxfer" init "$vol" --size "${size}M" >/dev/null \
+        || fail "blockxfer init $vol"
+    FIO_OURS_PORT=$(free_port)
+    "$REPO/.venv/bin/blockxfer" serve "$vol" --listen "tcp:127.0.0.1:$FIO_OURS_PORT" \
+        >"$RUN/fio-serve.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$FIO_OURS_PORT" "${PIDS[-1]}" "$RUN/fio-serve.log" "blockxfer serve"
+    FIO_PEER_PORT=$(free_port)
+    qemu-nbd --format=raw --export-name=raw --bind=127.0.0.1 --port="$FIO_PEER_PORT" \
+        --persistent --shared=4 "$raw" >"$RUN/fio-qemu-nbd.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$FIO_PEER_PORT" "${PIDS[-1]}" "$RUN/fio-qemu-nbd.log" "qemu-nbd"
 }
 
 # --- boot -------------------------------------------------------------------------
@@ -435,7 +470,7 @@ main() {
     ensure_host_packages
     export PATH=$PATH:/usr/sbin:/sbin
     fetch_kernel
-    [ "$MODE" = bench ] || build_mhvtl
+    case "$MODE" in bench|bench-fio) ;; *) build_mhvtl ;; esac
     if [ "$MODE" = prepare ]; then
         printf 'KVER=%s\nKERNEL_DEB=%s\nMHVTL_USR=%s\n' "$KVER" \
             "$(ls -t "$WORK"/debs/linux-image-"$KVER"*.deb 2>/dev/null | head -1)" "$MHVTL_USR"
@@ -443,12 +478,22 @@ main() {
     fi
     build_initramfs
     [ -x "$REPO/.venv/bin/python" ] || fail "no $REPO/.venv: run 'make venv' first (make testbed does)"
+    # byte-compile here, natively: the guest would compile stale modules under TCG
+    "$REPO/.venv/bin/python" -m compileall -q -j 0 "$REPO/blockxfer" "$REPO/tests" "$REPO/bench" \
+        >/dev/null 2>&1 || say "compileall failed (the guest compiles what it needs)"
+    # and pytest's rewritten test modules (assertion rewriting is ~1 s of CPU here, tens
+    # of seconds under TCG), which it does not write with PYTHONDONTWRITEBYTECODE set
+    # shellcheck disable=SC2046  # file names without blanks
+    (cd "$REPO" && env -u PYTHONDONTWRITEBYTECODE "$REPO/.venv/bin/python" -m pytest --collect-only -q \
+        -p no:cacheprovider -m device $(grep -rlE --include='test_*.py' 'mark\.device' tests) \
+        >/dev/null 2>&1) || say "collecting the device tests here failed (the guest rewrites them)"
     probe_accel
     rm -rf "$RUN" "$RESULTS"
     mkdir -p "$RUN" "$RESULTS"
     make_disks
     setup_tape
     start_nbd
+    start_fio_servers
     cat >"$RESULTS/config.env" <<EOF
 TB_MODE=$MODE
 TB_TAPES=$TAPES
@@ -469,10 +514,14 @@ TB_TERM=${TERM:-linux}
 TB_BENCH_BPS=$BENCH_BPS
 TB_BENCH_VIA=$BENCH_VIA
 TB_BENCH_LATENCY_MS=$BENCH_LATENCY_MS
+TB_FIO_OURS_PORT=$FIO_OURS_PORT
+TB_FIO_PEER_PORT=$FIO_PEER_PORT
+TB_FIO_MB=$FIO_MB
 EOF
     local v
     for v in TESTBED_PYTEST_ARGS TESTBED_PYTEST_MARK TESTBED_BENCH_READER TESTBED_BENCH_MB TESTBED_BENCH_TAPE_MB \
-             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB TESTBED_CHUNK5_KB; do
+             TESTBED_BENCH_CHUNK_KB TESTBED_CHUNK_KB TESTBED_CHUNK5_KB TESTBED_FIO_RUNTIME TESTBED_FIO_ROUNDS \
+             TESTBED_BENCH_TAPE_ROUNDS; do
         if [ -n "${!v:-}" ]; then printf 'TB_%s=%q\n' "${v#TESTBED_}" "${!v}" >>"$RESULTS/config.env"; fi
     done
     boot
@@ -495,6 +544,9 @@ EOF
         grep -E '^(bench|  )' "$RESULTS/bench.log" || true
     elif [ "$MODE" = bench-tape ]; then
         echo "==== vm-testbed tape bench on mhvtl (guest under $ACCEL) ===="
+        cat "$RESULTS/bench.log" 2>/dev/null || true
+    elif [ "$MODE" = bench-fio ]; then
+        echo "==== vm-testbed fio bench via kernel NBD (guest under $ACCEL) ===="
         cat "$RESULTS/bench.log" 2>/dev/null || true
     fi
     exit "$rc"

@@ -65,6 +65,15 @@ def pack_record(kind: int, image: bytes, part: int, index: int, payload: bytes |
     return (head + bytes(payload)).ljust(size, b"\0")
 
 
+def pack_header_into(rec: bytearray, kind: int, image: bytes, part: int, index: int,
+                     valid: int) -> None:
+    """Fill in the header of a record whose payload already sits at REC.size (and is
+    zero-padded to the record's end): what pack_record makes, without copying the
+    payload again (the dump's records are filled in place)."""
+    REC.pack_into(rec, 0, REC_MAGIC, kind, 0, part, int.from_bytes(image[:8], "little"), index,
+                  valid, 0, checksum(memoryview(rec)[REC.size:REC.size + valid]))
+
+
 def unpack_record(raw: bytes, where: str) -> tuple[int, int, int, int, bytes]:
     """(kind, part, image key, index, payload) of a tape record, checked."""
     if len(raw) < REC.size or raw[:4] != REC_MAGIC:

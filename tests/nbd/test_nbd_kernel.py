@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from blockxfer.handles import init_volume, open_volume
+from blockxfer.service import control
 from blockxfer.volume.check import check_volume
-from tests.nbd.serveproc import serve_process
+from tests import clihelp
 from tests.nbd.test_remote import served
 
 LIVE, SNAP = "/dev/nbd1", "/dev/nbd2"
@@ -60,7 +60,26 @@ def payload(name: str, size: int) -> bytes:
     return random.Random(name).randbytes(size)
 
 
-serving = serve_process
+@contextlib.contextmanager
+def serving(path: str, sock: str, *extra: str, timeout: float = 60) -> Iterator[clihelp.Forked]:
+    """`serve_process`, forked from this process (tests/clihelp.py): no interpreter
+    start-up under the test bed's TCG. Its output goes to SOCK.log."""
+    proc = clihelp.Forked(["serve", path, "--listen", f"unix:{sock}", *extra], f"{sock}.log")
+    try:
+        deadline = time.monotonic() + timeout
+        while not control.server_running(path):
+            assert proc.poll() is None, Path(proc.log).read_text()
+            assert time.monotonic() < deadline, "blockxfer serve did not start"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 
@@ -155,9 +174,9 @@ def _send_receive_and_mount(path: str, tmp: Path, before: dict[str, bytes], n0: 
     """The snapshot travels as a stream to a second volume, which is served
     read-only; its file system mounts and holds the same files."""
     stream, copy, sock = tmp / "snap.stream", str(tmp / "copy.img"), str(tmp / "copy.sock")
-    bx = [sys.executable, "-m", "blockxfer.cli"]
-    sh(*bx, "send", path, "snap", "-o", str(stream))
-    sh(*bx, "receive", copy, "-i", str(stream))
+    for argv in (["send", path, "snap", "-o", str(stream)], ["receive", copy, "-i", str(stream)]):
+        r = clihelp.run(argv, timeout=300)     # the command, without its start-up under TCG
+        assert r.returncode == 0, f"blockxfer {' '.join(argv)}: {r.returncode}\n{r.stderr!r}"
     with serving(copy, sock, "--read-only") as proc:
         with attached(sock, SNAP, "@snap", read_only=True):
             sh("e2fsck", "-fn", SNAP)

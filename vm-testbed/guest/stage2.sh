@@ -85,13 +85,20 @@ make_md() {  # make_md VAR /dev/mdN LEVEL CHUNK_KiB DEV...: exports VAR and VAR_
 # --- tape: through QEMU's libiscsi scsi-generic on virtio-scsi (scsi-id 0 = main
 # tape, 1 = small one, LUN 0), or logged in with open-iscsi in the guest (target
 # id 0, LUN 1 = main, 2 = small) ------------------------------------------------
+not_mhvtl() {  # not_mhvtl H:C:T:L: the device is not on mhvtl's SCSI host (it starts meanwhile)
+    local name=
+    read -r name <"/sys/class/scsi_host/host${1%%:*}/proc_name" 2>/dev/null
+    [ "$name" != mhvtl ]
+}
+# Shell builtins only (globs, read), no `$(basename ...)`/`readlink`: these run in
+# polling loops, and each fork and exec cost tens of milliseconds under TCG.
 find_tape() {  # find_tape TARGET:LUN -> /dev/nstN
-    local t addr
-    for t in /sys/class/scsi_tape/nst[0-9]*; do
-        [ -e "$t" ] || continue
-        case "$(basename "$t")" in *[a-z]) continue ;; esac  # skip nst0l, nst0m, nst0a
-        addr=$(basename "$(readlink -f "$t/device")")      # H:C:T:L
-        [ "${addr#*:*:}" = "$1" ] && { echo "/dev/$(basename "$t")"; return 0; }
+    local d t
+    for d in /sys/bus/scsi/devices/*:*:"$1"; do
+        [ -e "$d" ] && not_mhvtl "${d##*/}" || continue
+        for t in "$d"/scsi_tape/nst*; do
+            case ${t##*/} in *[0-9]) [ -e "$t" ] && { echo "/dev/${t##*/}"; return 0; } ;; esac
+        done                            # (nst0a, nst0l, nst0m: the other modes)
     done
     return 1
 }
@@ -141,11 +148,24 @@ setup_tapes() {
     TGT_ENV[BLOCKXFER_TEST_TAPE_PATH]=${TB_TAPE_VIA:-qemu}  # qemu (libiscsi passthrough) or open-iscsi
 }
 
-setup_mhvtl() {
+# mhvtl starts in the background (its daemons and devices take 10-30 s under TCG)
+# while the arrays, tgt's tapes and NBD are set up; setup_mhvtl waits for it.
+MHVTL_PID=
+start_mhvtl_bg() {
     [ "${TB_MHVTL:-0}" = 1 ] || return 0
     # shellcheck source=vm-testbed/guest/mhvtl.sh
     . "$REPO/vm-testbed/guest/mhvtl.sh"
-    start_mhvtl || die "mhvtl could not be started (see the stage2 lines above)"
+    rm -f /tmp/mhvtl.env
+    (start_mhvtl && printf '%s=%q\n' MHVTL_TAPE "$MHVTL_TAPE" MHVTL_SMALL "$MHVTL_SMALL" \
+        MHVTL_CHANGER "$MHVTL_CHANGER" MHVTL_CHANGER_TAPE "$MHVTL_CHANGER_TAPE" >/tmp/mhvtl.env) &
+    MHVTL_PID=$!
+}
+setup_mhvtl() {
+    [ "${TB_MHVTL:-0}" = 1 ] || return 0
+    wait "$MHVTL_PID" && [ -s /tmp/mhvtl.env ] \
+        || die "mhvtl could not be started (see the stage2 lines above)"
+    # shellcheck source=/dev/null
+    . /tmp/mhvtl.env
     MHVTL_ENV=(
         [BLOCKXFER_TEST_TAPE]=$MHVTL_TAPE
         [BLOCKXFER_TEST_TAPE_SMALL]=$MHVTL_SMALL
@@ -173,12 +193,14 @@ export_tape_env() {  # export_tape_env mhvtl|tgt: the BLOCKXFER_TEST_* tape vari
 # tgt's changer (scsi-id 3, SCSI type 8: mtx drives it through its sg node) and
 # its drive (scsi-id 2, empty until the changer loads a tape)
 setup_changer() {
-    local g addr drive
-    for g in /sys/class/scsi_generic/sg[0-9]*; do
-        addr=$(basename "$(readlink -f "$g/device")")
-        [ "${addr#*:*:}" = 3:0 ] && [ "$(cat "$g/device/type")" = 8 ] || continue
+    local d g type drive
+    for d in /sys/bus/scsi/devices/*:*:3:0; do
+        type=
+        [ -e "$d" ] && not_mhvtl "${d##*/}" && read -r type <"$d/type" && [ "$type" = 8 ] || continue
+        for g in "$d"/scsi_generic/sg*; do [ -e "$g" ] && break; done
+        [ -e "$g" ] || continue
         drive=$(find_tape 2:0) || { log "changer found but not its drive"; return 0; }
-        TGT_ENV[BLOCKXFER_TEST_CHANGER]=/dev/$(basename "$g") TGT_ENV[BLOCKXFER_TEST_CHANGER_TAPE]=$drive
+        TGT_ENV[BLOCKXFER_TEST_CHANGER]=/dev/${g##*/} TGT_ENV[BLOCKXFER_TEST_CHANGER_TAPE]=$drive
         log "changer: ${TGT_ENV[BLOCKXFER_TEST_CHANGER]} (tgt SMC), its drive $drive"
         return 0
     done
@@ -220,6 +242,7 @@ mount_scratch() {  # ext4 on the "scratch" disk at /var/tmp: see run.sh make_dis
 case "$TB_MODE" in
 test|shell)
     mount_scratch
+    start_mhvtl_bg
     R0=$(disks_with_prefix r0-)
     R5=$(disks_with_prefix r5-)
     # Two chunk sizes, so both of the reader's plans run on real md: whole stripes
@@ -243,8 +266,17 @@ bench)
     export BENCH_DISKS
     BENCH_DISKS=$(disks_with_prefix bench-)
     ;;
+bench-fio)
+    for i in $(seq 1 50); do [ -e /dev/nbd1 ] && break; sleep 0.1; done
+    for c in "0 $TB_FIO_OURS_PORT active" "1 $TB_FIO_PEER_PORT raw"; do
+        set -- $c
+        nbd-client 10.0.2.2 "$2" "/dev/nbd$1" -N "$3" -b 4096 </dev/null >/tmp/nbd-client.log 2>&1 \
+            || die "nbd-client to export $3 at 10.0.2.2:$2 failed: $(cat /tmp/nbd-client.log)"
+    done
+    ;;
 bench-tape)
     mount_scratch
+    start_mhvtl_bg
     setup_mhvtl
     export_tape_env mhvtl
     [ -n "${BLOCKXFER_TEST_TAPE:-}" ] || die "the tape bench needs mhvtl (TESTBED_MHVTL=1)"
@@ -257,32 +289,52 @@ TAPE_TESTS=(tests/test_tape_conformance.py tests/test_tape_dump_device.py tests/
             tests/test_scsi_device.py tests/test_testbed_smoke.py::test_tape_online_and_roundtrip
             tests/test_testbed_smoke.py::test_tape_position_query
             tests/test_testbed_smoke.py::test_small_tape_early_warning)
-run_pytest() {  # run_pytest PASS [ARGS...]: PASS "main" or the tape kind of a second pass
-    local pass=$1 sfx=
+PASSES=/tmp/passes
+write_pass() {  # write_pass NAME ARGS...: a pytest pass for guest/passes.py, in this environment
+    local name=$1 sfx=
     shift
-    [ "$pass" = main ] || sfx=-$pass
+    [ "$name" = main ] || sfx=-$name
+    mkdir -p "$PASSES"
+    printf '%s\0' -m "${TB_PYTEST_MARK:-device}" -p no:cacheprovider -p testbed_report \
+        --junitxml="$RESULTS/junit$sfx.xml" "$@" >"$PASSES/$name.args"
     PYTHONPATH=$REPO/vm-testbed/guest${PYTHONPATH:+:$PYTHONPATH} \
-    TESTBED_REPORT=$RESULTS/report$sfx.json \
-        "$REPO/.venv/bin/python" -m pytest -m "${TB_PYTEST_MARK:-device}" \
-        -p no:cacheprovider -p testbed_report \
-        --junitxml="$RESULTS/junit$sfx.xml" "$@" 2>&1 | tee "$RESULTS/pytest$sfx.log"
-    return "${PIPESTATUS[0]}"
+        TESTBED_REPORT=$RESULTS/report$sfx.json env -0 >"$PASSES/$name.env"
+}
+pass_rc() {  # pass_rc NAME: its pytest status; its log to the results as pytest[-NAME].log
+    local sfx=
+    [ "$1" = main ] || sfx=-$1
+    cp "$PASSES/$1.log" "$RESULTS/pytest$sfx.log" 2>/dev/null
+    cat "$PASSES/$1.rc" 2>/dev/null || echo 3
 }
 export PYTHONDONTWRITEBYTECODE=1
 case "$TB_MODE" in
 test)
     # TESTBED_PYTEST_ARGS is split like a shell command line: -k 'tape or nbd' works
     eval "extra=(${TB_PYTEST_ARGS:-})"
-    run_pytest main "${extra[@]}"
-    rc=$?
+    # Only the files with device tests: collecting all of tests/ (1000 tests, their
+    # imports) took about a minute under TCG. Paths in TESTBED_PYTEST_ARGS win.
+    files=()
+    case "${TB_PYTEST_MARK:-device} ${TB_PYTEST_ARGS:-}" in
+        "device "*tests/*|"device "*.py*) ;;
+        # shellcheck disable=SC2207  # paths without blanks; the guest has no /dev/fd for <()
+        "device "*) files=($(grep -rlE --include='test_*.py' 'mark\.device' tests | sort)) ;;
+    esac
+    write_pass main "${files[@]}" "${extra[@]}"
+    passes=(main)
     if [ ${#MHVTL_ENV[@]} -gt 0 ] && [ ${#TGT_ENV[@]} -gt 0 ]; then
         # tgt stays a second implementation: the drive without LOCATE, reached
         # through iSCSI; only the tape tests run again, on its devices
         (export_tape_env tgt
          unset BLOCKXFER_TEST_MD0 BLOCKXFER_TEST_MD5 BLOCKXFER_TEST_NBD BLOCKXFER_TEST_DISKS \
                BLOCKXFER_TEST_EXTRA_DISKS
-         run_pytest tgt "${TAPE_TESTS[@]}" "${extra[@]}")
-        rc2=$?
+         write_pass tgt "${TAPE_TESTS[@]}" "${extra[@]}")
+        passes+=(tgt)
+    fi
+    # both passes from one interpreter (its imports paid once): guest/passes.py
+    "$REPO/.venv/bin/python" "$REPO/vm-testbed/guest/passes.py" "$PASSES" "${passes[@]}"
+    rc=$(pass_rc main)
+    if [ ${#passes[@]} -gt 1 ]; then
+        rc2=$(pass_rc tgt)
         [ "$rc2" = 5 ] && rc2=0   # nothing selected (a -k for the main pass)
         [ "$rc" = 0 ] && rc=$rc2
     fi
@@ -298,10 +350,15 @@ bench)
     bash "$REPO/vm-testbed/bench-raid.sh" $BENCH_DISKS 2>&1 | tee "$RESULTS/bench.log"
     rc=${PIPESTATUS[0]}
     ;;
+bench-fio)
+    python3 "$REPO/vm-testbed/bench-fio.py" /dev/nbd0 /dev/nbd1 2>&1 | tee "$RESULTS/bench.log"
+    rc=${PIPESTATUS[0]}
+    for i in 0 1; do nbd-client -d "/dev/nbd$i" >/dev/null 2>&1; done
+    ;;
 bench-tape)
     # dump of an image to mhvtl's drive 0 vs dd of the same bytes and record size,
     # and a one-block partial restore by LOCATE vs reading the whole image
-    TAPE=$BLOCKXFER_TEST_TAPE BENCH_TAPE_MB=${TB_BENCH_TAPE_MB:-128} \
+    TAPE=$BLOCKXFER_TEST_TAPE BENCH_TAPE_MB=${TB_BENCH_TAPE_MB:-128} BENCH_TAPE_ROUNDS=${TB_BENCH_TAPE_ROUNDS:-3} \
         "$REPO/.venv/bin/python" -m bench.bench_tape 2>&1 | tee "$RESULTS/bench.log"
     rc=${PIPESTATUS[0]}
     ;;
