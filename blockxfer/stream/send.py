@@ -147,8 +147,9 @@ class _Sink:
         self.digest = xxhash.xxh3_128()
         self.stats = SendStats()
 
-    def put(self, rtype: int, body: bytes | memoryview, flags: int = 0) -> None:
-        pieces = fmt.record(rtype, self.stats.records, body, flags)
+    def put(self, rtype: int, body: bytes | memoryview, flags: int = 0,
+            *more: bytes | memoryview) -> None:
+        pieces = fmt.record(rtype, self.stats.records, body, flags, *more)
         if self.index is not None and rtype == fmt.DATA:
             vbn, count = fmt.DATA_HEAD.unpack_from(body, 0)
             self.index(rtype, self.stats.bytes, vbn, count)
@@ -289,10 +290,11 @@ def stream_plan(plan: SendPlan, out: ByteSink, reader: Reader, *, compress: bool
         data_only = plan.check.verify(vbn, data) if plan.check is not None else False
         packed = pack(data, data_only)
         first = rank(vbn) if rank else vbn
-        body = fmt.DATA_HEAD.pack(first, len(data) // bs) + (
-            packed if packed is not None else bytes(data))
         rflags = (fmt.F_ZSTD if packed is not None else 0) | (fmt.F_IMPLICIT if rank else 0)
-        sink.put(fmt.DATA, body, rflags)
+        # the blocks go to the sink as the reader gave them: sinks write or copy
+        # what they are given before returning, so the reader may reuse its buffer
+        sink.put(fmt.DATA, fmt.DATA_HEAD.pack(first, len(data) // bs), rflags,
+                 packed if packed is not None else data)
         sink.stats.data_blocks += len(data) // bs
     for k in range(0, len(plan.dealloc), 65536):
         sink.put(fmt.DEALLOC, b"".join(fmt.RUN.pack(v, c) for v, c in plan.dealloc[k:k + 65536]))

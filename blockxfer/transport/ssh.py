@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
 
+from .wire import widen_pipe
+
 SSH_FAILED = 255                     # ssh's own exit status for a connection failure
 
 
@@ -65,6 +67,8 @@ class SshChannel:
         except OSError as e:
             raise DeviceError(f"cannot run {ssh[0]}: {e.strerror}") from e
         assert self._proc.stdin is not None and self._proc.stdout is not None
+        widen_pipe(self._proc.stdin.fileno())
+        widen_pipe(self._proc.stdout.fileno())
         self.writer, self.reader = self._proc.stdin, self._proc.stdout
 
     def _stderr_tail(self) -> str:
