@@ -246,3 +246,20 @@ def test_pipes_get_room_for_a_frame() -> None:
     finally:
         for fd in (r, w, null):
             os.close(fd)
+
+
+def test_early_ssh_is_cut_when_the_command_is_refused(tmp_path: Path) -> None:
+    """`send ... ssh://` starts ssh before its imports; a refused command cuts it."""
+    pids = tmp_path / "pids"
+    script = tmp_path / "slowssh"
+    script.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 60\n")
+    script.chmod(0o755)
+    env = {"BLOCKXFER_SSH": str(script)}
+    r = bx("send", "--verify", str(tmp_path / "v.img"), "a", "ssh://h/x.img", env=env)
+    assert r.returncode == 2 and b"--verify" in r.stderr
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(started[0], 0)
+    r = bx("send", "-n", str(tmp_path / "v.img"), "a", "ssh://h/x.img", env=env)
+    assert len(pids.read_text().split()) == 1             # a dry run connects nowhere
