@@ -5,7 +5,9 @@ One `weed mini` (SeaweedFS) on 127.0.0.1 serves both sides. Rows, runs interleav
 
 - full upload of a SIZE image vs boto3 `upload_file` of the same bytes (goal >= 0.9x);
 - a 5 % incremental upload: its bytes and time against the full's;
-- restore of the newest of 10 snapshots vs boto3 `download_file` of as many bytes.
+- restore of the newest of 10 snapshots vs boto3 `download_file` of as many bytes
+  and an fsync of the file (the restore's volume is durable when it returns);
+  issue 14 sets no number for it: the summary holds it to the upload's 0.9x.
 
 SIZE defaults to 1 GiB (BLOCKXFER_BENCH_OBJSTORE_SIZE, e.g. 256M); RUNS to 3.
 """
@@ -31,7 +33,7 @@ from blockxfer.transfer.objstore.upload import upload_image
 from blockxfer.units import parse_size
 from blockxfer.volume import Volume
 
-from .common import SCRATCH
+from .common import SCRATCH, row
 
 MiB = 1 << 20
 
@@ -92,7 +94,7 @@ def main() -> None:
             client.upload_file(raw, srv.bucket, f"peer/{uuid.uuid4().hex}")
             return time.perf_counter() - t
         a, b = _median(ours_full, peer_put, runs)
-        _print("full upload vs upload_file", size / a, size / b, 0.9)
+        print(row("full upload vs upload_file", a, b, size, 0.9), flush=True)
 
         store = stores[0]
         t_inc, inc_bytes = _upload(store, vol, "s2 - s1")
@@ -118,18 +120,15 @@ def main() -> None:
         def peer_get() -> float:
             t = time.perf_counter()
             client.download_file(srv.bucket, key, os.path.join(d, "peer.raw"))
+            with open(os.path.join(d, "peer.raw"), "rb") as f:
+                os.fsync(f.fileno())         # durable, as the restored volume is
             return time.perf_counter() - t
         a, b = _median(ours_restore, peer_get, runs)
-        _print("restore newest of 10 vs download_file", nbytes / a, size / b, None)
+        # the peer downloads `size` bytes, ours restores `nbytes`: compare rates
+        print(row("restore newest of 10 vs download_file", nbytes / a / 1e9, size / b / 1e9,
+                  goal=0.9), flush=True)
     vol.close()
     shutil.rmtree(d, ignore_errors=True)
-
-
-def _print(name: str, ours: float, peer: float, goal: float | None) -> None:
-    ratio = ours / peer
-    mark = "" if goal is None else ("  ok" if ratio >= goal else f"  BELOW GOAL {goal}")
-    print(f"{name:38} ours {ours / MiB:7.1f} MiB/s   peer {peer / MiB:7.1f} MiB/s   "
-          f"ratio {ratio:5.2f}{mark}", flush=True)
 
 
 if __name__ == "__main__":

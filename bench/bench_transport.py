@@ -1,6 +1,7 @@
 """Transport bench (issue 11): `send ... ssh://127.0.0.1/PATH` (the far side receives
 into a volume) vs `ssh 127.0.0.1 'cat > file'` of the same stream bytes, through one
-sshd started here, interleaved, medians of 3 (goal >= 0.9 of the peer).
+sshd started here, interleaved (ours, peer, ours, ...; BLOCKXFER_BENCH_ROUNDS,
+default 3), medians compared (goal >= 0.9 of the peer).
 
 Both use the same ssh command ($BLOCKXFER_SSH as the bench sets it, with the cipher
 ssh picks by default). Run as root: `python -m bench.bench_transport` (needs
@@ -21,7 +22,7 @@ from .common import SCRATCH, drop_caches, row
 
 GIB = 1 << 30
 SIZE = GIB // 2
-ROUNDS = 3
+ROUNDS = int(os.environ.get("BLOCKXFER_BENCH_ROUNDS", "3"))
 BX = os.path.join(os.path.dirname(sys.executable), "blockxfer")
 
 

@@ -395,3 +395,22 @@ def test_incremental_still_refuses_a_damaged_changed_block(tmp_path: Path) -> No
     with pytest.raises(DamagedBlock, match=f"VBN {vbn}"):
         send_image(vol, "b - a", io.BytesIO())
     vol.close()
+
+
+def test_mixed_chunk_compresses_only_its_metadata() -> None:
+    """A chunk whose file data does not shrink goes as several records: the data
+    blocks as they are, the metadata between them compressed (a whole compression
+    of the chunk was spent on the data in vain)."""
+    import numpy as np
+
+    from blockxfer.stream.send import _compressor
+    bs = 4096
+    known = np.array([True] * 20 + [False] * 3 + [True] * 10, dtype=bool)
+    blocks = [os.urandom(bs) if k else bytes(bs) for k in known]
+    data = memoryview(b"".join(blocks))
+    out = list(_compressor(True, bs)(data, known))
+    assert [(first, len(piece) // bs, packed is not None) for first, piece, packed in out] == [
+        (0, 20, False), (20, 3, True), (23, 10, False)]
+    assert b"".join(bytes(p) for _, p, _ in out) == bytes(data)
+    text = memoryview(b"".join(b"%d words of text " % i * 300 for i in range(33))[:33 * bs])
+    assert [(f, p is not None) for f, _, p in _compressor(True, bs)(text, known)] == [(0, True)]

@@ -67,6 +67,49 @@ def test_frames_round_trip() -> None:
     assert wire.read_status(r._r, "peer") == {"top": "b"}
 
 
+def _frames(raw: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while True:
+        (n,) = wire.FRAME.unpack_from(raw, pos)
+        pos += wire.FRAME.size
+        if n == 0:
+            return out
+        out.append(raw[pos:pos + n])
+        pos += n
+
+
+def test_frames_stay_under_the_limit_and_own_their_bytes() -> None:
+    """A write larger than a frame is cut (the reader refuses frames over MAX_FRAME),
+    and a small view the caller fills again afterwards goes out as it was."""
+    buf = io.BytesIO()
+    w = wire.FrameWriter(buf)
+    big = os.urandom(wire.MAX_FRAME + wire.FRAME_SIZE + 5)
+    reused = bytearray(b"a" * 100)
+    w.write(memoryview(reused))
+    reused[:] = b"b" * 100
+    w.write(memoryview(big))
+    w.write(b"tail")
+    w.end()
+    frames = _frames(buf.getvalue())
+    assert max(map(len, frames)) <= wire.MAX_FRAME
+    assert b"".join(frames) == b"a" * 100 + big + b"tail"
+
+
+def test_a_record_body_travels_in_one_frame() -> None:
+    """The frame that a record's body fills carries the whole body: the far side
+    reads it out of one frame instead of joining two."""
+    buf = io.BytesIO()
+    w = wire.FrameWriter(buf)
+    body = os.urandom(wire.FRAME_SIZE + 40)
+    for _ in range(3):
+        w.write(b"h" * 24)
+        w.write(memoryview(body))
+        w.write(b"c" * 8)
+    w.end()
+    frames = _frames(buf.getvalue())
+    assert all(body in f for f in frames[:3])
+
+
 def test_far_error_keeps_its_class_and_exit_code() -> None:
     buf = io.BytesIO()
     wire.write_status(buf, error=VolumeError("no room"))
@@ -154,3 +197,69 @@ def test_stdio_serve_pins_volume_and_operation(tmp_path: Path) -> None:
     request = wire.MAGIC + f'{{"op": "receive", "volume": "{vol}"}}\n'.encode()
     r = bx("stdio-serve", "--volume", vol, "--allow", "send", data=request)
     assert r.returncode == 4 and b"may not receive here" in r.stdout
+
+
+class _Channel:
+    """A channel whose far side has already answered (`answer`)."""
+
+    peer = "far"
+
+    def __init__(self, answer: bytes) -> None:
+        self.reader = io.BufferedReader(io.BytesIO(answer))   # type: ignore[arg-type]
+        self.writer = io.BytesIO()
+        self.aborted = False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def explain(self, e: Exception, cause: OSError | None = None) -> Exception:
+        return e
+
+
+def test_sink_plans_while_the_far_side_starts() -> None:
+    """The request goes out at once, its answer is read only at the first write (the
+    far side's start-up overlaps this side's planning), and a refusal still comes
+    before any stream byte."""
+    from blockxfer.transport.endpoint import EndpointSink
+    refused = io.BytesIO()
+    wire.write_status(refused, error=VolumeError("no room"))
+    ch = _Channel(refused.getvalue())
+    sink = EndpointSink(ch, "/v.img")                         # type: ignore[arg-type]
+    assert ch.reader.tell() == 0 and ch.writer.getvalue().startswith(wire.MAGIC)
+    sent = len(ch.writer.getvalue())
+    with pytest.raises(VolumeError, match="no room"):
+        sink.write(b"stream bytes")
+    assert ch.aborted and len(ch.writer.getvalue()) == sent
+
+
+def test_pipes_get_room_for_a_frame() -> None:
+    import fcntl
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        wire.widen_pipe(w)
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) >= wire.FRAME_SIZE
+        wire.widen_pipe(null)                                # not a pipe: left alone
+    finally:
+        for fd in (r, w, null):
+            os.close(fd)
+
+
+def test_early_ssh_is_cut_when_the_command_is_refused(tmp_path: Path) -> None:
+    """`send ... ssh://` starts ssh before its imports; a refused command cuts it."""
+    pids = tmp_path / "pids"
+    script = tmp_path / "slowssh"
+    script.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 60\n")
+    script.chmod(0o755)
+    env = {"BLOCKXFER_SSH": str(script)}
+    r = bx("send", "--verify", str(tmp_path / "v.img"), "a", "ssh://h/x.img", env=env)
+    assert r.returncode == 2 and b"--verify" in r.stderr
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(started[0], 0)
+    r = bx("send", "-n", str(tmp_path / "v.img"), "a", "ssh://h/x.img", env=env)
+    assert len(pids.read_text().split()) == 1             # a dry run connects nowhere

@@ -37,6 +37,9 @@ def _policy(a: argparse.Namespace) -> Policy:
 
 
 def cmd_stdio_serve(a: argparse.Namespace) -> Report:
+    from blockxfer.transport.wire import widen_pipe
+    widen_pipe(sys.stdin.fileno())
+    widen_pipe(sys.stdout.fileno())
     err = serve_request(sys.stdin.buffer, sys.stdout.buffer, _policy(a), "ssh peer")
     return Report({}, code=err.exit_code if err else 0)
 

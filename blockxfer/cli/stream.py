@@ -45,10 +45,10 @@ def cmd_send(a: argparse.Namespace) -> Report:
     if a.verify and (url in (None, "-") or is_volume_url(url)):
         raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
                          "destination checks every record as it receives)")
-    geometry = _geometry(a, a.path)
-    # the data size: the stream is a little larger (headers) or smaller (compression)
-    prog = progress(a, "send", image_bytes(a.path, a.expression) if not a.quiet else None)
-    with open_sink(url, force=a.force) as sink:
+    with open_sink(url, force=a.force) as sink:    # first: a far side starts up meanwhile
+        geometry = _geometry(a, a.path)
+        # the data size: the stream is a little larger (headers) or smaller (compression)
+        prog = progress(a, "send", image_bytes(a.path, a.expression) if not a.quiet else None)
         r = send_to(a.path, a.expression, sink, compress=a.compress, implicit=a.implicit,
                     resume=a.resume, geometry=geometry, progress=prog.add)
     prog.finish()

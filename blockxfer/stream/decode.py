@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import xxhash
@@ -24,7 +25,7 @@ from .io import ByteSource
 class Data:
     vbn: int
     count: int
-    payload: bytes
+    payload: bytes | memoryview        # a view of the record's body: no copy of the blocks
     seq: int
 
 
@@ -32,6 +33,16 @@ class Data:
 class Dealloc:
     runs: list[tuple[int, int]]
     seq: int
+
+
+@runtime_checkable
+class Records(Protocol):
+    """What a receive applies: a header, then data and dealloc records, checked.
+    `StreamReader` decodes them from stream bytes; a source that holds the blocks
+    already checked (an object store's blobs) may hand them over directly."""
+
+    def read_header(self) -> fmt.Header: ...
+    def __iter__(self) -> Iterator[Data | Dealloc]: ...
 
 
 class StreamReader:
@@ -175,7 +186,7 @@ class StreamReader:
         if count == 0 or (not ordinal and vbn < h.first_data_vbn) or vbn + count > h.nblocks:
             raise self._fail(f"data record names blocks {vbn}+{count} outside the volume")
         want = count * h.block_size
-        payload = body[fmt.DATA_HEAD.size:]
+        payload: bytes | memoryview = memoryview(body)[fmt.DATA_HEAD.size:]
         if flags & fmt.F_ZSTD:
             try:
                 payload = self._zstd.decompress(payload, max_output_size=want)

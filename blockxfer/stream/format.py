@@ -159,12 +159,15 @@ def _snap(raw: bytes, pos: int) -> tuple[SnapshotRef, int]:
 Piece = bytes | memoryview
 
 
-def record(rtype: int, seq: int, body: Piece, flags: int = 0) -> list[Piece]:
-    """The pieces of one record, ready for writev (no copy of the body)."""
-    head = RECORD.pack(RECORD_MAGIC, rtype, flags, 0, len(body), seq, 0)
+def record(rtype: int, seq: int, body: Piece, flags: int = 0, *more: Piece) -> list[Piece]:
+    """The pieces of one record, ready for writev (no copy of the body). The body
+    may come in parts (`body` then `more`: a data record's head and its blocks)."""
+    head = RECORD.pack(RECORD_MAGIC, rtype, flags, 0, len(body) + sum(map(len, more)), seq, 0)
     h = xxhash.xxh3_64(head)
     h.update(body)
-    return [head, body, CHECK.pack(h.intdigest())]
+    for part in more:
+        h.update(part)
+    return [head, body, *more, CHECK.pack(h.intdigest())]
 
 
 @dataclass(frozen=True)

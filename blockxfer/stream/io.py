@@ -10,6 +10,9 @@ from typing import Protocol, runtime_checkable
 
 
 class ByteSink(Protocol):
+    """`write` is done with `data` when it returns (written or copied): the encoder
+    passes views of the reader's buffers, which the reader then fills again."""
+
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
     def flush(self) -> None: ...
 

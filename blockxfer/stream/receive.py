@@ -21,7 +21,7 @@ from blockxfer.volume import Volume, has_signature
 from blockxfer.volume.receiver import IncomingImage, Receiver, interrupted_here
 
 from . import format as fmt
-from .decode import Data, Dealloc, StreamReader
+from .decode import Data, Dealloc, Records, StreamReader
 from .io import ByteSource, SeekableSource
 from .send import make_token
 
@@ -114,19 +114,21 @@ def _uuid(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
-def receive_stream(f: ByteSource, path: str, open_device: OpenDevice, *, force: bool = False,
-                   seekable: bool = False, source_hint: str = "SOURCE",
+def receive_stream(f: ByteSource | Records, path: str, open_device: OpenDevice, *,
+                   force: bool = False, seekable: bool = False, source_hint: str = "SOURCE",
                    retry: str | None = None,
                    progress: Callable[[int], None] | None = None,
                    carry: dict[str, bytes] | None = None) -> ReceiveResult:
-    """Apply a stream to the volume (or new volume) at `path`. With `seekable` (`f` is
-    then a SeekableSource) a full stream is verified whole before anything is written.
-    `retry`, when given, replaces the resume hint of a failure (a source that cannot
-    `send --resume`). `carry`: local properties a full image keeps from the volume
-    it overwrites (`Receiver.for_device`)."""
-    reader = StreamReader(f, "stream")
+    """Apply a stream (its bytes, or its records already checked) to the volume (or
+    new volume) at `path`. With `seekable` (`f` is then a SeekableSource) a full
+    stream is verified whole before anything is written. `retry`, when given,
+    replaces the resume hint of a failure (a source that cannot `send --resume`).
+    `carry`: local properties a full image keeps from the volume it overwrites
+    (`Receiver.for_device`)."""
+    reader = f if isinstance(f, Records) else StreamReader(f, "stream")
     h = reader.read_header()
     if seekable and isinstance(f, SeekableSource) and not h.incremental:
+        assert isinstance(reader, StreamReader)
         _verify_rest(reader)
         f.seek(0)
         reader = StreamReader(f, "stream")
@@ -213,7 +215,7 @@ def receive_into(f: ByteSource, vol: Volume, *, lock: AbstractContextManager[Any
         r.close()
 
 
-def _receive(reader: StreamReader, h: fmt.Header, r: Receiver,
+def _receive(reader: Records, h: fmt.Header, r: Receiver,
              progress: Callable[[int], None] | None,
              lock: AbstractContextManager[Any] | None = None) -> ReceiveResult:
     """Decode -> the receiver: blocks placed, progress saved now and then, the root

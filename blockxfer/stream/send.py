@@ -15,6 +15,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import xxhash
@@ -147,8 +148,9 @@ class _Sink:
         self.digest = xxhash.xxh3_128()
         self.stats = SendStats()
 
-    def put(self, rtype: int, body: bytes | memoryview, flags: int = 0) -> None:
-        pieces = fmt.record(rtype, self.stats.records, body, flags)
+    def put(self, rtype: int, body: bytes | memoryview, flags: int = 0,
+            *more: bytes | memoryview) -> None:
+        pieces = fmt.record(rtype, self.stats.records, body, flags, *more)
         if self.index is not None and rtype == fmt.DATA:
             vbn, count = fmt.DATA_HEAD.unpack_from(body, 0)
             self.index(rtype, self.stats.bytes, vbn, count)
@@ -164,27 +166,46 @@ class _Sink:
 
 
 SAMPLE = 64 << 10                        # bytes of a record tried before the whole of it
+Encoded = tuple[int, memoryview, bytes | None]   # first block in the chunk, blocks, packed
 
 
-def _compressor(enabled: bool) -> Callable[[memoryview, bool], bytes | None]:
+def _shrinks(zc: zstandard.ZstdCompressor, sample: bytes | memoryview) -> bool:
+    return len(zc.compress(sample)) < len(sample) - len(sample) // 32
+
+
+def _packed(zc: zstandard.ZstdCompressor, data: memoryview) -> bytes | None:
+    packed = zc.compress(data)
+    return packed if len(packed) < len(data) else None
+
+
+def _compressor(enabled: bool, block_size: int
+                ) -> Callable[[memoryview, np.ndarray | None], Iterator[Encoded]]:
     """zstd level 1 per record, kept only when smaller. Metadata that travels with
-    the data (LBA leaves, planes) shrinks several times. A record of file data only
-    (`data_only`: every block is one the maps point at) is tried on its first
-    SAMPLE bytes first and goes as it is when they do not shrink by 1/32: random
-    or encrypted data then costs a sixteenth of a compression of it (it was a
-    third of an incremental send's time), the habit btrfs has too."""
+    the data (LBA leaves, planes) shrinks several times. The file data in a chunk
+    (`known`: the blocks the maps point at) is tried on a SAMPLE of its blocks
+    first; when that does not shrink by 1/32 (random or encrypted data, the habit
+    btrfs has too) the data blocks go as they are, and a chunk that mixes them
+    with metadata goes as several records, so that neither is compressed in vain
+    (a whole compression of the data was most of an incremental send's time)."""
     zc = zstandard.ZstdCompressor(level=1)
+    per = max(1, SAMPLE // block_size)
 
-    def pack(data: memoryview, data_only: bool = False) -> bytes | None:
+    def encode(data: memoryview, known: np.ndarray | None) -> Iterator[Encoded]:
         if not enabled:
-            return None
-        if data_only and len(data) > 2 * SAMPLE:
-            sample = zc.compress(data[:SAMPLE])
-            if len(sample) > SAMPLE - SAMPLE // 32:
-                return None
-        packed = zc.compress(data)
-        return packed if len(packed) < len(data) else None
-    return pack
+            yield 0, data, None
+            return
+        if known is None or not known.any():
+            yield 0, data, _packed(zc, data)
+            return
+        blocks = np.frombuffer(data, dtype=np.uint8).reshape(-1, block_size)
+        if _shrinks(zc, blocks[np.nonzero(known)[0][:per]].tobytes()):
+            yield 0, data, _packed(zc, data)
+            return
+        edges = [0, *(np.nonzero(np.diff(known.astype(np.int8)))[0] + 1).tolist(), len(known)]
+        for a, b in pairwise(edges):
+            piece = data[a * block_size:b * block_size]
+            yield a, piece, None if known[a] else _packed(zc, piece)
+    return encode
 
 
 class BlockCheck:
@@ -213,19 +234,24 @@ class BlockCheck:
         """Refuse a chunk holding a data block whose bytes do not match its map's
         checksum (metadata blocks, not in the maps' leaves, are checked by the
         receiver when it reads them). True when every block was a data block."""
+        known = self.known(first, data)
+        return known is not None and bool(known.all())
+
+    def known(self, first: int, data: memoryview) -> np.ndarray | None:
+        """`verify`, answering which blocks of the chunk are data blocks (None: none)."""
         if not len(self.vbns):
-            return False
+            return None
         want = np.arange(first, first + len(data) // self.bs, dtype=np.uint64)
         at = np.minimum(np.searchsorted(self.vbns, want), len(self.vbns) - 1)
         known = self.vbns[at] == want
         if not known.any():
-            return False
+            return None
         bad = np.nonzero(known & (self.checksums[at] != block_checksums(data, self.bs)))[0]
         if len(bad):
             raise DamagedBlock(f"checksum mismatch in block VBN {first + int(bad[0])} "
                               f"({len(bad)} bad blocks in one read): the volume is damaged, "
                               "nothing more was sent; run 'blockxfer check'")
-        return bool(known.all())
+        return known
 
 
 @dataclass
@@ -284,16 +310,17 @@ def stream_plan(plan: SendPlan, out: ByteSink, reader: Reader, *, compress: bool
     if rank:
         raw = plan.plane[:plan.nblocks].tobytes()
         sink.put(fmt.BITMAP, zstandard.ZstdCompressor(level=3).compress(raw))
-    pack = _compressor(compress)
+    encode = _compressor(compress, bs)
     for vbn, data in reader(plan.runs):
-        data_only = plan.check.verify(vbn, data) if plan.check is not None else False
-        packed = pack(data, data_only)
-        first = rank(vbn) if rank else vbn
-        body = fmt.DATA_HEAD.pack(first, len(data) // bs) + (
-            packed if packed is not None else bytes(data))
-        rflags = (fmt.F_ZSTD if packed is not None else 0) | (fmt.F_IMPLICIT if rank else 0)
-        sink.put(fmt.DATA, body, rflags)
-        sink.stats.data_blocks += len(data) // bs
+        known = plan.check.known(vbn, data) if plan.check is not None else None
+        for off, piece, packed in encode(data, known):
+            first = rank(vbn + off) if rank else vbn + off
+            rflags = (fmt.F_ZSTD if packed is not None else 0) | (fmt.F_IMPLICIT if rank else 0)
+            # the blocks go to the sink as the reader gave them: sinks write or copy
+            # what they are given before returning, so the reader may reuse its buffer
+            sink.put(fmt.DATA, fmt.DATA_HEAD.pack(first, len(piece) // bs), rflags,
+                     packed if packed is not None else piece)
+            sink.stats.data_blocks += len(piece) // bs
     for k in range(0, len(plan.dealloc), 65536):
         sink.put(fmt.DEALLOC, b"".join(fmt.RUN.pack(v, c) for v, c in plan.dealloc[k:k + 65536]))
     trailer = fmt.Trailer(sink.stats.records, sink.stats.data_blocks,

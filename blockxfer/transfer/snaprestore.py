@@ -91,7 +91,7 @@ class TapeBlocks:
         raw = rec.payload[(vbn - rec.vbn) * self.bs:(vbn - rec.vbn + 1) * self.bs]
         if checksum(raw) != ck:
             raise FormatError(f"block {vbn} from tape has the wrong checksum")
-        return raw
+        return bytes(raw)                  # a record's payload is a view of its body
 
     def read_many(self, rows: np.ndarray) -> bytes:
         return b"".join(self.read_block(int(v), int(c)) for v, c in rows)

@@ -127,9 +127,8 @@ def ask_far(url: str, request: dict[str, Any]) -> Result:
 def _far(url: str) -> tuple[Channel, str]:
     """The channel to the far side of an ssh:// or tls:// URL, and the volume there."""
     if scheme_of(url) == "ssh":
-        from .ssh import SshChannel, SshUrl
-        u = SshUrl.parse(url)
-        return SshChannel(u), u.path
+        from .ssh import channel
+        return channel(url)
     from .tls import TlsChannel, TlsUrl
     t = TlsUrl.parse(url)
     return TlsChannel(t), t.path

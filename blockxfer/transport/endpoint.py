@@ -48,17 +48,28 @@ def _status(ch: Channel) -> Result:
         raise ch.explain(StreamError(f"{ch.peer}: {_why(e)}"), e) from e
 
 
-def _open(ch: Channel, request: dict[str, Any]) -> Result:
-    """Send the request and wait for the far side to be ready; abort on refusal."""
+def _request(ch: Channel, request: dict[str, Any]) -> None:
+    """Send the request (the far side answers once it has checked it)."""
     try:
         wire.write_request(ch.writer, request)
-        return _status(ch)
     except OSError as e:
         ch.abort()
         raise ch.explain(StreamError(f"{ch.peer}: {_why(e)}"), e) from e
+
+
+def _ready(ch: Channel) -> Result:
+    """Wait for the far side's answer to the request; abort on refusal."""
+    try:
+        return _status(ch)
     except BaseException:
         ch.abort()
         raise
+
+
+def _open(ch: Channel, request: dict[str, Any]) -> Result:
+    """Send the request and wait for the far side to be ready; abort on refusal."""
+    _request(ch, request)
+    return _ready(ch)
 
 
 def ask(ch: Channel, request: dict[str, Any]) -> Result:
@@ -69,18 +80,30 @@ def ask(ch: Channel, request: dict[str, Any]) -> Result:
 
 
 class EndpointSink(Sink):
-    """Streams into `volume` on the far side, which receives it atomically."""
+    """Streams into `volume` on the far side, which receives it atomically.
+
+    The request goes out at once but its answer is awaited only at the first
+    write: the far side starts up (ssh, a Python process, its imports) while this
+    side plans the send. A refusal still arrives before any stream byte goes."""
 
     def __init__(self, ch: Channel, volume: str, *, force: bool = False) -> None:
         super().__init__()
         self.name = f"{ch.peer}:{volume}"
         self._ch = ch
-        _open(ch, {"op": "receive", "volume": volume, "force": force})
-        self._frames = wire.FrameWriter(ch.writer)
+        _request(ch, {"op": "receive", "volume": volume, "force": force})
+        self._started: wire.FrameWriter | None = None
+
+    @property
+    def _frames(self) -> wire.FrameWriter:
+        if self._started is None:
+            _ready(self._ch)
+            self._started = wire.FrameWriter(self._ch.writer)
+        return self._started
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        frames = self._frames
         try:
-            return self._frames.write(data)
+            return frames.write(data)
         except OSError as e:              # the far side stopped reading: ask it why
             raise self._far_error(e) from e
 

@@ -11,6 +11,7 @@ far side's `authorized_keys` (docs/transport.md).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
+
+from .wire import widen_pipe
 
 SSH_FAILED = 255                     # ssh's own exit status for a connection failure
 
@@ -65,6 +68,8 @@ class SshChannel:
         except OSError as e:
             raise DeviceError(f"cannot run {ssh[0]}: {e.strerror}") from e
         assert self._proc.stdin is not None and self._proc.stdout is not None
+        widen_pipe(self._proc.stdin.fileno())
+        widen_pipe(self._proc.stdout.fileno())
         self.writer, self.reader = self._proc.stdin, self._proc.stdout
 
     def _stderr_tail(self) -> str:
@@ -96,3 +101,30 @@ class SshChannel:
         if code != 0 and tail:
             return type(e)(f"{self.peer}: {tail}")
         return e
+
+
+_EARLY: dict[str, SshChannel] = {}
+
+
+def prestart(url: str) -> None:
+    """Start the ssh process for `url` now: `blockxfer send ... ssh://` calls this
+    before its own imports, so the far side connects and starts up meanwhile, as
+    both ends of `zfs send | ssh host zfs receive` start at once. Nothing is sent
+    until the sink adopts the channel; one left unadopted (a usage error) is cut
+    at exit."""
+    try:
+        _EARLY[url] = SshChannel(SshUrl.parse(url))
+    except BlockxferError:
+        return                           # the command reports it in its own turn
+    atexit.register(_cut_unadopted)
+
+
+def channel(url: str) -> tuple[SshChannel, str]:
+    """The channel to `url` (the one started early, if any) and the path there."""
+    u = SshUrl.parse(url)
+    return _EARLY.pop(url, None) or SshChannel(u), u.path
+
+
+def _cut_unadopted() -> None:
+    while _EARLY:
+        _EARLY.popitem()[1].abort()

@@ -22,6 +22,8 @@ drop the last bytes).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import struct
 from typing import Any, Protocol
@@ -35,6 +37,15 @@ MAX_LINE = 64 << 10
 FRAME = struct.Struct(">I")
 FRAME_SIZE = 1 << 20                 # bytes gathered before a frame goes out
 MAX_FRAME = 16 << 20
+PIPE_SIZE = 1 << 20                  # Linux's default pipe-max-size
+
+
+def widen_pipe(fd: int) -> None:
+    """Give a pipe room for a whole frame (the default 64 KiB makes the writer and
+    the far reader, ssh in between, take turns sixteen times a frame); nothing on
+    a socket, a file or where the limit is lower."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 class Writer(Protocol):
@@ -99,26 +110,45 @@ def read_status(r: Reader, peer: str) -> Result:
 
 
 class FrameWriter:
-    """Gathers writes into frames of FRAME_SIZE bytes."""
+    """Gathers writes into frames of about FRAME_SIZE bytes (at most MAX_FRAME).
+
+    Small pieces are kept (copied, as a caller may reuse its buffer) until a frame
+    fills; a piece that fills one goes out at once, behind its frame header and the
+    kept pieces, without being copied: a record's body is never gathered into a
+    buffer first, and the far side reads it out of one frame."""
 
     def __init__(self, w: Writer) -> None:
         self._w = w
-        self._buf = bytearray()
+        self._kept: list[bytes | memoryview] = []
+        self._size = 0
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
-        self._buf += data
-        if len(self._buf) >= FRAME_SIZE:
+        n = len(data)
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        while len(view) > MAX_FRAME - FRAME_SIZE:       # a frame never exceeds MAX_FRAME
+            self._put(view[:FRAME_SIZE])
+            view = view[FRAME_SIZE:]
+        self._put(view)
+        return n
+
+    def _put(self, piece: bytes | memoryview) -> None:
+        if self._size + len(piece) >= FRAME_SIZE:
+            self._kept.append(piece)
+            self._size += len(piece)
             self._emit()
-        return len(data)
+            return
+        self._kept.append(piece if isinstance(piece, bytes) else bytes(piece))
+        self._size += len(piece)
 
     def flush(self) -> None:
         """Frames go out as they fill; `end` sends the rest."""
 
     def _emit(self) -> None:
-        if self._buf:
-            self._w.write(FRAME.pack(len(self._buf)))
-            self._w.write(self._buf)
-            self._buf = bytearray()
+        if self._size:
+            self._w.write(FRAME.pack(self._size))
+            for piece in self._kept:
+                self._w.write(piece)
+            self._kept, self._size = [], 0
 
     def end(self) -> None:
         self._emit()

@@ -125,8 +125,10 @@ def blob_check(blob: bytes | memoryview) -> int:
     return int(CHECK.unpack_from(blob, len(blob) - CHECK.size)[0])
 
 
-def open_blob(raw: bytes | memoryview, block_size: int, what: str) -> tuple[int, bitarray, bytes]:
-    """(chunk, mask, blocks) of a blob, every check done before anything is returned."""
+def open_blob(raw: bytes | memoryview, block_size: int,
+              what: str) -> tuple[int, bitarray, bytes | memoryview]:
+    """(chunk, mask, blocks) of a blob, every check done before anything is returned
+    (the blocks of an uncompressed blob are a view of `raw`)."""
     raw = memoryview(raw)
     if len(raw) < BLOB.size + CHECK.size:
         raise FormatError(f"{what} is truncated")
@@ -139,7 +141,7 @@ def open_blob(raw: bytes | memoryview, block_size: int, what: str) -> tuple[int,
         raise FormatError(f"{what} is damaged: its lengths do not add up")
     mask = bitarray(endian="little")
     mask.frombytes(bytes(raw[BLOB.size:BLOB.size + c // 8]))
-    payload = bytes(raw[BLOB.size + c // 8:BLOB.size + c // 8 + plen])
+    payload: bytes | memoryview = raw[BLOB.size + c // 8:BLOB.size + c // 8 + plen]
     want = mask.count() * block_size
     if flags & B_ZSTD:
         try:

@@ -175,7 +175,7 @@ def _live_blobs(store: Store, pid: bytes, u: _Users,
     return out
 
 
-def _trimmed(chunk: int, mask: bitarray, data: bytes, b: _Blob) -> bytes:
+def _trimmed(chunk: int, mask: bitarray, data: bytes | memoryview, b: _Blob) -> bytes:
     """The blob with only the blocks in `b.taken` (a subset of `mask`)."""
     keep = bytearray()
     for i, vbn in enumerate(mask.search(1)):

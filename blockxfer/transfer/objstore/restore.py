@@ -23,7 +23,7 @@ from bitarray import bitarray
 from blockxfer.checksum import checksum
 from blockxfer.errors import BlockxferError, FormatError, NotFound, StreamError
 from blockxfer.stream import format as sfmt
-from blockxfer.stream.decode import StreamReader
+from blockxfer.stream.decode import Data, Dealloc, StreamReader
 from blockxfer.stream.receive import OpenDevice, ReceiveResult, receive_stream
 
 from . import format as fmt
@@ -32,6 +32,7 @@ from .store import SnapshotRecord, Store
 RANGE_BYTES = 8 << 20                      # one ranged GET reads at most this much
 GAP = 256 << 10                            # read over a gap this small rather than split
 WORKERS = 8
+RECORD_BYTES = 4 << 20                     # a restored DATA record joins runs up to this much
 
 
 @dataclass
@@ -72,13 +73,22 @@ def plan_fetches(entries: list[fmt.Entry]) -> list[Fetch]:
     return out
 
 
-def fetched(store: Store, plan: list[Fetch], workers: int = WORKERS,
-            ) -> Iterator[tuple[Fetch, bytes]]:
-    """The bytes of each fetch, in plan order, with `workers` GETs ahead."""
+Opened = tuple[Blob, int, bitarray, bytes | memoryview]     # blob, chunk, mask, blocks
+
+
+def fetched(store: Store, plan: list[Fetch], block_size: int, workers: int = WORKERS,
+            ) -> Iterator[tuple[Fetch, list[Opened]]]:
+    """Each fetch's blobs, checked and opened, in plan order, with `workers` GETs
+    ahead. The worker that fetched a range also checks its blobs (their xxh3, and
+    the decompression of a compressed one, release the GIL), so the thread that
+    writes the stream only cuts runs out of them."""
+    def get(f: Fetch) -> list[Opened]:
+        raw = store.o.get(store.pack_key(f.pack), f.start, f.end)
+        return [(b, *open_checked(f, raw, b, block_size, store)) for b in f.blobs]
     with ThreadPoolExecutor(workers, thread_name_prefix="bx-get") as pool:
-        ahead: deque[tuple[Fetch, Future[bytes]]] = deque()
+        ahead: deque[tuple[Fetch, Future[list[Opened]]]] = deque()
         for f in plan:
-            ahead.append((f, pool.submit(store.o.get, store.pack_key(f.pack), f.start, f.end)))
+            ahead.append((f, pool.submit(get, f)))
             if len(ahead) > workers:
                 g, fut = ahead.popleft()
                 yield g, fut.result()
@@ -87,9 +97,9 @@ def fetched(store: Store, plan: list[Fetch], workers: int = WORKERS,
             yield g, fut.result()
 
 
-def blob_blocks(f: Fetch, raw: bytes, b: Blob, block_size: int, store: Store,
-                ) -> Iterator[tuple[int, int, memoryview]]:
-    """(first VBN, count, bytes) runs of the blocks taken from one checked blob."""
+def open_checked(f: Fetch, raw: bytes, b: Blob, block_size: int, store: Store,
+                 ) -> tuple[int, bitarray, bytes | memoryview]:
+    """(chunk, mask, blocks) of one blob of a fetch, checked against the manifest."""
     what = f"chunk {b.chunk} in pack {f.pack.hex()} (offset {b.offset})"
     view = memoryview(raw)[b.offset - f.start:b.offset - f.start + b.length]
     if len(view) != b.length or fmt.blob_check(view) != b.check:
@@ -98,6 +108,12 @@ def blob_blocks(f: Fetch, raw: bytes, b: Blob, block_size: int, store: Store,
     chunk, mask, data = fmt.open_blob(view, block_size, f"{store.url}: {what}")
     if chunk != b.chunk or len(mask) != len(b.mask) or (b.mask & ~mask).any():
         raise FormatError(f"{store.url}: {what} does not hold the blocks the manifest names")
+    return chunk, mask, data
+
+
+def blob_runs(b: Blob, chunk: int, mask: bitarray, data: bytes | memoryview, block_size: int,
+              ) -> Iterator[tuple[int, int, memoryview]]:
+    """(first VBN, count, bytes) runs of the blocks taken from one opened blob."""
     base, pos, payload = chunk * len(mask), 0, memoryview(data)
     while (s := b.mask.find(1, pos)) >= 0:
         e = b.mask.find(0, s)
@@ -105,6 +121,13 @@ def blob_blocks(f: Fetch, raw: bytes, b: Blob, block_size: int, store: Store,
         at = mask.count(1, 0, s)
         yield base + s, e - s, payload[at * block_size:(at + e - s) * block_size]
         pos = e
+
+
+def blob_blocks(f: Fetch, raw: bytes, b: Blob, block_size: int, store: Store,
+                ) -> Iterator[tuple[int, int, memoryview]]:
+    """(first VBN, count, bytes) runs of the blocks taken from one checked blob."""
+    chunk, mask, data = open_checked(f, raw, b, block_size, store)
+    yield from blob_runs(b, chunk, mask, data, block_size)
 
 
 def unchanged(man: fmt.Manifest, base: fmt.Manifest) -> list[fmt.Entry]:
@@ -124,10 +147,10 @@ def unchanged(man: fmt.Manifest, base: fmt.Manifest) -> list[fmt.Entry]:
     return out
 
 
-def stream_pieces(store: Store, man: fmt.Manifest, base: fmt.Manifest | None = None,
-                  ) -> Iterator[bytes | memoryview]:
-    """The bytes of an image stream of the manifest's snapshot: full, or incremental
-    from `base` (a snapshot the target holds complete)."""
+def _image(man: fmt.Manifest, base: fmt.Manifest | None,
+           ) -> tuple[sfmt.Header, list[fmt.Entry]]:
+    """The header of the image of the manifest's snapshot (full, or incremental from
+    `base`, a snapshot the target holds complete) and the entries it reads."""
     h = sfmt.Header.unpack(man.stream_header)
     entries = man.entries if base is None else unchanged(man, base)
     plane = bitarray(h.nblocks, endian="little")
@@ -138,24 +161,93 @@ def stream_pieces(store: Store, man: fmt.Manifest, base: fmt.Manifest | None = N
     h.base = None if base is None else sfmt.Header.unpack(base.stream_header).top
     h.flags, h.dealloc_blocks, h.stream_id = 0, 0, os.urandom(16)
     h.image_blocks, h.image_digest = plane.count(), checksum(plane.tobytes())
+    return h, entries
+
+
+def stream_pieces(store: Store, man: fmt.Manifest, base: fmt.Manifest | None = None,
+                  ) -> Iterator[bytes | memoryview]:
+    """The bytes of an image stream of the manifest's snapshot: full, or incremental
+    from `base` (a snapshot the target holds complete)."""
+    h, entries = _image(man, base)
     digest, seq, nbytes, blocks = xxhash.xxh3_128(), 0, 0, 0
 
-    def record(rtype: int, body: bytes | memoryview) -> list[bytes | memoryview]:
+    def record(rtype: int, body: bytes | memoryview, *more: bytes | memoryview,
+               ) -> list[bytes | memoryview]:
         nonlocal seq, nbytes
-        pieces = sfmt.record(rtype, seq, body)
+        pieces = sfmt.record(rtype, seq, body, 0, *more)
         seq += 1
         for p in pieces:
             digest.update(p)
             nbytes += len(p)
         return pieces
     yield from record(sfmt.HEADER, h.pack())
-    for f, raw in fetched(store, plan_fetches(entries)):
-        for b in f.blobs:
-            for vbn, count, data in blob_blocks(f, raw, b, man.block_size, store):
-                blocks += count
-                yield from record(sfmt.DATA, sfmt.DATA_HEAD.pack(vbn, count) + bytes(data))
+    runs = _joined(fetched(store, _by_vbn(plan_fetches(entries)), man.block_size),
+                   man.block_size)
+    for vbn, count, parts in runs:
+        blocks += count
+        yield from record(sfmt.DATA, sfmt.DATA_HEAD.pack(vbn, count), *parts)
     t = sfmt.Trailer(seq, blocks, 0, nbytes, digest.digest())
     yield from sfmt.record(sfmt.TRAILER, seq, t.pack())
+
+
+class SnapshotRecords:
+    """The records of the same image, for a receive on this host: straight from the
+    checked blobs, without encoding a stream only to decode it again (its record
+    checksums and digest cost more than the rest of a restore together). What the
+    stream decoder would check of them is checked here: blocks within the volume,
+    as many as the header promises."""
+
+    def __init__(self, store: Store, man: fmt.Manifest, base: fmt.Manifest | None,
+                 name: str) -> None:
+        self.store, self.man, self.name = store, man, name
+        self.header, self._entries = _image(man, base)
+
+    def read_header(self) -> sfmt.Header:
+        return self.header
+
+    def __iter__(self) -> Iterator[Data | Dealloc]:
+        h, blocks = self.header, 0
+        runs = _joined(fetched(self.store, _by_vbn(plan_fetches(self._entries)),
+                               self.man.block_size),
+                       self.man.block_size)
+        for seq, (vbn, count, parts) in enumerate(runs, start=1):
+            if vbn < h.first_data_vbn or vbn + count > h.nblocks:
+                raise StreamError(f"{self.name}: the manifest names blocks {vbn}+{count} "
+                                  "outside the volume")
+            blocks += count
+            yield Data(vbn, count, parts[0] if len(parts) == 1 else b"".join(parts), seq)
+        if blocks != h.image_blocks:
+            raise StreamError(f"{self.name}: the blobs hold {blocks} blocks, the manifest "
+                              f"names {h.image_blocks}")
+
+
+def _by_vbn(plan: list[Fetch]) -> list[Fetch]:
+    """The fetches in the order of their blocks (a plan is in pack order, and pack
+    ids are random): runs that continue one another then arrive one after the other,
+    and the target is written front to back."""
+    return sorted(plan, key=lambda f: min(b.chunk for b in f.blobs))
+
+
+def _joined(fetches: Iterator[tuple[Fetch, list[Opened]]], block_size: int,
+            ) -> Iterator[tuple[int, int, list[memoryview]]]:
+    """(first VBN, count, parts) of the DATA records: runs of checked blobs that
+    continue one another (a run crossing chunks is in several blobs) go as one
+    record of up to RECORD_BYTES, so the receiver writes large requests rather
+    than one per chunk; the parts are views of the fetched bytes, not copies."""
+    most = RECORD_BYTES // block_size
+    start, count, parts = 0, 0, list[memoryview]()
+    for _, blobs in fetches:
+        for b, chunk, mask, blocks in blobs:
+            for vbn, n, data in blob_runs(b, chunk, mask, blocks, block_size):
+                if count and (vbn != start + count or count + n > most):
+                    yield start, count, parts
+                    count, parts = 0, []
+                if not count:
+                    start = vbn
+                count += n
+                parts.append(data)
+    if count:
+        yield start, count, parts
 
 
 class PieceStream(io.RawIOBase):
@@ -179,9 +271,8 @@ class PieceStream(io.RawIOBase):
         return n
 
 
-def open_snapshot(store: Store, volume: str, name: str, *, base: str | None = None,
-                  ) -> tuple[SnapshotRecord, fmt.Manifest, io.BufferedReader]:
-    """A readable stream of snapshot `name`: full, or from `base` when given."""
+def _manifests(store: Store, volume: str, name: str, base: str | None,
+               ) -> tuple[SnapshotRecord, fmt.Manifest, fmt.Manifest | None]:
     cat = store.need_catalog(volume)
     rec = cat.find(name=name)
     if rec is None:
@@ -193,7 +284,21 @@ def open_snapshot(store: Store, volume: str, name: str, *, base: str | None = No
         brec = cat.find(name=base)
         assert brec is not None
         bman = store.manifest(volume, brec)
+    return rec, man, bman
+
+
+def open_snapshot(store: Store, volume: str, name: str, *, base: str | None = None,
+                  ) -> tuple[SnapshotRecord, fmt.Manifest, io.BufferedReader]:
+    """A readable stream of snapshot `name`: full, or from `base` when given."""
+    rec, man, bman = _manifests(store, volume, name, base)
     return rec, man, io.BufferedReader(PieceStream(stream_pieces(store, man, bman)), 1 << 20)
+
+
+def snapshot_records(store: Store, volume: str, name: str, *, base: str | None = None,
+                     ) -> SnapshotRecords:
+    """The records of snapshot `name` (full, or from `base`), for a receive here."""
+    rec, man, bman = _manifests(store, volume, name, base)
+    return SnapshotRecords(store, man, bman, f"{store.url}/{volume}@{rec.name}")
 
 
 def pull_base(store: Store, volume: str, name: str, target: str,
@@ -245,7 +350,7 @@ def restore_snapshot(store: Store, volume: str, name: str, target: str,
     existed = os.path.exists(target)
     if existed and base is None:
         verify_snapshot(store, volume, name)
-    _, _, f = open_snapshot(store, volume, name, base=base)
+    f = snapshot_records(store, volume, name, base=base)
     try:
         return receive_stream(f, target, open_device, force=force, seekable=False,
                               source_hint=f"{store.url}/{volume}", progress=progress)
