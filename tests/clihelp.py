@@ -11,6 +11,7 @@ tests/test_package.py always does for the installed wheel.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
@@ -53,10 +54,11 @@ def run(argv: Sequence[str], *, input: bytes | str | None = None, stdin: Out = N
 
 
 def _main(argv: list[str]) -> int:
+    """What the console script runs (blockxfer.cli.entry.run), in the child."""
     sys.argv = [BX[-1], *argv]
-    from blockxfer.cli import main
+    from blockxfer.cli.entry import run
     try:
-        return main(argv)
+        return run(argv)
     except SystemExit as e:                          # argparse's usage errors, --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
@@ -107,6 +109,7 @@ def _child(fn: Callable[[], int | None], pipes: dict[int, tuple[int, int]],
     code = 1
     try:
         os.setpgid(0, 0)              # a timeout kills the child and whatever it started
+        atexit._clear()               # the test runner's exit handlers are not the child's
         os.dup2(pipes[0][0], 0)
         if stdin is not None:
             os.dup2(_fd_of(stdin, os.O_RDONLY), 0)
@@ -144,6 +147,7 @@ def _child(fn: Callable[[], int | None], pipes: dict[int, tuple[int, int]],
         traceback.print_exc()
         code = 1
     finally:
+        atexit._run_exitfuncs()       # as the interpreter does on its way out
         for f in (sys.stdout, sys.stderr):
             with contextlib.suppress(BaseException):
                 f.flush()

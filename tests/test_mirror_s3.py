@@ -114,14 +114,17 @@ def _kill_points(url: str, tmp_path: Path, kills: int, seed: int) -> int:
     churn(vol, rng, 300, 0)
     configure(vol, url)
     vol.close()
-    target, cut = _target(url), 0
+    target, cut, window = _target(url), 0, 0.6
     for i in range(kills):
         pid = os.fork()
         if pid == 0:
             _child_update(src, url)
-        time.sleep(rng.uniform(0.05, 0.6))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        time.sleep(rng.uniform(0.02, window))
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            window *= 0.7                      # the update had ended: aim earlier
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         vol = open_vol(src)
         st = load(vol, src)
         cut += st.pending is not None

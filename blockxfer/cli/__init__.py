@@ -1,21 +1,17 @@
-"""The `blockxfer` command line: one module per command group (see app.GROUPS)."""
+"""The `blockxfer` command line: one module per command group (see app.GROUPS).
 
-import sys
+`main` and `build_parser` are app's, imported when first asked for: importing
+this package alone (as the entry point, blockxfer.cli.entry, does) must not
+import every command.
+"""
 
-
-def _early_ssh(argv: list[str]) -> None:
-    """`blockxfer send ... ssh://...`: connect before importing every command (about a
-    second on a busy machine), so that the far side's start-up overlaps ours."""
-    if len(argv) < 3 or argv[1] != "send" or {"-h", "--help", "-n", "--dry-run"} & set(argv):
-        return
-    url = next((a for a in argv[2:] if a.startswith("ssh://")), None)
-    if url is not None:
-        from blockxfer.transport.ssh import prestart
-        prestart(url)
-
-
-_early_ssh(sys.argv)
-
-from blockxfer.cli.app import build_parser, main  # noqa: E402 - after the early connection
+from typing import Any
 
 __all__ = ["build_parser", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from blockxfer.cli import app
+        return getattr(app, name)
+    raise AttributeError(f"module 'blockxfer.cli' has no attribute {name!r}")

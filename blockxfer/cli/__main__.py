@@ -1,5 +1,5 @@
 import sys
 
-from blockxfer.cli.app import main
+from blockxfer.cli.entry import run
 
-sys.exit(main())
+sys.exit(run())

@@ -159,7 +159,8 @@ def start_seaweedfs(directory: str | Path, *, bucket: str = "blockxfer",
     s3_port, *ports = free_ports(1 + len(_WEED_PORTS))
     args = [binary("weed") or "weed", "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
-            "-webdav=false", f"-s3.port={s3_port}", f"-s3.config={d / 's3.json'}",
+            "-webdav=false", "-s3.port.lance=0",   # its fixed 9101: a second server died
+            f"-s3.port={s3_port}", f"-s3.config={d / 's3.json'}",
             f"-bucket={bucket}"]
     args += [f"-{flag}={port}" for flag, port in zip(_WEED_PORTS, ports, strict=True)]
     log = d / "weed.log"
