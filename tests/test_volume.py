@@ -402,3 +402,44 @@ def test_blocks_trimmed_after_a_cp_are_not_reused_before_the_next(volume: Volume
         assert crashed.read(0, 4 * BS) == data
     finally:
         crashed.close()
+
+
+def test_aligned_small_writes_copy_the_callers_buffer(volume: Volume) -> None:
+    """An aligned small write is staged and logged straight from the caller's
+    buffer (no copy of its own): reusing the buffer at once must change nothing,
+    through reads, a sync (the intent log's inline data) and a reopen (replay)."""
+    buf = bytearray(os.urandom(3 * BS))
+    want = bytes(buf)
+    volume.write(5 * BS, memoryview(buf)[:BS])
+    volume.write(9 * BS, buf)
+    buf[:] = bytes(len(buf))
+    volume.sync()
+    buf[:] = b"x" * len(buf)
+    assert volume.read(5 * BS, BS) == want[:BS]
+    assert volume.read(9 * BS, 3 * BS) == want
+    volume = reopen(volume)
+    assert volume.read(5 * BS, BS) == want[:BS]
+    assert volume.read(9 * BS, 3 * BS) == want
+    assert check_volume(volume).clean
+    volume.close()
+
+
+def test_zero_blocks_inside_small_and_large_writes_are_holes(volume: Volume) -> None:
+    """Zero blocks are found by comparison in small writes and by numpy in large
+    ones: both unmap them, and a single zero block unmaps what it overwrites."""
+    data = b"a" * BS + bytes(2 * BS) + b"b" * BS
+    volume.write(0, data)                                   # small: compared
+    big = (b"c" * BS + bytes(BS)) * 40                      # 80 blocks: numpy
+    volume.write(16 * BS, big)
+    volume.write(200 * BS, b"d" * BS)
+    volume.write(200 * BS, bytes(BS))                       # one block of zeros
+    assert volume.read(0, 4 * BS) == data
+    assert volume.read(16 * BS, len(big)) == big
+    assert volume.read(200 * BS, BS) == bytes(BS)
+    mapped = [(o // BS, n // BS) for o, n, m in volume.extents(0, 256 * BS) if m]
+    assert mapped[:2] == [(0, 1), (3, 1)]
+    assert (200, 1) not in mapped and sum(n for o, n in mapped if 16 <= o < 96) == 40
+    volume = reopen(volume)
+    assert volume.read(16 * BS, len(big)) == big
+    assert check_volume(volume).clean
+    volume.close()
