@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -441,5 +445,43 @@ def test_zero_blocks_inside_small_and_large_writes_are_holes(volume: Volume) -> 
     assert (200, 1) not in mapped and sum(n for o, n in mapped if 16 <= o < 96) == 40
     volume = reopen(volume)
     assert volume.read(16 * BS, len(big)) == big
+    assert check_volume(volume).clean
+    volume.close()
+
+
+def test_large_reads_and_writes_keep_eight_requests_in_flight(volume: Volume) -> None:
+    """Sequential NBD reads and writes need 1 MiB requests at queue depth 8 to reach
+    the device (with 4 in flight, and 2 large writes, nbdcopy read at ~0.45x and
+    wrote at ~0.6x qemu-nbd): a large read, and large writes in a row, keep 8
+    device requests in flight."""
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow(real: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+        def call(buf: Any, offset: int) -> None:
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            try:
+                time.sleep(0.2)            # long enough for the others to pile up
+                real(buf, offset)
+            finally:
+                with lock:
+                    state["now"] -= 1
+        return call
+
+    data = os.urandom(2 << 20)             # four of them fill the virtual disk
+    real_write, real_read = volume.dev.pwrite, volume.dev.pread
+    volume.dev.pwrite = slow(real_write)  # type: ignore[method-assign]
+    for k in range(4):                     # four 2 MiB writes: 8 requests of 1 MiB
+        volume.write(k * len(data), data)
+    assert state["most"] >= 8
+    volume.commit()
+    volume.dev.pwrite = real_write  # type: ignore[method-assign]
+    state["most"] = 0
+    volume.dev.pread = slow(real_read)  # type: ignore[method-assign]
+    assert volume.read(0, 8 << 20) == data * 4
+    assert state["most"] >= 8
+    volume.dev.pread = real_read  # type: ignore[method-assign]
     assert check_volume(volume).clean
     volume.close()
