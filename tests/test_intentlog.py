@@ -6,6 +6,7 @@ or unbacked record ends the replay; `check` verifies the log; golden bytes."""
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def test_a_volume_without_log_region_syncs_with_a_cp(tmp_path: Path,
     assert contents(p)[0][:7] == b"durable"
 
 
-def _record() -> bytes:
+def _record(buf: mmap.mmap | None = None) -> bytes:
     root = RootRecord(7, 1_700_000_000_000_000_000, ObjectRef(10, 0xAB, 100, 2),
                       ObjectRef(11, 0xCD, 1, 1), ObjectRef(12, 0xEF, 300, 1))
     token = il.root_token(bytes(range(16)), root)
@@ -287,7 +288,29 @@ def _record() -> bytes:
     entries = [il.Entry(3, 1, il.INLINE, ptrs[:1], b"\xa5" * BS),
                il.Entry(10, 2, il.POINTER, ptrs),
                il.Entry(20, 5, il.UNMAP)]
-    return bytes(il.pack_record(token, 1, 7, 0, entries, BS))
+    return bytes(il.pack_record(token, 1, 7, 0, entries, BS, buf))
+
+
+def test_a_reused_record_buffer_gives_the_same_bytes() -> None:
+    """The log packs each record into the buffer of the one before (no mmap per
+    FLUSH): whatever that buffer held, the bytes are those of a fresh one."""
+    buf = mmap.mmap(-1, 8 * il.UNIT)
+    buf.write(b"\xff" * len(buf))
+    assert _record(buf) == _record()
+
+
+def test_one_record_buffer_serves_every_small_record(path: str) -> None:
+    vol = opened(path, True)
+    want = [os.urandom(BS) for _ in range(3)]
+    for k, raw in enumerate(want):
+        vol.write(k * BS, raw)
+        vol.sync()
+        if k == 0:
+            kept = vol.log._buf
+    assert kept is not None and vol.log._buf is kept
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 3 and disk[:3 * BS] == b"".join(want)
 
 
 def test_record_golden_bytes() -> None:
@@ -304,3 +327,22 @@ def test_record_golden_bytes() -> None:
     assert entries[0].data == b"\xa5" * BS
     view[200] ^= 1
     assert not il.verify(view)
+
+
+def test_inline_data_beyond_the_limit_becomes_pointers_once(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past INLINE_LIMIT the pending entries turn into pointers; each conversion
+    looks only at the entries added since the last one, and the record still
+    replays every write."""
+    monkeypatch.setattr(il, "INLINE_LIMIT", 2 * BS)
+    vol = opened(path, True)
+    want = {k: os.urandom(BS) for k in range(0, 20, 2)}
+    for k, raw in want.items():
+        vol.write(k * BS, raw)
+    assert [e.kind for e in vol.log.entries] == [il.POINTER] * 9 + [il.INLINE]
+    assert vol.log._inline_from == 9
+    vol.sync()
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 1
+    assert all(disk[k * BS:(k + 1) * BS] == raw for k, raw in want.items())
