@@ -418,6 +418,10 @@ class Transmission:
         if len(batch) == 1:                  # no merge: no copy
             self._change("write", batch[0].req.offset, _payload(batch[0]), fua=fua)
             return
+        if hasattr(self.vol.volume, "write_parts"):   # one copy, into the volume's buffer
+            self._change("write_parts", batch[0].req.offset, [_payload(j) for j in batch],
+                         fua=fua)
+            return
         buf = self._pool.get(total)
         try:
             view, at = memoryview(buf), 0
