@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +348,68 @@ def test_inline_data_beyond_the_limit_becomes_pointers_once(
     disk, records, _ = contents(path)
     assert records == 1
     assert all(disk[k * BS:(k + 1) * BS] == raw for k, raw in want.items())
+
+
+def _slow_flush(vol: Volume, started: threading.Event, delay: float = 0.3) -> None:
+    real = vol.dev.flush
+
+    def flush() -> None:
+        started.set()
+        time.sleep(delay)
+        real()
+    vol.dev.flush = flush  # type: ignore[method-assign]
+
+
+def test_group_commit_writes_go_on_and_waiting_syncs_share_a_record(path: str) -> None:
+    """A sync writes its record and fdatasyncs outside the volume lock: a write
+    meanwhile does not wait for the device, and the syncs that arrive meanwhile
+    share the next record (one fdatasync for all of them). Every write reads back
+    after a crash."""
+    vol = opened(path, True)
+    first = os.urandom(BS)
+    vol.write(0, first)
+    started = threading.Event()
+    _slow_flush(vol, started)
+    syncer = threading.Thread(target=vol.sync)
+    syncer.start()
+    assert started.wait(5)
+    t = time.monotonic()
+    later = {k: os.urandom(BS) for k in (3, 5, 7)}
+    for k, raw in later.items():
+        vol.write(k * BS, raw)                 # while the first record is in flight
+    assert time.monotonic() - t < 0.2
+    seq = vol.log.seq
+    others = [threading.Thread(target=vol.sync) for _ in later]
+    for th in others:
+        th.start()
+    for th in [syncer, *others]:
+        th.join(10)
+    assert vol.log.seq == seq + 1              # one record for the three waiting syncs
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 2 and disk[:BS] == first
+    assert all(disk[k * BS:(k + 1) * BS] == raw for k, raw in later.items())
+
+
+def test_a_cp_waits_for_the_record_in_flight(path: str) -> None:
+    """A CP starts the log over: it must not run while a record is being written
+    (a late record could land on the new log's records)."""
+    vol = opened(path, True)
+    vol.write(0, os.urandom(BS))
+    started = threading.Event()
+    _slow_flush(vol, started)
+    done: list[str] = []
+    syncer = threading.Thread(target=lambda: (vol.sync(), done.append("sync")))
+    syncer.start()
+    assert started.wait(5)
+    vol.write(BS, os.urandom(BS))
+    vol.commit()
+    done.append("cp")
+    syncer.join(10)
+    assert done == ["sync", "cp"]
+    vol.write(2 * BS, b"z" * BS)
+    vol.sync()
+    want = vol.read(0, 3 * BS)
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 1 and disk[:3 * BS] == want

@@ -298,6 +298,13 @@ class IntentLog:
 
     def append(self) -> None:
         """Write the pending entries as the next record and make it durable."""
+        self.write_record(*self.prepare())
+
+    def prepare(self) -> tuple[memoryview, int]:
+        """Pack the pending entries as the next record and give it its place in the
+        log: (its bytes, its device offset). The caller makes it durable with
+        `write_record` before it prepares the next one (records are durable in
+        order, each before the next is written: see the module docstring)."""
         size = self.record_units() * UNIT
         buf = self._buf
         if buf is None or len(buf) < size:
@@ -308,12 +315,16 @@ class IntentLog:
                           self.bs, buf)
         units = len(rec) // UNIT
         assert self.pos + units <= self.capacity
-        self.dev.pwrite(rec, self.offset + self.pos * UNIT)
-        self.dev.flush()
+        at = self.offset + self.pos * UNIT
         self.pos += units
         self.seq += 1
         self.last = parse_head(rec).checksum
         self._clear()
+        return rec, at
+
+    def write_record(self, rec: memoryview, at: int) -> None:
+        self.dev.pwrite(rec, at)
+        self.dev.flush()
 
     def _head_at(self, pos: int) -> Head | None:
         if pos >= self.capacity:
