@@ -18,7 +18,7 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.image import evaluate
 from blockxfer.volume import Volume
 
-from .common import SCRATCH, row, run, timed
+from .common import SCRATCH, interleaved, row, run
 
 GIB = 1 << 30
 CHUNK = 8 << 20
@@ -37,24 +37,29 @@ def _volume_read(path: str) -> None:
             pass
 
 
-def sequential() -> list[str]:
+def sequential(rounds: int = 3) -> list[str]:
+    """Ours and dd alternately, `rounds` times each (medians): a shared disk drifts
+    over minutes, so one run of each compared moments, not tools. The volume's
+    file has room for two copies: a rewrite goes to free blocks (copy-on-write)."""
     os.makedirs(SCRATCH, exist_ok=True)
     vpath, dpath = f"{SCRATCH}/vol.img", f"{SCRATCH}/dd.img"
     for p in (vpath, dpath):
         if os.path.exists(p):
             os.unlink(p)
-    Volume.create(open_device(vpath, write=True, create_size=GIB + GIB // 4),
+    Volume.create(open_device(vpath, write=True, create_size=2 * GIB + GIB // 4),
                   virtual_size=GIB).close()
     data = mmap.mmap(-1, 64 << 20)
     data.write(os.urandom(64 << 20))
     with open(f"{SCRATCH}/src.bin", "wb") as f:
         for _ in range(16):
             f.write(data)
-    w_ours = timed(lambda: _volume_write(vpath, data))
-    w_dd = timed(lambda: run("dd", f"if={SCRATCH}/src.bin", f"of={dpath}", "bs=1M",
-                             "oflag=direct", "conv=notrunc"))
-    r_ours = timed(lambda: _volume_read(vpath))
-    r_dd = timed(lambda: run("dd", f"if={dpath}", "of=/dev/null", "bs=1M", "iflag=direct"))
+    w_ours, w_dd = interleaved(
+        lambda: _volume_write(vpath, data),
+        lambda: run("dd", f"if={SCRATCH}/src.bin", f"of={dpath}", "bs=1M", "oflag=direct",
+                    "conv=notrunc"), rounds)
+    r_ours, r_dd = interleaved(
+        lambda: _volume_read(vpath),
+        lambda: run("dd", f"if={dpath}", "of=/dev/null", "bs=1M", "iflag=direct"), rounds)
     for p in (vpath, dpath, f"{SCRATCH}/src.bin"):
         os.unlink(p)
     return [row("sequential write 1 GiB vs dd oflag=direct", w_ours, w_dd, GIB, 0.8),

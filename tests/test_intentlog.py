@@ -6,7 +6,10 @@ or unbacked record ends the replay; `check` verifies the log; golden bytes."""
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +282,7 @@ def test_a_volume_without_log_region_syncs_with_a_cp(tmp_path: Path,
     assert contents(p)[0][:7] == b"durable"
 
 
-def _record() -> bytes:
+def _record(buf: mmap.mmap | None = None) -> bytes:
     root = RootRecord(7, 1_700_000_000_000_000_000, ObjectRef(10, 0xAB, 100, 2),
                       ObjectRef(11, 0xCD, 1, 1), ObjectRef(12, 0xEF, 300, 1))
     token = il.root_token(bytes(range(16)), root)
@@ -287,7 +290,29 @@ def _record() -> bytes:
     entries = [il.Entry(3, 1, il.INLINE, ptrs[:1], b"\xa5" * BS),
                il.Entry(10, 2, il.POINTER, ptrs),
                il.Entry(20, 5, il.UNMAP)]
-    return bytes(il.pack_record(token, 1, 7, 0, entries, BS))
+    return bytes(il.pack_record(token, 1, 7, 0, entries, BS, buf))
+
+
+def test_a_reused_record_buffer_gives_the_same_bytes() -> None:
+    """The log packs each record into the buffer of the one before (no mmap per
+    FLUSH): whatever that buffer held, the bytes are those of a fresh one."""
+    buf = mmap.mmap(-1, 8 * il.UNIT)
+    buf.write(b"\xff" * len(buf))
+    assert _record(buf) == _record()
+
+
+def test_one_record_buffer_serves_every_small_record(path: str) -> None:
+    vol = opened(path, True)
+    want = [os.urandom(BS) for _ in range(3)]
+    for k, raw in enumerate(want):
+        vol.write(k * BS, raw)
+        vol.sync()
+        if k == 0:
+            kept = vol.log._buf
+    assert kept is not None and vol.log._buf is kept
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 3 and disk[:3 * BS] == b"".join(want)
 
 
 def test_record_golden_bytes() -> None:
@@ -304,3 +329,87 @@ def test_record_golden_bytes() -> None:
     assert entries[0].data == b"\xa5" * BS
     view[200] ^= 1
     assert not il.verify(view)
+
+
+def test_inline_data_beyond_the_limit_becomes_pointers_once(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past INLINE_LIMIT the pending entries turn into pointers; each conversion
+    looks only at the entries added since the last one, and the record still
+    replays every write."""
+    monkeypatch.setattr(il, "INLINE_LIMIT", 2 * BS)
+    vol = opened(path, True)
+    want = {k: os.urandom(BS) for k in range(0, 20, 2)}
+    for k, raw in want.items():
+        vol.write(k * BS, raw)
+    assert [e.kind for e in vol.log.entries] == [il.POINTER] * 9 + [il.INLINE]
+    assert vol.log._inline_from == 9
+    vol.sync()
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 1
+    assert all(disk[k * BS:(k + 1) * BS] == raw for k, raw in want.items())
+
+
+def _slow_flush(vol: Volume, started: threading.Event, delay: float = 0.3) -> None:
+    real = vol.dev.flush
+
+    def flush() -> None:
+        started.set()
+        time.sleep(delay)
+        real()
+    vol.dev.flush = flush  # type: ignore[method-assign]
+
+
+def test_group_commit_writes_go_on_and_waiting_syncs_share_a_record(path: str) -> None:
+    """A sync writes its record and fdatasyncs outside the volume lock: a write
+    meanwhile does not wait for the device, and the syncs that arrive meanwhile
+    share the next record (one fdatasync for all of them). Every write reads back
+    after a crash."""
+    vol = opened(path, True)
+    first = os.urandom(BS)
+    vol.write(0, first)
+    started = threading.Event()
+    _slow_flush(vol, started)
+    syncer = threading.Thread(target=vol.sync)
+    syncer.start()
+    assert started.wait(5)
+    t = time.monotonic()
+    later = {k: os.urandom(BS) for k in (3, 5, 7)}
+    for k, raw in later.items():
+        vol.write(k * BS, raw)                 # while the first record is in flight
+    assert time.monotonic() - t < 0.2
+    seq = vol.log.seq
+    others = [threading.Thread(target=vol.sync) for _ in later]
+    for th in others:
+        th.start()
+    for th in [syncer, *others]:
+        th.join(10)
+    assert vol.log.seq == seq + 1              # one record for the three waiting syncs
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 2 and disk[:BS] == first
+    assert all(disk[k * BS:(k + 1) * BS] == raw for k, raw in later.items())
+
+
+def test_a_cp_waits_for_the_record_in_flight(path: str) -> None:
+    """A CP starts the log over: it must not run while a record is being written
+    (a late record could land on the new log's records)."""
+    vol = opened(path, True)
+    vol.write(0, os.urandom(BS))
+    started = threading.Event()
+    _slow_flush(vol, started)
+    done: list[str] = []
+    syncer = threading.Thread(target=lambda: (vol.sync(), done.append("sync")))
+    syncer.start()
+    assert started.wait(5)
+    vol.write(BS, os.urandom(BS))
+    vol.commit()
+    done.append("cp")
+    syncer.join(10)
+    assert done == ["sync", "cp"]
+    vol.write(2 * BS, b"z" * BS)
+    vol.sync()
+    want = vol.read(0, 3 * BS)
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 1 and disk[:3 * BS] == want

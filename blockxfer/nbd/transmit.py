@@ -418,6 +418,10 @@ class Transmission:
         if len(batch) == 1:                  # no merge: no copy
             self._change("write", batch[0].req.offset, _payload(batch[0]), fua=fua)
             return
+        if hasattr(self.vol.volume, "write_parts"):   # one copy, into the volume's buffer
+            self._change("write_parts", batch[0].req.offset, [_payload(j) for j in batch],
+                         fua=fua)
+            return
         buf = self._pool.get(total)
         try:
             view, at = memoryview(buf), 0
@@ -527,7 +531,7 @@ class Transmission:
 
     def _flush(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if not self.export.read_only:
-            self.vol.call("sync")         # an intent log record, not a whole CP
+            self.vol.sync()               # an intent log record, not a whole CP
         return [p.pack_simple_reply(req.cookie)]
 
     def _trim(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
@@ -543,8 +547,8 @@ class Transmission:
         return [p.pack_simple_reply(req.cookie)]
 
     def _change(self, method: str, offset: int, arg: object, *, fua: bool) -> None:
-        """A write, trim or zeroing under the lock; FUA syncs (an intent log record
-        with everything written so far, or a CP when the log is full). Blocks freed since
+        """A write, trim or zeroing under the lock; FUA then syncs (an intent log
+        record with everything written so far, or a CP when the log is full). Blocks freed since
         the last CP are not reusable until the next one, so a client rewriting a
         nearly full disk between CPs would see ENOSPC although the space is there:
         on VolumeFull, commit once (freeing them) and try again."""
@@ -555,8 +559,8 @@ class Transmission:
             except VolumeFull:
                 self.vol.volume.commit()
                 call(offset, arg)
-            if fua:
-                self.vol.volume.sync()
+        if fua:
+            self.vol.sync()               # outside the lock where the volume allows it
 
     def _block_status(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
         if not self.session.contexts:

@@ -1,9 +1,11 @@
 """Block I/O for the volume: coalesced runs, several requests in flight, checksums.
 
 Reads and writes go through page-aligned buffers in pieces of at most
-`MAX_REQUEST` bytes, `IN_FLIGHT` at a time (research: 1 MiB requests with 2-4 in
-flight reach the device's limit). Every block read is checked against the
-checksum its pointer carries.
+`MAX_REQUEST` bytes, `IN_FLIGHT` at a time (research: 1 MiB requests at queue
+depth 8 reach the device's limit; measured through NBD with nbdcopy against
+qemu-nbd, interleaved: 4 in flight and 2 large-write buffers gave sequential
+reads ~0.45x and writes ~0.6x qemu-nbd's, 8 and 4 give ~1x and ~0.9x). Every
+block read is checked against the checksum its pointer carries.
 
 Small data writes (up to `SMALL_WRITE`) are staged: copied into a staging buffer
 that collects writes to consecutive VBNs (the allocator hands them out in order)
@@ -26,7 +28,8 @@ from blockxfer.device import BlockDevice
 from blockxfer.errors import DamagedBlock
 
 MAX_REQUEST = 1 << 20
-IN_FLIGHT = 4
+IN_FLIGHT = 8
+WRITE_BUFFERS = 4              # large writes in flight (each up to 16 MiB from NBD)
 SMALL_WRITE = 64 << 10         # writes up to this size are staged
 STAGE_BYTES = 1 << 20          # one staging buffer (= one device request)
 STAGE_BUFFERS = 8              # staging buffers in flight before a writer waits
@@ -53,8 +56,9 @@ class BlockIO:
         self.dev = dev
         self.bs = block_size
         self.pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="blockio")
-        self._pending: list[list[Future[None]]] = [[], []]   # data writes in flight, per buffer
-        self._wbufs: list[mmap.mmap | None] = [None, None]     # the write pair, used in turn
+        # data writes in flight per large-write buffer; the buffers are used in turn
+        self._pending: list[list[Future[None]]] = [[] for _ in range(WRITE_BUFFERS)]
+        self._wbufs: list[mmap.mmap | None] = [None] * WRITE_BUFFERS
         self._turn = 0
         self._rpool: dict[int, list[mmap.mmap]] = {}   # read buffers by size, for readers
         self._rpool_lock = threading.Lock()
@@ -75,9 +79,9 @@ class BlockIO:
             self.pool.shutdown(wait=True)
 
     def write_buffer(self, size: int) -> memoryview:
-        """The next aligned write buffer: one can be in flight while the other fills.
+        """The next aligned write buffer: the others can be in flight while it fills.
         Waits for the writes that last used the buffer it hands out."""
-        self._turn ^= 1
+        self._turn = (self._turn + 1) % len(self._wbufs)
         self._wait(self._turn)
         buf = self._wbufs[self._turn]
         if buf is None or len(buf) < size:
@@ -117,8 +121,8 @@ class BlockIO:
                 e, self._stage_error = self._stage_error, None
                 raise e
         finally:
-            self._wait(0)
-            self._wait(1)
+            for turn in range(len(self._pending)):
+                self._wait(turn)
 
     # -- reads ----------------------------------------------------------------------------
     def read_block(self, vbn: int, ck: int) -> bytes:

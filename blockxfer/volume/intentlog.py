@@ -20,6 +20,7 @@ docs/volume-format.md describes the same bytes.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ _CK_AT = HEAD.size - 8
 
 INLINE, POINTER, UNMAP = 1, 2, 3
 INLINE_LIMIT = 8 << 20           # inline bytes held for the next sync; beyond, pointers
+KEEP_BUFFER = 1 << 20            # a record buffer up to this size is kept for the next one
 
 
 def root_token(uuid: bytes, root: RootRecord) -> int:
@@ -96,14 +98,20 @@ class Record:
 
 
 def pack_record(token: int, seq: int, generation: int, prev: int, entries: list[Entry],
-                block_size: int) -> memoryview:
-    """The record's bytes, in an aligned buffer, whole 4 KiB units."""
+                block_size: int, buf: mmap.mmap | None = None) -> memoryview:
+    """The record's bytes, whole 4 KiB units, in `buf` when it is large enough (an
+    aligned buffer kept for the next record: a fresh one costs an mmap and an
+    munmap per FLUSH) or else in a new aligned buffer."""
     meta = HEAD.size + sum(e.meta_size() for e in entries)
     meta_units = -(-meta // UNIT)
     data_len = sum(e.count * block_size for e in entries if e.kind == INLINE)
     data_units = -(-data_len // UNIT)
     size = (meta_units + data_units) * UNIT
-    view = memoryview(aligned(size))[:size]
+    if buf is None or len(buf) < size:
+        buf = aligned(size)
+    view = memoryview(buf)[:size]
+    view[HEAD.size:meta_units * UNIT] = bytes(meta_units * UNIT - HEAD.size)   # no stale
+    view[meta_units * UNIT + data_len:] = bytes(size - meta_units * UNIT - data_len)   # bytes
     at = HEAD.size
     dat = meta_units * UNIT
     for e in entries:
@@ -219,6 +227,8 @@ class IntentLog:
         self.pos = self.seq = 0
         self.last = 0                  # checksum of the last record (0: none since the CP)
         self.entries: list[Entry] = []
+        self._inline_from = 0
+        self._buf: mmap.mmap | None = None    # the last record's buffer, for the next one
         self.meta = HEAD.size
         self.inline_bytes = 0
         self.pointers = False          # pending entries point at data still to drain
@@ -237,6 +247,7 @@ class IntentLog:
 
     def _clear(self) -> None:
         self.entries = []
+        self._inline_from = 0          # entries before this one hold no inline data
         self.meta, self.inline_bytes, self.pointers = HEAD.size, 0, False
 
     @property
@@ -271,9 +282,10 @@ class IntentLog:
     def _to_pointers(self) -> None:
         """Too much inline data held in memory: the blocks are on their way to the
         device anyway (staged), so the record points at them instead."""
-        for e in self.entries:
+        for e in self.entries[self._inline_from:]:
             if e.kind == INLINE:
                 e.kind, e.data = POINTER, None
+        self._inline_from = len(self.entries)     # the ones before are pointers already
         self.inline_bytes, self.pointers = 0, True
 
     def record_units(self) -> int:
@@ -286,16 +298,33 @@ class IntentLog:
 
     def append(self) -> None:
         """Write the pending entries as the next record and make it durable."""
+        self.write_record(*self.prepare())
+
+    def prepare(self) -> tuple[memoryview, int]:
+        """Pack the pending entries as the next record and give it its place in the
+        log: (its bytes, its device offset). The caller makes it durable with
+        `write_record` before it prepares the next one (records are durable in
+        order, each before the next is written: see the module docstring)."""
+        size = self.record_units() * UNIT
+        buf = self._buf
+        if buf is None or len(buf) < size:
+            buf = aligned(size)
+            if size <= KEEP_BUFFER:
+                self._buf = buf
         rec = pack_record(self.token, self.seq + 1, self.generation, self.last, self.entries,
-                          self.bs)
+                          self.bs, buf)
         units = len(rec) // UNIT
         assert self.pos + units <= self.capacity
-        self.dev.pwrite(rec, self.offset + self.pos * UNIT)
-        self.dev.flush()
+        at = self.offset + self.pos * UNIT
         self.pos += units
         self.seq += 1
         self.last = parse_head(rec).checksum
         self._clear()
+        return rec, at
+
+    def write_record(self, rec: memoryview, at: int) -> None:
+        self.dev.pwrite(rec, at)
+        self.dev.flush()
 
     def _head_at(self, pos: int) -> Head | None:
         if pos >= self.capacity:

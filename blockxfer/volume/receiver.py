@@ -385,6 +385,7 @@ class ReceiveSide(Allocator):
         """Commit a received root on this open volume and continue from it; the
         number of blocks that became free here (returned to the device too)."""
         with self._lock:
+            self._no_record_in_flight()          # a new root starts the log over
             self._check_usable(write=True)
             if self._needs_cp():
                 raise VolumeError(f"{self.dev.path} has changes not yet committed; a receive "
@@ -440,6 +441,7 @@ class ReceiveSide(Allocator):
         while a newer root is in force), then the slot not in force (the newer root
         still wins), then the slot in force (a torn write leaves the other slot)."""
         with self._lock:
+            self._no_record_in_flight()          # a new root starts the log over
             self._check_usable(write=True)
             e = self.resolve(name)
             if e.root is None or e.shadow or e.incomplete:

@@ -50,6 +50,12 @@ class VolumeState:
         # CP (holding the lock, so no read can start) waits for this count to reach 0.
         self._readers = 0
         self._readers_cv = threading.Condition(threading.Lock())
+        # A sync writes its intent log record outside the lock (syncing.py): one at
+        # a time (_log_lock, taken before _lock), and a CP waits until none is in
+        # flight (it starts the log over).
+        self._log_lock = threading.Lock()
+        self._log_writing = False
+        self._log_idle = threading.Condition(self._lock)
         self._failed: str | None = None
         self._load_root(sb.root)
         self._last_cp = time.monotonic()
@@ -104,6 +110,11 @@ class VolumeState:
     @property
     def uuid(self) -> str:
         return self.sb.uuid_str
+
+    def _no_record_in_flight(self) -> None:
+        """Wait (holding the lock) until no intent log record is being written
+        outside it: before anything that starts the log over (a CP, a new root)."""
+        self._log_idle.wait_for(lambda: not self._log_writing)
 
     def _check_usable(self, write: bool = False) -> None:
         if self._failed:

@@ -24,26 +24,45 @@ from .writes import Writes
 class Syncing(Writes):
     """sync() and the replay of the intent log."""
 
+    concurrent_sync = True        # sync may be called without the caller's lock (NBD)
+
     def sync(self) -> None:
         """Make every write so far durable (an NBD FLUSH, a FUA write): one intent
-        log record when the log has room for it, else a CP."""
-        with self._lock:
-            self._check_usable()
-            if not self.writable:
-                return
-            log = self.log
-            if not log.enabled or log.overflow:
-                self.commit()
-                return
-            if not log.entries:
-                return                    # every change so far is logged or committed
+        log record when the log has room for it, else a CP.
+
+        Group commit: the record is packed under the volume lock, but written and
+        fdatasynced outside it, so writes go on meanwhile; syncs that arrive then
+        wait for the log (one record in flight, each durable before the next is
+        written) and share the next record. A CP waits for a record in flight (it
+        starts the log over). Never call this holding the volume lock."""
+        with self._log_lock:
+            with self._lock:
+                self._check_usable()
+                if not self.writable:
+                    return
+                log = self.log
+                if not log.enabled or log.overflow:
+                    self.commit()
+                    return
+                if not log.entries:
+                    return                # every change so far is logged or committed
+                try:
+                    if log.pointers:
+                        self.io.drain()   # the data the record points at, first
+                    rec, at = log.prepare()
+                except BaseException as e:
+                    self._failed = f"writing the intent log failed ({e})"
+                    raise
+                self._log_writing = True
             try:
-                if log.pointers:
-                    self.io.drain()       # the data the record points at, first
-                log.append()
+                log.write_record(rec, at)
             except BaseException as e:
                 self._failed = f"writing the intent log failed ({e})"
                 raise
+            finally:
+                with self._lock:
+                    self._log_writing = False
+                    self._log_idle.notify_all()
 
     def _replay_log(self) -> int:
         """Apply the records that follow the committed root; returns how many."""

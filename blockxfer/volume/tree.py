@@ -148,6 +148,12 @@ class CowTree:
         count = len(ptrs)
         if start < 0 or start + count > self.length:
             raise IndexError(f"blocks {start}..{start + count} outside object of {self.length}")
+        if count == 1:                # a random 4 KiB write: no spans, no slices
+            leaf, off = divmod(start, self.fanout)
+            row = self._node_for_write(1, leaf).ptrs[off]
+            old = row.reshape(1, 2).copy()
+            row[:] = ptrs[0]
+            return old
         old = np.empty((count, 2), dtype=np.uint64)
         for leaf, off, take, at in self._spans(start, count):
             n = self._node_for_write(1, leaf)

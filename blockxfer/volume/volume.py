@@ -78,6 +78,7 @@ class Volume(Syncing, Snapshots, ReceiveSide, Tracking, Properties):
     def commit(self) -> None:
         """Take a consistency point: everything written so far becomes durable."""
         with self._lock:
+            self._no_record_in_flight()          # the CP starts the log over
             self._check_usable()
             if not self._needs_cp():
                 return
