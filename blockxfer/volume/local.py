@@ -11,6 +11,7 @@ committed one wins, so writing it never races the superblock.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from bitarray import bitarray
@@ -115,6 +116,11 @@ class LocalArea:
         self.plane_blocks = -(-nblocks // (8 * block_size))
         self.slot = -1
         self.received_root = False        # the committed root came from a receive
+        # One process may write through two LocalState copies (a receive into an open
+        # volume saves its progress while the volume sets a property): one lock and
+        # one sequence, so the writes alternate slots and the newest always wins.
+        self._lock = threading.Lock()
+        self._seq = 0
 
     def _vbn(self, slot: int) -> int:
         return 2 + slot * (1 + self.plane_blocks)
@@ -133,6 +139,7 @@ class LocalArea:
         if best is None:
             return LocalState(root_generation=root_generation)
         st, self.slot = best
+        self._seq = st.seq
         self.received_root = st.root_generation == root_generation
         if st.root_generation != root_generation:   # state of an older root: keep only facts
             st = LocalState(st.seq, root_generation, incomplete=st.incomplete,
@@ -151,8 +158,12 @@ class LocalArea:
 
     def write(self, st: LocalState) -> None:
         """Write `st` into the other slot (plane first, then header), durably."""
+        with self._lock:
+            self._write(st)
+
+    def _write(self, st: LocalState) -> None:
         slot = 1 - self.slot if self.slot >= 0 else 0
-        st.seq += 1
+        st.seq = self._seq = max(st.seq, self._seq) + 1
         if st.received is not None:
             raw = st.received.tobytes()
             buf = aligned(self.plane_blocks * self.bs)
