@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Literal, TextIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from blockxfer.units import human
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 Mode = Literal["auto", "quiet", "parsable"]
 LOG_EVERY = 5.0
@@ -32,6 +33,7 @@ class Progress:
         self.start = self._last = time.monotonic()
         self._bar: tqdm | None = None
         if mode == "auto" and self.stream.isatty():
+            from tqdm import tqdm  # only for a terminal: it takes a while to import
             self._bar = tqdm(total=total, desc=what, unit="B", unit_scale=True,
                              unit_divisor=1024, file=self.stream, **_shape(self.stream),
                              mininterval=0.25, leave=True)

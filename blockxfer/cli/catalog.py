@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockxfer.catalog import hooks, pools, query, records
 from blockxfer.errors import DeviceError, UsageError, VolumeError
 from blockxfer.units import human
 
 from .common import TAPE
 from .spec import Arg, Command, Report, arg
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from blockxfer.catalog import query
 
 
 def catalog_arg() -> Arg:
@@ -25,6 +28,7 @@ def catalog_arg() -> Arg:
 
 
 def _db(a: argparse.Namespace) -> sqlite3.Connection:
+    from blockxfer.catalog import hooks
     hooks.use(getattr(a, "catalog", None))
     return hooks.open_catalog()
 
@@ -40,6 +44,7 @@ def _split(spec: str) -> tuple[str | None, str]:
 
 # -- ls and where -----------------------------------------------------------------------------
 def _line(img: query.Image) -> str:
+    from blockxfer.catalog import query
     where = "; ".join(m.describe() for m in img.media) or "no medium"
     state = "" if img.whole else "  INCOMPLETE"
     size = human(img.bytes) if img.bytes is not None else "?"
@@ -48,6 +53,7 @@ def _line(img: query.Image) -> str:
 
 
 def cmd_ls(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import hooks, query
     db = _db(a)
     imgs = query.images(db, a.volume)
     text: list[str] = []
@@ -66,6 +72,7 @@ def plan_where(db: sqlite3.Connection, spec: str, target: str | None = None,
                have: frozenset[str] = frozenset()) -> tuple[str, str, list[query.Image]]:
     """The volume's uuid, the snapshot and its chain; the snapshots `target` already
     holds (`have`) end the chain only when it is that volume."""
+    from blockxfer.catalog import query
     volume, snap = _split(spec)
     uuid = query.resolve_volume(db, volume, snap)
     if target is None or _uuid_of(target) != uuid:
@@ -99,6 +106,7 @@ def cmd_where(a: argparse.Namespace) -> Report:
 
 # -- import -----------------------------------------------------------------------------------
 def _import_tape(a: argparse.Namespace, db: Any) -> tuple[str, int]:
+    from blockxfer.catalog import records
     from blockxfer.transfer.catimport import tape_records
     from blockxfer.transfer.tapeset import list_tape
 
@@ -121,6 +129,7 @@ def _import_library(a: argparse.Namespace, db: Any) -> tuple[str, int, list[str]
     """Every cartridge of a changer, one after another through --tape (its drive):
     loaded, its label and images read, its barcode from the changer's inventory,
     put back in its slot. Blank and foreign cartridges are named and skipped."""
+    from blockxfer.catalog import records
     from blockxfer.drivers.changer import CLEANING_PREFIX, Changer
     from blockxfer.drivers.tapes import eject_tape
     from blockxfer.errors import FormatError
@@ -160,6 +169,7 @@ def _import_library(a: argparse.Namespace, db: Any) -> tuple[str, int, list[str]
 
 
 def cmd_import(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import hooks, records
     db = _db(a)
     if (a.tape is None) == (a.medium is None):
         raise UsageError("give one medium: --tape TAPE, a stream FILE or s3://BUCKET/PREFIX")
@@ -190,6 +200,7 @@ def cmd_import(a: argparse.Namespace) -> Report:
 
 # -- pools and expiry -------------------------------------------------------------------------
 def cmd_pool_create(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import pools
     seconds = pools.parse_retention(a.retention)
     pools.create_pool(_db(a), a.name, seconds)
     return Report({"pool": a.name, "retention": seconds},
@@ -197,12 +208,14 @@ def cmd_pool_create(a: argparse.Namespace) -> Report:
 
 
 def cmd_pool_assign(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import pools
     done = pools.assign(_db(a), a.pool, a.tapes)
     return Report({"pool": a.pool, "tapes": done},
                   [f"pool {a.pool!r}: {', '.join(done)}"])
 
 
 def cmd_pool_ls(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import pools
     rows = pools.pools(_db(a))
     return Report({"pools": rows}, [f"{r['name']:20} retention {r['retention'] // 86400}d "
                                     f"{r['retention'] % 86400}s, {r['tapes']} tapes"
@@ -210,6 +223,7 @@ def cmd_pool_ls(a: argparse.Namespace) -> Report:
 
 
 def cmd_expired(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import pools
     now = time.time()
     tapes = pools.expired_tapes(_db(a), now)
     return Report({"tapes": [t.as_dict(now) for t in tapes]},
@@ -228,6 +242,7 @@ def pool_arg() -> Arg:
 
 def check_pool(a: argparse.Namespace) -> None:
     """Before a dump with --pool: the pool must exist (nothing written otherwise)."""
+    from blockxfer.catalog import pools
     if a.pool is None:
         return
     db = _db(a)
@@ -241,6 +256,8 @@ def note_dump_barcodes(a: argparse.Namespace, set_id: str, first_seq: int, ntape
                        barcodes: dict[int, str]) -> None:
     """The barcode of each tape of the set the dump used: what the changer saw, and
     the tape left in the drive (the changer's status, or the cartridge's MAM)."""
+    from blockxfer.catalog import hooks
+
     from .tapealert import barcode_of
     hooks.use(a.catalog)
     codes = dict(barcodes)
@@ -265,6 +282,7 @@ def set_barcodes_of(a: argparse.Namespace, drive: str) -> dict[tuple[str, int], 
     """A restore through a changer: the barcodes the catalog recorded for the set of
     the tape in the drive, so the changer loads each next tape by barcode rather
     than trying slots for their labels. Empty when the catalog does not know them."""
+    from blockxfer.catalog import hooks, pools
     from blockxfer.errors import BlockxferError
     from blockxfer.transfer.tapeset import read_label
 
@@ -295,6 +313,7 @@ def erase_check(a: argparse.Namespace, label: tuple[str, int] | None) -> bool:
     says it holds unexpired images (exit 5) unless --force; True when the catalog
     says it expired in its pool (recycling: erased without --force); False when the
     catalog does not know it (the tape's own rules apply)."""
+    from blockxfer.catalog import hooks, pools
     hooks.use(a.catalog)
     if label is None or not hooks.exists():
         return False
@@ -321,6 +340,7 @@ def erase_check(a: argparse.Namespace, label: tuple[str, int] | None) -> bool:
 
 
 def forget_erased(a: argparse.Namespace, set_id: str, seq: int) -> None:
+    from blockxfer.catalog import hooks
     hooks.use(a.catalog)
     if hooks.exists():
         hooks.forget_tape(set_id, seq)
@@ -441,6 +461,7 @@ def _bring(a: argparse.Namespace, chain: list[query.Image]) -> Any:
 def restore_by_catalog(a: argparse.Namespace, have: set[str]) -> Report:
     """`restore TARGET --snapshot [VOLUME@]SNAP` without --tape: what `catalog where`
     names, in its order, from whatever media hold it."""
+    from blockxfer.catalog import hooks
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.guided import restore_chain
     from blockxfer.transfer.objstore.s3 import open_store

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
-from blockxfer.handles import split_target
-from blockxfer.progress import Mode, Progress
 from blockxfer.units import human, parse_size
 
 from .spec import Arg, Report, arg
+
+if TYPE_CHECKING:
+    from blockxfer.progress import Mode, Progress
+
+# The command modules import what a command needs inside its handler, not at the
+# top: every `blockxfer` process builds the whole parser, and the far end of each
+# ssh:// transfer is one more process (tests/test_cli_startup.py holds this).
 
 # One addressing model (blockxfer help topics): the metavars say it everywhere.
 VOLUME = "VOLUME"                 # a volume's block device or file
@@ -39,6 +44,7 @@ def expr_arg() -> Arg:
 
 
 def need_snapshot(target: str) -> tuple[str, str]:
+    from blockxfer.handles import split_target
     path, snap = split_target(target)
     if snap is None:
         raise UsageError(f"{target!r}: name the snapshot as VOLUME@SNAPSHOT")
@@ -56,6 +62,7 @@ def size_arg(text: str) -> int:
 def progress(a: argparse.Namespace, what: str, total: int | None = None) -> Progress:
     """A progress display as the options ask: none (-q), parsable lines (-P),
     else a bar on a terminal and a line every few seconds elsewhere."""
+    from blockxfer.progress import Progress
     mode: Mode = ("quiet" if a.quiet else "parsable" if getattr(a, "parsable", False)
                   else "auto")
     return Progress(what, total, mode=mode)

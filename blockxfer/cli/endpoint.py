@@ -8,16 +8,18 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
-import ssl
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
 from blockxfer.service.endpoint import OPERATIONS, Policy, serve_request
 
 from .common import syslog_arg
 from .spec import Arg, Command, Report, arg
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("blockxfer.endpoint")
 DRAIN_SECONDS = 5.0
@@ -63,6 +65,8 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 
 def cmd_tls_serve(a: argparse.Namespace) -> Report:
+    import ssl
+
     from blockxfer.transport.tls import peer_name, server_context
     ctx = server_context(a.tls_dir)
     peers = _peers(a.peer or [])

@@ -8,7 +8,6 @@ import argparse
 import os
 import stat
 
-from blockxfer.transfer.increments import Openers, use_openers
 from blockxfer.units import human
 
 from .spec import Command, Report, arg
@@ -35,6 +34,7 @@ def wire() -> None:
     the mirror commands call this too."""
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.drivers.tapes import open_tape_handle
+    from blockxfer.transfer.increments import Openers, use_openers
     use_openers(Openers(open_device, lambda path, write: open_tape_handle(path, write=write),
                         _is_tape))
 

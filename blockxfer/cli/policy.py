@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-from blockxfer.service.session import open_session
 from blockxfer.transfer.policy import CLASSES, Policy, RunResult
 
 from .common import dry_run_arg, result_of, volume_arg
@@ -18,6 +17,7 @@ from .spec import Command, Report, arg
 
 
 def cmd_set(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     pol = Policy.parse(a.classes)
     with open_session(a.path, write=True) as s:
         s.policy("set", pol.to_json().decode())
@@ -26,6 +26,7 @@ def cmd_set(a: argparse.Namespace) -> Report:
 
 
 def cmd_clear(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path, write=True) as s:
         s.policy("clear")
     return Report({"volume": a.path, "policy": None},
@@ -33,6 +34,7 @@ def cmd_clear(a: argparse.Namespace) -> Report:
 
 
 def cmd_show(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path) as s:
         data = {"volume": a.path, **s.policy("show")}
     if data["policy"] is None:
@@ -63,6 +65,7 @@ def _run_lines(path: str, r: RunResult) -> list[str]:
 
 
 def cmd_run(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path, write=not a.dry_run) as s:
         result = RunResult(**s.policy("run", dry_run=a.dry_run))
     return Report({"volume": a.path, **result_of(result)}, _run_lines(a.path, result))

@@ -24,19 +24,20 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockxfer.drivers.freeze import frozen
 from blockxfer.errors import UsageError
-from blockxfer.handles import open_volume
-from blockxfer.nbd.server import is_loopback, parse_listen
-from blockxfer.nbd.tls import MODES, Mode, TlsPolicy, server_context
-from blockxfer.service.service import Service
-from blockxfer.service.session import parallel_reader
 
 from .common import syslog_arg, volume_arg
 from .mirror import mirror_target
 from .spec import Command, Report, Section, arg
+
+if TYPE_CHECKING:
+    from blockxfer.nbd.tls import Mode, TlsPolicy
+
+# blockxfer.nbd.tls.MODES (a test holds them equal), named here so that building
+# the parser, which every command does, does not load ssl
+TLS_MODES = ("off", "on", "require")
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ OpenVolume = Callable[[str], AbstractContextManager[Any]]
 
 def tls_policy(args: argparse.Namespace) -> TlsPolicy:
     """--tls and its files -> the policy; a mistake is a UsageError."""
+    from blockxfer.nbd.tls import TlsPolicy, server_context
     mode: Mode = args.tls or ("require" if args.tls_cert else "off")
     if mode == "off":
         given = [f"--{n.replace('_', '-')}" for n in ("tls_cert", "tls_key", "tls_ca")
@@ -62,6 +64,7 @@ def tls_policy(args: argparse.Namespace) -> TlsPolicy:
 def check_exposure(listen: list[str], tls: TlsPolicy, insecure: bool) -> list[str]:
     """The listeners a network can reach without mandatory TLS. Refused unless
     `insecure`; with it, they are returned for a warning."""
+    from blockxfer.nbd.server import is_loopback
     exposed = [spec for spec in listen if not tls.required and not is_loopback(spec)]
     if exposed and not insecure:
         raise UsageError(f"--listen {exposed[0]} is reachable from the network and TLS is "
@@ -73,6 +76,10 @@ def check_exposure(listen: list[str], tls: TlsPolicy, insecure: bool) -> list[st
 
 def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
     """Check the options, then serve the volume `open_volume` opens until a signal."""
+    from blockxfer.drivers.freeze import frozen
+    from blockxfer.nbd.server import parse_listen
+    from blockxfer.service.service import Service
+    from blockxfer.service.session import parallel_reader
     if not logging.getLogger().handlers:          # called without main() (tests)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="blockxfer serve: %(message)s")
@@ -106,6 +113,7 @@ def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> Report:
+    from blockxfer.handles import open_volume
     code = serve_volume(a, lambda path: open_volume(path, write=True))
     return Report({"volume": a.path, "listen": a.listen, "stopped": True}, code=code)
 
@@ -133,7 +141,7 @@ COMMANDS = (
              Section("TLS", "NBD_OPT_STARTTLS with X.509 certificates (clients: nbds:// URIs, "
                             "qemu tls-creds-x509). TLS-PSK is not offered: Python 3.11's ssl "
                             "has no PSK API.",
-                     (arg("--tls", choices=MODES,
+                     (arg("--tls", choices=TLS_MODES,
                           help="off: plain only; on: clients may upgrade; require: clients "
                                "must upgrade before any option (default: require with "
                                "--tls-cert, else off)"),

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from blockxfer.catalog import hooks
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
@@ -29,6 +28,7 @@ from .store import is_store_url, receive_from_store, s3_endpoint_arg, send_to_st
 
 
 def cmd_send(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import hooks
     from blockxfer.service.session import send_to
     from blockxfer.transport import is_volume_url, open_sink
     if a.output and a.destination and a.output != a.destination:
@@ -77,6 +77,7 @@ def note_stream_file(url: str | None, volume: str) -> str | None:
     returns its image id."""
     if url in (None, "-") or "://" in str(url) or not os.path.isfile(str(url)):
         return None
+    from blockxfer.catalog import hooks
     from blockxfer.transfer.catimport import file_record
     try:
         rec = file_record(str(url))

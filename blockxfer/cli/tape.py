@@ -6,11 +6,9 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from blockxfer.catalog import hooks
 from blockxfer.errors import BlockxferError, UsageError
-from blockxfer.service.session import open_session, restore_to
-from blockxfer.transfer.nexttape import NextTape, TapeSetPolicy, next_tape_finder
 from blockxfer.units import human, parse_size
 
 from .catalog import (
@@ -41,6 +39,9 @@ from .tapealert import (
 )
 from .tapedrive import TAPE_COMMANDS, tape_opener
 
+if TYPE_CHECKING:
+    from blockxfer.transfer.nexttape import NextTape
+
 
 def _changer_loader(a: argparse.Namespace) -> Callable[[str, int, str], NextTape]:
     """Loads the set's next tapes through the changer, by barcode or pool when
@@ -70,13 +71,16 @@ def _ask(tape: str) -> NextTape | None:
 
 
 def _next_tape(a: argparse.Namespace) -> NextTape | None:
+    from blockxfer.transfer.nexttape import TapeSetPolicy, next_tape_finder
     policy = TapeSetPolicy(a.tape, a.next_tape, a.changer, a.changer_drive,
                            getattr(a, "verify", False))
     return next_tape_finder(policy, load_changer=_changer_loader(a), ask=_ask(a.tape))
 
 
 def cmd_dump(a: argparse.Namespace) -> Report:
+    from blockxfer.catalog import hooks
     from blockxfer.drivers.tapes import max_record
+    from blockxfer.service.session import open_session
     if a.dry_run:
         return measure_report(a, "dump", a.tape)
     record_size = parse_size(a.record_size)
@@ -121,6 +125,8 @@ def cmd_dump(a: argparse.Namespace) -> Report:
 
 def _complete_snapshots(path: str) -> set[str]:
     import os
+
+    from blockxfer.service.session import open_session
     if not os.path.exists(path):
         return set()
     try:
@@ -164,6 +170,7 @@ def _restore_only(a: argparse.Namespace) -> Report:
 
 
 def cmd_restore(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import restore_to
     if a.dry_run and (a.vbns or a.only):     # never let -n fall through to a write
         raise UsageError("--dry-run plans whole-image restores; leave out --vbns and --only "
                          "(or -n); nothing was written")

@@ -17,7 +17,6 @@ import sys
 from importlib import resources
 
 from blockxfer.errors import DeviceError, UsageError
-from blockxfer.outfile import output_file
 
 from .spec import Command, Report, arg
 
@@ -57,6 +56,7 @@ def _content(path: str) -> bytes | None:
 def install_units(folder: str, command: str, *, dry_run: bool = False) -> dict[str, str]:
     """Write each unit into `folder` (whole or not at all); name -> 'written',
     'unchanged' or, with `dry_run`, 'would write'."""
+    from blockxfer.outfile import output_file
     if not os.path.isabs(command) or not os.access(command, os.X_OK):
         raise UsageError(f"--command {command}: give the absolute path of an executable "
                          "blockxfer")

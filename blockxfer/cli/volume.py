@@ -8,17 +8,15 @@ import os
 import sys
 
 from blockxfer.errors import UsageError
-from blockxfer.handles import init_volume, split_target
-from blockxfer.service.session import open_session
-from blockxfer.transport.local import stdout_errors
 from blockxfer.units import human, parse_size
-from blockxfer.volume.layout import MAX_BLOCK, MIN_BLOCK
 
 from .common import expr_arg, need_snapshot, progress, snapshot_arg, volume_arg
 from .spec import Command, Report, arg
 
 
 def cmd_init(a: argparse.Namespace) -> Report:
+    from blockxfer.handles import init_volume
+    from blockxfer.volume.layout import MAX_BLOCK, MIN_BLOCK
     size = parse_size(a.size) if a.size else None
     vsize = parse_size(a.virtual_size) if a.virtual_size else None
     block_size = parse_size(a.block_size)
@@ -42,12 +40,14 @@ def cmd_init(a: argparse.Namespace) -> Report:
 
 
 def cmd_info(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path) as s:            # a server owns the volume: it answers
         info = s.info()
     return Report(info, [f"{k:14} {v}" for k, v in info.items()])
 
 
 def cmd_write(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     if sys.stdin.isatty():
         raise UsageError("write takes its data on standard input; redirect a file or a pipe")
     offset = parse_size(a.offset)
@@ -59,6 +59,9 @@ def cmd_write(a: argparse.Namespace) -> Report:
 
 
 def cmd_read(a: argparse.Namespace) -> Report:
+    from blockxfer.handles import split_target
+    from blockxfer.service.session import open_session
+    from blockxfer.transport.local import stdout_errors
     path, snap = split_target(a.target)
     if sys.stdout.isatty():
         raise UsageError("read writes binary data; redirect standard output to a file or a pipe")
@@ -81,6 +84,7 @@ def _snapshot_report(path: str, name: str, id: int, generation: int, blocks: int
 
 
 def cmd_snapshot(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     path, name = need_snapshot(a.target)
     with open_session(path, write=True) as s:
         r = s.snapshot(name, shadow=a.shadow, master=a.master, freeze=a.freeze)
@@ -88,6 +92,7 @@ def cmd_snapshot(a: argparse.Namespace) -> Report:
 
 
 def cmd_snapshots(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path) as s:
         listing = s.snapshots()
     rows, pointers = listing["snapshots"], listing["pointers"]
@@ -104,6 +109,7 @@ def cmd_destroy(a: argparse.Namespace) -> Report:
     """Destroy a snapshot, or delete a pointer when NAME is one (one verb for what
     VOLUME@NAME names). The write open comes first, so a device in use is refused
     before anything is read from it."""
+    from blockxfer.service.session import open_session
     path, name = need_snapshot(a.target)
     with open_session(path, write=True) as s:
         r = s.destroy(name)
@@ -114,6 +120,7 @@ def cmd_destroy(a: argparse.Namespace) -> Report:
 
 
 def _holds(path: str, op: str, snapshot: str | None = None, tag: str | None = None) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(path, write=op != "list") as s:
         r = s.holds(op, snapshot, tag)
     rows = [f"{name:24} {', '.join(tags)}" for name, tags in r["holds"].items()]
@@ -139,6 +146,7 @@ def cmd_holds(a: argparse.Namespace) -> Report:
 
 
 def cmd_pointer(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     if not a.delete and not a.snapshot:
         raise UsageError("name the snapshot the pointer should refer to, or give --delete")
     with open_session(a.path, write=True) as s:
@@ -151,6 +159,7 @@ def cmd_pointer(a: argparse.Namespace) -> Report:
 
 
 def cmd_image(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path) as s:
         info = s.image(a.expression)
     size = human(int(str(info["bytes"])))
@@ -159,6 +168,7 @@ def cmd_image(a: argparse.Namespace) -> Report:
 
 
 def cmd_check(a: argparse.Namespace) -> Report:
+    from blockxfer.service.session import open_session
     with open_session(a.path) as s:
         report = s.check()
     problems = report["problems"]

@@ -23,19 +23,21 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
-from blockxfer.stream.io import ByteSink, ByteSource
 from blockxfer.stream.receive import ReceiveResult
-from blockxfer.stream.send import Reader
-from blockxfer.transfer.restore import RestoreStep
-from blockxfer.transfer.tapeset import NextTape, OpenTape
-from blockxfer.volume import Volume
 
 from . import control
 from .fdio import WRITE_CHUNK, InputChunks
 from .ops import Result, VolumeOps
+
+if TYPE_CHECKING:       # the tape modules only when a command uses a tape
+    from blockxfer.stream.io import ByteSink, ByteSource
+    from blockxfer.stream.send import Reader
+    from blockxfer.transfer.restore import RestoreStep
+    from blockxfer.transfer.tapeset import NextTape, OpenTape
+    from blockxfer.volume import Volume
 
 PIPE_CHUNK = 1 << 20
 Progress = Callable[[int], None] | None
@@ -323,7 +325,7 @@ def restore_to(path: str, tape: str, *, open_tape: OpenTape, next_tape: NextTape
                progress: Progress = None) -> list[RestoreStep]:
     """Restore from tape into the volume (or new volume) at `path`; a served volume
     takes the incremental images, applied by its service."""
-    from blockxfer.transfer.restore import restore_images
+    from blockxfer.transfer.restore import RestoreStep, restore_images
     client = server_for(path)
     if client is None:
         from blockxfer.drivers.blockdev import open_device

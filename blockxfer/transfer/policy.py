@@ -23,10 +23,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blockxfer.errors import FormatError, UsageError, VolumeError
-from blockxfer.volume.layout import SnapshotEntry
+
+if TYPE_CHECKING:        # only named: `blockxfer policy` builds its parser from CLASSES
+    from blockxfer.volume.layout import SnapshotEntry
 
 PROPERTY = "policy"
 CLASSES = ("hourly", "daily", "weekly", "monthly", "yearly")
