@@ -232,21 +232,28 @@ class _Packer:
         self.w = writer
         self.rs = writer.rs
         self.rec = writer.buffer()
+        self.view = memoryview(self.rec)
         self.pos = tf.REC.size           # where the next stream byte goes in self.rec
         self.total = 0
 
     def write(self, piece: bytes | memoryview) -> int:
+        # copied through a memoryview of the record: a bytearray slice assigned from
+        # anything but a bytearray first copies it into a new one (issue 15: that
+        # second copy, and its 256 KiB allocation, was a quarter of the dump's CPU
+        # under emulation)
         mv = memoryview(piece).cast("B")
         n = len(mv)
         self.total += n
         while mv:
             k = min(len(mv), self.rs - self.pos)
-            self.rec[self.pos:self.pos + k] = mv[:k]
+            self.view[self.pos:self.pos + k] = mv[:k]
             self.pos += k
             mv = mv[k:]
             if self.pos == self.rs:
+                self.view.release()
                 self.w.put(self.rec, self.rs - tf.REC.size)
                 self.rec, self.pos = self.w.buffer(), tf.REC.size
+                self.view = memoryview(self.rec)
         return n
 
     def flush(self) -> None:
@@ -254,7 +261,8 @@ class _Packer:
 
     def close(self) -> None:
         if self.pos > tf.REC.size:       # the last record: zero padding (a reused buffer)
-            self.rec[self.pos:] = bytes(self.rs - self.pos)
+            self.view[self.pos:] = bytes(self.rs - self.pos)
+            self.view.release()
             self.w.put(self.rec, self.pos - tf.REC.size)
             self.pos = tf.REC.size
 
