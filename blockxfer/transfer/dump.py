@@ -231,7 +231,7 @@ class _Packer:
     place in the records' buffers.
 
     The copy is numpy's `positive` of the bytes (identity on uint8), not memcpy:
-    for a copy of 32 KiB up to most of a MiB glibc picks `rep movsb`, which QEMU's
+    for copies of 32..256 KiB (a record) glibc picks `rep movsb`, which QEMU's
     TCG (the test bed's emulation) runs a byte at a time; numpy's vector loop took
     half the CPU there (qemu-x86_64 -cpu max) and no more on real CPUs. Assigning
     to a bytearray slice was worse still: from anything but a bytearray it copies
