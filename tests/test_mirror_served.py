@@ -18,8 +18,6 @@ import math
 import os
 import random
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +25,12 @@ from pathlib import Path
 import pytest
 
 from blockxfer.errors import NotFound
-from blockxfer.nbd import protocol as p
 from blockxfer.service import control
 from blockxfer.transfer.mirror import load
 from blockxfer.volume.check import check_volume
 from tests.clihelp import bx
 from tests.mirror_util import churn, configure, make_volume, open_vol
-from tests.nbd.nbdclient import Client
+from tests.nbd.load import NbdLoad
 from tests.test_mirror_kill import _dest_state, _source_image
 
 MiB = 1 << 20
@@ -101,39 +98,6 @@ def wait_for(cond: object, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-class Writer:
-    """An NBD client writing random 64 KiB pieces until stopped; errors are kept."""
-
-    def __init__(self, sock: str, seed: int) -> None:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(sock)
-        self.client = Client(s)
-        self.client.handshake()
-        self.client.go("")
-        self.rng, self.errors, self.writes = random.Random(seed), [], 0
-        self.halt = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.halt.wait(0.002):
-                off = self.rng.randrange(0, 2 * MiB, 64 << 10)
-                err = self.client.request(p.CMD_WRITE, off, 64 << 10,
-                                          payload=self.rng.randbytes(64 << 10))
-                if err:
-                    self.errors.append(err)
-                self.writes += 1
-        except Exception as e:          # a dropped connection is an error the client saw
-            self.errors.append(repr(e))
-
-    def finish(self) -> None:
-        self.halt.set()
-        self.thread.join(30)
-        assert self.client.request(p.CMD_FLUSH) == 0
-        self.client.close()
-
-
 @pytest.fixture
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     d = str(tmp_path / "run")
@@ -148,17 +112,17 @@ def test_served_mirror_runs_in_the_service_while_an_nbd_client_writes(
     churn(vol, random.Random(1), 50, 0)
     vol.close()
     with served(src, sock):
-        writer = Writer(sock, 2)
+        writer = NbdLoad(sock, "", region=(0, 2 * MiB), seed=2)
         try:
             r = main_json(capsys, "mirror", "start", src, dest, "--interval", "1h")
             assert r["served"] and r["interval"] == 3600
             wait_for(lambda: mirror(src, "status")["job"]["runs"] >= 1)
-            wait_for(lambda: writer.writes >= 20)
+            wait_for(lambda: writer.requests >= 20)
             during = main_json(capsys, "mirror", "update", src)
             assert during["kind"].startswith("incremental"), during
         finally:
             writer.finish()
-        assert not writer.errors and writer.writes > 20
+        assert not writer.errors and writer.requests > 20
         last = mirror(src, "update")
         assert last["kind"] == "incremental (mark-on-allocate)", last
         st = main_json(capsys, "mirror", "status", src)

@@ -15,18 +15,15 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from blockxfer.nbd import protocol as p
 from tests.clihelp import run as bxrun
-from tests.nbd.nbdclient import Client
+from tests.nbd.load import NbdLoad, connect
 from tests.nbd.serveproc import serve_process
 
 MiB = 1 << 20
@@ -42,52 +39,6 @@ def ok(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[byt
     r = bx(*args, data=data)
     assert r.returncode == 0, (args, r.returncode, r.stderr.decode())
     return r
-
-
-def connect(sock: str, export: str) -> Client:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    c = Client(s)
-    c.handshake()
-    c.go(export)
-    return c
-
-
-class NbdLoad:
-    """An NBD client on a thread, writing (or reading and comparing) until stopped;
-    every error or mismatch is kept."""
-
-    def __init__(self, sock: str, export: str, *, expect: bytes | None = None) -> None:
-        self.client = connect(sock, export)
-        self.expect, self.errors, self.requests = expect, [], 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        rng = random.Random(11)
-        try:
-            while not self.stop.wait(0.003):
-                if self.expect is None:
-                    off = (8 * MiB) + rng.randrange(0, 16 * MiB, 64 << 10)
-                    err = self.client.request(p.CMD_WRITE, off, 64 << 10,
-                                              payload=rng.randbytes(64 << 10))
-                    if err == 0 and self.requests % 16 == 0:
-                        err = self.client.request(p.CMD_FLUSH)
-                    if err:
-                        self.errors.append(f"write at {off}: error {err}")
-                else:
-                    off = rng.randrange(0, len(self.expect), 4096)
-                    if self.client.read(off, 4096) != self.expect[off:off + 4096]:
-                        self.errors.append(f"read at {off}: wrong data")
-                self.requests += 1
-        except Exception as e:        # a dropped connection is an error the client saw
-            self.errors.append(repr(e))
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.client.close()
 
 
 @pytest.fixture

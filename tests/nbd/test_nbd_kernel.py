@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from blockxfer.handles import init_volume, open_volume
-from blockxfer.service import control
 from blockxfer.volume.check import check_volume
 from tests import clihelp
+from tests.nbd.serveproc import serve_forked
 from tests.nbd.test_remote import served
 
 LIVE, SNAP = "/dev/nbd1", "/dev/nbd2"
@@ -58,29 +58,6 @@ def sh(*argv: str, timeout: float = 120) -> str:
 
 def payload(name: str, size: int) -> bytes:
     return random.Random(name).randbytes(size)
-
-
-@contextlib.contextmanager
-def serving(path: str, sock: str, *extra: str, timeout: float = 60) -> Iterator[clihelp.Forked]:
-    """`serve_process`, forked from this process (tests/clihelp.py): no interpreter
-    start-up under the test bed's TCG. Its output goes to SOCK.log."""
-    proc = clihelp.Forked(["serve", path, "--listen", f"unix:{sock}", *extra], f"{sock}.log")
-    try:
-        deadline = time.monotonic() + timeout
-        while not control.server_running(path):
-            assert proc.poll() is None, Path(proc.log).read_text()
-            assert time.monotonic() < deadline, "blockxfer serve did not start"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
 
 
 @contextlib.contextmanager
@@ -134,7 +111,7 @@ def test_ext4_snapshot_with_freeze_mounts_read_only(tmp_path: Path) -> None:
     init_volume(path, size=160 << 20, block_size=4096, force=False,
                 virtual_size=96 << 20).close()
     before = {f"before-{i:02}": payload(f"before-{i:02}", (i + 1) * 12345) for i in range(12)}
-    with serving(path, sock) as proc:
+    with serve_forked(path, sock) as proc:
         with attached(sock, LIVE, "active"):
             sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", LIVE,
                timeout=300)
@@ -177,7 +154,7 @@ def _send_receive_and_mount(path: str, tmp: Path, before: dict[str, bytes], n0: 
     for argv in (["send", path, "snap", "-o", str(stream)], ["receive", copy, "-i", str(stream)]):
         r = clihelp.run(argv, timeout=300)     # the command, without its start-up under TCG
         assert r.returncode == 0, f"blockxfer {' '.join(argv)}: {r.returncode}\n{r.stderr!r}"
-    with serving(copy, sock, "--read-only") as proc:
+    with serve_forked(copy, sock, "--read-only") as proc:
         with attached(sock, SNAP, "@snap", read_only=True):
             sh("e2fsck", "-fn", SNAP)
             with mounted(SNAP, tmp / "copy", "ro", "noload") as mnt:
