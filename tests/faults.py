@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 from blockxfer.drivers.blockdev import FileDevice
 
@@ -41,3 +42,24 @@ class FaultyDevice:
 
     def close(self) -> None:
         self._dev.close()
+
+
+def forked_reports(child: Callable[[int], object]) -> tuple[bytes, int]:
+    """Run `child(w)` in a forked child (no pytest machinery there), which reports
+    its progress as bytes written to the descriptor `w` and may be killed anywhere;
+    returns every byte it reported and its wait status, once it has ended."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            child(w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 64):
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return b"".join(chunks), status

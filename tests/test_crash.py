@@ -19,7 +19,7 @@ import pytest
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
-from tests.faults import FaultyDevice
+from tests.faults import FaultyDevice, forked_reports
 from tests.marks import first_fast
 
 VSIZE = 2 << 20
@@ -122,25 +122,14 @@ def _count_writes(template: str, path: str, ops: list[tuple]) -> list[int]:
 def _run_child(path: str, ops: list[tuple], kill_at: int) -> int:
     """Run the workload in a forked child killed at its `kill_at`-th write; returns
     the number of steps the child reported complete."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery, just the workload
-        os.close(r)
-        try:
-            dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
-            vol = Volume.open(dev)  # type: ignore[arg-type]
-            for op in ops:
-                _apply(vol, op)
-                os.write(w, b".")
-            vol.close()
-        finally:
-            os._exit(0)
-    os.close(w)
-    done = b""
-    while chunk := os.read(r, 64):
-        done += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
+    def workload(w: int) -> None:
+        dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
+        vol = Volume.open(dev)  # type: ignore[arg-type]
+        for op in ops:
+            _apply(vol, op)
+            os.write(w, b".")
+        vol.close()
+    done, status = forked_reports(workload)
     assert os.WIFEXITED(status) or os.WTERMSIG(status) == signal.SIGKILL
     return len(done)
 

@@ -23,7 +23,7 @@ import pytest
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
-from tests.faults import FaultyDevice
+from tests.faults import FaultyDevice, forked_reports
 from tests.marks import first_fast
 
 VSIZE = 2 << 20
@@ -125,25 +125,14 @@ def _count_writes(template: str, path: str, steps: list[Step]) -> list[int]:
 def _run_child(path: str, steps: list[Step], kill_at: int) -> int:
     """Run the workload in a forked child killed at its `kill_at`-th write; returns
     the steps whose sync (or CP) returned before the kill."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery, just the workload
-        os.close(r)
-        try:
-            dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
-            vol = Volume.open(dev)  # type: ignore[arg-type]
-            for step in steps:
-                _apply(vol, step)
-                os.write(w, b".")
-            os.kill(os.getpid(), signal.SIGKILL)     # never closed: the log must do
-        finally:
-            os._exit(0)
-    os.close(w)
-    done = b""
-    while chunk := os.read(r, 64):
-        done += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
+    def workload(w: int) -> None:
+        dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
+        vol = Volume.open(dev)  # type: ignore[arg-type]
+        for step in steps:
+            _apply(vol, step)
+            os.write(w, b".")
+        os.kill(os.getpid(), signal.SIGKILL)     # never closed: the log must do
+    done, status = forked_reports(workload)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
     return len(done)
 

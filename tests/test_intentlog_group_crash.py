@@ -18,7 +18,7 @@ import pytest
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
-from tests.faults import FaultyDevice
+from tests.faults import FaultyDevice, forked_reports
 
 pytestmark = pytest.mark.slow
 
@@ -53,30 +53,19 @@ def _worker(vol: Volume, t: int, out: int, lock: threading.Lock) -> None:
 def _run_child(path: str, kill_at: int | None) -> dict[int, int]:
     """The workload in a forked child (killed at its `kill_at`-th device write);
     returns each thread's last acknowledged round."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
-            vol = Volume.open(dev)  # type: ignore[arg-type]
-            lock = threading.Lock()
-            threads = [threading.Thread(target=_worker, args=(vol, t, w, lock))
-                       for t in range(THREADS)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            os.write(w, bytes([255, dev.writes >> 8, dev.writes & 255]))
-            os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            os._exit(0)
-    os.close(w)
-    raw = b""
-    while chunk := os.read(r, 64):
-        raw += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
+    def workload(w: int) -> None:
+        dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
+        vol = Volume.open(dev)  # type: ignore[arg-type]
+        lock = threading.Lock()
+        threads = [threading.Thread(target=_worker, args=(vol, t, w, lock))
+                   for t in range(THREADS)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        os.write(w, bytes([255, dev.writes >> 8, dev.writes & 255]))
+        os.kill(os.getpid(), signal.SIGKILL)
+    raw, _ = forked_reports(workload)
     acked: dict[int, int] = {}
     for k in range(0, len(raw) - 2 * (raw[-3:-2] == b"\xff"), 2):
         t, n = raw[k], raw[k + 1]
