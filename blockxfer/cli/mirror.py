@@ -303,6 +303,7 @@ def run_foreground(src: str, every: float) -> None:
         runtime.update(next=t.next_due, skipped=runtime["skipped"] + t.skipped,
                        error=t.error, last_end=t.ended)
         publish()
+    runtime.update(_state_at_start(src))
     publish()
     _write_atomic(pid_file, f"{os.getpid()}\n")
     log.info("mirroring %s every %g s", src, every)
@@ -315,6 +316,20 @@ def run_foreground(src: str, every: float) -> None:
             with contextlib.suppress(OSError):
                 os.remove(path)
         log.info("mirror of %s stopped", src)
+
+
+def _state_at_start(src: str) -> dict[str, Any]:
+    """The mirror state the volume holds when the daemon starts, for its runtime file:
+    `mirror status` reads it there while the first update holds the volume (before,
+    a status asked during a first update was refused as busy)."""
+    from blockxfer.handles import open_volume
+    from blockxfer.transfer.mirror.state import KEY
+    try:
+        with open_volume(src) as vol:
+            state = vol.get_property(KEY)
+            return {"state": state.decode() if state else None, "generation": vol.generation}
+    except BlockxferError:
+        return {}
 
 
 def _measure_update(path: str) -> Report:
