@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
+from blockxfer.nbd.tlsmodes import MODES
 
 from .common import syslog_arg, volume_arg
 from .mirror import mirror_target
@@ -35,9 +36,7 @@ from .spec import Command, Report, Section, arg
 if TYPE_CHECKING:
     from blockxfer.nbd.tls import Mode, TlsPolicy
 
-# blockxfer.nbd.tls.MODES (a test holds them equal), named here so that building
-# the parser, which every command does, does not load ssl
-TLS_MODES = ("off", "on", "require")
+TLS_MODES = MODES        # from tlsmodes, not tls: building the parser must not load ssl
 
 log = logging.getLogger(__name__)
 

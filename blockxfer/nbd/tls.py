@@ -27,12 +27,12 @@ import ssl
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 
 from blockxfer.errors import UsageError
 
-Mode = Literal["off", "on", "require"]
-MODES: tuple[Mode, ...] = ("off", "on", "require")
+from .tlsmodes import MODES, Mode  # noqa: F401 - MODES: part of this module's interface
+
 CHUNK = 256 << 10        # plaintext sealed per TLS write, and ciphertext read per recv
 _SMALL = 16 << 10        # parts smaller than this are gathered first (fewer TLS records)
 
