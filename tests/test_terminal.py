@@ -3,7 +3,7 @@
 an ETA while it runs; the same send with standard error on a pipe and -P prints
 parsable progress lines instead (docs/cli-json.md, "Progress").
 
-About 40 s here (writing 1 GiB, then sending it twice), so `slow`."""
+About 30 s here (writing 1 GiB, then sending it twice, read at 100 MiB/s), so `slow`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ GiB = 1 << 30
 BAR = re.compile(r"send:\s+(\d+)%\|.*\| *[\d.]+[kMG]?/1\.00G "
                  r"\[\d\d:\d\d<(\d\d:\d\d), +[\d.]+[kMG]?B/s\]")
 DONE = re.compile(r"^BXDONE (\d+)$", re.M)      # typed as BX''DONE: only the echo matches
+SLOW_READER = ("import sys, time; f = open(sys.argv[1], 'wb'); "
+               "[(f.write(c), time.sleep(0.04)) "
+               "for c in iter(lambda: sys.stdin.buffer.read(4 << 20), b'')]")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,11 @@ def test_a_send_in_a_terminal_draws_a_bar_with_rate_and_eta(gib_volume: Path) ->
     tmux(sock, "-f", "/dev/null", "new-session", "-d", "-s", "bx", "-x", "120", "-y", "20",
          "bash --norc --noprofile")
     try:
-        command = " ".join([*BX, "send", str(gib_volume), "s1", "-o", str(out)])
-        tmux(sock, "send-keys", "-t", "bx", f"{command}; echo BX''DONE $?", "Enter")
+        # Read at about 100 MiB/s: an unthrottled send of 1 GiB can end (ETA 00:00)
+        # between two captures on a fast machine, as it did on CI.
+        slow = f"python3 -c \"{SLOW_READER}\" {out}"
+        command = " ".join([*BX, "send", str(gib_volume), "s1", "|", slow])
+        tmux(sock, "send-keys", "-t", "bx", f"{command}; echo BX''DONE ${{PIPESTATUS[0]}}", "Enter")
         frames: list[str] = []
         deadline = time.monotonic() + 300
         while not any(DONE.search(f) for f in frames[-1:]):
@@ -76,12 +82,17 @@ def test_a_send_in_a_terminal_draws_a_bar_with_rate_and_eta(gib_volume: Path) ->
 
 def test_the_same_send_on_a_pipe_prints_parsable_lines(gib_volume: Path) -> None:
     out = gib_volume.parent / "p.bs"
-    r = bx("send", str(gib_volume), "s1", "-o", str(out), "-P", timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stderr.decode().splitlines()
+    # Read slowly here too: -P prints one line a second, and a fast send is done sooner.
+    send = subprocess.Popen([*BX, "send", str(gib_volume), "s1", "-P"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    slow = subprocess.run(["python3", "-c", SLOW_READER, str(out)], stdin=send.stdout,
+                          timeout=300)
+    _, stderr = send.communicate(timeout=60)
+    assert send.returncode == 0 and slow.returncode == 0, stderr
+    lines = stderr.decode().splitlines()
     rows = [ln.split("\t") for ln in lines if ln.startswith(("progress\t", "done\t"))]
     assert rows and all(len(row) == 5 and row[1] == "send" for row in rows), lines
-    assert lines[-1].startswith("sent ") and "\x1b" not in r.stderr.decode()   # no bar
+    assert lines[-1].startswith("sent ") and "\x1b" not in stderr.decode()   # no bar
     progress = [row for row in rows if row[0] == "progress"]
     assert rows[-1][0] == "done" and len(progress) >= 1, rows
     seconds = [float(row[2]) for row in rows]
