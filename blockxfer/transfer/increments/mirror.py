@@ -129,6 +129,7 @@ def update_volume(vol: Volume, base_url: str, increments_dir: str, *,
     d = Directory(increments_dir)
     started = time.monotonic()
     if not d.exists():
+        _refuse_written_base(parse_base(base_url, o.is_tape))   # before anything is made
         d.create()
     slot = _slot_or_none(d)
     if slot is None or slot.state == PENDING:
@@ -152,9 +153,7 @@ def _first(d: Directory, slot: Slot | None, vol: Volume, base_url: str, o: Opene
            progress: Progress) -> dict[str, object]:
     medium = parse_base(base_url, o.is_tape)
     if slot is None:
-        if medium.kind == "file" and os.path.exists(medium.path):
-            raise UsageError(f"the base {medium.path} already exists; give a new file "
-                             "(the base is written once)")
+        _refuse_written_base(medium)
         dir_id = os.urandom(16)
         slot = Slot(1, PENDING, dir_id, vol.sb.uuid, vol.block_size, vol.nblocks,
                     base_url, f"incr.{dir_id.hex()[:8]}.0")
@@ -163,6 +162,12 @@ def _first(d: Directory, slot: Slot | None, vol: Volume, base_url: str, o: Opene
         _same_base(slot, base_url, o)
         _same_volume(slot, vol)
     return _write_base(d, slot, vol, medium, o, progress)
+
+
+def _refuse_written_base(medium: Medium) -> None:
+    if medium.kind == "file" and os.path.exists(medium.path):
+        raise UsageError(f"the base {medium.path} already exists; give a new file "
+                         "(the base is written once)")
 
 
 def _same_volume(slot: Slot, vol: Volume) -> None:
@@ -356,6 +361,9 @@ def mirror_status(increments_dir: str) -> dict[str, object]:
     """What the directory holds, and its size on disk against the real changed set
     (the blocks that differ from the base)."""
     d = Directory(increments_dir)
+    if d.exists() and _slot_or_none(d) is None:       # the first update is writing it
+        return {"directory": d.path, "state": "empty", "updates": 0, "consistent": False,
+                "structure_bytes": d.allocated_bytes()}
     slot, meta = d.state()
     out: dict[str, object] = {
         "directory": d.path, "base": slot.base_url, "base_snapshot": slot.base_name,
