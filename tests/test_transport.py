@@ -263,3 +263,24 @@ def test_early_ssh_is_cut_when_the_command_is_refused(tmp_path: Path) -> None:
         os.kill(started[0], 0)
     r = bx("send", "-n", str(tmp_path / "v.img"), "a", "ssh://h/x.img", env=env)
     assert len(pids.read_text().split()) == 1             # a dry run connects nowhere
+
+
+def test_early_ssh_of_a_replication_pull(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replicate pull ssh://... TARGET` starts ssh before its imports too, but not for
+    a served target (its service pulls) nor for --help."""
+    import socket
+
+    from blockxfer.cli.entry import _early_url
+    from blockxfer.service.control import socket_path
+    monkeypatch.setenv("BLOCKXFER_RUN_DIR", str(tmp_path))
+    src, target = "ssh://h/srv/v.img", str(tmp_path / "copy.img")
+    assert _early_url(["replicate", "pull", src, target, "--name", "b"]) == src
+    assert _early_url(["replicate", "pull", "-n", src, target]) is None   # not guessed
+    assert _early_url(["replicate", "pull", src, target, "-h"]) is None
+    assert _early_url(["replicate", "status", target]) is None
+    assert _early_url(["send", "v.img", "a", src]) == src
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(socket_path(target))
+        s.listen(1)
+        assert _early_url(["replicate", "pull", src, target]) is None

@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
-from blockxfer.service.endpoint import OPERATIONS, Policy, serve_request
+from blockxfer.service.endpoint import OPERATIONS, Policy, preload, serve_request
 
 from .common import syslog_arg
 from .spec import Arg, Command, Report, arg
@@ -42,6 +42,7 @@ def cmd_stdio_serve(a: argparse.Namespace) -> Report:
     from blockxfer.transport.wire import widen_pipe
     widen_pipe(sys.stdin.fileno())
     widen_pipe(sys.stdout.fileno())
+    preload()
     err = serve_request(sys.stdin.buffer, sys.stdout.buffer, _policy(a), "ssh peer")
     return Report({}, code=err.exit_code if err else 0)
 
@@ -73,6 +74,7 @@ def cmd_tls_serve(a: argparse.Namespace) -> Report:
     host, port = _listen_address(a.listen)
     srv = socket.create_server((host, port), reuse_port=False)
     log.info("listening on %s:%d", host, srv.getsockname()[1])
+    preload()                     # the first request need not wait for the imports
 
     def handle(conn: socket.socket, addr: Any) -> None:
         try:

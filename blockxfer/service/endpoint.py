@@ -63,6 +63,18 @@ class Policy:
         return str(op), volume
 
 
+def preload() -> None:
+    """Import what answering any request needs (the volume with numpy, the stream
+    codecs, replication), before the request is read: the peer sends it only once
+    its own start-up is done, so these imports, most of this side's start-up, run
+    meanwhile instead of after it (stdio-serve is one process per request)."""
+    import blockxfer.drivers.reader
+    import blockxfer.handles
+    import blockxfer.service.replication
+    import blockxfer.service.session
+    import blockxfer.transfer.replicate_source  # noqa: F401
+
+
 def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
                   peer: str) -> BlockxferError | None:
     """Answer one request; the error it ended with, if any (also sent to the peer and
