@@ -9,6 +9,7 @@ device in use.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,6 +38,25 @@ def open_volume(path: str, *, write: bool = False) -> Iterator[Volume]:
         raise
     with vol:
         yield vol
+
+
+def refuse_volume_output(path: str) -> None:
+    """A stream renamed over a volume would destroy it: `send v.img s1 -o v.img`
+    replaced the very volume it read. Refused before anything is written."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return                               # missing: the output file says what is wrong
+    if not stat.S_ISREG(st.st_mode) or st.st_size < 4096:
+        return
+    dev = open_device(path, direct=False)
+    try:
+        found = has_signature(dev)
+    finally:
+        dev.close()
+    if found in ("a blockxfer volume", "an interrupted receive"):
+        raise UsageError(f"{path} holds {found}; refusing to write a stream over it: "
+                         "give another output file")
 
 
 def init_volume(path: str, *, size: int | None, block_size: int, force: bool,

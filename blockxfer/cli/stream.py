@@ -30,7 +30,7 @@ from .store import is_store_url, receive_from_store, s3_endpoint_arg, send_to_st
 def cmd_send(a: argparse.Namespace) -> Report:
     from blockxfer.catalog import hooks
     from blockxfer.service.session import send_to
-    from blockxfer.transport import is_volume_url, open_sink
+    from blockxfer.transport import is_volume_url, local_path, open_sink
     if a.output and a.destination and a.output != a.destination:
         raise UsageError("give the destination once: as DESTINATION or with -o")
     url = a.output or a.destination
@@ -45,6 +45,9 @@ def cmd_send(a: argparse.Namespace) -> Report:
     if a.verify and (url in (None, "-") or is_volume_url(url)):
         raise UsageError("--verify reads a stream file back: give -o FILE (a volume "
                          "destination checks every record as it receives)")
+    if (path := local_path(url)) is not None:
+        from blockxfer.handles import refuse_volume_output
+        refuse_volume_output(path)
     with open_sink(url, force=a.force) as sink:    # first: a far side starts up meanwhile
         geometry = _geometry(a, a.path)
         # the data size: the stream is a little larger (headers) or smaller (compression)

@@ -66,6 +66,13 @@ def is_volume_url(url: str) -> bool:
     return bool(entry and entry[2])
 
 
+def local_path(url: str | None) -> str | None:
+    """The file a `file:` URL or plain path names; None for -, volumes and stores."""
+    if url in (None, "-") or scheme_of(str(url)) != "file":
+        return None
+    return _file_path(str(url))
+
+
 def _file_path(url: str) -> str:
     if url.startswith("file://"):
         return url[len("file://"):]
