@@ -148,7 +148,7 @@ def update_once(src: str, progress: Callable[[int], None] | None = None,
     assert st.base_url is not None and st.incr is not None
     result: dict[str, Any] = _increments().mirror_update(src, st.base_url, st.incr,
                                                          progress=progress)
-    return result
+    return {"volume": src, "destination": st.incr, **result}
 
 
 # -- the commands ------------------------------------------------------------------------
@@ -225,16 +225,26 @@ def _start(a: argparse.Namespace) -> Report:
 
 
 def _start_served(a: argparse.Namespace, served: Any, every: float) -> Report:
-    """The mirror of a served volume runs in its service (job `mirror`)."""
-    if a.increments is not None:
-        raise VolumeError(f"{a.path} is served: its service runs full mirroring only; for "
-                          "--base/--increments stop serving it first")
+    """The mirror of a served volume runs in its service (job `mirror`); an
+    incremental one's base and directory are named to it by absolute path."""
     if a.foreground:
         raise UsageError(f"{a.path} is served: its service runs the mirror (no --foreground)")
+    incr = dict(base=_absolute_base(a.base), increments=os.path.abspath(a.increments)) \
+        if a.increments is not None else {}
     r: dict[str, Any] = served.call("mirror", op="start", dest=a.destination,
-                                    interval=every, force=a.force, endpoint=a.s3_endpoint)
-    return Report(r, [f"{a.path}: mirroring to {a.destination} every {a.interval} in its "
-                      f"service (pid {r.get('pid')})"])
+                                    interval=every, force=a.force, endpoint=a.s3_endpoint,
+                                    **incr)
+    return Report(r, [f"{a.path}: mirroring to {r.get('destination')} every {a.interval} in "
+                      f"its service (pid {r.get('pid')})"])
+
+
+def _absolute_base(url: str) -> str:
+    """The base as the service (another working directory) finds it: `tape:` and
+    `file:` keep their prefix, a bare path becomes absolute."""
+    for prefix in ("tape:", "file:"):
+        if url.startswith(prefix):
+            return prefix + os.path.abspath(url[len(prefix):])
+    return url if not url or "://" in url else os.path.abspath(url)
 
 
 def _spawn(a: argparse.Namespace) -> Report:
