@@ -108,10 +108,18 @@ def _service(src: str) -> Any:
 
 def mirror_target(dest: str, endpoint: str | None = None) -> Any:
     """The destination `dest` opened with the drivers (also for the service);
-    `endpoint` is an s3:// destination's."""
+    `endpoint` is an s3:// destination's. A local volume that `blockxfer serve`
+    owns is reached through its service (looked at, rolled back, received into)."""
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.mirror import open_target
-    return open_target(dest, open_device, endpoint)
+    from blockxfer.transfer.mirror.target import LocalTarget
+    target = open_target(dest, open_device, endpoint)
+    if isinstance(target, LocalTarget):
+        client = _service(dest)
+        if client is not None:
+            from blockxfer.service.mirrordest import ServedTarget
+            return ServedTarget(dest, client)
+    return target
 
 
 

@@ -23,6 +23,7 @@ from blockxfer.nbd.tls import TlsPolicy
 from .commands import OpenTape, VolumeCommands
 from .control import ControlServer, bind_control
 from .jobs import Jobs
+from .mirrordest import DestinationCommands
 from .mirrors import OpenTarget, ServedMirror, Wire
 from .ops import Freezer, ReaderFor, Result, VolumeOps
 from .replication import install_replication
@@ -52,6 +53,7 @@ class Service:
         if not read_only:              # a policy set later (policy set) takes effect too
             self.jobs.add("policy", POLICY_EVERY, self._policy_tick)
         self._mirror(open_target, wire_increments)
+        DestinationCommands(self.ops).install(self.control)   # a mirror into this volume
 
     def _policy_tick(self) -> object:
         """The snapshot schedule, if the volume has one (docs/policies.md)."""
