@@ -228,3 +228,47 @@ class ServedMirror:
             "next": job.next_run if job is not None else None}
         return {"state": raw.decode(), "generation": generation, "runtime": runtime,
                 "job": job.status() if job is not None else None}
+
+
+class HeldMirror:
+    """The `mirror` command of a process that holds the volume open without serving
+    it: a `replicate pull` receiving into it (service/replication.py's `hosting`).
+    It runs no mirror, but the volume's mirror must not look unknown meanwhile:
+    `status` and `update -n` are answered from the volume, `stop` records the stop
+    (the client stops the daemon itself); `start`, `update` and `stop --forget`,
+    which take snapshots or destroy them while the pull receives, are refused with
+    what to do."""
+
+    def __init__(self, ops: VolumeOps, owner: str) -> None:
+        self.ops, self.owner = ops, owner
+
+    @property
+    def path(self) -> str:
+        return self.ops.path
+
+    def install(self, ctl: ControlServer) -> None:
+        ctl.register("mirror", self.control, progress=True)
+
+    def control(self, progress: Progress, op: str, forget: bool = False,
+                dry_run: bool = False, **ignored: Any) -> Result:
+        vol = self.ops.vol
+        if op == "status":
+            with self.ops.lock:
+                raw, generation = vol.get_property(KEY), vol.generation
+            if raw is None:
+                raise NotFound(f"{self.path} has no mirror; start one with 'blockxfer mirror "
+                               f"start {self.path} DEST' once {self.owner} ends")
+            return {"state": raw.decode(), "generation": generation, "runtime": None,
+                    "job": None, "held_by": self.owner}
+        if op == "update" and dry_run:
+            with self.ops.lock:
+                return {"volume": self.path, **would_send(vol, load(vol, self.path))}
+        if op == "stop" and not forget:
+            with self.ops.lock:
+                st = load(vol, self.path)
+                st.stopped = True
+                save(vol, st)
+            return {"volume": self.path, "recorded": True, "held_by": self.owner}
+        what = "mirror stop --forget" if op == "stop" else f"mirror {op}"
+        raise DeviceBusy(f"{self.path} is open in {self.owner}, which runs no mirror: run "
+                         f"'blockxfer {what} {self.path}' again when it ends")
