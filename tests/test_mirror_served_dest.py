@@ -148,3 +148,67 @@ def test_a_served_far_side_of_ssh_answers_through_its_service(
         assert seen is not None and seen.newest == vol.resolve(r["snapshot"]).guid
     assert dest_image(dest) == image_of(vol, r["snapshot"])
     vol.close()
+
+
+def _kill_the_destination(tmp_path: Path, kills: int, seed: int) -> int:
+    """Kill -9 the service owning the destination at random points of an update
+    into it: each time the destination is at a mirrored state equal to the
+    source's snapshot; then an update into it served again converges (resuming
+    what a kill left when it can), `check` clean. Returns the resumed updates."""
+    import math
+    import threading
+
+    from blockxfer.errors import BlockxferError
+    from tests.test_mirror_kill import _dest_state, _source_image
+    from tests.test_mirror_served import _serve_child, stop
+    rng = random.Random(seed)
+    src, dest, sock = (str(tmp_path / n) for n in ("src.img", "dst.img", "nbd.sock"))
+    vol = make_volume(src, 48 << 20, 16 << 20)
+    churn(vol, rng, 100, 0)
+    configure(vol, dest)
+    local_update(vol, dest)
+    resumed = 0
+    for i in range(kills):
+        vol.write(rng.randrange(8) * MiB, rng.randbytes(4 * MiB))
+        pid = os.fork()
+        if pid == 0:
+            _serve_child(dest, sock, 64 << 10)
+        wait_for(lambda: control.server_running(dest))
+        got: dict[str, object] = {}
+
+        def run(got: dict[str, object] = got) -> None:
+            try:
+                got.update(run_update(vol, mirror_target(dest)))
+            except BlockxferError as e:
+                got["error"] = e
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(math.exp(rng.uniform(math.log(0.005), math.log(0.3))))
+        stop(pid, signal.SIGKILL)
+        t.join(60)
+        resumed += bool(got.get("resumed"))
+        name, image = _dest_state(dest)
+        assert name is not None and image == _source_image(src, name), f"kill {i}: torn"
+    with served(dest, sock):
+        r = run_update(vol, mirror_target(dest))
+        resumed += bool(r["resumed"])
+    name, image = _dest_state(dest)
+    assert name == r["snapshot"] and image == image_of(vol, name)
+    vol.close()
+    d = open_vol(dest, write=False)
+    assert check_volume(d).clean
+    d.close()
+    return resumed
+
+
+def test_kill_the_destinations_service_mid_update_quick(
+        tmp_path: Path, run_dir: str) -> None:  # noqa: F811
+    _kill_the_destination(tmp_path, 1, random.randrange(1 << 30))
+
+
+@pytest.mark.slow
+def test_kill_the_destinations_service_mid_update(tmp_path: Path, run_dir: str) -> None:  # noqa: F811
+    seed = int(os.environ.get("MIRROR_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed} (MIRROR_SEED={seed} repeats it)")
+    kills = int(os.environ.get("MIRROR_SERVED_KILLS", "20"))
+    print(f"{kills} kills, {_kill_the_destination(tmp_path, kills, seed)} updates resumed")
