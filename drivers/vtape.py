@@ -68,10 +68,11 @@ class VtapeHeader:
             raise FormatError("virtual tape: header truncated")
         (magic, version, flags, block_size, capacity, ew, pos, file, block,
          crc) = _HEADER.unpack_from(raw)
+        if magic != MAGIC:                   # first: a stream or a volume is not damage
+            raise FormatError("not a blockxfer virtual tape (bad magic); create one with "
+                              "'blockxfer tape create'")
         if zlib.crc32(raw[:_HEADER.size - 4]) != crc:
             raise FormatError("virtual tape: header checksum mismatch")
-        if magic != MAGIC:
-            raise FormatError("not a blockxfer virtual tape (bad magic)")
         if version != VERSION:
             raise FormatError(f"virtual tape version {version} is not supported")
         return cls(capacity, ew, flags, block_size, pos, file, block)
@@ -104,7 +105,10 @@ class VirtualTape:
         self._can_save = os.access(path, os.W_OK)
         self._fd = os.open(path, (os.O_RDWR if self._can_save else os.O_RDONLY) | os.O_CLOEXEC)
         try:
-            self.header = VtapeHeader.unpack(os.pread(self._fd, _HEADER.size, 0))
+            try:
+                self.header = VtapeHeader.unpack(os.pread(self._fd, _HEADER.size, 0))
+            except FormatError as e:
+                raise FormatError(f"{path}: {e}") from None
             if write and self.header.flags & FLAG_WRITE_PROTECT:
                 raise _oserror(errno.EROFS)     # st refuses O_RDWR on a protected tape
             self._entries = self._scan()

@@ -99,6 +99,29 @@ def test_send_replaces_whole_and_keeps_the_mode(vol: str, stream: str) -> None:
     assert json.loads(bx("inspect", stream, "--json").stdout)["top"] == "s1"
 
 
+def test_send_over_a_volume_is_refused(vol: str, tmp_path: object) -> None:
+    """`send v.img s1 -o v.img` used to rename the stream over the volume it read."""
+    other = os.path.join(str(tmp_path), "other.img")
+    assert bx("init", other, "--size", "16M").returncode == 0
+    for target in (vol, other):
+        before = _digest(target)
+        r = bx("send", vol, "s1", "-o", target)
+        assert r.returncode == 2 and "holds a blockxfer volume" in one_line(r)
+        assert _digest(target) == before
+    assert bx("check", vol).returncode == 0
+
+
+def test_a_file_of_the_wrong_kind_is_named(vol: str, stream: str, tmp_path: object) -> None:
+    """A volume given as a stream, or a stream given as a tape, is said to be what it
+    is, not reported as damage."""
+    for args in (["inspect", vol], ["receive", os.path.join(str(tmp_path), "q.img"), "-i", vol]):
+        r = bx(*args)
+        assert r.returncode == 3 and "is a blockxfer volume, not a stream" in one_line(r)
+    r = bx("restore", os.path.join(str(tmp_path), "q.img"), "--tape", stream)
+    assert r.returncode == 3 and "not a blockxfer virtual tape" in one_line(r)
+    assert not os.path.exists(os.path.join(str(tmp_path), "q.img"))
+
+
 def test_send_to_a_device_node_writes_in_place(vol: str) -> None:
     assert bx("send", vol, "s1", "-o", "/dev/null").returncode == 0
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -54,16 +54,20 @@ CASES = [
     (2, ["read", "{vol}", "--offset", "1G"], "outside the virtual disk"),
     (2, ["restore", "{d}/r.img", "--tape", "{tape}", "--vbns", "1-2"], "--image"),
     (2, ["write", "{vol}", "--offset", "ten"], "bad size"),
+    (2, ["send", "{vol}", "s1", "-o", "{vol}"], "holds a blockxfer volume"),
     # 3: damaged or foreign data
     (3, ["info", "{d}/junk"], "not a blockxfer volume"),
     (3, ["read", "{bad}"], "virtual offset"),
     (3, ["verify", "{d}/cut.bs"], None),
     (3, ["tape", "list", "{d}/empty.vtape"], "blank"),
+    (3, ["inspect", "{vol}"], "a blockxfer volume, not a stream"),
+    (3, ["tape", "list", "{stream}"], "not a blockxfer virtual tape"),
     # 4: device, or a path that cannot be opened
     (4, ["info", "{d}/missing.img"], "No such file"),
     (4, ["receive", "{d}/r.img", "-i", "{d}/missing.bs"], "No such file"),
     (4, ["send", "{vol}", "s1", "-o", "{d}/nodir/out.bs"], "No such file"),
     (4, ["tape", "list", "{d}/missing.vtape"], "No such file"),
+    (4, ["replicate", "status", "{d}/missing.img"], "no such file"),
     (4, ["tape", "create", "{tape}", "--capacity", "8M"], "already exists"),
     # 5: volume or tape state
     (5, ["snapshot", "{vol}@s1"], "already exists"),

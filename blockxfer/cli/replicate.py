@@ -4,12 +4,13 @@ replicates (status, destinations, forget)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 from typing import Any
 
-from blockxfer.errors import BlockxferError, UsageError
+from blockxfer.errors import BlockxferError, DeviceError, UsageError
 from blockxfer.units import human, parse_size
 
 from .common import dry_run_arg, parsable_arg, progress, volume_arg
@@ -101,6 +102,9 @@ def _pull_served(a: argparse.Namespace, client: Any, options: dict[str, Any]) ->
 
 def cmd_status(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.replicate_state import PullState, all_states
+    for t in a.targets or []:
+        if not os.path.exists(t):
+            raise DeviceError(f"{t}: no such file or device")
     states = [PullState.load(t) for t in a.targets] if a.targets else all_states()
     rows = []
     text = []
@@ -109,6 +113,9 @@ def cmd_status(a: argparse.Namespace) -> Report:
         rows.append({"target": s.target, "source": s.source, "name": s.name,
                      "master": s.master, "pending": s.pending, "last": last,
                      "pulls": s.pulls})
+        if not (s.source or s.pulls or s.pending):
+            text.append(f"{s.target}: no pulls recorded here")
+            continue
         line = f"{s.target}: from {s.source or '-'} as {s.name or '-'}, master {s.master!r}"
         if s.pending:
             line += f", interrupted pull of {s.pending.get('top')!r} (resumes on the next pull)"

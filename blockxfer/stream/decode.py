@@ -16,6 +16,7 @@ import xxhash
 import zstandard
 
 from blockxfer.errors import StreamError
+from blockxfer.volume.layout import MAGIC as VOLUME_MAGIC
 
 from . import format as fmt
 from .io import ByteSource
@@ -85,6 +86,9 @@ class StreamReader:
             head += self._read(fmt.RECORD.size - len(head), "a record header")
         magic, rtype, flags, _, length, seq, _ = fmt.RECORD.unpack(head)
         if magic != fmt.RECORD_MAGIC:
+            if self.seq == 0 and head.startswith(VOLUME_MAGIC):
+                raise StreamError(f"{self.name}: this is a blockxfer volume, not a stream; "
+                                  "make a stream of it with 'blockxfer send'")
             raise self._fail("stream is damaged: bad record magic")
         if length > fmt.MAX_BODY:
             raise self._fail(f"stream is damaged: record claims {length} bytes")

@@ -9,12 +9,16 @@ command leaves an existing file exactly as it was and no new file behind.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import DeviceError, UsageError
 from blockxfer.outfile import output_file
+from blockxfer.volume import has_signature
 
 from .base import Result, Sink, Source
 
@@ -58,12 +62,32 @@ def stdout_errors() -> Iterator[None]:
         raise DeviceError(f"write standard output: {e.strerror}") from e
 
 
+def refuse_volume(path: str) -> None:
+    """A stream renamed over a volume would destroy it: `send v.img s1 -o v.img`
+    replaced the very volume it read. Refused before anything is written."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return                               # missing: output_file says what is wrong
+    if not stat.S_ISREG(st.st_mode) or st.st_size < 4096:
+        return
+    dev = open_device(path, lock=False, direct=False)
+    try:
+        found = has_signature(dev)
+    finally:
+        dev.close()
+    if found in ("a blockxfer volume", "an interrupted receive"):
+        raise UsageError(f"{path} holds {found}; refusing to write a stream over it: "
+                         "give another output file")
+
+
 class FileSink(Sink):
     """A stream into a file, written whole or not at all (`blockxfer.outfile`)."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.name = self.path = path
+        refuse_volume(path)
         self._stack = contextlib.ExitStack()
         self._f = self._stack.enter_context(output_file(path))
 

@@ -104,7 +104,7 @@ def _open_source(path: str, o: Openers) -> Volume:
         raise
 
 
-def _slot_or_none(d: Directory) -> Slot | None:
+def slot_or_none(d: Directory) -> Slot | None:
     """The slot in force; None for a directory whose first update was killed before
     its first header slot was written (both slots still zero)."""
     with open(d.file("header"), "rb") as f:
@@ -149,8 +149,9 @@ def update_volume(vol: Volume, base_url: str, increments_dir: str, *,
     d = Directory(increments_dir)
     started = time.monotonic()
     if not d.exists():
+        _refuse_written_base(parse_base(base_url, o.is_tape))   # before anything is made
         d.create()
-    slot = _slot_or_none(d)
+    slot = slot_or_none(d)
     if slot is None or slot.state == PENDING:
         out = _first(d, slot, src, base_url, o, progress)
     else:
@@ -173,9 +174,7 @@ def _first(d: Directory, slot: Slot | None, src: _Source, base_url: str, o: Open
     medium = parse_base(base_url, o.is_tape)
     vol = src.vol
     if slot is None:
-        if medium.kind == "file" and os.path.exists(medium.path):
-            raise UsageError(f"the base {medium.path} already exists; give a new file "
-                             "(the base is written once)")
+        _refuse_written_base(medium)
         dir_id = os.urandom(16)
         slot = Slot(1, PENDING, dir_id, vol.sb.uuid, vol.block_size, vol.nblocks,
                     base_url, f"incr.{dir_id.hex()[:8]}.0")
@@ -184,6 +183,12 @@ def _first(d: Directory, slot: Slot | None, src: _Source, base_url: str, o: Open
         _same_base(slot, base_url, o)
         _same_volume(slot, vol)
     return _write_base(d, slot, src, medium, o, progress)
+
+
+def _refuse_written_base(medium: Medium) -> None:
+    if medium.kind == "file" and os.path.exists(medium.path):
+        raise UsageError(f"the base {medium.path} already exists; give a new file "
+                         "(the base is written once)")
 
 
 def _same_volume(slot: Slot, vol: Volume) -> None:
@@ -381,4 +386,4 @@ def _merge_checks(meta: Meta, wanted: bitarray, upd: Update) -> np.ndarray:
     return out
 
 
-__all__ = ["mirror_update", "openers", "update_volume", "use_openers"]
+__all__ = ["mirror_update", "openers", "slot_or_none", "update_volume", "use_openers"]

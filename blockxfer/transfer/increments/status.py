@@ -5,6 +5,7 @@ changed set (docs/increments.md)."""
 from __future__ import annotations
 
 from .format import READY
+from .mirror import slot_or_none
 from .store import Directory
 
 
@@ -12,6 +13,9 @@ def mirror_status(increments_dir: str) -> dict[str, object]:
     """What the directory holds, and its size on disk against the real changed set
     (the blocks that differ from the base)."""
     d = Directory(increments_dir)
+    if d.exists() and slot_or_none(d) is None:        # the first update is writing it
+        return {"directory": d.path, "state": "empty", "updates": 0, "consistent": False,
+                "structure_bytes": d.allocated_bytes()}
     slot, meta = d.state()
     out: dict[str, object] = {
         "directory": d.path, "base": slot.base_url, "base_snapshot": slot.base_name,
