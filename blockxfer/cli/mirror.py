@@ -94,10 +94,26 @@ def _runtime(src: str) -> dict[str, Any] | None:
 # -- opening the source and the destination -----------------------------------------------
 def _refuse_served(src: str) -> None:
     """The unserved path opens the volume itself; a served one went to its service
-    before (this catches a service started meanwhile)."""
-    if _service(src) is not None:
-        raise VolumeError(f"{src} is served by 'blockxfer serve', which owns it and runs "
-                          "its mirror: use 'blockxfer mirror' commands on it again")
+    before (this catches a service started meanwhile). A `replicate pull` holding
+    the volume while it receives is waited for (busy: the daemon's next tick, or
+    `mirror update` while the daemon runs, tries again)."""
+    client = _service(src)
+    if client is None:
+        return
+    if _is_pull(client):
+        raise DeviceBusy(f"{src} is open in a 'replicate pull' receiving into it; the "
+                         "mirror updates when it ends")
+    raise VolumeError(f"{src} is served by 'blockxfer serve', which owns it and runs "
+                      "its mirror: use 'blockxfer mirror' commands on it again")
+
+
+def _is_pull(client: Any) -> bool:
+    """Is the process holding the volume a pull (service/replication.py's `hosting`),
+    not a service? Only a service reports itself (`server`) in `info`."""
+    try:
+        return "server" not in client.call("info")
+    except BlockxferError:                 # it let go meanwhile
+        return False
 
 
 def _service(src: str) -> Any:
@@ -108,10 +124,18 @@ def _service(src: str) -> Any:
 
 def mirror_target(dest: str, endpoint: str | None = None) -> Any:
     """The destination `dest` opened with the drivers (also for the service);
-    `endpoint` is an s3:// destination's."""
+    `endpoint` is an s3:// destination's. A local volume that `blockxfer serve`
+    owns is reached through its service (looked at, rolled back, received into)."""
     from blockxfer.drivers.blockdev import open_device
     from blockxfer.transfer.mirror import open_target
-    return open_target(dest, open_device, endpoint)
+    from blockxfer.transfer.mirror.target import LocalTarget
+    target = open_target(dest, open_device, endpoint)
+    if isinstance(target, LocalTarget):
+        client = _service(dest)
+        if client is not None:
+            from blockxfer.service.mirrordest import ServedTarget
+            return ServedTarget(dest, client)
+    return target
 
 
 
@@ -148,7 +172,7 @@ def update_once(src: str, progress: Callable[[int], None] | None = None,
     assert st.base_url is not None and st.incr is not None
     result: dict[str, Any] = _increments().mirror_update(src, st.base_url, st.incr,
                                                          progress=progress)
-    return result
+    return {"volume": src, "destination": st.incr, **result}
 
 
 # -- the commands ------------------------------------------------------------------------
@@ -225,16 +249,26 @@ def _start(a: argparse.Namespace) -> Report:
 
 
 def _start_served(a: argparse.Namespace, served: Any, every: float) -> Report:
-    """The mirror of a served volume runs in its service (job `mirror`)."""
-    if a.increments is not None:
-        raise VolumeError(f"{a.path} is served: its service runs full mirroring only; for "
-                          "--base/--increments stop serving it first")
+    """The mirror of a served volume runs in its service (job `mirror`); an
+    incremental one's base and directory are named to it by absolute path."""
     if a.foreground:
         raise UsageError(f"{a.path} is served: its service runs the mirror (no --foreground)")
+    incr = dict(base=_absolute_base(a.base), increments=os.path.abspath(a.increments)) \
+        if a.increments is not None else {}
     r: dict[str, Any] = served.call("mirror", op="start", dest=a.destination,
-                                    interval=every, force=a.force, endpoint=a.s3_endpoint)
-    return Report(r, [f"{a.path}: mirroring to {a.destination} every {a.interval} in its "
-                      f"service (pid {r.get('pid')})"])
+                                    interval=every, force=a.force, endpoint=a.s3_endpoint,
+                                    **incr)
+    return Report(r, [f"{a.path}: mirroring to {r.get('destination')} every {a.interval} in "
+                      f"its service (pid {r.get('pid')})"])
+
+
+def _absolute_base(url: str) -> str:
+    """The base as the service (another working directory) finds it: `tape:` and
+    `file:` keep their prefix, a bare path becomes absolute."""
+    for prefix in ("tape:", "file:"):
+        if url.startswith(prefix):
+            return prefix + os.path.abspath(url[len(prefix):])
+    return url if not url or "://" in url else os.path.abspath(url)
 
 
 def _spawn(a: argparse.Namespace) -> Report:
@@ -364,10 +398,11 @@ def cmd_update(a: argparse.Namespace) -> Report:
             else:
                 r = update_once(a.path, progress=prog.add)
             break
-        except DeviceBusy:        # the daemon's update holds the volume: wait for it
+        except DeviceBusy:        # the daemon's update (or a pull) holds it: wait for it
             if daemon_pid(a.path) is None or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+            served = _service(a.path)
     prog.finish()
     text = [f"{a.path} -> {r.get('destination')}: {r.get('kind')} up to "
             f"{r.get('snapshot')}, {r.get('blocks')} blocks, {r.get('bytes')} bytes in "
@@ -380,11 +415,13 @@ def cmd_status(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.mirror import MirrorState, load
     from blockxfer.transfer.mirror.status import describe, status_lines
     served = _service(a.path)
-    job = None
+    job, held = None, None
     if served is not None:          # the state as the volume holds it, the job's runtime
         got = served.call("mirror", op="status")
         st, generation = MirrorState.unpack(got["state"].encode()), got["generation"]
-        runtime, job = got["runtime"], got["job"]
+        runtime, job, held = got["runtime"], got["job"], got.get("held_by")
+        if held is not None:        # a pull holds it: any daemon's runtime is its own
+            served, runtime = None, _runtime(a.path)
     else:
         runtime = _runtime(a.path)
         try:
@@ -403,25 +440,23 @@ def cmd_status(a: argparse.Namespace) -> Report:
         except BlockxferError as e:       # busy (an update runs) or gone: say so
             log.info("could not look at %s: %s", st.dest, e)
     d = describe(st, generation, found, runtime)
-    d["served"], d["job"] = served is not None, job
+    d["served"], d["job"], d["held_by"] = served is not None, job, held
     if job and job.get("last_error") and not d["error"]:
         d["error"] = job["last_error"]        # a failure outside the update's own record
-    if st.incremental_mode and st.incr is not None:
-        d["increments_status"] = _increments().mirror_status(st.incr)
+    d["increments_status"] = _increments().mirror_status(st.incr) \
+        if st.incremental_mode and st.incr is not None else None
     d["volume"] = a.path
     return Report(d, status_lines(d, a.path))
 
 
 def cmd_stop(a: argparse.Namespace) -> Report:
     served = _service(a.path)
+    held = None
     if served is not None:
         r: dict[str, Any] = served.call("mirror", op="stop", forget=a.forget, timeout=None)
-        text = [f"{a.path}: mirror stopped in its service (pid {r['pid']})" if r["stopped"]
-                else f"{a.path}: its service was not running the mirror"]
-        if a.forget:
-            text.append(f"{a.path}: mirror forgotten; destroyed "
-                        f"{', '.join(r['destroyed']) or 'nothing'}")
-        return Report(r, text)
+        held = r.get("held_by")      # a pull holds it: the stop is recorded, the daemon
+        if held is None:             # (if any) is stopped below
+            return _stopped_served(a, r)
     pid = daemon_pid(a.path)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
@@ -432,16 +467,28 @@ def cmd_stop(a: argparse.Namespace) -> Report:
             raise DeviceError(f"the mirror daemon of {a.path} (pid {pid}) did not stop in "
                               f"{STOP_WAIT:.0f} s (an update may still run); try again")
     forgot = _forget(a.path) if a.forget else []
-    if pid is not None and not a.forget:
+    if pid is not None and not a.forget and held is None:
         _mark_stopped(a.path)
-    if pid is None and not a.forget:
+    if pid is None and not a.forget and held is None:
         raise NotFound(f"no mirror daemon runs for {a.path}")
     text = [f"{a.path}: mirror daemon (pid {pid}) stopped" if pid else
             f"{a.path}: no mirror daemon was running"]
+    if held is not None:
+        text.append(f"{a.path}: recorded as stopped by {held}")
     if a.forget:
         text.append(f"{a.path}: mirror forgotten; destroyed {', '.join(forgot) or 'nothing'}")
     return Report({"volume": a.path, "pid": pid, "stopped": pid is not None,
-                   "forgotten": a.forget, "destroyed": forgot, "served": False}, text)
+                   "forgotten": a.forget, "destroyed": forgot, "served": False,
+                   "held_by": held}, text)
+
+
+def _stopped_served(a: argparse.Namespace, r: dict[str, Any]) -> Report:
+    text = [f"{a.path}: mirror stopped in its service (pid {r['pid']})" if r["stopped"]
+            else f"{a.path}: its service was not running the mirror"]
+    if a.forget:
+        text.append(f"{a.path}: mirror forgotten; destroyed "
+                    f"{', '.join(r['destroyed']) or 'nothing'}")
+    return Report(r, text)
 
 
 def _mark_stopped(src: str) -> None:

@@ -30,6 +30,7 @@ from blockxfer.errors import UsageError
 from blockxfer.nbd.tlsmodes import MODES
 
 from .common import syslog_arg, volume_arg
+from .increments import wire
 from .mirror import mirror_target
 from .spec import Command, Report, Section, arg
 
@@ -94,7 +95,7 @@ def serve_volume(args: argparse.Namespace, open_volume: OpenVolume) -> int:
     with open_volume(args.path) as volume:
         service = Service(volume, args.path, read_only=args.read_only, tls=tls,
                           freezer=frozen, open_tape=tape_opener(), reader_for=parallel_reader,
-                          open_target=mirror_target)
+                          open_target=mirror_target, wire_increments=wire)
         for spec in args.listen:
             service.listen(spec)
         if not args.no_control:

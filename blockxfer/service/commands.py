@@ -75,9 +75,13 @@ class VolumeCommands:
         except OSError as e:
             raise DeviceError(f"send: the receiving end failed: {e.strerror}") from e
 
-    def receive(self, fd: int, progress: Progress, source_hint: str = "SOURCE") -> Result:
+    def receive(self, fd: int, progress: Progress, source_hint: str = "SOURCE",
+                retry: str | None = None) -> Result:
+        """`retry`: what to do after a cut stream, when the sender cannot `send
+        --resume` (a mirror resumes at its next update)."""
         with os.fdopen(fd, "rb", buffering=OUT_BUFFER) as src:
-            return receive_result(self.ops.receive(src, source_hint, progress=progress))
+            return receive_result(self.ops.receive(src, source_hint, retry=retry,
+                                                   progress=progress))
 
     def dump(self, progress: Progress, ask: Ask, expression: str, tape: str,
              record_size: int, label: str | None = None, compress: bool = True,

@@ -114,18 +114,25 @@ def _mirror_op(op: str, volume: str, req: dict[str, Any]) -> Result:
     """A mirror's questions about its destination here: what it holds (`inspect`,
     with the plane an interrupted receive placed, so the update resumes block by
     block), and `revert` to the mirror's last snapshot `guid` (local writes are
-    discarded, as for a local destination). Not through a service: a served
-    volume is busy here, and the mirror then sends its update whole."""
+    discarded, as for a local destination). A volume `blockxfer serve` owns is
+    asked through its service (service/mirrordest.py), which answers the same."""
     from blockxfer.drivers.blockdev import open_device
-    from blockxfer.transfer.mirror.target import LocalTarget, found_to_dict
+    from blockxfer.transfer.mirror.target import LocalTarget, found_from_dict, found_to_dict
+
+    from .session import server_for
+    guid = req.get("guid")
+    if op == "revert" and not isinstance(guid, str):
+        raise UsageError("revert: the request names no snapshot guid")
+    client = server_for(volume)
+    if client is not None:
+        if op == "inspect":               # the plane within the wire's limit again
+            return found_to_dict(found_from_dict(client.call("mirror_inspect")))
+        return dict(client.call("mirror_revert", guid=guid))
     target = LocalTarget(volume, open_device)
     if op == "inspect":
         return found_to_dict(target.look())
-    guid = req.get("guid")
-    if not isinstance(guid, str):
-        raise UsageError("revert: the request names no snapshot guid")
     try:
-        return {"discarded": target.discard_local_changes(bytes.fromhex(guid))}
+        return {"discarded": target.discard_local_changes(bytes.fromhex(str(guid)))}
     except ValueError as e:
         raise UsageError(f"revert: {guid!r} is not a snapshot guid") from e
 

@@ -11,6 +11,11 @@ An update is the library's `run_update` on the open volume with the service's
 volume lock: the metadata steps hold the lock, the stream does not, so NBD
 clients keep writing. One update runs at a time (the job's or an operator's
 `mirror update`, which waits for the job's and then runs its own).
+
+An incremental mirror (`--base`, `--increments`: transfer/increments) runs the
+same way: its configuration is the same property, its progress is in the
+increments directory and the snapshots it holds in the volume, and its update
+takes the lock for the snapshot, holds and plan only.
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ log = logging.getLogger("blockxfer.mirror")
 
 JOB = "mirror"
 OpenTarget = Callable[[str, str | None], Target]     # (destination, S3 endpoint)
+Wire = Callable[[], None]       # hands transfer.increments the drivers' openers
 
 
 class ServedMirror:
-    def __init__(self, ops: VolumeOps, jobs: Jobs, open_target: OpenTarget | None) -> None:
+    def __init__(self, ops: VolumeOps, jobs: Jobs, open_target: OpenTarget | None,
+                 wire_increments: Wire | None = None) -> None:
         self.ops, self.jobs, self._open_target = ops, jobs, open_target
+        self._wire = wire_increments
         self._one = threading.Lock()          # one update at a time
         self._stopping = threading.Event()
         self.updating = False
@@ -60,17 +68,24 @@ class ServedMirror:
         except BlockxferError as e:            # serving goes on; `mirror status` says why
             log.warning("%s: the mirror is not run: %s", self.path, e)
             return
-        if st is not None and not st.stopped and not st.incremental_mode:
+        if st is not None and not st.stopped:
             self._schedule(st.every)
             log.info("mirroring %s to %s every %g s", self.path, st.dest, st.every)
 
     def control(self, progress: Progress, op: str, dest: str | None = None,
                 interval: float | None = None, force: bool = False, forget: bool = False,
-                dry_run: bool = False, endpoint: str | None = None) -> Result:
+                dry_run: bool = False, endpoint: str | None = None, base: str | None = None,
+                increments: str | None = None) -> Result:
         if op == "start":
-            if not dest or not interval:
+            if (base is None) != (increments is None):
+                raise UsageError("incremental mirroring needs both --base URL and "
+                                 "--increments DIR")
+            if not (dest or increments) or not interval:
                 raise UsageError("mirror start: give the destination and the interval")
-            return self.start(dest, float(interval), bool(force), endpoint)
+            if increments is not None:
+                return self.start_incremental(str(base), increments, float(interval),
+                                              bool(force))
+            return self.start(str(dest), float(interval), bool(force), endpoint)
         if op == "update":
             return self.measure() if dry_run else self.update(progress)
         if op == "stop":
@@ -84,26 +99,49 @@ class ServedMirror:
             raise VolumeError(f"the server of {self.path} was started without mirroring")
         return self._open_target(dest, endpoint)
 
+    def _increments(self) -> Any:
+        if self._wire is None:
+            raise VolumeError(f"the server of {self.path} was started without incremental "
+                              "mirroring")
+        self._wire()
+        from blockxfer.transfer import increments
+        return increments
+
     def _schedule(self, every: float) -> None:
         self.jobs.remove(JOB, timeout=0)
         self.jobs.add(JOB, every, self.update, first=0.0, from_start=True)
 
     def start(self, dest: str, every: float, force: bool, endpoint: str | None) -> Result:
         self._target(dest, endpoint)           # an unknown scheme is refused now
+        self._record(MirrorState(dest=dest), every, force, endpoint)
+        return self._started(dest, every)
+
+    def start_incremental(self, base: str, increments: str, every: float,
+                          force: bool) -> Result:
+        """The base to a slow medium once, then the increments into a directory;
+        the paths are the service's (the client made them absolute)."""
+        self._increments()
+        self._record(MirrorState(dest=increments, base_url=base, incr=increments), every,
+                     force, None)
+        return self._started(increments, every)
+
+    def _record(self, new: MirrorState, every: float, force: bool,
+                endpoint: str | None) -> None:
         vol = self.ops.vol
         with self._one, self.ops.lock:         # after an update in flight (it saves the state)
             st = load_if_any(vol)
-            if st is not None and (st.dest != dest or st.incr is not None):
+            if st is not None and (st.dest != new.dest or st.incr != new.incr):
                 if not force:
                     raise UsageError(f"{self.path} already mirrors to {st.dest}; stop it with "
                                      f"'blockxfer mirror stop {self.path} --forget' first, or "
                                      "give --force to replace it")
                 st = None
-            if st is None:
-                st = MirrorState(dest=dest)
+            st = st or new
             st.every, st.force, st.stopped = every, force or st.force, False
             st.ep = endpoint or st.ep
             save(vol, st)
+
+    def _started(self, dest: str, every: float) -> Result:
         self._schedule(every)
         return {"volume": self.path, "destination": dest, "interval": every,
                 "pid": os.getpid(), "served": True}
@@ -114,16 +152,28 @@ class ServedMirror:
         with self._one:
             with self.ops.lock:
                 st = load(vol, self.path)
-            if st.incremental_mode:
-                raise VolumeError(f"{self.path} mirrors incrementally (--increments), which "
-                                  "its service does not run; stop serving it to update")
             self.updating = True
             try:
+                if st.incremental_mode:
+                    return self._update_incremental(st, progress)
                 return run_update(vol, self._target(st.dest, st.ep),
                                   progress=self._cut_short(progress),
                                   reader=self.ops.reader_for(vol, None), lock=self.ops.lock)
             finally:
                 self.updating = False
+
+    def _update_incremental(self, st: MirrorState, progress: Progress) -> Result:
+        """The increments library's update on the open volume, under the lock for its
+        metadata steps; a stop in the middle leaves the directory at its previous
+        state (it is crash-safe), finished by the next update."""
+        assert st.base_url is not None and st.incr is not None
+        vol = self.ops.vol
+        result: Result = self._increments().update_volume(
+            vol, st.base_url, st.incr, progress=self._cut_short(progress),
+            lock=self.ops.lock, reader=self.ops.reader_for(vol, None))
+        log.info("%s -> %s: %s, %s blocks", self.path, st.incr, result.get("kind"),
+                 result.get("blocks"))
+        return {"volume": self.path, "destination": st.incr, **result}
 
     def cancel(self) -> None:
         """The service is stopping: an update in flight ends at its next block (it is
@@ -178,3 +228,47 @@ class ServedMirror:
             "next": job.next_run if job is not None else None}
         return {"state": raw.decode(), "generation": generation, "runtime": runtime,
                 "job": job.status() if job is not None else None}
+
+
+class HeldMirror:
+    """The `mirror` command of a process that holds the volume open without serving
+    it: a `replicate pull` receiving into it (service/replication.py's `hosting`).
+    It runs no mirror, but the volume's mirror must not look unknown meanwhile:
+    `status` and `update -n` are answered from the volume, `stop` records the stop
+    (the client stops the daemon itself); `start`, `update` and `stop --forget`,
+    which take snapshots or destroy them while the pull receives, are refused with
+    what to do."""
+
+    def __init__(self, ops: VolumeOps, owner: str) -> None:
+        self.ops, self.owner = ops, owner
+
+    @property
+    def path(self) -> str:
+        return self.ops.path
+
+    def install(self, ctl: ControlServer) -> None:
+        ctl.register("mirror", self.control, progress=True)
+
+    def control(self, progress: Progress, op: str, forget: bool = False,
+                dry_run: bool = False, **ignored: Any) -> Result:
+        vol = self.ops.vol
+        if op == "status":
+            with self.ops.lock:
+                raw, generation = vol.get_property(KEY), vol.generation
+            if raw is None:
+                raise NotFound(f"{self.path} has no mirror; start one with 'blockxfer mirror "
+                               f"start {self.path} DEST' once {self.owner} ends")
+            return {"state": raw.decode(), "generation": generation, "runtime": None,
+                    "job": None, "held_by": self.owner}
+        if op == "update" and dry_run:
+            with self.ops.lock:
+                return {"volume": self.path, **would_send(vol, load(vol, self.path))}
+        if op == "stop" and not forget:
+            with self.ops.lock:
+                st = load(vol, self.path)
+                st.stopped = True
+                save(vol, st)
+            return {"volume": self.path, "recorded": True, "held_by": self.owner}
+        what = "mirror stop --forget" if op == "stop" else f"mirror {op}"
+        raise DeviceBusy(f"{self.path} is open in {self.owner}, which runs no mirror: run "
+                         f"'blockxfer {what} {self.path}' again when it ends")

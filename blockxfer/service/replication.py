@@ -241,6 +241,7 @@ def hosting(path: str) -> Iterator[Any]:
     from blockxfer.transfer.replicate import OpenTarget
 
     from .commands import VolumeCommands
+    from .mirrors import HeldMirror
     from .session import parallel_reader
     with _open_patiently(path) as vol:
         lock = threading.Lock()
@@ -249,6 +250,7 @@ def hosting(path: str) -> Iterator[Any]:
         VolumeCommands(ops).install(ctl)
         owner = f"the pull (pid {os.getpid()}) receiving into it"
         ReplicationCommands(ops, owner=owner).install(ctl)
+        HeldMirror(ops, owner).install(ctl)      # `mirror status` answered meanwhile
         sock = _bind(path)
         if sock is None:                         # the pull goes on; children wait for it
             yield OpenTarget(vol, lock, owner)

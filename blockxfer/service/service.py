@@ -23,7 +23,8 @@ from blockxfer.nbd.tls import TlsPolicy
 from .commands import OpenTape, VolumeCommands
 from .control import ControlServer, bind_control
 from .jobs import Jobs
-from .mirrors import OpenTarget, ServedMirror
+from .mirrordest import DestinationCommands
+from .mirrors import OpenTarget, ServedMirror, Wire
 from .ops import Freezer, ReaderFor, Result, VolumeOps
 from .replication import install_replication
 
@@ -37,7 +38,8 @@ class Service:
     def __init__(self, volume: Any, path: str, *, read_only: bool = False,
                  tls: TlsPolicy | None = None, freezer: Freezer | None = None,
                  open_tape: OpenTape | None = None, reader_for: ReaderFor | None = None,
-                 open_target: OpenTarget | None = None) -> None:
+                 open_target: OpenTarget | None = None,
+                 wire_increments: Wire | None = None) -> None:
         self.path, self.volume = path, volume
         self.nbd = Server(volume, read_only=read_only, tls=tls)
         extra: dict[str, Any] = {"reader_for": reader_for} if reader_for else {}
@@ -50,7 +52,8 @@ class Service:
         self.replication = install_replication(self.ops, self.control, self.jobs)
         if not read_only:              # a policy set later (policy set) takes effect too
             self.jobs.add("policy", POLICY_EVERY, self._policy_tick)
-        self._mirror(open_target)
+        self._mirror(open_target, wire_increments)
+        DestinationCommands(self.ops).install(self.control)   # a mirror into this volume
 
     def _policy_tick(self) -> object:
         """The snapshot schedule, if the volume has one (docs/policies.md)."""
@@ -61,10 +64,10 @@ class Service:
             log.info("policy: took %s, destroyed %s", r.get("taken"), r.get("pruned"))
         return r
 
-    def _mirror(self, open_target: OpenTarget | None) -> None:
+    def _mirror(self, open_target: OpenTarget | None, wire: Wire | None) -> None:
         """The volume's mirror runs here (job `mirror`, control command `mirror`);
         one the volume holds is picked up now (service/mirrors.py)."""
-        self.mirror = ServedMirror(self.ops, self.jobs, open_target)
+        self.mirror = ServedMirror(self.ops, self.jobs, open_target, wire)
         self.mirror.install(self.control)
         if hasattr(self.volume, "get_property"):
             self.mirror.resume()

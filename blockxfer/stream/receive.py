@@ -237,6 +237,8 @@ def _receive(reader: Records, h: fmt.Header, r: Receiver,
                 r.apply_deallocations(rec.runs)
     except (BlockxferError, OSError) as e:
         r.save_progress(quiet=True)
+        with lock or nullcontext():
+            r.offer_resume()             # an open volume: resumable while it is unchanged
         r.close()
         token = make_token(h.stream_id, h.top.guid, h.image_digest, h.image_blocks,
                            r.received)

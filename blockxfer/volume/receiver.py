@@ -98,6 +98,7 @@ class Receiver:
         self.touched = False             # blocks (or the marker) may have been written
         self.resumed = False
         self.committed = False
+        self.offered = False             # an interrupted receive the volume offers to resume
         self._io: BlockIO | None = None
 
     @classmethod
@@ -236,6 +237,21 @@ class Receiver:
             if not quiet:
                 raise
 
+    def offer_resume(self) -> None:
+        """An interrupted receive into an open volume (a served one, after
+        `save_progress`): from now on the volume offers it for resume (its look, and
+        a receive of this stream again), as it would once opened again, unless it
+        was committed meanwhile. Its blocks stay claimed (no local write lands
+        there) until the volume takes another root: the resume's commit, or
+        `revert_to_received`, which drops the offer (a volume changed since its
+        last receive goes back first, so a resume never trusts a stale plane)."""
+        st = self.state
+        if self.vol is not None and st.pending and st.received is not None \
+                and self.vol.generation == st.root_generation:
+            self.vol.local = replace(st, incomplete=set(st.incomplete),
+                                     released=set(st.released), props=dict(st.props))
+            self.offered = True
+
     def finish(self) -> None:
         """All blocks placed: make them durable."""
         if self._io is not None:
@@ -247,7 +263,7 @@ class Receiver:
         if self._io is not None:
             self._io.close()
             self._io = None
-        if self.vol is not None and not self.committed:
+        if self.vol is not None and not self.committed and not self.offered:
             self.vol.release_claims()
 
     # -- committing ---------------------------------------------------------------------------

@@ -8,14 +8,16 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from blockxfer.device import BlockDevice
 from blockxfer.errors import BlockxferError, FormatError, StreamError, UsageError
 from blockxfer.outfile import output_file
 from blockxfer.stream.decode import StreamReader
 from blockxfer.stream.receive import receive_stream
-from blockxfer.stream.send import send_image
+from blockxfer.stream.send import Reader, plain_reader, plan_send, stream_plan
 from blockxfer.tape import Tape
 from blockxfer.volume import Volume
 
@@ -67,21 +69,32 @@ def parse_base(url: str, is_tape: Callable[[str], bool]) -> Medium:
 
 
 def write_base(vol: Volume, expression: str, medium: Medium, o: Openers,
-               progress: Progress) -> tuple[int, bytes]:
-    """Dump or send the base image; (image number on the tape or 0, tape set id)."""
+               progress: Progress, *, lock: AbstractContextManager[Any] | None = None,
+               reader: Reader | None = None) -> tuple[int, bytes]:
+    """Dump or send the base image; (image number on the tape or 0, tape set id).
+    `lock` (a service's volume lock) is held to plan, not to stream: the image's
+    snapshots are held against destroy meanwhile, as a served `send` or `dump` does."""
+    guard = lock if lock is not None else nullcontext()
+    read = reader or plain_reader(vol)
     if medium.kind == "tape":
+        from blockxfer.image import evaluate
         from blockxfer.transfer.dump import dump_image
         from blockxfer.transfer.tapeset import read_label
-        res = dump_image(vol, expression, medium.path, open_tape=o.open_tape,
-                         progress=progress)
+        with guard:
+            tops = evaluate(expression, vol, vol.block_size).tops
+        with vol.holding(tops):
+            res = dump_image(vol, expression, medium.path, open_tape=o.open_tape,
+                             reader=read, progress=progress)
         tape = o.open_tape(medium.path, False)
         try:
             label = read_label(tape)
         finally:
             tape.close()
         return res.image, label.set_id if label else bytes(16)
-    with output_file(medium.path, replace=False) as f:
-        send_image(vol, expression, f, progress=progress)
+    with guard:
+        plan = plan_send(vol, expression)
+    with vol.holding(plan.tops), output_file(medium.path, replace=False) as f:
+        stream_plan(plan, f, read, progress=progress)
     return 0, bytes(16)
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from bitarray import bitarray
@@ -32,7 +34,7 @@ from blockxfer.checksum import checksum
 from blockxfer.device import BlockDevice
 from blockxfer.errors import UsageError, VolumeError
 from blockxfer.stream import format as sfmt
-from blockxfer.stream.send import BlockCheck, plain_reader
+from blockxfer.stream.send import BlockCheck, Reader, plain_reader
 from blockxfer.volume import Volume
 from blockxfer.volume.layout import SnapshotEntry
 
@@ -42,6 +44,7 @@ from .store import DATA, Directory, Update, set_bits, settle
 
 TAG = "increments"
 log = logging.getLogger(__name__)
+Lock = AbstractContextManager[Any]
 _openers: Openers | None = None
 
 
@@ -101,7 +104,7 @@ def _open_source(path: str, o: Openers) -> Volume:
         raise
 
 
-def _slot_or_none(d: Directory) -> Slot | None:
+def slot_or_none(d: Directory) -> Slot | None:
     """The slot in force; None for a directory whose first update was killed before
     its first header slot was written (both slots still zero)."""
     with open(d.file("header"), "rb") as f:
@@ -121,22 +124,39 @@ def mirror_update(src_volume_path: str, base_url: str, increments_dir: str, *,
         vol.close()
 
 
+@dataclass(frozen=True)
+class _Source:
+    """The source volume as an update uses it: `lock` is held for the metadata steps
+    (snapshots, holds, planes, the plan), `read` reads the base image's blocks
+    outside it (in any order: the stream says where each goes). The increments
+    are read in ascending order, which the structure's writer needs."""
+
+    vol: Volume
+    lock: Lock
+    read: Reader
+
+
 def update_volume(vol: Volume, base_url: str, increments_dir: str, *,
-                  progress: Progress = None) -> dict[str, object]:
+                  progress: Progress = None, lock: Lock | None = None,
+                  reader: Reader | None = None) -> dict[str, object]:
     """`mirror_update` on a volume the caller holds open for writing (a service
-    that owns it)."""
+    that owns it). `lock` is that service's volume lock: the metadata steps run
+    under it, the blocks are read outside it (the snapshots being read are held),
+    so NBD clients keep writing; `reader` reads the base image's runs of blocks
+    (the service's parallel reader)."""
     o = openers()
+    src = _Source(vol, lock if lock is not None else nullcontext(), reader or plain_reader(vol))
     d = Directory(increments_dir)
     started = time.monotonic()
     if not d.exists():
         _refuse_written_base(parse_base(base_url, o.is_tape))   # before anything is made
         d.create()
-    slot = _slot_or_none(d)
+    slot = slot_or_none(d)
     if slot is None or slot.state == PENDING:
-        out = _first(d, slot, vol, base_url, o, progress)
+        out = _first(d, slot, src, base_url, o, progress)
     else:
         _same_base(slot, base_url, o)
-        out = _increment(d, slot, vol, o, progress)
+        out = _increment(d, slot, src, o, progress)
     out["seconds"] = round(time.monotonic() - started, 3)
     return out
 
@@ -149,9 +169,10 @@ def _same_base(slot: Slot, base_url: str, o: Openers) -> None:
 
 
 # -- the first update: the base ----------------------------------------------------------
-def _first(d: Directory, slot: Slot | None, vol: Volume, base_url: str, o: Openers,
+def _first(d: Directory, slot: Slot | None, src: _Source, base_url: str, o: Openers,
            progress: Progress) -> dict[str, object]:
     medium = parse_base(base_url, o.is_tape)
+    vol = src.vol
     if slot is None:
         _refuse_written_base(medium)
         dir_id = os.urandom(16)
@@ -161,7 +182,7 @@ def _first(d: Directory, slot: Slot | None, vol: Volume, base_url: str, o: Opene
     else:
         _same_base(slot, base_url, o)
         _same_volume(slot, vol)
-    return _write_base(d, slot, vol, medium, o, progress)
+    return _write_base(d, slot, src, medium, o, progress)
 
 
 def _refuse_written_base(medium: Medium) -> None:
@@ -176,25 +197,30 @@ def _same_volume(slot: Slot, vol: Volume) -> None:
                           "volume or start a new directory")
 
 
-def _write_base(d: Directory, slot: Slot, vol: Volume, medium: Medium, o: Openers,
+def _write_base(d: Directory, slot: Slot, src: _Source, medium: Medium, o: Openers,
                 progress: Progress) -> dict[str, object]:
-    names = {e.name for e in vol.snapshots()}
-    if slot.base_name not in names:
-        vol.create_snapshot(slot.base_name)
-    base = vol.resolve(slot.base_name)
-    if TAG not in vol.holds().get(base.name, set()):
-        vol.hold(base.name, TAG)
-    carried = [base] + [e for e in _regular(vol) if e.guid != base.guid]
+    vol = src.vol
+    with src.lock:
+        names = {e.name for e in vol.snapshots()}
+        if slot.base_name not in names:
+            vol.create_snapshot(slot.base_name)
+        base = vol.resolve(slot.base_name)
+        if TAG not in vol.holds().get(base.name, set()):
+            vol.hold(base.name, TAG)
+        carried = [base] + [e for e in _regular(vol) if e.guid != base.guid]
+        listed = vol.snapshots()        # as the base state holds them (not later ones)
     expression = " + ".join(e.name for e in carried)
     if medium.kind == "file" and base_file_top(medium.path) == base.guid:
         image, set_id = 0, bytes(16)       # written whole before a kill: keep it
     else:
-        image, set_id = write_base(vol, expression, medium, o, progress)
+        image, set_id = write_base(vol, expression, medium, o, progress, lock=src.lock,
+                                   reader=src.read)
     data = o.open_device(d.file(DATA), write=True, create_size=vol.nblocks * vol.block_size)
     try:
         empty = bitarray(vol.nblocks, endian="little")
         empty.setall(0)
-        header = _state_header(vol, base, base, vol.snapshots(), empty, 0)
+        with src.lock:
+            header = _state_header(vol, base, base, listed, empty, 0)
         meta = Meta(slot.seq + 1, header, [e.guid for e in carried], empty,
                     np.zeros(0, np.uint64))
         length, ck = d.write_meta(meta)
@@ -211,14 +237,14 @@ def _write_base(d: Directory, slot: Slot, vol: Volume, medium: Medium, o: Opener
 
 
 # -- later updates: the increments ---------------------------------------------------------
-def _increment(d: Directory, slot: Slot, vol: Volume, o: Openers,
+def _increment(d: Directory, slot: Slot, src: _Source, o: Openers,
                progress: Progress) -> dict[str, object]:
-    _same_volume(slot, vol)
+    _same_volume(slot, src.vol)
     meta = d.meta(slot)
     data = o.open_device(d.file(DATA), write=True)    # exclusive: one updater at a time
     try:
         slot = settle(d, slot, meta, data)            # finish what a killed update committed
-        return _update(d, slot, meta, vol, data, progress)
+        return _update(d, slot, meta, src, data, progress)
     finally:
         data.close()
 
@@ -312,14 +338,17 @@ def _block_check(vol: Volume, p: _Plan) -> BlockCheck:
     return BlockCheck(vbns, cks, vol.block_size)
 
 
-def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice,
+def _update(d: Directory, slot: Slot, meta: Meta, src: _Source, data: BlockDevice,
             progress: Progress) -> dict[str, object]:
-    p = _plan(slot, meta, vol)
-    n = int(p.top.name.rsplit(".", 1)[1])
+    vol = src.vol
     upd = Update(d, slot, meta.present, data, slot.seq + 1)
     try:
-        with vol.holding(p.kept):             # their blocks stay put while they are read
-            check = _block_check(vol, p)
+        with ExitStack() as held:
+            with src.lock:                    # the plan; then the kept snapshots' blocks
+                p = _plan(slot, meta, vol)    # stay put while they are read, unlocked
+                held.enter_context(vol.holding(p.kept))
+                check = _block_check(vol, p)
+            n = int(p.top.name.rsplit(".", 1)[1])
             for vbn, view in plain_reader(vol)(plane_runs(p.write)):
                 check.verify(vbn, view)
                 upd.put(vbn, view)
@@ -333,7 +362,8 @@ def _update(d: Directory, slot: Slot, meta: Meta, vol: Volume, data: BlockDevice
     finally:
         upd.abandon()
     slot = settle(d, slot, new_meta, data)
-    dropped = _drop(vol, p.drop.name) if p.drop is not None else False
+    with src.lock:
+        dropped = _drop(vol, p.drop.name) if p.drop is not None else False
     return {"kind": "increment", "directory": d.path, "base": slot.base_url,
             "base_snapshot": p.base.name, "snapshot": p.top.name, "update": n,
             "blocks": upd.blocks, "bytes": upd.blocks * vol.block_size,
@@ -356,40 +386,4 @@ def _merge_checks(meta: Meta, wanted: bitarray, upd: Update) -> np.ndarray:
     return out
 
 
-# -- status ----------------------------------------------------------------------------------
-def mirror_status(increments_dir: str) -> dict[str, object]:
-    """What the directory holds, and its size on disk against the real changed set
-    (the blocks that differ from the base)."""
-    d = Directory(increments_dir)
-    if d.exists() and _slot_or_none(d) is None:       # the first update is writing it
-        return {"directory": d.path, "state": "empty", "updates": 0, "consistent": False,
-                "structure_bytes": d.allocated_bytes()}
-    slot, meta = d.state()
-    out: dict[str, object] = {
-        "directory": d.path, "base": slot.base_url, "base_snapshot": slot.base_name,
-        "base_image": slot.base_image or None, "volume": _uuid(slot.volume_uuid),
-        "block_size": slot.block_size, "state": "ready" if slot.state == READY else
-        "base pending", "updates": slot.updates,
-        "last_update": slot.updated / 1e9 if slot.updated else None}
-    if meta is None:
-        out.update(consistent=False, structure_bytes=d.allocated_bytes())
-        return out
-    changed = meta.present.count() * slot.block_size
-    size = d.allocated_bytes()
-    out.update({
-        "consistent": True, "newest_snapshot": meta.header.top.name,
-        "newest_generation": meta.header.root.generation,
-        "snapshots": [s.name for s in meta.header.snapshot_set],
-        "held_blocks": meta.present.count(), "changed_bytes": changed,
-        "structure_bytes": size, "ratio": round(size / changed, 4) if changed else None,
-        "written_blocks": slot.written, "written_bytes": slot.written * slot.block_size,
-        "journal_pending": bool(slot.flags & 1)})
-    return out
-
-
-def _uuid(raw: bytes) -> str:
-    import uuid
-    return str(uuid.UUID(bytes=raw))
-
-
-__all__ = ["mirror_status", "mirror_update", "openers", "update_volume", "use_openers"]
+__all__ = ["mirror_update", "openers", "slot_or_none", "update_volume", "use_openers"]

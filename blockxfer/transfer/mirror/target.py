@@ -5,8 +5,10 @@ in-memory pipe from the sender's thread) and can be looked at: which snapshots
 it holds, and the plane of blocks an interrupted receive already placed, so a
 retry resumes block by block and local writes there are rolled back first. A
 URL (`ssh://`, `tls://`) goes through the transport's sink: the far side
-receives atomically, but this side cannot look, so a retry sends the update
-again (same stream id: an interrupted full image there is taken up again).
+receives atomically and answers the same look (`inspect`) and rollback
+(`revert`). A local volume that `blockxfer serve` owns is reached through its
+service instead (blockxfer/service/mirrordest.py, chosen by the wiring), with
+the same look and rollback.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class LocalTarget:
             except FormatError:
                 return Found(True, other=has_signature(dev))
             try:
-                return _found_in(vol)
+                return found_in(vol)
             finally:
                 vol.io.close()
         finally:
@@ -173,7 +175,8 @@ class LocalTarget:
                 "stats": sent.get("stats")}
 
 
-def _found_in(vol: Volume) -> Found:
+def found_in(vol: Volume) -> Found:
+    """What an open volume holds, as a mirror sees its destination."""
     done = [e for e in vol.snapshots() if not e.incomplete and not e.shadow]
     newest = max(vol.snapshots(), key=lambda e: e.generation, default=None)
     st = vol.local
@@ -318,12 +321,14 @@ class Pipe:
 _RUN = struct.Struct("<QQ")
 
 
-def found_to_dict(f: Found) -> dict[str, Any]:
+def found_to_dict(f: Found, limit: int = PLANE_TEXT_MAX) -> dict[str, Any]:
+    """The look as JSON data; the received plane goes as compressed runs of at most
+    `limit` characters of text (beyond, it is left out: the update is sent whole)."""
     plane = None
     if f.received is not None:
         raw = b"".join(_RUN.pack(s, c) for s, c in plane_runs(f.received, len(f.received)))
         plane = base64.b64encode(zlib.compress(raw, 6)).decode()
-        if len(plane) > PLANE_TEXT_MAX:       # too scattered to send as text: no resume
+        if len(plane) > limit:                # too scattered to send as text: no resume
             plane = None
     return {"exists": f.exists, "uuid": f.volume_uuid.hex() if f.volume_uuid else None,
             "snapshots": {g.hex(): n for g, n in f.snapshots.items()},
