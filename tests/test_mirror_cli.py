@@ -178,3 +178,31 @@ def test_update_dry_run_counts_what_it_would_send(tmp_path: Path, env: dict[str,
     assert nxt["bytes"] == nxt["blocks"] * 4096 and nxt["destination"] == dst
     ok(bx(env, "mirror", "update", src, "--json"))
     assert ok(bx(env, "mirror", "update", src, "-n", "--json"))["blocks"] < 16
+
+
+def test_incremental_daemon_status_names_its_error_and_its_increments(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    """An incremental mirror keeps its record in the increments directory, not in the
+    volume: status reads it there, and a first update refused (its base file exists)
+    shows as the daemon's error, with no directory left behind."""
+    src, taken = source(tmp_path, env), tmp_path / "taken.bs"
+    taken.write_bytes(b"x")
+    inc = tmp_path / "inc"
+    ok(bx(env, "mirror", "start", src, "--base", str(taken), "--increments", str(inc)))
+    try:
+        st = wait_for(lambda: (s := status(env, src)).get("error") and s, timeout=30)
+        assert "already exists" in st["error"] and st["increments_status"]["state"] == "none"
+        assert not inc.exists()
+        assert "error" in bx(env, "mirror", "status", src).stdout.decode()
+    finally:
+        ok(bx(env, "mirror", "stop", src, "--forget"))
+    base = tmp_path / "base.bs"
+    ok(bx(env, "mirror", "start", src, "--base", str(base), "--increments", str(inc)))
+    try:
+        st = wait_for(lambda: (s := status(env, src)).get("increments_status", {})
+                      .get("state") == "ready" and s, timeout=30)
+        text = bx(env, "mirror", "status", src).stdout.decode()
+        assert "last update   none yet" not in text and "increments    " in text, text
+        assert st["error"] is None and base.exists()
+    finally:
+        ok(bx(env, "mirror", "stop", src, "--forget"))

@@ -443,6 +443,8 @@ def cmd_status(a: argparse.Namespace) -> Report:
     d["served"], d["job"], d["held_by"] = served is not None, job, held
     if job and job.get("last_error") and not d["error"]:
         d["error"] = job["last_error"]        # a failure outside the update's own record
+    if runtime and runtime.get("error") and not d["error"]:
+        d["error"], d["error_time"] = runtime["error"], runtime.get("last_end")  # the daemon's
     d["increments_status"] = _increments().mirror_status(st.incr) \
         if st.incremental_mode and st.incr is not None else None
     d["volume"] = a.path

@@ -13,7 +13,10 @@ def mirror_status(increments_dir: str) -> dict[str, object]:
     """What the directory holds, and its size on disk against the real changed set
     (the blocks that differ from the base)."""
     d = Directory(increments_dir)
-    if d.exists() and slot_or_none(d) is None:        # the first update is writing it
+    if not d.exists():                                # no update has made it yet
+        return {"directory": d.path, "state": "none", "updates": 0, "consistent": False,
+                "structure_bytes": 0}
+    if slot_or_none(d) is None:                       # the first update is writing it
         return {"directory": d.path, "state": "empty", "updates": 0, "consistent": False,
                 "structure_bytes": d.allocated_bytes()}
     slot, meta = d.state()

@@ -4,6 +4,7 @@ and whether the destination holds a consistent mirrored state."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -81,11 +82,34 @@ def status_lines(d: dict[str, Any], path: str) -> list[str]:
     lines.append(f"next update   {ago(d['next_update']) if d['next_update'] else '-'}"
                  + (" (updating now)" if d["updating"] else ""))
     if d["error"]:
-        lines.append(f"error         {ago(d['error_time'])}: {d['error']} "
-                     f"({d['failures']} in a row)")
+        lines.append(f"error         {ago(d['error_time'])}: {d['error']}"
+                     + (f" ({d['failures']} in a row)" if d["failures"] else ""))
+    inc = d.get("increments_status")
+    if inc is not None:                   # incremental: the directory is the destination
+        return _incremental(lines, inc, ago)
     ds = d["destination_state"]
     lines.append(f"destination   {'consistent' if ds['consistent'] else 'NOT consistent'}, "
                  f"at {ds['holds'] or '-'}" + (f"; {ds['note']}" if ds["note"] else ""))
+    return lines
+
+
+def _incremental(lines: list[str], inc: dict[str, Any],
+                 ago: Callable[[float | None], str]) -> list[str]:
+    """The increments directory's own record of its updates replaces the lines a
+    volume destination gets (an incremental update keeps no `last` in the volume)."""
+    if inc.get("last_update") and lines[1] == "last update   none yet":
+        lines[1] = (f"last update   {ago(inc['last_update'])}: {inc.get('newest_snapshot')} "
+                    f"(CP {inc.get('newest_generation')}), {inc['updates']} increments "
+                    "since the base")
+    if inc["state"] in ("none", "empty"):
+        lines.append(f"increments    {inc['directory']}: none yet (the first update makes "
+                     "the base)")
+    else:
+        ratio = f" ({inc['ratio']}x)" if inc.get("ratio") else ""
+        lines.append(f"increments    {inc['directory']}: {inc['state']}, "
+                     f"{'consistent' if inc['consistent'] else 'NOT consistent'}, "
+                     f"{inc['structure_bytes']} bytes on disk for "
+                     f"{inc.get('changed_bytes', 0)} changed{ratio}")
     return lines
 
 
