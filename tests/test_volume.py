@@ -24,6 +24,7 @@ from blockxfer.errors import (
     VolumeFull,
 )
 from blockxfer.volume import Volume
+from blockxfer.volume.blockio import aligned
 from blockxfer.volume.check import check_volume
 from tests.conftest import reopen
 
@@ -325,6 +326,34 @@ def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
     assert volume.read(5 * BS + 100, 10) == b"x" * 10
     assert check_volume(volume).clean
     volume.close()
+
+
+def test_scattered_small_writes_share_one_staging_buffer(volume: Volume) -> None:
+    """Runs on scattered VBNs (the free blocks CPs leave after random rewrites)
+    wait in one staging buffer and go out at the drain, one request per run."""
+    volume.commit()
+    calls: list[tuple[int, int]] = []
+    real = volume.dev.pwrite
+
+    def counting(data: bytes | memoryview | bytearray, offset: int) -> None:
+        calls.append((offset // BS, len(data) // BS))
+        real(data, offset)
+
+    volume.dev.pwrite = counting  # type: ignore[method-assign]
+    top = volume.nblocks - 40               # free blocks far beyond the data
+    runs = [(top, 1), (top + 10, 1), (top + 11, 1), (top + 3, 2)]
+    raw = os.urandom(5 * BS)
+    volume.io.stage_runs(runs[:2], raw[:2 * BS])
+    volume.io.stage_runs(runs[2:], raw[2 * BS:])
+    assert calls == []                            # still staged
+    volume.io.drain()
+    volume.dev.pwrite = real  # type: ignore[method-assign]
+    assert calls == [(top, 1), (top + 10, 2), (top + 3, 2)]
+    got = aligned(5 * BS)                   # O_DIRECT reads need aligned buffers
+    for k, at in enumerate([top, top + 10, top + 11, top + 3, top + 4]):
+        view = memoryview(got)[k * BS:(k + 1) * BS]
+        volume.dev.pread(view, at * BS)
+    assert bytes(got[:5 * BS]) == raw
 
 
 def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
