@@ -8,6 +8,7 @@ import argparse
 import os
 import stat
 
+from blockxfer.errors import UsageError
 from blockxfer.units import human
 
 from .spec import Command, Report, arg
@@ -65,6 +66,12 @@ def cmd_reintegrate(a: argparse.Namespace) -> Report:
 def cmd_status(a: argparse.Namespace) -> Report:
     from blockxfer.transfer.increments import mirror_status
     data = mirror_status(a.dir)
+    if data["state"] == "none":
+        raise UsageError(f"{a.dir} holds no increments (no header file); give the "
+                         "directory the first mirror update created")
+    if data["state"] == "empty":
+        return Report(data, [f"{a.dir}: the first update is writing the base (or was "
+                             "stopped before it began); run the mirror update again"])
     if data["state"] != "ready":
         return Report(data, [f"{a.dir}: base {data['base']} not written yet (the first "
                              "update did not finish); run the mirror update again"])
