@@ -33,7 +33,7 @@ def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> dict:  # type: ignore[type-arg]
+def run(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> dict:
     rc = cli.main([*argv, "--json"])
     out, err = capsys.readouterr()
     assert rc == code, err
@@ -84,7 +84,7 @@ def test_catalog_path_option_env_and_default(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # -- a catalog that cannot be written ------------------------------------------------------------
-def test_unwritable_catalog_is_a_warning_not_a_failed_dump(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_unwritable_catalog_is_a_warning_not_a_failed_dump(src, tmp_path: Path) -> None:  # noqa: F811
     path, _ = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 64 * MiB)
@@ -99,7 +99,7 @@ def test_unwritable_catalog_is_a_warning_not_a_failed_dump(src, tmp_path: Path) 
 
 
 # -- stream files --------------------------------------------------------------------------------
-def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Path,  # noqa: F811
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
     full, inc = str(tmp_path / "j3.bs"), str(tmp_path / "j5.bs")
@@ -136,7 +136,7 @@ def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Pa
     assert [s["image_id"] for s in again] == [s["image_id"] for s in steps]
 
 
-def test_guided_restore_errors_are_one_line(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_guided_restore_errors_are_one_line(src, tmp_path: Path, catalog: Path,  # noqa: F811
                                             capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src
     assert run(capsys, "restore", str(tmp_path / "r.img"), "--snapshot", "nope",
@@ -164,7 +164,7 @@ def test_guided_restore_errors_are_one_line(src, tmp_path: Path, catalog: Path, 
 
 
 # -- pools and retention -------------------------------------------------------------------------
-def test_pools_retention_and_tape_erase(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_pools_retention_and_tape_erase(src, tmp_path: Path, catalog: Path,  # noqa: F811
                                         capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src
     keep, old = str(tmp_path / "keep.vtape"), str(tmp_path / "old.vtape")
@@ -218,7 +218,7 @@ def _mtx_on_path(tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("FAKE_MTX_STATE", str(state))
 
 
-def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Path,  # noqa: F811
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
@@ -269,7 +269,7 @@ def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Pa
     assert lib["drives"][0]["tape"] is None and all(s is not None for s in lib["slots"])
 
 
-def test_restore_refuses_a_tape_the_catalog_does_not_name(  # type: ignore[no-untyped-def]
+def test_restore_refuses_a_tape_the_catalog_does_not_name(
         src, tmp_path: Path, catalog: Path,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src

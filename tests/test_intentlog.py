@@ -148,7 +148,7 @@ def test_full_receive_never_replays_onto_the_foreign_root(tmp_path: Path, path: 
     vol.write(BS, b"local, logged")
     vol.sync()
     crash(vol)
-    receive_stream(io.BytesIO(buf.getvalue()), path, open_device,  # type: ignore[arg-type]
+    receive_stream(io.BytesIO(buf.getvalue()), path, open_device,
                    force=True)
     got, records, _ = contents(path)
     assert got[:6] == b"source" and not any(got[BS:2 * BS]) and records == 0
@@ -399,7 +399,10 @@ def test_a_cp_waits_for_the_record_in_flight(path: str) -> None:
     started = threading.Event()
     _slow_flush(vol, started)
     done: list[str] = []
-    syncer = threading.Thread(target=lambda: (vol.sync(), done.append("sync")))
+    def sync() -> None:
+        vol.sync()
+        done.append("sync")
+    syncer = threading.Thread(target=sync)
     syncer.start()
     assert started.wait(5)
     vol.write(BS, os.urandom(BS))

@@ -49,7 +49,7 @@ def status(env: dict[str, str], src: str) -> dict:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
-def wait_for(what, timeout: float = 90):  # type: ignore[no-untyped-def]
+def wait_for(what, timeout: float = 90):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = what()

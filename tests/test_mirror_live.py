@@ -111,7 +111,8 @@ def test_mirror_keeps_up_with_a_writer_and_readers_never_see_a_torn_image(
     client.handshake()
     client.go()
     stop, stop_loop = threading.Event(), threading.Event()
-    written, seen, retries = [0], [], [0]
+    written, retries = [0], [0]
+    seen: list[tuple[int, int]] = []
     lags: list[float] = []
     held: list[float] = []                     # creation time of what the destination holds
 

@@ -38,7 +38,7 @@ def test_buffers_equal_plane_difference(ops: list[tuple[str, int, int]]) -> None
             vol.close()
 
 
-def _run(vol, ops: list[tuple[str, int, int]]) -> None:    # type: ignore[no-untyped-def]
+def _run(vol, ops: list[tuple[str, int, int]]) -> None:
     cuts, base = 0, None
     assert vol.snapshot_changes("m0") is None      # tracking starts at the first cut
     base = "m0"

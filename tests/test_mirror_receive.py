@@ -18,7 +18,7 @@ from blockxfer.volume.check import check_volume
 from tests.mirror_util import BS, make_volume, open_vol
 
 
-def _stream(vol, expression: str) -> bytes:     # type: ignore[no-untyped-def]
+def _stream(vol, expression: str) -> bytes:
     out = io.BytesIO()
     send_image(vol, expression, out)
     return out.getvalue()

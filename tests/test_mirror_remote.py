@@ -54,7 +54,7 @@ def test_mirror_over_ssh_and_a_kill_after_the_far_commit(
     churn(vol, rng)
     real_save, calls = update_module.state.save, []
 
-    def save_then_die(v, st) -> None:            # type: ignore[no-untyped-def]
+    def save_then_die(v, st) -> None:
         calls.append(st.pending)
         if st.pending is None:                    # the record after the far side committed
             raise VolumeError("killed here")

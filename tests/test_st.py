@@ -23,7 +23,9 @@ class ScriptedTape:
 
     def __init__(self, script: str, ioctl_errors: dict[int, int] | None = None, gstat: int = 0,
                  files: int | None = None, flags_eod: bool = True):
-        self.script, self.written, self.ops = list(script), [], []
+        self.script = list(script)
+        self.written: list[bytes] = []
+        self.ops: list[tuple[int, int]] = []
         self.ioctl_errors = ioctl_errors or {}
         self.gstat = gstat
         # files: filemarks before end of data (MTFSF beyond them fails with EIO);
