@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,8 @@ def test_parse_status_of_something_else() -> None:
         parse_status("mtx: Request Sense: Long Report=yes\n")
 
 
-def scripted(*answers: tuple[int, str, str]):
+def scripted(*answers: tuple[int, str, str]) -> tuple[Callable[[list[str]], tuple[int, str, str]],
+                                                     list[list[str]]]:
     calls: list[list[str]] = []
     queue = list(answers)
 
@@ -234,7 +236,8 @@ def _library(tmp_path: Path, n: int, first_loaded: bool = True) -> tuple[Path, s
     return state, drive, tapes
 
 
-def test_dump_spans_two_tapes_through_the_changer_and_restores(src, tmp_path: Path) -> None:  # noqa: F811
+def test_dump_spans_two_tapes_through_the_changer_and_restores(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                               tmp_path: Path) -> None:
     path, contents = src
     state, drive, tapes = _library(tmp_path, 3)
     mtx = FakeMtx(state)
@@ -255,7 +258,8 @@ def test_dump_spans_two_tapes_through_the_changer_and_restores(src, tmp_path: Pa
                                                                    ["load", "2", "0"]]
 
 
-def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src, tmp_path: Path) -> None:  # noqa: F811
+def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                               tmp_path: Path) -> None:
     path, _ = src
     state, drive, tapes = _library(tmp_path, 3)
     changer = Changer("/dev/sg5", run=FakeMtx(state))
@@ -267,7 +271,7 @@ def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src, tmp_path: Pa
              next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
 
 
-def test_cli_dump_and_restore_with_changer(src, tmp_path: Path,  # noqa: F811
+def test_cli_dump_and_restore_with_changer(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
@@ -297,7 +301,7 @@ def test_cli_dump_and_restore_with_changer(src, tmp_path: Path,  # noqa: F811
                      "--next-tape", "echo x"]) == 2
 
 
-def test_cli_changer_tapes_by_barcode(src, tmp_path: Path,  # noqa: F811
+def test_cli_changer_tapes_by_barcode(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
                                       monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """`--changer-tapes`: the dump continues on the named barcode (not the next slot)
@@ -325,7 +329,7 @@ def test_cli_changer_tapes_by_barcode(src, tmp_path: Path,  # noqa: F811
     assert changer.status().drive(0).source == 3
 
 
-def tape_label():
+def tape_label() -> Callable[[str], tuple[str, int] | None]:
     """The changer's label reader over the drivers' tape opener (what the CLI wires)."""
     from blockxfer.cli.tapedrive import tape_opener
     from blockxfer.transfer.tapeset import label_reader

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,11 +50,12 @@ def _writes(base: str, stream: bytes, path: str) -> int:
     return counted[0].writes
 
 
-def _faulty(k: int, mode: str):
+def _faulty(k: int, mode: str) -> Callable[..., FaultyDevice]:
     return lambda p, **kw: FaultyDevice(open_device(p, **kw), after=k, mode=mode)
 
 
-def test_receive_killed_at_many_points(setup, tmp_path: Path) -> None:
+def test_receive_killed_at_many_points(setup: tuple[str, bytes, dict, dict],
+                                       tmp_path: Path) -> None:
     base, stream, before, after = setup
     path = str(tmp_path / "t.img")
     total = _writes(base, stream, path)
@@ -71,7 +73,7 @@ def test_receive_killed_at_many_points(setup, tmp_path: Path) -> None:
         assert got in (before, after), f"killed at write {k} of {total}"
 
 
-def test_receive_with_writes_cut_off(setup, tmp_path: Path) -> None:
+def test_receive_with_writes_cut_off(setup: tuple[str, bytes, dict, dict], tmp_path: Path) -> None:
     base, stream, before, after = setup
     path = str(tmp_path / "t.img")
     total = _writes(base, stream, path)

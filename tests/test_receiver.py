@@ -62,7 +62,8 @@ def dealloc_runs(data: bytes) -> list[tuple[int, int]]:
             for run in rec.runs]
 
 
-def test_deallocated_blocks_are_free_once_no_kept_snapshot_holds_them(pair) -> None:
+def test_deallocated_blocks_are_free_once_no_kept_snapshot_holds_them(
+        pair: tuple[Volume, str]) -> None:
     src, dst = pair
     b_a = stream(src, "b - a")
     freed = dealloc_runs(b_a)
@@ -83,7 +84,7 @@ def test_deallocated_blocks_are_free_once_no_kept_snapshot_holds_them(pair) -> N
         t.close()
 
 
-def test_deallocation_of_a_block_the_top_uses_is_refused(pair) -> None:
+def test_deallocation_of_a_block_the_top_uses_is_refused(pair: tuple[Volume, str]) -> None:
     src, dst = pair
     data = stream(src, "b - a")
     t = Volume.open(open_device(dst, write=True))
@@ -109,7 +110,7 @@ def test_deallocation_of_a_block_the_top_uses_is_refused(pair) -> None:
     t.close()
 
 
-def test_receive_into_an_open_volume(pair) -> None:
+def test_receive_into_an_open_volume(pair: tuple[Volume, str]) -> None:
     """The volume a server holds open takes an incremental and goes on from it."""
     src, dst = pair
     data = stream(src, "b - a")
@@ -139,7 +140,7 @@ def test_receive_into_an_open_volume(pair) -> None:
         t.close()
 
 
-def test_claimed_blocks_are_not_allocated(pair) -> None:
+def test_claimed_blocks_are_not_allocated(pair: tuple[Volume, str]) -> None:
     _, dst = pair
     t = Volume.open(open_device(dst, write=True))
     try:
@@ -224,7 +225,7 @@ def test_only_the_volume_writes_superblocks() -> None:
     assert offenders == []
 
 
-def test_commit_waits_for_a_send_of_a_snapshot_it_releases(pair) -> None:
+def test_commit_waits_for_a_send_of_a_snapshot_it_releases(pair: tuple[Volume, str]) -> None:
     """A middle host sending `a` to a child while its parent's stream releases `a`: the
     commit is refused (the blocks received are kept for a resume), `a` stays whole,
     and the next attempt after the send commits."""

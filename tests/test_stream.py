@@ -8,8 +8,10 @@ import io
 import os
 import random
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,7 +77,8 @@ def snapshot_contents(path: str) -> dict[str, bytes]:
         vol.close()
 
 
-def test_level_0_1_2_chain(source, tmp_path: Path) -> None:
+def test_level_0_1_2_chain(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                           tmp_path: Path) -> None:
     _, streams, contents = source
     dst = str(tmp_path / "dst.img")
     for key in ("l0", "l1", "l2"):
@@ -86,7 +89,8 @@ def test_level_0_1_2_chain(source, tmp_path: Path) -> None:
         assert data == contents[name], name
 
 
-def test_alternative_level_1(source, tmp_path: Path) -> None:
+def test_alternative_level_1(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                             tmp_path: Path) -> None:
     _, streams, contents = source
     dst = str(tmp_path / "dst.img")
     receive(dst, streams["l0"])
@@ -96,7 +100,8 @@ def test_alternative_level_1(source, tmp_path: Path) -> None:
     assert got["june9"] == contents["june9"] and got["june8"] == contents["june8"]
 
 
-def test_top_alone_marks_older_incomplete(source, tmp_path: Path) -> None:
+def test_top_alone_marks_older_incomplete(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                                          tmp_path: Path) -> None:
     _, streams, contents = source
     dst = str(tmp_path / "dst.img")
     res = receive(dst, streams["j3"])
@@ -110,7 +115,8 @@ def test_top_alone_marks_older_incomplete(source, tmp_path: Path) -> None:
         receive(dst, streams["l2"])
 
 
-def test_wrong_volume_and_full_over_data(source, tmp_path: Path) -> None:
+def test_wrong_volume_and_full_over_data(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                                         tmp_path: Path) -> None:
     _, streams, _ = source
     other = str(tmp_path / "other.img")
     make_source(other).close()
@@ -133,7 +139,8 @@ def _unchanged(path: str, expected: dict[str, bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_flipped_bytes_never_reach_the_target(source, tmp_path: Path) -> None:
+def test_flipped_bytes_never_reach_the_target(
+        source: tuple[str, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, contents = source
     base, t = _target_with_l0(tmp_path, streams)
     expected = {n: contents[n] for n in ("june1", "june2", "june3")}
@@ -153,7 +160,8 @@ def test_flipped_bytes_never_reach_the_target(source, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_truncations_never_reach_the_target(source, tmp_path: Path) -> None:
+def test_truncations_never_reach_the_target(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                                            tmp_path: Path) -> None:
     _, streams, contents = source
     base, t = _target_with_l0(tmp_path, streams)
     expected = {n: contents[n] for n in ("june1", "june2", "june3")}
@@ -179,7 +187,8 @@ def _records(data: bytes) -> list[bytes]:
     return out
 
 
-def test_reordered_and_duplicated_records(source, tmp_path: Path) -> None:
+def test_reordered_and_duplicated_records(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                                          tmp_path: Path) -> None:
     _, streams, _ = source
     base, t = _target_with_l0(tmp_path, streams)
     recs = _records(streams["l1"])
@@ -191,7 +200,7 @@ def test_reordered_and_duplicated_records(source, tmp_path: Path) -> None:
             receive(t, b"".join(bad))
 
 
-def test_verify_and_inspect(source) -> None:
+def test_verify_and_inspect(source: tuple[str, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = source
     info = inspect_stream(io.BytesIO(streams["l1"]))
     assert info["kind"] == "incremental" and info["base"] == "june3" and info["top"] == "june5"
@@ -201,7 +210,8 @@ def test_verify_and_inspect(source) -> None:
         inspect_stream(io.BytesIO(streams["l1"][:-5]))
 
 
-def test_resume_after_interruption(source, tmp_path: Path) -> None:
+def test_resume_after_interruption(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                                   tmp_path: Path) -> None:
     src, streams, contents = source
     base, t = _target_with_l0(tmp_path, streams)
     shutil.copyfile(base, t)
@@ -220,12 +230,13 @@ def test_resume_after_interruption(source, tmp_path: Path) -> None:
     assert got["june5"] == contents["june5"] and got["june4"] == contents["june4"]
 
 
-def test_compressed_and_striped_orders_give_the_same_target(source, tmp_path: Path) -> None:
+def test_compressed_and_striped_orders_give_the_same_target(
+        source: tuple[str, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     src, streams, contents = source
     vol = Volume.open(open_device(src), writable=False)
     shuffled = io.BytesIO()
 
-    def backwards(runs):
+    def backwards(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
         chunks = [(v, bytes(d)) for v, d in plain_reader(vol)(runs)]  # views are reused
         return iter([(v, memoryview(d)) for v, d in reversed(chunks)])
     send_image(vol, LEVELS["l0"], shuffled, compress=True, reader=backwards)
@@ -308,7 +319,8 @@ _SMALL_STREAM = _small_stream()
 _SMALL_IMPLICIT = _small_stream(implicit=True)
 
 
-def test_implicit_tagging_by_bitmap(source, tmp_path: Path) -> None:
+def test_implicit_tagging_by_bitmap(source: tuple[str, dict[str, bytes], dict[str, bytes]],
+                                    tmp_path: Path) -> None:
     src, streams, contents = source
     vol = Volume.open(open_device(src), writable=False)
     streams_implicit = {}
@@ -362,7 +374,8 @@ def _changed_one_block(path: str) -> Volume:
     return vol
 
 
-def test_incremental_reads_only_the_changed_part_of_the_map(tmp_path: Path) -> None:
+def test_incremental_reads_only_the_changed_part_of_the_map(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """64 map leaves hold a's pointers; one changed block changes one leaf path: the
     checks of 'b - a' read that path, not every leaf (they did, at 1 GiB a tenth of a
     5 % incremental's time)."""
@@ -370,10 +383,10 @@ def test_incremental_reads_only_the_changed_part_of_the_map(tmp_path: Path) -> N
     vol = _changed_one_block(str(tmp_path / "v.img"))
     real, rows = vol.io.read_many, []
 
-    def counting(r):
+    def counting(r: np.ndarray) -> bytes:
         rows.append(len(r))
         return real(r)
-    vol.io.read_many = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(vol.io, "read_many", counting)
     plan = plan_send(vol, "b - a")
     assert plan.check is not None and 0 < len(plan.check.vbns) <= 2
     assert sum(rows) <= vol.lba.levels + 2, rows

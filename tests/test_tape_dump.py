@@ -47,7 +47,7 @@ def restore(tape: str, target: str, **kw: Any) -> object:
                           **kw)
 
 
-def test_levels_on_one_tape(src, tmp_path: Path) -> None:
+def test_levels_on_one_tape(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, contents = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 256 * MiB, locate=False)
@@ -71,7 +71,7 @@ def _set(tmp_path: Path, n: int) -> list[str]:
     return tapes
 
 
-def test_spanning_two_tapes_and_restore(src, tmp_path: Path) -> None:
+def test_spanning_two_tapes_and_restore(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, contents = src
     tapes = _set(tmp_path, 3)
     res = dump(path, LEVELS[0], tapes[0], label="weekly",
@@ -89,7 +89,8 @@ def test_spanning_two_tapes_and_restore(src, tmp_path: Path) -> None:
     assert "send" not in str(e.value) and "run the same restore again" in str(e.value)
 
 
-def test_spanned_image_without_next_tape_is_refused_first(src, tmp_path: Path) -> None:
+def test_spanned_image_without_next_tape_is_refused_first(src: tuple[str, dict[str, bytes]],
+                                                          tmp_path: Path) -> None:
     """Plan first: nothing is written when the image continues on a tape restore has
     no way to ask for; the suggestion is a restore command, not a send."""
     path, contents = src
@@ -110,7 +111,8 @@ def test_spanned_image_without_next_tape_is_refused_first(src, tmp_path: Path) -
     assert snapshot_contents(existing)["june3"] == contents["june3"]
 
 
-def test_full_tape_without_next_is_incomplete(src, tmp_path: Path) -> None:
+def test_full_tape_without_next_is_incomplete(src: tuple[str, dict[str, bytes]],
+                                              tmp_path: Path) -> None:
     path, _ = src
     tape = _set(tmp_path, 1)[0]
     with pytest.raises(EndOfMedium, match="no next tape"):
@@ -121,7 +123,7 @@ def test_full_tape_without_next_is_incomplete(src, tmp_path: Path) -> None:
         restore(tape, str(tmp_path / "r.img"), image=1)
 
 
-def test_write_protected_tape(src, tmp_path: Path) -> None:
+def test_write_protected_tape(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, _ = src
     tape = str(tmp_path / "wp.vtape")
     create_virtual_tape(tape, 64 * MiB, write_protect=True)
@@ -130,7 +132,8 @@ def test_write_protected_tape(src, tmp_path: Path) -> None:
     assert isinstance(e.value, WriteProtected) or "write-protected" in str(e.value)
 
 
-def test_tape_that_is_not_ours_or_from_another_set(src, tmp_path: Path) -> None:
+def test_tape_that_is_not_ours_or_from_another_set(src: tuple[str, dict[str, bytes]],
+                                                   tmp_path: Path) -> None:
     path, _ = src
     foreign = str(tmp_path / "f.vtape")
     create_virtual_tape(foreign, 64 * MiB)
@@ -150,7 +153,8 @@ def test_tape_that_is_not_ours_or_from_another_set(src, tmp_path: Path) -> None:
         dump(path, LEVELS[0], tapes[0], label="weekly", next_tape=lambda n, s: other)
 
 
-def test_damaged_record_mid_restore_leaves_target(src, tmp_path: Path) -> None:
+def test_damaged_record_mid_restore_leaves_target(src: tuple[str, dict[str, bytes]],
+                                                  tmp_path: Path) -> None:
     path, contents = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 256 * MiB)
@@ -171,7 +175,8 @@ def test_damaged_record_mid_restore_leaves_target(src, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("locate", [True, False])
-def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: bool) -> None:
+def test_partial_restore_reads_only_what_it_needs(src: tuple[str, dict[str, bytes]], tmp_path: Path,
+                                                  locate: bool) -> None:
     from blockxfer.transfer.restore import restore_range
     path, contents = src
     tape = str(tmp_path / "t.vtape")
@@ -195,7 +200,7 @@ def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: b
         assert a.read(4096) == b.read(4096)
 
 
-def test_lone_filemark_counts_as_blank(src, tmp_path: Path) -> None:
+def test_lone_filemark_counts_as_blank(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, _ = src
     tape = str(tmp_path / "fm.vtape")
     create_virtual_tape(tape, 64 * MiB)
@@ -206,7 +211,8 @@ def test_lone_filemark_counts_as_blank(src, tmp_path: Path) -> None:
     assert list_tape(opener(tape, False)).label.serial == "FM"
 
 
-def test_spanning_a_large_image_all_snapshots(src, tmp_path: Path) -> None:
+def test_spanning_a_large_image_all_snapshots(src: tuple[str, dict[str, bytes]],
+                                              tmp_path: Path) -> None:
     """The same shape as the st spanning test: every snapshot in one image."""
     path, contents = src
     tapes = _set(tmp_path, 6)
@@ -218,7 +224,8 @@ def test_spanning_a_large_image_all_snapshots(src, tmp_path: Path) -> None:
     assert got == {n: contents[n] for n in got} and len(got) == 9
 
 
-def test_restore_one_snapshot_from_a_level_0_image(src, tmp_path: Path) -> None:
+def test_restore_one_snapshot_from_a_level_0_image(src: tuple[str, dict[str, bytes]],
+                                                   tmp_path: Path) -> None:
     from blockxfer.transfer.snaprestore import restore_snapshot_only
     path, contents = src
     tape = str(tmp_path / "t.vtape")

@@ -343,7 +343,8 @@ def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
         volume.write(0, b"x")
 
 
-def test_map_cache_stays_bounded_while_reading(volume: Volume, monkeypatch) -> None:
+def test_map_cache_stays_bounded_while_reading(volume: Volume,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from blockxfer.volume import volume as vmod
     monkeypatch.setattr(vmod, "MAX_DIRTY_NODES", 8)
     volume.write(0, os.urandom(8 << 20))            # 2048 blocks: 8 map leaves of 256

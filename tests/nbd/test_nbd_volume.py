@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def served(tmp_path: Path):
+def served(tmp_path: Path) -> Iterator[tuple[Volume, str, Path]]:
     path = str(tmp_path / "vol.img")
     vol = Volume.create(open_device(path, write=True, create_size=96 * MiB),
                         virtual_size=64 * MiB)
@@ -34,7 +34,7 @@ def served(tmp_path: Path):
     thread.join(30)
 
 
-def test_qemu_img_round_trip_on_real_volume(served) -> None:
+def test_qemu_img_round_trip_on_real_volume(served: tuple[Volume, str, Path]) -> None:
     vol, sock, tmp = served
     qemu_img = need("qemu-img", "qemu-utils")
     src = tmp / "src.raw"
@@ -52,7 +52,7 @@ def test_qemu_img_round_trip_on_real_volume(served) -> None:
     assert check_volume(vol).clean
 
 
-def test_nbdinfo_map_reports_holes_on_real_volume(served) -> None:
+def test_nbdinfo_map_reports_holes_on_real_volume(served: tuple[Volume, str, Path]) -> None:
     vol, sock, _ = served
     nbdinfo = need("nbdinfo", "libnbd-bin")
     vol.write(2 * MiB, b"x" * MiB)
