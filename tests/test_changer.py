@@ -244,7 +244,7 @@ def test_dump_spans_two_tapes_through_the_changer_and_restores(src: tuple[str, d
     changer = Changer("/dev/sg5", run=mtx)
     res = dump(path, LEVELS[0], drive, label="weekly",
                next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
-    assert len(res.tapes) == 2  # type: ignore[attr-defined]
+    assert len(res.tapes) == 2
     assert changer.status().drive(0).source == 2
     second = list_tape(opener(tapes[1], False))
     assert (second.label.set_name, second.label.seq) == ("weekly", 2)

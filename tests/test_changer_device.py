@@ -67,7 +67,7 @@ def test_dump_spans_through_the_changer_and_restores(src: tuple[str, dict[str, b
             t.close()
     nt = changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape, label_of=tape_label())
     res = dump(path, LEVELS[0], DRIVE, next_tape=nt)
-    assert len(res.tapes) == 2 and nt.slot == 2  # type: ignore[attr-defined]
+    assert len(res.tapes) == 2 and nt.slot == 2
     second = list_tape(opener(DRIVE, False))
     assert (second.label.set_name, second.label.seq) == ("CHG-SPAN", 2)
     _load(changer, 1)

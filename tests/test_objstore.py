@@ -25,7 +25,7 @@ from blockxfer.transfer.objstore.maintain import (
 )
 from blockxfer.transfer.objstore.objects import MemoryStore
 from blockxfer.transfer.objstore.store import Store
-from blockxfer.transfer.objstore.upload import upload_stream
+from blockxfer.transfer.objstore.upload import UploadResult, upload_stream
 from blockxfer.volume import Volume
 from tests.objstore_helpers import contents, make_chain, restore, stream_of, upload
 
@@ -51,7 +51,7 @@ def _store(conditional: bool = True) -> tuple[MemoryStore, Store]:
 
 
 def _put_chain(store: Store, streams: dict[str, bytes], upto: int = N,
-               pack_bytes: int = 1 << 20) -> list[object]:
+               pack_bytes: int = 1 << 20) -> list[UploadResult]:
     return [upload_stream(store, "vol", io.BytesIO(streams[f"s{i}"]), pack_bytes=pack_bytes)
             for i in range(1, upto + 1)]
 
@@ -70,7 +70,9 @@ def test_any_snapshot_of_ten_restores_alone(
         target = str(tmp_path / f"{name}.img")
         restore(store, name, target)
         assert contents(target, name) == want[name]
-        man = store.manifest("vol", store.need_catalog("vol").find(name=name))  # type: ignore[arg-type]
+        found = store.need_catalog("vol").find(name=name)
+        assert found is not None
+        man = store.manifest("vol", found)
         blobs = {(e.pack, e.offset): e.length for e in man.entries}
         # only this manifest's blobs (plus gaps under 256 KiB read over), the
         # manifest and the catalog: never the whole chain
@@ -85,10 +87,10 @@ def test_increments_store_only_changed_blocks(
     _, store = _store()
     res = _put_chain(store, streams)
     full, incs = res[0], res[1:]
-    assert all(r.incremental for r in incs)  # type: ignore[attr-defined]
+    assert all(r.incremental for r in incs)
     for r in incs:
-        assert r.new_bytes < full.new_bytes * 0.2  # type: ignore[attr-defined]
-        assert r.blocks < full.blocks * 0.2  # type: ignore[attr-defined]
+        assert r.new_bytes < full.new_bytes * 0.2
+        assert r.blocks < full.blocks * 0.2
 
 
 def test_upload_again_is_a_no_op(chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
@@ -177,7 +179,9 @@ def test_damaged_chunk_refused_target_unchanged(
     old = str(tmp_path / "old.img")
     restore(store, "s1", old)
     before = _digest(old)
-    man = store.manifest("vol", store.need_catalog("vol").find(name="s3"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s3")
+    assert found is not None
+    man = store.manifest("vol", found)
     e = man.entries[len(man.entries) // 2]
     _flip(ms, store.pack_key(e.pack), e.offset + e.length // 2)
     with pytest.raises(FormatError, match="damaged"):
@@ -290,7 +294,9 @@ def test_manifest_is_a_merge_not_a_replay(
     _, streams, _ = chain
     _, store = _store()
     _put_chain(store, streams)
-    man = store.manifest("vol", store.need_catalog("vol").find(name="s10"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s10")
+    assert found is not None
+    man = store.manifest("vol", found)
     seen: dict[int, fmt.bitarray] = {}
     for e in man.entries:
         m = seen.setdefault(e.chunk, fmt.new_mask(man.chunk_blocks))
@@ -313,10 +319,10 @@ def test_a_replica_pulls_only_what_changed(chain: tuple[Volume, dict[str, bytes]
     restore(store, "s7", full)
     full_bytes, ms.got_bytes = ms.got_bytes, 0
     res = restore(store, "s7", target)
-    assert res.incremental  # type: ignore[attr-defined]
+    assert res.incremental
     assert ms.got_bytes < full_bytes / 2
     assert contents(target, "s7") == want["s7"] and contents(target, "s3") == want["s3"]
-    assert restore(store, "s10", target).incremental  # type: ignore[attr-defined]
+    assert restore(store, "s10", target).incremental
     assert contents(target, "s10") == want["s10"]
 
 
@@ -327,7 +333,9 @@ def test_a_damaged_increment_leaves_the_replica_as_it_was(
     _put_chain(store, streams, 5)
     target = str(tmp_path / "replica.img")
     restore(store, "s2", target)
-    new = store.manifest("vol", store.need_catalog("vol").find(name="s5"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s5")
+    assert found is not None
+    new = store.manifest("vol", found)
     e = new.entries[-1]                       # a blob of the newest upload
     _flip(ms, store.pack_key(e.pack), e.offset + e.length - 20)
     with pytest.raises(StreamError, match="damaged"):
@@ -344,7 +352,9 @@ def test_verify_reads_each_blob_once_and_names_who_needs_a_lost_pack(
     rep = verify_store(store)
     assert not rep.problems and rep.snapshots == 4
     assert ms.got_bytes <= _pack_bytes(ms) * 1.05 + 200_000   # not once per snapshot
-    first = store.manifest("vol", store.need_catalog("vol").find(name="s1"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s1")
+    assert found is not None
+    first = store.manifest("vol", found)
     del ms.objects[store.pack_key(first.entries[0].pack)]
     rep = verify_store(store)
     assert rep.problems and all("vol@s1" in p for p in rep.problems)

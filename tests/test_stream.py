@@ -10,6 +10,7 @@ import random
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import BlockxferError, DamagedBlock, StreamError, VolumeError
 from blockxfer.stream import format as fmt
 from blockxfer.stream.inspect import inspect_stream
-from blockxfer.stream.receive import receive_stream
+from blockxfer.stream.receive import ReceiveResult, receive_stream
 from blockxfer.stream.send import plain_reader, send_image
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
@@ -60,8 +61,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, byt
     return str(d / "src.img"), streams, contents
 
 
-def receive(path: str, data: bytes, **kw: object) -> object:
-    return receive_stream(io.BytesIO(data), path, open_device, **kw)  # type: ignore[arg-type]
+def receive(path: str, data: bytes, **kw: Any) -> ReceiveResult:
+    return receive_stream(io.BytesIO(data), path, open_device, **kw)
 
 
 def snapshot_contents(path: str) -> dict[str, bytes]:
@@ -95,7 +96,7 @@ def test_alternative_level_1(source: tuple[str, dict[str, bytes], dict[str, byte
     dst = str(tmp_path / "dst.img")
     receive(dst, streams["l0"])
     res = receive(dst, streams["l1b"])
-    assert set(res.incomplete) == {"june4", "june5", "june6", "june7"}  # type: ignore[attr-defined]
+    assert set(res.incomplete) == {"june4", "june5", "june6", "june7"}
     got = snapshot_contents(dst)
     assert got["june9"] == contents["june9"] and got["june8"] == contents["june8"]
 
@@ -105,7 +106,7 @@ def test_top_alone_marks_older_incomplete(source: tuple[str, dict[str, bytes], d
     _, streams, contents = source
     dst = str(tmp_path / "dst.img")
     res = receive(dst, streams["j3"])
-    assert set(res.incomplete) == {"june1", "june2"}  # type: ignore[attr-defined]
+    assert set(res.incomplete) == {"june1", "june2"}
     vol = Volume.open(open_device(dst), writable=False)
     assert vol.read(0, vol.virtual_size, snapshot="june3") == contents["june3"]
     with pytest.raises(VolumeError, match="incomplete"):
@@ -261,7 +262,7 @@ def test_target_follows_source_snapshot_set(tmp_path: Path) -> None:
     send_image(vol, "june10 - june3", buf)
     vol.close()
     res = receive(t, buf.getvalue())
-    assert res.released == ["june1"]  # type: ignore[attr-defined]
+    assert res.released == ["june1"]
     assert "june1" not in snapshot_contents(t)
 
 
@@ -355,7 +356,7 @@ def test_local_change_to_a_replica_frees_released_snapshots(tmp_path: Path) -> N
     buf = io.BytesIO()
     send_image(vol, "june9 + june8 + june7 + june6 + june5 + june4 - june3", buf)
     vol.close()
-    assert receive(t, buf.getvalue()).released == ["june1"]  # type: ignore[attr-defined]
+    assert receive(t, buf.getvalue()).released == ["june1"]
     rep = Volume.open(open_device(t, write=True))
     rep.create_snapshot("local")                      # rewrites the catalog
     report = check_volume(rep)

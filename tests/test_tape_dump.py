@@ -14,8 +14,8 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.tapes import StTape, open_tape_handle
 from blockxfer.drivers.vtape import create_virtual_tape
 from blockxfer.errors import BlockxferError, EndOfMedium, StreamError, UsageError, WriteProtected
-from blockxfer.transfer.dump import dump_image
-from blockxfer.transfer.restore import restore_images, verify_image
+from blockxfer.transfer.dump import DumpResult, dump_image
+from blockxfer.transfer.restore import RestoreStep, restore_images, verify_image
 from blockxfer.transfer.tapeset import label_tape, list_tape
 from blockxfer.volume import Volume
 from tests.test_stream import make_source, snapshot_contents
@@ -37,12 +37,12 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, bytes]
     return path, contents
 
 
-def dump(src: str, expr: str, tape: str, **kw: Any) -> object:
+def dump(src: str, expr: str, tape: str, **kw: Any) -> DumpResult:
     with Volume.open(open_device(src), writable=False) as vol:
         return dump_image(vol, expr, tape, open_tape=opener, **kw)
 
 
-def restore(tape: str, target: str, **kw: Any) -> object:
+def restore(tape: str, target: str, **kw: Any) -> list[RestoreStep]:
     return restore_images(tape, target, open_tape=opener, open_device=open_device,
                           **kw)
 
@@ -76,7 +76,7 @@ def test_spanning_two_tapes_and_restore(src: tuple[str, dict[str, bytes]], tmp_p
     tapes = _set(tmp_path, 3)
     res = dump(path, LEVELS[0], tapes[0], label="weekly",
                next_tape=lambda name, seq: tapes[seq - 1])
-    assert len(res.tapes) >= 2  # type: ignore[attr-defined]
+    assert len(res.tapes) >= 2
     second = list_tape(opener(tapes[1], False))
     assert second.label.set_name == "weekly" and second.label.seq == 2
     target = str(tmp_path / "r.img")
@@ -217,7 +217,7 @@ def test_spanning_a_large_image_all_snapshots(src: tuple[str, dict[str, bytes]],
     path, contents = src
     tapes = _set(tmp_path, 6)
     res = dump(path, "june*", tapes[0], next_tape=lambda name, seq: tapes[seq - 1])
-    assert len(res.tapes) >= 2  # type: ignore[attr-defined]
+    assert len(res.tapes) >= 2
     target = str(tmp_path / "r.img")
     restore(tapes[0], target, next_tape=lambda name, seq: tapes[seq - 1])
     got = snapshot_contents(target)

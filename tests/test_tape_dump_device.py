@@ -53,7 +53,7 @@ def test_spanning_on_st(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> No
     t.write_filemarks(1)        # blank enough: no label at BOT
     t.close()
     res = dump(path, "june*", SMALL, next_tape=lambda name, seq: TAPE)   # ~18 MB: spans
-    assert len(res.tapes) == 2  # type: ignore[attr-defined]
+    assert len(res.tapes) == 2
     target = str(tmp_path / "r.img")
     restore(SMALL, target, next_tape=lambda name, seq: TAPE)
     got = snapshot_contents(target)
