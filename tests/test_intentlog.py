@@ -357,7 +357,7 @@ def _slow_flush(vol: Volume, started: threading.Event, delay: float = 0.3) -> No
         started.set()
         time.sleep(delay)
         real()
-    vol.dev.flush = flush  # type: ignore[method-assign]
+    vol.dev.flush = flush  # type: ignore[method-assign]  # patched on purpose
 
 
 def test_group_commit_writes_go_on_and_waiting_syncs_share_a_record(path: str) -> None:

@@ -120,7 +120,9 @@ def test_mirror_keeps_up_with_a_writer_and_readers_never_see_a_torn_image(
 
     def update() -> None:
         r = run_update(vol, target(dest))
-        held.append(load(vol, src).last.created)    # type: ignore[union-attr]
+        last = load(vol, src).last
+        assert last is not None                     # an update just committed one
+        held.append(last.created)
         durations.append(r["seconds"])
 
     threads = [threading.Thread(target=writer, args=(client, stop, written)),

@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,9 @@ def main_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def wait_for(cond: object, timeout: float = 20.0) -> None:
+def wait_for(cond: Callable[[], object], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():                                      # type: ignore[operator]
+    while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 

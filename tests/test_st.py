@@ -143,7 +143,7 @@ def test_short_write_is_reported() -> None:
     t, _ = tape("h")
     with pytest.raises(EndOfMedium, match="2 of 4 bytes") as info:
         t.write_record(b"abcd")
-    assert info.value.written == 2  # type: ignore[attr-defined]
+    assert info.value.written == 2  # type: ignore[attr-defined]  # set by the driver
 
 
 def test_write_protect_and_bad_size() -> None:

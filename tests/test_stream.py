@@ -225,7 +225,7 @@ def test_resume_after_interruption(source: tuple[str, dict[str, bytes], dict[str
     stats = send_image(vol, LEVELS["l1"], buf, resume=token)
     vol.close()
     full_blocks = inspect_stream(io.BytesIO(data))["data_blocks"]
-    assert 0 < stats.data_blocks < full_blocks  # type: ignore[operator]
+    assert isinstance(full_blocks, int) and 0 < stats.data_blocks < full_blocks
     receive(t, buf.getvalue())
     got = snapshot_contents(t)
     assert got["june5"] == contents["june5"] and got["june4"] == contents["june4"]

@@ -249,7 +249,7 @@ def test_records_filled_in_place_are_the_packed_format() -> None:
 
     class Sink:
         def __init__(self) -> None:
-            self.path, self.records = "sink", []   # type: ignore[var-annotated]
+            self.path, self.records = "sink", []   # type: ignore[var-annotated]  # duck-typed tape double
 
         def write_record(self, rec: bytearray) -> None:
             self.records.append(bytes(rec))
@@ -257,7 +257,7 @@ def test_records_filled_in_place_are_the_packed_format() -> None:
     rs = 4096
     label = tf.Label("S", "S", bytes(16), 1, rs, 0)
     desc = tf.Descriptor("ab" * 16, "x", "x", None, [], "u", 0, 0)
-    w = _Writer(Sink(), label, desc, None, None, [])  # type: ignore[arg-type]
+    w = _Writer(Sink(), label, desc, None, None, [])  # type: ignore[arg-type]  # a Sink, not a Tape
     for _ in range(8):
         w.free.put(bytearray(b"\xff" * rs))                   # reused buffers are dirty
     w.thread.start()
@@ -271,9 +271,9 @@ def test_records_filled_in_place_are_the_packed_format() -> None:
     w.q.put(None)
     w.thread.join()
     assert w.error is None
-    full = b"".join(tf.unpack_record(r, "sink")[4] for r in w.tape.records)  # type: ignore[attr-defined]
+    full = b"".join(tf.unpack_record(r, "sink")[4] for r in w.tape.records)  # type: ignore[attr-defined]  # w.tape is the Sink
     assert full == data and packer.total == len(data)
     per = rs - tf.REC.size
-    assert len(w.tape.records) == -(-len(full) // per)         # type: ignore[attr-defined]
-    for i, rec in enumerate(w.tape.records):                   # type: ignore[attr-defined]
+    assert len(w.tape.records) == -(-len(full) // per)         # type: ignore[attr-defined]  # w.tape is the Sink
+    for i, rec in enumerate(w.tape.records):                   # type: ignore[attr-defined]  # w.tape is the Sink
         assert rec == tf.pack_record(tf.DATA, w.key, 0, i, full[i * per:(i + 1) * per], rs)

@@ -228,7 +228,7 @@ def test_sink_plans_while_the_far_side_starts() -> None:
     refused = io.BytesIO()
     wire.write_status(refused, error=VolumeError("no room"))
     ch = _Channel(refused.getvalue())
-    sink = EndpointSink(ch, "/v.img")                         # type: ignore[arg-type]
+    sink = EndpointSink(ch, "/v.img")                         # type: ignore[arg-type]  # channel double
     assert ch.reader.tell() == 0 and ch.writer.getvalue().startswith(wire.MAGIC)
     sent = len(ch.writer.getvalue())
     with pytest.raises(VolumeError, match="no room"):

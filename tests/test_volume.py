@@ -277,12 +277,12 @@ def test_commit_waits_for_reads_outside_the_lock(volume: Volume) -> None:
         assert release.wait(10)
         real(*args, **kwargs)  # type: ignore[arg-type]
 
-    volume.io.read_ptrs_into = paused  # type: ignore[method-assign]
+    volume.io.read_ptrs_into = paused  # type: ignore[method-assign]  # patched on purpose
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(volume.read(0, 16 * BS)))
     reader.start()
     assert started.wait(10)
-    volume.io.read_ptrs_into = real  # type: ignore[method-assign]
+    volume.io.read_ptrs_into = real  # type: ignore[method-assign]  # patched on purpose
     volume.write(0, os.urandom(16 * BS))          # not blocked by the read; frees old blocks
     committer = threading.Thread(target=volume.commit)
     committer.start()
@@ -308,7 +308,7 @@ def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
         calls.append(len(data))
         real(data, offset)
 
-    volume.dev.pwrite = counting  # type: ignore[method-assign]
+    volume.dev.pwrite = counting  # type: ignore[method-assign]  # patched on purpose
     blocks = {b: os.urandom(BS) for b in (7, 900, 3, 1500, 42, 1024, 8)}
     for b, raw in blocks.items():
         volume.write(b * BS, raw)
@@ -318,7 +318,7 @@ def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
     assert calls == [len(blocks) * BS]
     volume.write(5 * BS + 100, b"x" * 10)         # read-modify-write of a staged block
     volume.commit()
-    volume.dev.pwrite = real  # type: ignore[method-assign]
+    volume.dev.pwrite = real  # type: ignore[method-assign]  # patched on purpose
     volume = reopen(volume)
     for b, raw in blocks.items():
         assert volume.read(b * BS, BS) == raw
@@ -335,10 +335,10 @@ def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
         raise DeviceError("write: Input/output error")
 
     volume.write(0, os.urandom(BS))
-    volume.dev.pwrite = failing  # type: ignore[method-assign]
+    volume.dev.pwrite = failing  # type: ignore[method-assign]  # patched on purpose
     with pytest.raises(DeviceError):
         volume.commit()
-    volume.dev.pwrite = real  # type: ignore[method-assign]
+    volume.dev.pwrite = real  # type: ignore[method-assign]  # patched on purpose
     with pytest.raises(VolumeError, match="reopen"):
         volume.write(0, b"x")
 
