@@ -32,8 +32,8 @@ Out = int | IO[Any] | None          # what subprocess takes for stdout and stder
 
 
 def bx(*args: str, data: bytes | None = None, timeout: float = 120,
-       **kw: object) -> subprocess.CompletedProcess[bytes]:
-    return run(list(args), input=data, timeout=timeout, **kw)  # type: ignore[arg-type]
+       **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    return run(list(args), input=data, timeout=timeout, **kw)
 
 
 def run(argv: Sequence[str], *, input: bytes | str | None = None, stdin: Out = None,

@@ -6,7 +6,7 @@ checked."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +38,9 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, by
     vol.close()
 
 
-def _blocks(records: object) -> dict[int, bytes]:
+def _blocks(records: Iterable[object]) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
-    for rec in records:                                     # type: ignore[attr-defined]
+    for rec in records:
         assert isinstance(rec, Data)
         bs = len(rec.payload) // rec.count
         for k in range(rec.count):

@@ -236,7 +236,9 @@ def test_restore_one_snapshot_from_a_level_0_image(src: tuple[str, dict[str, byt
                                          open_device=open_device)
     got = snapshot_contents(target)
     assert got["june1"] == contents["june1"] and res.top == "june1"
-    total = list_tape(opener(tape, False)).images[0].index.total  # type: ignore[union-attr]
+    index = list_tape(opener(tape, False)).images[0].index
+    assert index is not None
+    total = index.total
     assert records * 256 * 1024 < total            # it did not read the whole image
 
 

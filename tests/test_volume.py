@@ -272,10 +272,10 @@ def test_commit_waits_for_reads_outside_the_lock(volume: Volume) -> None:
     started, release = threading.Event(), threading.Event()
     real = volume.io.read_ptrs_into
 
-    def paused(*args: object, **kwargs: object) -> None:
+    def paused(*args: Any, **kwargs: Any) -> None:
         started.set()
         assert release.wait(10)
-        real(*args, **kwargs)  # type: ignore[arg-type]
+        real(*args, **kwargs)
 
     volume.io.read_ptrs_into = paused  # type: ignore[method-assign]  # patched on purpose
     got: list[bytes] = []
