@@ -34,7 +34,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/apt-deps.sh
 	$(BIN)/ruff check blockxfer drivers tests bench
-	$(BIN)/mypy blockxfer drivers bench
+	$(BIN)/mypy blockxfer drivers bench tests
 	bash scripts/pytest.sh -m "not slow and not vm"
 
 # the long suites (many kill points, real clusters, terminals): CI runs them after `make test`
@@ -46,7 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check blockxfer drivers tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy blockxfer drivers bench
+	$(BIN)/mypy blockxfer drivers bench tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

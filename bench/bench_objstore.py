@@ -107,7 +107,7 @@ def main() -> None:
         nbytes = man.blocks * man.block_size
         key = f"peer/{uuid.uuid4().hex}"
         with open(raw, "rb") as src:
-            client.upload_fileobj(io.BufferedReader(src), srv.bucket, key)  # type: ignore[arg-type]
+            client.upload_fileobj(io.BufferedReader(src), srv.bucket, key)
 
         def ours_restore() -> float:
             target = os.path.join(d, "restored.img")

@@ -40,7 +40,7 @@ ROUNDS = int(os.environ.get("BLOCKXFER_BENCH_ROUNDS", "5"))
 
 def _send(path: str, expr: str, out: str) -> None:
     with Volume.open(open_device(path), writable=False) as vol:
-        def reader(runs: Iterable[tuple[int, int]]):  # type: ignore[no-untyped-def]
+        def reader(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
             return read_runs(vol.dev, runs, vol.block_size)
         with open(out, "wb") as f:
             send_image(vol, expr, f, reader=reader)

@@ -21,7 +21,7 @@ import time
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.reader import read_runs
-from blockxfer.drivers.tapes import open_tape_handle
+from blockxfer.drivers.tapes import StTape, open_tape_handle
 from blockxfer.drivers.vtape import create_virtual_tape
 from blockxfer.stream.send import send_image
 from blockxfer.transfer.dump import dump_image
@@ -43,7 +43,7 @@ def rate_row(name: str, ours: float, peer: float, nbytes: int, goal: float) -> s
     return f"{name:38} ours {a:8.1f} MB/s   dd {b:8.1f} MB/s   ratio {a / b:5.2f}{mark}"
 
 
-def opener(path: str, write: bool):  # type: ignore[no-untyped-def]
+def opener(path: str, write: bool) -> StTape:
     return open_tape_handle(path, write=write)
 
 

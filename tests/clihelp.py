@@ -32,15 +32,15 @@ Out = int | IO[Any] | None          # what subprocess takes for stdout and stder
 
 
 def bx(*args: str, data: bytes | None = None, timeout: float = 120,
-       **kw: object) -> subprocess.CompletedProcess[bytes]:
-    return run(list(args), input=data, timeout=timeout, **kw)  # type: ignore[arg-type]
+       **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    return run(list(args), input=data, timeout=timeout, **kw)
 
 
 def run(argv: Sequence[str], *, input: bytes | str | None = None, stdin: Out = None,
         timeout: float = 120,
         env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
         text: bool = False, check: bool = False, stdout: Out = subprocess.PIPE,
-        stderr: Out = subprocess.PIPE) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+        stderr: Out = subprocess.PIPE) -> subprocess.CompletedProcess:
     """`blockxfer ARGV...` to completion, like `subprocess.run([*BX, *argv], ...)`."""
     if EXEC:
         return subprocess.run([*BX, *argv], input=input, stdin=stdin, timeout=timeout, env=env,
@@ -67,7 +67,7 @@ def call_forked(fn: Callable[[], int | None], *, input: bytes | str | None = Non
                 stdin: Out = None, timeout: float = 120, env: Mapping[str, str] | None = None,
                 cwd: str | os.PathLike[str] | None = None, text: bool = False,
                 stdout: Out = subprocess.PIPE, stderr: Out = subprocess.PIPE,
-                name: Sequence[str] = ("forked",)) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+                name: Sequence[str] = ("forked",)) -> subprocess.CompletedProcess:
     """`fn()` in a forked child with its own stdin/stdout/stderr, environment and
     working directory; its return value is the exit code (a signal: minus it)."""
     data = input.encode() if isinstance(input, str) else input

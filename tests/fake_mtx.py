@@ -44,7 +44,7 @@ class FakeMtx:
         return rc, out, err
 
 
-def _status(dev: str, lib: dict) -> str:  # type: ignore[type-arg]
+def _status(dev: str, lib: dict) -> str:
     lines = [f"  Storage Changer {dev}:{len(lib['drives'])} Drives, {len(lib['slots'])} Slots "
              "( 0 Import/Export )"]
     for i, d in enumerate(lib["drives"]):
@@ -58,7 +58,7 @@ def _status(dev: str, lib: dict) -> str:  # type: ignore[type-arg]
     return "\n".join(lines) + "\n"
 
 
-def _load(lib: dict, slot: int, drive: int) -> tuple[int, str, str]:  # type: ignore[type-arg]
+def _load(lib: dict, slot: int, drive: int) -> tuple[int, str, str]:
     if not 1 <= slot <= len(lib["slots"]):
         return 1, "", f"Invalid <storage-element-number> argument '{slot}' to 'load' command"
     d = lib["drives"][drive]
@@ -74,7 +74,7 @@ def _load(lib: dict, slot: int, drive: int) -> tuple[int, str, str]:  # type: ig
     return 0, f"Loading media from Storage Element {slot} into drive {drive}...done\n", ""
 
 
-def _unload(lib: dict, slot: int, drive: int) -> tuple[int, str, str]:  # type: ignore[type-arg]
+def _unload(lib: dict, slot: int, drive: int) -> tuple[int, str, str]:
     d = lib["drives"][drive]
     if d["tape"] is None:
         return 1, "", f"Data Transfer Element {drive} is Empty"

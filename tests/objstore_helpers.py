@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import random
+from typing import Any
 
 from blockxfer.drivers.blockdev import open_device
+from blockxfer.stream.receive import ReceiveResult
 from blockxfer.stream.send import send_image
 from blockxfer.transfer.objstore.restore import restore_snapshot
 from blockxfer.transfer.objstore.store import Store
@@ -47,8 +49,8 @@ def upload_chain(store: Store, vol: Volume, n: int, name: str = "vol") -> list[U
     return out
 
 
-def restore(store: Store, snap: str, target: str, name: str = "vol", **kw: object) -> object:
-    return restore_snapshot(store, name, snap, target, open_device, **kw)  # type: ignore[arg-type]
+def restore(store: Store, snap: str, target: str, name: str = "vol", **kw: Any) -> ReceiveResult:
+    return restore_snapshot(store, name, snap, target, open_device, **kw)
 
 
 def contents(path: str, snap: str) -> bytes:

@@ -33,7 +33,7 @@ def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> dict:  # type: ignore[type-arg]
+def run(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> dict:
     rc = cli.main([*argv, "--json"])
     out, err = capsys.readouterr()
     assert rc == code, err
@@ -84,7 +84,8 @@ def test_catalog_path_option_env_and_default(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # -- a catalog that cannot be written ------------------------------------------------------------
-def test_unwritable_catalog_is_a_warning_not_a_failed_dump(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_unwritable_catalog_is_a_warning_not_a_failed_dump(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                           tmp_path: Path) -> None:
     path, _ = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 64 * MiB)
@@ -99,7 +100,8 @@ def test_unwritable_catalog_is_a_warning_not_a_failed_dump(src, tmp_path: Path) 
 
 
 # -- stream files --------------------------------------------------------------------------------
-def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_send_o_file_is_catalogued_and_restored(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
+                                                catalog: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
     full, inc = str(tmp_path / "j3.bs"), str(tmp_path / "j5.bs")
@@ -136,7 +138,8 @@ def test_send_o_file_is_catalogued_and_restored(src, tmp_path: Path, catalog: Pa
     assert [s["image_id"] for s in again] == [s["image_id"] for s in steps]
 
 
-def test_guided_restore_errors_are_one_line(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_guided_restore_errors_are_one_line(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
+                                            catalog: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src
     assert run(capsys, "restore", str(tmp_path / "r.img"), "--snapshot", "nope",
@@ -164,8 +167,8 @@ def test_guided_restore_errors_are_one_line(src, tmp_path: Path, catalog: Path, 
 
 
 # -- pools and retention -------------------------------------------------------------------------
-def test_pools_retention_and_tape_erase(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_pools_retention_and_tape_erase(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
+                                        catalog: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src
     keep, old = str(tmp_path / "keep.vtape"), str(tmp_path / "old.vtape")
     for t in (keep, old):
@@ -218,8 +221,8 @@ def _mtx_on_path(tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("FAKE_MTX_STATE", str(state))
 
 
-def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Path,  # type: ignore[no-untyped-def]  # noqa: F811
-                                                monkeypatch: pytest.MonkeyPatch,
+def test_barcodes_recorded_listed_and_asked_for(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
+                                                catalog: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
     tapes = [str(tmp_path / f"T{i}.vtape") for i in range(1, 5)]
@@ -269,8 +272,8 @@ def test_barcodes_recorded_listed_and_asked_for(src, tmp_path: Path, catalog: Pa
     assert lib["drives"][0]["tape"] is None and all(s is not None for s in lib["slots"])
 
 
-def test_restore_refuses_a_tape_the_catalog_does_not_name(  # type: ignore[no-untyped-def]
-        src, tmp_path: Path, catalog: Path,  # noqa: F811
+def test_restore_refuses_a_tape_the_catalog_does_not_name(
+        src: tuple[str, dict[str, bytes]], tmp_path: Path, catalog: Path,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = src
     tape, other = str(tmp_path / "t.vtape"), str(tmp_path / "o.vtape")

@@ -40,11 +40,11 @@ def bx(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Comple
     return r
 
 
-def where(env: dict[str, str], spec: str) -> list[dict]:  # type: ignore[type-arg]
+def where(env: dict[str, str], spec: str) -> list[dict]:
     return json.loads(bx(env, "catalog", "where", spec, "--json").stdout)["steps"]
 
 
-def media(steps: list[dict]) -> list[tuple[str, ...]]:  # type: ignore[type-arg]
+def media(steps: list[dict]) -> list[tuple[str, ...]]:
     """(kind, expression, where) of each step: tape label and set, or the store."""
     return [(s["kind"], s["expression"],
              *(f"{m['set']}#{m['seq']}" if m["kind"] == "tape" else m["kind"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,8 @@ def test_parse_status_of_something_else() -> None:
         parse_status("mtx: Request Sense: Long Report=yes\n")
 
 
-def scripted(*answers: tuple[int, str, str]):  # type: ignore[no-untyped-def]
+def scripted(*answers: tuple[int, str, str]) -> tuple[Callable[[list[str]], tuple[int, str, str]],
+                                                     list[list[str]]]:
     calls: list[list[str]] = []
     queue = list(answers)
 
@@ -127,7 +129,7 @@ def _slots(*tags: str | None) -> list[Slot]:
 def test_next_full_slot_after_the_one_unloaded_skipping_cleaning() -> None:
     lib = Library(Drive(0, True, 2, "A2"), _slots("A1", None, "CLN01", "A4"))
     ejected: list[str] = []
-    nt = changer_next_tape(lib, 0, "/dev/nst0", eject=ejected.append)  # type: ignore[arg-type]
+    nt = changer_next_tape(lib, 0, "/dev/nst0", eject=ejected.append)
     assert nt("weekly", 2) == "/dev/nst0"
     assert lib.moves == ["unload 2", "load 4"] and nt.slot == 4
     assert ejected == ["/dev/nst0"]
@@ -137,29 +139,29 @@ def test_next_full_slot_after_the_one_unloaded_skipping_cleaning() -> None:
 
 def test_barcode_mapping_wins_over_slot_order() -> None:
     lib = Library(Drive(0, True, 1, "A1"), _slots(None, "A2", "A3"))
-    nt = changer_next_tape(lib, 0, "/dev/nst0",  # type: ignore[arg-type]
+    nt = changer_next_tape(lib, 0, "/dev/nst0",
                            barcodes={("weekly", 2): "A3"})
     nt("weekly", 2)
     assert lib.moves == ["unload 1", "load 3"]
     with pytest.raises(EndOfMedium, match="no slot holds B9, tape 3"):
-        changer_next_tape(lib, 0, "/dev/nst0",  # type: ignore[arg-type]
+        changer_next_tape(lib, 0, "/dev/nst0",
                           barcodes={("weekly", 3): "B9"})("weekly", 3)
 
 
 def test_empty_drive_takes_the_first_full_slot() -> None:
     lib = Library(Drive(0, False, None, None), _slots(None, "A2", "A3"))
-    changer_next_tape(lib, 0, "/dev/nst0")("s", 2)  # type: ignore[arg-type]
+    changer_next_tape(lib, 0, "/dev/nst0")("s", 2)
     assert lib.moves == ["load 2"]
 
 
 def test_refused_tape_names_its_slot() -> None:
     lib = Library(Drive(0, True, 1, "A1"), _slots(None, "A2"))
-    nt = changer_next_tape(lib, 0, "/dev/nst0",  # type: ignore[arg-type]
+    nt = changer_next_tape(lib, 0, "/dev/nst0",
                            label_of=lambda path: ("monthly", 5))
     with pytest.raises(VolumeError, match=r"changer /dev/sg7 slot 2 \(A2\) holds tape 5 of set "
                        r"'monthly', not tape 2 of set 'weekly'"):
         nt("weekly", 2)
-    blank = changer_next_tape(lib, 0, "/dev/nst0", label_of=lambda path: None)  # type: ignore[arg-type]
+    blank = changer_next_tape(lib, 0, "/dev/nst0", label_of=lambda path: None)
     lib.st = ChangerStatus([Drive(0, True, 1, "A1")], _slots(None, "A2"))
     assert blank("weekly", 2) == "/dev/nst0"
 
@@ -172,7 +174,7 @@ def test_pool_of_barcodes_skips_tapes_of_other_sets() -> None:
 
     def label_of(path: str) -> tuple[str, int] | None:
         return labels[lib.status().drive(0).barcode or ""]
-    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,
                            tapes=["B*"])
     assert nt("weekly", 2) == "/dev/nst0"
     assert lib.moves == ["unload 1", "load 2", "unload 2", "load 4"]
@@ -186,7 +188,7 @@ def test_pool_tape_that_is_not_a_blockxfer_tape_is_skipped() -> None:
         if lib.status().drive(0).barcode == "B2":
             raise FormatError("/dev/nst0 holds data that is not a blockxfer tape")
         return ("weekly", 2)
-    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,
                            tapes=["B*"], restore=True)
     nt("weekly", 2)
     assert lib.moves[-1] == "load 3" and nt.used[2] == "B3"
@@ -199,14 +201,14 @@ def test_barcode_list_for_a_restore_wants_the_labelled_tape() -> None:
 
     def label_of(path: str) -> tuple[str, int] | None:
         return labels[lib.status().drive(0).barcode or ""]
-    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+    nt = changer_next_tape(lib, 0, "/dev/nst0", label_of=label_of,
                            tapes=["B2", "B3"], restore=True)
     nt("weekly", 2)
     assert lib.moves[-1] == "load 3" and nt.used[2] == "B3"
     labels["B3"] = None
     lib2 = Library(Drive(0, True, 1, "A1"), _slots(None, "B2", "B3"))
     lib = lib2
-    nt2 = changer_next_tape(lib2, 0, "/dev/nst0", label_of=label_of,  # type: ignore[arg-type]
+    nt2 = changer_next_tape(lib2, 0, "/dev/nst0", label_of=label_of,
                             tapes=["B2", "B3"], restore=True)
     with pytest.raises(EndOfMedium, match=r"none of the tapes B2,B3 holds tape 2 of set "
                        r"'weekly' \(tried B2 \(blank\), B3 \(blank\)\)"):
@@ -234,14 +236,15 @@ def _library(tmp_path: Path, n: int, first_loaded: bool = True) -> tuple[Path, s
     return state, drive, tapes
 
 
-def test_dump_spans_two_tapes_through_the_changer_and_restores(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_dump_spans_two_tapes_through_the_changer_and_restores(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                               tmp_path: Path) -> None:
     path, contents = src
     state, drive, tapes = _library(tmp_path, 3)
     mtx = FakeMtx(state)
     changer = Changer("/dev/sg5", run=mtx)
     res = dump(path, LEVELS[0], drive, label="weekly",
                next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
-    assert len(res.tapes) == 2  # type: ignore[attr-defined]
+    assert len(res.tapes) == 2
     assert changer.status().drive(0).source == 2
     second = list_tape(opener(tapes[1], False))
     assert (second.label.set_name, second.label.seq) == ("weekly", 2)
@@ -255,7 +258,8 @@ def test_dump_spans_two_tapes_through_the_changer_and_restores(src, tmp_path: Pa
                                                                    ["load", "2", "0"]]
 
 
-def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                               tmp_path: Path) -> None:
     path, _ = src
     state, drive, tapes = _library(tmp_path, 3)
     changer = Changer("/dev/sg5", run=FakeMtx(state))
@@ -267,7 +271,7 @@ def test_restore_refuses_a_tape_of_another_set_naming_the_slot(src, tmp_path: Pa
              next_tape=changer_next_tape(changer, 0, drive, label_of=tape_label()))
 
 
-def test_cli_dump_and_restore_with_changer(src, tmp_path: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_cli_dump_and_restore_with_changer(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     path, contents = src
@@ -297,7 +301,7 @@ def test_cli_dump_and_restore_with_changer(src, tmp_path: Path,  # type: ignore[
                      "--next-tape", "echo x"]) == 2
 
 
-def test_cli_changer_tapes_by_barcode(src, tmp_path: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_cli_changer_tapes_by_barcode(src: tuple[str, dict[str, bytes]], tmp_path: Path,  # noqa: F811
                                       monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """`--changer-tapes`: the dump continues on the named barcode (not the next slot)
@@ -325,7 +329,7 @@ def test_cli_changer_tapes_by_barcode(src, tmp_path: Path,  # type: ignore[no-un
     assert changer.status().drive(0).source == 3
 
 
-def tape_label():  # type: ignore[no-untyped-def]
+def tape_label() -> Callable[[str], tuple[str, int] | None]:
     """The changer's label reader over the drivers' tape opener (what the CLI wires)."""
     from blockxfer.cli.tapedrive import tape_opener
     from blockxfer.transfer.tapeset import label_reader

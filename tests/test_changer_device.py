@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ def test_discovery_finds_the_changer() -> None:
     assert len(st.drives) >= 1 and len(st.slots) >= 2
 
 
-def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_dump_spans_through_the_changer_and_restores(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                     tmp_path: Path) -> None:
     path, contents = src
     changer = Changer(CHANGER)
     for slot in (2, 1):                  # scratch: slot 2 blank-ish, slot 1 a fresh set
@@ -65,7 +67,7 @@ def test_dump_spans_through_the_changer_and_restores(src, tmp_path: Path) -> Non
             t.close()
     nt = changer_next_tape(changer, INDEX, DRIVE, eject=eject_tape, label_of=tape_label())
     res = dump(path, LEVELS[0], DRIVE, next_tape=nt)
-    assert len(res.tapes) == 2 and nt.slot == 2  # type: ignore[attr-defined]
+    assert len(res.tapes) == 2 and nt.slot == 2
     second = list_tape(opener(DRIVE, False))
     assert (second.label.set_name, second.label.seq) == ("CHG-SPAN", 2)
     _load(changer, 1)
@@ -82,7 +84,8 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
     return clihelp.run(argv, text=True, timeout=600)
 
 
-def test_cli_dump_and_restore_choose_tapes_by_barcode(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_cli_dump_and_restore_choose_tapes_by_barcode(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                                      tmp_path: Path) -> None:
     """`--changer-tapes`: the dump continues on the named barcode (the last full slot,
     not the next one) and prints the set's barcodes; `tape list` shows the barcode
     when the cartridge memory has it; the restore finds the tape in a pool ('*')."""
@@ -121,7 +124,7 @@ def test_cli_dump_and_restore_choose_tapes_by_barcode(src, tmp_path: Path) -> No
     assert snapshot_contents(target)["june9"] == contents["june9"]
 
 
-def tape_label():  # type: ignore[no-untyped-def]
+def tape_label() -> Callable[[str], tuple[str, int] | None]:
     """The changer's label reader over the drivers' tape opener (what the CLI wires)."""
     from blockxfer.cli.tapedrive import tape_opener
     from blockxfer.transfer.tapeset import label_reader

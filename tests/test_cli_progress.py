@@ -74,7 +74,7 @@ def test_log_level_sets_what_the_log_shows(tmp_path: Path) -> None:
     for level, shown in (("info", True), ("warning", False)):
         with serve_process(vol, str(tmp_path / "s.sock"), "--log-level", level) as proc:
             pass
-        err = proc.output[1]  # type: ignore[attr-defined]
+        err = proc.output[1]  # type: ignore[attr-defined]  # set by serveproc
         assert ("blockxfer serve: serving" in err) == shown, err
 
 
@@ -83,7 +83,7 @@ def test_verbose_and_syslog(tmp_path: Path) -> None:
     assert bx("init", vol, "--size", "16M").returncode == 0
     with serve_process(vol, str(tmp_path / "s.sock"), "--log-level", "warning", "-v") as proc:
         pass
-    assert "blockxfer serve: serving" in proc.output[1]  # type: ignore[attr-defined]
+    assert "blockxfer serve: serving" in proc.output[1]  # type: ignore[attr-defined]  # set by serveproc
 
     log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # a stand-in for /dev/log
     log.bind(str(tmp_path / "log"))

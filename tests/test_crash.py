@@ -110,7 +110,7 @@ def _count_writes(template: str, path: str, ops: list[tuple]) -> list[int]:
     """Writes issued by the end of each step, on an unfaulted run."""
     shutil.copyfile(template, path)
     dev = FaultyDevice(open_device(path, write=True))
-    vol = Volume.open(dev)  # type: ignore[arg-type]
+    vol = Volume.open(dev)
     marks = [dev.writes]
     for op in ops:
         _apply(vol, op)
@@ -124,7 +124,7 @@ def _run_child(path: str, ops: list[tuple], kill_at: int) -> int:
     the number of steps the child reported complete."""
     def workload(w: int) -> None:
         dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
-        vol = Volume.open(dev)  # type: ignore[arg-type]
+        vol = Volume.open(dev)
         for op in ops:
             _apply(vol, op)
             os.write(w, b".")
@@ -160,7 +160,7 @@ def test_dropped_writes_leave_last_commit(template: str, tmp_path: object, seed:
     for k in sorted(random.Random(seed).sample(range(0, marks[-1]), min(25, marks[-1]))):
         shutil.copyfile(template, path)
         dev = FaultyDevice(open_device(path, write=True), after=k, mode="drop")
-        vol = Volume.open(dev)  # type: ignore[arg-type]
+        vol = Volume.open(dev)
         try:
             for op in ops:
                 _apply(vol, op)

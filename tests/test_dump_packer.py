@@ -33,7 +33,7 @@ class _Records:
 
 def test_pieces_cross_records_unchanged() -> None:
     w = _Records()
-    p = _Packer(w)  # type: ignore[arg-type]
+    p = _Packer(w)  # type: ignore[arg-type]  # writer double
     pieces: list[bytes | memoryview] = [
         os.urandom(24), memoryview(os.urandom(3 * RS + 5)), b"", os.urandom(8),
         memoryview(bytearray(os.urandom(RS)))]
@@ -49,7 +49,7 @@ def test_a_large_piece_is_not_copied_twice() -> None:
     """A bytearray slice assigned from a memoryview first copied it into a new
     bytearray (issue 15: a quarter of the dump's CPU under emulation)."""
     w = _Records(keep=False)
-    p = _Packer(w)  # type: ignore[arg-type]
+    p = _Packer(w)  # type: ignore[arg-type]  # writer double
     piece = memoryview(os.urandom(RS * 4))
     p.write(piece)                              # the buffers exist from here on
     tracemalloc.start()

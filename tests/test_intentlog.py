@@ -148,7 +148,7 @@ def test_full_receive_never_replays_onto_the_foreign_root(tmp_path: Path, path: 
     vol.write(BS, b"local, logged")
     vol.sync()
     crash(vol)
-    receive_stream(io.BytesIO(buf.getvalue()), path, open_device,  # type: ignore[arg-type]
+    receive_stream(io.BytesIO(buf.getvalue()), path, open_device,
                    force=True)
     got, records, _ = contents(path)
     assert got[:6] == b"source" and not any(got[BS:2 * BS]) and records == 0
@@ -357,7 +357,7 @@ def _slow_flush(vol: Volume, started: threading.Event, delay: float = 0.3) -> No
         started.set()
         time.sleep(delay)
         real()
-    vol.dev.flush = flush  # type: ignore[method-assign]
+    vol.dev.flush = flush  # type: ignore[method-assign]  # patched on purpose
 
 
 def test_group_commit_writes_go_on_and_waiting_syncs_share_a_record(path: str) -> None:
@@ -399,7 +399,10 @@ def test_a_cp_waits_for_the_record_in_flight(path: str) -> None:
     started = threading.Event()
     _slow_flush(vol, started)
     done: list[str] = []
-    syncer = threading.Thread(target=lambda: (vol.sync(), done.append("sync")))
+    def sync() -> None:
+        vol.sync()
+        done.append("sync")
+    syncer = threading.Thread(target=sync)
     syncer.start()
     assert started.wait(5)
     vol.write(BS, os.urandom(BS))

@@ -112,7 +112,7 @@ def _count_writes(template: str, path: str, steps: list[Step]) -> list[int]:
     """Device writes issued by the end of each step, on an unfaulted run."""
     shutil.copyfile(template, path)
     dev = FaultyDevice(open_device(path, write=True))
-    vol = Volume.open(dev)  # type: ignore[arg-type]
+    vol = Volume.open(dev)
     marks = [dev.writes]
     for step in steps:
         _apply(vol, step)
@@ -127,7 +127,7 @@ def _run_child(path: str, steps: list[Step], kill_at: int) -> int:
     the steps whose sync (or CP) returned before the kill."""
     def workload(w: int) -> None:
         dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
-        vol = Volume.open(dev)  # type: ignore[arg-type]
+        vol = Volume.open(dev)
         for step in steps:
             _apply(vol, step)
             os.write(w, b".")
@@ -169,7 +169,7 @@ def test_writes_cut_off_inside_the_device(template: str, tmp_path: object, seed:
     for k in sorted(random.Random(seed).sample(range(0, marks[-1]), min(22, marks[-1]))):
         shutil.copyfile(template, path)
         dev = FaultyDevice(open_device(path, write=True), after=k, mode="drop")
-        vol = Volume.open(dev)  # type: ignore[arg-type]
+        vol = Volume.open(dev)
         try:
             for step in steps:
                 _apply(vol, step)

@@ -55,7 +55,7 @@ def _run_child(path: str, kill_at: int | None) -> dict[int, int]:
     returns each thread's last acknowledged round."""
     def workload(w: int) -> None:
         dev = FaultyDevice(open_device(path, write=True), after=kill_at, mode="kill")
-        vol = Volume.open(dev)  # type: ignore[arg-type]
+        vol = Volume.open(dev)
         lock = threading.Lock()
         threads = [threading.Thread(target=_worker, args=(vol, t, w, lock))
                    for t in range(THREADS)]

@@ -15,6 +15,7 @@ import pytest
 
 from blockxfer.errors import BlockxferError, NotFound, VolumeError
 from blockxfer.transfer.mirror import load, next_due, run_loop, run_update
+from blockxfer.transfer.mirror.loop import Tick
 from blockxfer.transfer.mirror.status import describe
 from blockxfer.volume.check import check_volume
 from tests.mirror_util import (
@@ -200,7 +201,7 @@ def test_effective_next_consistency_point_never_queues_a_backlog() -> None:
         time.sleep(0.25)                                   # each update outlasts 0.1 s
         if len(calls) == 4:
             stop.set()
-    ticks = []
+    ticks: list[Tick] = []
     run_loop(slow, 0.1, stop, on_tick=ticks.append)
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert all(0.24 < g < 0.4 for g in gaps), gaps         # back to back, not queued

@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +51,7 @@ def status(env: dict[str, str], src: str) -> dict:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
-def wait_for(what, timeout: float = 90):  # type: ignore[no-untyped-def]
+def wait_for(what: Callable[[], Any], timeout: float = 90) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = what()

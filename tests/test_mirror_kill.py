@@ -17,6 +17,7 @@ import random
 import signal
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,14 +77,14 @@ def _source_image(src: str, snap: str) -> bytes:
 
 
 def _kill_loop(src: str, dest: str, kills: int, rng: random.Random,
-               spawn_kill: object) -> int:
+               spawn_kill: Callable[[int], None]) -> int:
     resumed = 0
     for i in range(kills):
         if i % 4 == 0:
             vol = open_vol(src)
             churn(vol, rng, 10, 2)
             vol.close()
-        spawn_kill(i)                                            # type: ignore[operator]
+        spawn_kill(i)
         name, image = _dest_state(dest)
         if name is not None:
             assert image == _source_image(src, name), f"kill {i}: torn destination"

@@ -111,7 +111,8 @@ def test_mirror_keeps_up_with_a_writer_and_readers_never_see_a_torn_image(
     client.handshake()
     client.go()
     stop, stop_loop = threading.Event(), threading.Event()
-    written, seen, retries = [0], [], [0]
+    written, retries = [0], [0]
+    seen: list[tuple[int, int]] = []
     lags: list[float] = []
     held: list[float] = []                     # creation time of what the destination holds
 
@@ -119,7 +120,9 @@ def test_mirror_keeps_up_with_a_writer_and_readers_never_see_a_torn_image(
 
     def update() -> None:
         r = run_update(vol, target(dest))
-        held.append(load(vol, src).last.created)    # type: ignore[union-attr]
+        last = load(vol, src).last
+        assert last is not None                     # an update just committed one
+        held.append(last.created)
         durations.append(r["seconds"])
 
     threads = [threading.Thread(target=writer, args=(client, stop, written)),

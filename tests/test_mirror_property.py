@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockxfer.transfer.mirror.plan import plan_changes, plan_planes
+from blockxfer.volume import Volume
 from tests.mirror_util import BS, make_volume
 
 NB = (4 << 20) // BS
@@ -38,7 +39,7 @@ def test_buffers_equal_plane_difference(ops: list[tuple[str, int, int]]) -> None
             vol.close()
 
 
-def _run(vol, ops: list[tuple[str, int, int]]) -> None:    # type: ignore[no-untyped-def]
+def _run(vol: Volume, ops: list[tuple[str, int, int]]) -> None:
     cuts, base = 0, None
     assert vol.snapshot_changes("m0") is None      # tracking starts at the first cut
     base = "m0"

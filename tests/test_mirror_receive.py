@@ -14,11 +14,12 @@ from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import StreamError
 from blockxfer.stream.receive import receive_stream
 from blockxfer.stream.send import send_image
+from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
 from tests.mirror_util import BS, make_volume, open_vol
 
 
-def _stream(vol, expression: str) -> bytes:     # type: ignore[no-untyped-def]
+def _stream(vol: Volume, expression: str) -> bytes:
     out = io.BytesIO()
     send_image(vol, expression, out)
     return out.getvalue()

@@ -16,6 +16,7 @@ import pytest
 from blockxfer.errors import BlockxferError, VolumeError
 from blockxfer.transfer.mirror import load, run_update
 from blockxfer.transfer.mirror import update as update_module
+from blockxfer.transfer.mirror.state import MirrorState, PropertyStore
 from blockxfer.transfer.mirror.target import UrlTarget
 from tests.mirror_util import churn, configure, dest_image, image_of, make_volume
 from tests.test_mirror_kill import FAKE_SSH
@@ -54,7 +55,7 @@ def test_mirror_over_ssh_and_a_kill_after_the_far_commit(
     churn(vol, rng)
     real_save, calls = update_module.state.save, []
 
-    def save_then_die(v, st) -> None:            # type: ignore[no-untyped-def]
+    def save_then_die(v: PropertyStore, st: MirrorState) -> None:
         calls.append(st.pending)
         if st.pending is None:                    # the record after the far side committed
             raise VolumeError("killed here")

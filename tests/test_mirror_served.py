@@ -19,8 +19,9 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,8 +80,8 @@ def stop(pid: int, sig: int) -> None:
     os.waitpid(pid, 0)
 
 
-def mirror(src: str, op: str, **args: object) -> dict:
-    return control.call(src, "mirror", op=op, **args)  # type: ignore[no-any-return]
+def mirror(src: str, op: str, **args: Any) -> dict:
+    return control.call(src, "mirror", op=op, **args)
 
 
 def main_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
@@ -88,12 +89,12 @@ def main_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     from blockxfer.cli.app import main
     capsys.readouterr()
     assert main([*argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+    return json.loads(capsys.readouterr().out)
 
 
-def wait_for(cond: object, timeout: float = 20.0) -> None:
+def wait_for(cond: Callable[[], object], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():                                      # type: ignore[operator]
+    while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 
@@ -135,6 +136,7 @@ def test_served_mirror_runs_in_the_service_while_an_nbd_client_writes(
         jobs = control.call(src, "info")["server"]["jobs"]
         assert "mirror" not in {j["name"] for j in jobs}
     name, image = _dest_state(dest)
+    assert name is not None
     assert name == last["snapshot"] and image == _source_image(src, name)
     for path in (src, dest):
         v = open_vol(path, write=False)
@@ -262,6 +264,7 @@ def _kill_points(tmp_path: Path, kills: int, seed: int) -> int:
     assert load(vol, src).pending is None and check_volume(vol).clean
     vol.close()
     name, image = _dest_state(dest)
+    assert name is not None
     assert name == r["snapshot"] and image == _source_image(src, name)
     d = open_vol(dest, write=False)
     assert check_volume(d).clean

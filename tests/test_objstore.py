@@ -10,6 +10,7 @@ import io
 import os
 import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,16 @@ from blockxfer.transfer.objstore.maintain import (
 )
 from blockxfer.transfer.objstore.objects import MemoryStore
 from blockxfer.transfer.objstore.store import Store
-from blockxfer.transfer.objstore.upload import upload_stream
+from blockxfer.transfer.objstore.upload import UploadResult, upload_stream
+from blockxfer.volume import Volume
 from tests.objstore_helpers import contents, make_chain, restore, stream_of, upload
 
 N = 10
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Volume, dict[str, bytes],
+                                                                       dict[str, bytes]]]:
     """A source volume with s1..s10, its streams, each snapshot's contents."""
     d = tmp_path_factory.mktemp("objsrc")
     vol = make_chain(str(d / "src.img"), N)
@@ -48,7 +51,7 @@ def _store(conditional: bool = True) -> tuple[MemoryStore, Store]:
 
 
 def _put_chain(store: Store, streams: dict[str, bytes], upto: int = N,
-               pack_bytes: int = 1 << 20) -> list[object]:
+               pack_bytes: int = 1 << 20) -> list[UploadResult]:
     return [upload_stream(store, "vol", io.BytesIO(streams[f"s{i}"]), pack_bytes=pack_bytes)
             for i in range(1, upto + 1)]
 
@@ -57,7 +60,8 @@ def _pack_bytes(ms: MemoryStore) -> int:
     return sum(len(v[0]) for k, v in ms.objects.items() if k.endswith(".pack"))
 
 
-def test_any_snapshot_of_ten_restores_alone(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_any_snapshot_of_ten_restores_alone(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, want = chain
     ms, store = _store()
     _put_chain(store, streams)
@@ -66,7 +70,9 @@ def test_any_snapshot_of_ten_restores_alone(chain, tmp_path: Path) -> None:  # t
         target = str(tmp_path / f"{name}.img")
         restore(store, name, target)
         assert contents(target, name) == want[name]
-        man = store.manifest("vol", store.need_catalog("vol").find(name=name))  # type: ignore[arg-type]
+        found = store.need_catalog("vol").find(name=name)
+        assert found is not None
+        man = store.manifest("vol", found)
         blobs = {(e.pack, e.offset): e.length for e in man.entries}
         # only this manifest's blobs (plus gaps under 256 KiB read over), the
         # manifest and the catalog: never the whole chain
@@ -75,18 +81,19 @@ def test_any_snapshot_of_ten_restores_alone(chain, tmp_path: Path) -> None:  # t
             assert ms.got_bytes < _pack_bytes(ms) * 0.9
 
 
-def test_increments_store_only_changed_blocks(chain) -> None:  # type: ignore[no-untyped-def]
+def test_increments_store_only_changed_blocks(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     _, store = _store()
     res = _put_chain(store, streams)
     full, incs = res[0], res[1:]
-    assert all(r.incremental for r in incs)  # type: ignore[attr-defined]
+    assert all(r.incremental for r in incs)
     for r in incs:
-        assert r.new_bytes < full.new_bytes * 0.2  # type: ignore[attr-defined]
-        assert r.blocks < full.blocks * 0.2  # type: ignore[attr-defined]
+        assert r.new_bytes < full.new_bytes * 0.2
+        assert r.blocks < full.blocks * 0.2
 
 
-def test_upload_again_is_a_no_op(chain) -> None:  # type: ignore[no-untyped-def]
+def test_upload_again_is_a_no_op(chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _store()
     _put_chain(store, streams, 2)
@@ -95,7 +102,8 @@ def test_upload_again_is_a_no_op(chain) -> None:  # type: ignore[no-untyped-def]
     assert r.already and ms.objects == before
 
 
-def test_incremental_without_its_base_is_refused(chain) -> None:  # type: ignore[no-untyped-def]
+def test_incremental_without_its_base_is_refused(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _store()
     with pytest.raises(StreamError, match="does not hold the base"):
@@ -103,7 +111,8 @@ def test_incremental_without_its_base_is_refused(chain) -> None:  # type: ignore
     assert not ms.objects
 
 
-def test_another_volume_under_the_name_is_refused(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_another_volume_under_the_name_is_refused(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, _ = chain
     _, store = _store()
     _put_chain(store, streams, 1)
@@ -117,7 +126,8 @@ def test_another_volume_under_the_name_is_refused(chain, tmp_path: Path) -> None
     assert store.volumes() == ["other", "vol"]
 
 
-def test_prune_gc_and_the_rest_still_restore(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prune_gc_and_the_rest_still_restore(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, want = chain
     ms, store = _store()
     _put_chain(store, streams)
@@ -138,7 +148,8 @@ def test_prune_gc_and_the_rest_still_restore(chain, tmp_path: Path) -> None:  # 
         prune_plan(store.need_catalog("vol"), 0, [])
 
 
-def test_gc_never_deletes_what_a_manifest_names(chain) -> None:  # type: ignore[no-untyped-def]
+def test_gc_never_deletes_what_a_manifest_names(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _store()
     _put_chain(store, streams, 4)
@@ -160,14 +171,17 @@ def _digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_damaged_chunk_refused_target_unchanged(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_chunk_refused_target_unchanged(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, want = chain
     ms, store = _store()
     _put_chain(store, streams, 3)
     old = str(tmp_path / "old.img")
     restore(store, "s1", old)
     before = _digest(old)
-    man = store.manifest("vol", store.need_catalog("vol").find(name="s3"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s3")
+    assert found is not None
+    man = store.manifest("vol", found)
     e = man.entries[len(man.entries) // 2]
     _flip(ms, store.pack_key(e.pack), e.offset + e.length // 2)
     with pytest.raises(FormatError, match="damaged"):
@@ -181,7 +195,8 @@ def test_damaged_chunk_refused_target_unchanged(chain, tmp_path: Path) -> None: 
     assert any("s3" in p for p in rep.problems)
 
 
-def test_damaged_manifest_refused_target_unchanged(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_manifest_refused_target_unchanged(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, _ = chain
     ms, store = _store()
     _put_chain(store, streams, 2)
@@ -201,7 +216,8 @@ def test_damaged_manifest_refused_target_unchanged(chain, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("conditional", [True, False], ids=["if-match", "locked"])
-def test_two_writers_never_lose_a_snapshot(chain, tmp_path: Path, conditional: bool) -> None:  # type: ignore[no-untyped-def]
+def test_two_writers_never_lose_a_snapshot(chain: tuple[Volume, dict[str, bytes], dict[str, bytes]],
+                                           tmp_path: Path, conditional: bool) -> None:
     """Eight volumes committed at once into one store: every catalog complete."""
     _, streams, _ = chain
     ms, store = _store(conditional)
@@ -227,7 +243,8 @@ def test_two_writers_never_lose_a_snapshot(chain, tmp_path: Path, conditional: b
     assert not [k for k in ms.objects if "/locks/" in k]
 
 
-def test_the_lock_takes_back_an_abandoned_one(chain) -> None:  # type: ignore[no-untyped-def]
+def test_the_lock_takes_back_an_abandoned_one(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _store(conditional=False)
     _put_chain(store, streams, 1)
@@ -238,7 +255,8 @@ def test_the_lock_takes_back_an_abandoned_one(chain) -> None:  # type: ignore[no
     assert stale not in ms.objects
 
 
-def test_killed_upload_resumes_at_many_points(chain) -> None:  # type: ignore[no-untyped-def]
+def test_killed_upload_resumes_at_many_points(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     """The n-th PUT or HEAD fails (the uploader dies there); run again: the store
     verifies clean, holds every chunk once, and the second run skipped what the first
     wrote. 60 points over a full and an incremental upload."""
@@ -270,12 +288,15 @@ def test_killed_upload_resumes_at_many_points(chain) -> None:  # type: ignore[no
     del want
 
 
-def test_manifest_is_a_merge_not_a_replay(chain) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_is_a_merge_not_a_replay(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     """s10's manifest names blobs of many uploads, each at most once per block."""
     _, streams, _ = chain
     _, store = _store()
     _put_chain(store, streams)
-    man = store.manifest("vol", store.need_catalog("vol").find(name="s10"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s10")
+    assert found is not None
+    man = store.manifest("vol", found)
     seen: dict[int, fmt.bitarray] = {}
     for e in man.entries:
         m = seen.setdefault(e.chunk, fmt.new_mask(man.chunk_blocks))
@@ -284,7 +305,8 @@ def test_manifest_is_a_merge_not_a_replay(chain) -> None:  # type: ignore[no-unt
     assert len({e.pack for e in man.entries}) > 1
 
 
-def test_a_replica_pulls_only_what_changed(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_replica_pulls_only_what_changed(chain: tuple[Volume, dict[str, bytes], dict[str, bytes]],
+                                           tmp_path: Path) -> None:
     """A target holding s3 receives s7 as an increment: far fewer bytes read than a
     full restore, same contents, and then s10 on top."""
     _, streams, want = chain
@@ -297,20 +319,23 @@ def test_a_replica_pulls_only_what_changed(chain, tmp_path: Path) -> None:  # ty
     restore(store, "s7", full)
     full_bytes, ms.got_bytes = ms.got_bytes, 0
     res = restore(store, "s7", target)
-    assert res.incremental  # type: ignore[attr-defined]
+    assert res.incremental
     assert ms.got_bytes < full_bytes / 2
     assert contents(target, "s7") == want["s7"] and contents(target, "s3") == want["s3"]
-    assert restore(store, "s10", target).incremental  # type: ignore[attr-defined]
+    assert restore(store, "s10", target).incremental
     assert contents(target, "s10") == want["s10"]
 
 
-def test_a_damaged_increment_leaves_the_replica_as_it_was(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_increment_leaves_the_replica_as_it_was(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, want = chain
     ms, store = _store()
     _put_chain(store, streams, 5)
     target = str(tmp_path / "replica.img")
     restore(store, "s2", target)
-    new = store.manifest("vol", store.need_catalog("vol").find(name="s5"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s5")
+    assert found is not None
+    new = store.manifest("vol", found)
     e = new.entries[-1]                       # a blob of the newest upload
     _flip(ms, store.pack_key(e.pack), e.offset + e.length - 20)
     with pytest.raises(StreamError, match="damaged"):
@@ -318,7 +343,8 @@ def test_a_damaged_increment_leaves_the_replica_as_it_was(chain, tmp_path: Path)
     assert contents(target, "s2") == want["s2"]
 
 
-def test_verify_reads_each_blob_once_and_names_who_needs_a_lost_pack(chain) -> None:  # type: ignore[no-untyped-def]
+def test_verify_reads_each_blob_once_and_names_who_needs_a_lost_pack(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _store()
     _put_chain(store, streams, 4)
@@ -326,13 +352,16 @@ def test_verify_reads_each_blob_once_and_names_who_needs_a_lost_pack(chain) -> N
     rep = verify_store(store)
     assert not rep.problems and rep.snapshots == 4
     assert ms.got_bytes <= _pack_bytes(ms) * 1.05 + 200_000   # not once per snapshot
-    first = store.manifest("vol", store.need_catalog("vol").find(name="s1"))  # type: ignore[arg-type]
+    found = store.need_catalog("vol").find(name="s1")
+    assert found is not None
+    first = store.manifest("vol", found)
     del ms.objects[store.pack_key(first.entries[0].pack)]
     rep = verify_store(store)
     assert rep.problems and all("vol@s1" in p for p in rep.problems)
 
 
-def test_a_send_that_fails_is_the_error_reported(chain) -> None:  # type: ignore[no-untyped-def]
+def test_a_send_that_fails_is_the_error_reported(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     """`send VOL 'nosuch' -o s3://…`: the expression's error, not a cut stream."""
     from blockxfer.errors import NotFound
     from blockxfer.stream.send import send_image
@@ -357,7 +386,8 @@ def test_unreachable_endpoint_one_line_exit_4() -> None:
     assert r.stderr.count("\n") == 1 and "cannot reach the S3 endpoint" in r.stderr
 
 
-def test_a_lock_of_a_killed_writer_on_this_host_is_taken_back_at_once(chain) -> None:  # type: ignore[no-untyped-def]
+def test_a_lock_of_a_killed_writer_on_this_host_is_taken_back_at_once(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     """A writer killed inside its catalog commit must not hold others off for minutes."""
     import socket
     import subprocess
@@ -374,7 +404,8 @@ def test_a_lock_of_a_killed_writer_on_this_host_is_taken_back_at_once(chain) -> 
     assert time.monotonic() - t < 20 and lock not in ms.objects
 
 
-def test_a_pack_a_killed_upload_left_damaged_is_written_again(chain) -> None:  # type: ignore[no-untyped-def]
+def test_a_pack_a_killed_upload_left_damaged_is_written_again(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     """Same name and size, other bytes (a server kept a partial file): not skipped."""
     _, streams, _ = chain
     ms, store = _store()

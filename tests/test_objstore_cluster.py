@@ -119,14 +119,14 @@ class Cluster:
         _, err = p.communicate(timeout=timeout + 30)
         assert p.returncode == 0, err
 
-    def master(self, path: str) -> dict:  # type: ignore[type-arg]
+    def master(self, path: str) -> dict:
         """GET a master URL from inside the cluster's namespace."""
         code = ("import json,sys,urllib.request\n"
                 f"print(urllib.request.urlopen('http://{self.ip('a')}:9333{path}').read().decode())")
         p = self.run("-c", code)
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
-        return json.loads(out)  # type: ignore[no-any-return]
+        return json.loads(out)
 
     def nodes(self) -> dict[str, int]:
         """Volume servers the master sees, with how many volumes each holds."""

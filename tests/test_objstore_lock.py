@@ -34,7 +34,7 @@ def _locked_chain(streams: dict[str, bytes], retained: set[str]) -> tuple[Memory
     return ms, store
 
 
-def test_a_retained_snapshots_objects_are_all_locked(chain4) -> None:  # type: ignore[no-untyped-def]
+def test_a_retained_snapshots_objects_are_all_locked(chain4: dict[str, bytes]) -> None:
     streams = chain4
     ms, store = _locked_chain(streams, {"s3"})
     rec = store.need_catalog("vol").find(name="s3")
@@ -46,7 +46,7 @@ def test_a_retained_snapshots_objects_are_all_locked(chain4) -> None:  # type: i
         ms.delete(rec.manifest)
 
 
-def test_rm_prune_gc_and_repack_leave_a_retained_snapshot_whole(chain4) -> None:  # type: ignore[no-untyped-def]
+def test_rm_prune_gc_and_repack_leave_a_retained_snapshot_whole(chain4: dict[str, bytes]) -> None:
     streams = chain4
     ms, store = _locked_chain(streams, {"s2"})
     with pytest.raises(VolumeError, match="retained by object lock until"):
@@ -62,7 +62,8 @@ def test_rm_prune_gc_and_repack_leave_a_retained_snapshot_whole(chain4) -> None:
     assert rec.manifest in ms.objects             # the locked manifest is still the one named
 
 
-def test_retain_without_object_lock_is_refused_before_anything_moves(chain4) -> None:  # type: ignore[no-untyped-def]
+def test_retain_without_object_lock_is_refused_before_anything_moves(
+        chain4: dict[str, bytes]) -> None:
     streams = chain4
     ms = MemoryStore()
     with pytest.raises(UsageError, match="no object lock"):

@@ -15,17 +15,19 @@ from blockxfer.transfer.objstore.maintain import (
     remove_snapshots,
     verify_store,
 )
+from blockxfer.transfer.objstore.objects import MemoryStore
+from blockxfer.transfer.objstore.store import Store
 from tests.objstore_helpers import contents, restore
 
 DAY = 86400.0
 
 
-def _store_with_chain(streams):  # type: ignore[no-untyped-def]
+def _store_with_chain(streams: dict[str, bytes]) -> tuple[MemoryStore, Store]:
     from tests.test_objstore_lock import _locked_chain
     return _locked_chain(streams, set())
 
 
-def test_a_lost_catalog_stops_gc_and_is_rebuilt(chain4, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lost_catalog_stops_gc_and_is_rebuilt(chain4: dict[str, bytes], tmp_path: Path) -> None:
     streams = chain4
     ms, store = _store_with_chain(streams)
     want = {s.name: (s.guid, s.base, s.blocks) for s in store.need_catalog("vol").snaps()}
@@ -49,7 +51,8 @@ def test_a_lost_catalog_stops_gc_and_is_rebuilt(chain4, tmp_path: Path) -> None:
         recover_catalog(store, "vol")
 
 
-def test_a_damaged_catalog_needs_force_and_damaged_manifests_are_skipped(chain4) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_catalog_needs_force_and_damaged_manifests_are_skipped(
+        chain4: dict[str, bytes]) -> None:
     streams = chain4
     ms, store = _store_with_chain(streams)
     key = store.catalog_key("vol")
@@ -65,7 +68,7 @@ def test_a_damaged_catalog_needs_force_and_damaged_manifests_are_skipped(chain4)
     assert len(store.need_catalog("vol").snaps()) == 3
 
 
-def test_removed_snapshots_stay_removed_after_gc(chain4) -> None:  # type: ignore[no-untyped-def]
+def test_removed_snapshots_stay_removed_after_gc(chain4: dict[str, bytes]) -> None:
     streams = chain4
     ms, store = _store_with_chain(streams)
     remove_snapshots(store, "vol", ["s2"])

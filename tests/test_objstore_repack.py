@@ -8,12 +8,15 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import DeviceError, StreamError
+from blockxfer.transfer.objstore.format import Manifest
 from blockxfer.transfer.objstore.maintain import collect_garbage, remove_snapshots, verify_store
 from blockxfer.transfer.objstore.objects import MemoryStore
 from blockxfer.transfer.objstore.repack import repack
@@ -30,7 +33,8 @@ KEEP = ["s2", "s6", "s8"]
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Volume, dict[str, bytes],
+                                                                       dict[str, bytes]]]:
     """Each snapshot rewrites a hot region whole (dead once the snapshot is removed)
     and a cold one of its own (live for ever), half of it then rewritten by the next:
     packs of removed snapshots mix dead blobs, live ones and half-taken ones."""
@@ -66,7 +70,8 @@ def _age_all(ms: MemoryStore) -> None:
         ms.age(key, 10 * 24 * 3600)
 
 
-def test_repack_frees_space_and_every_kept_snapshot_restores(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_repack_frees_space_and_every_kept_snapshot_restores(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], tmp_path: Path) -> None:
     _, streams, want = chain
     plain_ms, plain = _thinned(streams)
     collect_garbage(plain, grace=0)
@@ -89,7 +94,7 @@ def test_repack_frees_space_and_every_kept_snapshot_restores(chain, tmp_path: Pa
         assert contents(str(tmp_path / f"{name}.img"), name) == want[name]
 
 
-def test_dry_run_changes_nothing(chain) -> None:  # type: ignore[no-untyped-def]
+def test_dry_run_changes_nothing(chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _thinned(streams)
     before = dict(ms.objects)
@@ -97,19 +102,21 @@ def test_dry_run_changes_nothing(chain) -> None:  # type: ignore[no-untyped-def]
     assert rep.packs_repacked > 0 and ms.objects == before
 
 
-def test_an_upload_merged_from_a_repacked_base_is_refused_then_succeeds(chain) -> None:  # type: ignore[no-untyped-def]
+def test_an_upload_merged_from_a_repacked_base_is_refused_then_succeeds(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     _, streams, _ = chain
     ms, store = _store()
     _put_chain(store, streams, 4)
     remove_snapshots(store, "vol", ["s1", "s2", "s3"])
     real_put = store.put_manifest
 
-    def put_then_repack(volume, man, *rest):  # type: ignore[no-untyped-def]
+    def put_then_repack(volume: str, man: Manifest, *rest: Any) -> tuple[str, int]:
         out = real_put(volume, man, *rest)
-        store.put_manifest = real_put              # once: the repack writes manifests too
+        monkeypatch.setattr(store, "put_manifest", real_put)  # once: repack writes manifests too
         assert repack(store, below=1.0).packs_repacked > 0
         return out
-    store.put_manifest = put_then_repack  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "put_manifest", put_then_repack)
     with pytest.raises(StreamError, match="removed or repacked"):
         upload_stream(store, "vol", io.BytesIO(streams["s5"]), pack_bytes=8 * MiB)
     upload_stream(store, "vol", io.BytesIO(streams["s5"]), pack_bytes=8 * MiB)
@@ -119,7 +126,8 @@ def test_an_upload_merged_from_a_repacked_base_is_refused_then_succeeds(chain) -
     assert [s.name for s in store.need_catalog("vol").snaps()] == ["s4", "s5"]
 
 
-def test_a_damaged_blob_is_not_copied(chain) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_blob_is_not_copied(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]]) -> None:
     _, streams, _ = chain
     ms, store = _thinned(streams)
     for rec in store.need_catalog("vol").snaps():             # one byte of every live blob
@@ -136,7 +144,8 @@ def test_a_damaged_blob_is_not_copied(chain) -> None:  # type: ignore[no-untyped
 
 
 @pytest.mark.parametrize("per_call", first_fast([3, 13], 1))
-def test_repack_cut_off_at_many_points_loses_nothing(chain, per_call: int) -> None:  # type: ignore[no-untyped-def]
+def test_repack_cut_off_at_many_points_loses_nothing(
+        chain: tuple[Volume, dict[str, bytes], dict[str, bytes]], per_call: int) -> None:
     """The n-th PUT, GET or LIST fails (the process dies there); then gc runs with
     everything aged: every kept snapshot still verifies, and a second repack finishes."""
     _, streams, _ = chain

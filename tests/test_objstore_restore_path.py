@@ -6,6 +6,7 @@ checked."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from tests.objstore_helpers import contents, make_chain, restore, stream_of
 
 
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, bytes]]:
     d = tmp_path_factory.mktemp("objpath")
     vol = make_chain(str(d / "src.img"), 3)
     store = Store(MemoryStore(), "bk")
@@ -37,9 +38,9 @@ def stored(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     vol.close()
 
 
-def _blocks(records: object) -> dict[int, bytes]:
+def _blocks(records: Iterable[object]) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
-    for rec in records:                                     # type: ignore[attr-defined]
+    for rec in records:
         assert isinstance(rec, Data)
         bs = len(rec.payload) // rec.count
         for k in range(rec.count):
@@ -47,7 +48,7 @@ def _blocks(records: object) -> dict[int, bytes]:
     return out
 
 
-def test_records_are_the_stream_s_blocks_in_large_runs(stored) -> None:  # type: ignore[no-untyped-def]
+def test_records_are_the_stream_s_blocks_in_large_runs(stored: tuple[Store, bytes]) -> None:
     store, _ = stored
     recs = snapshot_records(store, "vol", "s3")
     data = list(recs)
@@ -59,7 +60,7 @@ def test_records_are_the_stream_s_blocks_in_large_runs(stored) -> None:  # type:
     assert man.chunk_blocks * man.block_size < largest <= RECORD_BYTES
 
 
-def test_a_manifest_promising_more_blocks_is_refused(stored) -> None:  # type: ignore[no-untyped-def]
+def test_a_manifest_promising_more_blocks_is_refused(stored: tuple[Store, bytes]) -> None:
     store, _ = stored
     recs = snapshot_records(store, "vol", "s3")
     recs.header.image_blocks += 1
@@ -67,7 +68,7 @@ def test_a_manifest_promising_more_blocks_is_refused(stored) -> None:  # type: i
         list(recs)
 
 
-def test_restore_through_records(stored, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_restore_through_records(stored: tuple[Store, bytes], tmp_path: Path) -> None:
     store, want = stored
     target = str(tmp_path / "t.img")
     restore(store, "s3", target)

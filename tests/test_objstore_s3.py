@@ -66,7 +66,8 @@ def send_chain(server: Server, src: str, store: str, upto: int = N) -> None:
         bx(server, "send", src, f"s{i} - s{i - 1}", "-o", f"{store}/vol")
 
 
-def test_chain_ls_restore_any_verify(server: Server, source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_chain_ls_restore_any_verify(server: Server, source: tuple[str, dict[str, bytes]],
+                                     tmp_path: Path) -> None:
     src, want = source
     store = _prefix(server)
     send_chain(server, src, store)
@@ -84,7 +85,8 @@ def test_chain_ls_restore_any_verify(server: Server, source, tmp_path: Path) -> 
     assert "clean" in r.stdout
 
 
-def test_prune_gc_keep_the_rest_restorable(server: Server, source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prune_gc_keep_the_rest_restorable(server: Server, source: tuple[str, dict[str, bytes]],
+                                           tmp_path: Path) -> None:
     src, want = source
     store = _prefix(server)
     send_chain(server, src, store)
@@ -99,7 +101,9 @@ def test_prune_gc_keep_the_rest_restorable(server: Server, source, tmp_path: Pat
     assert contents(target, f"s{N - 1}") == want[f"s{N - 1}"]
 
 
-def test_gc_repacks_and_the_rest_still_restores(server: Server, source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gc_repacks_and_the_rest_still_restores(server: Server,
+                                                source: tuple[str, dict[str, bytes]],
+                                                tmp_path: Path) -> None:
     src, want = source
     store = _prefix(server)
     send_chain(server, src, store)
@@ -114,7 +118,7 @@ def test_gc_repacks_and_the_rest_still_restores(server: Server, source, tmp_path
         assert contents(target, name) == want[name]
 
 
-def test_send_retain_locks_the_copy(server: Server, source) -> None:  # type: ignore[no-untyped-def]
+def test_send_retain_locks_the_copy(server: Server, source: tuple[str, dict[str, bytes]]) -> None:
     """SeaweedFS takes object lock (a bucket made with it); rclone has none: --retain
     is refused there in one line before anything is stored."""
     from blockxfer.transfer.objstore.s3 import client_for
@@ -150,14 +154,15 @@ def test_send_retain_locks_the_copy(server: Server, source) -> None:  # type: ig
     assert "clean" in bx(server, "store", "verify", store).stdout
 
 
-def test_store_commands_give_their_results_as_json(server: Server, source) -> None:  # type: ignore[no-untyped-def]
+def test_store_commands_give_their_results_as_json(server: Server,
+                                                   source: tuple[str, dict[str, bytes]]) -> None:
     from tests.test_cli_json import ELSEWHERE, documented
     src, _ = source
     store = _prefix(server)
     send_chain(server, src, store, upto=3)
 
     def run(*args: str) -> dict[str, object]:
-        return json.loads(bx(server, "store", *args, "--json").stdout)  # type: ignore[no-any-return]
+        return json.loads(bx(server, "store", *args, "--json").stdout)
     got = {"store ls": run("ls", store), "store verify": run("verify", store),
            "store rm": run("rm", f"{store}/vol@s2"),
            "store prune": run("prune", f"{store}/vol", "--keep-last", "1", "--dry-run"),
@@ -170,7 +175,8 @@ def test_store_commands_give_their_results_as_json(server: Server, source) -> No
     assert got["store verify"]["clean"] is True and got["store rm"]["removed"] == ["s2"]
 
 
-def test_wrong_credentials_one_line_exit_4(server: Server, source) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_credentials_one_line_exit_4(server: Server,
+                                           source: tuple[str, dict[str, bytes]]) -> None:
     src, _ = source
     store = _prefix(server)
     for args in (["store", "ls", store], ["send", src, "s1", "-o", f"{store}/vol"]):
@@ -193,7 +199,9 @@ def _sha(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_damaged_chunk_refused_target_unchanged(server: Server, source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_chunk_refused_target_unchanged(server: Server,
+                                                source: tuple[str, dict[str, bytes]],
+                                                tmp_path: Path) -> None:
     from blockxfer.transfer.objstore.s3 import S3Objects, client_for
     src, _ = source
     store = _prefix(server)
@@ -207,7 +215,7 @@ def test_damaged_chunk_refused_target_unchanged(server: Server, source, tmp_path
     packs = sorted(o.key for o in objs.list(f"{prefix}/packs/"))
     raw = bytearray(objs.get(packs[0]))
     raw[len(raw) // 2] ^= 0x10
-    objs.put(packs[0], raw)
+    objs.put(packs[0], bytes(raw))
     r = bx(server, "receive", target, "-i", f"{store}/vol@s2", "--force", check=False)
     assert r.returncode == 3 and "damaged" in r.stderr, r.stderr
     assert _sha(target) == before
@@ -238,7 +246,7 @@ def _kill_and_resume(server: Server, src: str, points: int, seed: int) -> None:
     assert "clean; 2 snapshots" in bx(server, "store", "verify", store).stdout, seed
 
 
-def test_killed_uploader_resumes(server: Server, source) -> None:  # type: ignore[no-untyped-def]
+def test_killed_uploader_resumes(server: Server, source: tuple[str, dict[str, bytes]]) -> None:
     seed = int(os.environ.get("BX_SEED", str(random.randrange(1 << 30))))
     print(f"seed {seed}")
     _kill_and_resume(server, source[0], 6, seed)
@@ -246,7 +254,8 @@ def test_killed_uploader_resumes(server: Server, source) -> None:  # type: ignor
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_killed_uploader_resumes_at_fifty_points(server: Server, source) -> None:  # type: ignore[no-untyped-def]
+def test_killed_uploader_resumes_at_fifty_points(server: Server,
+                                                 source: tuple[str, dict[str, bytes]]) -> None:
     seed = int(os.environ.get("BX_SEED", str(random.randrange(1 << 30))))
     print(f"seed {seed}")
     _kill_and_resume(server, source[0], 52, seed)

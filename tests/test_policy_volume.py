@@ -156,7 +156,7 @@ def test_a_run_cut_off_after_any_step_is_finished_by_the_next(volume_path: str) 
         for name in start + ["hourly.20261130T13"]:
             vol.create_snapshot(name)
         try:
-            policy_tick(StopsAfter(vol, cut), now=T0)  # type: ignore[arg-type]
+            policy_tick(StopsAfter(vol, cut), now=T0)  # type: ignore[arg-type]  # volume double
             raise AssertionError(f"not cut off at {cut}")
         except Interrupted:
             pass

@@ -5,14 +5,16 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.drivers.loop import loop_device
 from blockxfer.drivers.md import md_geometry, member_of
-from blockxfer.drivers.reader import coalesce, plan_requests, read_runs
+from blockxfer.drivers.reader import Readable, coalesce, plan_requests, read_runs
 from blockxfer.errors import MediumError
 
 BS = 4096
@@ -45,7 +47,7 @@ class MemDevice:
                 self.inflight -= 1
 
 
-def collect(dev, runs, **kw) -> dict[int, bytes]:
+def collect(dev: Readable, runs: Iterable[tuple[int, int]], **kw: Any) -> dict[int, bytes]:
     got: dict[int, bytes] = {}
     for start, view in read_runs(dev, runs, BS, **kw):
         assert len(view) % BS == 0

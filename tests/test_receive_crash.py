@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,17 +44,18 @@ def _writes(base: str, stream: bytes, path: str) -> int:
     counted: list[FaultyDevice] = []
 
     def opener(p: str, **kw: object) -> FaultyDevice:
-        counted.append(FaultyDevice(open_device(p, **kw)))  # type: ignore[arg-type]
+        counted.append(FaultyDevice(open_device(p, **kw)))
         return counted[-1]
-    receive_stream(io.BytesIO(stream), path, opener)  # type: ignore[arg-type]
+    receive_stream(io.BytesIO(stream), path, opener)
     return counted[0].writes
 
 
-def _faulty(k: int, mode: str):  # type: ignore[no-untyped-def]
+def _faulty(k: int, mode: str) -> Callable[..., FaultyDevice]:
     return lambda p, **kw: FaultyDevice(open_device(p, **kw), after=k, mode=mode)
 
 
-def test_receive_killed_at_many_points(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_receive_killed_at_many_points(setup: tuple[str, bytes, dict, dict],
+                                       tmp_path: Path) -> None:
     base, stream, before, after = setup
     path = str(tmp_path / "t.img")
     total = _writes(base, stream, path)
@@ -71,7 +73,7 @@ def test_receive_killed_at_many_points(setup, tmp_path: Path) -> None:  # type: 
         assert got in (before, after), f"killed at write {k} of {total}"
 
 
-def test_receive_with_writes_cut_off(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_receive_with_writes_cut_off(setup: tuple[str, bytes, dict, dict], tmp_path: Path) -> None:
     base, stream, before, after = setup
     path = str(tmp_path / "t.img")
     total = _writes(base, stream, path)

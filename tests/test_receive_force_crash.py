@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,13 +81,13 @@ def _writes(old: str, stream: bytes, path: str) -> int:
     devs: list[FaultyDevice] = []
 
     def opener(p: str, **kw: object) -> FaultyDevice:
-        devs.append(FaultyDevice(open_device(p, **kw)))  # type: ignore[arg-type]
+        devs.append(FaultyDevice(open_device(p, **kw)))
         return devs[-1]
-    receive_stream(io.BytesIO(stream), path, opener, force=True)  # type: ignore[arg-type]
+    receive_stream(io.BytesIO(stream), path, opener, force=True)
     return sum(d.writes for d in devs)
 
 
-def _faulty(k: int, mode: str):  # type: ignore[no-untyped-def]
+def _faulty(k: int, mode: str) -> Callable[..., FaultyDevice]:
     return lambda p, **kw: FaultyDevice(open_device(p, **kw), after=k, mode=mode)
 
 
@@ -105,7 +106,8 @@ def _outcome(path: str, stream: bytes, before: dict, after: dict, where: str) ->
     return "old" if got == before else "new"
 
 
-def test_force_receive_killed_or_cut_at_many_points(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_force_receive_killed_or_cut_at_many_points(setup: tuple[str, bytes, dict, dict],
+                                                    tmp_path: Path) -> None:
     old, stream, before, after = setup
     path = str(tmp_path / "t.img")
     total = _writes(old, stream, path)
@@ -135,7 +137,8 @@ def test_force_receive_killed_or_cut_at_many_points(setup, tmp_path: Path) -> No
     assert seen["interrupted"] and seen["old"], seen
 
 
-def test_interrupted_target_is_reported_and_completed(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_interrupted_target_is_reported_and_completed(setup: tuple[str, bytes, dict, dict],
+                                                      tmp_path: Path) -> None:
     """The operator's view: `info` names the interrupted stream in one line, and the
     same `receive` command completes it."""
     old, stream, _, after = setup

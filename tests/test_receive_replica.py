@@ -48,8 +48,8 @@ def _replica(tmp_path: Path, stream: bytes) -> str:
 
 @pytest.mark.parametrize("change", ["set pointer", "move pointer", "delete pointer",
                                     "destroy incomplete", "destroy complete"])
-def test_local_catalog_change_is_refused_and_replication_goes_on(streams, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                 change: str) -> None:
+def test_local_catalog_change_is_refused_and_replication_goes_on(
+        streams: tuple[dict[str, bytes], dict], tmp_path: Path, change: str) -> None:
     data, contents = streams
     t = _replica(tmp_path, data["top"])
     vol = Volume.open(open_device(t, write=True))
@@ -77,7 +77,8 @@ def test_local_catalog_change_is_refused_and_replication_goes_on(streams, tmp_pa
     assert got["k2"] == contents["k2"] and got["k1"] == contents["k1"]
 
 
-def test_after_a_local_snapshot_the_volume_is_its_own(streams, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_after_a_local_snapshot_the_volume_is_its_own(streams: tuple[dict[str, bytes], dict],
+                                                      tmp_path: Path) -> None:
     """Taking a snapshot on the replica stops replication on purpose; from then on
     pointers and destroys are local business again."""
     data, _ = streams
@@ -90,7 +91,7 @@ def test_after_a_local_snapshot_the_volume_is_its_own(streams, tmp_path: Path) -
         vol.delete_pointer("local")
 
 
-def test_cli_refusal_is_one_line(streams, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_refusal_is_one_line(streams: tuple[dict[str, bytes], dict], tmp_path: Path) -> None:
     data, _ = streams
     t = _replica(tmp_path, data["top"])
     for args in (["pointer", t, "x", "k1"], ["destroy", f"{t}@june1"]):

@@ -8,6 +8,7 @@ import io
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,11 @@ def stream(vol: Volume, expression: str) -> bytes:
 
 
 def receive(path: str, data: bytes) -> recv.ReceiveResult:
-    return receive_stream(io.BytesIO(data), path, open_device)  # type: ignore[arg-type]
+    return receive_stream(io.BytesIO(data), path, open_device)
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> tuple[Volume, str]:
+def pair(tmp_path: Path) -> Iterator[tuple[Volume, str]]:
     src = make_source(str(tmp_path / "src.img"))
     dst = str(tmp_path / "dst.img")
     receive(dst, stream(src, "a"))
@@ -61,7 +62,8 @@ def dealloc_runs(data: bytes) -> list[tuple[int, int]]:
             for run in rec.runs]
 
 
-def test_deallocated_blocks_are_free_once_no_kept_snapshot_holds_them(pair) -> None:  # type: ignore[no-untyped-def]
+def test_deallocated_blocks_are_free_once_no_kept_snapshot_holds_them(
+        pair: tuple[Volume, str]) -> None:
     src, dst = pair
     b_a = stream(src, "b - a")
     freed = dealloc_runs(b_a)
@@ -82,7 +84,7 @@ def test_deallocated_blocks_are_free_once_no_kept_snapshot_holds_them(pair) -> N
         t.close()
 
 
-def test_deallocation_of_a_block_the_top_uses_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+def test_deallocation_of_a_block_the_top_uses_is_refused(pair: tuple[Volume, str]) -> None:
     src, dst = pair
     data = stream(src, "b - a")
     t = Volume.open(open_device(dst, write=True))
@@ -108,7 +110,7 @@ def test_deallocation_of_a_block_the_top_uses_is_refused(pair) -> None:  # type:
     t.close()
 
 
-def test_receive_into_an_open_volume(pair) -> None:  # type: ignore[no-untyped-def]
+def test_receive_into_an_open_volume(pair: tuple[Volume, str]) -> None:
     """The volume a server holds open takes an incremental and goes on from it."""
     src, dst = pair
     data = stream(src, "b - a")
@@ -138,7 +140,7 @@ def test_receive_into_an_open_volume(pair) -> None:  # type: ignore[no-untyped-d
         t.close()
 
 
-def test_claimed_blocks_are_not_allocated(pair) -> None:  # type: ignore[no-untyped-def]
+def test_claimed_blocks_are_not_allocated(pair: tuple[Volume, str]) -> None:
     _, dst = pair
     t = Volume.open(open_device(dst, write=True))
     try:
@@ -223,7 +225,7 @@ def test_only_the_volume_writes_superblocks() -> None:
     assert offenders == []
 
 
-def test_commit_waits_for_a_send_of_a_snapshot_it_releases(pair) -> None:  # type: ignore[no-untyped-def]
+def test_commit_waits_for_a_send_of_a_snapshot_it_releases(pair: tuple[Volume, str]) -> None:
     """A middle host sending `a` to a child while its parent's stream releases `a`: the
     commit is refused (the blocks received are kept for a resume), `a` stays whole,
     and the next attempt after the send commits."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,7 +185,7 @@ def converge(t: Tree, host: str) -> dict[str, object]:
         r = subprocess.run(t.pull_argv(host), capture_output=True, timeout=400,
                            env={**os.environ, **t.env[host]})
         if r.returncode == 0:
-            return json.loads(r.stdout)  # type: ignore[no-any-return]
+            return json.loads(r.stdout)
         last = r.stderr.decode()
         time.sleep(1)
     raise AssertionError(f"{host} did not converge: {last}")
@@ -239,13 +240,13 @@ def test_tree_under_cuts_and_kills(tmp_path: Path) -> None:
         assert sum(len(o) for o in chaos.outcomes.values()) >= 10
 
 
-def _pull(t: Tree, host: str, parent: str) -> dict[str, object]:
+def _pull(t: Tree, host: str, parent: str) -> dict[str, Any]:
     argv = t.pull_argv(host)
     argv[-4] = f"ssh://root@{t.net.hosts[parent].addr}{t.vol[parent]}"
     r = subprocess.run(argv, capture_output=True, timeout=400,
                        env={**os.environ, **t.env[host]})
     assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    return json.loads(r.stdout)
 
 
 @pytest.mark.root

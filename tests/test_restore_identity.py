@@ -35,7 +35,8 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, bytes]
 
 
 @pytest.fixture(scope="module")
-def tape(src, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
+def tape(src: tuple[str, dict[str, bytes]],
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
     """A tape holding levels 0 and 1, and a volume restored from level 0."""
     path, _ = src
     d = tmp_path_factory.mktemp("rid")
@@ -53,7 +54,8 @@ def _copy(src_path: str, dst: str) -> str:
     return dst
 
 
-def test_only_from_an_incremental_image_leaves_the_volume(tape, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_only_from_an_incremental_image_leaves_the_volume(tape: tuple[str, str, str],
+                                                          tmp_path: Path) -> None:
     t, vol, _ = tape
     target = _copy(vol, str(tmp_path / "v.img"))
     before = Path(target).read_bytes()
@@ -71,7 +73,9 @@ def test_only_from_an_incremental_image_leaves_the_volume(tape, tmp_path: Path) 
     assert not os.path.exists(new)
 
 
-def test_only_from_a_full_image_needs_force_over_a_volume(tape, src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_only_from_a_full_image_needs_force_over_a_volume(tape: tuple[str, str, str],
+                                                          src: tuple[str, dict[str, bytes]],
+                                                          tmp_path: Path) -> None:
     t, vol, _ = tape
     _, contents = src
     target = _copy(vol, str(tmp_path / "v.img"))
@@ -90,7 +94,8 @@ def _some_vbn(t: str) -> int:
     return idx.records[len(idx.records) // 2][0]
 
 
-def test_vbns_refuse_a_target_that_is_not_the_images_volume(tape, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_vbns_refuse_a_target_that_is_not_the_images_volume(tape: tuple[str, str, str],
+                                                            tmp_path: Path) -> None:
     t, vol, _ = tape
     vbn = _some_vbn(t)
     other = str(tmp_path / "other.img")
@@ -114,7 +119,7 @@ def test_vbns_refuse_a_target_that_is_not_the_images_volume(tape, tmp_path: Path
     assert res.blocks == 1
 
 
-def test_vbns_cli_refusal_is_one_line(tape, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_vbns_cli_refusal_is_one_line(tape: tuple[str, str, str], tmp_path: Path) -> None:
     t, _, _ = tape
     vbn = _some_vbn(t)
     plain = str(tmp_path / "plain.img")

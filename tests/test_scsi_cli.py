@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +24,8 @@ def inquiry_data() -> bytes:
     return bytes(d)
 
 
-def fake(answers: dict[int, tuple[bytes, bytes | None]]):
+def fake(answers: dict[int, tuple[bytes, bytes | None]]
+         ) -> Callable[[bytes, int], tuple[bytes, bytes | None]]:
     def execute(cdb: bytes, alloc: int) -> tuple[bytes, bytes | None]:
         key = cdb[0] if cdb[0] != 0x12 or not cdb[1] & 1 else 0x1280
         return answers.get(key, (bytes(alloc), ILLEGAL))
@@ -73,7 +76,7 @@ def run(*argv: str) -> int:
     return main(list(argv))
 
 
-def test_tape_commands(tmp_path, capsys) -> None:
+def test_tape_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "t.vtape")
     assert run("tape", "create", path, "--capacity", "2M", "--no-locate",
                "--early-warning", "640K") == 0       # the least a 256K-record dump spans in
@@ -139,7 +142,8 @@ def test_tapealert_text() -> None:
     assert tapealert_text(64)[0] == "W" and "64" in tapealert_text(64)[1]
 
 
-def test_tape_alerts_after_a_dump_or_restore(monkeypatch, capsys) -> None:
+def test_tape_alerts_after_a_dump_or_restore(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Critical flags: one line each and exit status 4; warnings: a line, status 0;
     information flags: nothing."""
     from blockxfer.cli import tapealert as cli_devices
@@ -158,7 +162,7 @@ def test_tape_alerts_after_a_dump_or_restore(monkeypatch, capsys) -> None:
     assert err.count("\n") == 1 and "the restore finished" in err and "TapeAlert 20" in err
 
 
-def test_compression_on_a_drive_that_cannot(tmp_path) -> None:
+def test_compression_on_a_drive_that_cannot(tmp_path: Path) -> None:
     """The virtual tape answers MTCOMPRESSION like a drive without it (DCC=0): one
     clear error from `dump --compression on`, before anything is written."""
     import subprocess

@@ -28,7 +28,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_drive_describes_itself() -> None:
     assert TAPE
     info = drive_info(TAPE)
-    assert info is not None and info["sg"].startswith("/dev/sg")  # type: ignore[union-attr]
+    assert info is not None and info["sg"].startswith("/dev/sg")
     assert info["vendor"] and info["product"]
     assert max_record(TAPE) == info["max_block"] and (info["max_block"] or 0) > 0
     if os.environ.get("BLOCKXFER_TEST_TAPE_KIND") == "tgt":    # research §2.2: no LOG SENSE, MAM
@@ -38,7 +38,7 @@ def test_drive_describes_itself() -> None:
         assert info["tape_alerts"] == [] and info["compression"] in ("on", "off")
         assert info["barcode"] == "BXM001L5" and info["medium_serial"]
         assert isinstance(info["load_count"], int) and info["load_count"] >= 1
-        assert 0 < info["remaining_mib"] <= info["capacity_mib"]  # type: ignore[operator]
+        assert 0 < info["remaining_mib"] <= info["capacity_mib"]
 
 
 @pytest.mark.device

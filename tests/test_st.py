@@ -23,7 +23,9 @@ class ScriptedTape:
 
     def __init__(self, script: str, ioctl_errors: dict[int, int] | None = None, gstat: int = 0,
                  files: int | None = None, flags_eod: bool = True):
-        self.script, self.written, self.ops = list(script), [], []
+        self.script = list(script)
+        self.written: list[bytes] = []
+        self.ops: list[tuple[int, int]] = []
         self.ioctl_errors = ioctl_errors or {}
         self.gstat = gstat
         # files: filemarks before end of data (MTFSF beyond them fails with EIO);
@@ -141,7 +143,7 @@ def test_short_write_is_reported() -> None:
     t, _ = tape("h")
     with pytest.raises(EndOfMedium, match="2 of 4 bytes") as info:
         t.write_record(b"abcd")
-    assert info.value.written == 2  # type: ignore[attr-defined]
+    assert info.value.written == 2  # type: ignore[attr-defined]  # set by the driver
 
 
 def test_write_protect_and_bad_size() -> None:

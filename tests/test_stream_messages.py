@@ -48,7 +48,8 @@ def _header(stream: bytes) -> fmt.Header:
 
 
 @pytest.mark.parametrize("damage", ["top name", "base name", "base guid", "listed name"])
-def test_damaged_header_names_no_empty_snapshot(small, tmp_path: Path, damage: str) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_header_names_no_empty_snapshot(small: tuple[str, bytes], tmp_path: Path,
+                                                damage: str) -> None:
     _, stream = small
     h = _header(stream)
     assert h.base is not None
@@ -65,7 +66,7 @@ def test_damaged_header_names_no_empty_snapshot(small, tmp_path: Path, damage: s
     assert "''" not in str(e.value) and "header is damaged" in str(e.value)
 
 
-def test_garbage_resume_token_is_one_line(small, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_resume_token_is_one_line(small: tuple[str, bytes], tmp_path: Path) -> None:
     path, _ = small
     from blockxfer.stream.send import plan_send
     with Volume.open(open_device(path), writable=False) as vol:

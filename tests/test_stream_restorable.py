@@ -29,7 +29,7 @@ MiB = 1 << 20
 NAMES = [f"june{d}" for d in range(1, 10)]
 
 
-class Source(tuple):  # type: ignore[type-arg]
+class Source(tuple):
     """(path, contents): a short repr, as hypothesis prints its arguments."""
 
     def __repr__(self) -> str:
@@ -52,7 +52,7 @@ def _stream(path: str, expr: str) -> bytes:
     return buf.getvalue()
 
 
-def test_send_refuses_an_image_missing_its_tops_blocks(src) -> None:  # type: ignore[no-untyped-def]
+def test_send_refuses_an_image_missing_its_tops_blocks(src: Source) -> None:
     path, _ = src
     with pytest.raises(ExpressionError, match=r"'june1 & june3' cannot be restored: it lacks "
                                               r"\d+ blocks of its top snapshot 'june3'"):
@@ -61,7 +61,7 @@ def test_send_refuses_an_image_missing_its_tops_blocks(src) -> None:  # type: ig
         _stream(path, "june3 & june5 - june1")
 
 
-def test_dump_refuses_it_before_touching_the_tape(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_dump_refuses_it_before_touching_the_tape(src: Source, tmp_path: Path) -> None:
     path, _ = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 64 * MiB)
@@ -76,7 +76,7 @@ def test_dump_refuses_it_before_touching_the_tape(src, tmp_path: Path) -> None: 
         t.close()
 
 
-def test_old_partial_stream_is_refused_as_partial(src, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_old_partial_stream_is_refused_as_partial(src: Source, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = src
     monkeypatch.setattr(send_mod, "require_restorable", lambda img, src: None)
@@ -97,7 +97,8 @@ _positive = st.recursive(_leaf, lambda inner: st.tuples(inner, st.sampled_from([
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(_positive, st.one_of(st.none(), _leaf))
-def test_every_expression_send_accepts_restores(src, positive: str, base: str | None) -> None:  # type: ignore[no-untyped-def]
+def test_every_expression_send_accepts_restores(src: Source, positive: str,
+                                                base: str | None) -> None:
     path, contents = src
     expr = positive if base is None else f"{positive} - {base}"
     try:

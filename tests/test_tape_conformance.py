@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -71,7 +72,7 @@ PARAMS = [
 
 
 @pytest.fixture(params=PARAMS)
-def drive(request: pytest.FixtureRequest, tmp_path) -> Iterator[Drive]:
+def drive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Drive]:
     kind = request.param
     if kind == "st":
         d = Drive(str(DRIVE), kind)
@@ -346,7 +347,7 @@ def test_fixed_block_mode(tape: Tape) -> None:
 
 
 @pytest.fixture
-def protected(drive: Drive, tmp_path) -> Callable[[], Tape]:
+def protected(drive: Drive, tmp_path: Path) -> Callable[[], Tape]:
     if drive.kind == "st":
         wp = os.environ.get("BLOCKXFER_TEST_TAPE_WP")
         if not wp:

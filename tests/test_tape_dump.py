@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blockxfer.drivers.blockdev import open_device
-from blockxfer.drivers.tapes import open_tape_handle
+from blockxfer.drivers.tapes import StTape, open_tape_handle
 from blockxfer.drivers.vtape import create_virtual_tape
 from blockxfer.errors import BlockxferError, EndOfMedium, StreamError, UsageError, WriteProtected
-from blockxfer.transfer.dump import dump_image
-from blockxfer.transfer.restore import restore_images, verify_image
+from blockxfer.transfer.dump import DumpResult, dump_image
+from blockxfer.transfer.restore import RestoreStep, restore_images, verify_image
 from blockxfer.transfer.tapeset import label_tape, list_tape
 from blockxfer.volume import Volume
 from tests.test_stream import make_source, snapshot_contents
@@ -23,7 +24,7 @@ MiB = 1 << 20
 LEVELS = ["june3 + june2 + june1", "june5 + june4 - june3", "june7 + june6 - june5"]
 
 
-def opener(path: str, write: bool):  # type: ignore[no-untyped-def]
+def opener(path: str, write: bool) -> StTape:
     return open_tape_handle(path, write=write)
 
 
@@ -36,17 +37,17 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, bytes]
     return path, contents
 
 
-def dump(src: str, expr: str, tape: str, **kw: object) -> object:
+def dump(src: str, expr: str, tape: str, **kw: Any) -> DumpResult:
     with Volume.open(open_device(src), writable=False) as vol:
-        return dump_image(vol, expr, tape, open_tape=opener, **kw)  # type: ignore[arg-type]
+        return dump_image(vol, expr, tape, open_tape=opener, **kw)
 
 
-def restore(tape: str, target: str, **kw: object) -> object:
-    return restore_images(tape, target, open_tape=opener, open_device=open_device,  # type: ignore[arg-type]
+def restore(tape: str, target: str, **kw: Any) -> list[RestoreStep]:
+    return restore_images(tape, target, open_tape=opener, open_device=open_device,
                           **kw)
 
 
-def test_levels_on_one_tape(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_levels_on_one_tape(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, contents = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 256 * MiB, locate=False)
@@ -70,12 +71,12 @@ def _set(tmp_path: Path, n: int) -> list[str]:
     return tapes
 
 
-def test_spanning_two_tapes_and_restore(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_spanning_two_tapes_and_restore(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, contents = src
     tapes = _set(tmp_path, 3)
     res = dump(path, LEVELS[0], tapes[0], label="weekly",
                next_tape=lambda name, seq: tapes[seq - 1])
-    assert len(res.tapes) >= 2  # type: ignore[attr-defined]
+    assert len(res.tapes) >= 2
     second = list_tape(opener(tapes[1], False))
     assert second.label.set_name == "weekly" and second.label.seq == 2
     target = str(tmp_path / "r.img")
@@ -88,7 +89,8 @@ def test_spanning_two_tapes_and_restore(src, tmp_path: Path) -> None:  # type: i
     assert "send" not in str(e.value) and "run the same restore again" in str(e.value)
 
 
-def test_spanned_image_without_next_tape_is_refused_first(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_spanned_image_without_next_tape_is_refused_first(src: tuple[str, dict[str, bytes]],
+                                                          tmp_path: Path) -> None:
     """Plan first: nothing is written when the image continues on a tape restore has
     no way to ask for; the suggestion is a restore command, not a send."""
     path, contents = src
@@ -109,7 +111,8 @@ def test_spanned_image_without_next_tape_is_refused_first(src, tmp_path: Path) -
     assert snapshot_contents(existing)["june3"] == contents["june3"]
 
 
-def test_full_tape_without_next_is_incomplete(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_full_tape_without_next_is_incomplete(src: tuple[str, dict[str, bytes]],
+                                              tmp_path: Path) -> None:
     path, _ = src
     tape = _set(tmp_path, 1)[0]
     with pytest.raises(EndOfMedium, match="no next tape"):
@@ -120,7 +123,7 @@ def test_full_tape_without_next_is_incomplete(src, tmp_path: Path) -> None:  # t
         restore(tape, str(tmp_path / "r.img"), image=1)
 
 
-def test_write_protected_tape(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_write_protected_tape(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, _ = src
     tape = str(tmp_path / "wp.vtape")
     create_virtual_tape(tape, 64 * MiB, write_protect=True)
@@ -129,7 +132,8 @@ def test_write_protected_tape(src, tmp_path: Path) -> None:  # type: ignore[no-u
     assert isinstance(e.value, WriteProtected) or "write-protected" in str(e.value)
 
 
-def test_tape_that_is_not_ours_or_from_another_set(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tape_that_is_not_ours_or_from_another_set(src: tuple[str, dict[str, bytes]],
+                                                   tmp_path: Path) -> None:
     path, _ = src
     foreign = str(tmp_path / "f.vtape")
     create_virtual_tape(foreign, 64 * MiB)
@@ -149,7 +153,8 @@ def test_tape_that_is_not_ours_or_from_another_set(src, tmp_path: Path) -> None:
         dump(path, LEVELS[0], tapes[0], label="weekly", next_tape=lambda n, s: other)
 
 
-def test_damaged_record_mid_restore_leaves_target(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_record_mid_restore_leaves_target(src: tuple[str, dict[str, bytes]],
+                                                  tmp_path: Path) -> None:
     path, contents = src
     tape = str(tmp_path / "t.vtape")
     create_virtual_tape(tape, 256 * MiB)
@@ -170,7 +175,8 @@ def test_damaged_record_mid_restore_leaves_target(src, tmp_path: Path) -> None: 
 
 
 @pytest.mark.parametrize("locate", [True, False])
-def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: bool) -> None:  # type: ignore[no-untyped-def]
+def test_partial_restore_reads_only_what_it_needs(src: tuple[str, dict[str, bytes]], tmp_path: Path,
+                                                  locate: bool) -> None:
     from blockxfer.transfer.restore import restore_range
     path, contents = src
     tape = str(tmp_path / "t.vtape")
@@ -194,7 +200,7 @@ def test_partial_restore_reads_only_what_it_needs(src, tmp_path: Path, locate: b
         assert a.read(4096) == b.read(4096)
 
 
-def test_lone_filemark_counts_as_blank(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_lone_filemark_counts_as_blank(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     path, _ = src
     tape = str(tmp_path / "fm.vtape")
     create_virtual_tape(tape, 64 * MiB)
@@ -205,19 +211,21 @@ def test_lone_filemark_counts_as_blank(src, tmp_path: Path) -> None:  # type: ig
     assert list_tape(opener(tape, False)).label.serial == "FM"
 
 
-def test_spanning_a_large_image_all_snapshots(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_spanning_a_large_image_all_snapshots(src: tuple[str, dict[str, bytes]],
+                                              tmp_path: Path) -> None:
     """The same shape as the st spanning test: every snapshot in one image."""
     path, contents = src
     tapes = _set(tmp_path, 6)
     res = dump(path, "june*", tapes[0], next_tape=lambda name, seq: tapes[seq - 1])
-    assert len(res.tapes) >= 2  # type: ignore[attr-defined]
+    assert len(res.tapes) >= 2
     target = str(tmp_path / "r.img")
     restore(tapes[0], target, next_tape=lambda name, seq: tapes[seq - 1])
     got = snapshot_contents(target)
     assert got == {n: contents[n] for n in got} and len(got) == 9
 
 
-def test_restore_one_snapshot_from_a_level_0_image(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_restore_one_snapshot_from_a_level_0_image(src: tuple[str, dict[str, bytes]],
+                                                   tmp_path: Path) -> None:
     from blockxfer.transfer.snaprestore import restore_snapshot_only
     path, contents = src
     tape = str(tmp_path / "t.vtape")
@@ -228,7 +236,9 @@ def test_restore_one_snapshot_from_a_level_0_image(src, tmp_path: Path) -> None:
                                          open_device=open_device)
     got = snapshot_contents(target)
     assert got["june1"] == contents["june1"] and res.top == "june1"
-    total = list_tape(opener(tape, False)).images[0].index.total  # type: ignore[union-attr]
+    index = list_tape(opener(tape, False)).images[0].index
+    assert index is not None
+    total = index.total
     assert records * 256 * 1024 < total            # it did not read the whole image
 
 
@@ -241,7 +251,7 @@ def test_records_filled_in_place_are_the_packed_format() -> None:
 
     class Sink:
         def __init__(self) -> None:
-            self.path, self.records = "sink", []   # type: ignore[var-annotated]
+            self.path, self.records = "sink", []   # type: ignore[var-annotated]  # duck-typed tape double
 
         def write_record(self, rec: bytearray) -> None:
             self.records.append(bytes(rec))
@@ -249,7 +259,7 @@ def test_records_filled_in_place_are_the_packed_format() -> None:
     rs = 4096
     label = tf.Label("S", "S", bytes(16), 1, rs, 0)
     desc = tf.Descriptor("ab" * 16, "x", "x", None, [], "u", 0, 0)
-    w = _Writer(Sink(), label, desc, None, None, [])  # type: ignore[arg-type]
+    w = _Writer(Sink(), label, desc, None, None, [])  # type: ignore[arg-type]  # a Sink, not a Tape
     for _ in range(8):
         w.free.put(bytearray(b"\xff" * rs))                   # reused buffers are dirty
     w.thread.start()
@@ -263,9 +273,9 @@ def test_records_filled_in_place_are_the_packed_format() -> None:
     w.q.put(None)
     w.thread.join()
     assert w.error is None
-    full = b"".join(tf.unpack_record(r, "sink")[4] for r in w.tape.records)  # type: ignore[attr-defined]
+    full = b"".join(tf.unpack_record(r, "sink")[4] for r in w.tape.records)  # type: ignore[attr-defined]  # w.tape is the Sink
     assert full == data and packer.total == len(data)
     per = rs - tf.REC.size
-    assert len(w.tape.records) == -(-len(full) // per)         # type: ignore[attr-defined]
-    for i, rec in enumerate(w.tape.records):                   # type: ignore[attr-defined]
+    assert len(w.tape.records) == -(-len(full) // per)         # type: ignore[attr-defined]  # w.tape is the Sink
+    for i, rec in enumerate(w.tape.records):                   # type: ignore[attr-defined]  # w.tape is the Sink
         assert rec == tf.pack_record(tf.DATA, w.key, 0, i, full[i * per:(i + 1) * per], rs)

@@ -28,7 +28,7 @@ def _fresh(path: str, name: str, record_size: int = 256 << 10) -> None:
 
 
 @pytest.mark.skipif(not TAPE, reason="no drive: set BLOCKXFER_TEST_TAPE=/dev/nstN (scratch)")
-def test_levels_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_levels_on_st(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:  # noqa: F811
     path, contents = src
     assert TAPE
     _fresh(TAPE, "ST-LEVELS")
@@ -44,7 +44,7 @@ def test_levels_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
 
 @pytest.mark.skipif(not (TAPE and SMALL), reason="needs BLOCKXFER_TEST_TAPE and "
                     "BLOCKXFER_TEST_TAPE_SMALL (a few MB tape for spanning)")
-def test_spanning_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_spanning_on_st(src: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:  # noqa: F811
     path, contents = src
     assert TAPE and SMALL
     _fresh(SMALL, "ST-SPAN")
@@ -53,7 +53,7 @@ def test_spanning_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped
     t.write_filemarks(1)        # blank enough: no label at BOT
     t.close()
     res = dump(path, "june*", SMALL, next_tape=lambda name, seq: TAPE)   # ~18 MB: spans
-    assert len(res.tapes) == 2  # type: ignore[attr-defined]
+    assert len(res.tapes) == 2
     target = str(tmp_path / "r.img")
     restore(SMALL, target, next_tape=lambda name, seq: TAPE)
     got = snapshot_contents(target)
@@ -64,7 +64,8 @@ def test_spanning_on_st(src, tmp_path: Path) -> None:  # type: ignore[no-untyped
 @pytest.mark.skipif(not (TAPE and SMALL and os.environ.get("BLOCKXFER_TEST_TAPE_HARD_EOM")),
                     reason="needs BLOCKXFER_TEST_TAPE and BLOCKXFER_TEST_TAPE_SMALL on a drive "
                     "with a physical end of medium (BLOCKXFER_TEST_TAPE_HARD_EOM=1: mhvtl)")
-def test_dump_spanning_near_the_physical_end(src, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_dump_spanning_near_the_physical_end(src: tuple[str, dict[str, bytes]],  # noqa: F811
+                                             tmp_path: Path) -> None:
     """A spanning dump on the cartridge with a physical end 2 MB after early warning.
     The dump must fail with EndOfMedium, or span and finish; either way nothing it
     claims is missing: the first tape lists the part's index and the set restores.

@@ -22,7 +22,7 @@ UNITS = {"blockxfer@.service", "blockxfer-policy@.service", "blockxfer-policy@.t
 def installed(folder: Path) -> dict[str, str]:
     r = bx("install-units", "--dir", str(folder), "--json")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["units"]  # type: ignore[no-any-return]
+    return json.loads(r.stdout)["units"]
 
 
 def escape(path: str) -> str:

@@ -273,17 +273,17 @@ def test_commit_waits_for_reads_outside_the_lock(volume: Volume) -> None:
     started, release = threading.Event(), threading.Event()
     real = volume.io.read_ptrs_into
 
-    def paused(*args: object, **kwargs: object) -> None:
+    def paused(*args: Any, **kwargs: Any) -> None:
         started.set()
         assert release.wait(10)
-        real(*args, **kwargs)  # type: ignore[arg-type]
+        real(*args, **kwargs)
 
-    volume.io.read_ptrs_into = paused  # type: ignore[method-assign]
+    volume.io.read_ptrs_into = paused  # type: ignore[method-assign]  # patched on purpose
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(volume.read(0, 16 * BS)))
     reader.start()
     assert started.wait(10)
-    volume.io.read_ptrs_into = real  # type: ignore[method-assign]
+    volume.io.read_ptrs_into = real  # type: ignore[method-assign]  # patched on purpose
     volume.write(0, os.urandom(16 * BS))          # not blocked by the read; frees old blocks
     committer = threading.Thread(target=volume.commit)
     committer.start()
@@ -309,7 +309,7 @@ def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
         calls.append(len(data))
         real(data, offset)
 
-    volume.dev.pwrite = counting  # type: ignore[method-assign]
+    volume.dev.pwrite = counting  # type: ignore[method-assign]  # patched on purpose
     blocks = {b: os.urandom(BS) for b in (7, 900, 3, 1500, 42, 1024, 8)}
     for b, raw in blocks.items():
         volume.write(b * BS, raw)
@@ -319,7 +319,7 @@ def test_small_writes_are_staged_into_few_requests(volume: Volume) -> None:
     assert calls == [len(blocks) * BS]
     volume.write(5 * BS + 100, b"x" * 10)         # read-modify-write of a staged block
     volume.commit()
-    volume.dev.pwrite = real  # type: ignore[method-assign]
+    volume.dev.pwrite = real  # type: ignore[method-assign]  # patched on purpose
     volume = reopen(volume)
     for b, raw in blocks.items():
         assert volume.read(b * BS, BS) == raw
@@ -364,15 +364,16 @@ def test_a_failed_staged_write_fails_the_cp(volume: Volume) -> None:
         raise DeviceError("write: Input/output error")
 
     volume.write(0, os.urandom(BS))
-    volume.dev.pwrite = failing  # type: ignore[method-assign]
+    volume.dev.pwrite = failing  # type: ignore[method-assign]  # patched on purpose
     with pytest.raises(DeviceError):
         volume.commit()
-    volume.dev.pwrite = real  # type: ignore[method-assign]
+    volume.dev.pwrite = real  # type: ignore[method-assign]  # patched on purpose
     with pytest.raises(VolumeError, match="reopen"):
         volume.write(0, b"x")
 
 
-def test_map_cache_stays_bounded_while_reading(volume: Volume, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_map_cache_stays_bounded_while_reading(volume: Volume,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from blockxfer.volume import volume as vmod
     monkeypatch.setattr(vmod, "MAX_DIRTY_NODES", 8)
     volume.write(0, os.urandom(8 << 20))            # 2048 blocks: 8 map leaves of 256
@@ -404,8 +405,10 @@ def test_streamed_read_does_not_hold_the_lock(volume: Volume) -> None:
     it = volume.iter_read(0, 4 << 20, chunk=1 << 20)
     first = bytes(next(it))
     got: list[bytes] = []
-    t = threading.Thread(target=lambda: (volume.write(6 << 20, b"w" * BS),
-                                         got.append(volume.read(6 << 20, BS))))
+    def write_then_read() -> None:
+        volume.write(6 << 20, b"w" * BS)
+        got.append(volume.read(6 << 20, BS))
+    t = threading.Thread(target=write_then_read)
     t.start()
     t.join(10)
     assert not t.is_alive(), "a write and a read waited on the streamed read"
@@ -478,7 +481,8 @@ def test_zero_blocks_inside_small_and_large_writes_are_holes(volume: Volume) -> 
     volume.close()
 
 
-def test_large_reads_and_writes_keep_eight_requests_in_flight(volume: Volume) -> None:
+def test_large_reads_and_writes_keep_eight_requests_in_flight(
+        volume: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequential NBD reads and writes need 1 MiB requests at queue depth 8 to reach
     the device (with 4 in flight, and 2 large writes, nbdcopy read at ~0.45x and
     wrote at ~0.6x qemu-nbd): a large read, and large writes in a row, keep 8
@@ -501,17 +505,17 @@ def test_large_reads_and_writes_keep_eight_requests_in_flight(volume: Volume) ->
 
     data = os.urandom(2 << 20)             # four of them fill the virtual disk
     real_write, real_read = volume.dev.pwrite, volume.dev.pread
-    volume.dev.pwrite = slow(real_write)  # type: ignore[method-assign]
+    monkeypatch.setattr(volume.dev, "pwrite", slow(real_write))
     for k in range(4):                     # four 2 MiB writes: 8 requests of 1 MiB
         volume.write(k * len(data), data)
     assert state["most"] >= 8
     volume.commit()
-    volume.dev.pwrite = real_write  # type: ignore[method-assign]
+    monkeypatch.setattr(volume.dev, "pwrite", real_write)
     state["most"] = 0
-    volume.dev.pread = slow(real_read)  # type: ignore[method-assign]
+    monkeypatch.setattr(volume.dev, "pread", slow(real_read))
     assert volume.read(0, 8 << 20) == data * 4
     assert state["most"] >= 8
-    volume.dev.pread = real_read  # type: ignore[method-assign]
+    monkeypatch.setattr(volume.dev, "pread", real_read)
     assert check_volume(volume).clean
     volume.close()
 
@@ -519,9 +523,10 @@ def test_large_reads_and_writes_keep_eight_requests_in_flight(volume: Volume) ->
 def test_write_parts_is_write_of_the_joined_parts(volume: Volume) -> None:
     """Large aligned parts are copied once into the write buffer; anything else is
     joined and written; either way the disk holds the concatenation."""
-    cases = [(0, [os.urandom(40 * BS), bytes(30 * BS), os.urandom(BS)]),       # large
-             (100 * BS + 7, [os.urandom(300), os.urandom(5000)]),            # unaligned
-             (200 * BS, [os.urandom(BS), memoryview(os.urandom(2 * BS))])]     # small
+    cases: list[tuple[int, list[bytes | memoryview]]] = [
+        (0, [os.urandom(40 * BS), bytes(30 * BS), os.urandom(BS)]),                # large
+        (100 * BS + 7, [os.urandom(300), os.urandom(5000)]),                       # unaligned
+        (200 * BS, [os.urandom(BS), memoryview(os.urandom(2 * BS))])]              # small
     for offset, parts in cases:
         volume.write_parts(offset, parts)
     for offset, parts in cases:

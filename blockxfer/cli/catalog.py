@@ -114,9 +114,9 @@ def _import_tape(a: argparse.Namespace, db: Any) -> tuple[str, int]:
     from .tapedrive import tape_opener
     tape = tape_opener()(a.tape, False)
     try:
-        contents = list_tape(tape)  # type: ignore[arg-type]
+        contents = list_tape(tape)
     finally:
-        tape.close()  # type: ignore[attr-defined]
+        tape.close()
     ref, recs = tape_records(contents, os.path.abspath(a.tape) if os.path.isfile(a.tape)
                              else a.tape, a.barcode or barcode_of(a.tape))
     for rec in recs:
@@ -151,9 +151,9 @@ def _import_library(a: argparse.Namespace, db: Any) -> tuple[str, int, list[str]
         try:
             tape = tape_opener()(a.tape, False)
             try:
-                contents = list_tape(tape)  # type: ignore[arg-type]
+                contents = list_tape(tape)
             finally:
-                tape.close()  # type: ignore[attr-defined]
+                tape.close()
         except FormatError as e:
             skipped.append(f"slot {slot.number} ({slot.barcode or 'no barcode'}): {e}")
         else:
@@ -293,9 +293,9 @@ def set_barcodes_of(a: argparse.Namespace, drive: str) -> dict[tuple[str, int], 
     try:
         tape = tape_opener()(drive, False)
         try:
-            label = read_label(tape)  # type: ignore[arg-type]
+            label = read_label(tape)
         finally:
-            tape.close()  # type: ignore[attr-defined]
+            tape.close()
         if label is None:
             return {}
         db = _db(a)
@@ -454,7 +454,7 @@ def _bring(a: argparse.Namespace, chain: list[query.Image]) -> Any:
         print(f"insert {describe(m)} into {drive}, then press Enter: ", end="",
               file=sys.stderr, flush=True)
         sys.stdin.readline()
-    return bring_tapes(open_tape=tape_opener(), command=a.next_tape,  # type: ignore[arg-type]
+    return bring_tapes(open_tape=tape_opener(), command=a.next_tape,
                        ask=ask)
 
 
@@ -482,7 +482,7 @@ def restore_by_catalog(a: argparse.Namespace, have: set[str]) -> Report:
                       [f"would restore {snap!r} of volume {uuid} into {a.target}:", *plan])
     prog = progress(a, "restore")
     steps = restore_chain(chain, a.target, bring=_bring(a, chain),
-                          open_tape=tape_opener(), open_device=open_device,  # type: ignore[arg-type]
+                          open_tape=tape_opener(), open_device=open_device,
                           open_store=lambda url: open_store(url, endpoint=a.s3_endpoint)[0],
                           force=a.force, progress=prog.add)
     prog.finish()

@@ -21,8 +21,9 @@ MAX_PAYLOAD = 32 << 20       # largest READ/WRITE we accept (NBD_INFO_BLOCK_SIZE
 
 class VolumeLike(Protocol):
     block_size: int
-    virtual_size: int
 
+    @property
+    def virtual_size(self) -> int: ...  # read-only: a Volume's is a property
     def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes: ...
     def write(self, offset: int, data: bytes | memoryview) -> None: ...
     def trim(self, offset: int, length: int) -> None: ...

@@ -7,7 +7,7 @@ counted as readers in flight so that no CP reuses their blocks meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,7 +73,7 @@ class Reads(VolumeState):
             self._count_reader(-1)
 
     def iter_read(self, offset: int, length: int, snapshot: str | None = None,
-                  chunk: int = 32 << 20) -> Iterator[memoryview]:
+                  chunk: int = 32 << 20) -> Generator[memoryview, None, None]:
         """Stream a block-aligned range: the next chunk's reads are in flight while the
         caller consumes this one (each view is valid until the next iteration).
 

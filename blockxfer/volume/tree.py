@@ -284,7 +284,7 @@ def in_plane(vbns: np.ndarray, plane: np.ndarray) -> np.ndarray:
     inside = vbns < len(plane) * 8
     at = np.where(inside, vbns, 0)
     bits = (plane[(at >> 3).astype(np.int64)] >> (at & 7).astype(np.uint8)) & 1
-    return inside & (bits == 1)  # type: ignore[no-any-return]
+    return inside & (bits == 1)
 
 
 def _outside(rows: np.ndarray, plane: np.ndarray | None) -> np.ndarray:

@@ -28,7 +28,7 @@ def serve_process(path: str, sock: str, *extra: str,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def stopped() -> None:
-        proc.output = proc.communicate(timeout=timeout)  # type: ignore[attr-defined]
+        proc.output = proc.communicate(timeout=timeout)  # type: ignore[attr-defined]  # kept on the Popen
 
     with _running(proc, path, timeout, lambda: proc.communicate()[1], stopped):
         yield proc

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,7 +131,10 @@ def test_snapshot_with_freeze_thaws_around_it(tmp_path: Path) -> None:
     ctl = service.control
     vol = service.volume
     orig = vol.create_snapshot
-    vol.create_snapshot = lambda *a, **k: (events.append("snapshot"), orig(*a, **k))[1]  # type: ignore[method-assign]
+    def create_snapshot(*a: Any, **k: Any) -> None:
+        events.append("snapshot")
+        orig(*a, **k)
+    vol.create_snapshot = create_snapshot
     reply = ctl.handle({"id": 3, "command": "snapshot", "args": {"name": "f", "freeze": "/mnt"}})
     assert reply["ok"] and reply["result"]["name"] == "f" and reply["result"]["frozen"] == "/mnt"
     assert events == ["freeze /mnt", "snapshot", "thaw /mnt"]

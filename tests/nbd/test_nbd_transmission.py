@@ -214,10 +214,15 @@ def test_pipelined_contiguous_requests_are_merged_and_all_answered(
     invalid request in between breaks the run and gets its own error."""
     calls: list[tuple[str, int, int]] = []
     write, read = volume.write, volume.read
-    monkeypatch.setattr(volume, "write", lambda off, data: (
-        calls.append(("write", off, len(data))), write(off, data))[1])
-    monkeypatch.setattr(volume, "read", lambda off, n, snap=None: (
-        calls.append(("read", off, n)), read(off, n, snap))[1])
+    def counted_write(off: int, data: bytes) -> None:
+        calls.append(("write", off, len(data)))
+        write(off, data)
+
+    def counted_read(off: int, n: int, snap: str | None = None) -> bytes:
+        calls.append(("read", off, n))
+        return read(off, n, snap)
+    monkeypatch.setattr(volume, "write", counted_write)
+    monkeypatch.setattr(volume, "read", counted_read)
     c = connect(server)
     data = bytes(range(256)) * 64                   # 16 KiB
     ops = [(p.CMD_WRITE, k * 4096, data[k * 4096:(k + 1) * 4096]) for k in range(4)]
@@ -268,7 +273,7 @@ def test_pipelined_small_writes_share_hand_offs(
     each write lands once, in order."""
     puts: list[object] = []
 
-    class CountingQueue(queue.SimpleQueue):  # type: ignore[type-arg]
+    class CountingQueue(queue.SimpleQueue):
         def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
             puts.append(item)
             super().put(item, block, timeout)

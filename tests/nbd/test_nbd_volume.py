@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+def served(tmp_path: Path) -> Iterator[tuple[Volume, str, Path]]:
     path = str(tmp_path / "vol.img")
     vol = Volume.create(open_device(path, write=True, create_size=96 * MiB),
                         virtual_size=64 * MiB)
@@ -33,7 +34,7 @@ def served(tmp_path: Path):  # type: ignore[no-untyped-def]
     thread.join(30)
 
 
-def test_qemu_img_round_trip_on_real_volume(served) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_img_round_trip_on_real_volume(served: tuple[Volume, str, Path]) -> None:
     vol, sock, tmp = served
     qemu_img = need("qemu-img", "qemu-utils")
     src = tmp / "src.raw"
@@ -51,7 +52,7 @@ def test_qemu_img_round_trip_on_real_volume(served) -> None:  # type: ignore[no-
     assert check_volume(vol).clean
 
 
-def test_nbdinfo_map_reports_holes_on_real_volume(served) -> None:  # type: ignore[no-untyped-def]
+def test_nbdinfo_map_reports_holes_on_real_volume(served: tuple[Volume, str, Path]) -> None:
     vol, sock, _ = served
     nbdinfo = need("nbdinfo", "libnbd-bin")
     vol.write(2 * MiB, b"x" * MiB)
@@ -72,10 +73,15 @@ def test_merged_writes_reach_the_volume_as_parts(tmp_path: Path,
     sizes: list[int] = []
     joined: list[int] = []
     parts, write = vol.write_parts, vol.write
-    monkeypatch.setattr(vol, "write_parts", lambda off, ps: (
-        sizes.append(len(ps)), parts(off, ps))[1])
-    monkeypatch.setattr(vol, "write", lambda off, data: (
-        joined.append(len(data)), write(off, data))[1])
+    def counted_parts(off: int, ps: Sequence[bytes | bytearray | memoryview]) -> None:
+        sizes.append(len(ps))
+        parts(off, ps)
+
+    def counted_write(off: int, data: bytes | bytearray | memoryview) -> None:
+        joined.append(len(data))
+        write(off, data)
+    monkeypatch.setattr(vol, "write_parts", counted_parts)
+    monkeypatch.setattr(vol, "write", counted_write)
     server = Server(vol)
     try:
         c = Client.attach(server)

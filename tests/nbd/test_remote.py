@@ -123,7 +123,8 @@ def test_served_volume_survives_sigterm_without_flush(
         assert vol.read(0, len(data)) == data
 
 
-def test_send_goes_through_the_server(serving, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_send_goes_through_the_server(serving: tuple[str, str, subprocess.Popen[str]],
+                                      tmp_path: Path) -> None:
     path, sock, _ = serving
     c = nbd(sock)
     data = os.urandom(1 << 20)

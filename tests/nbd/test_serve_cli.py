@@ -102,7 +102,7 @@ def test_insecure_serves_and_warns(volume: Path, tmp_path: Path) -> None:
                        f"tcp:0.0.0.0:{port}", "--insecure", timeout=30) as proc:
         info = json.loads(run(nbdinfo, "--json", f"nbd://127.0.0.1:{port}/"))
         assert info["TLS"] is False
-    _, err = proc.output          # type: ignore[attr-defined]
+    _, err = proc.output          # type: ignore[attr-defined]  # set by serveproc
     assert "warning" in err and f"tcp:0.0.0.0:{port}" in err and "write" in err
 
 
