@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,21 +185,24 @@ def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader,
     """Answer one pull on the open volume: record, hold, plan, stream. With `lock`
     (a service's volume lock; a pull's own while it receives) the metadata work is
     done under it and the stream outside it, its snapshots held against destroy."""
-    with lock or nullcontext():
-        info, d = _plan(vol, req)
-    out = ready(info)
-    if not info["stream"]:
-        return {}
-    assert d.plan is not None
-    if req.bwlimit:
-        out = Limited(out, TokenBucket(req.bwlimit))
-    t0 = time.monotonic()
-    try:
-        with vol.holding(d.plan.tops):
+    with ExitStack() as held:
+        with lock or nullcontext():
+            info, d = _plan(vol, req)
+            if info["stream"]:       # held before the lock goes: a receive committing
+                assert d.plan is not None     # meanwhile may not release them
+                held.enter_context(vol.holding(d.plan.tops))
+        out = ready(info)
+        if not info["stream"]:
+            return {}
+        assert d.plan is not None
+        if req.bwlimit:
+            out = Limited(out, TokenBucket(req.bwlimit))
+        t0 = time.monotonic()
+        try:
             stats = stream_plan(d.plan, out, reader, compress=req.compress)
-    except OSError as e:                      # the destination went away: it resumes later
-        raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
-                          f"({e.strerror or e})") from e
+        except OSError as e:                  # the destination went away: it resumes later
+            raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
+                              f"({e.strerror or e})") from e
     with lock or nullcontext():
         registry.finished(vol, req.dest, stats.bytes, time.monotonic() - t0)
     return {"records": stats.records, "data_blocks": stats.data_blocks, "bytes": stats.bytes}
