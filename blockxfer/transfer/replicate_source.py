@@ -180,6 +180,25 @@ def _needs(vol: Volume, d: Decision, req: PullRequest) -> set[str]:
     return keep | {e.name for e in masters(vol) if e.guid in req.needed}
 
 
+def _unconfirmed(vol: Volume, prev: registry.Destination | None,
+                 req: PullRequest) -> set[str]:
+    """What stays held for this destination beyond what the request needs when it
+    confirms no master as new as the one last sent to it: the destination may hold
+    that one already (its pull committed it, then was cut or killed before the next
+    confirmed it), or the request is a stale one (a killed pull's, answered late,
+    after the next pull's), whose `needed` may be older too. So the holds it had
+    stay, until a pull names that master or a newer one."""
+    if prev is None or prev.s is None:
+        return set()
+    gen = {e.guid: e.generation for e in masters(vol)}
+    sent = next((e for e in masters(vol) if e.name == prev.s), None)
+    newest = gen.get(req.have[0]) if req.have else None
+    if sent is None or (newest is not None and newest >= sent.generation):
+        return set()
+    tag = registry.hold_tag(req.dest)
+    return {sent.name} | {n for n, tags in vol.holds().items() if tag in tags}
+
+
 def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader,
                lock: AbstractContextManager[Any] | None = None) -> Result:
     """Answer one pull on the open volume: record, hold, plan, stream. With `lock`
@@ -215,8 +234,9 @@ def _plan(vol: Volume, req: PullRequest) -> tuple[Result, Decision]:
     if not req.dry_run:
         confirmed = next(((e.name, e.guid) for e in masters(vol)
                           if req.have and e.guid == req.have[0]), None)
+        sent = _unconfirmed(vol, registry.load(vol).get(req.dest), req)
         registry.contact(vol, req.dest, req.identity, confirmed, d.top.name)
-        registry.hold_only(vol, req.dest, _needs(vol, d, req))
+        registry.hold_only(vol, req.dest, _needs(vol, d, req) | sent)
     info: Result = {"kind": d.kind, "top": d.top.name, "top_guid": d.top.guid.hex(),
                     "base": d.base.name if d.base else None,
                     "base_guid": d.base.guid.hex() if d.base else None,
