@@ -223,6 +223,33 @@ def test_a_resumed_receive_claims_the_blocks_it_placed_before(tmp_path: Path) ->
         t.close()
 
 
+def test_a_resume_over_blocks_allocated_here_since_starts_over(tmp_path: Path) -> None:
+    """Blocks of an interrupted receive taken by a local write before it resumed
+    hold other data now: the resume is refused and its progress dropped, so the
+    next attempt sends the stream whole."""
+    src = make_source(str(tmp_path / "src.img"))
+    dst = str(tmp_path / "dst.img")
+    receive(dst, stream(src, "a"))
+    data = stream(src, "b - a")
+    src.close()
+    first = _data(data)[0]
+    t = Volume.open(open_device(dst, write=True))
+    r = _receiver(t, data)
+    r.place(first.vbn, first.count, first.payload, "record")
+    r.save_progress()
+    r.close()
+    t.close()
+    t = Volume.open(open_device(dst, write=True))   # a served replica written, say
+    t.write(0, os.urandom(4 * MiB))                  # takes the blocks placed
+    assert t.active.bits.count(1, first.vbn, first.vbn + first.count)
+    try:
+        with pytest.raises(StreamError, match="without resuming"):
+            _receiver(t, data, resume=True)
+        assert not LocalArea(t.dev, t.block_size, t.nblocks).read(t.generation).pending
+    finally:
+        t.close()
+
+
 class HeldBackDevice:
     """A device whose writes at or beyond `from_byte` wait until `go` is set (the data
     region: what a process killed meanwhile never wrote), the rest passing through."""

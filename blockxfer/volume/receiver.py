@@ -166,7 +166,11 @@ class Receiver:
             # a copy: the volume's local state keeps naming only blocks known durable
             self.received, self.resumed = received.copy(), True
             if self.vol is not None:          # placed earlier: no allocation may take them
-                self.vol.claim_placed(self.received)
+                try:
+                    self.vol.claim_placed(self.received)
+                except StreamError:
+                    self._forget_progress()   # the next attempt starts over
+                    raise
         self.touched = True
         if self.vol is None and not resume:
             self._begin_overwrite()
@@ -281,6 +285,15 @@ class Receiver:
         except (BlockxferError, OSError):
             if not quiet:
                 raise
+
+    def _forget_progress(self) -> None:
+        """Blocks the interrupted receive placed were taken here since: its progress
+        names data no longer there, and is dropped."""
+        assert self.vol is not None
+        with self.vol._lock:
+            st = self.local
+            st.stream_id, st.received, st.received_blocks = bytes(16), None, 0
+            self.area.write(st)
 
     def _record(self) -> None:
         im, st = self.image, self.local
