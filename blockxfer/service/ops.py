@@ -16,8 +16,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -226,19 +226,24 @@ class VolumeOps:
         """Plan under the lock, then stream outside it with the image's snapshots held
         against destroy (their blocks stay put). Nothing reaches `out` before the plan
         is made, so a bad expression or token leaves it untouched."""
-        with self.lock:
-            plan = plan_send(self.vol, expression, resume=resume, implicit=bool(implicit))
-        with self.vol.holding(plan.tops):
+        with ExitStack() as held:
+            with self.lock:          # held before the lock goes (a receive may commit)
+                plan = plan_send(self.vol, expression, resume=resume, implicit=bool(implicit))
+                held.enter_context(self.vol.holding(plan.tops))
             stats = stream_plan(plan, out, self.reader_for(self.vol, geometry),
                                 compress=bool(compress), progress=progress)
         return {"records": stats.records, "data_blocks": stats.data_blocks,
                 "bytes": stats.bytes}
 
-    def holding(self, expression: str) -> AbstractContextManager[None]:
-        """The image's snapshots held against destroy (for a dump streaming them)."""
-        with self.lock:
-            tops = evaluate(expression, self.vol, self.vol.block_size).tops
-        return self.vol.holding(tops)
+    @contextmanager
+    def holding(self, expression: str) -> Iterator[None]:
+        """The image's snapshots held against destroy (for a dump streaming them),
+        from before the lock goes (a receive may commit as soon as it does)."""
+        with ExitStack() as held:
+            with self.lock:
+                tops = evaluate(expression, self.vol, self.vol.block_size).tops
+                held.enter_context(self.vol.holding(tops))
+            yield
 
     # -- tape ----------------------------------------------------------------------------------
     def dump(self, expression: str, tape: str, *, open_tape: Any, next_tape: Any = None,

@@ -5,7 +5,8 @@ and receives): `replicate.dests` is compact JSON, one entry per destination
 name: its identity (who authenticated: the certificate's name, the ssh peer),
 the newest master it has confirmed (it names it in its next pull), the master
 last sent to it, last contact, and the last pull's size and time. Every master
-a registered destination still needs (the one it confirmed, the one in flight)
+a registered destination still needs (the one it confirmed, the one in flight,
+and until a pull confirms that one, what it held before: replicate_source.py)
 carries the hold `replicate:<name>`, so neither `destroy` nor a retention policy
 can take it; `forget` releases them. The local area is small (~3 KiB): an entry
 is ~200 bytes, guids are shortened to 16 hex digits.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,26 +180,48 @@ def _needs(vol: Volume, d: Decision, req: PullRequest) -> set[str]:
     return keep | {e.name for e in masters(vol) if e.guid in req.needed}
 
 
+def _unconfirmed(vol: Volume, prev: registry.Destination | None,
+                 req: PullRequest) -> set[str]:
+    """What stays held for this destination beyond what the request needs when it
+    confirms no master as new as the one last sent to it: the destination may hold
+    that one already (its pull committed it, then was cut or killed before the next
+    confirmed it), or the request is a stale one (a killed pull's, answered late,
+    after the next pull's), whose `needed` may be older too. So the holds it had
+    stay, until a pull names that master or a newer one."""
+    if prev is None or prev.s is None:
+        return set()
+    gen = {e.guid: e.generation for e in masters(vol)}
+    sent = next((e for e in masters(vol) if e.name == prev.s), None)
+    newest = gen.get(req.have[0]) if req.have else None
+    if sent is None or (newest is not None and newest >= sent.generation):
+        return set()
+    tag = registry.hold_tag(req.dest)
+    return {sent.name} | {n for n, tags in vol.holds().items() if tag in tags}
+
+
 def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader,
                lock: AbstractContextManager[Any] | None = None) -> Result:
     """Answer one pull on the open volume: record, hold, plan, stream. With `lock`
     (a service's volume lock; a pull's own while it receives) the metadata work is
     done under it and the stream outside it, its snapshots held against destroy."""
-    with lock or nullcontext():
-        info, d = _plan(vol, req)
-    out = ready(info)
-    if not info["stream"]:
-        return {}
-    assert d.plan is not None
-    if req.bwlimit:
-        out = Limited(out, TokenBucket(req.bwlimit))
-    t0 = time.monotonic()
-    try:
-        with vol.holding(d.plan.tops):
+    with ExitStack() as held:
+        with lock or nullcontext():
+            info, d = _plan(vol, req)
+            if info["stream"]:       # held before the lock goes: a receive committing
+                assert d.plan is not None     # meanwhile may not release them
+                held.enter_context(vol.holding(d.plan.tops))
+        out = ready(info)
+        if not info["stream"]:
+            return {}
+        assert d.plan is not None
+        if req.bwlimit:
+            out = Limited(out, TokenBucket(req.bwlimit))
+        t0 = time.monotonic()
+        try:
             stats = stream_plan(d.plan, out, reader, compress=req.compress)
-    except OSError as e:                      # the destination went away: it resumes later
-        raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
-                          f"({e.strerror or e})") from e
+        except OSError as e:                  # the destination went away: it resumes later
+            raise DeviceError(f"{req.identity}: the destination stopped reading the stream "
+                              f"({e.strerror or e})") from e
     with lock or nullcontext():
         registry.finished(vol, req.dest, stats.bytes, time.monotonic() - t0)
     return {"records": stats.records, "data_blocks": stats.data_blocks, "bytes": stats.bytes}
@@ -212,8 +234,9 @@ def _plan(vol: Volume, req: PullRequest) -> tuple[Result, Decision]:
     if not req.dry_run:
         confirmed = next(((e.name, e.guid) for e in masters(vol)
                           if req.have and e.guid == req.have[0]), None)
+        sent = _unconfirmed(vol, registry.load(vol).get(req.dest), req)
         registry.contact(vol, req.dest, req.identity, confirmed, d.top.name)
-        registry.hold_only(vol, req.dest, _needs(vol, d, req))
+        registry.hold_only(vol, req.dest, _needs(vol, d, req) | sent)
     info: Result = {"kind": d.kind, "top": d.top.name, "top_guid": d.top.guid.hex(),
                     "base": d.base.name if d.base else None,
                     "base_guid": d.base.guid.hex() if d.base else None,

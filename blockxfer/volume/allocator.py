@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from bitarray import bitarray
 
-from blockxfer.errors import VolumeError, VolumeFull
+from blockxfer.errors import StreamError, VolumeError, VolumeFull
 
 from .blockio import runs_of
 from .layout import SnapshotEntry
@@ -127,16 +127,54 @@ class Allocator(VolumeState):
     def _free_one(self, vbn: int) -> None:
         self._free_vbns(np.array([vbn], dtype=np.uint64))
 
-    def claim(self, start: int, stop: int) -> None:
-        """Keep blocks a receive is placing from any local allocation until the next
-        CP (its commit replaces the whole state; an abandoned receive frees them)."""
+    def busy_now(self) -> bitarray:
+        """A copy of the blocks no allocation may take now (a receive's reference)."""
         with self._lock:
-            if self._claimed is None:
-                self._claimed = empty_plane(len(self.active.bits))
-            self._claimed[start:stop] = 1
+            return self._busy_plane().copy()
+
+    def claim(self, start: int, stop: int, before: bitarray) -> None:
+        """Keep blocks a receive is placing from any local allocation until the next
+        CP (its commit replaces the whole state; an abandoned receive frees them).
+        `before`: what was busy here when the receive began (it checked those
+        blocks against the snapshots it keeps); a block busy now that was not then
+        was allocated here meanwhile, or claimed by another receive, and is
+        refused."""
+        with self._lock:
             busy = self._busy_plane()
-            self._free -= stop - start - busy.count(1, start, stop)
-            busy[start:stop] = 1
+            taken = busy[start:stop] & ~before[start:stop]
+            if taken.any():
+                raise StreamError(f"{self.dev.path}: block {start + taken.find(1)} was "
+                                  "allocated here after the receive began (the volume was "
+                                  "written meanwhile, or another receive places it); the "
+                                  "target is unchanged: receive again")
+            self._claim(start, stop)
+
+    def claim_placed(self, placed: bitarray) -> None:
+        """Claim the blocks an interrupted receive placed before (resuming it): they
+        were free in this committed state then; one allocated here since holds
+        other data now, and the resume is refused."""
+        with self._lock:
+            taken = placed & (self.active.bits | self._claimed_plane())
+            if taken.any():
+                raise StreamError(f"{self.dev.path}: block {taken.find(1)}, which the "
+                                  "interrupted receive placed, was allocated here since; "
+                                  "send the stream again without resuming")
+            pos, end = 0, len(placed)
+            while (start := placed.find(1, pos, end)) >= 0:
+                stop = placed.find(0, start, end)
+                pos = end if stop < 0 else stop
+                self._claim(start, pos)
+
+    def _claimed_plane(self) -> bitarray:
+        if self._claimed is None:
+            self._claimed = empty_plane(len(self.active.bits))
+        return self._claimed
+
+    def _claim(self, start: int, stop: int) -> None:
+        self._claimed_plane()[start:stop] = 1
+        busy = self._busy_plane()
+        self._free -= stop - start - busy.count(1, start, stop)
+        busy[start:stop] = 1
 
     def release_claims(self) -> None:
         """An abandoned receive: its blocks become free again at the next CP."""

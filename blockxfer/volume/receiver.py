@@ -6,6 +6,7 @@ a target: `stream/` decodes and checks records and hands them here. Atomicity:
 blocks land only in VBNs free in the target's committed state, the VBNs received so
 far are kept in the local area (for resume), and the superblock naming the foreign
 root is the last write. A receiver comes from an open volume (`Volume.receiver`,
+receiveside.py,
 for an incremental, also into a volume a server holds open) or from a device
 (`Receiver.for_device`, for a full image written over whatever it held).
 """
@@ -13,16 +14,15 @@ for an incremental, also into a volume a server holds open) or from a device
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from bitarray import bitarray
 
 from blockxfer.device import BlockDevice
-from blockxfer.errors import BlockxferError, FormatError, StreamError, VolumeError
+from blockxfer.errors import BlockxferError, FormatError, StreamError
 
-from .allocator import Allocator
 from .blockio import BlockIO
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea, LocalState
@@ -31,8 +31,8 @@ from .properties import HOLDS
 from .receiving import InterruptedReceive, ReceivingMarker, begin_overwrite, read_receiving_marker
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 
-DISCARD_MIN = 1 << 20               # bytes: shorter freed runs are not discarded
-
+if TYPE_CHECKING:
+    from .receiveside import ReceiveSide
 
 @dataclass(frozen=True)
 class IncomingImage:
@@ -90,11 +90,16 @@ class Receiver:
             self.slot, self.local = 1, self.area.read(0)
         bits_per_block = 8 * image.block_size
         self.nbits = -(-image.nblocks // bits_per_block) * bits_per_block
-        self.doomed, self.doomed_guids = empty_plane(self.nbits), set[bytes]()
+        self.doomed = empty_plane(self.nbits)
+        self.dooming: list[SnapshotEntry] = []   # released at the commit, not yet reused
+        self.spared: dict[str, bitarray] = {}    # ... but a send began to hold them
         self.busy, self.valid = self._planes()
+        # what the volume's allocator held busy when this receive began: a block busy
+        # there now and not then was allocated here meanwhile (see Allocator.claim)
+        self.before = vol.busy_now() if vol is not None else None
+        self.generation = vol.generation if vol is not None else 0
         self.received = empty_plane(self.nbits)
         self.freed = empty_plane(self.nbits)
-        self.state = LocalState()
         self.touched = False             # blocks (or the marker) may have been written
         self.resumed = False
         self.committed = False
@@ -134,7 +139,7 @@ class Receiver:
                     busy |= self.vol.plane(e.name)
                 else:                    # the source dropped it: released at the commit
                     self.doomed |= self.vol.plane(e.name)
-                    self.doomed_guids.add(e.guid)
+                    self.dooming.append(e)
             busy |= valid
         return busy, valid
 
@@ -159,15 +164,22 @@ class Receiver:
             if received is None:
                 raise StreamError(f"{self.dev.path} has no interrupted receive of this stream "
                                   "to resume; send it again without --resume")
-            self.received, self.resumed = received, True
+            # a copy: the volume's local state keeps naming only blocks known durable
+            self.received, self.resumed = received.copy(), True
+            if self.vol is not None:          # placed earlier: no allocation may take them
+                try:
+                    self.vol.claim_placed(self.received)
+                except StreamError:
+                    self._forget_progress()   # the next attempt starts over
+                    raise
         self.touched = True
         if self.vol is None and not resume:
             self._begin_overwrite()
-        self.state = LocalState(self.local.seq, self.vol.generation if self.vol else 0,
-                                im.stream_id, im.top_guid, im.base_guid or bytes(16),
-                                im.image_digest, im.image_blocks, 0, self.local.incomplete,
-                                self.local.released, self.received, self.local.props)
         self._io = BlockIO(self.dev, im.block_size)
+        if not resume and self.local.pending:
+            # the progress of another stream, whose blocks this one may overwrite:
+            # recorded as this stream's (none yet) before the first block lands
+            self.save_progress()
 
     def _begin_overwrite(self) -> None:
         """The receiving marker replaces the old superblocks (in an order a kill cannot
@@ -191,27 +203,61 @@ class Receiver:
             raise StreamError(f"stream writes block {hi - 1}, beyond the volume ({where})")
         if self.received.count(1, lo, hi):
             raise StreamError(f"stream repeats block {self.received.find(1, lo, hi)} ({where})")
-        if self.busy.count(1, lo, hi):
-            raise StreamError(f"stream writes block {self.busy.find(1, lo, hi)}, which the "
-                              f"target still uses ({where}); it does not continue what the "
-                              "target holds")
         if self.vol is not None:
-            self.vol.claim(lo, hi)      # no local allocation may take them meanwhile
-        if self.doomed_guids and self.doomed.count(1, lo, hi):
-            self._release_doomed()
+            with self.vol._lock:            # against a send starting, a local allocation
+                self._take(lo, hi, where)
+        else:
+            self._check_free(lo, hi, where)
         view = self._io.write_buffer(len(payload))
         view[:] = payload
         self._io.write_runs([(lo, count)], view, wait=False)
         self.received[lo:hi] = 1
 
+    def _check_free(self, lo: int, hi: int, where: str) -> None:
+        if not self.busy.count(1, lo, hi):
+            return
+        at = self.busy.find(1, lo, hi)
+        sent = sorted(n for n, plane in self.spared.items() if plane[at])
+        if sent:
+            self.save_progress()
+            raise StreamError(f"{self.dev.path}: snapshot {sent[0]!r}, which this stream "
+                              "releases, is being sent from here; the next attempt completes "
+                              "the receive once that send has ended")
+        raise StreamError(f"stream writes block {at}, which the target still uses ({where}); "
+                          "it does not continue what the target holds")
+
+    def _take(self, lo: int, hi: int, where: str) -> None:
+        """Under the volume lock: check the blocks are free for this receive now, start
+        reusing the blocks of the snapshots it releases if these are some, and claim
+        them against local allocations."""
+        assert self.vol is not None and self.before is not None
+        if self.dooming and self.doomed.count(1, lo, hi):
+            self._release_doomed()
+        self._check_free(lo, hi, where)
+        self.vol.claim(lo, hi, self.before)
+
     def _release_doomed(self) -> None:
         """The first block landing on one a snapshot the source dropped still holds
-        here: record those snapshots as released first (durably, with what was
-        received so far), so that if this receive never commits, the root still in
-        force does not offer a snapshot whose blocks were overwritten. They would
-        be released by the commit anyway (the source no longer has them)."""
-        self.state.released |= self.doomed_guids
-        self.doomed_guids = set()
+        here (under the volume lock). A snapshot a send began to hold since this
+        receive began keeps its blocks (they are busy now; the commit waits for
+        the send). The others are recorded as released first (durably, with what
+        was received so far), so that if this receive never commits, the root
+        still in force does not offer a snapshot whose blocks were overwritten,
+        and this volume stops offering them now: no send may start on them. They
+        would be released by the commit anyway (the source no longer has them)."""
+        assert self.vol is not None
+        vol, gone = self.vol, []
+        for e in self.dooming:
+            if vol._held.get(e.id):
+                plane = vol.plane(e.name)
+                self.spared[e.name] = plane
+                self.busy |= plane
+            else:
+                gone.append(e)
+        self.dooming = []
+        self.doomed &= ~self.busy
+        self.local.released |= {e.guid for e in gone}
+        vol.reusing(gone)
         self.save_progress()
 
     def apply_deallocations(self, runs: list[tuple[int, int]]) -> None:
@@ -225,14 +271,18 @@ class Receiver:
             self.freed[vbn:vbn + count] = 1
 
     def save_progress(self, *, quiet: bool = False) -> None:
-        """Make the blocks placed so far durable and record them (for resume)."""
+        """Make the blocks placed so far durable, then record them (for resume) in the
+        local state, which the volume also writes (its properties): it only ever
+        names blocks already on the device."""
         try:
             assert self._io is not None
             self._io.drain()
             self.dev.flush()
-            self.state.received = self.received
-            self.state.received_blocks = self.received.count()
-            self.area.write(self.state)
+            if self.vol is None:
+                self._record()
+            else:
+                with self.vol._lock:
+                    self._record()
         except (BlockxferError, OSError):
             if not quiet:
                 raise
@@ -245,12 +295,31 @@ class Receiver:
         there) until the volume takes another root: the resume's commit, or
         `revert_to_received`, which drops the offer (a volume changed since its
         last receive goes back first, so a resume never trusts a stale plane)."""
-        st = self.state
+        st = self.local
         if self.vol is not None and st.pending and st.received is not None \
                 and self.vol.generation == st.root_generation:
             self.vol.local = replace(st, incomplete=set(st.incomplete),
                                      released=set(st.released), props=dict(st.props))
             self.offered = True
+
+    def _forget_progress(self) -> None:
+        """Blocks the interrupted receive placed were taken here since: its progress
+        names data no longer there, and is dropped."""
+        assert self.vol is not None
+        with self.vol._lock:
+            st = self.local
+            st.stream_id, st.received, st.received_blocks = bytes(16), None, 0
+            self.area.write(st)
+
+    def _record(self) -> None:
+        im, st = self.image, self.local
+        st.root_generation = self.generation
+        st.stream_id, st.top_guid = im.stream_id, im.top_guid
+        st.base_guid, st.image_digest = im.base_guid or bytes(16), im.image_digest
+        st.image_blocks = im.image_blocks
+        st.received = self.received.copy()
+        st.received_blocks = st.received.count()
+        self.area.write(st)
 
     def finish(self) -> None:
         """All blocks placed: make them durable."""
@@ -289,15 +358,15 @@ class Receiver:
         if any(e.guid == im.top_guid for e in incomplete):
             raise StreamError(f"stream does not carry all blocks of its top {im.top_name!r}")
         props = self.local.props if self.vol is not None else _holds_on(self.local.props, whole)
-        state = LocalState(self.state.seq, im.root.generation,
+        state = LocalState(self.local.seq, im.root.generation,
                            incomplete={e.guid for e in incomplete},
                            released={e.guid for e in released}, props=props)
         sb = im.superblock()
         freed = 0
         if self.vol is not None:
-            freed = self.vol.adopt_foreign_root(sb, state)
+            freed = self.vol.adopt_foreign_root(sb, state, self.generation)
         else:
-            ReceiveSide.commit_foreign_root(self.dev, sb, self.slot, self.area, state)
+            commit_foreign_root(self.dev, sb, self.slot, self.area, state)
         self.committed = True
         return ReceiveOutcome([e.name for e in released], [e.name for e in incomplete], freed)
 
@@ -388,108 +457,9 @@ def _holds_on(props: dict[str, bytes], whole: set[bytes]) -> dict[str, bytes]:
     return out
 
 
-class ReceiveSide(Allocator):
-    """What an open volume offers its receiver: the receiver itself, and committing
-    the foreign root it assembled (then continuing from it)."""
-
-    def receiver(self, image: IncomingImage) -> Receiver:
-        """A receiver placing `image` (an incremental on this volume's snapshots)."""
-        self._check_usable(write=True)
-        return Receiver(self.dev, image, self)
-
-    def adopt_foreign_root(self, sb: Superblock, state: LocalState) -> int:
-        """Commit a received root on this open volume and continue from it; the
-        number of blocks that became free here (returned to the device too)."""
-        with self._lock:
-            self._no_record_in_flight()          # a new root starts the log over
-            self._check_usable(write=True)
-            if self._needs_cp():
-                raise VolumeError(f"{self.dev.path} has changes not yet committed; a receive "
-                                  "cannot replace them")
-            self.io.drain()
-            old = self.active.bits
-            old_used = old | self.pinned()
-            try:
-                self.commit_foreign_root(self.dev, sb, self.slot, self.local_area, state)
-            except BaseException as e:
-                self._failed = f"committing a received root failed ({e})"
-                raise
-            self.sb, self.slot = sb, 1 - self.slot
-            self._wait_readers()          # they may hold pointers into the old state
-            self._load_root(sb.root)
-            if self._tracker:
-                new = self.active.bits
-                self._tracker.allocated |= new & ~old
-                self._tracker.freed |= old & ~new
-                self._tracker.since = None    # a foreign root is no cut of this volume
-            self._last_cp = time.monotonic()
-            return self._discard(old_used & ~(self.active.bits | self.pinned()))
-
-    def _discard(self, gone: bitarray) -> int:
-        """Blocks no root or snapshot here uses any more (the deallocations a stream
-        carried, and what released snapshots held): their runs of DISCARD_MIN bytes
-        or more go back to the device, so that a sparse file or a thin device gets
-        the space back. Advisory: a device without discard keeps the bytes, and they
-        are free here all the same. Shorter runs are left: each discard is a file
-        system transaction (about a millisecond on ext4), and thin devices do not
-        take pieces smaller than their chunk anyway."""
-        bs, count = self.block_size, gone.count()
-        least = max(1, DISCARD_MIN // bs)
-        pos = self.sb.first_data_vbn
-        while count and (s := gone.find(1, pos, self.nblocks)) >= 0:
-            e = gone.find(0, s, self.nblocks)
-            e = self.nblocks if e < 0 else e
-            if e - s >= least:
-                try:
-                    self.dev.discard(s * bs, (e - s) * bs)
-                except (BlockxferError, OSError):
-                    return count
-            pos = e
-        return count
-
-    def revert_to_received(self, name: str) -> bool:
-        """Discard what changed here since snapshot `name` was received (local writes,
-        local snapshots): its root, which the snapshot's plane keeps intact, is
-        written back into both superblock slots, so the volume is again exactly
-        what it received and takes the next incremental. False when nothing changed.
-
-        The order survives a kill: the local facts for the old root first (ignored
-        while a newer root is in force), then the slot not in force (the newer root
-        still wins), then the slot in force (a torn write leaves the other slot)."""
-        with self._lock:
-            self._no_record_in_flight()          # a new root starts the log over
-            self._check_usable(write=True)
-            e = self.resolve(name)
-            if e.root is None or e.shadow or e.incomplete:
-                raise VolumeError(f"snapshot {e.name!r} on {self.dev.path} is not a received "
-                                  "state this volume can go back to")
-            if self.generation == e.root.generation and not self._needs_cp():
-                return False
-            self.io.drain()
-            state = LocalState(self.local.seq, e.root.generation,
-                               incomplete=set(self.local.incomplete),
-                               released=set(self.local.released),
-                               props=dict(self.local.props))
-            sb = replace(self.sb, root=e.root)
-            try:
-                self.local_area.write(state)
-                write_superblock(self.dev, sb, 1 - self.slot)
-                write_superblock(self.dev, sb, self.slot)
-            except BaseException as err:
-                self._failed = f"going back to snapshot {e.name!r} failed ({err})"
-                raise
-            self.sb = sb
-            self._wait_readers()
-            self._load_root(sb.root)
-            if self._tracker:
-                self._tracker.since = None
-            self._last_cp = time.monotonic()
-            return True
-
-    @staticmethod
-    def commit_foreign_root(dev: BlockDevice, sb: Superblock, slot: int, area: LocalArea,
-                            state: LocalState) -> None:
-        """What only this copy knows first, then the superblock naming the foreign
-        root into the slot not in force: the last write of a receive."""
-        area.write(state)
-        write_superblock(dev, sb, 1 - slot)
+def commit_foreign_root(dev: BlockDevice, sb: Superblock, slot: int, area: LocalArea,
+                        state: LocalState) -> None:
+    """What only this copy knows first, then the superblock naming the foreign
+    root into the slot not in force: the last write of a receive."""
+    area.write(state)
+    write_superblock(dev, sb, 1 - slot)

@@ -90,7 +90,7 @@ class Snapshots(Allocator):
     def destroy_snapshot(self, name: str) -> None:
         with self._lock:
             self._check_usable(write=True)
-            e = next((s for s in self.catalog.snapshots if s.name == name), None)
+            e = next((s for s in self.snapshots() if s.name == name), None)
             if e is None:
                 hint = " (it is a pointer: use 'pointer --delete')" \
                     if name in self.catalog.pointers else ""
@@ -168,6 +168,11 @@ class Snapshots(Allocator):
         """Keep these snapshots (and so their blocks) from being destroyed meanwhile:
         a send streams their blocks without holding the volume lock."""
         with self._lock:
+            gone = [e.name for e in entries if e.id in self._reusing]
+            if gone:
+                raise VolumeError(f"snapshot {gone[0]!r} on {self.dev.path} is being released "
+                                  "by a receive in progress (its source dropped it) and its "
+                                  "blocks are being reused; it can no longer be sent")
             for e in entries:
                 self._held[e.id] = self._held.get(e.id, 0) + 1
         try:

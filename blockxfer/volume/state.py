@@ -3,7 +3,8 @@ memory, snapshot and plane lookups, and the count of reads running outside the l
 
 The volume's behaviour lives in focused parts that build on this class
 (allocator.py, reads.py, writes.py, snapshots.py, tracking.py, the receive side in
-receiver.py) and is composed, with consistency points, into `Volume` (volume.py).
+receiver.py and receiveside.py) and is composed, with consistency points, into
+`Volume` (volume.py).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class VolumeState:
         self._new: tuple[SnapshotEntry, PlaneObject] | None = None
         self._snap_trees: dict[int, CowTree] = {}
         self._claimed: bitarray | None = None     # blocks a receive is placing
+        # Snapshots a receive in progress releases and has begun to overwrite (their
+        # release is recorded in the local area): still in the catalog in force, so
+        # still pinned, but offered to nobody (listings, sends, holds) any more.
+        self._reusing: set[int] = set()
 
     @property
     def virtual_size(self) -> int:
@@ -128,10 +133,10 @@ class VolumeState:
                 or self.active.is_dirty)
 
     def snapshots(self) -> list[SnapshotEntry]:
-        return list(self.catalog.snapshots)
+        return [e for e in self.catalog.snapshots if e.id not in self._reusing]
 
     def snapshot_names(self) -> list[str]:
-        return [e.name for e in self.catalog.snapshots]
+        return [e.name for e in self.snapshots()]
 
     @property
     def pointers(self) -> dict[str, str]:
@@ -141,7 +146,7 @@ class VolumeState:
     def resolve(self, name: str) -> SnapshotEntry:
         """A snapshot by name or through a pointer."""
         sid = self.catalog.pointers.get(name)
-        for e in self.catalog.snapshots:
+        for e in self.snapshots():
             if e.name == name or e.id == sid:
                 return e
         raise NotFound(f"no snapshot or pointer named {name!r} on {self.dev.path}; "

@@ -10,7 +10,7 @@ intact on disk.
 
 `Volume` composes the focused parts (state.py, allocator.py, reads.py,
 writes.py, syncing.py, snapshots.py, tracking.py, and the receive side in
-receiver.py); this module keeps what ties them together: creating and opening
+receiveside.py); this module keeps what ties them together: creating and opening
 (which replays the intent log), the CP, closing.
 """
 
@@ -28,7 +28,7 @@ from . import layout
 from .blockio import aligned
 from .layout import ObjectRef, RootRecord, Superblock
 from .properties import Properties
-from .receiver import ReceiveSide
+from .receiveside import ReceiveSide
 from .snapshots import Snapshots
 from .superblock import read_superblock_slot, reserved_blocks, write_superblock
 from .syncing import Syncing
