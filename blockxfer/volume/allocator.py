@@ -179,4 +179,4 @@ class Allocator(VolumeState):
     def release_claims(self) -> None:
         """An abandoned receive: its blocks become free again at the next CP."""
         with self._lock:
-            self._claimed = None
+            self._claimed, self.claims_offered = None, None

@@ -167,6 +167,8 @@ class Receiver:
             # a copy: the volume's local state keeps naming only blocks known durable
             self.received, self.resumed = received.copy(), True
             if self.vol is not None:          # placed earlier: no allocation may take them
+                if self.vol.claims_offered == im.stream_id:
+                    self.vol.release_claims()   # its own, kept since the cut (offer_resume)
                 try:
                     self.vol.claim_placed(self.received)
                 except StreamError:
@@ -301,6 +303,7 @@ class Receiver:
             self.vol.local = replace(st, incomplete=set(st.incomplete),
                                      released=set(st.released), props=dict(st.props))
             self.offered = True
+            self.vol.claims_offered = self.image.stream_id
 
     def _forget_progress(self) -> None:
         """Blocks the interrupted receive placed were taken here since: its progress

@@ -99,6 +99,7 @@ class VolumeState:
         self._new: tuple[SnapshotEntry, PlaneObject] | None = None
         self._snap_trees: dict[int, CowTree] = {}
         self._claimed: bitarray | None = None     # blocks a receive is placing
+        self.claims_offered: bytes | None = None  # stream id of an offered resume's claims
         # Snapshots a receive in progress releases and has begun to overwrite (their
         # release is recorded in the local area): still in the catalog in force, so
         # still pinned, but offered to nobody (listings, sends, holds) any more.
