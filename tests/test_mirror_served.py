@@ -229,6 +229,23 @@ def test_a_stopping_service_ends_its_update_which_the_next_start_finishes(
     assert name == st.pending.top and image == _source_image(src, name)
 
 
+def _aim(rng: random.Random, src: str) -> None:
+    """When to kill: half the time a log-uniform delay after the fork (start-up, or
+    the update it resumes, on a fast machine or a slow one), half the time a little
+    after the service says it is updating (a fixed window from the fork missed
+    every update under load, where start-up alone took longer)."""
+    if rng.random() < 0.5:
+        time.sleep(math.exp(rng.uniform(math.log(0.01), math.log(0.25))))
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):      # not serving yet, or going away
+            if control.server_running(src) and mirror(src, "status")["runtime"]["updating"]:
+                break
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.06))
+
+
 def _kill_points(tmp_path: Path, kills: int, seed: int) -> int:
     """Kill -9 the service at random points of its update (the first, full, then
     incrementals after churn); each time the destination is at a mirrored state
@@ -244,10 +261,7 @@ def _kill_points(tmp_path: Path, kills: int, seed: int) -> int:
         pid = os.fork()
         if pid == 0:
             _serve_child(src, sock, 64 << 10)
-        # start-up, then the update it resumes: log-uniform delays land inside it on a
-        # slow machine and on a fast one (updates here take 20-120 ms
-        # after a fork's start; a fixed 0.05-0.5 s window missed them once they sped up)
-        time.sleep(math.exp(rng.uniform(math.log(0.01), math.log(0.25))))
+        _aim(rng, src)
         stop(pid, signal.SIGKILL)
         name, image = _dest_state(dest)
         if name is not None:
