@@ -201,7 +201,8 @@ def _either_side(tmp_path: Path, kills: int) -> None:
         time.sleep(rng.uniform(0.2, 0.9))            # the far side's start is most of it
         far = _descendants(pid)
         victim = far[0] if far and rng.random() < 0.5 else pid
-        os.kill(victim, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):    # a far side that just ended
+            os.kill(victim, signal.SIGKILL)
         if victim != pid:
             time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)             # the mirror then fails or waits: end it
