@@ -30,6 +30,7 @@ from blockxfer.transfer.mirror.target import (
     found_from_dict,
     found_in,
     found_to_dict,
+    raise_first,
 )
 
 from .control import ControlServer
@@ -106,12 +107,6 @@ class ServedTarget:
         except BlockxferError as e:
             failed = e
         t.join()
-        mine = sent.get("error")
-        if isinstance(mine, BlockxferError):     # the sender's reason (a damaged block) first
-            raise mine
-        if failed is not None:
-            raise failed
-        if mine is not None:
-            raise mine
+        raise_first(sent.get("error"), failed)
         return {"top": res["top"], "blocks": res["blocks"], "resumed": res["resumed"],
                 "stats": sent.get("stats")}

@@ -164,13 +164,7 @@ class LocalTarget:
         finally:
             pipe.close_read()
         t.join()
-        mine = sent.get("error")
-        if isinstance(mine, BlockxferError):     # the sender's reason (a damaged block) first
-            raise mine
-        if failed is not None:
-            raise failed
-        if mine is not None:
-            raise mine
+        raise_first(sent.get("error"), failed)
         return {"top": res.top, "blocks": res.blocks, "resumed": res.resumed,
                 "stats": sent.get("stats")}
 
@@ -261,6 +255,18 @@ class UrlTarget:
             raise StreamError(f"{self.url} did not say what it received")
         return {"top": far["top"], "blocks": far.get("blocks", 0),
                 "resumed": bool(far.get("resumed")), "stats": stats}
+
+
+def raise_first(sender: BaseException | None, receiver: BlockxferError | None) -> None:
+    """After the two halves of a local update (a sender thread, a receive): the
+    sender's reason first when it is ours (a damaged block explains the cut-off
+    stream the receive saw), then the receive's, then anything else the sender hit."""
+    if isinstance(sender, BlockxferError):
+        raise sender
+    if receiver is not None:
+        raise receiver
+    if sender is not None:
+        raise sender
 
 
 class Pipe:
