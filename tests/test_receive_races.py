@@ -200,9 +200,9 @@ def test_blocks_allocated_here_during_a_receive_are_not_overwritten(tmp_path: Pa
         t.close()
 
 
-def test_a_resumed_receive_claims_the_blocks_it_placed_before(tmp_path: Path) -> None:
-    """Blocks an interrupted receive placed are free in the committed state; when it
-    resumes in an open volume, no local allocation may take them."""
+def _interrupted_after_one_record(tmp_path: Path) -> tuple[str, bytes, Data]:
+    """dst holds a; the receive of `b - a` into it placed its first record, saved
+    its progress and was cut off there."""
     src = make_source(str(tmp_path / "src.img"))
     dst = str(tmp_path / "dst.img")
     receive(dst, stream(src, "a"))
@@ -215,6 +215,13 @@ def test_a_resumed_receive_claims_the_blocks_it_placed_before(tmp_path: Path) ->
     r.save_progress()
     r.close()
     t.close()
+    return dst, data, first
+
+
+def test_a_resumed_receive_claims_the_blocks_it_placed_before(tmp_path: Path) -> None:
+    """Blocks an interrupted receive placed are free in the committed state; when it
+    resumes in an open volume, no local allocation may take them."""
+    dst, data, first = _interrupted_after_one_record(tmp_path)
     t = Volume.open(open_device(dst, write=True))
     try:
         r = _receiver(t, data, resume=True)
@@ -232,18 +239,7 @@ def test_a_resume_over_blocks_allocated_here_since_starts_over(tmp_path: Path) -
     """Blocks of an interrupted receive taken by a local write before it resumed
     hold other data now: the resume is refused and its progress dropped, so the
     next attempt sends the stream whole."""
-    src = make_source(str(tmp_path / "src.img"))
-    dst = str(tmp_path / "dst.img")
-    receive(dst, stream(src, "a"))
-    data = stream(src, "b - a")
-    src.close()
-    first = _data(data)[0]
-    t = Volume.open(open_device(dst, write=True))
-    r = _receiver(t, data)
-    r.place(first.vbn, first.count, first.payload, "record")
-    r.save_progress()
-    r.close()
-    t.close()
+    dst, data, first = _interrupted_after_one_record(tmp_path)
     t = Volume.open(open_device(dst, write=True))   # a served replica written, say
     t.write(0, os.urandom(4 * MiB))                  # takes the blocks placed
     assert t.active.bits.count(1, first.vbn, first.vbn + first.count)
