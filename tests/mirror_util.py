@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from blockxfer.drivers.blockdev import open_device
+from blockxfer.stream.send import plain_reader
 from blockxfer.transfer.mirror import MirrorState, run_update, save
 from blockxfer.transfer.mirror.target import LocalTarget
 from blockxfer.volume import Volume
@@ -21,6 +25,25 @@ def make_volume(path: str, size: int = 16 << 20, virtual: int = 4 << 20) -> Volu
 
 def open_vol(path: str, write: bool = True) -> Volume:
     return Volume.open(open_device(path, write=write), writable=write)
+
+
+Reader = Callable[[Iterable[tuple[int, int]]], Iterator[tuple[int, memoryview]]]
+
+
+def dying_reader(vol: Volume, after: int) -> Reader:
+    """A block reader for `run_update` in a forked child that kills its own process
+    (SIGKILL) a moment after `after` bytes were read (the receive meanwhile saves
+    its plane of received blocks)."""
+    inner, done = plain_reader(vol), [0]
+
+    def reader(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
+        for vbn, view in inner(runs):
+            yield vbn, view
+            done[0] += len(view)
+            if done[0] >= after:
+                time.sleep(0.3)
+                os.kill(os.getpid(), signal.SIGKILL)
+    return reader
 
 
 def configure(vol: Volume, dest: str, every: float = 10.0) -> None:

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from blockxfer.drivers.blockdev import open_device
-from blockxfer.stream.send import plain_reader
 from blockxfer.transfer.mirror import load, run_update
 from blockxfer.transfer.mirror.target import LocalTarget, UrlTarget
 from blockxfer.volume.check import check_volume
-from tests.mirror_util import churn, configure, dest_image, image_of, make_volume, open_vol
+from tests.mirror_util import (
+    churn,
+    configure,
+    dest_image,
+    dying_reader,
+    image_of,
+    make_volume,
+    open_vol,
+)
 from tests.test_mirror_remote import far  # noqa: F401 - the fixture
 
 MiB = 1 << 20
@@ -31,15 +35,7 @@ def _cut_update(src: str, dest: str, after: int) -> None:
         import blockxfer.stream.receive as receive
         receive.PERSIST_EVERY = 64 << 10
         vol = open_vol(src)
-        inner, done = plain_reader(vol), [0]
-
-        def reader(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
-            for vbn, view in inner(runs):
-                yield vbn, view
-                done[0] += len(view)
-                if done[0] >= after:
-                    time.sleep(0.3)
-                    os.kill(os.getpid(), signal.SIGKILL)
+        reader = dying_reader(vol, after)
         run_update(vol, LocalTarget(dest, open_device), reader=reader)
     finally:
         os._exit(1)

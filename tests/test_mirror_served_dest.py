@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,17 @@ from blockxfer.cli.mirror import mirror_target
 from blockxfer.nbd import protocol as p
 from blockxfer.service import control
 from blockxfer.service.mirrordest import ServedTarget
-from blockxfer.stream.send import plain_reader
 from blockxfer.transfer.mirror import load, run_update
 from blockxfer.volume.check import check_volume
-from tests.mirror_util import churn, configure, dest_image, image_of, make_volume, open_vol
+from tests.mirror_util import (
+    churn,
+    configure,
+    dest_image,
+    dying_reader,
+    image_of,
+    make_volume,
+    open_vol,
+)
 from tests.mirror_util import update as local_update
 from tests.nbd.load import connect
 from tests.test_mirror_remote import far  # noqa: F401 - a fixture
@@ -38,15 +44,7 @@ def _cut_update(src: str, dest: str, after: int) -> None:
     every 64 KiB meanwhile, and once more when the stream is cut)."""
     try:
         vol = open_vol(src)
-        inner, done = plain_reader(vol), [0]
-
-        def reader(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
-            for vbn, view in inner(runs):
-                yield vbn, view
-                done[0] += len(view)
-                if done[0] >= after:
-                    time.sleep(0.3)
-                    os.kill(os.getpid(), signal.SIGKILL)
+        reader = dying_reader(vol, after)
         run_update(vol, mirror_target(dest), reader=reader)
     finally:
         os._exit(1)
