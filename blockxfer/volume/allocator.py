@@ -149,21 +149,30 @@ class Allocator(VolumeState):
                                   "target is unchanged: receive again")
             self._claim(start, stop)
 
-    def claim_placed(self, placed: bitarray) -> None:
+    def claim_placed(self, placed: bitarray, stream_id: bytes) -> None:
         """Claim the blocks an interrupted receive placed before (resuming it): they
         were free in this committed state then; one allocated here since holds
-        other data now, and the resume is refused."""
+        other data now, and the resume is refused. Claims kept for this very
+        stream since its cut (`offer_claims`) are its own."""
         with self._lock:
+            if self.claims_offered == stream_id:
+                self._claimed, self.claims_offered = None, None
             taken = placed & (self.active.bits | self._claimed_plane())
             if taken.any():
                 raise StreamError(f"{self.dev.path}: block {taken.find(1)}, which the "
                                   "interrupted receive placed, was allocated here since; "
                                   "send the stream again without resuming")
-            pos, end = 0, len(placed)
-            while (start := placed.find(1, pos, end)) >= 0:
-                stop = placed.find(0, start, end)
-                pos = end if stop < 0 else stop
-                self._claim(start, pos)
+            busy = self._busy_plane()
+            self._free -= (placed & ~busy).count()
+            busy |= placed
+            claimed = self._claimed_plane()
+            claimed |= placed
+
+    def offer_claims(self, stream_id: bytes) -> None:
+        """An interrupted receive of `stream_id` is offered for resume: its claims
+        stay (no local write takes its blocks) until it resumes or they are released."""
+        with self._lock:
+            self.claims_offered = stream_id
 
     def _claimed_plane(self) -> bitarray:
         if self._claimed is None:

@@ -14,7 +14,7 @@ for an incremental, also into a volume a server holds open) or from a device
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -167,10 +167,8 @@ class Receiver:
             # a copy: the volume's local state keeps naming only blocks known durable
             self.received, self.resumed = received.copy(), True
             if self.vol is not None:          # placed earlier: no allocation may take them
-                if self.vol.claims_offered == im.stream_id:
-                    self.vol.release_claims()   # its own, kept since the cut (offer_resume)
                 try:
-                    self.vol.claim_placed(self.received)
+                    self.vol.claim_placed(self.received, im.stream_id)
                 except StreamError:
                     self._forget_progress()   # the next attempt starts over
                     raise
@@ -300,10 +298,8 @@ class Receiver:
         st = self.local
         if self.vol is not None and st.pending and st.received is not None \
                 and self.vol.generation == st.root_generation:
-            self.vol.local = replace(st, incomplete=set(st.incomplete),
-                                     released=set(st.released), props=dict(st.props))
-            self.offered = True
-            self.vol.claims_offered = self.image.stream_id
+            self.offered = True               # its local state is the volume's already
+            self.vol.offer_claims(self.image.stream_id)
 
     def _forget_progress(self) -> None:
         """Blocks the interrupted receive placed were taken here since: its progress
