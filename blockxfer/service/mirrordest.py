@@ -20,17 +20,16 @@ back at the next update, as for a destination the mirror opens itself.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
-from blockxfer.errors import BlockxferError, UsageError, VolumeError
+from blockxfer.errors import UsageError, VolumeError
 from blockxfer.transfer.mirror.target import (
     Found,
     WriteStream,
+    beside,
     found_from_dict,
     found_in,
     found_to_dict,
-    raise_first,
 )
 
 from .control import ControlServer
@@ -90,23 +89,14 @@ class ServedTarget:
         """The stream goes through a pipe to the service's `receive`, written here
         by a thread; a full stream is refused there (the volume is served)."""
         rfd, wfd = os.pipe()
-        sent: dict[str, Any] = {}
 
-        def send() -> None:
-            try:
-                with os.fdopen(wfd, "wb", buffering=OUT_BUFFER) as pipe:
-                    sent["stats"] = write(pipe)
-            except BaseException as e:       # noqa: BLE001 - reported with the answer
-                sent["error"] = e
-        t = threading.Thread(target=send, name="mirror-send", daemon=True)
-        t.start()
-        failed: BlockxferError | None = None
-        try:                                  # `rfd` is handed over: closed once sent
-            res = self.client.call("receive", fds=[rfd], handover=True, timeout=None,
-                                   source_hint="(the mirror)", retry=RETRY)
-        except BlockxferError as e:
-            failed = e
-        t.join()
-        raise_first(sent.get("error"), failed)
+        def send() -> Any:
+            with os.fdopen(wfd, "wb", buffering=OUT_BUFFER) as pipe:
+                return write(pipe)
+
+        def take() -> Any:                    # `rfd` is handed over: closed once sent
+            return self.client.call("receive", fds=[rfd], handover=True, timeout=None,
+                                    source_hint="(the mirror)", retry=RETRY)
+        res, stats = beside(send, take)
         return {"top": res["top"], "blocks": res["blocks"], "resumed": res["resumed"],
-                "stats": sent.get("stats")}
+                "stats": stats}

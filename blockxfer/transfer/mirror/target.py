@@ -22,7 +22,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bitarray import bitarray
 
@@ -144,29 +144,21 @@ class LocalTarget:
 
     def receive(self, write: WriteStream, *, force: bool) -> dict[str, Any]:
         pipe = Pipe()
-        sent: dict[str, Any] = {}
 
-        def send() -> None:
+        def send() -> Any:
             try:
-                sent["stats"] = write(pipe)
-            except BaseException as e:       # noqa: BLE001 - handed to the receiving side
-                sent["error"] = e
+                return write(pipe)
             finally:
                 pipe.close_write()
-        t = threading.Thread(target=send, name="mirror-send", daemon=True)
-        t.start()
-        failed: BlockxferError | None = None
-        try:
-            res = receive_stream(pipe, self.path, self._open, force=force,
-                                 retry="the mirror resumes it at its next update")
-        except BlockxferError as e:
-            failed = e
-        finally:
-            pipe.close_read()
-        t.join()
-        raise_first(sent.get("error"), failed)
-        return {"top": res.top, "blocks": res.blocks, "resumed": res.resumed,
-                "stats": sent.get("stats")}
+
+        def take() -> Any:
+            try:
+                return receive_stream(pipe, self.path, self._open, force=force,
+                                      retry="the mirror resumes it at its next update")
+            finally:
+                pipe.close_read()
+        res, stats = beside(send, take)
+        return {"top": res.top, "blocks": res.blocks, "resumed": res.resumed, "stats": stats}
 
 
 def found_in(vol: Volume) -> Found:
@@ -257,16 +249,37 @@ class UrlTarget:
                 "resumed": bool(far.get("resumed")), "stats": stats}
 
 
-def raise_first(sender: BaseException | None, receiver: BlockxferError | None) -> None:
-    """After the two halves of a local update (a sender thread, a receive): the
-    sender's reason first when it is ours (a damaged block explains the cut-off
-    stream the receive saw), then the receive's, then anything else the sender hit."""
-    if isinstance(sender, BlockxferError):
-        raise sender
-    if receiver is not None:
-        raise receiver
-    if sender is not None:
-        raise sender
+R = TypeVar("R")
+
+
+def beside(send: Callable[[], Any], receive: Callable[[], R]) -> tuple[R, Any]:
+    """The two halves of a local update: `send` writes the stream on a thread while
+    `receive` takes it here; what each returned. The sender's reason goes first
+    when it is ours (a damaged block explains the cut-off stream the receive saw),
+    then the receive's, then anything else the sender hit."""
+    sent: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            sent["stats"] = send()
+        except BaseException as e:       # noqa: BLE001 - ordered with the receive's below
+            sent["error"] = e
+    t = threading.Thread(target=run, name="mirror-send", daemon=True)
+    t.start()
+    failed: BlockxferError | None = None
+    try:
+        res = receive()
+    except BlockxferError as e:
+        failed = e
+    t.join()
+    mine = sent.get("error")
+    if isinstance(mine, BlockxferError):
+        raise mine
+    if failed is not None:
+        raise failed
+    if mine is not None:
+        raise mine
+    return res, sent.get("stats")
 
 
 class Pipe:
