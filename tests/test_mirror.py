@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer.errors import BlockxferError, NotFound, VolumeError
+from blockxfer.errors import BlockxferError, DamagedBlock, NotFound, VolumeError
 from blockxfer.transfer.mirror import load, next_due, run_loop, run_update
 from blockxfer.transfer.mirror.loop import Tick
 from blockxfer.transfer.mirror.status import describe
@@ -206,3 +206,26 @@ def test_effective_next_consistency_point_never_queues_a_backlog() -> None:
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert all(0.24 < g < 0.4 for g in gaps), gaps         # back to back, not queued
     assert all(t.skipped >= 2 for t in ticks)
+
+
+def test_a_damaged_source_block_is_the_reason_given_and_the_destination_stays(
+        tmp_path: Path) -> None:
+    """The sender's own reason (a block failing its checksum) comes before the cut-off
+    stream the receive saw (transfer/mirror/target.py `beside`), and the destination
+    keeps its last mirrored state."""
+    src, dest = str(tmp_path / "src.img"), str(tmp_path / "dst.img")
+    vol = make_volume(src)
+    vol.write(0, os.urandom(1 << 20))
+    configure(vol, dest)
+    first = update(vol, dest)
+    kept = dest_image(dest)
+    vol.write(0, os.urandom(1 << 20))
+    vol.sync()
+    vbn = int(vol.lba.get(10, 1)[0, 0])
+    with open(src, "r+b") as f:                 # behind the volume's back
+        f.seek(vbn * BS)
+        f.write(b"\x5a" * 16)
+    with pytest.raises(DamagedBlock):           # not the receive's "stream is truncated"
+        update(vol, dest)
+    vol.close()
+    assert dest_image(dest) == kept and first["snapshot"].startswith("mirror.")
