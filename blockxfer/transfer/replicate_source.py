@@ -190,8 +190,9 @@ def _unconfirmed(vol: Volume, prev: registry.Destination | None,
     stay, until a pull names that master or a newer one."""
     if prev is None or prev.s is None:
         return set()
-    gen = {e.guid: e.generation for e in masters(vol)}
-    sent = next((e for e in masters(vol) if e.name == prev.s), None)
+    kept = masters(vol)
+    gen = {e.guid: e.generation for e in kept}
+    sent = next((e for e in kept if e.name == prev.s), None)
     newest = gen.get(req.have[0]) if req.have else None
     if sent is None or (newest is not None and newest >= sent.generation):
         return set()
