@@ -81,7 +81,7 @@ def test_daemon_mirrors_reports_and_stops(tmp_path: Path, env: dict[str, str]) -
     finally:
         stopped = ok(bx(env, "mirror", "stop", src, "--json"))
     assert stopped["stopped"] and not Path(started["pid_file"]).exists()
-    from blockxfer.cli.mirror import _alive
+    from blockxfer.cli.mirror_daemon import alive as _alive
     assert not _alive(pid)
     assert r.returncode == 0
     got = ok(bx(env, "mirror", "update", src, "--json"))

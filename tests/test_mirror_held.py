@@ -30,7 +30,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 def test_mirror_commands_on_a_volume_a_pull_holds(
         tmp_path: Path, run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    from blockxfer.cli.mirror import update_once
+    from blockxfer.cli.mirror_source import update_once
     src, dest = str(tmp_path / "src.img"), str(tmp_path / "dst.img")
     vol = make_volume(src, 8 << 20, 1 << 20)
     churn(vol, random.Random(1), 30, 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blockxfer.cli.mirror import mirror_target
+from blockxfer.cli.mirror_source import mirror_target
 from blockxfer.nbd import protocol as p
 from blockxfer.service import control
 from blockxfer.service.mirrordest import ServedTarget

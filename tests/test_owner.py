@@ -328,9 +328,10 @@ WRITE_OPENS = {
                                                                    "server's log file",
     ("blockxfer/transfer/objstore/servers.py", "start_rclone"): "the embedded S3 server's "
                                                                 "log file",
-    ("blockxfer/cli/mirror.py", "_write_atomic"): "the mirror daemon's pid and status "
-                                                  "files in the run directory",
-    ("blockxfer/cli/mirror.py", "_spawn"): "the mirror daemon's log file in the run directory",
+    ("blockxfer/cli/mirror_daemon.py", "_write_atomic"): "the mirror daemon's pid and "
+                                                         "status files in the run directory",
+    ("blockxfer/cli/mirror_daemon.py", "spawn"): "the mirror daemon's log file in the run "
+                                                 "directory",
     ("blockxfer/transfer/increments/store.py", "create"): "an increments directory's header "
                                                           "file (never a volume)",
     ("blockxfer/transfer/increments/store.py", "write_slot"): "its header slots",

@@ -31,7 +31,7 @@ from blockxfer.nbd.tlsmodes import MODES
 
 from .common import syslog_arg, volume_arg
 from .increments import wire
-from .mirror import mirror_target
+from .mirror_source import mirror_target
 from .spec import Command, Report, Section, arg
 
 if TYPE_CHECKING:
