@@ -54,6 +54,7 @@ JOB = "replicate pull"
 OUT_BUFFER = 1 << 20
 PIPE_CHUNK = 1 << 20
 OPEN_WAIT = 60.0                     # seconds a pull waits for its target held elsewhere
+KEEP_SLACK = 30.0                    # a scheduled pull's connection is kept its interval + this
 HOST_DRAIN = 120.0                   # seconds a pull waits for the children it answers
 
 
@@ -68,6 +69,7 @@ class ReplicationCommands:
         self.ops, self.jobs = ops, jobs
         self.owner = owner or "the service that serves it ('blockxfer serve')"
         self._job: Any = None
+        self._sessions: Any = None           # the scheduled source's connection, kept
 
     def install(self, ctl: ControlServer) -> None:
         ctl.register("replicate_source", self.source, fds=1, asks=True)
@@ -116,10 +118,32 @@ class ReplicationCommands:
              dry_run: bool = False) -> Result:
         from blockxfer.transfer.replicate import OpenTarget, pull_once
         opened = OpenTarget(self.ops.vol, self.ops.lock, self.owner)
+        keep, sessions = self._session_for(str(source))
         rec = pull_once(str(source), self.ops.path, _no_device, name=name,
                         rollback=bool(rollback), bwlimit=bwlimit, compress=bool(compress),
-                        dry_run=bool(dry_run), progress=progress, opened=opened)
+                        dry_run=bool(dry_run), progress=progress, opened=opened,
+                        sessions=sessions, keep=keep)
         return rec.as_dict()
+
+    def _session_for(self, source: str) -> tuple[float, Any]:
+        """A pull from the scheduled source uses the connection kept for the schedule
+        (and keeps it an interval and some more); other pulls use their own. The
+        channels end with the schedule and with the service's jobs."""
+        entry = self._scheduled() if self.jobs is not None else None
+        if entry is None or entry.get("source") != source:
+            return 0.0, self._sessions
+        if self._sessions is None:
+            from blockxfer.transport.endpoint import Sessions
+            self._sessions = Sessions()
+            if self._job is not None:
+                threading.Thread(target=self._end_sessions, args=(self._job, self._sessions),
+                                 daemon=True, name="replicate-sessions").start()
+        return float(entry["every"]) + KEEP_SLACK, self._sessions
+
+    @staticmethod
+    def _end_sessions(job: Any, sessions: Any) -> None:
+        job.stop.wait()                          # the service stops its jobs
+        sessions.close()
 
     def schedule(self, op: str = "show", every: float | None = None, source: str | None = None,
                  name: str | None = None, rollback: bool = False, bwlimit: int | None = None,
@@ -138,6 +162,8 @@ class ReplicationCommands:
         elif op == "clear":
             with self.ops.lock:
                 self.ops.vol.set_property(SCHEDULE, None)
+            if self._sessions is not None:
+                self._sessions.close()           # the source's session ends with it
         elif op != "show":
             raise UsageError(f"replicate_schedule: unknown operation {op!r}")
         return self._scheduled()

@@ -28,7 +28,8 @@ from typing import Any
 from blockxfer.errors import BlockxferError, DeviceBusy, StreamError, VolumeError
 from blockxfer.stream.io import ByteSource
 from blockxfer.stream.receive import OpenDevice, ReceiveResult, receive_into, receive_stream
-from blockxfer.transport import Result, Source, open_pull
+from blockxfer.transport import Result, Source, open_pull, scheme_of
+from blockxfer.transport.endpoint import Sessions
 from blockxfer.volume import Volume
 from blockxfer.volume.rewind import rewind_to
 
@@ -152,11 +153,15 @@ def _check(t: Target, plan: Result, rollback: bool, source: str) -> tuple[str | 
 def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | None = None,
               rollback: bool = False, bwlimit: int | None = None, dry_run: bool = False,
               compress: bool = True, progress: Progress | None = None,
-              opened: OpenTarget | None = None, host: Host | None = None) -> PullRecord:
+              opened: OpenTarget | None = None, host: Host | None = None,
+              sessions: Sessions | None = None, keep: float = 0.0) -> PullRecord:
     """One pull of the source's newest master into `target` (see the module text).
     `opened`: the target is open in this process (a service's; incrementals only).
     `host`: how this pull holds the target open while it receives an incremental,
-    answering its children's pulls meanwhile (a middle host of a tree)."""
+    answering its children's pulls meanwhile (a middle host of a tree).
+    `sessions`: the connection to the source kept open between pulls (a service's
+    schedule), taken from and given back to them; `keep`: the seconds the source is
+    asked to keep it open after this pull."""
     name = name or socket.gethostname()
     open_device = _patient(open_device)
     rec = PullRecord(source, target, name, started=time.time(), dry_run=dry_run)
@@ -165,17 +170,21 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
     if t.diverged and not rollback:
         raise VolumeError(f"{target} cannot take updates from {source}: {t.diverged}; pull "
                           "with --rollback to discard the changes made here")
+    def ask(resume: bool) -> tuple[Result, Source]:
+        req = _request(t, state, name, dry_run=dry_run, compress=compress, bwlimit=bwlimit,
+                       resume=resume)
+        if sessions is not None and scheme_of(source) in ("ssh", "tls"):
+            pull = sessions.pull(source, req, keep)
+            return pull.plan, pull
+        return open_pull(source, req)
     try:
-        plan, src = open_pull(source, _request(t, state, name, dry_run=dry_run,
-                                               compress=compress, bwlimit=bwlimit, resume=True))
+        plan, src = ask(True)
     except StreamError as e:                 # the source cannot resume that stream: anew
         if not (t.interrupted and state.pending and _stale(e)):
             raise
         state.pending = None
         state.save()
-        plan, src = open_pull(source, _request(t, state, name, dry_run=dry_run,
-                                               compress=compress, bwlimit=bwlimit,
-                                               resume=False))
+        plan, src = ask(False)
     with src:
         _fill(rec, plan)
         back, force = _check(t, plan, rollback, source)

@@ -1,0 +1,177 @@
+"""The connection a scheduled pull keeps to its source (a session of requests on one
+`stdio-serve`), over the stand-in for ssh of test_replicate.py: several pulls on
+one channel with the same far-side process; a far side killed between pulls is
+replaced by the next pull, once, transparently; each request is still checked on
+its own (another volume on the kept channel is refused and logged); the far side's
+idle timeout ends it; a request that asks no session ends the connection as
+before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockxfer.drivers.blockdev import open_device
+from blockxfer.errors import BlockxferError
+from blockxfer.transfer.replicate import pull_once
+from blockxfer.transport.endpoint import EndpointPull, Sessions, open_channel
+from blockxfer.transport.ssh import SshChannel
+from tests.test_replicate import FAKE_SSH, master, same, source, url
+from tests.transport_util import BLOCKXFER, bx, ok
+
+# the far side runs as this forced command (the volume pinned, a short idle time)
+FORCED_SSH = """#!/bin/sh
+exec {bx} stdio-serve --volume "$FORCED_VOLUME" --allow replicate --idle-timeout "$IDLE" \\
+    2>>"$FAR_LOG"
+"""
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    script = tmp_path / "fakessh"
+    script.write_text(FAKE_SSH)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("BLOCKXFER_SSH", str(script))
+    monkeypatch.setenv("BLOCKXFER_REMOTE_COMMAND", BLOCKXFER)
+    monkeypatch.setenv("BLOCKXFER_STATE_DIR", str(tmp_path / "state"))
+    return script
+
+
+@pytest.fixture
+def forced_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    script = tmp_path / "forcedssh"
+    script.write_text(FORCED_SSH.format(bx=BLOCKXFER))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "far.log"
+    monkeypatch.setenv("BLOCKXFER_SSH", str(script))
+    monkeypatch.setenv("BLOCKXFER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FAR_LOG", str(log))
+    monkeypatch.setenv("IDLE", "600")
+    return log
+
+
+@pytest.fixture
+def sessions() -> Iterator[Sessions]:
+    s = Sessions()
+    yield s
+    s.close()
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            out.setdefault(ppid, []).append(int(d))
+    return out
+
+
+def far_side(sessions: Sessions, where: str) -> int:
+    """The pid of the `stdio-serve` behind the channel kept for `where`."""
+    kept = sessions._idle[where]
+    assert isinstance(kept.ch, SshChannel)
+    tree, todo, found = _children(), [kept.ch.pid], None
+    while todo:                      # the deepest one: a shell may run it as its child
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"stdio-serve" in f.read():
+                    found = pid
+        except OSError:
+            pass
+        todo += tree.get(pid, [])
+    assert found is not None, "no stdio-serve under the kept channel"
+    return found
+
+
+def _pull(a: Path, b: Path, sessions: Sessions, keep: float = 60.0) -> str:
+    return pull_once(url(a), str(b), open_device, name="B", sessions=sessions, keep=keep).kind
+
+
+def test_pulls_share_one_far_side(tmp_path: Path, fake_ssh: Path, sessions: Sessions) -> None:
+    a, b = source(tmp_path), tmp_path / "b.img"
+    assert _pull(a, b, sessions) == "full"
+    far = far_side(sessions, url(a))
+    for k, kind in ((2, "incremental"), (3, "incremental"), (3, "current")):
+        if kind == "incremental":
+            master(a, f"m{k}", os.urandom(1 << 16), k << 20)
+        assert _pull(a, b, sessions) == kind
+        assert far_side(sessions, url(a)) == far
+    assert (sessions.opened, sessions.reopened) == (1, 0) and same(a, b, "m3")
+
+
+def test_a_far_side_killed_between_pulls_is_replaced(tmp_path: Path, fake_ssh: Path,
+                                                     sessions: Sessions) -> None:
+    a, b = source(tmp_path), tmp_path / "b.img"
+    _pull(a, b, sessions)
+    os.kill(far_side(sessions, url(a)), signal.SIGKILL)
+    time.sleep(0.2)
+    master(a, "m2", os.urandom(1 << 16))
+    assert _pull(a, b, sessions) == "incremental" and same(a, b, "m2")
+    assert sessions.opened == 2
+    # killed and found alive still (the kill not seen yet): the request finds it closed
+    kept = sessions._idle[url(a)]
+    os.kill(far_side(sessions, url(a)), signal.SIGKILL)
+    kept.ch.alive = lambda: True  # type: ignore[method-assign]  # as if the kill came late
+    master(a, "m3", os.urandom(1 << 16))
+    assert _pull(a, b, sessions) == "incremental" and same(a, b, "m3")
+    assert (sessions.opened, sessions.reopened) == (3, 1)
+
+
+def test_each_request_on_a_session_is_authorized(tmp_path: Path, forced_ssh: Path,
+                                                 sessions: Sessions,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "o").mkdir()
+    a, other = source(tmp_path), source(tmp_path / "o")
+    b = tmp_path / "b.img"
+    monkeypatch.setenv("FORCED_VOLUME", str(a))
+    assert _pull(a, b, sessions) == "full"
+    kept = sessions._take(url(a))
+    assert kept is not None
+    with pytest.raises(BlockxferError, match="for another volume") as e:
+        EndpointPull(kept.ch, str(other), {"dest": "B", "have": []}, reused=True)
+    assert e.value.exit_code == 4
+    deadline = time.monotonic() + 10
+    while b"for another volume" not in forced_ssh.read_bytes():
+        assert time.monotonic() < deadline, forced_ssh.read_text()
+        time.sleep(0.05)
+    ok(bx("check", str(b)))
+
+
+def test_the_far_side_ends_an_idle_session(tmp_path: Path, forced_ssh: Path,
+                                           sessions: Sessions,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = source(tmp_path), tmp_path / "b.img"
+    monkeypatch.setenv("FORCED_VOLUME", str(a))
+    monkeypatch.setenv("IDLE", "0.5")
+    assert _pull(a, b, sessions, keep=60) == "full"
+    kept = sessions._idle[url(a)]
+    assert isinstance(kept.ch, SshChannel)
+    deadline = time.monotonic() + 15
+    while kept.ch.alive():
+        assert time.monotonic() < deadline, "the far side outlived its idle time"
+        time.sleep(0.05)
+    assert kept.ch._proc.returncode == 0          # it ended by itself, not killed
+    master(a, "m2", os.urandom(1 << 16))
+    assert _pull(a, b, sessions) == "incremental" and sessions.opened == 2
+
+
+def test_no_session_asked_ends_the_connection(tmp_path: Path, fake_ssh: Path,
+                                              sessions: Sessions) -> None:
+    a, b = source(tmp_path), tmp_path / "b.img"
+    assert _pull(a, b, sessions, keep=0) == "full"
+    assert not sessions.kept(url(a))
+    ch, volume = open_channel(url(a))                 # as a one-shot pull asks
+    p = EndpointPull(ch, volume, {"dest": "B", "have": []})
+    assert p.plan["kind"] == "full"
+    p.close()
