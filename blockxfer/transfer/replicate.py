@@ -92,6 +92,7 @@ class PullRecord:
     released: list[str] = field(default_factory=list)
     dropped_holds: list[str] = field(default_factory=list)  # a full image kept the rest
     started: float = 0.0
+    elapsed: float = 0.0                    # seconds of the whole pull, ask to record
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -193,6 +194,7 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
                               f"pulls only, and {source} can only send a full image, which "
                               "would replace what its users see; stop it and pull again")
         if dry_run:
+            rec.elapsed = round(time.time() - rec.started, 3)
             return rec
         if back is not None:
             rec.rolled_back, rec.discarded = back, (
@@ -332,6 +334,7 @@ def _first_clause(e: BaseException) -> str:
 def _reached(state: PullState, source: str, name: str, plan: Result, rec: PullRecord) -> None:
     state.source, state.name, state.pending = source, name, None
     state.master = plan.get("top")
+    rec.elapsed = round(time.time() - rec.started, 3)
     state.record(rec.as_dict())
     state.save()
 
