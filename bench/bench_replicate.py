@@ -62,10 +62,14 @@ def _sh(prefix: list[str], script: str, env: dict[str, str] | None = None) -> Ca
 
 
 def _elapsed(prefix: list[str], script: str, env: dict[str, str]) -> float:
-    """Run a `replicate pull --json` and return its record's own `elapsed` seconds."""
+    """Run a `replicate pull --json` of an incremental and return its record's own
+    `elapsed` seconds."""
     out = subprocess.run([*prefix, "sh", "-c", script], check=True, capture_output=True,
                          env={**os.environ, **env}).stdout
-    return float(json.loads(out)["elapsed"])
+    rec = json.loads(out)
+    if rec["kind"] != "incremental" or not rec["bytes"]:
+        raise RuntimeError(f"the served copy's pull was not the incremental: {rec}")
+    return float(rec["elapsed"])
 
 
 @contextmanager

@@ -54,7 +54,6 @@ JOB = "replicate pull"
 OUT_BUFFER = 1 << 20
 PIPE_CHUNK = 1 << 20
 OPEN_WAIT = 60.0                     # seconds a pull waits for its target held elsewhere
-KEEP_SLACK = 30.0                    # a scheduled pull's connection is kept its interval + this
 HOST_DRAIN = 120.0                   # seconds a pull waits for the children it answers
 
 
@@ -132,6 +131,7 @@ class ReplicationCommands:
         entry = self._scheduled() if self.jobs is not None else None
         if entry is None or entry.get("source") != source:
             return 0.0, self._sessions
+        from blockxfer.transfer.replicate import KEEP_SLACK
         if self._sessions is None:
             from blockxfer.transport.endpoint import Sessions
             self._sessions = Sessions()

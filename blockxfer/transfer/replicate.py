@@ -38,6 +38,7 @@ from .replicate_target import Target, from_volume, inspect_target
 
 Progress = Callable[[int], None]
 BUSY_WAIT = 60.0                 # seconds a pull waits for its target (a child's pull there)
+KEEP_SLACK = 30.0                # a repeated pull's connection is kept its interval + this
 
 
 @dataclass
@@ -343,11 +344,17 @@ def pull_every(source: str, target: str, open_device: OpenDevice, interval: floa
                report: Callable[[PullRecord | BlockxferError], None], **options: Any) -> None:
     """Pull now and then every `interval` seconds, in the foreground, until
     interrupted; a failed pull is reported and the next one tries again (and
-    resumes what it cut)."""
-    while True:
-        t0 = time.monotonic()
-        try:
-            report(pull_once(source, target, open_device, **options))
-        except BlockxferError as e:
-            report(e)
-        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    resumes what it cut). The connection to the source is kept open between pulls
+    (the far side ends it after its idle time; a closed one is replaced)."""
+    sessions = Sessions()
+    try:
+        while True:
+            t0 = time.monotonic()
+            try:
+                report(pull_once(source, target, open_device, sessions=sessions,
+                                 keep=interval + KEEP_SLACK, **options))
+            except BlockxferError as e:
+                report(e)
+            time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    finally:
+        sessions.close()
