@@ -23,6 +23,7 @@ from blockxfer.transfer.replicate import pull_once
 from blockxfer.transport.endpoint import EndpointPull, Sessions, open_channel
 from blockxfer.transport.ssh import SshChannel
 from tests.test_replicate import FAKE_SSH, master, same, source, url
+from tests.test_transport_tls import pki, tls_serve  # noqa: F401 - the fixture
 from tests.transport_util import BLOCKXFER, bx, ok
 
 # the far side runs as this forced command (the volume pinned, a short idle time)
@@ -175,3 +176,33 @@ def test_no_session_asked_ends_the_connection(tmp_path: Path, fake_ssh: Path,
     p = EndpointPull(ch, volume, {"dest": "B", "have": []})
     assert p.plan["kind"] == "full"
     p.close()
+
+
+def test_a_tls_session(pki: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+                       sessions: Sessions) -> None:
+    """The same over tls-serve: one connection for several pulls, another volume on it
+    refused and logged with the certificate's name, the idle end replaced."""
+    a, b, other = source(pki), pki / "b.img", pki / "other.img"
+    ok(bx("init", str(other), "--size", "64M"))
+    monkeypatch.setenv("BLOCKXFER_TLS_DIR", str(pki / "client"))
+    monkeypatch.setenv("BLOCKXFER_STATE_DIR", str(pki / "state"))
+    with tls_serve(pki, "--peer", f"backup1={a}", "--allow", "replicate",
+                   "--idle-timeout", "1") as port:
+        src = f"tls://127.0.0.1:{port}{a}"
+
+        def pull() -> str:
+            return pull_once(src, str(b), open_device, name="backup1", sessions=sessions,
+                             keep=30).kind
+        assert pull() == "full"
+        assert pull() == "current" and sessions.opened == 1
+        kept = sessions._take(src)
+        assert kept is not None
+        with pytest.raises(BlockxferError, match="for another volume"):
+            EndpointPull(kept.ch, str(other), {"dest": "backup1", "have": []}, reused=True)
+        assert pull() == "current" and sessions.opened == 2
+        time.sleep(1.5)                               # the server's idle time passes
+        master(a, "m2", os.urandom(1 << 16))
+        assert pull() == "incremental" and same(a, b, "m2") and sessions.opened == 3
+    log = (pki / "tls-serve.log").read_text()
+    assert "backup1@127.0.0.1: refused or failed" in log and "for another volume" in log
+    assert "session idle for 1 s" in log

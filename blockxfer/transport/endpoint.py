@@ -27,6 +27,7 @@ from .base import Result, Sink, Source
 
 log = logging.getLogger("blockxfer.transport")
 KEEP_MARGIN = 5.0        # seconds before the far side's idle end a kept channel is let go
+#                          (a quarter of a shorter idle time)
 
 
 class Channel(Protocol):
@@ -247,8 +248,9 @@ class EndpointPull(EndpointSource):
     def _release(self) -> None:
         kept = (self.result or {}).get("kept")
         if self._sessions is not None and isinstance(kept, int | float) and kept > 0:
+            margin = min(KEEP_MARGIN, float(kept) / 4)
             self._sessions.give(self._url, _Kept(self._ch, self._volume,
-                                                 time.monotonic() + float(kept) - KEEP_MARGIN))
+                                                 time.monotonic() + float(kept) - margin))
         else:
             self._ch.close()
 
