@@ -21,6 +21,8 @@ the service, which is the same code on the same kept channel), against `ssh A ca
 of the stream through an already-open OpenSSH master (ControlMaster: the fair
 peer of a kept session) and against a fresh `ssh A cat`; and the wall time of the
 `replicate pull` command that asks the service (its own Python start-up in it).
+A third copy, served without a schedule, pulls each increment on a new connection
+(the service's pulls before the session), timed from its record the same way.
 Every `cat` peer fsyncs its file (`sync FILE`), as a pull commits durably. The
 goal (>= 0.9) is the scheduled pull against the ControlMaster cat. Medians of the
 rounds (BX_BENCH_ROUNDS, 3), the order rotated each round. Root, openssh-server,
@@ -192,6 +194,10 @@ def main() -> None:
             served, sock = str(folder / "c.img"), str(folder / "c.sock")
             _sh(b, f"{BX} replicate pull {url} {served} --name B2", env)()
             stack.enter_context(_served(b, served, sock, env))
+            # and one served without a schedule: its pulls open a connection each (before)
+            unkept, sock2 = str(folder / "d.img"), str(folder / "d.sock")
+            _sh(b, f"{BX} replicate pull {url} {unkept} --name B3", env)()
+            stack.enter_context(_served(b, unkept, sock2, env))
             _sh(b, f"{BX} replicate pull {url} {served} --name B2 --every 9m", env)()
             host = f"root@{net.hosts['A'].addr}"
             kept = f"ssh -i {key} {SSH_OPTS} -o ControlPath={folder / 'cm.sock'}"
@@ -199,7 +205,7 @@ def main() -> None:
             stack.callback(subprocess.run, [*b, "sh", "-c", f"{kept} -O exit {host}"],
                            check=False, capture_output=True)
             times: dict[str, list[float]] = {n: [] for n in (
-                "ours", "cat", "btrfs", "sched", "sched cli", "cm cat")}
+                "ours", "cat", "btrfs", "sched", "sched cli", "cm cat", "unkept")}
 
             def scheduled() -> None:       # its record's time; the command's wall: below
                 times["sched"].append(_elapsed(
@@ -216,12 +222,15 @@ def main() -> None:
                     "btrfs": _sh(b, f"{ssh} btrfs send -q -p {fa}/s{k - 1} {fa}/s{k} | "
                                     f"btrfs receive -q {fb} && sync"),
                     "sched": scheduled,
+                    "unkept": lambda: times["unkept"].append(_elapsed(
+                        b, f"{BX} replicate pull {url} {unkept} --name B3 --json", env)),
                     "cm cat": _sh(b, f"{kept} {host} cat {stream} > {got} && sync {got}")}
                 names = list(runs)
                 order = names[k % len(names):] + names[:k % len(names)]   # rotate
                 for name in order:
                     t = timed(runs[name])
-                    times["sched cli" if name == "sched" else name].append(t)
+                    if name != "unkept":
+                        times["sched cli" if name == "sched" else name].append(t)
             med = {n: statistics.median(t) for n, t in times.items()}
             print(row("replicate pull 5 % incremental vs ssh cat", med["ours"], med["cat"],
                       size), flush=True)
@@ -233,6 +242,8 @@ def main() -> None:
                       med["cat"], size), flush=True)
             print(row("replicate pull into a served copy (command) vs ssh cat",
                       med["sched cli"], med["cat"], size), flush=True)
+            print(row("served pull, a new connection each (before) vs ssh cat (ControlMaster)",
+                      med["unkept"], med["cm cat"], size), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
