@@ -99,27 +99,22 @@ def serve_session(r: wire.Reader, w: wire.Writer, policy: Policy, peer: str, *,
     """Answer the first request, then, while each one asked `keep` and was granted
     it, the next ones on the same connection until EOF, an error or `idle` time
     without a request. The error the session ended with, if any."""
-    kept = 0.0
-    count = 0
+    kept, count = 0.0, 0
     while True:
-        if kept > 0 and idle is not None:
-            try:
-                with idle(kept):
-                    req = wire.read_request(r)
-            except wire.Closed:
-                log.info("%s: session closed after %d requests", peer, count)
-                return None
-            except TimeoutError:
-                log.info("%s: session idle for %g s after %d requests: closed", peer, kept,
-                         count)
-                return None
-            except BlockxferError as e:
-                return _refuse(w, e, peer)
-        else:
-            try:
+        waiting = idle(kept) if count and idle is not None else contextlib.nullcontext()
+        try:
+            with waiting:
                 req = wire.read_request(r)
-            except BlockxferError as e:
+        except wire.Closed as e:
+            if not count:
                 return _refuse(w, e, peer)
+            log.info("%s: session closed after %d requests", peer, count)
+            return None
+        except TimeoutError:
+            log.info("%s: session idle for %g s after %d requests: closed", peer, kept, count)
+            return None
+        except BlockxferError as e:
+            return _refuse(w, e, peer)
         count += 1
         err, kept = _answer(r, w, policy, peer, req, max_keep)
         if err is not None or kept <= 0 or idle is None:
