@@ -232,6 +232,8 @@ def main() -> None:
                     if name != "unkept":
                         times["sched cli" if name == "sched" else name].append(t)
             med = {n: statistics.median(t) for n, t in times.items()}
+            print(f"5 % incremental, {size / 1e6:.1f} MB of stream, median seconds: "
+                  + ", ".join(f"{n} {t:.3f}" for n, t in med.items()), flush=True)
             print(row("replicate pull 5 % incremental vs ssh cat", med["ours"], med["cat"],
                       size), flush=True)
             print(row("replicate pull 5 % incremental vs btrfs send", med["ours"],
