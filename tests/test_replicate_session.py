@@ -79,22 +79,29 @@ def _children() -> dict[int, list[int]]:
     return out
 
 
+def far_sides(root: int) -> list[int]:
+    """The `stdio-serve` processes under `root`, deepest last (a shell may run one as
+    its child)."""
+    tree, todo, found = _children(), [root], []
+    while todo:
+        pid = todo.pop(0)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"stdio-serve" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+        todo += tree.get(pid, [])
+    return found
+
+
 def far_side(sessions: Sessions, where: str) -> int:
     """The pid of the `stdio-serve` behind the channel kept for `where`."""
     kept = sessions._idle[where]
     assert isinstance(kept.ch, SshChannel)
-    tree, todo, found = _children(), [kept.ch.pid], None
-    while todo:                      # the deepest one: a shell may run it as its child
-        pid = todo.pop()
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"stdio-serve" in f.read():
-                    found = pid
-        except OSError:
-            pass
-        todo += tree.get(pid, [])
-    assert found is not None, "no stdio-serve under the kept channel"
-    return found
+    found = far_sides(kept.ch.pid)
+    assert found, "no stdio-serve under the kept channel"
+    return found[-1]
 
 
 def _pull(a: Path, b: Path, sessions: Sessions, keep: float = 60.0) -> str:
@@ -210,3 +217,39 @@ def test_a_tls_session(pki: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
     log = (pki / "tls-serve.log").read_text()
     assert "backup1@127.0.0.1: refused or failed" in log and "for another volume" in log
     assert "session idle for 1 s" in log
+
+
+@pytest.mark.slow
+def test_a_served_targets_schedule_keeps_one_connection(tmp_path: Path, fake_ssh: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replicate pull --every` into a served volume: its service's pulls, and a one-shot
+    `replicate pull` asking it, go over one ssh; `replicate stop` ends it."""
+    from tests.nbd.serveproc import serve_process
+    counting = tmp_path / "countingssh"
+    counting.write_text(FAKE_SSH.replace("while", 'echo ssh >> "$SSH_LOG"\nwhile', 1))
+    counting.chmod(counting.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "ssh.log"
+    log.touch()
+    monkeypatch.setenv("BLOCKXFER_SSH", str(counting))
+    monkeypatch.setenv("SSH_LOG", str(log))
+    monkeypatch.setenv("BLOCKXFER_RUN_DIR", str(tmp_path / "run"))
+    a, b = source(tmp_path), tmp_path / "b.img"
+    ok(bx("replicate", "pull", url(a), str(b), "--name", "B"))
+    with serve_process(str(b), str(tmp_path / "b.sock")) as service:
+        ok(bx("replicate", "pull", url(a), str(b), "--name", "B", "--every", "1s"))
+        for k in (2, 3):
+            master(a, f"m{k}", os.urandom(1 << 16), k << 20)
+            deadline = time.monotonic() + 60
+            while b'"m%d"' % k not in ok(bx("snapshots", str(b), "--json")).stdout:
+                assert time.monotonic() < deadline, f"the service did not pull m{k}"
+                time.sleep(0.3)
+        r = ok(bx("replicate", "pull", url(a), str(b), "--name", "B", "--json"))
+        assert b'"current"' in r.stdout
+        assert log.read_text().count("ssh") == 2      # the first pull's, the service's
+        assert far_sides(service.pid)
+        ok(bx("replicate", "stop", str(b)))
+        deadline = time.monotonic() + 20
+        while far_sides(service.pid):
+            assert time.monotonic() < deadline, "the kept far side outlived the schedule"
+            time.sleep(0.1)
+    assert same(a, b, "m3")

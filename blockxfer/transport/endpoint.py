@@ -285,6 +285,7 @@ class Sessions:
         self._open = opener or open_channel
         self._idle: dict[str, _Kept] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self.opened = 0                      # channels opened (the bench and tests)
         self.reopened = 0                    # kept channels found closed and replaced
 
@@ -316,19 +317,20 @@ class Sessions:
 
     def give(self, url: str, kept: _Kept) -> None:
         with self._lock:
-            old = self._idle.get(url)
-            if old is None:
+            if not self._closed and url not in self._idle:
                 self._idle[url] = kept
                 return
-        kept.ch.close()                      # another pull's kept one is there already
+        kept.ch.close()                      # closed meanwhile, or another pull's is there
 
     def kept(self, url: str) -> bool:
         with self._lock:
             return url in self._idle
 
     def close(self) -> None:
-        """End every kept channel (the far sides read EOF and exit)."""
+        """End every kept channel (the far sides read EOF and exit), and those the
+        pulls under way would give back."""
         with self._lock:
             idle, self._idle = list(self._idle.values()), {}
+            self._closed = True
         for k in idle:
             k.ch.close()
