@@ -9,14 +9,29 @@ full pull into a fresh target is repeated (the target removed in between) agains
 same places into a file on a btrfs on A (and a read-only snapshot taken), and B
 pulls the incremental, fetches its stream with ssh cat, and receives the btrfs
 incremental (`ssh A btrfs send -p OLD NEW | btrfs receive`), in a rotating order.
-A pull with nothing to send against `ssh A true` shows the fixed cost of a pull
-(the two Python start-ups, the plan, the records). Medians of the rounds
-(BX_BENCH_ROUNDS, 3), ratios against the peers; goal >= 0.9 of ssh cat. Root,
-openssh-server, iproute2 and btrfs-progs: `python -m bench.bench_replicate`.
+A pull with nothing to send against `ssh A true` shows the fixed cost of a
+one-shot pull (ssh's login, the two Python start-ups, the plan, the records).
+
+The same rounds pull each incremental a second way: into a second copy on B that
+`blockxfer serve` owns, whose service keeps its connection to A open between
+pulls (its schedule's session, docs/replication.md). Its rows take the pull's own
+duration from the pull's record (`elapsed`: ask, plan, stream, commit, state
+recorded; the schedule's interval is long, and each pull is made "now" through
+the service, which is the same code on the same kept channel), against `ssh A cat`
+of the stream through an already-open OpenSSH master (ControlMaster: the fair
+peer of a kept session) and against a fresh `ssh A cat`; and the wall time of the
+`replicate pull` command that asks the service (its own Python start-up in it).
+A third copy, served without a schedule, pulls each increment on a new connection
+(the service's pulls before the session), timed from its record the same way.
+Every `cat` peer fsyncs its file (`sync FILE`), as a pull commits durably. The
+goal (>= 0.9) is the scheduled pull against the ControlMaster cat. Medians of the
+rounds (BX_BENCH_ROUNDS, 3), the order rotated each round. Root, openssh-server,
+iproute2 and btrfs-progs: `python -m bench.bench_replicate`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -24,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -45,6 +61,40 @@ def _sh(prefix: list[str], script: str, env: dict[str, str] | None = None) -> Ca
         subprocess.run([*prefix, "sh", "-c", script], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     return run
+
+
+def _elapsed(prefix: list[str], script: str, env: dict[str, str]) -> float:
+    """Run a `replicate pull --json` of an incremental and return its record's own
+    `elapsed` seconds."""
+    out = subprocess.run([*prefix, "sh", "-c", script], check=True, capture_output=True,
+                         env={**os.environ, **env}).stdout
+    rec = json.loads(out)
+    if rec["kind"] != "incremental" or not rec["bytes"]:
+        raise RuntimeError(f"the served copy's pull was not the incremental: {rec}")
+    return float(rec["elapsed"])
+
+
+@contextmanager
+def _served(prefix: list[str], vol: str, sock: str, env: dict[str, str]) -> Iterator[None]:
+    """`blockxfer serve VOL` inside a host, until the block ends."""
+    proc = subprocess.Popen([*prefix, BX, "serve", vol, "--listen", f"unix:{sock}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([*prefix, BX, "info", vol, "--json"], capture_output=True,
+                             env={**os.environ, **env}).stdout.find(b'"server"') < 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"blockxfer serve {vol} did not start")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _quiet(*argv: str) -> None:
@@ -111,7 +161,8 @@ def main() -> None:
             stream = folder / "s.stream"
             url = f"ssh://root@{net.hosts['A'].addr}{vol}"
             pull = _sh(b, f"{BX} replicate pull {url} {copy} --name B", env)
-            cat = _sh(b, f"{ssh} cat {stream} > {folder}/peer.stream && sync")
+            got = folder / "peer.stream"
+            cat = _sh(b, f"{ssh} cat {stream} > {got} && sync {got}")
 
             def fresh_pull() -> None:
                 for p in (copy, *(str(x) for x in (folder / "state").glob("*.json"))):
@@ -137,7 +188,28 @@ def main() -> None:
             subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(fa / "vol"),
                             str(fa / "s1")], check=True)
             _sh([], f"btrfs send -q {fa}/s1 | btrfs receive -q {fb}")()
-            times: dict[str, list[float]] = {"ours": [], "cat": [], "btrfs": []}
+
+            # the served copy: a full pull first (a service takes incrementals only),
+            # then its service with a schedule whose session it keeps open
+            served, sock = str(folder / "c.img"), str(folder / "c.sock")
+            _sh(b, f"{BX} replicate pull {url} {served} --name B2", env)()
+            stack.enter_context(_served(b, served, sock, env))
+            # and one served without a schedule: its pulls open a connection each (before)
+            unkept, sock2 = str(folder / "d.img"), str(folder / "d.sock")
+            _sh(b, f"{BX} replicate pull {url} {unkept} --name B3", env)()
+            stack.enter_context(_served(b, unkept, sock2, env))
+            _sh(b, f"{BX} replicate pull {url} {served} --name B2 --every 9m", env)()
+            host = f"root@{net.hosts['A'].addr}"
+            kept = f"ssh -i {key} {SSH_OPTS} -o ControlPath={folder / 'cm.sock'}"
+            _sh(b, f"{kept} -o ControlMaster=yes -o ControlPersist=yes -N -f {host}")()
+            stack.callback(subprocess.run, [*b, "sh", "-c", f"{kept} -O exit {host}"],
+                           check=False, capture_output=True)
+            times: dict[str, list[float]] = {n: [] for n in (
+                "ours", "cat", "btrfs", "sched", "sched cli", "cm cat", "unkept")}
+
+            def scheduled() -> None:       # its record's time; the command's wall: below
+                times["sched"].append(_elapsed(
+                    b, f"{BX} replicate pull {url} {served} --name B2 --json", env))
             size = 0
             for k in range(2, ROUNDS + 2):
                 _change(vol, data_file, f"m{k}", rnd)
@@ -145,17 +217,35 @@ def main() -> None:
                                 str(fa / f"s{k}")], check=True)
                 _quiet(BX, "send", vol, f"m{k} - m{k - 1}", str(stream))
                 size = stream.stat().st_size
-                runs = {"ours": pull, "cat": cat,
-                        "btrfs": _sh(b, f"{ssh} btrfs send -q -p {fa}/s{k - 1} {fa}/s{k} | "
-                                        f"btrfs receive -q {fb} && sync")}
-                order = list(runs)[k % 3:] + list(runs)[:k % 3]   # rotate who goes first
+                runs: dict[str, Callable[[], object]] = {
+                    "ours": pull, "cat": cat,
+                    "btrfs": _sh(b, f"{ssh} btrfs send -q -p {fa}/s{k - 1} {fa}/s{k} | "
+                                    f"btrfs receive -q {fb} && sync"),
+                    "sched": scheduled,
+                    "unkept": lambda: times["unkept"].append(_elapsed(
+                        b, f"{BX} replicate pull {url} {unkept} --name B3 --json", env)),
+                    "cm cat": _sh(b, f"{kept} {host} cat {stream} > {got} && sync {got}")}
+                names = list(runs)
+                order = names[k % len(names):] + names[:k % len(names)]   # rotate
                 for name in order:
-                    times[name].append(timed(runs[name]))
+                    t = timed(runs[name])
+                    if name != "unkept":
+                        times["sched cli" if name == "sched" else name].append(t)
             med = {n: statistics.median(t) for n, t in times.items()}
+            print(f"5 % incremental, {size / 1e6:.1f} MB of stream, median seconds: "
+                  + ", ".join(f"{n} {t:.3f}" for n, t in med.items()), flush=True)
             print(row("replicate pull 5 % incremental vs ssh cat", med["ours"], med["cat"],
-                      size, goal=0.9), flush=True)
+                      size), flush=True)
             print(row("replicate pull 5 % incremental vs btrfs send", med["ours"],
                       med["btrfs"], size), flush=True)
+            print(row("scheduled pull 5 % (kept session) vs ssh cat (ControlMaster)",
+                      med["sched"], med["cm cat"], size, goal=0.9), flush=True)
+            print(row("scheduled pull 5 % (kept session) vs fresh ssh cat", med["sched"],
+                      med["cat"], size), flush=True)
+            print(row("replicate pull into a served copy (command) vs ssh cat",
+                      med["sched cli"], med["cat"], size), flush=True)
+            print(row("served pull, a new connection each (before) vs ssh cat (ControlMaster)",
+                      med["unkept"], med["cm cat"], size), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

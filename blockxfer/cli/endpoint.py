@@ -6,14 +6,17 @@ Standard output is the wire protocol here, so these commands take no --json or -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
-from blockxfer.service.endpoint import OPERATIONS, Policy, preload, serve_request
+from blockxfer.service.endpoint import MAX_KEEP, OPERATIONS, Policy, preload, serve_session
 
 from .common import syslog_arg
 from .spec import Arg, Command, Report, arg
@@ -38,12 +41,30 @@ def _policy(a: argparse.Namespace) -> Policy:
     return Policy(frozenset(a.volume) if a.volume else None, a.allow)
 
 
+def _alarm(_signum: int, _frame: object) -> None:
+    raise TimeoutError
+
+
+@contextlib.contextmanager
+def _stdio_idle(seconds: float) -> Iterator[None]:
+    """TimeoutError in the read of the next request once `seconds` pass (stdio-serve
+    reads on its main thread, where the signal is handled)."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def cmd_stdio_serve(a: argparse.Namespace) -> Report:
     from blockxfer.transport.wire import widen_pipe
     widen_pipe(sys.stdin.fileno())
     widen_pipe(sys.stdout.fileno())
     preload()
-    err = serve_request(sys.stdin.buffer, sys.stdout.buffer, _policy(a), "ssh peer")
+    err = serve_session(sys.stdin.buffer, sys.stdout.buffer, _policy(a), "ssh peer",
+                        max_keep=a.idle_timeout, idle=_stdio_idle)
     return Report({}, code=err.exit_code if err else 0)
 
 
@@ -87,7 +108,17 @@ def cmd_tls_serve(a: argparse.Namespace) -> Report:
                                     denied=None if name in peers else
                                     f"certificate {name!r} has no --peer entry here")
                 r, w = tls.makefile("rb"), tls.makefile("wb")
-                if serve_request(r, w, policy, who) is not None:
+
+                @contextlib.contextmanager
+                def idle(seconds: float) -> Iterator[None]:
+                    tls.settimeout(seconds)
+                    try:
+                        yield
+                    finally:
+                        with contextlib.suppress(OSError):
+                            tls.settimeout(None)
+                if serve_session(r, w, policy, who, max_keep=a.idle_timeout,
+                                 idle=idle) is not None:
                     _drain(tls)
         except (ssl.SSLError, OSError) as e:
             log.warning("%s: connection failed: %s", addr[0], getattr(e, "reason", None) or e)
@@ -114,14 +145,29 @@ def _common() -> tuple[Arg, ...]:
                 help="the only volume a peer may name (repeatable; default: any)"),
             arg("--allow", type=_allow, default=frozenset(OPERATIONS), metavar="OPS",
                 help="operations allowed, comma-separated: send, receive, replicate "
-                      "(default all)"))
+                      "(default all)"),
+            arg("--idle-timeout", type=_seconds, default=MAX_KEEP, metavar="SECONDS",
+                help="the longest a peer may keep the connection open between requests "
+                     f"(a scheduled pull's session; default {MAX_KEEP:g}, 0: one request "
+                     "per connection)"))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
 
 
 COMMANDS = (
-    Command("stdio-serve", "answer one ssh:// stream request on standard input and output",
-            "The far end of ssh:// URLs: answers one send or receive request on standard "
-            "input and output. Put it in authorized_keys as a forced command to pin one "
-            "volume.",
+    Command("stdio-serve", "answer ssh:// stream requests on standard input and output",
+            "The far end of ssh:// URLs: answers a send, receive or replicate request on "
+            "standard input and output (and the next ones of a session a scheduled pull "
+            "keeps open, up to --idle-timeout apart). Put it in authorized_keys as a "
+            "forced command to pin one volume.",
             ('command="blockxfer stdio-serve --volume /srv/vol.img --allow send",restrict '
              'ssh-ed25519 AAAA...   # in ~/.ssh/authorized_keys',
              'command="blockxfer stdio-serve --volume /srv/vol.img --allow replicate",restrict '

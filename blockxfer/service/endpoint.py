@@ -1,11 +1,18 @@
-"""Server side of a stream endpoint: answer one `wire` request against a local volume.
+"""Server side of a stream endpoint: answer `wire` requests against local volumes.
 
-`blockxfer stdio-serve` runs one request on its standard input and output (the
-far end of `ssh://`, fit for a forced command in `authorized_keys`);
-`blockxfer tls-serve` runs one per accepted TLS connection. Both hand the request
-to `serve_request` with a `Policy`: which volume may be named (a forced command
-pins one) and which operations are allowed. A refused request is answered with
-the reason and logged; it never touches a volume.
+`blockxfer stdio-serve` answers on its standard input and output (the far end of
+`ssh://`, fit for a forced command in `authorized_keys`); `blockxfer tls-serve`
+on each accepted TLS connection. Both hand the connection to `serve_session`
+with a `Policy`: which volume may be named (a forced command pins one) and which
+operations are allowed. A refused request is answered with the reason and
+logged; it never touches a volume.
+
+A connection carries one request, or a session of them: a request that asks
+`keep` (a replication destination's service, pulling on a schedule) is granted
+up to `max_keep` seconds, and after its result the server waits that long for the
+next request on the same connection (EOF or the idle time ends it). Each request
+is checked by the policy on its own and opens (and closes) its volume on its
+own, exactly as on a new connection; an error ends the session.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +40,9 @@ OPERATIONS = ("send", "receive", "replicate")
 # allowed to whoever may receive
 MIRROR_OPS = {"inspect": "receive", "revert": "receive"}
 REPLICATE_WAIT = 60.0                # seconds a pull waits for the volume (another pull, a receive)
+MAX_KEEP = 600.0                     # default longest idle time a session is granted
+# arms the idle timeout while the next request is awaited: TimeoutError when it passes
+Idle = Callable[[float], AbstractContextManager[None]]
 
 
 class PermissionDenied(DeviceError):
@@ -77,10 +89,42 @@ def preload() -> None:
 
 def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
                   peer: str) -> BlockxferError | None:
-    """Answer one request; the error it ended with, if any (also sent to the peer and
-    logged)."""
+    """Answer one request (no session is granted); the error it ended with, if any
+    (also sent to the peer and logged)."""
+    return serve_session(r, w, policy, peer, max_keep=0.0, idle=None)
+
+
+def serve_session(r: wire.Reader, w: wire.Writer, policy: Policy, peer: str, *,
+                  max_keep: float, idle: Idle | None) -> BlockxferError | None:
+    """Answer the first request, then, while each one asked `keep` and was granted
+    it, the next ones on the same connection until EOF, an error or `idle` time
+    without a request. The error the session ended with, if any."""
+    kept, count = 0.0, 0
+    while True:
+        waiting = idle(kept) if count and idle is not None else contextlib.nullcontext()
+        try:
+            with waiting:
+                req = wire.read_request(r)
+        except wire.Closed as e:
+            if not count:
+                return _refuse(w, e, peer)
+            log.info("%s: session closed after %d requests", peer, count)
+            return None
+        except TimeoutError:
+            log.info("%s: session idle for %g s after %d requests: closed", peer, kept, count)
+            return None
+        except BlockxferError as e:
+            return _refuse(w, e, peer)
+        count += 1
+        err, kept = _answer(r, w, policy, peer, req, max_keep)
+        if err is not None or kept <= 0 or idle is None:
+            return err
+
+
+def _answer(r: wire.Reader, w: wire.Writer, policy: Policy, peer: str, req: dict[str, Any],
+            max_keep: float) -> tuple[BlockxferError | None, float]:
+    """One request: its error, or the idle time granted until the next one (0: none)."""
     try:
-        req = wire.read_request(r)
         op, volume = policy.check(req.get("op"), req.get("volume"), peer)
         log.info("%s: %s %s", peer, op, volume)
         if op == "replicate":
@@ -90,13 +134,21 @@ def serve_request(r: wire.Reader, w: wire.Writer, policy: Policy,
         else:
             result = _receive(r, w, volume, req) if op == "receive" else _send(w, volume, req)
     except BlockxferError as e:
-        log.warning("%s: refused or failed: %s", peer, e)
-        with contextlib.suppress(OSError):   # the peer is gone: the log has it
-            wire.write_status(w, error=e)
-        return e
-    wire.write_status(w, result)
+        return _refuse(w, e, peer), 0.0
+    keep = req.get("keep")
+    granted = 0.0
+    if isinstance(keep, int | float) and not isinstance(keep, bool) and keep > 0:
+        granted = float(min(keep, max_keep))
+    wire.write_status(w, {**result, "kept": granted} if granted > 0 else result)
     log.info("%s: done %s", peer, result)
-    return None
+    return None, granted
+
+
+def _refuse(w: wire.Writer, e: BlockxferError, peer: str) -> BlockxferError:
+    log.warning("%s: refused or failed: %s", peer, e)
+    with contextlib.suppress(OSError):   # the peer is gone: the log has it
+        wire.write_status(w, error=e)
+    return e
 
 
 def _receive(r: wire.Reader, w: wire.Writer, volume: str, req: dict[str, Any]) -> Result:

@@ -68,6 +68,9 @@ class ReplicationCommands:
         self.ops, self.jobs = ops, jobs
         self.owner = owner or "the service that serves it ('blockxfer serve')"
         self._job: Any = None
+        self._sessions: Any = None           # the scheduled source's connection, kept
+        self._sessions_lock = threading.Lock()
+        self._watching = False
 
     def install(self, ctl: ControlServer) -> None:
         ctl.register("replicate_source", self.source, fds=1, asks=True)
@@ -116,10 +119,40 @@ class ReplicationCommands:
              dry_run: bool = False) -> Result:
         from blockxfer.transfer.replicate import OpenTarget, pull_once
         opened = OpenTarget(self.ops.vol, self.ops.lock, self.owner)
+        keep, sessions = self._session_for(str(source))
         rec = pull_once(str(source), self.ops.path, _no_device, name=name,
                         rollback=bool(rollback), bwlimit=bwlimit, compress=bool(compress),
-                        dry_run=bool(dry_run), progress=progress, opened=opened)
+                        dry_run=bool(dry_run), progress=progress, opened=opened,
+                        sessions=sessions, keep=keep)
         return rec.as_dict()
+
+    def _session_for(self, source: str) -> tuple[float, Any]:
+        """A pull from the scheduled source uses the connection kept for the schedule
+        (and keeps it an interval and some more); other pulls open their own. The
+        channels end with the schedule and with the service's jobs."""
+        entry = self._scheduled() if self.jobs is not None else None
+        if entry is None or entry.get("source") != source:
+            return 0.0, None
+        from blockxfer.transfer.replicate import KEEP_SLACK
+        from blockxfer.transport.endpoint import Sessions
+        with self._sessions_lock:
+            if self._sessions is None:
+                self._sessions = Sessions()
+                if self._job is not None and not self._watching:
+                    self._watching = True
+                    threading.Thread(target=self._end_sessions, daemon=True,
+                                     name="replicate-sessions").start()
+            return float(entry["every"]) + KEEP_SLACK, self._sessions
+
+    def _end_sessions(self) -> None:
+        self._job.stop.wait()                    # the service stops its jobs
+        self._close_sessions()
+
+    def _close_sessions(self) -> None:
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, None
+        if sessions is not None:
+            sessions.close()
 
     def schedule(self, op: str = "show", every: float | None = None, source: str | None = None,
                  name: str | None = None, rollback: bool = False, bwlimit: int | None = None,
@@ -132,12 +165,16 @@ class ReplicationCommands:
                 raise UsageError("a scheduled pull names its source and a positive interval")
             entry = {"source": source, "name": name, "every": float(every),
                      "rollback": bool(rollback), "bwlimit": bwlimit, "compress": bool(compress)}
+            before = self._scheduled()
             with self.ops.lock:
                 self.ops.vol.set_property(SCHEDULE, json.dumps(entry).encode())
+            if before is not None and before.get("source") != source:
+                self._close_sessions()           # kept for the source no longer pulled
             self._ensure_job(float(every))
         elif op == "clear":
             with self.ops.lock:
                 self.ops.vol.set_property(SCHEDULE, None)
+            self._close_sessions()               # the source's session ends with it
         elif op != "show":
             raise UsageError(f"replicate_schedule: unknown operation {op!r}")
         return self._scheduled()

@@ -28,7 +28,8 @@ from typing import Any
 from blockxfer.errors import BlockxferError, DeviceBusy, StreamError, VolumeError
 from blockxfer.stream.io import ByteSource
 from blockxfer.stream.receive import OpenDevice, ReceiveResult, receive_into, receive_stream
-from blockxfer.transport import Result, Source, open_pull
+from blockxfer.transport import Result, Source, open_pull, scheme_of
+from blockxfer.transport.endpoint import Sessions
 from blockxfer.volume import Volume
 from blockxfer.volume.rewind import rewind_to
 
@@ -37,6 +38,7 @@ from .replicate_target import Target, from_volume, inspect_target
 
 Progress = Callable[[int], None]
 BUSY_WAIT = 60.0                 # seconds a pull waits for its target (a child's pull there)
+KEEP_SLACK = 30.0                # a repeated pull's connection is kept its interval + this
 
 
 @dataclass
@@ -91,6 +93,7 @@ class PullRecord:
     released: list[str] = field(default_factory=list)
     dropped_holds: list[str] = field(default_factory=list)  # a full image kept the rest
     started: float = 0.0
+    elapsed: float = 0.0                    # seconds of the whole pull, ask to record
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -152,11 +155,15 @@ def _check(t: Target, plan: Result, rollback: bool, source: str) -> tuple[str | 
 def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | None = None,
               rollback: bool = False, bwlimit: int | None = None, dry_run: bool = False,
               compress: bool = True, progress: Progress | None = None,
-              opened: OpenTarget | None = None, host: Host | None = None) -> PullRecord:
+              opened: OpenTarget | None = None, host: Host | None = None,
+              sessions: Sessions | None = None, keep: float = 0.0) -> PullRecord:
     """One pull of the source's newest master into `target` (see the module text).
     `opened`: the target is open in this process (a service's; incrementals only).
     `host`: how this pull holds the target open while it receives an incremental,
-    answering its children's pulls meanwhile (a middle host of a tree)."""
+    answering its children's pulls meanwhile (a middle host of a tree).
+    `sessions`: the connection to the source kept open between pulls (a service's
+    schedule), taken from and given back to them; `keep`: the seconds the source is
+    asked to keep it open after this pull."""
     name = name or socket.gethostname()
     open_device = _patient(open_device)
     rec = PullRecord(source, target, name, started=time.time(), dry_run=dry_run)
@@ -165,17 +172,21 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
     if t.diverged and not rollback:
         raise VolumeError(f"{target} cannot take updates from {source}: {t.diverged}; pull "
                           "with --rollback to discard the changes made here")
+    def ask(resume: bool) -> tuple[Result, Source]:
+        req = _request(t, state, name, dry_run=dry_run, compress=compress, bwlimit=bwlimit,
+                       resume=resume)
+        if sessions is not None and scheme_of(source) in ("ssh", "tls"):
+            pull = sessions.pull(source, req, keep)
+            return pull.plan, pull
+        return open_pull(source, req)
     try:
-        plan, src = open_pull(source, _request(t, state, name, dry_run=dry_run,
-                                               compress=compress, bwlimit=bwlimit, resume=True))
+        plan, src = ask(True)
     except StreamError as e:                 # the source cannot resume that stream: anew
         if not (t.interrupted and state.pending and _stale(e)):
             raise
         state.pending = None
         state.save()
-        plan, src = open_pull(source, _request(t, state, name, dry_run=dry_run,
-                                               compress=compress, bwlimit=bwlimit,
-                                               resume=False))
+        plan, src = ask(False)
     with src:
         _fill(rec, plan)
         back, force = _check(t, plan, rollback, source)
@@ -184,6 +195,7 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
                               f"pulls only, and {source} can only send a full image, which "
                               "would replace what its users see; stop it and pull again")
         if dry_run:
+            rec.elapsed = round(time.time() - rec.started, 3)
             return rec
         if back is not None:
             rec.rolled_back, rec.discarded = back, (
@@ -323,6 +335,7 @@ def _first_clause(e: BaseException) -> str:
 def _reached(state: PullState, source: str, name: str, plan: Result, rec: PullRecord) -> None:
     state.source, state.name, state.pending = source, name, None
     state.master = plan.get("top")
+    rec.elapsed = round(time.time() - rec.started, 3)
     state.record(rec.as_dict())
     state.save()
 
@@ -331,11 +344,17 @@ def pull_every(source: str, target: str, open_device: OpenDevice, interval: floa
                report: Callable[[PullRecord | BlockxferError], None], **options: Any) -> None:
     """Pull now and then every `interval` seconds, in the foreground, until
     interrupted; a failed pull is reported and the next one tries again (and
-    resumes what it cut)."""
-    while True:
-        t0 = time.monotonic()
-        try:
-            report(pull_once(source, target, open_device, **options))
-        except BlockxferError as e:
-            report(e)
-        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    resumes what it cut). The connection to the source is kept open between pulls
+    (the far side ends it after its idle time; a closed one is replaced)."""
+    sessions = Sessions()
+    try:
+        while True:
+            t0 = time.monotonic()
+            try:
+                report(pull_once(source, target, open_device, sessions=sessions,
+                                 keep=interval + KEEP_SLACK, **options))
+            except BlockxferError as e:
+                report(e)
+            time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    finally:
+        sessions.close()

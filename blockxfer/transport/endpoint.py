@@ -3,17 +3,31 @@
 `EndpointSink` pushes a stream into a volume on the far side (the far side
 receives it); `EndpointSource` pulls the stream of an image from a volume on the
 far side (the far side sends it). Both speak `wire`; the channel only carries
-bytes and, when it fails, says why in the operator's terms.
+bytes and, when it fails, says why in the operator's terms. `Sessions` keeps a
+connection open between replication pulls (a service's schedule): the far side
+grants it per request (`keep`/`kept`, wire.py), and a kept connection found dead
+when it is used again is replaced by a new one, once, before anything was asked
+on it.
 """
 
 from __future__ import annotations
 
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from blockxfer.errors import BlockxferError, StreamError
 
 from . import wire
 from .base import Result, Sink, Source
+
+log = logging.getLogger("blockxfer.transport")
+KEEP_MARGIN = 5.0        # seconds before the far side's idle end a kept channel is let go
+#                          (a quarter of a shorter idle time)
 
 
 class Channel(Protocol):
@@ -26,6 +40,10 @@ class Channel(Protocol):
 
     def close(self) -> None:
         """Orderly end: the far side has answered; wait for it."""
+
+    def alive(self) -> bool:
+        """Between requests: the channel is still open (nothing came from the far side,
+        which sends nothing unasked)."""
 
     def abort(self) -> None:
         """Cut the connection (and stop the far side's process, if any)."""
@@ -70,6 +88,38 @@ def _open(ch: Channel, request: dict[str, Any]) -> Result:
     """Send the request and wait for the far side to be ready; abort on refusal."""
     _request(ch, request)
     return _ready(ch)
+
+
+def quiet(stream: object) -> bool:
+    """Nothing to read on an idle channel (a file object or socket): the far side has
+    not closed it."""
+    fileno = getattr(stream, "fileno", None)
+    if fileno is None:
+        return True
+    try:
+        readable, _, _ = select.select([fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+class ChannelGone(StreamError):
+    """A kept channel was found closed when its next request was sent: nothing was
+    asked on it, so the request goes out again on a new one."""
+
+
+def _reopened(ch: Channel, request: dict[str, Any]) -> Result:
+    """`_open` on a kept channel: a far side gone meanwhile (its idle time ended, it
+    was killed, the link was cut) is `ChannelGone`, not an error."""
+    try:
+        wire.write_request(ch.writer, request)
+        return wire.read_status(ch.reader, ch.peer)
+    except (OSError, wire.Closed) as e:
+        ch.abort()
+        raise ChannelGone(f"{ch.peer}: the kept connection was closed") from e
+    except BaseException:
+        ch.abort()
+        raise
 
 
 def ask(ch: Channel, request: dict[str, Any]) -> Result:
@@ -163,25 +213,124 @@ class EndpointSource(Source):
         except BaseException:
             self._ch.abort()
             raise
-        self._ch.close()
+        self._release()
         return self.result
+
+    def _release(self) -> None:
+        """The far side answered its result: end the connection."""
+        self._ch.close()
 
     def close(self) -> None:
         if self.result is None:
             self._ch.abort()
 
 
-
 class EndpointPull(EndpointSource):
     """A replication pull (`op: replicate`): the far side answers with its plan (what
-    it will send, `plan`), then the stream when the plan has one."""
+    it will send, `plan`), then the stream when the plan has one. With `sessions`,
+    the channel goes back to them when the far side keeps it (`kept`); `reused`: the
+    channel was kept from an earlier pull (ChannelGone when it is found closed)."""
 
-    def __init__(self, ch: Channel, volume: str, request: dict[str, Any]) -> None:
+    def __init__(self, ch: Channel, volume: str, request: dict[str, Any], *,
+                 sessions: Sessions | None = None, url: str = "",
+                 reused: bool = False) -> None:
         self.name = f"{ch.peer}:{volume}"
-        self._ch = ch
+        self._ch, self._volume = ch, volume
+        self._sessions, self._url = sessions, url
         self.result = None
-        self.plan = _open(ch, {**request, "op": "replicate", "volume": volume})
+        req = {**request, "op": "replicate", "volume": volume}
+        self.plan = _reopened(ch, req) if reused else _open(ch, req)
         self._frames = wire.FrameReader(ch.reader, ch.peer)
         if not self.plan.get("stream"):
             self._frames.ended = True        # no frames: only the final status follows
             self.finish()
+
+    def _release(self) -> None:
+        kept = (self.result or {}).get("kept")
+        if self._sessions is not None and isinstance(kept, int | float) and kept > 0:
+            margin = min(KEEP_MARGIN, float(kept) / 4)
+            self._sessions.give(self._url, _Kept(self._ch, self._volume,
+                                                 time.monotonic() + float(kept) - margin))
+        else:
+            self._ch.close()
+
+
+@dataclass
+class _Kept:
+    ch: Channel
+    volume: str
+    until: float                         # time.monotonic() the channel is let go at
+
+
+Opener = Callable[[str], tuple[Channel, str]]
+
+
+def open_channel(url: str) -> tuple[Channel, str]:
+    """A new channel to the far side of an ssh:// or tls:// URL, and the volume there."""
+    from . import _far
+    return _far(url)
+
+
+class Sessions:
+    """Channels kept open between replication pulls, one per source URL: what a
+    service pulling on a schedule holds (docs/replication.md, the session).
+
+    `pull` asks the far side to keep the connection some seconds after the
+    answer; the channel comes back here when it does. The next pull to that URL
+    takes it: one found closed (the far side's idle time ended, it was killed, the
+    link was cut) is replaced by a new channel, once, before the request counts.
+    A channel being used is out of the pool, so two pulls never share one."""
+
+    def __init__(self, opener: Opener | None = None) -> None:
+        self._open = opener or open_channel
+        self._idle: dict[str, _Kept] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.opened = 0                      # channels opened (the bench and tests)
+        self.reopened = 0                    # kept channels found closed and replaced
+
+    def pull(self, url: str, request: dict[str, Any], keep: float = 0.0) -> EndpointPull:
+        """The pull of `request` from `url`, on the channel kept for it if there is one;
+        asking the far side to keep it `keep` seconds after (0: end it)."""
+        req = {**request, "keep": keep} if keep > 0 else dict(request)
+        kept = self._take(url)
+        if kept is not None:
+            try:
+                return EndpointPull(kept.ch, kept.volume, req, sessions=self, url=url,
+                                    reused=True)
+            except ChannelGone as e:
+                self.reopened += 1
+                log.info("%s; opening a new one", e)
+        ch, volume = self._open(url)
+        self.opened += 1
+        return EndpointPull(ch, volume, req, sessions=self, url=url)
+
+    def _take(self, url: str) -> _Kept | None:
+        with self._lock:
+            kept = self._idle.pop(url, None)
+        if kept is None:
+            return None
+        if time.monotonic() < kept.until and kept.ch.alive():
+            return kept
+        kept.ch.abort()                      # the far side ends it (or has): not used again
+        return None
+
+    def give(self, url: str, kept: _Kept) -> None:
+        with self._lock:
+            if not self._closed and url not in self._idle:
+                self._idle[url] = kept
+                return
+        kept.ch.close()                      # closed meanwhile, or another pull's is there
+
+    def kept(self, url: str) -> bool:
+        with self._lock:
+            return url in self._idle
+
+    def close(self) -> None:
+        """End every kept channel (the far sides read EOF and exit), and those the
+        pulls under way would give back."""
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), {}
+            self._closed = True
+        for k in idle:
+            k.ch.close()

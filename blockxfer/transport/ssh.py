@@ -89,6 +89,15 @@ class SshChannel:
         self._proc.kill()
         self._proc.wait()
 
+    def alive(self) -> bool:
+        """ssh still runs and the far side sent nothing (it sends nothing unasked)."""
+        from .endpoint import quiet
+        return self._proc.poll() is None and quiet(self.reader)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def explain(self, e: BlockxferError, cause: OSError | None = None) -> BlockxferError:
         """ssh's own failure (no route, refused key) rather than "closed early"."""
         try:

@@ -123,6 +123,13 @@ class TlsChannel:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
+    def alive(self) -> bool:
+        """Nothing arrived on the idle connection (a close would have: EOF, close_notify)."""
+        if self._sock.pending():
+            return False
+        from .endpoint import quiet
+        return quiet(self._sock)
+
     def explain(self, e: BlockxferError, cause: OSError | None = None) -> BlockxferError:
         """TLS 1.3 tells a client its certificate was refused only on the first read."""
         if isinstance(cause, ssl.SSLError):

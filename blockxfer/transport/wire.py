@@ -13,6 +13,14 @@ Spoken over any byte pipe: an OpenSSH session (`ssh://`, the far side runs
     replicate: C: request  S: status(plan)    S: frames, end   S: status(result)
                (no frames when the plan has no stream; docs/replication.md)
 
+A session: a request may carry `"keep": SECONDS`, the client's wish to send its
+next request on the same connection within that time. A server that grants it
+adds `"kept": SECONDS` (at most what was asked) to the request's final OK status
+and then waits for the next request, EOF or the end of that idle time; without
+`kept` (an older server, an error, or `keep` not asked) the connection ends after
+the result, as it always did. Every request is checked on its own, as on a new
+connection.
+
 The server answers "ready" only after it has checked the request (the volume it
 names, the image, the resume token), so a refused request costs no data. The
 final status is an application-level acknowledgement: a stream counts as
@@ -58,10 +66,14 @@ class Reader(Protocol):
     def readline(self, limit: int = -1, /) -> bytes: ...
 
 
+class Closed(StreamError):
+    """The far side closed the connection where a line was due, without a byte of it."""
+
+
 def _line(r: Reader, what: str) -> bytes:
     line = r.readline(MAX_LINE + 1)
     if not line:
-        raise StreamError(f"the far side closed the connection before {what}")
+        raise Closed(f"the far side closed the connection before {what}")
     if len(line) > MAX_LINE or not line.endswith(b"\n"):
         raise StreamError(f"the far side sent a malformed {what}")
     return line[:-1]
@@ -73,6 +85,7 @@ def write_request(w: Writer, request: dict[str, Any]) -> None:
 
 
 def read_request(r: Reader) -> dict[str, Any]:
+    """The next request; `Closed` at a clean end (EOF before any byte of one)."""
     line = _line(r, "a request")
     if not line.startswith(MAGIC):
         raise StreamError("not a blockxfer stream request (expected BXS1)")
