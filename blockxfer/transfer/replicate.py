@@ -28,8 +28,7 @@ from typing import Any
 from blockxfer.errors import BlockxferError, DeviceBusy, StreamError, VolumeError
 from blockxfer.stream.io import ByteSource
 from blockxfer.stream.receive import OpenDevice, ReceiveResult, receive_into, receive_stream
-from blockxfer.transport import Result, Source, open_pull, scheme_of
-from blockxfer.transport.endpoint import Sessions
+from blockxfer.transport import Result, Sessions, Source, open_pull, scheme_of
 from blockxfer.volume import Volume
 from blockxfer.volume.rewind import rewind_to
 

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 from blockxfer.errors import UsageError
 
 from .base import ByteSink, ByteSource, Result, Sink, Source
+from .endpoint import Sessions
 from .local import FileSink, FileSource, StdinSource, StdoutSink
 
 if TYPE_CHECKING:
     from .endpoint import Channel
 
-__all__ = ["ByteSink", "ByteSource", "Result", "Sink", "Source", "ask_far", "open_sink",
+__all__ = ["ByteSink", "ByteSource", "Result", "Sessions", "Sink", "Source", "ask_far", "open_sink",
            "open_source", "open_pull", "register", "scheme_of", "is_volume_url"]
 
 
