@@ -75,7 +75,7 @@ def _line(r: Reader, what: str) -> bytes:
     if not line:
         raise Closed(f"the far side closed the connection before {what}")
     if len(line) > MAX_LINE or not line.endswith(b"\n"):
-        raise StreamError(f"the far side sent a malformed {what}")
+        raise StreamError(f"the far side sent {what} that is malformed or too long")
     return line[:-1]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from blockxfer.errors import DeviceError, NotFound
+from blockxfer.errors import DeviceError, NotFound, UsageError
 
 from .objects import Conflict, Missing, ObjectInfo
 from .store import Store, parse_url
@@ -38,9 +38,14 @@ def client_for(endpoint: str | None = None, access_key: str | None = None,
                  # ask for checks on whole-object GETs only; our xxh3 covers every blob
                  response_checksum_validation="when_required")
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
-                          aws_secret_access_key=secret_key,
-                          region_name=region or session.region_name or "us-east-1", config=cfg)
+    try:
+        return session.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
+                              aws_secret_access_key=secret_key,
+                              region_name=region or session.region_name or "us-east-1",
+                              config=cfg)
+    except ValueError as e:     # botocore: "Invalid endpoint: ..." (from the option or env)
+        raise UsageError(f"{e}: give the S3 endpoint as http(s)://HOST[:PORT] "
+                         "(--s3-endpoint or AWS_ENDPOINT_URL)") from e
 
 
 class S3Objects:
