@@ -58,6 +58,18 @@ def _stdio_idle(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextlib.contextmanager
+def _socket_idle(sock: socket.socket, seconds: float) -> Iterator[None]:
+    """TimeoutError in the read of the next request once `seconds` pass (tls-serve: a
+    socket timeout, per connection thread)."""
+    sock.settimeout(seconds)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+
+
 def cmd_stdio_serve(a: argparse.Namespace) -> Report:
     from blockxfer.transport.wire import widen_pipe
     widen_pipe(sys.stdin.fileno())
@@ -108,17 +120,8 @@ def cmd_tls_serve(a: argparse.Namespace) -> Report:
                                     denied=None if name in peers else
                                     f"certificate {name!r} has no --peer entry here")
                 r, w = tls.makefile("rb"), tls.makefile("wb")
-
-                @contextlib.contextmanager
-                def idle(seconds: float) -> Iterator[None]:
-                    tls.settimeout(seconds)
-                    try:
-                        yield
-                    finally:
-                        with contextlib.suppress(OSError):
-                            tls.settimeout(None)
                 if serve_session(r, w, policy, who, max_keep=a.idle_timeout,
-                                 idle=idle) is not None:
+                                 idle=lambda seconds: _socket_idle(tls, seconds)) is not None:
                     _drain(tls)
         except (ssl.SSLError, OSError) as e:
             log.warning("%s: connection failed: %s", addr[0], getattr(e, "reason", None) or e)

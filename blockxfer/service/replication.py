@@ -134,7 +134,7 @@ class ReplicationCommands:
         if entry is None or entry.get("source") != source:
             return 0.0, None
         from blockxfer.transfer.replicate import KEEP_SLACK
-        from blockxfer.transport.endpoint import Sessions
+        from blockxfer.transport import Sessions
         with self._sessions_lock:
             if self._sessions is None:
                 self._sessions = Sessions()
