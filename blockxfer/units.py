@@ -29,7 +29,7 @@ _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
     if not m or float(m.group(1)) <= 0:
         raise UsageError(f"bad duration {text!r}: use a positive number with an optional "
                          "s, m, h, d or w suffix (30s, 10m, 1h, 7d, 2w)")

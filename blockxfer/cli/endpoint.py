@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockxfer.errors import UsageError
 from blockxfer.service.endpoint import MAX_KEEP, OPERATIONS, Policy, preload, serve_session
+from blockxfer.units import parse_duration
 
 from .common import syslog_arg
 from .spec import Arg, Command, Report, arg
@@ -149,20 +150,20 @@ def _common() -> tuple[Arg, ...]:
             arg("--allow", type=_allow, default=frozenset(OPERATIONS), metavar="OPS",
                 help="operations allowed, comma-separated: send, receive, replicate "
                       "(default all)"),
-            arg("--idle-timeout", type=_seconds, default=MAX_KEEP, metavar="SECONDS",
+            arg("--idle-timeout", type=_idle_timeout, default=MAX_KEEP, metavar="DURATION",
                 help="the longest a peer may keep the connection open between requests "
-                     f"(a scheduled pull's session; default {MAX_KEEP:g}, 0: one request "
+                     f"(a scheduled pull's session; default {MAX_KEEP:g}s, 0: one request "
                      "per connection)"))
 
 
-def _seconds(text: str) -> float:
+def _idle_timeout(text: str) -> float:
+    """0 (one request per connection) or a duration (units.parse_duration)."""
+    if text.strip() == "0":
+        return 0.0
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
-    return value
+        return parse_duration(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 COMMANDS = (

@@ -25,7 +25,7 @@ from blockxfer.errors import (
     UsageError,
     VolumeError,
 )
-from blockxfer.units import human
+from blockxfer.units import human, parse_duration
 
 from . import mirror_daemon as daemon
 from .common import dry_run_arg, parsable_arg, progress, syslog_arg, volume_arg
@@ -39,15 +39,10 @@ BUSY_WAIT = 600.0                 # seconds `mirror update` waits for the daemon
 
 # -- the commands ------------------------------------------------------------------------
 def parse_interval(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip().lower()
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = -1
-    if not value > 0:
-        raise UsageError(f"--interval {text!r}: give a duration such as 30s, 5m or 1h")
-    return value
+        return parse_duration(text)
+    except UsageError as e:
+        raise UsageError(f"--interval: {e}") from e
 
 
 def cmd_start(a: argparse.Namespace) -> Report:

@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from typing import Any
 
 from blockxfer.errors import BlockxferError, DeviceError, UsageError
-from blockxfer.units import human, parse_size
+from blockxfer.units import human, parse_duration, parse_size
 
 from .common import dry_run_arg, parsable_arg, progress, volume_arg
 from .spec import Command, Report, arg
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
 
 def duration(text: str) -> float:
-    """An argparse type: 90, 30s, 1m, 2h, 1d."""
-    m = _DURATION.match(text.strip().lower())
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give 30s, 1m, 2h or 1d")
-    return float(m.group(1)) * _SECONDS[m.group(2)]
+    """An argparse type: 90, 30s, 1m, 2h, 1d (units.parse_duration)."""
+    try:
+        return parse_duration(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def rate(text: str) -> int:
