@@ -98,6 +98,10 @@ class PullRecord:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def stop_clock(self) -> None:
+        """The pull is over (recorded, or a dry run answered): its `elapsed`."""
+        self.elapsed = round(time.time() - self.started, 3)
+
 
 class _Counting:
     """The stream source, counting its bytes (and reporting them as progress)."""
@@ -194,7 +198,7 @@ def pull_once(source: str, target: str, open_device: OpenDevice, *, name: str | 
                               f"pulls only, and {source} can only send a full image, which "
                               "would replace what its users see; stop it and pull again")
         if dry_run:
-            rec.elapsed = round(time.time() - rec.started, 3)
+            rec.stop_clock()
             return rec
         if back is not None:
             rec.rolled_back, rec.discarded = back, (
@@ -334,7 +338,7 @@ def _first_clause(e: BaseException) -> str:
 def _reached(state: PullState, source: str, name: str, plan: Result, rec: PullRecord) -> None:
     state.source, state.name, state.pending = source, name, None
     state.master = plan.get("top")
-    rec.elapsed = round(time.time() - rec.started, 3)
+    rec.stop_clock()
     state.record(rec.as_dict())
     state.save()
 
