@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from bench.backends import BACKENDS
-from bench.common import drop_caches, row
+from bench.common import drop_caches, row, stop
 from blockxfer.nbd.server import Server
 
 MiB = 1 << 20
@@ -66,8 +66,7 @@ def qemu_nbd(path: str, size: int, sock: str) -> Iterator[str]:
             time.sleep(0.05)
         yield f"nbd+unix:///?socket={sock}"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def timed(argv: list[str]) -> float:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .common import SCRATCH, interleaved, row, timed
+from .common import SCRATCH, interleaved, row, stop, timed
 
 GIB = 1 << 30
 SIZE = int(os.environ.get("BX_BENCH_SIZE", str(GIB)))
@@ -89,12 +89,7 @@ def _served(prefix: list[str], vol: str, sock: str, env: dict[str, str]) -> Iter
             time.sleep(0.2)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 60)
 
 
 def _quiet(*argv: str) -> None:
@@ -204,12 +199,12 @@ def main() -> None:
             _sh(b, f"{kept} -o ControlMaster=yes -o ControlPersist=yes -N -f {host}")()
             stack.callback(subprocess.run, [*b, "sh", "-c", f"{kept} -O exit {host}"],
                            check=False, capture_output=True)
-            times: dict[str, list[float]] = {n: [] for n in (
-                "ours", "cat", "btrfs", "sched", "sched cli", "cm cat", "unkept")}
+            wall: dict[str, list[float]] = {}    # each run's wall time, by name
+            own: dict[str, list[float]] = {"sched": [], "unkept": []}   # pulls' records
 
-            def scheduled() -> None:       # its record's time; the command's wall: below
-                times["sched"].append(_elapsed(
-                    b, f"{BX} replicate pull {url} {served} --name B2 --json", env))
+            def recorded(name: str, copy: str, dest: str) -> Callable[[], None]:
+                script = f"{BX} replicate pull {url} {copy} --name {dest} --json"
+                return lambda: own[name].append(_elapsed(b, script, env))
             size = 0
             for k in range(2, ROUNDS + 2):
                 _change(vol, data_file, f"m{k}", rnd)
@@ -221,17 +216,16 @@ def main() -> None:
                     "ours": pull, "cat": cat,
                     "btrfs": _sh(b, f"{ssh} btrfs send -q -p {fa}/s{k - 1} {fa}/s{k} | "
                                     f"btrfs receive -q {fb} && sync"),
-                    "sched": scheduled,
-                    "unkept": lambda: times["unkept"].append(_elapsed(
-                        b, f"{BX} replicate pull {url} {unkept} --name B3 --json", env)),
+                    "sched": recorded("sched", served, "B2"),
+                    "unkept": recorded("unkept", unkept, "B3"),
                     "cm cat": _sh(b, f"{kept} {host} cat {stream} > {got} && sync {got}")}
                 names = list(runs)
                 order = names[k % len(names):] + names[:k % len(names)]   # rotate
                 for name in order:
-                    t = timed(runs[name])
-                    if name != "unkept":
-                        times["sched cli" if name == "sched" else name].append(t)
-            med = {n: statistics.median(t) for n, t in times.items()}
+                    wall.setdefault(name, []).append(timed(runs[name]))
+            med = {n: statistics.median(t) for n, t in wall.items()}
+            med["sched cli"] = med.pop("sched")      # the command's wall, start-up in it
+            med.update({n: statistics.median(t) for n, t in own.items()})
             print(f"5 % incremental, {size / 1e6:.1f} MB of stream, median seconds: "
                   + ", ".join(f"{n} {t:.3f}" for n, t in med.items()), flush=True)
             print(row("replicate pull 5 % incremental vs ssh cat", med["ours"], med["cat"],

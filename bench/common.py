@@ -46,6 +46,17 @@ def run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def stop(proc: subprocess.Popen[bytes], wait: float = 30.0) -> None:
+    """End a server a bench started: SIGTERM, SIGKILL if it is still there after
+    `wait` seconds (a stuck peer must not hang the run)."""
+    proc.terminate()
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 Better = Literal["higher", "lower"]
 
 
