@@ -193,9 +193,16 @@ class BlockIO:
                 view[k * bs:(k + 1) * bs] = raw
 
     def finish_reads(self, jobs: list[Future[None]]) -> None:
-        """Wait for `submit_reads`; the first failure (device or checksum) is raised."""
+        """Wait for every request of `submit_reads`, then raise the first failure
+        (device or checksum): raising at the first would let the caller hand the
+        buffer back while later requests still land in it."""
+        first: BaseException | None = None
         for j in jobs:
-            j.result()
+            e = j.exception()
+            if e is not None and first is None:
+                first = e
+        if first is not None:
+            raise first
 
     # -- writes ---------------------------------------------------------------------------
     def write_runs(self, runs: list[tuple[int, int]], data: memoryview,
