@@ -16,6 +16,7 @@ import pytest
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.errors import VolumeError
 from blockxfer.stream.send import plain_reader
+from blockxfer.transfer import replicate_registry as registry
 from blockxfer.transfer.replicate_source import PullRequest, serve_pull
 from blockxfer.volume import Volume
 
@@ -58,5 +59,20 @@ def test_a_stale_request_keeps_what_the_destination_may_hold(tmp_path: Path) -> 
         assert _pull(vol, "m3", "m2")["base"] == "m3"   # confirmed the newest sent:
         for name in ("m2", "m1", "m0"):                 # the holds are what it needs
             vol.destroy_snapshot(name)
+    finally:
+        vol.close()
+
+
+def test_a_stale_request_does_not_move_confirmed_back(tmp_path: Path) -> None:
+    vol = Volume.create(open_device(str(tmp_path / "a.img"), write=True, create_size=16 * MiB))
+    try:
+        for name in ("m0", "m1", "m2"):
+            vol.write(0, os.urandom(MiB))
+            vol.create_snapshot(name, master=True)
+        _pull(vol, "m1")
+        _pull(vol, "m2", "m1")                  # B now has m2
+        _pull(vol, "m1")                        # a killed pull's request, answered late
+        row = registry.load(vol)["B"].row("B")
+        assert (row["confirmed"], row["pulls"]) == ("m2", 3)
     finally:
         vol.close()

@@ -200,6 +200,20 @@ def _unconfirmed(vol: Volume, prev: registry.Destination | None,
     return {sent.name} | {n for n, tags in vol.holds().items() if tag in tags}
 
 
+def _confirmed(vol: Volume, prev: registry.Destination | None,
+               req: PullRequest) -> tuple[str, bytes] | None:
+    """The newest master the destination has confirmed: the one its request names,
+    unless an earlier request confirmed a newer one still kept here, which makes this
+    request a stale one answered late: the registry's "confirmed" never moves back."""
+    kept = masters(vol)
+    named = next((e for e in kept if req.have and e.guid == req.have[0]), None)
+    before = next((e for e in kept if prev is not None and prev.mg is not None
+                   and registry.short(e.guid) == prev.mg), None)
+    if before is not None and named is not None and before.generation > named.generation:
+        named = before
+    return None if named is None else (named.name, named.guid)
+
+
 def serve_pull(vol: Volume, req: PullRequest, ready: Ready, reader: Reader,
                lock: AbstractContextManager[Any] | None = None) -> Result:
     """Answer one pull on the open volume: record, hold, plan, stream. With `lock`
@@ -233,9 +247,9 @@ def _plan(vol: Volume, req: PullRequest) -> tuple[Result, Decision]:
     _check_owner(vol, req)
     d = decide(vol, req)
     if not req.dry_run:
-        confirmed = next(((e.name, e.guid) for e in masters(vol)
-                          if req.have and e.guid == req.have[0]), None)
-        sent = _unconfirmed(vol, registry.load(vol).get(req.dest), req)
+        prev = registry.load(vol).get(req.dest)
+        confirmed = _confirmed(vol, prev, req)
+        sent = _unconfirmed(vol, prev, req)
         registry.contact(vol, req.dest, req.identity, confirmed, d.top.name)
         registry.hold_only(vol, req.dest, _needs(vol, d, req) | sent)
     info: Result = {"kind": d.kind, "top": d.top.name, "top_guid": d.top.guid.hex(),
