@@ -54,6 +54,7 @@ CASES = [
     (2, ["read", "{vol}", "--offset", "1G"], "outside the virtual disk"),
     (2, ["restore", "{d}/r.img", "--tape", "{tape}", "--vbns", "1-2"], "--image"),
     (2, ["write", "{vol}", "--offset", "ten"], "bad size"),
+    (2, ["write", "{vol}", "--offset", "1G"], "past the end"),      # also with no data
     (2, ["send", "{vol}", "s1", "-o", "{vol}"], "holds a blockxfer volume"),
     # 3: damaged or foreign data
     (3, ["info", "{d}/junk"], "not a blockxfer volume"),

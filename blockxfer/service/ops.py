@@ -201,7 +201,11 @@ class VolumeOps:
 
     def write(self, chunks: Iterable[bytes], offset: int, progress: Progress = None) -> Result:
         """Write the chunks at `offset`, then commit. On an error what came before it
-        is committed, and the error says how much."""
+        is committed, and the error says how much. An offset past the end is refused
+        before anything is read, also when no data follows."""
+        if offset > self.vol.virtual_size:
+            raise UsageError(f"offset {offset} is past the end of the virtual disk "
+                             f"({self.vol.virtual_size} bytes); 'blockxfer info' shows its size")
         done = offset
         failed: BlockxferError | None = None
         try:
