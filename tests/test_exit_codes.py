@@ -52,6 +52,7 @@ CASES = [
     (2, ["tape", "create", "{d}/x.vtape", "--capacity", "0"], "capacity"),
     (2, ["image", "{vol}", "s1 -"], "the end"),
     (2, ["read", "{vol}", "--offset", "1G"], "outside the virtual disk"),
+    (2, ["read", "{vol}", "--length", "100000000000"], "0+100000000000 is outside"),
     (2, ["restore", "{d}/r.img", "--tape", "{tape}", "--vbns", "1-2"], "--image"),
     (2, ["write", "{vol}", "--offset", "ten"], "bad size"),
     (2, ["write", "{vol}", "--offset", "1G"], "past the end"),      # also with no data

@@ -192,6 +192,9 @@ class VolumeOps:
         vol = self.vol
         if length is None:
             length = max(vol.virtual_size - offset, 0)
+        if offset + length > vol.virtual_size:     # whole, before any chunk is read
+            raise UsageError(f"range {offset}+{length} is outside the virtual disk "
+                             f"({vol.virtual_size} bytes); 'blockxfer info' shows its size")
         add = progress or (lambda n: None)
         if _fresh_file(out):
             _read_sparse(vol, out, offset, length, snapshot, add)
