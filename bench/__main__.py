@@ -24,6 +24,7 @@ BENCHES = [
     "bench_transport",
     "bench_objstore",
     "bench_mirror",
+    "bench_replicate",
 ]
 
 
