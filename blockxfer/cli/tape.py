@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from blockxfer.errors import BlockxferError, UsageError
 from blockxfer.units import human, parse_size
 
-from .catalog import (
-    catalog_arg,
+from .catalog import catalog_arg
+from .catalog_tapes import (
     check_pool,
     note_dump_barcodes,
     pool_arg,

@@ -161,7 +161,7 @@ def cmd_tape_erase(a: argparse.Namespace) -> Report:
     from blockxfer.drivers.tapes import erase_tape, tape_status
     from blockxfer.errors import VolumeError
 
-    from .catalog import erase_check, forget_erased
+    from .catalog_tapes import erase_check, forget_erased
     holds, label = _holds(a.tape)
     expired = False if a.dry_run else erase_check(a, label)   # unexpired images: refused
     if a.dry_run:
