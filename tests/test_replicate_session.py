@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,11 +96,16 @@ def far_sides(root: int) -> list[int]:
     return found
 
 
+def raw(ch: object) -> object:
+    """The channel itself, out of the wrapper Sessions lends it in."""
+    return getattr(ch, "inner", ch)
+
+
 def far_side(sessions: Sessions, where: str) -> int:
     """The pid of the `stdio-serve` behind the channel kept for `where`."""
-    kept = sessions._idle[where]
-    assert isinstance(kept.ch, SshChannel)
-    found = far_sides(kept.ch.pid)
+    ch = raw(sessions._idle[where].ch)
+    assert isinstance(ch, SshChannel)
+    found = far_sides(ch.pid)
     assert found, "no stdio-serve under the kept channel"
     return found[-1]
 
@@ -166,13 +172,13 @@ def test_the_far_side_ends_an_idle_session(tmp_path: Path, forced_ssh: Path,
     monkeypatch.setenv("FORCED_VOLUME", str(a))
     monkeypatch.setenv("IDLE", "0.5")
     assert _pull(a, b, sessions, keep=60) == "full"
-    kept = sessions._idle[url(a)]
-    assert isinstance(kept.ch, SshChannel)
+    ch = raw(sessions._idle[url(a)].ch)
+    assert isinstance(ch, SshChannel)
     deadline = time.monotonic() + 15
-    while kept.ch.alive():
+    while ch.alive():
         assert time.monotonic() < deadline, "the far side outlived its idle time"
         time.sleep(0.05)
-    assert kept.ch._proc.returncode == 0          # it ended by itself, not killed
+    assert ch._proc.returncode == 0          # it ended by itself, not killed
     master(a, "m2", os.urandom(1 << 16))
     assert _pull(a, b, sessions) == "incremental" and sessions.opened == 2
 
@@ -253,3 +259,45 @@ def test_a_served_targets_schedule_keeps_one_connection(tmp_path: Path, fake_ssh
             assert time.monotonic() < deadline, "the kept far side outlived the schedule"
             time.sleep(0.1)
     assert same(a, b, "m3")
+
+
+class _Quiet:
+    """A channel stand-in that is open until closed."""
+    peer = "fake"
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def alive(self) -> bool:
+        return self.open
+
+    def close(self) -> None:
+        self.open = False
+
+    abort = close
+
+
+def test_a_second_pull_waits_for_the_channel_in_use() -> None:
+    """Two pulls to one URL at once (a hand-run pull into a served copy during its
+    scheduled one): the second takes the first's channel once it is given back,
+    instead of logging in again; one that ends without giving it back frees the URL."""
+    from blockxfer.transport.endpoint import _Kept, _Lent
+    sessions, where = Sessions(), "ssh://a/x.img"
+    assert sessions._take(where) is None            # the first pull opens a channel...
+    lent = _Lent(_Quiet(), sessions, where)          # type: ignore[arg-type]
+    sessions._lend(where, lent)
+    got: list[object] = []
+    second = threading.Thread(target=lambda: got.append(sessions._take(where)))
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive()                         # ...and the second waits for it
+    sessions.give(where, _Kept(lent, "x.img", time.monotonic() + 60))
+    second.join(5)
+    assert got and got[0] is not None and got[0].ch is lent     # type: ignore[attr-defined]
+    third = threading.Thread(target=lambda: got.append(sessions._take(where)))
+    third.start()
+    time.sleep(0.3)
+    assert third.is_alive()
+    lent.abort()                                     # the second pull failed: cut
+    third.join(5)
+    assert got[-1] is None and not third.is_alive()

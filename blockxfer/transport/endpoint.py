@@ -28,6 +28,8 @@ from .base import Result, Sink, Source
 log = logging.getLogger("blockxfer.transport")
 KEEP_MARGIN = 5.0        # seconds before the far side's idle end a kept channel is let go
 #                          (a quarter of a shorter idle time)
+SESSION_WAIT = 60.0      # seconds a pull waits for the channel another pull to its URL uses
+_OPENING = object()      # Sessions: a URL whose pull is opening a new channel
 
 
 class Channel(Protocol):
@@ -262,6 +264,45 @@ class _Kept:
     until: float                         # time.monotonic() the channel is let go at
 
 
+class _Lent:
+    """A channel of `Sessions` while a pull uses it: its end (close, abort) tells
+    them the URL is free for the next pull; otherwise the channel itself."""
+
+    def __init__(self, ch: Channel, sessions: Sessions, url: str) -> None:
+        self._ch, self._sessions, self._url = ch, sessions, url
+        self.inner = ch                      # the channel itself (tests look at its process)
+
+    @property
+    def peer(self) -> str:
+        return self._ch.peer
+
+    @property
+    def reader(self) -> wire.Reader:
+        return self._ch.reader
+
+    @property
+    def writer(self) -> wire.Writer:
+        return self._ch.writer
+
+    def close(self) -> None:
+        try:
+            self._ch.close()
+        finally:
+            self._sessions.done(self._url, self)
+
+    def abort(self) -> None:
+        try:
+            self._ch.abort()
+        finally:
+            self._sessions.done(self._url, self)
+
+    def alive(self) -> bool:
+        return self._ch.alive()
+
+    def explain(self, e: BlockxferError, cause: OSError | None = None) -> BlockxferError:
+        return self._ch.explain(e, cause)
+
+
 Opener = Callable[[str], tuple[Channel, str]]
 
 
@@ -279,12 +320,16 @@ class Sessions:
     answer; the channel comes back here when it does. The next pull to that URL
     takes it: one found closed (the far side's idle time ended, it was killed, the
     link was cut) is replaced by a new channel, once, before the request counts.
-    A channel being used is out of the pool, so two pulls never share one."""
+    A channel being used is lent to one pull: a second pull to the URL meanwhile
+    (`replicate pull` run by hand into a served copy during a scheduled one) waits
+    for it, up to SESSION_WAIT, rather than log in again: pulls into one target
+    follow each other anyway."""
 
     def __init__(self, opener: Opener | None = None) -> None:
         self._open = opener or open_channel
         self._idle: dict[str, _Kept] = {}
-        self._lock = threading.Lock()
+        self._lent: dict[str, object] = {}   # URL -> the channel a pull uses (or _OPENING)
+        self._lock = threading.Condition()
         self._closed = False
         self.opened = 0                      # channels opened (the bench and tests)
         self.reopened = 0                    # kept channels found closed and replaced
@@ -301,26 +346,55 @@ class Sessions:
             except ChannelGone as e:
                 self.reopened += 1
                 log.info("%s; opening a new one", e)
-        ch, volume = self._open(url)
+                self._lend(url, _OPENING)    # still this pull's to open
+        try:
+            ch, volume = self._open(url)
+        except BaseException:
+            self._lend(url, None)
+            raise
         self.opened += 1
-        return EndpointPull(ch, volume, req, sessions=self, url=url)
+        lent = _Lent(ch, self, url)
+        self._lend(url, lent)
+        return EndpointPull(lent, volume, req, sessions=self, url=url)
 
     def _take(self, url: str) -> _Kept | None:
+        """The URL's kept channel, lent to the caller; None (the URL marked as being
+        used all the same) when there is none or it is no longer open."""
         with self._lock:
+            self._lock.wait_for(lambda: url not in self._lent, timeout=SESSION_WAIT)
             kept = self._idle.pop(url, None)
+            self._lent[url] = kept.ch if kept is not None else _OPENING
         if kept is None:
             return None
         if time.monotonic() < kept.until and kept.ch.alive():
             return kept
         kept.ch.abort()                      # the far side ends it (or has): not used again
+        self._lend(url, _OPENING)
         return None
+
+    def _lend(self, url: str, ch: object) -> None:
+        with self._lock:
+            if ch is None:
+                self._lent.pop(url, None)
+                self._lock.notify_all()
+            else:
+                self._lent[url] = ch
+
+    def done(self, url: str, ch: object) -> None:
+        """The pull using `ch` has ended with it (given back, closed or cut)."""
+        with self._lock:
+            if self._lent.get(url) is ch:
+                del self._lent[url]
+                self._lock.notify_all()
 
     def give(self, url: str, kept: _Kept) -> None:
         with self._lock:
-            if not self._closed and url not in self._idle:
+            keep = not self._closed and url not in self._idle
+            if keep:
                 self._idle[url] = kept
-                return
-        kept.ch.close()                      # closed meanwhile, or another pull's is there
+        if not keep:
+            kept.ch.close()                  # closed meanwhile, or another pull's is there
+        self.done(url, kept.ch)
 
     def kept(self, url: str) -> bool:
         with self._lock:
