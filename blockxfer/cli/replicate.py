@@ -150,6 +150,9 @@ def _destinations(path: str, *, quiet: bool = False) -> list[dict[str, Any]]:
 
 def cmd_destinations(a: argparse.Namespace) -> Report:
     rows = _destinations(a.path)
+    if not rows:
+        return Report({"volume": a.path, "destinations": []},
+                      [f"{a.path}: no destinations have pulled from it"])
     text = [f"{'NAME':16} {'IDENTITY':24} {'CONFIRMED':16} {'LAST CONTACT':20} HOLDS"]
     for r in rows:
         seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_contact"]))
