@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,12 +39,21 @@ def _pull(vol: Volume, *have: str, needed: tuple[str, ...] = ()) -> dict[str, ob
     return plan
 
 
-def test_a_stale_request_keeps_what_the_destination_may_hold(tmp_path: Path) -> None:
+@contextmanager
+def masters(tmp_path: Path, *names: str) -> Iterator[Volume]:
+    """A volume with a master snapshot of each name, each after 1 MiB written."""
     vol = Volume.create(open_device(str(tmp_path / "a.img"), write=True, create_size=16 * MiB))
     try:
-        for name in ("m0", "m1", "m2"):
+        for name in names:
             vol.write(0, os.urandom(MiB))
             vol.create_snapshot(name, master=True)
+        yield vol
+    finally:
+        vol.close()
+
+
+def test_a_stale_request_keeps_what_the_destination_may_hold(tmp_path: Path) -> None:
+    with masters(tmp_path, "m0", "m1", "m2") as vol:
         # B receives m2, telling A that its child still needs m0
         assert _pull(vol, "m1", needed=("m0",))["top"] == "m2"
         vol.write(0, os.urandom(MiB))
@@ -59,20 +70,13 @@ def test_a_stale_request_keeps_what_the_destination_may_hold(tmp_path: Path) -> 
         assert _pull(vol, "m3", "m2")["base"] == "m3"   # confirmed the newest sent:
         for name in ("m2", "m1", "m0"):                 # the holds are what it needs
             vol.destroy_snapshot(name)
-    finally:
-        vol.close()
+
 
 
 def test_a_stale_request_does_not_move_confirmed_back(tmp_path: Path) -> None:
-    vol = Volume.create(open_device(str(tmp_path / "a.img"), write=True, create_size=16 * MiB))
-    try:
-        for name in ("m0", "m1", "m2"):
-            vol.write(0, os.urandom(MiB))
-            vol.create_snapshot(name, master=True)
+    with masters(tmp_path, "m0", "m1", "m2") as vol:
         _pull(vol, "m1")
         _pull(vol, "m2", "m1")                  # B now has m2
         _pull(vol, "m1")                        # a killed pull's request, answered late
         row = registry.load(vol)["B"].row("B")
         assert (row["confirmed"], row["pulls"]) == ("m2", 3)
-    finally:
-        vol.close()
