@@ -23,7 +23,7 @@ from blockxfer.volume.blockio import aligned
 
 from .packer import PACK_BYTES
 from .store import Store
-from .upload import UploadResult, check_retain, upload_blocks
+from .upload import Add, UploadResult, check_retain, upload_blocks
 
 REQUEST = 4 << 20                      # bytes per device read
 DEPTH = 4                              # reads in flight
@@ -43,9 +43,9 @@ def upload_volume(store: Store, volume: str, vol: Volume, expression: str, *,
             plan = plan_send(vol, expression)
             held.enter_context(vol.holding(plan.tops))
 
-        def feed(add: Callable[[int, int, memoryview], None]) -> list[tuple[int, int]]:
+        def feed(add: Add, c: int) -> list[tuple[int, int]]:
             bs = plan.block_size
-            for vbn, data in ordered_reads(vol.dev.pread, plan, REQUEST // bs, DEPTH):
+            for vbn, data in ordered_reads(vol.dev.pread, plan, _unit(bs, c), DEPTH):
                 add(vbn, len(data) // bs, data)
                 if progress:
                     progress(len(data))
@@ -54,18 +54,34 @@ def upload_volume(store: Store, volume: str, vol: Volume, expression: str, *,
                              retain_until=retain_until)
 
 
+def _unit(block_size: int, c: int) -> int:
+    """Blocks per read: whole chunks of `c` blocks, about REQUEST bytes."""
+    return max(1, REQUEST // block_size // c) * c
+
+
 Pread = Callable[[memoryview, int], None]
 
 
-def ordered_reads(pread: Pread, plan: SendPlan, per: int,
+def _cut(runs: list[tuple[int, int]], unit: int) -> Iterator[tuple[int, int]]:
+    """The runs cut at the multiples of `unit` blocks."""
+    for start, count in runs:
+        end = start + count
+        while start < end:
+            stop = min(end, (start // unit + 1) * unit)
+            yield start, stop - start
+            start = stop
+
+
+def ordered_reads(pread: Pread, plan: SendPlan, unit: int,
                   depth: int) -> Iterator[tuple[int, memoryview]]:
-    """(first VBN, blocks) for the plan's runs, ascending, cut into reads of at most
-    `per` blocks with `depth` in flight. Each read is checked in the thread that made
-    it (a damaged data block raises DamagedBlock, as a send does); a view is valid
-    until the next one is asked for."""
+    """(first VBN, blocks) for the plan's runs, ascending, read in pieces cut at the
+    multiples of `unit` blocks (a chunk's blocks come in one piece when `unit` is
+    a number of chunks) with `depth` reads in flight. Each read is checked in the
+    thread that made it (a damaged data block raises DamagedBlock, as a send does);
+    a view is valid until the next one is asked for."""
     bs = plan.block_size
-    pieces = ((s + k, min(per, n - k)) for s, n in plan.runs for k in range(0, n, per))
-    free: list[mmap] = [aligned(per * bs) for _ in range(depth + 1)]
+    pieces = _cut(plan.runs, unit)
+    free: list[mmap] = [aligned(unit * bs) for _ in range(depth + 1)]
     queue: deque[tuple[int, memoryview, mmap, Future[None]]] = deque()
     with ThreadPoolExecutor(depth, thread_name_prefix="bx-upread") as pool:
         try:

@@ -4,7 +4,8 @@
 each chunk on as a blob (a mask and the blocks it carries); `Packer` fills packs
 of PACK_BYTES with blobs and PUTs them, several at once. Packs are named by the
 hash of their bytes, so an upload run again after a crash finds the packs it
-already wrote and skips them.
+already wrote (a HEAD before the PUT) and skips them; once the HEADs find
+nothing for a while, the rest is new and goes without one.
 """
 
 from __future__ import annotations
@@ -35,13 +36,25 @@ class Packer:
                  retain_until: float | None = None):
         self.store, self.pack_bytes, self.retain_until = store, pack_bytes, retain_until
         self.entries: list[fmt.Entry] = []
-        self._buf = bytearray(fmt.pack_header())
+        # Pack buffers are used again once their PUT is done: a fresh 8 MiB per pack
+        # cost more in page faults than the copy into it. `_len` bytes of `_buf` are
+        # the pack; a buffer only shrinks to its pack's size (by less than half, which
+        # CPython's bytearray does in place), so the next pack refills it in place.
+        self._free: list[bytearray] = []
+        self._buf, self._len = bytearray(), 0
+        self._write(fmt.pack_header())
         self._pending: list[tuple[int, int, int, int, bitarray]] = []
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bx-pack")
         self._slots = threading.BoundedSemaphore(workers + 1)
         self._futures: list[Future[int]] = []
         self.written = self.skipped = self.new_bytes = 0
         self._lock = threading.Lock()
+        # HEADs in a row that found nothing: past WORKERS + 1 of them, the packs after
+        # are PUT without a HEAD. An interrupted run wrote its packs in this order,
+        # with at most WORKERS + 1 in flight, so what follows such a gap is new; and a
+        # PUT of a pack that was there anyway is harmless (write-once: the same bytes
+        # under the name of their hash; it only refreshes the pack for gc's grace).
+        self.workers, self._misses = workers, 0
 
     @property
     def count(self) -> int:
@@ -52,12 +65,12 @@ class Packer:
         """The blob of these blocks, made in place at the end of the pack: its payload
         is copied once, into the pack, and never joined into a blob of its own."""
         head, payload, check = fmt.blob_pieces(chunk, mask, data)
-        at = len(self._buf)
-        self._buf += head
-        self._buf += payload
-        self._buf += fmt.CHECK.pack(check)
-        self._pending.append((chunk, at, len(self._buf) - at, check, mask.copy()))
-        if len(self._buf) >= self.pack_bytes:
+        at = self._len
+        self._write(head)
+        self._write(payload)
+        self._write(fmt.CHECK.pack(check))
+        self._pending.append((chunk, at, self._len - at, check, mask.copy()))
+        if self._len >= self.pack_bytes:
             self._seal()
 
     def add_blob(self, blob: bytes, check: int) -> None:
@@ -65,15 +78,25 @@ class Packer:
         _, _, _, _, chunk, c, _ = fmt.BLOB.unpack_from(blob, 0)
         mask = bitarray(endian="little")
         mask.frombytes(blob[fmt.BLOB.size:fmt.BLOB.size + c // 8])
-        self._pending.append((chunk, len(self._buf), len(blob), check, mask))
-        self._buf += blob
-        if len(self._buf) >= self.pack_bytes:
+        self._pending.append((chunk, self._len, len(blob), check, mask))
+        self._write(blob)
+        if self._len >= self.pack_bytes:
             self._seal()
+
+    def _write(self, piece: bytes | memoryview) -> None:
+        """Append to the pack: over what a pack before left in the buffer, or past it."""
+        n = len(piece)
+        self._buf[self._len:self._len + n] = piece
+        self._len += n
 
     def _seal(self) -> None:
         if not self._pending:
             return
-        raw, self._buf = self._buf, bytearray(fmt.pack_header())   # handed over, not copied
+        raw = self._buf                                         # handed over, not copied
+        del raw[self._len:]
+        with self._lock:
+            self._buf, self._len = self._free.pop() if self._free else bytearray(), 0
+        self._write(fmt.pack_header())
         pid = xxhash.xxh3_128_digest(raw)
         self.entries += [fmt.Entry(c, pid, off, n, ck, m) for c, off, n, ck, m in self._pending]
         self._pending = []
@@ -84,14 +107,24 @@ class Packer:
         self._futures.append(fut)
 
     def _put(self, pid: bytes, raw: bytearray) -> int:
+        try:
+            return self._put_new(pid, raw)
+        finally:
+            with self._lock:                   # done with: the next pack's buffer
+                self._free.append(raw)
+
+    def _put_new(self, pid: bytes, raw: bytearray) -> int:
         key = self.store.pack_key(pid)
-        info = self.store.o.head(key)
-        if info is not None and _same(info, raw) and time.time() - info.mtime < GRACE / 2:
-            if self.retain_until is not None:
-                self.store.o.retain(key, self.retain_until)
+        if self._misses <= self.workers:
+            info = self.store.o.head(key)
             with self._lock:
-                self.skipped += 1             # written by an earlier, interrupted run
-            return 0
+                self._misses = self._misses + 1 if info is None else 0
+            if info is not None and _same(info, raw) and time.time() - info.mtime < GRACE / 2:
+                if self.retain_until is not None:
+                    self.store.o.retain(key, self.retain_until)
+                with self._lock:
+                    self.skipped += 1         # written by an earlier, interrupted run
+                return 0
         self.store.o.put(key, raw, retain_until=self.retain_until)
         with self._lock:
             self.written += 1

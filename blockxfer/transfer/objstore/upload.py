@@ -70,7 +70,8 @@ def merge(base: list[fmt.Entry], new: list[fmt.Entry], dealloc: list[tuple[int, 
     return out + new
 
 
-Feed = Callable[[Callable[[int, int, memoryview], None]], list[tuple[int, int]]]
+Add = Callable[[int, int, memoryview], None]
+Feed = Callable[[Add, int], list[tuple[int, int]]]
 
 
 def check_retain(store: Store, retain_until: float | None) -> None:
@@ -90,7 +91,7 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
     reader = StreamReader(f, "stream")
     h = reader.read_header()
 
-    def feed(add: Callable[[int, int, memoryview], None]) -> list[tuple[int, int]]:
+    def feed(add: Add, _: int) -> list[tuple[int, int]]:
         dealloc: list[tuple[int, int]] = []
         for rec in reader:
             if isinstance(rec, Data):
@@ -107,10 +108,11 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
 def upload_blocks(store: Store, volume: str, h: sfmt.Header, feed: Feed, *,
                   pack_bytes: int = PACK_BYTES,
                   retain_until: float | None = None) -> UploadResult:
-    """Store the image `h` heads as a snapshot of `volume`: `feed(add)` calls
+    """Store the image `h` heads as a snapshot of `volume`: `feed(add, c)` calls
     `add(vbn, count, blocks)` for every run of the image's blocks (ascending VBNs
-    make one blob per chunk) and returns the runs the image deallocates. It is not
-    called when the store already holds the snapshot."""
+    make one blob per chunk of `c` blocks; whole chunks in one call are not copied
+    on their way to the pack) and returns the runs the image deallocates. It is
+    not called when the store already holds the snapshot."""
     cat = store.catalog(volume)
     base_rec = _check_header(store, volume, cat, h)
     c = cat.chunk_blocks if cat else fmt.chunk_blocks_for(h.block_size)
@@ -127,7 +129,7 @@ def upload_blocks(store: Store, volume: str, h: sfmt.Header, feed: Feed, *,
         chunker.add(vbn, count, blocks)
         res.blocks += count
     try:
-        dealloc = feed(add)
+        dealloc = feed(add, c)
         chunker.flush()
         packer.finish()
     except BaseException:
