@@ -3,11 +3,12 @@
 The stream is decoded record by record (every check of `StreamReader`); each DATA
 record's blocks go into the fixed chunk of C blocks that holds their VBN; a chunk
 becomes a blob (a mask and the blocks it carries) and blobs fill write-once packs
-of PACK_BYTES, several uploaded at once. Packs are named by the hash of their
-bytes, so an upload that is run again after a crash finds the packs it already
-wrote and skips them. Only after the trailer checks out is the manifest written
-(the base's manifest merged with this stream: new blocks over old, deallocated
-blocks removed), and then the catalog, last.
+of PACK_BYTES, several uploaded at once (packer.py). Packs are named by the hash
+of their bytes, so an upload that is run again after a crash finds the packs it
+already wrote and skips them. Only after the trailer checks out is the manifest
+written (the base's manifest merged with this stream: new blocks over old,
+deallocated blocks removed), and then the catalog, last. `upload_blocks` is that
+work for any source of blocks: direct.py feeds it from a volume opened here.
 """
 
 from __future__ import annotations
