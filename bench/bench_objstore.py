@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.stream.send import send_image
+from blockxfer.transfer.objstore.direct import upload_volume
 from blockxfer.transfer.objstore.restore import restore_snapshot
 from blockxfer.transfer.objstore.s3 import S3Objects, client_for
 from blockxfer.transfer.objstore.servers import Server, start_seaweedfs
@@ -66,8 +67,13 @@ def _store(srv: Server, client: object) -> Store:
 
 
 def _upload(store: Store, vol: Volume, expr: str) -> tuple[float, int]:
+    """As `send VOL EXPR -o s3://...` does: straight from the volume opened here, or
+    (BLOCKXFER_BENCH_OBJSTORE_PATH=stream) through a send's stream, as from a service."""
     t = time.perf_counter()
-    res = upload_image(store, "vol", lambda out: send_image(vol, expr, out, compress=False))
+    if os.environ.get("BLOCKXFER_BENCH_OBJSTORE_PATH") == "stream":
+        res = upload_image(store, "vol", lambda out: send_image(vol, expr, out, compress=False))
+    else:
+        res = upload_volume(store, "vol", vol, expr)
     return time.perf_counter() - t, res.new_bytes
 
 

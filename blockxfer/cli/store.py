@@ -35,7 +35,8 @@ def _open(url: str, a: argparse.Namespace, *, volume: bool) -> tuple[Any, str, s
 
 def send_to_store(a: argparse.Namespace, url: str) -> Report:
     """`send VOL EXPR s3://BUCKET/PREFIX/VOLUME`: upload the image's stream."""
-    from blockxfer.service.session import open_session
+    from blockxfer.service.session import LocalSession, open_session
+    from blockxfer.transfer.objstore.direct import upload_volume
     from blockxfer.transfer.objstore.upload import upload_image
     if a.resume or a.implicit or a.order != "ascending" or a.verify:
         raise UsageError("--resume, --implicit, --order and --verify do not apply to an s3:// "
@@ -47,9 +48,14 @@ def send_to_store(a: argparse.Namespace, url: str) -> Report:
     retain = time.time() + parse_duration(a.retain) if a.retain else None
     prog = progress(a, "upload")
     with open_session(a.path) as s:          # opened here, or its service streams it
-        def produce(out: BinaryIO) -> object:
-            return s.send(out, a.expression, compress=False)
-        res = upload_image(store, volume, produce, progress=prog.add, retain_until=retain)
+        if isinstance(s, LocalSession):      # read here: no stream encoded and decoded
+            res = upload_volume(store, volume, s.vol, a.expression, lock=s.ops.lock,
+                                progress=prog.add, retain_until=retain)
+        else:
+            def produce(out: BinaryIO) -> object:
+                return s.send(out, a.expression, compress=False)
+            res = upload_image(store, volume, produce, progress=prog.add,
+                               retain_until=retain)
     prog.finish()
     where = f"{store.url}/{volume}@{res.snapshot}"
     data = {"volume": a.path, "expression": a.expression, "destination": where,

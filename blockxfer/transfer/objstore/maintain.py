@@ -19,10 +19,10 @@ from blockxfer.errors import BlockxferError, FormatError, NotFound, UsageError, 
 from blockxfer.stream.format import Header
 
 from . import format as fmt
+from .packer import GRACE
 from .repack import RepackReport, repack
 from .restore import WORKERS, Fetch, blob_blocks, plan_fetches
 from .store import Catalog, SnapshotRecord, Store
-from .upload import GRACE
 
 
 def listing(store: Store) -> dict[str, object]:

@@ -51,7 +51,8 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes | bytearray | memoryview, *, if_none_match: bool = False,
             if_match: str | None = None, retain_until: float | None = None) -> str:
         """Write an object; Conflict when a condition fails. Returns the ETag. With
-        `retain_until` (unix seconds) the store keeps it immutable until then."""
+        `retain_until` (unix seconds) the store keeps it immutable until then.
+        `data` is not kept past the return (a packer fills the buffer again)."""
 
     def retain(self, key: str, until: float) -> None:
         """Keep an object immutable until `until` at least (never shortens)."""

@@ -27,8 +27,8 @@ from bitarray import bitarray
 from blockxfer.errors import BlockxferError, FormatError
 
 from . import format as fmt
+from .packer import Packer
 from .store import Catalog, SnapshotRecord, Store
-from .upload import Packer
 
 REPACK_BELOW = 0.5            # repack a pack whose live bytes are below this fraction
 

@@ -3,11 +3,12 @@
 The stream is decoded record by record (every check of `StreamReader`); each DATA
 record's blocks go into the fixed chunk of C blocks that holds their VBN; a chunk
 becomes a blob (a mask and the blocks it carries) and blobs fill write-once packs
-of PACK_BYTES, several uploaded at once. Packs are named by the hash of their
-bytes, so an upload that is run again after a crash finds the packs it already
-wrote and skips them. Only after the trailer checks out is the manifest written
-(the base's manifest merged with this stream: new blocks over old, deallocated
-blocks removed), and then the catalog, last.
+of PACK_BYTES, several uploaded at once (packer.py). Packs are named by the hash
+of their bytes, so an upload that is run again after a crash finds the packs it
+already wrote and skips them. Only after the trailer checks out is the manifest
+written (the base's manifest merged with this stream: new blocks over old,
+deallocated blocks removed), and then the catalog, last. `upload_blocks` is that
+work for any source of blocks: direct.py feeds it from a volume opened here.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import xxhash
 from bitarray import bitarray
 
 from blockxfer.catalog import hooks as catalog
@@ -29,12 +28,8 @@ from blockxfer.stream import format as sfmt
 from blockxfer.stream.decode import Data, Dealloc, StreamReader
 
 from . import format as fmt
-from .objects import ObjectInfo
+from .packer import PACK_BYTES, Chunker, Packer
 from .store import Catalog, SnapshotRecord, Store
-
-PACK_BYTES = 8 << 20
-WORKERS = 8
-GRACE = 6 * 3600.0            # gc keeps unreferenced packs this long (an upload may need them)
 
 
 @dataclass
@@ -48,165 +43,6 @@ class UploadResult:
     packs_written: int = 0
     packs_skipped: int = 0
     already: bool = False
-
-
-class Packer:
-    """Blobs into packs, packs to the store with WORKERS PUTs in flight; memory is
-    bounded by (WORKERS + 2) packs."""
-
-    def __init__(self, store: Store, pack_bytes: int = PACK_BYTES, workers: int = WORKERS,
-                 retain_until: float | None = None):
-        self.store, self.pack_bytes, self.retain_until = store, pack_bytes, retain_until
-        self.entries: list[fmt.Entry] = []
-        self._buf = bytearray(fmt.pack_header())
-        self._pending: list[tuple[int, int, int, int, bitarray]] = []
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bx-pack")
-        self._slots = threading.BoundedSemaphore(workers + 1)
-        self._futures: list[Future[int]] = []
-        self.written = self.skipped = self.new_bytes = 0
-        self._lock = threading.Lock()
-
-    @property
-    def count(self) -> int:
-        """Blobs added so far (`entries[i]` is the i-th once `finish` returns)."""
-        return len(self.entries) + len(self._pending)
-
-    def add(self, chunk: int, mask: bitarray, data: bytes | memoryview) -> None:
-        """The blob of these blocks, made in place at the end of the pack: its payload
-        is copied once, into the pack, and never joined into a blob of its own."""
-        head, payload, check = fmt.blob_pieces(chunk, mask, data)
-        at = len(self._buf)
-        self._buf += head
-        self._buf += payload
-        self._buf += fmt.CHECK.pack(check)
-        self._pending.append((chunk, at, len(self._buf) - at, check, mask.copy()))
-        if len(self._buf) >= self.pack_bytes:
-            self._seal()
-
-    def add_blob(self, blob: bytes, check: int) -> None:
-        """A blob as it is (a repack copies blobs verbatim, checksums and all)."""
-        _, _, _, _, chunk, c, _ = fmt.BLOB.unpack_from(blob, 0)
-        mask = bitarray(endian="little")
-        mask.frombytes(blob[fmt.BLOB.size:fmt.BLOB.size + c // 8])
-        self._pending.append((chunk, len(self._buf), len(blob), check, mask))
-        self._buf += blob
-        if len(self._buf) >= self.pack_bytes:
-            self._seal()
-
-    def _seal(self) -> None:
-        if not self._pending:
-            return
-        raw, self._buf = self._buf, bytearray(fmt.pack_header())   # handed over, not copied
-        pid = xxhash.xxh3_128_digest(raw)
-        self.entries += [fmt.Entry(c, pid, off, n, ck, m) for c, off, n, ck, m in self._pending]
-        self._pending = []
-        self._raise_failed()
-        self._slots.acquire()
-        fut = self._pool.submit(self._put, pid, raw)
-        fut.add_done_callback(lambda _: self._slots.release())
-        self._futures.append(fut)
-
-    def _put(self, pid: bytes, raw: bytearray) -> int:
-        key = self.store.pack_key(pid)
-        info = self.store.o.head(key)
-        if info is not None and _same(info, raw) and time.time() - info.mtime < GRACE / 2:
-            if self.retain_until is not None:
-                self.store.o.retain(key, self.retain_until)
-            with self._lock:
-                self.skipped += 1             # written by an earlier, interrupted run
-            return 0
-        self.store.o.put(key, raw, retain_until=self.retain_until)
-        with self._lock:
-            self.written += 1
-            self.new_bytes += len(raw)
-        return len(raw)
-
-    def _raise_failed(self) -> None:
-        """Fail fast on a PUT that failed; forget those that are done."""
-        pending = []
-        for f in self._futures:
-            if not f.done():
-                pending.append(f)
-            elif (e := f.exception()) is not None:
-                raise e
-        self._futures = pending
-
-    def finish(self) -> None:
-        self._seal()
-        try:
-            for f in self._futures:
-                f.result()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def abort(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _same(info: ObjectInfo, raw: bytes | bytearray) -> bool:
-    """Is the object present whole? Its size, and its ETag where that is the MD5 of a
-    single PUT (S3, SeaweedFS, rclone with --etag-hash): a pack cut short by a killed
-    upload, or a partial file a server left, is written again."""
-    if info.size != len(raw):
-        return False
-    etag = info.etag.strip('"')
-    if len(etag) != 32 or not all(c in "0123456789abcdef" for c in etag.lower()):
-        return True                            # not an MD5 (multipart, other servers)
-    import hashlib
-    return hashlib.md5(raw).hexdigest() == etag.lower()
-
-
-class Chunker:
-    """Gathers the blocks of one chunk at a time; a chunk seen again later (records
-    in another order) simply becomes a second blob."""
-
-    def __init__(self, block_size: int, chunk_blocks: int, emit: Callable[..., None]):
-        self.bs, self.c, self.emit = block_size, chunk_blocks, emit
-        self.current = -1
-        self.mask = fmt.new_mask(chunk_blocks)
-        self.full = ~fmt.new_mask(chunk_blocks)
-        self.buf = bytearray(block_size * chunk_blocks)
-
-    def add(self, vbn: int, count: int, payload: bytes | memoryview) -> None:
-        view, done = memoryview(payload), 0
-        while done < count:
-            k, a = divmod(vbn + done, self.c)
-            n = min(self.c - a, count - done)
-            if n == self.c:                   # the whole chunk: its blob straight from the
-                if k != self.current:         # record (the same bytes as through buf)
-                    self.flush()
-                self.current = -1
-                self.mask.setall(0)
-                self.emit(k, self.full, view[done * self.bs:(done + n) * self.bs])
-                done += n
-                continue
-            if k != self.current:
-                self.flush()
-                self.current = k
-            self.mask[a:a + n] = 1
-            self.buf[a * self.bs:(a + n) * self.bs] = view[done * self.bs:(done + n) * self.bs]
-            done += n
-
-    def flush(self) -> None:
-        if self.current < 0 or not self.mask.any():
-            return
-        if self.mask.all():
-            data: bytes | memoryview = memoryview(self.buf)
-        else:
-            data = b"".join(self.buf[s * self.bs:e * self.bs] for s, e in _runs(self.mask))
-        self.emit(self.current, self.mask, data)
-        self.mask.setall(0)
-
-
-def _runs(mask: bitarray) -> list[tuple[int, int]]:
-    """Runs of set bits as (start, end)."""
-    out, pos = [], 0
-    while (s := mask.find(1, pos)) >= 0:
-        e = mask.find(0, s)
-        e = len(mask) if e < 0 else e
-        out.append((s, e))
-        pos = e
-    return out
 
 
 def merge(base: list[fmt.Entry], new: list[fmt.Entry], dealloc: list[tuple[int, int]],
@@ -235,18 +71,49 @@ def merge(base: list[fmt.Entry], new: list[fmt.Entry], dealloc: list[tuple[int, 
     return out + new
 
 
+Add = Callable[[int, int, memoryview], None]
+Feed = Callable[[Add, int], list[tuple[int, int]]]
+
+
+def check_retain(store: Store, retain_until: float | None) -> None:
+    if retain_until is not None and not store.o.lock_enabled():
+        raise UsageError(f"{store.url}: the bucket has no object lock, so --retain cannot "
+                         "make the copy immutable; create the bucket with object lock "
+                         "enabled (aws s3api create-bucket --object-lock-enabled-for-bucket)")
+
+
 def upload_stream(store: Store, volume: str, f: BinaryIO, *,
                   progress: Callable[[int], None] | None = None,
                   pack_bytes: int = PACK_BYTES,
                   retain_until: float | None = None) -> UploadResult:
     """Store the image stream read from `f` as a snapshot of `volume`; with
     `retain_until`, every object its restore needs is immutable until then."""
-    if retain_until is not None and not store.o.lock_enabled():
-        raise UsageError(f"{store.url}: the bucket has no object lock, so --retain cannot "
-                         "make the copy immutable; create the bucket with object lock "
-                         "enabled (aws s3api create-bucket --object-lock-enabled-for-bucket)")
+    check_retain(store, retain_until)
     reader = StreamReader(f, "stream")
     h = reader.read_header()
+
+    def feed(add: Add, _: int) -> list[tuple[int, int]]:
+        dealloc: list[tuple[int, int]] = []
+        for rec in reader:
+            if isinstance(rec, Data):
+                add(rec.vbn, rec.count, memoryview(rec.payload))
+                if progress:
+                    progress(len(rec.payload))
+            elif isinstance(rec, Dealloc):
+                dealloc += rec.runs
+        return dealloc
+    return upload_blocks(store, volume, h, feed, pack_bytes=pack_bytes,
+                         retain_until=retain_until)
+
+
+def upload_blocks(store: Store, volume: str, h: sfmt.Header, feed: Feed, *,
+                  pack_bytes: int = PACK_BYTES,
+                  retain_until: float | None = None) -> UploadResult:
+    """Store the image `h` heads as a snapshot of `volume`: `feed(add, c)` calls
+    `add(vbn, count, blocks)` for every run of the image's blocks (ascending VBNs
+    make one blob per chunk of `c` blocks; whole chunks in one call are not copied
+    on their way to the pack) and returns the runs the image deallocates. It is
+    not called when the store already holds the snapshot."""
     cat = store.catalog(volume)
     base_rec = _check_header(store, volume, cat, h)
     c = cat.chunk_blocks if cat else fmt.chunk_blocks_for(h.block_size)
@@ -258,16 +125,12 @@ def upload_stream(store: Store, volume: str, f: BinaryIO, *,
     store.conditional(create=True)
     packer = Packer(store, pack_bytes, retain_until=retain_until)
     chunker = Chunker(h.block_size, c, packer.add)
-    dealloc: list[tuple[int, int]] = []
+
+    def add(vbn: int, count: int, blocks: memoryview) -> None:
+        chunker.add(vbn, count, blocks)
+        res.blocks += count
     try:
-        for rec in reader:
-            if isinstance(rec, Data):
-                chunker.add(rec.vbn, rec.count, rec.payload)
-                res.blocks += rec.count
-                if progress:
-                    progress(len(rec.payload))
-            elif isinstance(rec, Dealloc):
-                dealloc += rec.runs
+        dealloc = feed(add, c)
         chunker.flush()
         packer.finish()
     except BaseException:
