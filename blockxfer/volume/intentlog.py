@@ -272,6 +272,32 @@ class IntentLog:
             self.pointers = True
         self._check_room()
 
+    def note_one(self, vblock: int, vbn: int, ck: int, data: bytes) -> None:
+        """`note` of one block with its data inline (a random 4 KiB write)."""
+        if not self.enabled or self.overflow:
+            return
+        self.entries.append(Entry(vblock, 1, INLINE, np.array(((vbn, ck),), dtype=np.uint64),
+                                  data))
+        self._noted_inline(1)
+
+    def note_blocks(self, vblocks: list[int], ptrs: np.ndarray, data: bytes) -> None:
+        """`note` of scattered single blocks with their data inline: block k of `data`
+        now at `ptrs[k]` is virtual block `vblocks[k]` (a batch of random writes).
+        Neither `ptrs` nor `data` may change afterwards: the entries share them."""
+        if not self.enabled or self.overflow:
+            return
+        bs, raw = self.bs, memoryview(data)
+        self.entries += [Entry(v, 1, INLINE, ptrs[k:k + 1], raw[k * bs:(k + 1) * bs])
+                         for k, v in enumerate(vblocks)]
+        self._noted_inline(len(vblocks))
+
+    def _noted_inline(self, blocks: int) -> None:
+        self.meta += (ENTRY.size + PTR.size) * blocks
+        self.inline_bytes += blocks * self.bs
+        if self.inline_bytes > INLINE_LIMIT:
+            self._to_pointers()
+        self._check_room()
+
     def note_unmap(self, vblock: int, count: int) -> None:
         if not self.enabled or self.overflow or count == 0:
             return
