@@ -209,3 +209,30 @@ def test_any_mix_of_batches_syncs_and_cps_replays(tmp_path_factory: pytest.TempP
     assert vol.read(0, VSIZE) == bytes(disk)
     _crash(vol)
     assert _replayed(path) == durable
+
+
+@pytest.mark.parametrize("bs", [64 << 10, 128 << 10])
+def test_large_blocks_batch_by_staging_buffer_or_go_one_by_one(tmp_path: object,
+                                                               bs: int) -> None:
+    """64 KiB blocks: batches of one staging buffer (16 blocks); 128 KiB blocks are
+    beyond a small write: one by one through the general path."""
+    path = os.path.join(str(tmp_path), "v.img")
+    vol = Volume.create(open_device(path, write=True, create_size=64 * MiB), block_size=bs,
+                        virtual_size=16 * MiB)
+    rng = random.Random(bs)
+    disk = bytearray(16 * MiB)
+    for _ in range(4):
+        blocks = rng.sample(range(16 * MiB // bs), 40 if bs == 64 << 10 else 30)
+        offs = [b * bs for b in blocks]
+        datas = [bytes(bs) if rng.random() < 0.1 else rng.randbytes(bs) for _ in offs]
+        vol.write_blocks(offs, datas)
+        _apply(disk, offs, datas)
+        vol.write(offs[0], datas[-1])                   # the one-block path of write
+        _apply(disk, offs[:1], datas[-1:])
+    vol.sync()
+    assert vol.read(0, 16 * MiB) == bytes(disk)
+    _crash(vol)
+    vol = Volume.open(open_device(path, write=True))
+    assert vol.read(0, 16 * MiB) == bytes(disk)
+    assert check_volume(vol).clean
+    vol.close()

@@ -18,13 +18,12 @@ from blockxfer.checksum import block_checksums, checksum
 from blockxfer.errors import VolumeFull
 
 from .allocator import Allocator
-from .blockio import SMALL_WRITE
+from .blockio import SMALL_WRITE, STAGE_BYTES
 from .reads import Reads
 
 _COMPARE_BLOCKS = 64        # up to this many blocks, zero blocks are found by comparison
 
 
-_BATCH_BLOCKS = 256         # write_blocks places at most this many at once (a staging buffer)
 
 
 @functools.cache
@@ -52,7 +51,8 @@ class Writes(Allocator, Reads):
             self._check_usable(write=True)
             data = memoryview(data).cast("B")
             bs = self.block_size
-            if len(data) == bs and not offset % bs and 0 <= offset <= self.virtual_size - bs:
+            if (len(data) == bs <= SMALL_WRITE and not offset % bs
+                    and 0 <= offset <= self.virtual_size - bs):
                 if data != _zeros(bs):      # a random 4 KiB write: no arrays, no runs
                     self._place_one(offset // bs, data)
                 else:
@@ -114,15 +114,16 @@ class Writes(Allocator, Reads):
                 return
             bs = self.block_size
             vblocks = [o // bs for o in offsets]
-            if (any(o % bs for o in offsets) or any(len(d) != bs for d in datas)
+            if (bs > SMALL_WRITE or any(o % bs for o in offsets)
+                    or any(len(d) != bs for d in datas)
                     or min(offsets) < 0 or max(offsets) > self.virtual_size - bs
                     or len(set(vblocks)) != len(vblocks)):
                 for o, d in zip(offsets, datas, strict=True):
                     self.write(o, d)
                 return
-            for at in range(0, len(vblocks), _BATCH_BLOCKS):
-                self._place_blocks(vblocks[at:at + _BATCH_BLOCKS],
-                                   b"".join(datas[at:at + _BATCH_BLOCKS]))
+            per = STAGE_BYTES // bs             # the runs fit in one staging buffer
+            for at in range(0, len(vblocks), per):
+                self._place_blocks(vblocks[at:at + per], b"".join(datas[at:at + per]))
             self._maybe_commit()
 
     def _place_blocks(self, vblocks: list[int], raw: bytes) -> None:
