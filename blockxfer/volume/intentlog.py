@@ -50,6 +50,11 @@ _CK_AT = HEAD.size - 8
 INLINE, POINTER, UNMAP = 1, 2, 3
 INLINE_LIMIT = 8 << 20           # inline bytes held for the next sync; beyond, pointers
 KEEP_BUFFER = 1 << 20            # a record buffer up to this size is kept for the next one
+# Map changes held for one record; beyond, the next sync is a CP. Under unsynced
+# random writes (NBD at queue depth 32) entries piled up until the next CP (~10^5 of
+# them): a few us a write to note (the garbage collector walks them all), and the
+# first FLUSH packed them under the lock for ~50 ms (for a record as large as a CP).
+MAX_ENTRIES = 16384
 
 
 def root_token(uuid: bytes, root: RootRecord) -> int:
@@ -318,7 +323,8 @@ class IntentLog:
         return -(-self.meta // UNIT) + -(-self.inline_bytes // UNIT)
 
     def _check_room(self) -> None:
-        if self.record_units() > self.capacity - self.pos:
+        if (self.record_units() > self.capacity - self.pos
+                or len(self.entries) > MAX_ENTRIES):
             self._clear()
             self.overflow = True
 
