@@ -166,6 +166,29 @@ def test_full_log_syncs_with_a_cp(path: str) -> None:
     assert contents(path)[0] == want
 
 
+def test_many_changes_between_syncs_make_the_sync_a_cp(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_ENTRIES pending changes the log stops noting them (a record that
+    large costs what a CP does, packed under the lock) and the sync commits."""
+    monkeypatch.setattr(il, "MAX_ENTRIES", 8)
+    vol = opened(path, True)
+    gen = vol.generation
+    for i in range(8):
+        vol.write(2 * i * BS, os.urandom(BS))
+    assert len(vol.log.entries) == 8 and not vol.log.overflow
+    vol.write_blocks([17 * BS, 19 * BS], [os.urandom(BS), os.urandom(BS)])
+    assert vol.log.overflow and not vol.log.entries
+    vol.write(21 * BS, os.urandom(BS))                   # not noted: the sync commits
+    vol.sync()
+    assert vol.generation == gen + 1 and not vol.log.overflow
+    vol.write(23 * BS, os.urandom(BS))
+    vol.sync()                                           # a record again
+    assert vol.generation == gen + 1 and vol.log.seq == 1
+    want = vol.read(0, VSIZE)
+    crash(vol)
+    assert contents(path)[0] == want
+
+
 def test_torn_last_record_is_ignored(path: str) -> None:
     vol = opened(path, True)
     vol.write(0, b"kept")

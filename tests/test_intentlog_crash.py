@@ -37,8 +37,22 @@ def _no_timed_cp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("blockxfer.volume.volume.CP_INTERVAL", 1e9)
 
 
-def _change(rng: random.Random) -> tuple:
+def _blocks(rng: random.Random) -> tuple:
+    """Random 4 KiB writes as an NBD server's batch (`write_blocks`), some all-zero,
+    sometimes one block twice (then written one by one)."""
+    n = rng.randrange(1, 60)
+    blocks = rng.sample(range(VSIZE // 4096), n) if rng.random() < 0.7 else \
+        [rng.randrange(VSIZE // 4096) for _ in range(n)]
+    return ("blocks", [b * 4096 for b in blocks],
+            [bytes(4096) if rng.random() < 0.1 else rng.randbytes(4096) for _ in blocks])
+
+
+def _change(rng: random.Random, blocks: bool = False) -> tuple:
     r = rng.random()
+    if blocks and r < 0.5:                          # scattered whole blocks
+        if r < 0.35:
+            return _blocks(rng)
+        return ("write", rng.randrange(VSIZE // 4096) * 4096, rng.randbytes(4096))
     off = rng.randrange(0, VSIZE - 1)
     room = VSIZE - off
     if r < 0.5:                                     # small: inline in the record
@@ -50,11 +64,11 @@ def _change(rng: random.Random) -> tuple:
     return ("trim", off, rng.randrange(1, min(room, 64 * 1024) + 1))
 
 
-def _steps(seed: int) -> list[Step]:
+def _steps(seed: int, blocks: bool = False) -> list[Step]:
     rng = random.Random(seed)
     out: list[Step] = []
     for i in range(STEPS):
-        changes = [_change(rng) for _ in range(rng.randrange(1, 4))]
+        changes = [_change(rng, blocks) for _ in range(rng.randrange(1, 4))]
         r = rng.random()
         end = "sync" if r < 0.8 else "commit" if r < 0.93 else f"snap{i}"
         out.append((end, changes))
@@ -68,6 +82,9 @@ def _models(steps: list[Step]) -> list[bytes]:
         for c in changes:
             if c[0] == "write":
                 disk[c[1]:c[1] + len(c[2])] = c[2]
+            elif c[0] == "blocks":
+                for off, data in zip(c[1], c[2], strict=True):
+                    disk[off:off + len(data)] = data
             else:
                 disk[c[1]:c[1] + c[2]] = bytes(c[2])
         states.append(bytes(disk))
@@ -79,6 +96,8 @@ def _apply(vol: Volume, step: Step) -> None:
     for c in changes:
         if c[0] == "write":
             vol.write(c[1], c[2])
+        elif c[0] == "blocks":
+            vol.write_blocks(c[1], c[2])
         else:
             vol.trim(c[1], c[2])
     if end == "sync":
@@ -137,12 +156,16 @@ def _run_child(path: str, steps: list[Step], kill_at: int) -> int:
     return len(done)
 
 
-@pytest.mark.parametrize("seed", first_fast(range(10), 3))
-def test_sigkill_during_write_sync_cycles(template: str, tmp_path: object, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "blocks"),
+                         first_fast([(s, False) for s in range(10)], 3)
+                         + first_fast([(100 + s, True) for s in range(6)], 1))
+def test_sigkill_during_write_sync_cycles(template: str, tmp_path: object, seed: int,
+                                          blocks: bool) -> None:
     """10 seeds x 22 points: 220 kills, each checked by a read-only and (every other
-    point) a writable reopen that replays, then commits the log on close."""
+    point) a writable reopen that replays, then commits the log on close; 6 more
+    seeds of mostly scattered 4 KiB writes (one at a time and batched)."""
     path = os.path.join(str(tmp_path), "vol.img")
-    steps = _steps(seed)
+    steps = _steps(seed, blocks)
     states = _models(steps)
     marks = _count_writes(template, path, steps)
     rng = random.Random(1000 + seed)
@@ -158,12 +181,16 @@ def test_sigkill_during_write_sync_cycles(template: str, tmp_path: object, seed:
             assert _reopened(path, writable=False) == got, f"seed {seed}, write {k}: CP"
 
 
-@pytest.mark.parametrize("seed", first_fast(range(5), 2))
-def test_writes_cut_off_inside_the_device(template: str, tmp_path: object, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "blocks"),
+                         first_fast([(s, False) for s in range(5)], 2)
+                         + first_fast([(s, True) for s in range(5, 8)], 1))
+def test_writes_cut_off_inside_the_device(template: str, tmp_path: object, seed: int,
+                                          blocks: bool) -> None:
     """5 seeds x 22 points: every write (and flush) after the k-th is dropped while
-    the volume carries on; what it synced before the cut is what reopens."""
+    the volume carries on; what it synced before the cut is what reopens (3 more
+    seeds of scattered 4 KiB writes)."""
     path = os.path.join(str(tmp_path), "vol.img")
-    steps = _steps(500 + seed)
+    steps = _steps(500 + seed, blocks)
     states = _models(steps)
     marks = _count_writes(template, path, steps)
     for k in sorted(random.Random(seed).sample(range(0, marks[-1]), min(22, marks[-1]))):

@@ -80,6 +80,17 @@ class Allocator(VolumeState):
         self._cursor = pos
         return runs
 
+    def _alloc_one(self) -> int:
+        """One block (a random 4 KiB write): what `_alloc_runs(1)` does, without
+        its lists; the rare cases (full, wrapping around) go through it."""
+        busy = self._busy_plane()
+        s = busy.find(0, self._cursor)
+        if s < 0 or self._free <= self._reserve():
+            return self._alloc_runs(1, reserve=self._reserve())[0][0]
+        self._mark_allocated(s, s + 1)
+        self._cursor = s + 1
+        return s
+
     def _mark_allocated(self, start: int, stop: int) -> None:
         assert self._busy is not None
         self._busy[start:stop] = 1
@@ -107,6 +118,16 @@ class Allocator(VolumeState):
         self.active.mark_range(start, start + count, False)
         if self._tracker:
             self._tracker.freed[start:start + count] = 1
+
+    def _free_scattered(self, vbns: list[int]) -> None:
+        """`_free_vbns` for distinct, nonzero, scattered VBNs (the blocks a batch of
+        random writes replaced): one bitarray call, not one per run."""
+        self._busy_plane()
+        active, bpb = self.active, self.active.bits_per_block
+        active.bits[vbns] = 0
+        active.dirty.update({v // bpb for v in vbns})
+        if self._tracker:
+            self._tracker.freed[vbns] = 1
 
     def _freed_pending(self) -> bool:
         """Are blocks waiting for the next CP to become free?"""

@@ -50,6 +50,11 @@ _CK_AT = HEAD.size - 8
 INLINE, POINTER, UNMAP = 1, 2, 3
 INLINE_LIMIT = 8 << 20           # inline bytes held for the next sync; beyond, pointers
 KEEP_BUFFER = 1 << 20            # a record buffer up to this size is kept for the next one
+# Map changes held for one record; beyond, the next sync is a CP. Under unsynced
+# random writes (NBD at queue depth 32) entries piled up until the next CP (~10^5 of
+# them): a few us a write to note (the garbage collector walks them all), and the
+# first FLUSH packed them under the lock for ~50 ms (for a record as large as a CP).
+MAX_ENTRIES = 16384
 
 
 def root_token(uuid: bytes, root: RootRecord) -> int:
@@ -272,6 +277,32 @@ class IntentLog:
             self.pointers = True
         self._check_room()
 
+    def note_one(self, vblock: int, vbn: int, ck: int, data: bytes) -> None:
+        """`note` of one block with its data inline (a random 4 KiB write)."""
+        if not self.enabled or self.overflow:
+            return
+        self.entries.append(Entry(vblock, 1, INLINE, np.array(((vbn, ck),), dtype=np.uint64),
+                                  data))
+        self._noted_inline(1)
+
+    def note_blocks(self, vblocks: list[int], ptrs: np.ndarray, data: bytes) -> None:
+        """`note` of scattered single blocks with their data inline: block k of `data`
+        now at `ptrs[k]` is virtual block `vblocks[k]` (a batch of random writes).
+        Neither `ptrs` nor `data` may change afterwards: the entries share them."""
+        if not self.enabled or self.overflow:
+            return
+        bs, raw = self.bs, memoryview(data)
+        self.entries += [Entry(v, 1, INLINE, ptrs[k:k + 1], raw[k * bs:(k + 1) * bs])
+                         for k, v in enumerate(vblocks)]
+        self._noted_inline(len(vblocks))
+
+    def _noted_inline(self, blocks: int) -> None:
+        self.meta += (ENTRY.size + PTR.size) * blocks
+        self.inline_bytes += blocks * self.bs
+        if self.inline_bytes > INLINE_LIMIT:
+            self._to_pointers()
+        self._check_room()
+
     def note_unmap(self, vblock: int, count: int) -> None:
         if not self.enabled or self.overflow or count == 0:
             return
@@ -292,7 +323,8 @@ class IntentLog:
         return -(-self.meta // UNIT) + -(-self.inline_bytes // UNIT)
 
     def _check_room(self) -> None:
-        if self.record_units() > self.capacity - self.pos:
+        if (self.record_units() > self.capacity - self.pos
+                or len(self.entries) > MAX_ENTRIES):
             self._clear()
             self.overflow = True
 

@@ -161,6 +161,37 @@ class CowTree:
             n.ptrs[off:off + take] = ptrs[at:at + take]
         return old
 
+    def set_one(self, index: int, vbn: int, ck: int) -> int:
+        """Point data block `index` at (vbn, ck); returns the old VBN (0: a hole).
+        A random 4 KiB write: no arrays built, a dirty leaf found with one lookup."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"block {index} outside object of {self.length}")
+        leaf, off = divmod(index, self.fanout)
+        n = self.nodes.get((1, leaf))
+        if n is None or not n.dirty:
+            n = self._node_for_write(1, leaf)
+        row = n.ptrs[off]
+        old = int(row[0])
+        row[0], row[1] = vbn, ck
+        return old
+
+    def set_scattered(self, index: np.ndarray, ptrs: np.ndarray) -> np.ndarray:
+        """Replace the pointers of data blocks `index` (distinct, any order) by the
+        rows of `ptrs`; returns the old rows (a batch of random writes: one call, no
+        range splitting; scattered blocks rarely share a leaf)."""
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.length):
+            raise IndexError(f"blocks outside object of {self.length}")
+        leaves, offs = np.divmod(index, self.fanout)
+        old = np.empty((len(index), 2), dtype=np.uint64)
+        nodes = self.nodes
+        for k, (leaf, off) in enumerate(zip(leaves.tolist(), offs.tolist(), strict=True)):
+            n = nodes.get((1, leaf))
+            if n is None or not n.dirty:
+                n = self._node_for_write(1, leaf)
+            old[k] = n.ptrs[off]
+            n.ptrs[off] = ptrs[k]
+        return old
+
     # -- consistency point -----------------------------------------------------------------
     def allocate(self, alloc: Callable[[int], list[int]], free: Callable[[int], None]) -> int:
         """Phase 1: give every dirty, non-empty node a fresh VBN; free what it replaces.

@@ -18,15 +18,28 @@ from blockxfer.checksum import block_checksums, checksum
 from blockxfer.errors import VolumeFull
 
 from .allocator import Allocator
-from .blockio import SMALL_WRITE
+from .blockio import SMALL_WRITE, STAGE_BYTES
 from .reads import Reads
 
 _COMPARE_BLOCKS = 64        # up to this many blocks, zero blocks are found by comparison
 
 
+
+
 @functools.cache
 def _zeros(size: int) -> bytes:
     return bytes(size)
+
+
+@functools.cache
+def _zero_checksum(size: int) -> int:
+    return checksum(bytes(size))
+
+
+def _run_vbns(runs: list[tuple[int, int]]) -> np.ndarray:
+    if len(runs) == 1:
+        return np.arange(runs[0][0], runs[0][0] + runs[0][1], dtype=np.uint64)
+    return np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in runs])
 
 
 class Writes(Allocator, Reads):
@@ -37,10 +50,18 @@ class Writes(Allocator, Reads):
         with self._lock:
             self._check_usable(write=True)
             data = memoryview(data).cast("B")
+            bs = self.block_size
+            if (len(data) == bs <= SMALL_WRITE and not offset % bs
+                    and 0 <= offset <= self.virtual_size - bs):
+                if data != _zeros(bs):      # a random 4 KiB write: no arrays, no runs
+                    self._place_one(offset // bs, data)
+                else:
+                    self._unmap(offset // bs, 1)
+                self._maybe_commit()
+                return
             v0, v1 = self._span(offset, len(data))
             if v1 == v0:
                 return
-            bs = self.block_size
             head, tail = offset - v0 * bs, v1 * bs - (offset + len(data))
             first = self.read(v0 * bs, bs) if head else b""
             last = self.read((v1 - 1) * bs, bs) if tail else b""
@@ -76,6 +97,88 @@ class Writes(Allocator, Reads):
                 at += len(raw)
             self._place_sparse(v0, view)
             self._maybe_commit()
+
+    def write_blocks(self, offsets: Sequence[int],
+                     datas: Sequence[bytes | bytearray | memoryview]) -> None:
+        """`write(offsets[k], datas[k])` for each k in turn, in one call: the NBD
+        server's queued random writes. When every one is a whole block at a block
+        boundary and no two hit the same block, they are placed together: one
+        allocation, one staging copy, checksums and the map update over arrays, one
+        intent log call (a Python step per block only where the map and the log
+        entries need one). Anything else is written one after another."""
+        with self._lock:
+            self._check_usable(write=True)
+            if len(offsets) != len(datas):
+                raise ValueError(f"{len(offsets)} offsets for {len(datas)} buffers")
+            if not offsets:
+                return
+            bs = self.block_size
+            vblocks = [o // bs for o in offsets]
+            if (bs > SMALL_WRITE or any(o % bs for o in offsets)
+                    or any(len(d) != bs for d in datas)
+                    or min(offsets) < 0 or max(offsets) > self.virtual_size - bs
+                    or len(set(vblocks)) != len(vblocks)):
+                for o, d in zip(offsets, datas, strict=True):
+                    self.write(o, d)
+                return
+            per = STAGE_BYTES // bs             # the runs fit in one staging buffer
+            for at in range(0, len(vblocks), per):
+                self._place_blocks(vblocks[at:at + per], b"".join(datas[at:at + per]))
+            self._maybe_commit()
+
+    def _place_blocks(self, vblocks: list[int], raw: bytes) -> None:
+        """Place distinct scattered blocks: block k of `raw` is virtual block
+        vblocks[k]; all-zero ones are unmapped."""
+        bs = self.block_size
+        cks = block_checksums(raw, bs)
+        has = cks != _zero_checksum(bs)
+        if not has.all():
+            for k in np.nonzero(~has)[0].tolist():      # a zero block's checksum: compare
+                has[k] = raw[k * bs:(k + 1) * bs] != _zeros(bs)
+            if not has.all():
+                for k in np.nonzero(~has)[0].tolist():
+                    self._unmap(vblocks[k], 1)
+                keep = np.nonzero(has)[0]
+                if not len(keep):
+                    return
+                vblocks = [vblocks[k] for k in keep.tolist()]
+                raw = np.frombuffer(raw, dtype=np.uint8).reshape(-1, bs)[keep].tobytes()
+                cks = cks[keep]
+        runs = self._alloc_data(len(vblocks))
+        self.io.stage_runs(runs, raw)
+        ptrs = np.empty((len(vblocks), 2), dtype=np.uint64)
+        ptrs[:, 0] = _run_vbns(runs)
+        ptrs[:, 1] = cks
+        old = self.lba.set_scattered(np.array(vblocks, dtype=np.int64), ptrs)[:, 0]
+        freed = old[old != 0].tolist()
+        if freed:
+            self._free_scattered(freed)
+        if self.log.enabled:
+            self.log.note_blocks(vblocks, ptrs, raw)
+
+    def _alloc_data(self, count: int) -> list[tuple[int, int]]:
+        """Free blocks for data, committing once when only a CP can free enough."""
+        try:
+            return self._alloc_runs(count, reserve=self._reserve())
+        except VolumeFull:
+            if not self._freed_pending():
+                raise
+            self.commit()                  # blocks freed since the last CP become free
+            return self._alloc_runs(count, reserve=self._reserve())
+
+    def _place_one(self, vblock: int, view: memoryview) -> None:
+        """`_place` of one block."""
+        try:
+            vbn = self._alloc_one()
+        except VolumeFull:
+            vbn = self._alloc_data(1)[0][0]
+        self.io.stage_runs([(vbn, 1)], view)        # drained before any read or CP
+        ck = checksum(view)
+        old = self.lba.set_one(vblock, vbn, ck)
+        if old:
+            self._free_run(old, 1)        # the busy plane exists: _alloc_one built it
+        if self.log.enabled:
+            self.log.note_one(vblock, vbn, ck, bytes(view))   # a copy: the view is reused
 
     def _place_sparse(self, v0: int, view: memoryview) -> None:
         """Place the blocks that hold data; unmap the all-zero ones."""
@@ -118,13 +221,7 @@ class Writes(Allocator, Reads):
         """Write `view` to free blocks and map them from `v0`; `cks`: the blocks'
         checksums when the caller has them."""
         count = len(view) // self.block_size
-        try:
-            runs = self._alloc_runs(count, reserve=self._reserve())
-        except VolumeFull:
-            if not self._freed_pending():
-                raise
-            self.commit()                  # blocks freed since the last CP become free
-            runs = self._alloc_runs(count, reserve=self._reserve())
+        runs = self._alloc_data(count)
         small = len(view) <= SMALL_WRITE
         if small:
             self.io.stage_runs(runs, view)          # drained before any read or CP
