@@ -36,7 +36,10 @@ WRITE_BUFFERS = 4              # large writes in flight (each up to 16 MiB from 
 SMALL_WRITE = 64 << 10         # writes up to this size are staged
 STAGE_BYTES = 1 << 20          # one staging buffer (= one device request)
 STAGE_BUFFERS = 8              # staging buffers in flight before a writer waits
-READ_POOL = 4                  # read buffers kept per size for concurrent readers
+READ_POOL = 4                  # read buffers kept per size for concurrent readers, or
+READ_POOL_BYTES = 64 << 20     # more while they hold no more than this: an NBD connection
+#                                has several 4 MiB reads in flight, and unmapping and
+#                                faulting in fresh buffers cost more than the reads' checksums
 MAX_POOLED = 32 << 20          # larger ones are unmapped after use
 
 
@@ -105,7 +108,7 @@ class BlockIO:
         if len(buf) <= MAX_POOLED:
             with self._rpool_lock:
                 free = self._rpool.setdefault(len(buf), [])
-                if len(free) < READ_POOL:
+                if len(free) < max(READ_POOL, READ_POOL_BYTES // len(buf)):
                     free.append(buf)
 
     def _wait(self, turn: int) -> None:
