@@ -33,7 +33,9 @@ from typing import Any
 
 from bench.backends import BACKENDS
 from bench.common import drop_caches, row, stop
+from blockxfer.nbd import readpipe
 from blockxfer.nbd.server import Server
+from blockxfer.volume import blockio
 
 MiB = 1 << 20
 Backend = Callable[[str, int], AbstractContextManager[Any]]
@@ -195,8 +197,13 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                     help="what our server exports (default: the real volume on a file)")
     ap.add_argument("--reads-only", action="store_true",
                     help="write once and rewrite, then only time sequential reads")
+    ap.add_argument("--read-depth", type=int, default=readpipe.DEPTH,
+                    help="device requests of READs in flight per connection (our server)")
+    ap.add_argument("--io-in-flight", type=int, default=blockio.IN_FLIGHT,
+                    help="the volume's block I/O threads (device requests in flight)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    readpipe.DEPTH, blockio.IN_FLIGHT = a.read_depth, a.io_in_flight   # our server is in-process
     results = run(backend or BACKENDS[a.backend], a.size_mib * MiB, a.dir, a.seconds, a.rounds,
                   a.reads_only)
     if a.json:

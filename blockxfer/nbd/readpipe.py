@@ -42,11 +42,11 @@ READ_BATCH = 4 << 20            # largest merged READ: several batches fit in DE
 
 class ReadPipeline:
     def __init__(self, conn: Commands, send: Callable[[list[Part]], None],
-                 credit: Callable[[int], None], depth: int = DEPTH) -> None:
+                 credit: Callable[[int], None], depth: int | None = None) -> None:
         """`send` sends one group of replies (and never raises); `credit` gives a
         finished batch's flow-control cost back to the connection's reader."""
         self.conn, self._send, self._credit = conn, send, credit
-        self.depth = depth
+        self.depth = depth or DEPTH
         self._units = 0                      # in flight
         self._cond = threading.Condition()
         self._pool: ThreadPoolExecutor | None = None
