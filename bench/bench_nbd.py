@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                     help="write once and rewrite, then only time sequential reads")
     ap.add_argument("--read-depth", type=int, default=readpipe.DEPTH,
                     help="device requests of READs in flight per connection (our server)")
-    ap.add_argument("--io-in-flight", type=int, default=blockio.IN_FLIGHT,
-                    help="the volume's block I/O threads (device requests in flight)")
+    ap.add_argument("--io-in-flight", type=int, default=blockio.READ_IN_FLIGHT,
+                    help="the volume's block read threads (device reads in flight)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    readpipe.DEPTH, blockio.IN_FLIGHT = a.read_depth, a.io_in_flight   # our server is in-process
+    readpipe.DEPTH, blockio.READ_IN_FLIGHT = a.read_depth, a.io_in_flight   # in-process
     results = run(backend or BACKENDS[a.backend], a.size_mib * MiB, a.dir, a.seconds, a.rounds,
                   a.reads_only)
     if a.json:
