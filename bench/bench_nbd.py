@@ -33,7 +33,9 @@ from typing import Any
 
 from bench.backends import BACKENDS
 from bench.common import drop_caches, row, stop
+from blockxfer.nbd import readpipe
 from blockxfer.nbd.server import Server
+from blockxfer.volume import blockio
 
 MiB = 1 << 20
 Backend = Callable[[str, int], AbstractContextManager[Any]]
@@ -111,8 +113,18 @@ def sequential(uri: str, src: str, size: int) -> dict[str, float]:
             "seq_read_MiBps": size / MiB / timed(["nbdcopy", uri, "null:"])}
 
 
+def reads_only(uri: str, src: str, size: int, first: list[str]) -> dict[str, float]:
+    """`--reads-only`: the first call writes SIZE twice (the rewrite lands copy-on-write,
+    in shorter runs, as in the full bench's later rounds); every call then reads."""
+    if uri not in first:
+        first.append(uri)
+        for _ in range(2):
+            subprocess.run(["nbdcopy", "--flush", src, uri], check=True)
+    return {"seq_read_MiBps": size / MiB / timed(["nbdcopy", uri, "null:"])}
+
+
 def run(backend: Backend, size: int, workdir: str, seconds: int,
-        rounds: int = 3) -> dict[str, dict[str, float]]:
+        rounds: int = 3, only_reads: bool = False) -> dict[str, dict[str, float]]:
     """Both servers up at once; every metric alternates between them for `rounds`
     rounds and the median is kept (a shared virtual disk is noisy). The sequential
     rounds all come first: the volume writes copy-on-write, so after random 4 KiB
@@ -134,7 +146,10 @@ def run(backend: Backend, size: int, workdir: str, seconds: int,
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in uris}
         phases: list[Callable[[str], dict[str, float]]] = [
             lambda uri: sequential(uri, src, size)]
-        if shutil.which("fio"):      # after every sequential round: random writes scatter
+        if only_reads:
+            written: list[str] = []
+            phases = [lambda uri: reads_only(uri, src, size, written)]
+        elif shutil.which("fio"):      # after every sequential round: random writes scatter
             phases.append(lambda uri: small_writes(uri, size, seconds))  # a volume's blocks
         for phase in phases:
             for _ in range(rounds):
@@ -180,9 +195,17 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="runs per server and metric (median)")
     ap.add_argument("--backend", choices=sorted(BACKENDS), default="volume",
                     help="what our server exports (default: the real volume on a file)")
+    ap.add_argument("--reads-only", action="store_true",
+                    help="write once and rewrite, then only time sequential reads")
+    ap.add_argument("--read-depth", type=int, default=readpipe.DEPTH,
+                    help="device requests of READs in flight per connection (our server)")
+    ap.add_argument("--io-in-flight", type=int, default=blockio.READ_IN_FLIGHT,
+                    help="the volume's block read threads (device reads in flight)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    results = run(backend or BACKENDS[a.backend], a.size_mib * MiB, a.dir, a.seconds, a.rounds)
+    readpipe.DEPTH, blockio.READ_IN_FLIGHT = a.read_depth, a.io_in_flight   # in-process
+    results = run(backend or BACKENDS[a.backend], a.size_mib * MiB, a.dir, a.seconds, a.rounds,
+                  a.reads_only)
     if a.json:
         json.dump(results, sys.stdout, indent=2)
         print()

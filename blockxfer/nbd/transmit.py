@@ -17,10 +17,14 @@ parallelism for Python work. For large requests the worker does pay off: its
 device I/O overlaps the reader's recv of the next payload.
 
 The worker merges queued READs (or WRITEs) that continue each other into one
-volume call of up to `BATCH_BYTES`: the volume then has several device
-requests in flight instead of one per NBD request, and the lock is taken once
-per batch (profiling nbdcopy against the real volume: per-request calls kept
-the device at queue depth one or two and left workers waiting on the lock).
+volume call of up to `READ_BATCH` (`BATCH_BYTES`): the volume then has several
+device requests in flight instead of one per NBD request, and the lock is
+taken once per batch (profiling nbdcopy against the real volume: per-request
+calls kept the device at queue depth one or two and left workers waiting on
+the lock). Merged READs are pipelined (`readpipe`): the worker starts the next
+batch while earlier ones are read and answered. Any other command waits until
+the READs before it have been answered, so commands still take effect in the
+order they arrived.
 
 A broken request header (bad magic, a write payload larger than we accept)
 ends the connection after the requests read before it are answered; a
@@ -36,37 +40,30 @@ import queue
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blockxfer.errors import BlockxferError, VolumeFull
+from blockxfer.errors import BlockxferError
 
 from . import protocol as p
+from .commands import Commands, Part, Payload, RequestError
 from .errmap import nbd_error
 from .exports import MAX_PAYLOAD, LockedVolume
 from .negotiate import Session
-from .sockio import ConnectionClosed, Stream, recv_into_exact, send_all
+from .readpipe import READ_BATCH, ReadPipeline
+from .rxbuf import BufferPool, Receiver
+from .sockio import ConnectionClosed, Stream, send_all
 
 log = logging.getLogger(__name__)
 
 INFLIGHT_BYTES = 128 << 20       # queued per connection before reading pauses (see _Job.cost)
-_KNOWN_FLAGS = (p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
-                | p.CMD_FLAG_FAST_ZERO)
-_MAX_DESCRIPTORS = 1 << 16
-RECV_BYTES = 256 << 10           # receive buffer: many small requests per recv
 REPLY_BYTES = 64 << 10          # replies gathered into one sendmsg while more jobs wait
 REPLY_PARTS = 64                 # ... or this many pieces (a client waits for its replies)
-SEND_QUEUE = 2                   # reply groups with read data waiting for the sender
-BATCH_BYTES = 16 << 20           # largest merged READ or WRITE handed to the volume
+BATCH_BYTES = 16 << 20           # largest merged WRITE handed to the volume
 _BATCH_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA}
-Payload = bytes | bytearray | memoryview | None    # a write's payload as the reader left it
-SMALL_PAYLOAD = 64 << 10         # write payloads copied out of the receive buffer
-
-
-class RequestError(Exception):
-    def __init__(self, error: int, message: str) -> None:
-        super().__init__(message)
-        self.error = error
+_BATCH_LIMIT = {p.CMD_READ: READ_BATCH, p.CMD_WRITE: BATCH_BYTES}
+SMALL_PAYLOAD = 64 << 10         # write payloads copied out of the receive buffer;
+#                                  merged READs larger than this are pipelined
 
 
 @dataclass(slots=True)
@@ -79,91 +76,10 @@ class _Job:
     #                    requests without bound
 
 
-class _BufferPool:
-    """Reuses payload buffers by power-of-two size class: no allocation per write.
-    What it keeps is capped in count per class and in bytes overall (the volume's
-    memory budget is a few hundred MiB, and a READ may be 32 MiB)."""
-
-    def __init__(self, keep: int = 64, budget: int = 96 << 20) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._keep, self._budget, self._held = keep, budget, 0
-
-    def get(self, n: int) -> bytearray:
-        size = max(4096, 1 << (n - 1).bit_length())
-        free = self._free.setdefault(size, [])
-        try:
-            buf = free.pop()
-        except IndexError:
-            return bytearray(size)
-        self._held -= len(buf)
-        return buf
-
-    def put(self, buf: bytearray) -> None:
-        free = self._free.setdefault(len(buf), [])
-        if len(free) < self._keep and self._held + len(buf) <= self._budget:
-            free.append(buf)
-            self._held += len(buf)
-
-
-class _Receiver:
-    """Reads the request stream in large pieces: with many small requests queued
-    by the client, one recv brings several headers and payloads (per request, two
-    exact recvs cost two syscalls and two GIL hand-offs)."""
-
-    def __init__(self, sock: Stream, size: int = RECV_BYTES) -> None:
-        self.sock = sock
-        self.buf = memoryview(bytearray(size))
-        self.start = self.end = 0
-
-    def available(self) -> int:
-        """Bytes already received and not yet taken: no syscall needed for them."""
-        return self.end - self.start
-
-    def header(self) -> p.Request:
-        """The next request header, parsed in place."""
-        if self.end - self.start < p.REQUEST.size:
-            self._fill(p.REQUEST.size)
-        req = p.parse_request(self.buf, self.start)
-        self.start += p.REQUEST.size
-        return req
-
-    def take_view(self, n: int) -> memoryview:
-        """The next `n` (<= buffer size) bytes in place: valid until the next recv."""
-        if self.end - self.start < n:
-            self._fill(n)
-        view = self.buf[self.start:self.start + n]
-        self.start += n
-        return view
-
-    def take_into(self, out: memoryview) -> None:
-        """The next len(out) bytes into `out`; large payloads mostly bypass the buffer."""
-        have = min(len(out), self.end - self.start)
-        out[:have] = self.buf[self.start:self.start + have]
-        self.start += have
-        if have < len(out):
-            recv_into_exact(self.sock, out[have:])
-
-    def _fill(self, n: int) -> None:
-        left = self.end - self.start
-        self.buf[:left] = self.buf[self.start:self.end]
-        self.start, self.end = 0, left
-        while self.end < n:
-            k = self.sock.recv_into(self.buf[self.end:])
-            if k == 0:
-                raise ConnectionClosed(f"peer closed after {self.end} of {n} bytes")
-            self.end += k
-
-
-@dataclass(slots=True)
-class _Out:
-    parts: list[bytes | bytearray | memoryview]     # replies, in order
-    leases: list[Callable[[], None]]                # read buffers to hand back after
-
-
-class Transmission:
+class Transmission(Commands):
     def __init__(self, sock: Stream, session: Session, vol: LockedVolume) -> None:
-        self.sock, self.session, self.vol = sock, session, vol
-        self.export = session.export
+        super().__init__(session, vol)
+        self.sock = sock
         self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._reader_done = False       # the worker has taken the reader's last list
         # one executor at a time: the worker, or the reader running small requests
@@ -171,26 +87,21 @@ class Transmission:
         # the worker (the reader runs inline only when all are finished)
         self._exec = threading.Lock()
         self._queued = self._taken = self._finished = 0
-        self._pool = _BufferPool()
+        self._pool = BufferPool()
         self._inflight = 0
         self._done_cost = 0             # finished jobs' cost not yet given back
         self._cond = threading.Condition()
         self._send_failed = False
-        self._out: list[bytes | bytearray | memoryview] = []   # replies not sent yet
-        self._out_bytes = 0
-        self._leases: list[Callable[[], None]] = []             # read buffers in _out
-        # replies carrying read data go out from a sender thread, so the worker's
-        # next read overlaps the send; the queue bound caps what waits (and memory)
-        self._outq: queue.Queue[_Out | None] = queue.Queue(SEND_QUEUE)
+        self._out: list[Part] = []      # replies not sent yet (their read buffers
+        self._out_bytes = 0             # are in self._leases)
         self._send_lock = threading.Lock()
+        self._reads = ReadPipeline(self, self._send_now, self._credit)
 
     # --- reader side (the connection's own thread) ---
 
     def run(self) -> None:
         worker = threading.Thread(target=self._work, name="nbd-worker", daemon=True)
-        sender = threading.Thread(target=self._sender, name="nbd-sender", daemon=True)
         worker.start()
-        sender.start()
         try:
             self._read_loop()
         except (ConnectionClosed, OSError) as e:
@@ -200,8 +111,7 @@ class Transmission:
         finally:
             self._jobs.put(None)
             worker.join()
-            self._outq.put(None)
-            sender.join()
+            self._reads.close()
 
     def _read_loop(self) -> None:
         """Parse every request the receive buffer holds before the next recv, and
@@ -209,7 +119,7 @@ class Transmission:
         wake-up of the worker) per recv instead of one per request. Small write
         payloads stay in the receive buffer, so the list is always passed on
         before a recv; large ones are received into a pooled buffer."""
-        rx = _Receiver(self.sock)
+        rx = Receiver(self.sock)
         jobs: list[_Job] = []
         try:
             while not self._send_failed:
@@ -287,6 +197,7 @@ class Transmission:
             with self._exec:
                 self._process(pending)
                 self._finished = self._taken
+        self._reads.drain()
 
     def _process(self, pending: deque[_Job]) -> None:
         """Run the pending jobs (and what else is queued by then), then send the
@@ -295,6 +206,11 @@ class Transmission:
             while pending or self._take(pending, block=False):
                 job = pending.popleft()
                 batch = self._gather(job, pending)
+                if job.req.type == p.CMD_READ:
+                    if batch is not None and self._pipeline(batch):
+                        continue
+                elif self._reads.busy():
+                    self._reads.drain()          # READs before it first: order is kept
                 try:
                     if batch is None:
                         self._execute(job)
@@ -331,10 +247,11 @@ class Transmission:
             return None
         batch = [job]
         end, total = job.req.offset + job.req.length, job.req.length
-        while total < BATCH_BYTES and (pending or self._take(pending, block=False)):
+        limit = _BATCH_LIMIT[job.req.type]
+        while total < limit and (pending or self._take(pending, block=False)):
             nxt = pending[0].req
             if (nxt.type != job.req.type or nxt.offset != end
-                    or total + nxt.length > BATCH_BYTES or not self._batchable(nxt)):
+                    or total + nxt.length > limit or not self._batchable(nxt)):
                 break
             batch.append(pending.popleft())
             end += nxt.length
@@ -366,13 +283,25 @@ class Transmission:
 
     def _release(self) -> None:
         if self._done_cost:
-            with self._cond:
-                self._inflight -= self._done_cost
-                self._cond.notify()
+            self._credit(self._done_cost)
             self._done_cost = 0
 
+    def _credit(self, cost: int) -> None:
+        with self._cond:
+            self._inflight -= cost
+            self._cond.notify()
+
+    def _pipeline(self, batch: list[_Job]) -> bool:
+        """Hand valid contiguous READs to the read pipeline unless they are small
+        (4 KiB random reads: a thread hand-off each would cost more than it buys)."""
+        if sum(job.req.length for job in batch) <= SMALL_PAYLOAD:
+            return False
+        self._reads.submit([job.req for job in batch], sum(job.cost for job in batch))
+        return True
+
     def _execute_batch(self, batch: list[_Job]) -> None:
-        """One volume call for contiguous requests, then every reply in one send."""
+        """One volume call for contiguous requests, then every reply in one send
+        (READs here are small ones, see _pipeline)."""
         first = batch[0].req
         total = sum(job.req.length for job in batch)
         parts: list[bytes | memoryview] = []
@@ -444,7 +373,7 @@ class Transmission:
             parts = [self._error_reply(req, nbd_error(e), str(e))]
         self._send(parts)
 
-    def _send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    def _send(self, parts: Sequence[Part]) -> None:
         """Queue replies; they leave together when the worker runs out of queued
         jobs, or REPLY_BYTES or REPLY_PARTS gather, or after a large request (one
         sendmsg for many small replies). Holding them longer stalls a client that
@@ -455,25 +384,17 @@ class Transmission:
             self._flush_replies()
 
     def _flush_replies(self) -> None:
-        """Send the gathered replies: at once when they are small, through the sender
-        thread when they carry read data."""
-        out = _Out(self._out, self._leases)
+        """Send the gathered replies; read buffers go back once they have left."""
+        parts, leases = self._out, self._leases
         self._out, self._out_bytes, self._leases = [], 0, []
-        if out.leases:
-            self._outq.put(out)
-        else:
-            self._send_now(out.parts)
+        try:
+            self._send_now(parts)
+        finally:
+            parts.clear()                # the views go before their buffers are reused
+            for release in leases:
+                release()
 
-    def _sender(self) -> None:
-        while (out := self._outq.get()) is not None:
-            try:
-                self._send_now(out.parts)
-            finally:
-                out.parts.clear()        # the views go before their buffers are reused
-                for release in out.leases:
-                    release()
-
-    def _send_now(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    def _send_now(self, parts: list[Part]) -> None:
         if self._send_failed or not parts:
             return
         try:
@@ -484,125 +405,6 @@ class Transmission:
             self._send_failed = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-
-    def _error_reply(self, req: p.Request, error: int, message: str) -> bytes:
-        if self.session.structured and req.type in (p.CMD_READ, p.CMD_BLOCK_STATUS):
-            return p.pack_chunk_error(req.cookie, error, message)
-        return p.pack_simple_reply(req.cookie, error)
-
-    # --- the commands ---
-
-    def _dispatch(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        if req.flags & ~_KNOWN_FLAGS:
-            raise RequestError(p.EINVAL, f"unknown command flags {req.flags:#x}")
-        handler = _COMMANDS.get(req.type)
-        if handler is None:
-            raise RequestError(p.EINVAL, f"unknown command {req.type}")
-        if req.type != p.CMD_FLUSH:
-            self._check_range(req)
-        return handler(self, req, buf)
-
-    def _check_range(self, req: p.Request) -> None:
-        if req.offset + req.length > self.export.size:
-            error = p.ENOSPC if req.type == p.CMD_WRITE else p.EINVAL
-            raise RequestError(error, f"{req.offset}+{req.length} beyond {self.export.size}")
-        if req.type in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES) and self.export.read_only:
-            raise RequestError(p.EPERM, f"export {self.export.name!r} is read-only")
-
-    def _read(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        if req.length > MAX_PAYLOAD:
-            raise RequestError(p.EINVAL, f"read of {req.length} bytes exceeds {MAX_PAYLOAD}")
-        data, release = self.vol.read(req.offset, req.length, self.export.snapshot)
-        self._leases.append(release)
-        return self._read_reply(req, data)
-
-    def _read_reply(self, req: p.Request, data: bytes | memoryview) -> list[bytes | memoryview]:
-        if not self.session.structured:
-            return [p.pack_simple_reply(req.cookie), data]
-        if req.length == 0:
-            return [p.pack_chunk(req.cookie, p.REPLY_TYPE_NONE)]
-        return [p.pack_offset_data_header(req.cookie, req.offset, req.length), data]
-
-    def _write(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        assert buf is not None
-        self._change("write", req.offset, memoryview(buf)[:req.length],
-                     fua=bool(req.flags & p.CMD_FLAG_FUA))
-        return [p.pack_simple_reply(req.cookie)]
-
-    def _flush(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        if not self.export.read_only:
-            self.vol.sync()               # an intent log record, not a whole CP
-        return [p.pack_simple_reply(req.cookie)]
-
-    def _trim(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        return self._modify(req, "trim")
-
-    def _write_zeroes(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        if req.flags & p.CMD_FLAG_FAST_ZERO:
-            raise RequestError(p.ENOTSUP, "fast zero is not offered")
-        return self._modify(req, "write_zeroes")
-
-    def _modify(self, req: p.Request, method: str) -> list[bytes | memoryview]:
-        self._change(method, req.offset, req.length, fua=bool(req.flags & p.CMD_FLAG_FUA))
-        return [p.pack_simple_reply(req.cookie)]
-
-    def _change(self, method: str, offset: int, arg: object, *, fua: bool) -> None:
-        """A write, trim or zeroing under the lock; FUA then syncs (an intent log
-        record with everything written so far, or a CP when the log is full). Blocks freed since
-        the last CP are not reusable until the next one, so a client rewriting a
-        nearly full disk between CPs would see ENOSPC although the space is there:
-        on VolumeFull, commit once (freeing them) and try again."""
-        call = getattr(self.vol.volume, method)
-        with self.vol.lock:
-            try:
-                call(offset, arg)
-            except VolumeFull:
-                self.vol.volume.commit()
-                call(offset, arg)
-        if fua:
-            self.vol.sync()               # outside the lock where the volume allows it
-
-    def _block_status(self, req: p.Request, buf: Payload) -> list[bytes | memoryview]:
-        if not self.session.contexts:
-            raise RequestError(p.EINVAL, "no meta context was negotiated")
-        if req.length == 0:
-            raise RequestError(p.EINVAL, "block status of zero bytes")
-        extents = self.vol.call("extents", req.offset, req.length, self.export.snapshot)
-        descriptors = merge_extents(extents, req.offset, req.length)
-        if req.flags & p.CMD_FLAG_REQ_ONE:
-            descriptors = descriptors[:1]
-        ids = sorted(self.session.contexts)
-        return [p.pack_block_status(req.cookie, ctx, descriptors[:_MAX_DESCRIPTORS],
-                                    done=ctx == ids[-1]) for ctx in ids]
-
-
-def merge_extents(extents: list[tuple[int, int, bool]], offset: int,
-                  length: int) -> list[tuple[int, int]]:
-    """Volume extents -> base:allocation descriptors, clipped, adjacent ones merged."""
-    out: list[tuple[int, int]] = []
-    end = offset + length
-    for off, n, mapped in extents:
-        lo, hi = max(off, offset), min(off + n, end)
-        if hi <= lo:
-            continue
-        state = 0 if mapped else p.STATE_HOLE | p.STATE_ZERO
-        if out and out[-1][1] == state:
-            out[-1] = (out[-1][0] + hi - lo, state)
-        else:
-            out.append((hi - lo, state))
-    if not out:                      # the volume said nothing: call it data, never lie "zero"
-        out.append((length, 0))
-    return out
-
-
-_COMMANDS = {
-    p.CMD_READ: Transmission._read,
-    p.CMD_WRITE: Transmission._write,
-    p.CMD_FLUSH: Transmission._flush,
-    p.CMD_TRIM: Transmission._trim,
-    p.CMD_WRITE_ZEROES: Transmission._write_zeroes,
-    p.CMD_BLOCK_STATUS: Transmission._block_status,
-}
 
 
 def _payload(job: _Job) -> bytes | memoryview:
