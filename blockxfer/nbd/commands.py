@@ -95,7 +95,7 @@ class Commands:
         self._change(method, req.offset, req.length, fua=bool(req.flags & p.CMD_FLAG_FUA))
         return [p.pack_simple_reply(req.cookie)]
 
-    def _change(self, method: str, offset: int, arg: object, *, fua: bool) -> None:
+    def _change(self, method: str, *args: object, fua: bool) -> None:
         """A write, trim or zeroing under the lock; FUA then syncs (an intent log
         record with everything written so far, or a CP when the log is full). Blocks freed since
         the last CP are not reusable until the next one, so a client rewriting a
@@ -104,10 +104,10 @@ class Commands:
         call = getattr(self.vol.volume, method)
         with self.vol.lock:
             try:
-                call(offset, arg)
-            except VolumeFull:
+                call(*args)
+            except VolumeFull:                # (a repeated write_blocks is the same)
                 self.vol.volume.commit()
-                call(offset, arg)
+                call(*args)
         if fua:
             self.vol.sync()               # outside the lock where the volume allows it
 
