@@ -49,6 +49,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy blockxfer drivers bench tests
 
 bench: $(STAMP)
+	bash scripts/apt-deps.sh tests/apt-packages.txt bench/apt-packages.txt
 	$(BIN)/python -m bench
 
 testbed: $(STAMP)
