@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from blockxfer.cli.store import ordered_reader
 from blockxfer.drivers.blockdev import open_device
 from blockxfer.stream.send import send_image
 from blockxfer.transfer.objstore.direct import upload_volume
@@ -73,7 +74,7 @@ def _upload(store: Store, vol: Volume, expr: str) -> tuple[float, int]:
     if os.environ.get("BLOCKXFER_BENCH_OBJSTORE_PATH") == "stream":
         res = upload_image(store, "vol", lambda out: send_image(vol, expr, out, compress=False))
     else:
-        res = upload_volume(store, "vol", vol, expr)
+        res = upload_volume(store, "vol", vol, expr, ordered_reader(vol))
     return time.perf_counter() - t, res.new_bytes
 
 

@@ -22,7 +22,7 @@ This module reads; it never writes and never opens devices.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from itertools import islice
 from mmap import mmap
@@ -37,6 +37,9 @@ _WINDOW = 64        # requests per member looked ahead when spreading over md me
 
 class Readable(Protocol):
     def pread(self, buf: memoryview, offset: int) -> None: ...
+
+
+Check = Callable[[int, memoryview], object]   # (start_block, data) of a request read
 
 
 def coalesce(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -100,8 +103,13 @@ def _spread(pieces: Iterator[tuple[int, int]], g: MdGeometry,
 
 def read_runs(dev: Readable, runs: Iterable[tuple[int, int]], block_size: int, *,
               request_size: int = MiB, depth: int = 4,
-              geometry: MdGeometry | None = None) -> Iterator[tuple[int, memoryview]]:
-    """Yield (start_block, data) for every block of `runs`, in completion order."""
+              geometry: MdGeometry | None = None, ordered: bool = False,
+              check: Check | None = None) -> Iterator[tuple[int, memoryview]]:
+    """Yield (start_block, data) for every block of `runs`, in completion order, or
+    with `ordered` in issue order (an object-store upload packs chunks in VBN
+    order, so that a rerun makes the same packs). `check(start_block, data)` runs
+    in the thread that read the request (a send's checksum verification: the
+    hashing spreads over the threads); what it raises ends the iteration."""
     requests = plan_requests(runs, block_size, request_size=request_size, geometry=geometry)
     if geometry is not None:
         depth = max(depth, 2 * geometry.raid_disks)
@@ -109,10 +117,13 @@ def read_runs(dev: Readable, runs: Iterable[tuple[int, int]], block_size: int, *
                   max(geometry.stripe_width, geometry.chunk_size) if geometry else 0)
     largest = -(-largest // block_size) * block_size
     free = [aligned_buffer(largest) for _ in range(depth + 1)]
+    if ordered:
+        yield from _in_order(dev, requests, block_size, free, depth, check)
+        return
     pending: dict[Future[None], tuple[int, memoryview, mmap]] = {}
     with ThreadPoolExecutor(depth, thread_name_prefix="blockxfer-read") as pool:
         try:
-            _fill(pool, pending, free, requests, dev, block_size, depth)
+            _fill(pool, pending, free, requests, dev, block_size, depth, check)
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -120,7 +131,7 @@ def read_runs(dev: Readable, runs: Iterable[tuple[int, int]], block_size: int, *
                     fut.result()
                     yield start, view
                     free.append(buf)
-                    _fill(pool, pending, free, requests, dev, block_size, depth)
+                    _fill(pool, pending, free, requests, dev, block_size, depth, check)
         finally:
             for fut in pending:
                 fut.cancel()
@@ -128,7 +139,7 @@ def read_runs(dev: Readable, runs: Iterable[tuple[int, int]], block_size: int, *
 
 def _fill(pool: ThreadPoolExecutor, pending: dict[Future[None], tuple[int, memoryview, mmap]],
           free: list[mmap], requests: Iterator[tuple[int, int]], dev: Readable,
-          block_size: int, depth: int) -> None:
+          block_size: int, depth: int, check: Check | None) -> None:
     while len(pending) < depth and free:
         req = next(requests, None)
         if req is None:
@@ -136,4 +147,38 @@ def _fill(pool: ThreadPoolExecutor, pending: dict[Future[None], tuple[int, memor
         start, count = req
         buf = free.pop()
         view = memoryview(buf)[:count * block_size]
-        pending[pool.submit(dev.pread, view, start * block_size)] = (start, view, buf)
+        pending[pool.submit(_read, dev, view, start, block_size, check)] = (start, view, buf)
+
+
+def _in_order(dev: Readable, requests: Iterator[tuple[int, int]], block_size: int,
+              free: list[mmap], depth: int,
+              check: Check | None) -> Iterator[tuple[int, memoryview]]:
+    """`read_runs` yielding in issue order: the oldest request is waited for."""
+    queue: deque[tuple[Future[None], int, memoryview, mmap]] = deque()
+    with ThreadPoolExecutor(depth, thread_name_prefix="blockxfer-read") as pool:
+        try:
+            while True:
+                while len(queue) < depth and free:
+                    req = next(requests, None)
+                    if req is None:
+                        break
+                    buf = free.pop()
+                    view = memoryview(buf)[:req[1] * block_size]
+                    queue.append((pool.submit(_read, dev, view, req[0], block_size, check),
+                                  req[0], view, buf))
+                if not queue:
+                    return
+                fut, start, view, buf = queue.popleft()
+                fut.result()
+                yield start, view
+                free.append(buf)
+        finally:
+            for fut, *_ in queue:
+                fut.cancel()
+
+
+def _read(dev: Readable, view: memoryview, start: int, block_size: int,
+          check: Check | None) -> None:
+    dev.pread(view, start * block_size)
+    if check is not None:
+        check(start, view)

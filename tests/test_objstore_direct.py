@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from blockxfer.cli.store import ordered_reader
 from blockxfer.drivers.blockdev import open_device
+from blockxfer.drivers.reader import read_runs
 from blockxfer.errors import DamagedBlock
 from blockxfer.stream import send as send_mod
 from blockxfer.transfer.objstore import direct
@@ -59,13 +61,14 @@ def test_direct_path_stores_what_the_stream_path_stores(
         a = upload_stream(Store(via_stream, "bk"), "vol", io.BytesIO(stream_of(vol, expr)),
                           pack_bytes=PACK)
         seen: list[int] = []
-        b = direct.upload_volume(Store(via_volume, "bk"), "vol", vol, expr, pack_bytes=PACK,
-                                 progress=seen.append)
+        b = direct.upload_volume(Store(via_volume, "bk"), "vol", vol, expr,
+                                 ordered_reader(vol), pack_bytes=PACK, progress=seen.append)
         assert a == b and not a.already
         assert sum(seen) == a.blocks * vol.block_size
         assert _objects(via_stream) == _objects(via_volume), expr
     assert not verify_store(Store(via_volume, "bk")).problems
-    again = direct.upload_volume(Store(via_volume, "bk"), "vol", vol, "s3 - s2")
+    again = direct.upload_volume(Store(via_volume, "bk"), "vol", vol, "s3 - s2",
+                                 ordered_reader(vol))
     assert again.already
 
 
@@ -80,8 +83,10 @@ def test_direct_path_refuses_a_damaged_block(vol: Volume) -> None:
         at = vbn * vol.block_size - offset
         if 0 <= at < len(view):
             view[at] ^= 1
+    damaged = types.SimpleNamespace(pread=pread)
     with pytest.raises(DamagedBlock, match=f"VBN {vbn}"):
-        for _ in direct.ordered_reads(pread, plan, 16, 3):
+        for _ in read_runs(damaged, plan.runs, vol.block_size, request_size=16 * vol.block_size,
+                           depth=3, ordered=True, check=plan.check.known):
             pass
 
 
@@ -105,7 +110,8 @@ def test_heads_stop_after_a_gap_and_a_resume_skips_what_was_written(
             heads.append(key)
         return head(key)
     monkeypatch.setattr(ms, "head", counted)
-    clean = direct.upload_volume(Store(ms, "bk"), "vol", vol, "s1", pack_bytes=64 << 10)
+    clean = direct.upload_volume(Store(ms, "bk"), "vol", vol, "s1", ordered_reader(vol),
+                                 pack_bytes=64 << 10)
     assert clean.packs_written > 4 * WORKERS and clean.packs_skipped == 0
     assert len(heads) <= 2 * WORKERS + 2
     want = sorted(k for k in ms.objects if k.endswith(".pack"))
@@ -114,10 +120,12 @@ def test_heads_stop_after_a_gap_and_a_resume_skips_what_was_written(
     puts = ms.calls.get("put", 0)
     ms.fail("put", puts + 20)
     with pytest.raises(DeviceError):
-        direct.upload_volume(Store(ms, "bk"), "vol", vol, "s1", pack_bytes=64 << 10)
+        direct.upload_volume(Store(ms, "bk"), "vol", vol, "s1", ordered_reader(vol),
+                                 pack_bytes=64 << 10)
     wrote = sum(k.endswith(".pack") for k in ms.objects)
     ms.fail("put", 0)
-    again = direct.upload_volume(Store(ms, "bk"), "vol", vol, "s1", pack_bytes=64 << 10)
+    again = direct.upload_volume(Store(ms, "bk"), "vol", vol, "s1", ordered_reader(vol),
+                                 pack_bytes=64 << 10)
     assert again.packs_skipped >= wrote - WORKERS - 1 > 0
     assert again.packs_written + again.packs_skipped == clean.packs_written
     assert sorted(k for k in ms.objects if k.endswith(".pack")) == want

@@ -118,6 +118,46 @@ def test_small_chunk_reads_whole_stripes() -> None:
 
 
 @pytest.mark.root
+class Jittery(MemDevice):
+    """Requests take random times: they complete out of issue order."""
+
+    def __init__(self, nblocks: int) -> None:
+        super().__init__(nblocks)
+        self.rng = random.Random(3)
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        with self.lock:
+            pause = self.rng.uniform(0, 0.01)
+        time.sleep(pause)
+        super().pread(buf, offset)
+
+
+def test_ordered_yields_in_issue_order_and_checks_in_the_reading_thread() -> None:
+    """`ordered` (the object-store upload's reads): starts ascending although
+    requests finish out of order, every block once; `check` sees each request in a
+    read thread, and what it raises stops the iteration."""
+    dev = Jittery(4096)
+    runs = [(0, 700), (1000, 1500), (3000, 1096)]
+    seen: list[tuple[int, str]] = []
+
+    def check(start: int, data: memoryview) -> None:
+        seen.append((start, threading.current_thread().name))
+    starts = [start for start, _ in read_runs(dev, runs, BS, request_size=64 * BS, depth=6,
+                                               ordered=True, check=check)]
+    assert starts == sorted(starts) == [s for s, _ in plan_requests(runs, BS,
+                                                                     request_size=64 * BS)]
+    assert sorted(s for s, _ in seen) == starts
+    assert all(name.startswith("blockxfer-read") for _, name in seen)
+    assert collect(dev, runs, ordered=True) == collect(dev, runs)
+
+    def refuse(start: int, data: memoryview) -> None:
+        if start >= 1000:
+            raise MediumError("checksum mismatch")
+    with pytest.raises(MediumError, match="checksum"):
+        for _ in read_runs(dev, runs, BS, request_size=64 * BS, ordered=True, check=refuse):
+            pass
+
+
 def test_reads_a_loop_device(root: None, tmp_path: Path) -> None:
     backing = Path("/var/tmp") / f"bx-reader-{id(tmp_path)}.img"
     data = random.randbytes(8 << 20)

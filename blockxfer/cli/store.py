@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from blockxfer.errors import UsageError
 from blockxfer.units import human, parse_duration
 
 from .common import progress
 from .spec import Arg, Command, Report, arg
+
+if TYPE_CHECKING:
+    from blockxfer.transfer.objstore.direct import Check, OrderedReader
 
 STORE, VOLUME_URL, SNAPSHOT_URL = ("s3://BUCKET/PREFIX", "s3://BUCKET/PREFIX/VOLUME",
                                    "s3://BUCKET/PREFIX/VOLUME@SNAP")
@@ -31,6 +35,18 @@ def _open(url: str, a: argparse.Namespace, *, volume: bool) -> tuple[Any, str, s
     from blockxfer.transfer.objstore.s3 import open_store
     store, vol, snap = open_store(url, endpoint=getattr(a, "s3_endpoint", None), volume=volume)
     return store, vol or "", snap
+
+
+def ordered_reader(vol: Any) -> OrderedReader:
+    """The direct upload's reads: ascending, DEPTH in flight, checked as they land."""
+    from blockxfer.drivers.reader import read_runs
+    from blockxfer.transfer.objstore.direct import DEPTH
+
+    def read(runs: list[tuple[int, int]], per: int,
+             check: Check | None) -> Iterator[tuple[int, memoryview]]:
+        return read_runs(vol.dev, runs, vol.block_size, request_size=per * vol.block_size,
+                         depth=DEPTH, ordered=True, check=check)
+    return read
 
 
 def send_to_store(a: argparse.Namespace, url: str) -> Report:
@@ -49,8 +65,8 @@ def send_to_store(a: argparse.Namespace, url: str) -> Report:
     prog = progress(a, "upload")
     with open_session(a.path) as s:          # opened here, or its service streams it
         if isinstance(s, LocalSession):      # read here: no stream encoded and decoded
-            res = upload_volume(store, volume, s.vol, a.expression, lock=s.ops.lock,
-                                progress=prog.add, retain_until=retain)
+            res = upload_volume(store, volume, s.vol, a.expression, ordered_reader(s.vol),
+                                lock=s.ops.lock, progress=prog.add, retain_until=retain)
         else:
             def produce(out: BinaryIO) -> object:
                 return s.send(out, a.expression, compress=False)
