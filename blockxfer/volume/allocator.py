@@ -121,11 +121,9 @@ class Allocator(VolumeState):
 
     def _free_scattered(self, vbns: list[int]) -> None:
         """`_free_vbns` for distinct, nonzero, scattered VBNs (the blocks a batch of
-        random writes replaced): one bitarray call, not one per run."""
+        random writes replaced): one plane call, not one per run."""
         self._busy_plane()
-        active, bpb = self.active, self.active.bits_per_block
-        active.bits[vbns] = 0
-        active.dirty.update({v // bpb for v in vbns})
+        self.active.mark_scattered(vbns, False)
         if self._tracker:
             self._tracker.freed[vbns] = 1
 

@@ -64,6 +64,12 @@ class PlaneObject:
         bpb = self.bits_per_block
         self.dirty.update(range(start // bpb, (stop - 1) // bpb + 1))
 
+    def mark_scattered(self, index: list[int], value: bool) -> None:
+        """`mark_range` for distinct scattered bits (one block each)."""
+        self.bits[index] = value
+        bpb = self.bits_per_block
+        self.dirty.update({i // bpb for i in index})
+
     def track(self, bits: bitarray) -> None:
         """Follow another plane during phase 1 (a snapshot being taken follows the
         active plane): share its bits and mark every non-empty data block."""

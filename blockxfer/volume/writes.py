@@ -24,8 +24,6 @@ from .reads import Reads
 _COMPARE_BLOCKS = 64        # up to this many blocks, zero blocks are found by comparison
 
 
-
-
 @functools.cache
 def _zeros(size: int) -> bytes:
     return bytes(size)
@@ -36,7 +34,19 @@ def _zero_checksum(size: int) -> int:
     return checksum(bytes(size))
 
 
+def _holds_data(raw: bytes, cks: np.ndarray, bs: int) -> np.ndarray:
+    """Which blocks of `raw` are not all zeros: those whose checksum is not a zero
+    block's, and those that only share it (compared)."""
+    has = cks != _zero_checksum(bs)
+    if has.all():
+        return has
+    for k in np.nonzero(~has)[0].tolist():
+        has[k] = raw[k * bs:(k + 1) * bs] != _zeros(bs)
+    return has
+
+
 def _run_vbns(runs: list[tuple[int, int]]) -> np.ndarray:
+    """The VBNs of allocated runs (start, count), in order."""
     if len(runs) == 1:
         return np.arange(runs[0][0], runs[0][0] + runs[0][1], dtype=np.uint64)
     return np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in runs])
@@ -131,19 +141,16 @@ class Writes(Allocator, Reads):
         vblocks[k]; all-zero ones are unmapped."""
         bs = self.block_size
         cks = block_checksums(raw, bs)
-        has = cks != _zero_checksum(bs)
+        has = _holds_data(raw, cks, bs)
         if not has.all():
-            for k in np.nonzero(~has)[0].tolist():      # a zero block's checksum: compare
-                has[k] = raw[k * bs:(k + 1) * bs] != _zeros(bs)
-            if not has.all():
-                for k in np.nonzero(~has)[0].tolist():
-                    self._unmap(vblocks[k], 1)
-                keep = np.nonzero(has)[0]
-                if not len(keep):
-                    return
-                vblocks = [vblocks[k] for k in keep.tolist()]
-                raw = np.frombuffer(raw, dtype=np.uint8).reshape(-1, bs)[keep].tobytes()
-                cks = cks[keep]
+            for k in np.nonzero(~has)[0].tolist():
+                self._unmap(vblocks[k], 1)
+            keep = np.nonzero(has)[0]
+            if not len(keep):
+                return
+            vblocks = [vblocks[k] for k in keep.tolist()]
+            raw = np.frombuffer(raw, dtype=np.uint8).reshape(-1, bs)[keep].tobytes()
+            cks = cks[keep]
         runs = self._alloc_data(len(vblocks))
         self.io.stage_runs(runs, raw)
         ptrs = np.empty((len(vblocks), 2), dtype=np.uint64)
@@ -231,10 +238,7 @@ class Writes(Allocator, Reads):
             ptrs = np.array([(runs[0][0], checksum(view))], dtype=np.uint64)
         else:
             ptrs = np.empty((count, 2), dtype=np.uint64)
-            at = 0
-            for s, n in runs:
-                ptrs[at:at + n, 0] = np.arange(s, s + n, dtype=np.uint64)
-                at += n
+            ptrs[:, 0] = _run_vbns(runs)
             ptrs[:, 1] = block_checksums(view, self.block_size) if cks is None else cks
         old = self.lba.set(v0, ptrs)
         self._free_vbns(old[:, 0])
