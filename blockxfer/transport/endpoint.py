@@ -350,7 +350,7 @@ class Sessions:
         try:
             ch, volume = self._open(url)
         except BaseException:
-            self._lend(url, None)
+            self.done(url, _OPENING)
             raise
         self.opened += 1
         lent = _Lent(ch, self, url)
@@ -368,17 +368,13 @@ class Sessions:
             return None
         if time.monotonic() < kept.until and kept.ch.alive():
             return kept
+        self._lend(url, _OPENING)            # before the abort frees the URL for others
         kept.ch.abort()                      # the far side ends it (or has): not used again
-        self._lend(url, _OPENING)
         return None
 
     def _lend(self, url: str, ch: object) -> None:
         with self._lock:
-            if ch is None:
-                self._lent.pop(url, None)
-                self._lock.notify_all()
-            else:
-                self._lent[url] = ch
+            self._lent[url] = ch
 
     def done(self, url: str, ch: object) -> None:
         """The pull using `ch` has ended with it (given back, closed or cut)."""
