@@ -23,6 +23,7 @@ from bitarray import bitarray
 
 from blockxfer.errors import ExpressionError, NotFound
 from blockxfer.volume.layout import SnapshotEntry
+from blockxfer.volume.objects import Stored, merge_stored
 
 _TOKEN = re.compile(r"\s*(?:(?P<op>[+\-&()])|(?P<name>[A-Za-z0-9_.:*?\[\]][A-Za-z0-9_.:*?\[\]-]*))")
 _GLOB = re.compile(r"[*?\[]")
@@ -33,6 +34,9 @@ class PlaneSource(Protocol):
     def resolve(self, name: str) -> SnapshotEntry: ...
     def plane(self, name: str) -> bitarray:
         """A plane the caller owns (it may change it)."""
+
+    def stored_plane(self, name: str) -> Stored | None:
+        """The plane's stored data blocks, or None: then `plane` is used."""
 
 
 @dataclass
@@ -105,22 +109,48 @@ class _Parser:
         plane = self.term(positive)         # factor() always returns a fresh plane
         while (tok := self._peek()) and tok[1] in "+-":
             self.i += 1
-            if tok[1] == "+":
-                plane |= self.term(positive)
+            if tok[1] == "-":
+                self._merge(plane, self.subtrahend(), subtract=True)
+            elif (names := self._bare_names()) is not None:
+                for e in names:
+                    self._merge(plane, e, subtract=False)
             else:
-                base = self.subtrahend()
-                base.invert()                   # in place: no second 32 MiB plane
-                plane &= base
+                plane |= self.term(positive)
         return plane
 
-    def subtrahend(self) -> bitarray:
+    def _bare_names(self) -> list[SnapshotEntry] | None:
+        """The snapshots of a term that is one NAME or GLOB (no `&`, no parentheses),
+        consumed; None (nothing consumed) for any other term."""
+        tok, after = self._peek(), self.toks[self.i + 1] if self.i + 1 < len(self.toks) else None
+        if tok is None or tok[0] != "name" or (after is not None and after[1] == "&"):
+            return None
+        self.i += 1
+        entries = self._expand(tok)
+        self.tops.extend(entries)
+        return entries
+
+    def _merge(self, plane: bitarray, e: SnapshotEntry, subtract: bool) -> None:
+        """`plane |= e` or `plane &= ~e` in place; from the stored blocks alone when
+        the source has them (a term of a sum need not become a whole plane)."""
+        stored = self.src.stored_plane(e.name)
+        if stored is not None:
+            merge_stored(plane, stored, self.block_size, subtract)
+            return
+        other = self.src.plane(e.name)
+        if subtract:
+            other.invert()                  # in place: no second 32 MiB plane
+            plane &= other
+        else:
+            plane |= other
+
+    def subtrahend(self) -> SnapshotEntry:
         tok = self._peek()
         if tok is None or tok[0] != "name" or _GLOB.search(tok[1]):
             raise self._fail("one snapshot name after '-' (the base must be a snapshot)")
         self.i += 1
         entry = self._resolve(tok)
         self.bases.append(entry)
-        return self.src.plane(entry.name)
+        return entry
 
     def term(self, positive: bool) -> bitarray:
         plane = self.factor(positive)
@@ -147,7 +177,7 @@ class _Parser:
         self.tops.extend(entries)
         plane = self.src.plane(entries[0].name)      # ours: planes are handed out owned
         for e in entries[1:]:
-            plane |= self.src.plane(e.name)
+            self._merge(plane, e, subtract=False)
         return plane
 
     def _resolve(self, tok: tuple[str, str, int]) -> SnapshotEntry:

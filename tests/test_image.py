@@ -40,6 +40,9 @@ class FakeVolume:
             a[v] = 1
         return a
 
+    def stored_plane(self, name: str) -> None:
+        return None
+
 
 def _set(plane: bitarray) -> set[int]:
     return {i for i, b in enumerate(plane) if b}

@@ -116,6 +116,10 @@ class Planes:
             self._got[e.id] = self.vol.plane(name)
         return self._got[e.id].copy()
 
+    def stored_plane(self, name: str) -> None:
+        """Always whole planes here: each is loaded once and asked for again."""
+        return None
+
     def freed(self, base: str, top: str) -> bitarray:
         """Blocks `base` has that `top` no longer uses (the DEALLOC records)."""
         gone = self.plane(base)

@@ -24,7 +24,7 @@ from .blockio import BlockIO
 from .intentlog import IntentLog
 from .layout import Catalog, RootRecord, SnapshotEntry, Superblock
 from .local import LocalArea
-from .objects import BlobObject, PlaneObject
+from .objects import BlobObject, PlaneObject, Stored
 from .superblock import local_end
 from .tree import CowTree
 
@@ -172,6 +172,14 @@ class VolumeState:
         if self._new and self._new[0].id == e.id:
             return self._new[1].bits.copy()
         return self._plane_object(e).bits
+
+    def stored_plane(self, name: str) -> Stored | None:
+        """A committed snapshot's plane as its stored data blocks (see merge_stored),
+        without building the whole plane; None for a plane kept only in memory."""
+        e = self.resolve(name)
+        if e.shadow or (self._new and self._new[0].id == e.id):
+            return None
+        return self._plane_object(e).stored()
 
     def _snapshot_tree(self, name: str) -> CowTree:
         e = self.resolve(name)
