@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -284,3 +285,15 @@ def test_info_reports_free_blocks_unserved(vol: str, tmp_path: object,
     with serve_process(vol, os.path.join(str(tmp_path), "s.sock"), "--read-only"):
         served = json.loads(bx("info", vol, "--json").stdout)
     assert served["free_blocks"] == local["free_blocks"]
+
+
+def test_info_for_people(vol: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes with units beside the counts, the commit as a date, the server in one
+    line; --json keeps the plain numbers (above)."""
+    text = bx("info", vol).stdout.decode()
+    assert re.search(r"^virtual_size\s+\S+ [KMGT]iB \(\d+ bytes\)$", text, re.M), text
+    assert re.search(r"^committed\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", text, re.M), text
+    monkeypatch.setenv("BLOCKXFER_RUN_DIR", str(tmp_path))
+    with serve_process(vol, os.path.join(str(tmp_path), "s.sock"), "--read-only"):
+        text = bx("info", vol).stdout.decode()
+    assert re.search(r"^server\s+pid \d+, read-only, \d+ clients, exports ", text, re.M), text

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 from blockxfer.errors import UsageError
 from blockxfer.units import human, parse_size
@@ -43,7 +46,39 @@ def cmd_info(a: argparse.Namespace) -> Report:
     from blockxfer.service.session import open_session
     with open_session(a.path) as s:            # a server owns the volume: it answers
         info = s.info()
-    return Report(info, [f"{k:14} {v}" for k, v in info.items()])
+    return Report(info, info_lines(info))
+
+
+def info_lines(info: dict[str, Any]) -> list[str]:
+    """`info` for people, like `qemu-img info`: sizes with units and the byte or
+    block count beside them, the commit time as a date (--json keeps the numbers)."""
+    bs = info.get("block_size") or 1
+    shown: dict[str, Callable[[Any], str]] = {
+        "blocks": lambda n: f"{n} ({human(n * bs)})",
+        "virtual_size": lambda n: f"{human(n)} ({n} bytes)",
+        "used_blocks": lambda n: f"{n} ({human(n * bs)})",
+        "free_blocks": lambda n: f"{n} ({human(n * bs)})",
+        "pointers": lambda d: ", ".join(f"{k} -> {v}" for k, v in d.items()) or "-",
+        "committed": _when,
+        "server": _server,
+    }
+    return [f"{k:14} {shown[k](v) if k in shown and v is not None else v}"
+            for k, v in info.items()]
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _server(srv: dict[str, Any]) -> str:
+    """The serving process in one line: who, exports, its jobs and their next run."""
+    mode = "read-only" if srv.get("read_only") else "read-write"
+    exports = ", ".join(repr(e) if e == "" else e for e in srv.get("exports", [])) or "-"
+    jobs = "; ".join(f"{j['name']} every {j['every_seconds']:g} s, next {_when(j['next_run'])}"
+                     + (f", last error: {j['last_error']}" if j.get("last_error") else "")
+                     for j in srv.get("jobs", []) if j.get("next_run") is not None)
+    return (f"pid {srv.get('pid')}, {mode}, {srv.get('clients', 0)} clients, "
+            f"exports {exports}" + (f"; jobs: {jobs}" if jobs else ""))
 
 
 def cmd_write(a: argparse.Namespace) -> Report:
