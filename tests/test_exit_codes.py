@@ -63,6 +63,9 @@ CASES = [
     (3, ["verify", "{d}/cut.bs"], None),
     (3, ["tape", "list", "{d}/empty.vtape"], "blank"),
     (3, ["inspect", "{vol}"], "a blockxfer volume, not a stream"),
+    (3, ["inspect", "{d}/junk"], "not a blockxfer stream"),
+    (3, ["receive", "{d}/new.img", "-i", "{d}/junk"], "not a blockxfer stream"),
+    (3, ["receive", "{d}/new.img", "-i", "{d}/blank.vtape"], "the stream is empty"),
     (3, ["tape", "list", "{stream}"], "not a blockxfer virtual tape"),
     # 4: device, or a path that cannot be opened
     (4, ["info", "{d}/missing.img"], "No such file"),

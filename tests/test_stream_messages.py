@@ -79,3 +79,19 @@ def test_garbage_resume_token_is_one_line(small: tuple[str, bytes], tmp_path: Pa
                        capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "not a resume token" in p.stderr
+
+
+def test_a_cut_full_stream_into_a_new_file_says_the_file_is_new(tmp_path: Path) -> None:
+    """A full receive cut off after blocks were placed keeps the new file for a resume,
+    and says the file did not exist (not that old contents were overwritten)."""
+    src = str(tmp_path / "src.img")
+    with Volume.create(open_device(src, write=True, create_size=16 * MiB)) as vol:
+        vol.write(0, bytes(range(256)) * 16384)
+        vol.create_snapshot("a")
+        buf = io.BytesIO()
+        send_image(vol, "a", buf)
+    cut = buf.getvalue()[:len(buf.getvalue()) * 2 // 3]
+    with pytest.raises(StreamError) as e:
+        receive_stream(io.BytesIO(cut), str(tmp_path / "new.img"), open_device)
+    assert "holds an interrupted receive" in str(e.value), e.value
+    assert "did not exist before" in str(e.value) and "overwritten" not in str(e.value)

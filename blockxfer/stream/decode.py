@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NoReturn, Protocol, runtime_checkable
 
 import numpy as np
 import xxhash
@@ -81,14 +81,18 @@ class StreamReader:
     def _record(self) -> tuple[int, int, bytes]:
         head = self.f.read(fmt.RECORD.size)
         if not head:
+            if self.offset == 0:
+                raise StreamError(f"{self.name}: the stream is empty: no bytes arrived (see the "
+                                  "error of the command that should have made it)")
             raise self._fail("stream is truncated: it ends before its trailer")
+        if self.offset == 0 and not head.startswith(fmt.RECORD_MAGIC[:len(head)]):
+            self._not_a_stream(head)
         if len(head) < fmt.RECORD.size:
             head += self._read(fmt.RECORD.size - len(head), "a record header")
         magic, rtype, flags, _, length, seq, _ = fmt.RECORD.unpack(head)
         if magic != fmt.RECORD_MAGIC:
-            if self.seq == 0 and head.startswith(VOLUME_MAGIC):
-                raise StreamError(f"{self.name}: this is a blockxfer volume, not a stream; "
-                                  "make a stream of it with 'blockxfer send'")
+            if self.offset == 0:
+                self._not_a_stream(head)
             raise self._fail("stream is damaged: bad record magic")
         if length > fmt.MAX_BODY:
             raise self._fail(f"stream is damaged: record claims {length} bytes")
@@ -107,6 +111,13 @@ class StreamReader:
         self.seq += 1
         self.offset += len(head) + length + fmt.CHECK.size
         return rtype, flags, body
+
+    def _not_a_stream(self, head: bytes) -> NoReturn:
+        if head.startswith(VOLUME_MAGIC):
+            raise StreamError(f"{self.name}: this is a blockxfer volume, not a stream; "
+                              "make a stream of it with 'blockxfer send'")
+        raise StreamError(f"{self.name}: this is not a blockxfer stream (it does not start "
+                          "with a stream record); make one with 'blockxfer send'")
 
     def _record_any(self) -> tuple[int, int, bytes]:
         self.any_seq = True

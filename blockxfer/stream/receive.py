@@ -175,8 +175,9 @@ def _state_after(path: str, h: fmt.Header, r: Receiver | None, created: bool,
     if created and removable and os.path.isfile(path):
         os.remove(path)
         return f"the target is unchanged ({path} did not exist and was removed)"
+    was = "it did not exist before" if created else "its old contents were overwritten"
     return (f"{path} holds an interrupted receive of stream {h.stream_id.hex()} "
-            "(its old contents were overwritten; 'blockxfer info' shows it)")
+            f"({was}; 'blockxfer info' shows it)")
 
 
 def _verify_rest(reader: StreamReader) -> None:
