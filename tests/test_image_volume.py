@@ -50,7 +50,8 @@ def vol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Volume]:
     rng = random.Random(7)
     for name in NAMES:
         for _ in range(40):
-            v.write(rng.randrange(v.virtual_size // BS - 8) * BS, os.urandom(BS * rng.randrange(1, 9)))
+            at = rng.randrange(v.virtual_size // BS - 8) * BS
+            v.write(at, os.urandom(BS * rng.randrange(1, 9)))
         v.create_snapshot(name)
     yield v
     v.close()
