@@ -65,7 +65,8 @@ def table(rows: list[Row], previous: dict[tuple[str, str], float] | None) -> str
             score, goal = f"{r.ours:.1f}{r.unit}", f"{goal}{r.unit if r.goal is not None else ''}"
         else:
             score = f"{r.ratio:.2f}"
-        state = "" if r.ok is None else ("ok" if r.ok else "BELOW")
+        missed = "ABOVE" if r.ratio is None and r.better == "lower" else "BELOW"
+        state = "" if r.ok is None else ("ok" if r.ok else missed)
         line = f"{r.bench:16} {r.name[:40]:40} {score:>8} {goal:>9} {state:10}"
         if previous is not None:
             before = previous.get((r.bench, r.name))

@@ -89,3 +89,11 @@ def test_an_unreadable_previous_run_is_ignored(results: Path) -> None:
     (results / "latest.json").write_text("{not json")
     assert "previous" not in summary.finish([], [], [])
     assert json.loads((results / "latest.json").read_text())["rows"] == []
+
+
+def test_a_time_over_its_limit_is_above_not_below(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "ROWS", [])
+    common.row("image on 1 TiB", 164.7, goal=100, unit="ms", better="lower")
+    common.row("read vs dd", 2.0, 1.0, 1 << 30, goal=0.9)
+    lines = summary.table(common.ROWS, None).splitlines()[2:]
+    assert lines[0].split()[-1] == "ABOVE" and lines[1].split()[-1] == "BELOW"
