@@ -36,7 +36,12 @@ class Allocator(VolumeState):
 
     def _busy_plane(self) -> bitarray:
         if self._busy is None:
-            busy = self.active.bits | self.pinned()
+            busy, self._spare_busy = self._spare_busy, None
+            if busy is not None and len(busy) == len(self.active.bits):
+                busy[:] = self.active.bits     # in place: a new plane is 32 MiB of fresh
+                busy |= self.pinned()          # pages on 1 TiB, ~17 ms of faults a CP
+            else:
+                busy = self.active.bits | self.pinned()
             if self._claimed is not None:
                 busy |= self._claimed
             busy[:self.sb.first_data_vbn] = 1

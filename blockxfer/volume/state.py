@@ -94,6 +94,7 @@ class VolumeState:
         self._shadow: dict[int, PlaneObject] | None = None
         self._pinned: bitarray | None = None
         self._busy: bitarray | None = None
+        self._spare_busy: bitarray | None = None    # the last CP's, rebuilt in place
         self._free = 0
         self._cursor = self.sb.first_data_vbn
         self._new: tuple[SnapshotEntry, PlaneObject] | None = None

@@ -138,7 +138,7 @@ class Volume(Syncing, Snapshots, ReceiveSide, Tracking, Properties):
         self.log.reset(sb.uuid, root)                 # every record so far is obsolete
         self._catalog_dirty = False
         self._wait_readers()          # they may hold pointers to blocks freed since the last CP
-        self._busy = None                             # freed blocks become free now
+        self._busy, self._spare_busy = None, self._busy   # freed blocks become free now
         self._last_cp = time.monotonic()
         self.lba.trim_cache(MAX_DIRTY_NODES)
 
