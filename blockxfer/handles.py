@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from blockxfer.drivers.blockdev import open_device
-from blockxfer.errors import UsageError, VolumeError
+from blockxfer.errors import DeviceError, UsageError, VolumeError
 from blockxfer.volume import Volume, has_signature
 
 
@@ -67,8 +67,11 @@ def init_volume(path: str, *, size: int | None, block_size: int, force: bool,
         raise UsageError(f"{path} does not exist; give --size to create it as a file")
     dev = open_device(path, write=True, create_size=size)
     try:
+        if dev.size == 0 and not stat.S_ISREG(os.fstat(dev.fd).st_mode):
+            raise DeviceError(f"{path} is a device of 0 bytes: a loop or NBD device with "
+                              "nothing attached; attach its backing first (losetup, nbd-client)")
         if exists and size is not None and dev.size == 0:
-            os.ftruncate(dev.fd, size)
+            os.ftruncate(dev.fd, size)          # an empty file: make it the size asked
             dev.size = size
         found = has_signature(dev)
         if found and not force:

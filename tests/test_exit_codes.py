@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -121,3 +122,39 @@ def test_interrupt_is_130_and_closed_pipe_is_141(place: dict[str, str]) -> None:
                                       ">/dev/null; echo ${PIPESTATUS[0]} >&2"],
                        capture_output=True, text=True, timeout=120)
     assert r.stderr == "141\n"
+
+
+_BROKEN = """
+import errno, os, sys
+from blockxfer.cli.app import main
+from blockxfer.service import session
+def broken(*a, **k):
+    raise OSError(errno.EIO, os.strerror(errno.EIO), "/dev/sdz")
+session.open_session = broken
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_unforeseen_system_error_is_one_line_and_4(place: dict[str, str]) -> None:
+    """An OSError no check turned into a blockxfer error (EIO deep in a device) is
+    still one line, code 4; the traceback only at --log-level debug."""
+    for extra, lines in (([], 1), (["--log-level", "debug"], None)):
+        r = subprocess.run([sys.executable, "-c", _BROKEN, "info", place["vol"], *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 4, r.stderr
+        assert "Input/output error: /dev/sdz" in r.stderr.splitlines()[-1], r.stderr
+        if lines is not None:
+            assert len(r.stderr.splitlines()) == lines, r.stderr
+        else:
+            assert "Traceback" in r.stderr
+
+
+@pytest.mark.usefixtures("root")
+def test_init_on_an_unattached_loop_device_is_4() -> None:
+    free = subprocess.run(["losetup", "-f"], capture_output=True, text=True).stdout.strip()
+    if not free:
+        pytest.skip("no free loop device")
+    r = bx("init", free, "--size", "1M")
+    assert r.returncode == 4 and "nothing attached" in one_line(r)
+    r = bx("info", free)
+    assert r.returncode == 3 and "is empty (0 bytes)" in one_line(r)

@@ -164,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:        # the reader went away (| head): quiet, as cat is
         _drop_stdout()
         return 141
+    except OSError as e:           # the system refused where no check foresaw it
+        logging.getLogger("blockxfer").debug("unexpected system error", exc_info=True)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"blockxfer: {e.strerror or e}{where} (a system error blockxfer did not "
+              "foresee; --log-level debug shows where)", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("blockxfer: interrupted", file=sys.stderr)
         return 130

@@ -75,6 +75,9 @@ def read_superblock_slot(dev: BlockDevice) -> tuple[Superblock, int]:
         if off in (0, sb.block_size):
             found.append((sb, 0 if off == 0 else 1))
     if not found:
+        if dev.size == 0:
+            raise FormatError(f"{dev.path} is empty (0 bytes): a loop or NBD device with "
+                              "nothing attached, or an empty file; attach or create the volume")
         refuse_interrupted(dev)              # a full receive was overwriting it
         if any("checksum" in p for p in problems):
             raise FormatError(f"{dev.path}: both superblocks are damaged; the volume cannot "
