@@ -73,6 +73,7 @@ CASES = [
     (4, ["receive", "{d}/r.img", "-i", "{d}/missing.bs"], "No such file"),
     (4, ["send", "{vol}", "s1", "-o", "{d}/nodir/out.bs"], "No such file"),
     (4, ["tape", "list", "{d}/missing.vtape"], "No such file"),
+    (4, ["tape", "status", "/dev/null"], "not a tape drive"),
     (4, ["replicate", "status", "{d}/missing.img"], "no such file"),
     (4, ["tape", "create", "{tape}", "--capacity", "8M"], "already exists"),
     # 5: volume or tape state
