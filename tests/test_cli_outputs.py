@@ -297,3 +297,11 @@ def test_info_for_people(vol: str, tmp_path: object, monkeypatch: pytest.MonkeyP
     with serve_process(vol, os.path.join(str(tmp_path), "s.sock"), "--read-only"):
         text = bx("info", vol).stdout.decode()
     assert re.search(r"^server\s+pid \d+, read-only, \d+ clients, exports ", text, re.M), text
+
+
+def test_write_refused_before_any_byte_says_nothing_was_written(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "tiny.img")
+    assert bx("init", path, "--size", "8M").returncode == 0
+    r = bx("write", path, data=os.urandom(20 << 20))      # the first 8 MiB piece is too big
+    err = one_line(r)
+    assert r.returncode == 2 and err.endswith("nothing was written"), err

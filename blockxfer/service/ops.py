@@ -222,9 +222,10 @@ class VolumeOps:
             failed = e
         self.commit()
         if failed is not None:
-            raise type(failed)(f"{failed}; {human(done - offset)} ({done - offset} bytes) from "
-                               f"offset {offset} were written and committed, the rest was "
-                               "not") from failed
+            kept = "nothing was written" if done == offset else (
+                f"{human(done - offset)} ({done - offset} bytes) from offset {offset} were "
+                "written and committed, the rest was not")
+            raise type(failed)(f"{failed}; {kept}") from failed
         return {"offset": offset, "bytes": done - offset}
 
     def send(self, out: ByteSink, expression: str, compress: bool = True,
