@@ -304,4 +304,4 @@ def test_write_refused_before_any_byte_says_nothing_was_written(tmp_path: object
     assert bx("init", path, "--size", "8M").returncode == 0
     r = bx("write", path, data=os.urandom(20 << 20))      # the first 8 MiB piece is too big
     err = one_line(r)
-    assert r.returncode == 2 and err.endswith("nothing was written"), err
+    assert r.returncode == 2 and err.rstrip().endswith("nothing was written"), err
