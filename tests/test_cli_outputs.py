@@ -194,8 +194,11 @@ def test_write_failing_midway_says_what_it_committed(tmp_path: object, offset: s
             r = bx("write", path, "--offset", offset, data=data)
         err = one_line(r)
         assert r.returncode == code and "Fatal" not in err, err
-        assert "were written and committed, the rest was not" in err
-        done = int(err.split(" bytes) from offset")[0].rsplit("(", 1)[1])
+        if "nothing was written" in err:
+            done = 0
+        else:
+            assert "were written and committed, the rest was not" in err
+            done = int(err.split(" bytes) from offset")[0].rsplit("(", 1)[1])
         if committed is not None:
             assert done == committed
         else:                            # the second round finds it full already
