@@ -17,7 +17,9 @@ order) and hands the buffer back only after the send, once no view of it is
 used. At most `DEPTH` device requests' worth (`UNIT` bytes each, a batch at
 least one) are in flight per connection: that bounds the memory held in read
 buffers, and the worker waits for room. A batch that fails is read again
-request by request, so a damaged block fails only the requests that cover it.
+request by request, so a damaged block fails only the requests that cover it
+(`Commands.read_replies`, which the worker's own READs use too). A bug on a
+pipeline thread is handed to `fail`: the connection hangs up.
 """
 
 from __future__ import annotations
@@ -27,11 +29,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from blockxfer.errors import BlockxferError
-
 from . import protocol as p
 from .commands import Commands, Part
-from .errmap import nbd_error
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +41,12 @@ READ_BATCH = 4 << 20            # largest merged READ: several batches fit in DE
 
 class ReadPipeline:
     def __init__(self, conn: Commands, send: Callable[[list[Part]], None],
-                 credit: Callable[[int], None], depth: int | None = None) -> None:
+                 credit: Callable[[int], None], fail: Callable[[BaseException], None],
+                 depth: int | None = None) -> None:
         """`send` sends one group of replies (and never raises); `credit` gives a
-        finished batch's flow-control cost back to the connection's reader."""
-        self.conn, self._send, self._credit = conn, send, credit
+        finished batch's flow-control cost back to the connection's reader; `fail`
+        hangs the connection up after a bug."""
+        self.conn, self._send, self._credit, self._fail = conn, send, credit, fail
         self.depth = depth or DEPTH
         self._units = 0                      # in flight
         self._cond = threading.Condition()
@@ -81,8 +82,8 @@ class ReadPipeline:
     def _run(self, reqs: list[p.Request], cost: int, units: int) -> None:
         try:
             self._answer(reqs)
-        except BaseException:            # a bug: the requests stay unanswered, not the pipe
-            log.exception("reads at %d failed", reqs[0].offset)
+        except BaseException as e:  # noqa: BLE001 - a bug: unanswered requests, so hang up
+            self._fail(e)
         finally:
             self._credit(cost)
             with self._cond:
@@ -90,26 +91,10 @@ class ReadPipeline:
                 self._cond.notify_all()
 
     def _answer(self, reqs: list[p.Request]) -> None:
-        conn, first = self.conn, reqs[0]
-        total = reqs[-1].offset + reqs[-1].length - first.offset
+        parts, leases = self.conn.read_replies(reqs)
         try:
-            data, release = conn.vol.read(first.offset, total, conn.export.snapshot)
-        except Exception as e:  # noqa: BLE001 - every request gets its reply
-            if len(reqs) > 1:            # a damaged block fails only the reads covering it
-                for req in reqs:
-                    self._answer([req])
-                return
-            if not isinstance(e, BlockxferError):
-                log.exception("read %d+%d failed", first.offset, first.length)
-            self._send([conn._error_reply(first, nbd_error(e), str(e))])
-            return
-        parts: list[Part] = []
-        try:
-            view = memoryview(data)
-            for req in reqs:
-                at = req.offset - first.offset
-                parts += conn._read_reply(req, view[at:at + req.length])
             self._send(parts)
         finally:
-            parts.clear()                # the views go before the buffer is reused
-            release()
+            parts.clear()                # the views go before the buffers are reused
+            for release in leases:
+                release()

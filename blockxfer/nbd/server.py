@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import logging
 import os
 import selectors
@@ -104,6 +105,7 @@ class Server:
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._numbers = itertools.count(1)          # names connections in the log
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
 
@@ -152,7 +154,8 @@ class Server:
     # --- connections ---
 
     def start_connection(self, sock: socket.socket) -> threading.Thread:
-        t = threading.Thread(target=self._serve_connection, args=(sock,),
+        name = f"connection {next(self._numbers)} from {_peer(sock)}"
+        t = threading.Thread(target=self._serve_connection, args=(sock, name),
                              name="nbd-conn", daemon=True)
         with self._conns_lock:
             if self._stopping.is_set():
@@ -162,7 +165,7 @@ class Server:
         t.start()
         return t
 
-    def _serve_connection(self, sock: socket.socket) -> None:
+    def _serve_connection(self, sock: socket.socket, name: str) -> None:
         session = None
         try:
             tune(sock)
@@ -170,7 +173,7 @@ class Server:
             session = negotiate(sock, self.exports, self.tls)
             if session is not None and not self._stopping.is_set():
                 sock.settimeout(None)
-                Transmission(session.stream, session, self.vol).run()
+                Transmission(session.stream, session, self.vol, name).run()
         except (EOFError, OSError) as e:
             log.debug("connection ended during handshake: %s", e)
         except p.ProtocolError as e:
@@ -207,6 +210,17 @@ class Server:
             if t.ident is not None:
                 t.join(timeout)
         self.vol.call("commit")
+
+
+def _peer(sock: socket.socket) -> str:
+    """The client's address for the log (a unix socket's peer has none)."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "an unknown peer"
+    if isinstance(address, tuple):
+        return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+    return address or "a unix socket"
 
 
 def _close_listener(sock: socket.socket) -> None:

@@ -30,6 +30,12 @@ A broken request header (bad magic, a write payload larger than we accept)
 ends the connection after the requests read before it are answered; a
 request that is merely invalid gets its error reply. A partly received write
 is never applied.
+
+A bug (an exception that is not one of the errors a reply stands for, see
+`commands.ANSWERED`) on any of the connection's threads must not leave its
+requests unanswered and the client waiting forever: the connection logs one
+line, hangs up at once and winds down (`_fail`); the server and its other
+connections go on.
 """
 
 from __future__ import annotations
@@ -43,11 +49,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blockxfer.errors import BlockxferError
-
 from . import protocol as p
-from .commands import Commands, Part, Payload, RequestError
-from .errmap import nbd_error
+from .commands import ANSWERED, Commands, Part, Payload, RequestError
 from .exports import MAX_PAYLOAD, LockedVolume
 from .negotiate import Session
 from .readpipe import READ_BATCH, ReadPipeline
@@ -78,9 +81,11 @@ class _Job:
 
 
 class Transmission(Commands):
-    def __init__(self, sock: Stream, session: Session, vol: LockedVolume) -> None:
+    def __init__(self, sock: Stream, session: Session, vol: LockedVolume,
+                 name: str = "connection") -> None:
         super().__init__(session, vol)
         self.sock = sock
+        self.name = f"{name}, export {session.export.name!r}"    # for the log
         self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._reader_done = False       # the worker has taken the reader's last list
         # one executor at a time: the worker, or the reader running small requests
@@ -93,10 +98,11 @@ class Transmission(Commands):
         self._done_cost = 0             # finished jobs' cost not yet given back
         self._cond = threading.Condition()
         self._send_failed = False
+        self._broken = False            # a bug: hung up, nothing more runs (_fail)
         self._out: list[Part] = []      # replies not sent yet (their read buffers
         self._out_bytes = 0             # are in self._leases)
         self._send_lock = threading.Lock()
-        self._reads = ReadPipeline(self, self._send_now, self._credit)
+        self._reads = ReadPipeline(self, self._send_now, self._credit, self._fail)
 
     # --- reader side (the connection's own thread) ---
 
@@ -109,6 +115,8 @@ class Transmission(Commands):
             log.debug("connection ended: %s", e)
         except p.ProtocolError as e:
             log.warning("closing connection: %s", e)
+        except Exception as e:  # noqa: BLE001 - a bug in the reader: hang up
+            self._fail(e)
         finally:
             self._jobs.put(None)
             worker.join()
@@ -155,6 +163,8 @@ class Transmission(Commands):
         """Run `jobs` here if they are small and the worker has nothing left to do,
         else hand them to the worker (waiting while too much is in flight); returns
         a fresh list for the next ones."""
+        if self._broken:
+            return []
         if jobs and not self._run_inline(jobs):
             for job in jobs:          # views of the receive buffer: the next recv reuses it
                 if isinstance(job.buf, memoryview):
@@ -181,12 +191,15 @@ class Transmission(Commands):
             self._reserve(sum(job.cost for job in jobs))   # never waits: nothing queued
             self._process(deque(jobs))
             return True
+        except Exception as e:  # noqa: BLE001 - a bug: hang up; the jobs are not run again
+            self._fail(e)
+            return True
         finally:
             self._exec.release()
 
     def _reserve(self, n: int) -> None:
         with self._cond:
-            while self._inflight and self._inflight + n > INFLIGHT_BYTES:
+            while self._inflight and self._inflight + n > INFLIGHT_BYTES and not self._broken:
                 self._cond.wait()
             self._inflight += n
 
@@ -194,17 +207,21 @@ class Transmission(Commands):
 
     def _work(self) -> None:
         pending: deque[_Job] = deque()
-        while self._take(pending, block=True):
-            with self._exec:
-                self._process(pending)
-                self._finished = self._taken
-        self._reads.drain()
+        try:
+            while self._take(pending, block=True):
+                with self._exec:
+                    self._process(pending)
+                    self._finished = self._taken
+        except BaseException as e:  # noqa: BLE001 - a bug: hang up, never go quiet
+            self._fail(e)
+        finally:
+            self._reads.drain()
 
     def _process(self, pending: deque[_Job]) -> None:
         """Run the pending jobs (and what else is queued by then), then send the
         replies and give back their flow-control credit. The caller holds _exec."""
         try:
-            while pending or self._take(pending, block=False):
+            while not self._broken and (pending or self._take(pending, block=False)):
                 job = pending.popleft()
                 batch = self._gather(job, pending)
                 if job.req.type == p.CMD_READ:
@@ -231,8 +248,8 @@ class Transmission(Commands):
 
     def _take(self, pending: deque[_Job], *, block: bool) -> bool:
         """Move the next queued list of jobs into `pending`; False when there is none
-        (and, blocking, when the reader has finished)."""
-        if self._reader_done:
+        (and, blocking, when the reader has finished, or after a bug)."""
+        if self._reader_done or self._broken:
             return False
         try:
             jobs = self._jobs.get(block)
@@ -307,41 +324,28 @@ class Transmission(Commands):
     def _execute_batch(self, batch: list[_Job]) -> None:
         """One volume call for contiguous requests, then every reply in one send
         (READs here are small ones, see _pipeline)."""
-        first = batch[0].req
-        total = sum(job.req.length for job in batch)
-        parts: list[bytes | memoryview] = []
+        if batch[0].req.type == p.CMD_READ:
+            parts, leases = self.read_replies([job.req for job in batch])
+            self._leases += leases               # before the send that may flush them
+            self._send(parts)
+            return
         try:
-            if first.type == p.CMD_WRITE:
-                self._write_batch(batch, total)
-                parts = [p.pack_simple_reply(job.req.cookie) for job in batch]
-            else:
-                raw, release = self.vol.read(first.offset, total, self.export.snapshot)
-                self._leases.append(release)
-                data = memoryview(raw)
-                for job in batch:
-                    at = job.req.offset - first.offset
-                    parts += self._read_reply(job.req, data[at:at + job.req.length])
-        except Exception as e:  # noqa: BLE001 - as in _execute: every request gets its error
-            if first.type != p.CMD_WRITE and len(batch) > 1:
-                for job in batch:    # a damaged block fails only the reads that cover it
-                    self._execute(job)
-                return
-            if not isinstance(e, BlockxferError):
-                log.exception("requests at %d+%d failed", first.offset, total)
-            parts = [self._error_reply(job.req, nbd_error(e), str(e)) for job in batch]
+            self._write_batch(batch, sum(job.req.length for job in batch))
+            parts = [p.pack_simple_reply(job.req.cookie) for job in batch]
+        except ANSWERED as e:
+            parts = self.error_replies([job.req for job in batch], e)
         self._send(parts)
 
     def _write_one(self, job: _Job) -> None:
         """A valid WRITE merged with nothing, the common case of random writes: what
         _execute_batch does, without its lists and generators."""
         req = job.req
+        reply: Part
         try:
             self._change("write", req.offset, _payload(job), fua=bool(req.flags & p.CMD_FLAG_FUA))
             reply = p.pack_simple_reply(req.cookie)
-        except Exception as e:  # noqa: BLE001 - as in _execute: the request gets its error
-            if not isinstance(e, BlockxferError):
-                log.exception("request %s failed", req)
-            reply = p.pack_simple_reply(req.cookie, nbd_error(e))
+        except ANSWERED as e:
+            reply, = self.error_replies([req], e)
         self._out.append(reply)
         self._out_bytes += len(reply)
         if len(self._out) >= REPLY_PARTS:
@@ -367,14 +371,13 @@ class Transmission(Commands):
         return more
 
     def _write_blocks(self, batch: list[_Job]) -> None:
+        parts: list[Part]
         try:
             self._change("write_blocks", [j.req.offset for j in batch],
                          [_payload(j) for j in batch], fua=False)
             parts = [p.pack_simple_reply(j.req.cookie) for j in batch]
-        except Exception as e:  # noqa: BLE001 - as in _execute: every request gets its error
-            if not isinstance(e, BlockxferError):
-                log.exception("%d one-block writes failed", len(batch))
-            parts = [p.pack_simple_reply(j.req.cookie, nbd_error(e)) for j in batch]
+        except ANSWERED as e:
+            parts = self.error_replies([j.req for j in batch], e)
         self._send(parts)
 
     def _write_batch(self, batch: list[_Job], total: int) -> None:
@@ -402,10 +405,8 @@ class Transmission(Commands):
             parts = self._dispatch(req, job.buf)
         except RequestError as e:
             parts = [self._error_reply(req, e.error, str(e))]
-        except Exception as e:  # noqa: BLE001 - a volume error must not kill the connection
-            if not isinstance(e, BlockxferError):    # not raised on purpose: a bug
-                log.exception("request %s failed", req)
-            parts = [self._error_reply(req, nbd_error(e), str(e))]
+        except ANSWERED as e:             # a bug is not answered: see _fail
+            parts = self.error_replies([req], e)
         self._send(parts)
 
     def _send(self, parts: Sequence[Part]) -> None:
@@ -440,6 +441,23 @@ class Transmission(Commands):
             self._send_failed = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _fail(self, e: BaseException) -> None:
+        """A bug on one of the connection's threads (reader, worker, read pipeline):
+        the requests in flight will not all be answered, so hang up now and let the
+        client see the connection close rather than wait forever. One line in the
+        log (the traceback at debug level); nothing queued runs after it, and every
+        thread winds down (the reader sees EOF, waits for no credit, the worker
+        takes no more jobs)."""
+        with self._cond:
+            first, self._broken, self._send_failed = not self._broken, True, True
+            self._cond.notify_all()
+        if first:
+            log.error("%s: closing the connection after an internal error: %s: %s",
+                      self.name, type(e).__name__, e)
+        log.debug("%s: internal error", self.name, exc_info=e)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _payload(job: _Job) -> bytes | memoryview:
