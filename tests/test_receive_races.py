@@ -136,6 +136,37 @@ def test_a_snapshot_whose_blocks_are_being_reused_is_offered_to_nobody(
         t.close()
 
 
+class _NotingLock:
+    """A lock that notes when the thread named `who` first tries to take it."""
+
+    def __init__(self, who: str) -> None:
+        self._lock, self._who, self.tried = threading.Lock(), who, threading.Event()
+
+    def __enter__(self) -> None:
+        if threading.current_thread().name == self._who:
+            self.tried.set()
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class _WaitingOutput(io.BytesIO):
+    """A send's output whose writes wait for the rival thread to end: the send, and
+    its hold, last until the rival has tried (a rival that got the lock after a
+    whole send had ended would rightly succeed; under load that happened)."""
+
+    def __init__(self, outcome: dict[str, object]) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def write(self, b: Any) -> int:
+        th = self.outcome.get("thread")
+        if isinstance(th, threading.Thread):
+            th.join(60)
+        return super().write(b)
+
+
 def test_a_commit_between_a_sends_plan_and_its_hold_waits(
         dooming: tuple[Volume, str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """A send through the volume's lock plans `a`, then holds it: a receive releasing
@@ -145,24 +176,28 @@ def test_a_commit_between_a_sends_plan_and_its_hold_waits(
     t = Volume.open(open_device(dst, write=True))
     try:
         want = _whole(t, "a")
-        ops = VolumeOps(t)
+        lock = _NotingLock("rival")
+        ops = VolumeOps(t, lock=lock)
         outcome: dict[str, object] = {}
 
         def rival() -> None:
             try:
-                outcome["result"] = recv.receive_into(io.BytesIO(data), t, lock=ops.lock)
+                outcome["result"] = recv.receive_into(io.BytesIO(data), t, lock=lock)
             except StreamError as e:
                 outcome["error"] = e
         hold = t.holding
 
         def late_hold(entries: Any) -> Any:
-            th = threading.Thread(target=rival)
+            th = threading.Thread(target=rival, name="rival")
             th.start()
+            # the rival at the lock, not merely started: under load a thread that had
+            # not run yet within a fixed wait received after the whole send, and won
+            assert lock.tried.wait(60), "the rival never reached the volume's lock"
             th.join(1.0)           # done at once if the send's lock is no longer held
             outcome["thread"] = th
             return hold(entries)
         monkeypatch.setattr(t, "holding", late_hold)
-        out = io.BytesIO()
+        out = _WaitingOutput(outcome)
         ops.send(out, "a")
         th = outcome["thread"]
         assert isinstance(th, threading.Thread)
