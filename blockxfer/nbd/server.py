@@ -105,6 +105,7 @@ class Server:
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._stop_asked = False                    # by stop(): no lock (a signal handler)
         self._numbers = itertools.count(1)          # names connections in the log
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -134,9 +135,9 @@ class Server:
         for sock, handler in self._listeners:
             sel.register(sock, selectors.EVENT_READ, handler)
         try:
-            while not self._stopping.is_set():
+            while not self._stop_asked and not self._stopping.is_set():
                 for key, _ in sel.select():
-                    if key.data is not None and not self._stopping.is_set():
+                    if key.data is not None and not self._stop_asked:
                         self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
         finally:
             sel.close()
@@ -190,8 +191,12 @@ class Server:
     # --- stopping ---
 
     def stop(self) -> None:
-        """Ask the server to stop; safe from a signal handler or another thread."""
-        self._stopping.set()
+        """Ask the server to stop; safe from a signal handler or another thread. It
+        takes no lock: Python runs a handler in the main thread, which may hold the
+        stop event's own lock just then (in shutdown), and Event.set there would
+        wait for it forever. It notes the request and wakes the accept loop, whose
+        shutdown sets the event."""
+        self._stop_asked = True
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
