@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from blockxfer.cli.mirror_daemon import stop_on_signal
 from tests.clihelp import BX, one_line
 from tests.clihelp import run as bxrun
 from tests.test_cli_json import documented
@@ -110,6 +112,20 @@ def test_foreground_stops_on_sigterm(tmp_path: Path, env: dict[str, str]) -> Non
         _, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "mirror of" in err.decode() and "stopped" in err.decode()
+
+
+def test_the_stop_handler_takes_no_lock_the_main_thread_may_hold() -> None:
+    """SIGTERM may land while the daemon's main thread is inside stop.wait() holding
+    the event's lock (test_foreground_stops_on_sigterm hung so under load): the handler,
+    run in that same thread, must not wait for it."""
+    stop = threading.Event()
+    handler, close = stop_on_signal(stop)
+    try:
+        with stop._cond:              # type: ignore[attr-defined]  # the lock wait() holds
+            handler(signal.SIGTERM, None)   # Event.set() here would wait forever
+        assert stop.wait(30)
+    finally:
+        close()
 
 
 def test_refusals_are_one_line(tmp_path: Path, env: dict[str, str]) -> None:

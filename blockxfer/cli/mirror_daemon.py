@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from blockxfer.errors import BlockxferError, DeviceError, VolumeError
@@ -121,8 +122,8 @@ def run_foreground(src: str, every: float) -> None:
     files say it runs and when the next update is due."""
     from blockxfer.transfer.mirror import Tick, run_loop
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set())
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    on_signal, close_relay = stop_on_signal(stop)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     pid_file, status_file = run_file(src, "pid"), run_file(src, "json")
     runtime: dict[str, Any] = {"pid": os.getpid(), "next": time.time(), "updating": False,
                                "skipped": 0}
@@ -153,10 +154,38 @@ def run_foreground(src: str, every: float) -> None:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        close_relay()
         for path in (pid_file, status_file):
             with contextlib.suppress(OSError):
                 os.remove(path)
         log.info("mirror of %s stopped", src)
+
+
+def stop_on_signal(stop: threading.Event) -> tuple[Callable[..., None], Callable[[], None]]:
+    """A signal handler that sets `stop`, and what closes it. Python runs the handler in
+    the main thread, which may at that moment hold the event's own lock inside
+    stop.wait() (between the loop's ticks): Event.set() there waited for that lock
+    forever, and the daemon hung on SIGTERM. The handler only writes to a pipe, which
+    takes no lock; a thread of its own reads it and sets the event."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def relay() -> None:
+        while os.read(r, 64):
+            stop.set()
+        os.close(r)
+
+    def handler(*_: object) -> None:
+        with contextlib.suppress(BlockingIOError):    # full: a byte already waits
+            os.write(w, b"x")
+
+    relay_thread = threading.Thread(target=relay, name="mirror-stop", daemon=True)
+    relay_thread.start()
+
+    def close() -> None:
+        os.close(w)                   # the relay reads EOF and ends
+        relay_thread.join()
+    return handler, close
 
 
 def _state_at_start(src: str) -> dict[str, Any]:
