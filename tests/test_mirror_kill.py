@@ -146,17 +146,9 @@ exec sh -c "$*"
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    """Children, grandchildren...: the far side may sit under the ssh stand-in's sh."""
-    out, todo = [], [pid]
-    while todo:
-        kids = _children(todo.pop())
-        out += kids
-        todo += kids
-    return out
-
-
-def _children(pid: int) -> list[int]:
+def _group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`: the forked mirror and
+    its far side (the ssh stand-in and what it runs), whoever their parent is now."""
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -164,9 +156,20 @@ def _children(pid: int) -> list[int]:
                 fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
                 out.append(int(p.name))
-    return out
+    return sorted(out)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the whole group, then wait until none of it runs: a far side that
+    still runs holds the destination (DeviceBusy at the next open)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (left := _group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, f"still running 60 s after SIGKILL: {left}"
 
 
 @pytest.mark.slow
@@ -197,22 +200,19 @@ def _either_side(tmp_path: Path, kills: int) -> None:
     def spawn_kill(i: int) -> None:
         pid = os.fork()
         if pid == 0:
+            os.setpgid(0, 0)          # its far side is in its group: killed with it
             _child_update(src, url)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)      # either of the two may run first
         time.sleep(rng.uniform(0.2, 0.9))            # the far side's start is most of it
-        far = _descendants(pid)
+        far = [p for p in _group(pid) if p != pid]
         victim = far[0] if far and rng.random() < 0.5 else pid
         with contextlib.suppress(ProcessLookupError):    # a far side that just ended
             os.kill(victim, signal.SIGKILL)
         if victim != pid:
-            time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)             # the mirror then fails or waits: end it
+            time.sleep(0.05)          # the mirror then fails or waits: end it
+        _kill_group(pid)              # and any far side, even one started after the look
         os.waitpid(pid, 0)
-        for c in far + [d for f in far for d in _descendants(f)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(c, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while any(Path(f"/proc/{c}").exists() for c in far) and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     try:
         _kill_loop(src, dest, kills, rng, spawn_kill)
