@@ -63,6 +63,27 @@ def wait_for(what: Callable[[], Any], timeout: float = 90) -> Any:
     raise AssertionError("timed out")
 
 
+def foreground(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """`mirror start ... --foreground`, once it runs its loop: its pid file is there.
+    Until then `mirror start` claims the volume to record the mirror, and a status
+    read holding it just then makes it exit 4 (in use): the tests polled status at
+    once, and under load a start lost that race now and then."""
+    p = subprocess.Popen([*BX, "mirror", "start", *args, "--foreground"], env=env,
+                         stderr=subprocess.PIPE)
+    pid_files = Path(env["BLOCKXFER_RUN_DIR"]).glob
+    try:
+        wait_for(lambda: p.poll() is not None or any(
+            f.read_text().split() == [str(p.pid)] for f in pid_files("mirror-*.pid")))
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    if p.poll() is not None:
+        _, err = p.communicate()
+        raise AssertionError(f"mirror start exited {p.returncode}: {err.decode()}")
+    return p
+
+
 def test_daemon_mirrors_reports_and_stops(tmp_path: Path, env: dict[str, str]) -> None:
     src, dst = source(tmp_path, env), str(tmp_path / "dst.img")
     started = ok(bx(env, "mirror", "start", src, dst, "--interval", "1s", "--json"))
@@ -103,8 +124,7 @@ def test_daemon_mirrors_reports_and_stops(tmp_path: Path, env: dict[str, str]) -
 
 def test_foreground_stops_on_sigterm(tmp_path: Path, env: dict[str, str]) -> None:
     src, dst = source(tmp_path, env), str(tmp_path / "dst.img")
-    p = subprocess.Popen([*BX, "mirror", "start", src, dst, "--foreground", "--interval",
-                          "1s"], env=env, stderr=subprocess.PIPE)
+    p = foreground(env, src, dst, "--interval", "1s")
     try:
         wait_for(lambda: status(env, src).get("last"))
     finally:
@@ -152,15 +172,14 @@ def test_refusals_are_one_line(tmp_path: Path, env: dict[str, str]) -> None:
 def test_an_existing_mirror_is_not_replaced_silently(tmp_path: Path,
                                                      env: dict[str, str]) -> None:
     src, dst = source(tmp_path, env), str(tmp_path / "dst.img")
-    p = subprocess.Popen([*BX, "mirror", "start", src, dst, "--foreground"], env=env,
-                         stderr=subprocess.DEVNULL)
+    p = foreground(env, src, dst)
     try:
         wait_for(lambda: status(env, src).get("running"))
         r = bx(env, "mirror", "start", src, dst)
         assert r.returncode == 5 and "already running" in one_line(r)
     finally:
         p.send_signal(signal.SIGTERM)
-        p.wait(60)
+        p.communicate(timeout=60)
     r = bx(env, "mirror", "start", src, str(tmp_path / "other.img"))
     assert r.returncode == 2 and "already mirrors to" in one_line(r)
 
