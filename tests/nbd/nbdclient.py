@@ -24,6 +24,14 @@ class Client:
         server.start_connection(b)
         return cls(a)
 
+    @classmethod
+    def opened(cls, server: Any, name: str = "", **kw: bool) -> Client:
+        """Attached to `server`, past the handshake, in transmission on export `name`."""
+        c = cls.attach(server)
+        c.handshake()
+        c.go(name, **kw)
+        return c
+
     def recv(self, n: int) -> bytes:
         return recv_exact(self.sock, n)
 

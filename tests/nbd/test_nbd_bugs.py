@@ -182,13 +182,6 @@ def fserver(fake: FakeVolume) -> Iterator[Server]:
     s.shutdown(timeout=5)
 
 
-def attach(server: Server, **kw: bool) -> Client:
-    c = Client.attach(server)
-    c.handshake()
-    c.go("", **kw)
-    return c
-
-
 def broken(volume: FakeVolume, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     """AssertionError from the volume's `method` (read, write) covering POISON, or
     from the server's own code that builds a READ's reply (`reply`)."""
@@ -239,8 +232,8 @@ def test_bug_hangs_up_on_every_path(fserver: Server, fake: FakeVolume,
     server closes the connection at once and logs one line; another connection,
     open all along, still works."""
     broken(fake, monkeypatch, where)
-    other = attach(fserver)
-    c = attach(fserver)
+    other = Client.opened(fserver)
+    c = Client.opened(fserver)
     wire = [p.pack_request(p.Request(0, p.CMD_READ, 100 + i, i * 4096, 4096))
             for i in range(8)]                                # answered before it
     payload = os.urandom(length) if typ == p.CMD_WRITE else b""
@@ -259,5 +252,5 @@ def test_bug_hangs_up_on_every_path(fserver: Server, fake: FakeVolume,
     assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)
     assert other.request(p.CMD_WRITE, 0, 4096, payload=b"\x42" * 4096) == 0
     assert other.read(0, 4096) == b"\x42" * 4096
-    later = attach(fserver)
+    later = Client.opened(fserver)
     assert later.read(0, 4096) == b"\x42" * 4096

@@ -77,13 +77,6 @@ def lserver(lending: LendingVolume) -> Iterator[Server]:
     s.shutdown(timeout=5)
 
 
-def connect(server: Server, **kw: bool) -> Client:
-    c = Client.attach(server)
-    c.handshake()
-    c.go("", **kw)
-    return c
-
-
 def scattered_reads(n: int, length: int = 256 * KiB) -> list[tuple[int, int]]:
     """(cookie, offset) of `n` reads with gaps between them: none merge."""
     return [(i, (2 * i) * length) for i in range(n)]
@@ -94,7 +87,7 @@ def test_many_reads_in_flight_complete_out_of_order(
     """Every fourth read is slow: later ones overtake it. Each reply carries the
     bytes of its own request, and every buffer goes back once, after its send."""
     lending.delay = lambda off: 0.05 if off // (512 * KiB) % 4 == 0 else 0.0
-    c = connect(lserver)
+    c = Client.opened(lserver)
     reads = scattered_reads(48)
     c.sock.sendall(b"".join(p.pack_request(p.Request(0, p.CMD_READ, cookie, off, 256 * KiB))
                             for cookie, off in reads))
@@ -117,7 +110,7 @@ def test_failing_read_in_a_pipeline_fails_only_itself(
     """A damaged block in the middle of a stream of structured READs, some merged
     (contiguous): the request covering it gets an error chunk with its cookie, the
     others their bytes, and no buffer is lost."""
-    c = connect(lserver, structured=True)
+    c = Client.opened(lserver, structured=True)
     n, length = 32, 128 * KiB
     bad_cookie = 13
     lending.bad = {bad_cookie * length + 4096}
@@ -148,7 +141,7 @@ def test_a_write_waits_for_the_reads_before_it(
     """READ, WRITE, READ of the same range, pipelined: the slow first READ still
     sees the old bytes, the second the new ones (commands take effect in order)."""
     lending.delay = lambda off: 0.1
-    c = connect(lserver)
+    c = Client.opened(lserver)
     old, new = lending.read(0, MiB), b"\x5a" * MiB
     c.sock.sendall(p.pack_request(p.Request(0, p.CMD_READ, 1, 0, MiB))
                    + p.pack_request(p.Request(0, p.CMD_WRITE, 2, 0, MiB)) + new
@@ -165,7 +158,7 @@ def test_pipeline_depth_bounds_reads_in_flight(
     """With DEPTH 4, at most four 1 MiB reads are in flight however many are queued."""
     monkeypatch.setattr(readpipe, "DEPTH", 4)
     lending.delay = lambda off: 0.01
-    c = connect(lserver)
+    c = Client.opened(lserver)
     reads = scattered_reads(12, MiB)
     c.sock.sendall(b"".join(p.pack_request(p.Request(0, p.CMD_READ, cookie, off, MiB))
                             for cookie, off in reads))

@@ -20,15 +20,8 @@ from tests.nbd.nbdclient import Client
 MiB = 1 << 20
 
 
-def connect(server: Server, name: str = "", **kw: bool) -> Client:
-    c = Client.attach(server)
-    c.handshake()
-    c.go(name, **kw)
-    return c
-
-
 def test_write_read_flush_fua(server: Server, volume: FakeVolume) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     assert c.request(p.CMD_WRITE, 4096, 5, payload=b"hello") == 0
     assert c.read(4096, 5) == b"hello"
     before = volume.syncs
@@ -39,7 +32,7 @@ def test_write_read_flush_fua(server: Server, volume: FakeVolume) -> None:
 
 
 def test_trim_and_write_zeroes(server: Server, volume: FakeVolume) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     c.request(p.CMD_WRITE, 0, 8192, payload=b"\xff" * 8192)
     assert c.request(p.CMD_TRIM, 0, 4096) == 0
     assert c.request(p.CMD_WRITE_ZEROES, 4096, 100, flags=p.CMD_FLAG_FUA) == 0
@@ -49,7 +42,7 @@ def test_trim_and_write_zeroes(server: Server, volume: FakeVolume) -> None:
 
 def test_snapshot_export_is_read_only(server: Server, volume: FakeVolume) -> None:
     volume.write(1 << 20, b"changed!")
-    c = connect(server, "@s1")
+    c = Client.opened(server, "@s1")
     assert c.read(1 << 20, 8) == b"snapdata"
     assert c.request(p.CMD_WRITE, 0, 4, payload=b"nope") == p.EPERM
     assert c.request(p.CMD_TRIM, 0, 4096) == p.EPERM
@@ -69,7 +62,7 @@ def test_read_only_server() -> None:
 
 
 def test_out_of_range_and_oversized(server: Server) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     end = 8 << 20
     c.send(p.CMD_READ, end - 1, 2)
     assert c.simple()[0] == p.EINVAL
@@ -86,7 +79,7 @@ def test_out_of_range_and_oversized(server: Server) -> None:
 
 def test_oversized_read_is_refused_in_a_big_export() -> None:
     s = Server(FakeVolume(64 << 20))
-    c = connect(s)
+    c = Client.opened(s)
     c.send(p.CMD_READ, 0, MAX_PAYLOAD + 4096)
     assert c.simple()[0] == p.EINVAL
     assert c.read(0, 4) == bytes(4)
@@ -94,22 +87,22 @@ def test_oversized_read_is_refused_in_a_big_export() -> None:
 
 
 def test_bad_request_magic_closes(server: Server) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     c.sock.sendall(b"\x00" * 28)
     assert c.closed()
 
 
 def test_disconnect_mid_write_applies_nothing(server: Server, volume: FakeVolume) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     c.send(p.CMD_WRITE, 0, 8192, payload=b"\xaa" * 4000)
     c.close()
-    other = connect(server)
+    other = Client.opened(server)
     assert other.read(0, 8192) == bytes(8192)
     assert volume.read(0, 8192) == bytes(8192)
 
 
 def test_volume_full_commits_once_then_retries(server: Server, volume: FakeVolume) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     before = volume.commits
     volume.fail_next = VolumeFull("full until the next CP frees blocks")
     assert c.request(p.CMD_WRITE, 0, 1, payload=b"y") == 0
@@ -118,7 +111,7 @@ def test_volume_full_commits_once_then_retries(server: Server, volume: FakeVolum
 
 def test_volume_errors_use_the_table(server: Server, volume: FakeVolume,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    c = connect(server)
+    c = Client.opened(server)
 
     def full(*_: object) -> None:
         raise VolumeFull("full")
@@ -133,7 +126,7 @@ def test_volume_errors_use_the_table(server: Server, volume: FakeVolume,
 
 
 def test_structured_read_and_errors(server: Server, volume: FakeVolume) -> None:
-    c = connect(server, structured=True)
+    c = Client.opened(server, structured=True)
     c.send(p.CMD_READ, 1 << 20, 8, cookie=5)
     flags, typ, cookie, payload = c.chunk()
     assert (flags, typ, cookie) == (p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, 5)
@@ -147,7 +140,7 @@ def test_structured_read_and_errors(server: Server, volume: FakeVolume) -> None:
 
 
 def test_block_status_reports_holes(server: Server) -> None:
-    c = connect(server, structured=True, meta=True)
+    c = Client.opened(server, structured=True, meta=True)
     c.send(p.CMD_BLOCK_STATUS, 0, 2 << 20, cookie=9)
     flags, typ, cookie, payload = c.chunk()
     assert typ == p.REPLY_TYPE_BLOCK_STATUS and flags & p.REPLY_FLAG_DONE
@@ -160,7 +153,7 @@ def test_block_status_reports_holes(server: Server) -> None:
 
 
 def test_many_requests_in_flight(server: Server, volume: FakeVolume) -> None:
-    c = connect(server)
+    c = Client.opened(server)
     rng = random.Random(7)
     blocks = {i: bytes([rng.randrange(256)]) * 4096 for i in range(256)}
     batch = b"".join(p.pack_request(p.Request(0, p.CMD_WRITE, i, i * 4096, 4096)) + data
@@ -177,7 +170,7 @@ def test_many_requests_in_flight(server: Server, volume: FakeVolume) -> None:
 
 def test_shutdown_answers_what_was_read_then_commits(volume: FakeVolume) -> None:
     s = Server(volume)
-    c = connect(s)
+    c = Client.opened(s)
     c.sock.sendall(b"".join(p.pack_request(p.Request(0, p.CMD_WRITE, i, i * 512, 512))
                             + b"\x11" * 512 for i in range(64)))
     assert c.simple()[0] == 0            # the server is in transmission and working
@@ -191,7 +184,7 @@ def test_shutdown_answers_what_was_read_then_commits(volume: FakeVolume) -> None
 
 
 def test_client_that_never_reads_replies_is_bounded(server: Server) -> None:
-    greedy = connect(server)
+    greedy = Client.opened(server)
     greedy.sock.setblocking(False)
     reqs = b"".join(p.pack_request(p.Request(0, p.CMD_READ, i, 0, MiB)) for i in range(40000))
     sent = 0
@@ -201,7 +194,7 @@ def test_client_that_never_reads_replies_is_bounded(server: Server) -> None:
         except BlockingIOError:
             break
     assert sent < len(reqs)
-    other = connect(server)
+    other = Client.opened(server)
     assert other.read(1 << 20, 8) == b"snapdata"
     greedy.close()
     assert other.read(1 << 20, 8) == b"snapdata"
@@ -223,7 +216,7 @@ def test_pipelined_contiguous_requests_are_merged_and_all_answered(
         return read(off, n, snap)
     monkeypatch.setattr(volume, "write", counted_write)
     monkeypatch.setattr(volume, "read", counted_read)
-    c = connect(server)
+    c = Client.opened(server)
     data = bytes(range(256)) * 64                   # 16 KiB
     ops = [(p.CMD_WRITE, k * 4096, data[k * 4096:(k + 1) * 4096]) for k in range(4)]
     ops.insert(2, (p.CMD_WRITE, 8 << 20, b"x"))     # past the end: ENOSPC, not merged
@@ -250,7 +243,7 @@ def test_thousands_of_small_requests_in_one_stream(server: Server, volume: FakeV
     """Requests arrive many per recv and replies leave many per sendmsg (more
     than IOV_MAX of them at once is possible): each is answered exactly once."""
     model = bytearray(volume.read(0, 8 << 20))
-    c = connect(server)
+    c = Client.opened(server)
     rng = random.Random(11)
     n = 3000
     writes = [(i, rng.randrange(0, (8 << 20) - 512), rng.randbytes(rng.randrange(1, 512)))
@@ -279,7 +272,7 @@ def test_pipelined_small_writes_share_hand_offs(
             super().put(item, block, timeout)
 
     monkeypatch.setattr(queue, "SimpleQueue", CountingQueue)
-    c = connect(server)
+    c = Client.opened(server)
     rng = random.Random(3)
     writes = [(i, rng.randrange(2048) * 4096, rng.randbytes(4096)) for i in range(256)]
     c.sock.sendall(b"".join(p.pack_request(p.Request(0, p.CMD_WRITE, i, off, 4096)) + d
@@ -305,7 +298,7 @@ def test_small_writes_queued_behind_a_slow_large_one_keep_their_data(
             time.sleep(0.3)
         write(off, data)
     monkeypatch.setattr(volume, "write", slow_large)
-    c = connect(server)
+    c = Client.opened(server)
     rng = random.Random(5)
     big = rng.randbytes(MiB)
     small = [(i, (2 << 20) + rng.randrange(1024) * 4096, rng.randbytes(4096))
