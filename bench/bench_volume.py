@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -110,10 +109,7 @@ def peak_rss_mib() -> int:
     reported the bench's own peak (472 MiB after bench_nbd ran in the same bench
     process, 259 MiB when bench_volume ran first; the child alone: 63 MiB)."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) // 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024
 
 
 def main() -> None:

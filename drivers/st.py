@@ -96,15 +96,15 @@ class StTape:
 
     def _mtget(self) -> tuple[int, int, int, int]:
         """(gstat, fileno, blkno, block size) as st reports them."""
-        try:
-            with device_op("status", self.path):
+        with device_op("status", self.path):
+            try:
                 raw = self._ioctl(self._f.fileno(), io.MTIOCGET, bytes(io.MTGET.size))
-        except DeviceError as e:
-            if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOTTY:
-                raise DeviceError(f"{self.path} is not a tape drive (it does not answer the "
-                                  "st driver's MTIOCGET); give /dev/nstN or a virtual tape "
-                                  "file") from e
-            raise
+            except OSError as e:
+                if e.errno == errno.ENOTTY:       # a character device, but not st
+                    raise DeviceError(f"{self.path} is not a tape drive (it does not answer "
+                                      "the st driver's MTIOCGET); give /dev/nstN or a "
+                                      "virtual tape file") from e
+                raise
         _type, _part, dsreg, gstat, _erreg, fileno, blkno = io.MTGET.unpack(raw)
         return gstat & 0xFFFFFFFF, fileno, blkno, dsreg & io.MT_ST_BLKSIZE_MASK
 

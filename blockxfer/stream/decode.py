@@ -90,9 +90,7 @@ class StreamReader:
         if len(head) < fmt.RECORD.size:
             head += self._read(fmt.RECORD.size - len(head), "a record header")
         magic, rtype, flags, _, length, seq, _ = fmt.RECORD.unpack(head)
-        if magic != fmt.RECORD_MAGIC:
-            if self.offset == 0:
-                self._not_a_stream(head)
+        if magic != fmt.RECORD_MAGIC:     # at offset 0 the check above said what it is
             raise self._fail("stream is damaged: bad record magic")
         if length > fmt.MAX_BODY:
             raise self._fail(f"stream is damaged: record claims {length} bytes")
