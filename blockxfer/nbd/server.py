@@ -104,8 +104,7 @@ class Server:
         self._listeners: list[tuple[socket.socket, Callable[[socket.socket], object]]] = []
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._conns_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._stop_asked = False                    # by stop(): no lock (a signal handler)
+        self._stopping = False      # a plain flag, never an Event: stop() takes no lock
         self._numbers = itertools.count(1)          # names connections in the log
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -135,9 +134,9 @@ class Server:
         for sock, handler in self._listeners:
             sel.register(sock, selectors.EVENT_READ, handler)
         try:
-            while not self._stop_asked and not self._stopping.is_set():
+            while not self._stopping:
                 for key, _ in sel.select():
-                    if key.data is not None and not self._stop_asked:
+                    if key.data is not None and not self._stopping:
                         self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
         finally:
             sel.close()
@@ -159,7 +158,7 @@ class Server:
         t = threading.Thread(target=self._serve_connection, args=(sock, name),
                              name="nbd-conn", daemon=True)
         with self._conns_lock:
-            if self._stopping.is_set():
+            if self._stopping:
                 sock.close()
                 return t
             self._conns[sock] = t
@@ -172,7 +171,7 @@ class Server:
             tune(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             session = negotiate(sock, self.exports, self.tls)
-            if session is not None and not self._stopping.is_set():
+            if session is not None and not self._stopping:
                 sock.settimeout(None)
                 Transmission(session.stream, session, self.vol, name).run()
         except (EOFError, OSError) as e:
@@ -192,17 +191,16 @@ class Server:
 
     def stop(self) -> None:
         """Ask the server to stop; safe from a signal handler or another thread. It
-        takes no lock: Python runs a handler in the main thread, which may hold the
-        stop event's own lock just then (in shutdown), and Event.set there would
-        wait for it forever. It notes the request and wakes the accept loop, whose
-        shutdown sets the event."""
-        self._stop_asked = True
+        takes no lock: Python runs a handler in the main thread, which may hold any
+        lock just then, and an Event.set there (as before) could wait forever for
+        the event's own lock. It sets the flag and wakes the accept loop."""
+        self._stopping = True
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop accepting, let connections answer what they read, then commit."""
-        self._stopping.set()
+        self._stopping = True
         for sock, _ in self._listeners:
             _close_listener(sock)
         self._listeners.clear()
