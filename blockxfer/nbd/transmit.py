@@ -188,6 +188,9 @@ class Transmission(Commands):
         try:
             if self._finished != self._queued:
                 return False
+            if len(jobs) == 1 and not self._reads.busy():
+                self._run_one(jobs[0])
+                return True
             self._reserve(sum(job.cost for job in jobs))   # never waits: nothing queued
             self._process(deque(jobs))
             return True
@@ -196,6 +199,17 @@ class Transmission(Commands):
             return True
         finally:
             self._exec.release()
+
+    def _run_one(self, job: _Job) -> None:
+        """A lone small request with nothing else in flight (a client at queue depth
+        one, each request waiting for the last reply): what `_process` does for it,
+        without the flow-control credit, the gathering and the batching, which
+        have nothing to work on (they cost a FLUSH a third of its Python time)."""
+        if job.req.type == p.CMD_WRITE and self._batchable(job.req):
+            self._write_one(job)
+        else:
+            self._execute(job)
+        self._flush_replies()
 
     def _reserve(self, n: int) -> None:
         with self._cond:
