@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from blockxfer.drivers.blockdev import open_device
+from blockxfer.errors import VolumeError
 from blockxfer.stream.receive import receive_stream
 from blockxfer.stream.send import send_image
 from blockxfer.volume import Volume
@@ -439,3 +440,56 @@ def test_a_cp_waits_for_the_record_in_flight(path: str) -> None:
     crash(vol)
     disk, records, _ = contents(path)
     assert records == 1 and disk[:3 * BS] == want
+
+
+def test_sync_ahead_writes_the_record_the_next_sync_would(path: str) -> None:
+    """A record written ahead is a whole sync: durable, replayed after a crash, and
+    the sync that follows finds nothing left to write."""
+    vol = opened(path, True)
+    raw = os.urandom(BS)
+    vol.write(3 * BS, raw)
+    vol.sync_ahead()
+    assert vol.log.seq == 1 and not vol.log.entries
+    vol.sync()
+    assert vol.log.seq == 1                    # nothing new: no second record
+    crash(vol)
+    disk, records, _ = contents(path)
+    assert records == 1 and disk[3 * BS:4 * BS] == raw
+
+
+def test_sync_ahead_leaves_to_the_sync_what_it_must_wait_for(path: str) -> None:
+    """Nothing written ahead when the record would point at data still on its way
+    (a large write), when only a CP would do (a full log), or while a sync is at
+    work: the sync does those, and nobody waits on the way."""
+    vol = opened(path, True)
+    vol.write(0, os.urandom(200_000))          # a pointer entry: the sync drains first
+    vol.sync_ahead()
+    assert vol.log.seq == 0 and vol.log.entries
+    vol.sync()
+    assert vol.log.seq == 1
+    vol.log.overflow = True                    # as when the region is full
+    gen = vol.generation
+    vol.sync_ahead()
+    assert vol.generation == gen               # no CP
+    vol.sync()
+    assert vol.generation == gen + 1 and not vol.log.overflow
+    vol.write(BS, b"x" * BS)
+    with vol._log_lock:                        # a sync holds the log
+        t = time.monotonic()
+        vol.sync_ahead()
+        assert time.monotonic() - t < 0.1 and vol.log.entries
+    vol.sync()
+    assert not vol.log.entries
+    vol.close()
+
+
+def test_sync_ahead_on_a_read_only_or_failed_volume(path: str) -> None:
+    vol = opened(path)
+    vol.sync_ahead()                           # read-only: nothing to do
+    vol.close()
+    vol = opened(path, True)
+    vol.write(0, b"y" * BS)
+    vol._failed = "writing the intent log failed (test)"
+    with pytest.raises(VolumeError, match="reopen the volume"):
+        vol.sync_ahead()
+    crash(vol)

@@ -61,6 +61,13 @@ class LockedVolume:
         with self.lock:
             self.volume.sync()
 
+    def sync_ahead(self) -> None:
+        """Start making the writes so far durable, for a FLUSH expected next (the
+        real Volume's `sync_ahead`; nothing for a volume without an intent log)."""
+        ahead = getattr(self.volume, "sync_ahead", None)
+        if ahead is not None:
+            ahead()
+
     def read(self, offset: int, length: int,
              snapshot: str | None = None) -> tuple[bytes | memoryview, Callable[[], None]]:
         """Data, and the function to call once it has been sent. Outside the lock

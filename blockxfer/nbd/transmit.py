@@ -103,6 +103,7 @@ class Transmission(Commands):
         self._out_bytes = 0             # are in self._leases)
         self._send_lock = threading.Lock()
         self._reads = ReadPipeline(self, self._send_now, self._credit, self._fail)
+        self._synced = False            # the last request was a FLUSH or a FUA write
 
     # --- reader side (the connection's own thread) ---
 
@@ -133,7 +134,10 @@ class Transmission(Commands):
         try:
             while not self._send_failed:
                 if jobs and rx.available() < p.REQUEST.size:
+                    ahead = self._expects_flush(jobs)
                     jobs = self._queue(jobs)             # the next header needs a recv
+                    if ahead and not rx.available():
+                        self._sync_ahead()
                 req = rx.header()
                 if req.type == p.CMD_DISC:
                     return
@@ -173,6 +177,29 @@ class Transmission(Commands):
             self._queued += 1
             self._jobs.put(jobs)
         return []
+
+    def _expects_flush(self, jobs: list[_Job]) -> bool:
+        """Do these requests look like a synchronous writer's (writes after a FLUSH
+        or a FUA write, as a guest's fsync or fio --fsync=1 send): one that waits
+        for the reply and then flushes?"""
+        last = jobs[-1].req
+        after_sync, self._synced = self._synced, (
+            last.type == p.CMD_FLUSH or bool(last.type == p.CMD_WRITE
+                                             and last.flags & p.CMD_FLAG_FUA))
+        return after_sync and all(j.req.type == p.CMD_WRITE and not j.req.flags
+                                  for j in jobs)
+
+    def _sync_ahead(self) -> None:
+        """While a synchronous writer turns the last reply into its FLUSH, write the
+        intent log record that FLUSH will need (`Volume.sync_ahead`): the FLUSH then
+        only waits for the fdatasync. Only when every request so far has been
+        answered (the list ran here, or the worker has finished it)."""
+        if self._finished != self._queued or self._broken:
+            return
+        try:
+            self.vol.sync_ahead()
+        except ANSWERED as e:          # the volume is failed: the FLUSH will say so
+            log.debug("%s: writing the intent log ahead failed: %s", self.name, e)
 
     def _run_inline(self, jobs: list[_Job]) -> bool:
         """Small requests run on the reader's thread when the worker is idle: no

@@ -36,33 +36,52 @@ class Syncing(Writes):
         written) and share the next record. A CP waits for a record in flight (it
         starts the log over). Never call this holding the volume lock."""
         with self._log_lock:
-            with self._lock:
-                self._check_usable()
-                if not self.writable:
-                    return
-                log = self.log
-                if not log.enabled or log.overflow:
-                    self.commit()
-                    return
-                if not log.entries:
-                    return                # every change so far is logged or committed
-                try:
-                    if log.pointers:
-                        self.io.drain()   # the data the record points at, first
-                    rec, at = log.prepare()
-                except BaseException as e:
-                    self._failed = f"writing the intent log failed ({e})"
-                    raise
-                self._log_writing = True
+            self._sync_log(ahead=False)
+
+    def sync_ahead(self) -> None:
+        """`sync`, when it is cheap and nobody waits for it: for a synchronous
+        writer (NBD at queue depth one) between the reply to its write and the
+        FLUSH it is expected to send next, which then finds nothing left to do.
+        The record and its fdatasync overlap the client's turn-around instead of
+        following the FLUSH. Does nothing while a sync is at work (it will take
+        these writes too), nor when only a CP would do or the record would point at
+        data still to drain (the FLUSH does those)."""
+        if self._log_lock.acquire(blocking=False):
             try:
-                log.write_record(rec, at)
+                self._sync_log(ahead=True)
+            finally:
+                self._log_lock.release()
+
+    def _sync_log(self, *, ahead: bool) -> None:
+        with self._lock:
+            self._check_usable()
+            if not self.writable:
+                return
+            log = self.log
+            if ahead and (not log.enabled or log.overflow or log.pointers):
+                return
+            if not log.enabled or log.overflow:
+                self.commit()
+                return
+            if not log.entries:
+                return                # every change so far is logged or committed
+            try:
+                if log.pointers:
+                    self.io.drain()   # the data the record points at, first
+                rec, at = log.prepare()
             except BaseException as e:
                 self._failed = f"writing the intent log failed ({e})"
                 raise
-            finally:
-                with self._lock:
-                    self._log_writing = False
-                    self._log_idle.notify_all()
+            self._log_writing = True
+        try:
+            log.write_record(rec, at)
+        except BaseException as e:
+            self._failed = f"writing the intent log failed ({e})"
+            raise
+        finally:
+            with self._lock:
+                self._log_writing = False
+                self._log_idle.notify_all()
 
     def _replay_log(self) -> int:
         """Apply the records that follow the committed root; returns how many."""

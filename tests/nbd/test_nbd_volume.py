@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,57 @@ def test_queued_one_block_writes_go_to_the_volume_together(
     assert vol.read(0, 64 * MiB) == bytes(model)
     assert check_volume(vol).clean
     vol.close()
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_synchronous_writer_finds_its_record_written_ahead(tmp_path: Path) -> None:
+    """A client that writes and flushes one request at a time (a guest's fsync, fio
+    --fsync=1): after the reply to a write that follows a FLUSH or a FUA write, the
+    server writes the intent log record before the FLUSH comes, and the FLUSH has
+    nothing left to write. Writes that follow writes are left for the FLUSH (a
+    client streaming writes would pay a record each). After a crash every flushed
+    write reads back."""
+    from blockxfer.nbd import protocol as p
+    from tests.nbd.nbdclient import Client
+    path = str(tmp_path / "vol.img")
+    vol = Volume.create(open_device(path, write=True, create_size=96 * MiB),
+                        virtual_size=64 * MiB)
+    server = Server(vol)
+    c = Client.opened(server)
+    blocks = {k: os.urandom(4096) for k in range(6)}
+    assert c.request(p.CMD_WRITE, 0, 4096, payload=blocks[0]) == 0
+    assert c.request(p.CMD_WRITE, 4096, 4096, payload=blocks[1]) == 0
+    time.sleep(0.1)
+    assert vol.log.seq == 0                      # writes after writes: left for the FLUSH
+    assert c.request(p.CMD_FLUSH) == 0
+    assert vol.log.seq == 1
+    for k in (2, 3):                             # write, FLUSH, write, FLUSH ...
+        assert c.request(p.CMD_WRITE, k * 4096, 4096, payload=blocks[k]) == 0
+        assert _wait(lambda: vol.log.seq == k), "no record written ahead"  # noqa: B023
+        assert c.request(p.CMD_FLUSH) == 0
+        assert vol.log.seq == k                  # the FLUSH wrote nothing more
+    assert c.request(p.CMD_WRITE, 4 * 4096, 4096, payload=blocks[4],
+                     flags=p.CMD_FLAG_FUA) == 0
+    assert vol.log.seq == 4                      # FUA: a sync of its own
+    assert c.request(p.CMD_WRITE, 5 * 4096, 4096, payload=blocks[5]) == 0
+    assert _wait(lambda: vol.log.seq == 5), "no record ahead after a FUA write"
+    assert c.request(p.CMD_FLUSH) == 0
+    c.close()
+    server.shutdown(timeout=5)
+    vol.io.close()                               # a crash: no CP at close
+    vol.dev.close()
+    again = Volume.open(open_device(path))
+    try:
+        assert check_volume(again).clean
+        for k, raw in blocks.items():
+            assert again.read(k * 4096, 4096) == raw
+    finally:
+        again.close()
