@@ -183,11 +183,12 @@ class Transmission(Commands):
         or a FUA write, as a guest's fsync or fio --fsync=1 send): one that waits
         for the reply and then flushes?"""
         last = jobs[-1].req
-        after_sync, self._synced = self._synced, (
-            last.type == p.CMD_FLUSH or bool(last.type == p.CMD_WRITE
-                                             and last.flags & p.CMD_FLAG_FUA))
-        return after_sync and all(j.req.type == p.CMD_WRITE and not j.req.flags
-                                  for j in jobs)
+        after_sync = self._synced
+        self._synced = last.type == p.CMD_FLUSH or bool(last.type == p.CMD_WRITE
+                                                        and last.flags & p.CMD_FLAG_FUA)
+        if not after_sync:
+            return False
+        return all(j.req.type == p.CMD_WRITE and not j.req.flags for j in jobs)
 
     def _sync_ahead(self) -> None:
         """While a synchronous writer turns the last reply into its FLUSH, write the
