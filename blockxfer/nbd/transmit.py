@@ -191,10 +191,10 @@ class Transmission(Commands):
         return all(j.req.type == p.CMD_WRITE and not j.req.flags for j in jobs)
 
     def _sync_ahead(self) -> None:
-        """While a synchronous writer turns the last reply into its FLUSH, write the
-        intent log record that FLUSH will need (`Volume.sync_ahead`): the FLUSH then
-        only waits for the fdatasync. Only when every request so far has been
-        answered (the list ran here, or the worker has finished it)."""
+        """While a synchronous writer turns the last reply into its FLUSH, make the
+        writes durable as that FLUSH would (`Volume.sync_ahead`: a record and its
+        fdatasync), so the FLUSH finds nothing left to do. Only when every request
+        so far has been answered (the list ran here, or the worker finished it)."""
         if self._finished != self._queued or self._broken:
             return
         try:

@@ -53,6 +53,9 @@ class Syncing(Writes):
                 self._log_lock.release()
 
     def _sync_log(self, *, ahead: bool) -> None:
+        """Pack the pending changes as a record under the lock, then write and
+        fdatasync it outside (or commit, when the log cannot take them and this is
+        not `ahead`). The caller holds the log lock."""
         with self._lock:
             self._check_usable()
             if not self.writable:
