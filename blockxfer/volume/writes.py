@@ -179,13 +179,12 @@ class Writes(Allocator, Reads):
             vbn = self._alloc_one()
         except VolumeFull:
             vbn = self._alloc_data(1)[0][0]
-        self.io.stage_runs([(vbn, 1)], view)        # drained before any read or CP
+        self.io.stage_run(vbn, 1, view)        # drained before any read or CP
         ck = checksum(view)
         old = self.lba.set_one(vblock, vbn, ck)
         if old:
             self._free_run(old, 1)        # the busy plane exists: _alloc_one built it
-        if self.log.enabled:
-            self.log.note_one(vblock, vbn, ck, bytes(view))   # a copy: the view is reused
+        self.log.note_one(vblock, vbn, ck, view)   # copies it: the view is reused
 
     def _place_sparse(self, v0: int, view: memoryview) -> None:
         """Place the blocks that hold data; unmap the all-zero ones."""
