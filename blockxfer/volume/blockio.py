@@ -235,17 +235,25 @@ class BlockIO:
         bs, pos = self.bs, 0
         for start, count in runs:
             n = count * bs
-            if self._stage is None or self._stage_len + n > STAGE_BYTES:
-                self._submit_stage()
-                self._stage = self._stage_buffer()
-            segs = self._stage_segs
-            if segs and segs[-1][0] + segs[-1][1] == start:
-                segs[-1][1] += count          # continues the last run: one request
-            else:
-                segs.append([start, count])
-            self._stage[self._stage_len:self._stage_len + n] = data[pos:pos + n]
-            self._stage_len += n
+            self.stage_run(start, count, data[pos:pos + n])
             pos += n
+
+    def stage_run(self, start: int, count: int, data: bytes | bytearray | memoryview) -> None:
+        """`stage_runs` of one run; `data` is its `count` blocks (a random 4 KiB
+        write calls this directly: no list of runs to build and walk)."""
+        n = count * self.bs
+        stage, at = self._stage, self._stage_len
+        if stage is None or at + n > STAGE_BYTES:
+            self._submit_stage()
+            stage = self._stage = self._stage_buffer()
+            at = 0
+        segs = self._stage_segs
+        if segs and segs[-1][0] + segs[-1][1] == start:
+            segs[-1][1] += count          # continues the last run: one request
+        else:
+            segs.append([start, count])
+        stage[at:at + n] = data
+        self._stage_len = at + n
 
     def _stage_buffer(self) -> mmap.mmap:
         while self._staged and (len(self._staged) >= STAGE_BUFFERS or self._staged[0][0].done()):

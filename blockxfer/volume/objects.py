@@ -84,6 +84,11 @@ class PlaneObject:
         bpb = self.bits_per_block
         self.dirty.update(range(start // bpb, (stop - 1) // bpb + 1))
 
+    def mark_one(self, index: int, value: bool) -> None:
+        """`mark_range` of one bit (a random 4 KiB write): no range to build."""
+        self.bits[index] = value
+        self.dirty.add(index // self.bits_per_block)
+
     def mark_scattered(self, index: list[int], value: bool) -> None:
         """`mark_range` for distinct scattered bits (one block each)."""
         self.bits[index] = value
