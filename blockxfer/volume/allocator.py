@@ -88,17 +88,14 @@ class Allocator(VolumeState):
     def _alloc_one(self) -> int:
         """One block (a random 4 KiB write): what `_alloc_runs(1)` does, without
         its lists; the rare cases (full, wrapping around) go through it."""
-        busy = self._busy
-        if busy is None:
-            busy = self._busy_plane()
+        busy = self._busy_plane()
         s = busy.find(0, self._cursor)
         if s < 0 or self._free <= self._reserve():
             return self._alloc_runs(1, reserve=self._reserve())[0][0]
         busy[s] = 1
         self._free -= 1
         self.active.mark_one(s, True)
-        if self._shadow_planes() or self._tracker:
-            self._mark_elsewhere(s, s + 1)
+        self._mark_elsewhere(s, s + 1)
         self._cursor = s + 1
         return s
 

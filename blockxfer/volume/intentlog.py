@@ -306,11 +306,7 @@ class IntentLog:
         if not self.enabled or self.overflow:
             return
         self.entries.append(Entry(vblock, 1, INLINE, None, bytes(data), (vbn, ck)))
-        self.meta += _ONE.size                  # _noted_inline(1), one call less
-        self.inline_bytes += self.bs
-        if self.inline_bytes > INLINE_LIMIT:
-            self._to_pointers()
-        self._check_room()
+        self._noted_inline(1)
 
     def note_blocks(self, vblocks: list[int], ptrs: np.ndarray, data: bytes) -> None:
         """`note` of scattered single blocks with their data inline: block k of `data`
@@ -350,8 +346,8 @@ class IntentLog:
         return -(-self.meta // UNIT) + -(-self.inline_bytes // UNIT)
 
     def _check_room(self) -> None:
-        units = -(-self.meta // UNIT) + -(-self.inline_bytes // UNIT)      # record_units()
-        if units > self.capacity - self.pos or len(self.entries) > MAX_ENTRIES:
+        if (self.record_units() > self.capacity - self.pos
+                or len(self.entries) > MAX_ENTRIES):
             self._clear()
             self.overflow = True
 
@@ -364,7 +360,7 @@ class IntentLog:
         log: (its bytes, its device offset). The caller makes it durable with
         `write_record` before it prepares the next one (records are durable in
         order, each before the next is written: see the module docstring)."""
-        size = (-(-self.meta // UNIT) + -(-self.inline_bytes // UNIT)) * UNIT   # record_units()
+        size = self.record_units() * UNIT
         buf = self._buf
         if buf is None or len(buf) < size:
             buf = aligned(size)

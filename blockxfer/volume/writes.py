@@ -58,8 +58,7 @@ class Writes(Allocator, Reads):
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write anywhere: the blocks go to free VBNs; the map points at them."""
         with self._lock:
-            if self._failed or not self.writable:    # a call saved per 4 KiB write
-                self._check_usable(write=True)
+            self._check_usable(write=True)
             data = memoryview(data).cast("B")
             bs = self.block_size
             if (len(data) == bs <= SMALL_WRITE and not offset % bs
