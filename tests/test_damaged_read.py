@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -57,22 +56,13 @@ def test_read_of_undamaged_range_still_works(damaged: tuple[str, int]) -> None:
     assert r.returncode == 0 and len(r.stdout) == 1 << 20
 
 
-def _connect(sock: str) -> Client:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    c = Client(s)
-    c.handshake()
-    c.go("")
-    return c
-
-
 def test_nbd_answers_eio_and_keeps_serving(damaged: tuple[str, int], tmp_path: object,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BLOCKXFER_RUN_DIR", str(tmp_path))
     path, _ = damaged
     sock = os.path.join(str(tmp_path), "nbd.sock")
     with serve_process(path, sock):
-        c = _connect(sock)
+        c = Client.connect(sock)
         # contiguous reads in flight together (the server batches them): only the
         # one covering the damaged block fails
         for k in range(4):
@@ -86,13 +76,13 @@ def test_nbd_answers_eio_and_keeps_serving(damaged: tuple[str, int], tmp_path: o
         assert answers == {0: 0, 1: 0, 2: p.EIO, 3: 0}
         assert len(c.read(0, 4096)) == 4096               # the connection goes on
         c.close()
-        assert len(_connect(sock).read(1 << 20, 4096)) == 4096   # and the server
+        assert len(Client.connect(sock).read(1 << 20, 4096)) == 4096   # and the server
         nbdcopy = shutil.which("nbdcopy")
         if nbdcopy:                                       # a real client sees EIO
             r = subprocess.run([nbdcopy, f"nbd+unix:///?socket={sock}", "null:"],
                                capture_output=True, text=True, timeout=60)
             assert r.returncode != 0 and "Input/output error" in r.stderr
-            assert len(_connect(sock).read(0, 4096)) == 4096
+            assert len(Client.connect(sock).read(0, 4096)) == 4096
 
 
 @pytest.mark.parametrize("how", ["file", "stdout"])

@@ -31,7 +31,7 @@ from tests.mirror_util import (
     open_vol,
 )
 from tests.mirror_util import update as local_update
-from tests.nbd.load import connect
+from tests.nbd.nbdclient import Client
 from tests.test_mirror_remote import far  # noqa: F401 - a fixture
 from tests.test_mirror_served import run_dir, served, wait_for  # noqa: F401 - a fixture
 
@@ -82,7 +82,7 @@ def test_an_interrupted_update_into_a_served_destination_resumes_block_by_block(
         assert target.look().newest == vol.resolve(r["snapshot"]).guid
         want = image_of(vol, r["snapshot"])
         vol.close()
-        nbd = connect(sock, "")
+        nbd = Client.connect(sock)
         try:
             assert nbd.read(0, 6 * MiB) == want[:6 * MiB]      # its clients see it
         finally:
@@ -101,7 +101,7 @@ def test_local_writes_at_a_served_destination_are_rolled_back(
     configure(vol, dest)
     local_update(vol, dest)
     with served(dest, sock):
-        nbd = connect(sock, "")
+        nbd = Client.connect(sock)
         try:
             assert nbd.request(p.CMD_WRITE, 0, 8192, payload=os.urandom(8192)) == 0
             assert nbd.request(p.CMD_FLUSH) == 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -233,11 +232,7 @@ def test_the_reported_corruption_is_gone(served: tuple[str, str, str, subprocess
     and `snapshot` on the backing file. Before: both succeeded and `check` found bad
     checksums. Now: write and snapshot go through the server, check is clean."""
     path, loop, _, proc = served
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(tmp_path / "nbd.sock"))
-    c = Client(s)
-    c.handshake()
-    c.go("")
+    c = Client.connect(str(tmp_path / "nbd.sock"))
     for i in range(64):
         assert c.request(p.CMD_WRITE, i * 65536, 65536, payload=os.urandom(65536)) == 0
     assert c.request(p.CMD_FLUSH) == 0

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.clihelp import run as bxrun
-from tests.nbd.load import NbdLoad, connect
+from tests.nbd.load import NbdLoad
+from tests.nbd.nbdclient import Client
 from tests.nbd.serveproc import serve_process
 
 MiB = 1 << 20
@@ -77,7 +78,7 @@ def test_every_command_works_while_served_and_nbd_clients_keep_going(
             listing = json.loads(ok("snapshots", rep, "--json").stdout)
             assert [s["name"] for s in listing["snapshots"]] == ["s1", "s2"]
             s2 = ok("read", f"{src}@s2", "--length", "32M").stdout
-            assert connect(str(tmp_path / "rep.sock"), "@s2").read(0, 32 * MiB) == s2
+            assert Client.connect(str(tmp_path / "rep.sock"), "@s2").read(0, 32 * MiB) == s2
             ok("write", src, "--offset", "40M", data=fresh)
             assert ok("read", src, "--offset", "40M", "--length", "1M").stdout == fresh
             info = json.loads(ok("info", src, "--json").stdout)

@@ -5,7 +5,6 @@ comparing against the data an export must show. Every error is kept."""
 from __future__ import annotations
 
 import random
-import socket
 import threading
 
 from blockxfer.nbd import protocol as p
@@ -14,22 +13,13 @@ from tests.nbd.nbdclient import Client
 MiB = 1 << 20
 
 
-def connect(sock: str, export: str) -> Client:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    c = Client(s)
-    c.handshake()
-    c.go(export)
-    return c
-
-
 class NbdLoad:
     """Writes into `region` (offset, size), a FLUSH every 16 requests and one at the
     end; or, with `expect`, reads 4 KiB pieces and compares them."""
 
     def __init__(self, sock: str, export: str, *, expect: bytes | None = None,
                  region: tuple[int, int] = (8 * MiB, 16 * MiB), seed: int = 11) -> None:
-        self.client = connect(sock, export)
+        self.client = Client.connect(sock, export)
         self.expect, self.region, self.rng = expect, region, random.Random(seed)
         self.errors: list[str] = []
         self.requests = 0

@@ -25,6 +25,16 @@ class Client:
         return cls(a)
 
     @classmethod
+    def connect(cls, path: str, name: str = "") -> Client:
+        """Connected to a server's unix socket `path`, in transmission on export `name`."""
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        c = cls(s)
+        c.handshake()
+        c.go(name)
+        return c
+
+    @classmethod
     def opened(cls, server: Any, name: str = "", **kw: bool) -> Client:
         """Attached to `server`, past the handshake, in transmission on export `name`."""
         c = cls.attach(server)

@@ -224,12 +224,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path, run_dir: str) -> None:
             if os.path.exists(sock) and control.server_running(str(tmp_path / "v")):
                 break
             time.sleep(0.05)
-        import socket
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(sock)
-        c = Client(s)
-        c.handshake()
-        c.go("")
+        c = Client.connect(sock)
         assert c.request(p.CMD_WRITE, 0, 4, payload=b"kept") == 0
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)

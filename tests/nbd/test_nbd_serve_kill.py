@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import struct
 import threading
 import time
@@ -43,11 +42,7 @@ def _writer(sock: str, seed: int, acked: dict[int, int], written: dict[int, list
     each block's last write whose FLUSH was answered; `written`: every write of a
     block sent since (a later write may or may not have reached the disk)."""
     rng = random.Random(seed)
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    c = Client(s)
-    c.handshake()
-    c.go()
+    c = Client.connect(sock)
     seq = 0
     try:
         while not stop.is_set():
@@ -65,7 +60,7 @@ def _writer(sock: str, seed: int, acked: dict[int, int], written: dict[int, list
     except (OSError, EOFError):
         return                                   # the server was killed
     finally:
-        s.close()
+        c.close()
 
 
 @pytest.mark.parametrize("seed", first_fast(list(range(8)), 2))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from blockxfer.nbd.server import Server
 from blockxfer.volume import Volume
 from blockxfer.volume.check import check_volume
 from tests.nbd.test_nbd_interop import need, run
+from tests.test_mirror_served import wait_for
 
 MiB = 1 << 20
 
@@ -162,13 +164,8 @@ def test_queued_one_block_writes_go_to_the_volume_together(
     vol.close()
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-    return True
+def _records(vol: Volume, n: int) -> bool:
+    return vol.log.seq == n
 
 
 def test_a_synchronous_writer_finds_its_record_written_ahead(tmp_path: Path) -> None:
@@ -194,14 +191,14 @@ def test_a_synchronous_writer_finds_its_record_written_ahead(tmp_path: Path) -> 
     assert vol.log.seq == 1
     for k in (2, 3):                             # write, FLUSH, write, FLUSH ...
         assert c.request(p.CMD_WRITE, k * 4096, 4096, payload=blocks[k]) == 0
-        assert _wait(lambda: vol.log.seq == k), "no record written ahead"  # noqa: B023
+        wait_for(partial(_records, vol, k), 5)   # a record written ahead
         assert c.request(p.CMD_FLUSH) == 0
         assert vol.log.seq == k                  # the FLUSH wrote nothing more
     assert c.request(p.CMD_WRITE, 4 * 4096, 4096, payload=blocks[4],
                      flags=p.CMD_FLAG_FUA) == 0
     assert vol.log.seq == 4                      # FUA: a sync of its own
     assert c.request(p.CMD_WRITE, 5 * 4096, 4096, payload=blocks[5]) == 0
-    assert _wait(lambda: vol.log.seq == 5), "no record ahead after a FUA write"
+    wait_for(partial(_records, vol, 5), 5)       # ahead after a FUA write too
     assert c.request(p.CMD_FLUSH) == 0
     c.close()
     server.shutdown(timeout=5)
@@ -214,3 +211,4 @@ def test_a_synchronous_writer_finds_its_record_written_ahead(tmp_path: Path) -> 
             assert again.read(k * 4096, 4096) == raw
     finally:
         again.close()
+

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,15 +47,6 @@ def served(path: str) -> ServedSession:
     return ServedSession(client)
 
 
-def nbd(sock: str, export: str = "") -> Client:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    c = Client(s)
-    c.handshake()
-    c.go(export)
-    return c
-
-
 def test_no_server_means_none(tmp_path: Path) -> None:
     assert server_for(str(tmp_path / "nothing")) is None
 
@@ -67,12 +57,12 @@ def test_commands_go_through_the_server(serving: tuple[str, str, subprocess.Pope
         pass
     assert server_for(path) is not None
 
-    c = nbd(sock)
+    c = Client.connect(sock)
     assert c.request(p.CMD_WRITE, 0, 8, payload=b"before!!") == 0
     snap = served(path).snapshot("s1", master=True)
     assert snap is not None and snap["name"] == "s1" and snap["master"] and not snap["shadow"]
     assert c.request(p.CMD_WRITE, 0, 8, payload=b"after!!!") == 0
-    assert nbd(sock, "@s1").read(0, 8) == b"before!!"
+    assert Client.connect(sock, "@s1").read(0, 8) == b"before!!"
     with pytest.raises(AlreadyExists):
         served(path).snapshot("s1")
 
@@ -114,7 +104,7 @@ def test_served_volume_survives_sigterm_without_flush(
         serving: tuple[str, str, subprocess.Popen[str]]) -> None:
     path, sock, proc = serving
     data = os.urandom(3 << 20)
-    c = nbd(sock)
+    c = Client.connect(sock)
     for off in range(0, len(data), 256 << 10):
         assert c.request(p.CMD_WRITE, off, 256 << 10, payload=data[off:off + (256 << 10)]) == 0
     proc.send_signal(signal.SIGTERM)
@@ -126,7 +116,7 @@ def test_served_volume_survives_sigterm_without_flush(
 def test_send_goes_through_the_server(serving: tuple[str, str, subprocess.Popen[str]],
                                       tmp_path: Path) -> None:
     path, sock, _ = serving
-    c = nbd(sock)
+    c = Client.connect(sock)
     data = os.urandom(1 << 20)
     assert c.request(p.CMD_WRITE, 0, len(data), payload=data) == 0
     c.sock.close()
