@@ -212,3 +212,29 @@ def test_a_synchronous_writer_finds_its_record_written_ahead(tmp_path: Path) -> 
     finally:
         again.close()
 
+
+def test_qemu_io_writing_and_flushing_finds_records_written_ahead(
+        served: tuple[Volume, str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with a real client: qemu-io writes and flushes one request at a
+    time. Every write after the first follows a FLUSH, so its record is written
+    before the FLUSH comes (`sync_ahead` wrote it); the data reads back through
+    the volume and through qemu-io."""
+    vol, sock, _ = served
+    qemu_io = need("qemu-io", "qemu-utils")
+    ahead: list[int] = []
+    real = vol.sync_ahead
+
+    def counted() -> None:
+        seq = vol.log.seq
+        real()
+        if vol.log.seq > seq:
+            ahead.append(vol.log.seq)
+    monkeypatch.setattr(vol, "sync_ahead", counted)
+    uri = f"nbd+unix:///?socket={sock}"
+    cmds = [a for k in range(4) for a in ("-c", f"write -P {k + 1} {k * 4096} 4k", "-c", "flush")]
+    # writeback: qemu-io's default writes through (each write FUA, durable at once)
+    run(qemu_io, "-f", "raw", "-t", "writeback", uri, *cmds)
+    assert len(ahead) == 3 and vol.log.seq == 4, (ahead, vol.log.seq)
+    for k in range(4):
+        assert vol.read(k * 4096, 4096) == bytes([k + 1]) * 4096
+    run(qemu_io, "-f", "raw", "-r", uri, "-c", "read -P 4 12k 4k")
